@@ -1,0 +1,5 @@
+//! `mergen-bench ctl`.
+
+pub fn run(_args: &[String]) -> Result<(), String> {
+    Err("not written yet".into())
+}

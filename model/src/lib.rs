@@ -1,0 +1,14 @@
+//! The on-disk data model of mergen, shared by the control plane (`mergend`) and the
+//! dataplane (`mergen-forwarder`).
+//!
+//! `meta.json` is the interface between the two daemons, so its shape lives here and
+//! nowhere else. Field names follow the original Go project (camelCase); see
+//! `shared/spec/compatibility.md`.
+
+pub mod atomic;
+pub mod layout;
+pub mod meta;
+pub mod names;
+
+pub use layout::Roots;
+pub use meta::{HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol};

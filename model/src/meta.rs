@@ -1,0 +1,154 @@
+//! `meta.json`: the manager's record of a VM and the forwarder's routing source.
+//!
+//! Deserialisation is lenient on purpose: the forwarder needs only `id`, `createdAt`,
+//! `guestIP`, `netns`, `tags` and `metadata`, and must keep routing when a newer
+//! mergend adds fields. Strict validation belongs to the API's create request.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// A VM's hooks: event name (`onCreate`, `onDelete`, `onStart`, `onStop`) to hook list.
+pub type Hooks = BTreeMap<String, Vec<HookSpec>>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(default)]
+    pub rootfs: String,
+    #[serde(default)]
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_disk: String,
+    #[serde(default)]
+    pub ports: Vec<PortBinding>,
+    #[serde(rename = "guestIP")]
+    pub guest_ip: Ipv4Addr,
+    #[serde(default)]
+    pub tap_name: String,
+    #[serde(default)]
+    pub netns: String,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub paths: Paths,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: Hooks,
+    /// Set for VMs run by the process runtime instead of Firecracker (new in mergen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessSpec>,
+}
+
+impl Meta {
+    /// Parse a meta.json document.
+    pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Meta> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortBinding {
+    pub guest: u16,
+    pub host: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Paths {
+    pub config_dir: String,
+    pub vm_config_path: String,
+    pub meta_path: String,
+    pub hooks_path: String,
+    pub env_path: String,
+    pub run_dir: String,
+    pub socket_path: String,
+    pub lock_path: String,
+    pub data_dir: String,
+    pub logs_dir: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookType {
+    Http,
+    Exec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HookSpec {
+    #[serde(rename = "type")]
+    pub kind: HookType,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
+}
+
+/// The guest of a process-runtime VM: a command run inside the VM's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessSpec {
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_meta_with_unknown_fields_parses() {
+        let doc = br#"{"id":"084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6","createdAt":"2025-01-02T03:04:05.123456Z",
+            "guestIP":"172.30.0.2","netns":"mergen-084604f6","tags":{"app":"app1"},"futureField":1}"#;
+        let m = Meta::from_slice(doc).unwrap();
+        assert_eq!(m.guest_ip, Ipv4Addr::new(172, 30, 0, 2));
+        assert_eq!(m.tags["app"], "app1");
+        assert!(m.metadata.is_empty());
+    }
+
+    #[test]
+    fn round_trip_omits_empty_optionals() {
+        let doc = br#"{"id":"a","createdAt":"2025-01-02T03:04:05Z","guestIP":"172.30.0.2"}"#;
+        let m = Meta::from_slice(doc).unwrap();
+        let v = serde_json::to_value(&m).unwrap();
+        for absent in ["dataDisk", "metadata", "tags", "hooks", "process"] {
+            assert!(v.get(absent).is_none(), "{absent} should be omitted");
+        }
+        assert_eq!(v["createdAt"], "2025-01-02T03:04:05Z");
+        assert_eq!(Meta::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap(), m);
+    }
+}

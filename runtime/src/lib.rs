@@ -1,0 +1,1 @@
+//! VM runtime (filled in by issue 5).
