@@ -6,9 +6,13 @@
 //! `shared/spec/compatibility.md`.
 
 pub mod atomic;
+pub mod cidr;
 pub mod layout;
 pub mod meta;
 pub mod names;
+pub mod vmconfig;
 
+pub use cidr::Ipv4Cidr;
 pub use layout::Roots;
 pub use meta::{HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol};
+pub use vmconfig::VmConfig;

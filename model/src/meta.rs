@@ -149,6 +149,9 @@ mod tests {
             assert!(v.get(absent).is_none(), "{absent} should be omitted");
         }
         assert_eq!(v["createdAt"], "2025-01-02T03:04:05Z");
-        assert_eq!(Meta::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap(), m);
+        assert_eq!(
+            Meta::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap(),
+            m
+        );
     }
 }

@@ -1,0 +1,53 @@
+//! The supervisor contract: what mergend asks of whatever keeps VMs alive.
+
+use std::fmt;
+use std::sync::Arc;
+
+use mergen_model::Meta;
+
+use crate::config::RuntimeConfig;
+use crate::status::{SupervisorKind, VmStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeError {
+    /// The supervisor (systemd, or what the embedded one needs) is not usable here:
+    /// the API answers 503 `dependency_unavailable`.
+    Unavailable(String),
+    /// A step failed (net-setup, the guest, a stop): the API answers 500 with the text.
+    Failed(String),
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeError::Unavailable(m) | RuntimeError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {}
+
+/// Keeps VMs running independently of mergend. Every call is idempotent: starting a
+/// running VM or stopping a stopped one succeeds. mergend holds the VM's lock around
+/// `start`/`stop`, so implementations need no per-VM locking of their own.
+pub trait Supervisor: Send + Sync {
+    fn kind(&self) -> SupervisorKind;
+    /// Start the VM and return once its supervisor runs it (or it failed to start).
+    fn start(&self, meta: &Meta) -> Result<(), RuntimeError>;
+    /// Stop the VM and return once nothing of it is left running on the host
+    /// (no process, namespace, link or nftables rule).
+    fn stop(&self, meta: &Meta) -> Result<(), RuntimeError>;
+    /// The state of one VM, read from the supervisor.
+    fn status(&self, meta: &Meta) -> Result<VmStatus, RuntimeError>;
+    /// The state of many VMs with one query (one `systemctl show` for all units, one
+    /// scan of pid files): listing 1,000 VMs must not cost 1,000 process spawns.
+    fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError>;
+}
+
+/// The supervisor `MGR_SUPERVISOR` asks for (auto = systemd when PID 1 is systemd).
+pub fn select_supervisor(config: &RuntimeConfig) -> Result<Arc<dyn Supervisor>, RuntimeError> {
+    Err(RuntimeError::Unavailable(format!(
+        "no supervisor backend is built yet (MGR_SUPERVISOR={:?})",
+        config.supervisor
+    )))
+}
