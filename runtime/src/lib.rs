@@ -6,6 +6,7 @@
 //! graceful-stop, net-cleanup), and the guest itself (Firecracker, or a plain process
 //! inside the VM's namespace on hosts without Firecracker).
 
+pub mod cli;
 pub mod config;
 pub mod status;
 pub mod supervisor;
