@@ -1,0 +1,268 @@
+//! The forwarder's settings, read from the same `FWD_*` variables as the original plus
+//! the new ones of the io_uring dataplane. An unset or empty variable takes its default
+//! (as Go's `os.Getenv` did), except `FWD_ADMIN_ADDR` where empty turns the admin
+//! listener off. A value that does not parse is a startup error naming the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub config_root: PathBuf,
+    pub netns_root: Option<PathBuf>,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub domain_prefix: String,
+    pub domain_suffix: String,
+    pub listeners: Vec<ListenerSpec>,
+    pub allowed_guest_ports: Vec<u16>,
+    pub dial_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub resolver_ttl: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+    pub workers: usize,
+    pub admin_addr: Option<SocketAddr>,
+    pub log_level: String,
+    pub log_format: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub guest_port: u16,
+    pub mode: ListenerMode,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerMode {
+    /// TLS terminated here, routed by SNI; `alpn` is what the server offers.
+    Tls {
+        alpn: Vec<Vec<u8>>,
+        protocol: Protocol,
+    },
+    /// Plain TCP, no sniffing (SSH is server-first), routed to the first VM by createdAt.
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Https,
+    /// The client may send an 8-byte SSLRequest (or GSSENCRequest) before the
+    /// ClientHello; see [`crate::sni::postgres_preamble`].
+    Postgres,
+    Generic,
+}
+
+pub const DEFAULT_CONFIG_ROOT: &str = "/etc/mergen/vm.d";
+pub const DEFAULT_NETNS_ROOT: &str = "/run/netns";
+pub const DEFAULT_TLS_CERT_FILE: &str = "/etc/mergen/certs/wildcard.localhost.crt";
+pub const DEFAULT_TLS_KEY_FILE: &str = "/etc/mergen/certs/wildcard.localhost.key";
+pub const DEFAULT_DOMAIN_SUFFIX: &str = "localhost";
+pub const DEFAULT_LISTENERS: &str = ":443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092";
+pub const DEFAULT_ALLOWED_GUEST_PORTS: &str = "22,443,5432,6379,9092";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
+/// The guest port served in raw mode (no TLS, no SNI), as in the original.
+pub const RAW_GUEST_PORT: u16 = 22;
+
+impl ListenerSpec {
+    /// The listener's name in logs and in the `listener` label of the metrics: its
+    /// bound address as configured, e.g. `0.0.0.0:443`, unique because two listeners
+    /// cannot share an address.
+    pub fn name(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, String> {
+        Config::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
+        // Unset and empty are the same, except where noted.
+        let var = |key: &str| get(key).filter(|v| !v.trim().is_empty());
+        let string = |key: &str, default: &str| var(key).unwrap_or_else(|| default.to_string());
+        let seconds = |key: &str, default: u64| -> Result<Duration, String> {
+            match var(key) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+                    _ => Err(format!(
+                        "{key}={v:?}: expected a positive whole number of seconds"
+                    )),
+                },
+            }
+        };
+        let count = |key: &str, default: usize| -> Result<usize, String> {
+            match var(key) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(format!("{key}={v:?}: expected a positive whole number")),
+                },
+            }
+        };
+
+        let allowed_raw = string("FWD_ALLOWED_GUEST_PORTS", DEFAULT_ALLOWED_GUEST_PORTS);
+        let allowed_guest_ports = parse_port_list(&allowed_raw)
+            .map_err(|e| format!("FWD_ALLOWED_GUEST_PORTS={allowed_raw:?}: {e}"))?;
+
+        let listeners_raw = string("FWD_LISTENERS", DEFAULT_LISTENERS);
+        let mut listeners = parse_listeners(&listeners_raw)
+            .map_err(|e| format!("FWD_LISTENERS={listeners_raw:?}: {e}"))?;
+        for l in &mut listeners {
+            if !allowed_guest_ports.contains(&l.guest_port) {
+                return Err(format!(
+                    "FWD_LISTENERS={listeners_raw:?}: guest port {} of listener {} is not in FWD_ALLOWED_GUEST_PORTS={allowed_raw:?}",
+                    l.guest_port, l.addr
+                ));
+            }
+            let alpn_key = format!("FWD_ALPN_{}", l.guest_port);
+            if let (ListenerMode::Tls { alpn, .. }, Some(v)) = (&mut l.mode, get(&alpn_key)) {
+                *alpn = parse_alpn(&v).map_err(|e| format!("{alpn_key}={v:?}: {e}"))?;
+            }
+        }
+
+        let admin_addr = match get("FWD_ADMIN_ADDR") {
+            None => Some(parse_addr(DEFAULT_ADMIN_ADDR).expect("default admin address parses")),
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(parse_addr(&v).map_err(|e| format!("FWD_ADMIN_ADDR={v:?}: {e}"))?),
+        };
+
+        let netns_root = match get("FWD_NETNS_ROOT") {
+            None => Some(PathBuf::from(DEFAULT_NETNS_ROOT)),
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(PathBuf::from(v.trim())),
+        };
+
+        let log_level = string("FWD_LOG_LEVEL", "debug").trim().to_ascii_lowercase();
+        mergen_log::parse_level(&log_level)
+            .map_err(|e| format!("FWD_LOG_LEVEL={log_level:?}: {e}"))?;
+        let log_format = string("FWD_LOG_FORMAT", "console")
+            .trim()
+            .to_ascii_lowercase();
+        mergen_log::Format::from_str(&log_format)
+            .map_err(|e| format!("FWD_LOG_FORMAT={log_format:?}: {e}"))?;
+
+        let default_workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+        Ok(Config {
+            config_root: PathBuf::from(string("FWD_CONFIG_ROOT", DEFAULT_CONFIG_ROOT)),
+            netns_root,
+            tls_cert_file: PathBuf::from(string("FWD_TLS_CERT_FILE", DEFAULT_TLS_CERT_FILE)),
+            tls_key_file: PathBuf::from(string("FWD_TLS_KEY_FILE", DEFAULT_TLS_KEY_FILE)),
+            domain_prefix: normalize_domain(&get("FWD_DOMAIN_PREFIX").unwrap_or_default()),
+            domain_suffix: normalize_domain(&string("FWD_DOMAIN_SUFFIX", DEFAULT_DOMAIN_SUFFIX)),
+            listeners,
+            allowed_guest_ports,
+            dial_timeout: seconds("FWD_DIAL_TIMEOUT_SECONDS", 5)?,
+            handshake_timeout: seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS", 10)?,
+            idle_timeout: seconds("FWD_IDLE_TIMEOUT_SECONDS", 300)?,
+            resolver_ttl: seconds("FWD_RESOLVER_CACHE_TTL_SECONDS", 5)?,
+            shutdown_timeout: seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS", 15)?,
+            max_connections: count("FWD_MAX_CONNECTIONS", 65536)?,
+            workers: count("FWD_WORKERS", default_workers)?,
+            admin_addr,
+            log_level,
+            log_format,
+        })
+    }
+}
+
+/// Domain parts are compared lowercase and without surrounding dots, so
+/// `FWD_DOMAIN_SUFFIX=.Example.COM.` means `example.com`.
+fn normalize_domain(s: &str) -> String {
+    s.trim().trim_matches('.').to_ascii_lowercase()
+}
+
+/// `:443` means every IPv4 address; an address without `:` is a bare port.
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let with_colon = if s.contains(':') {
+        s.to_string()
+    } else {
+        format!(":{s}")
+    };
+    let full = match with_colon.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => with_colon,
+    };
+    SocketAddr::from_str(&full)
+        .map_err(|_| format!("{s:?} is not an address like :443 or 127.0.0.1:443"))
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{:?} is not a port (1-65535)", s.trim())),
+    }
+}
+
+fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for item in s.split(',').filter(|i| !i.trim().is_empty()) {
+        let p = parse_port(item)?;
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    Ok(ports)
+}
+
+fn parse_listeners(s: &str) -> Result<Vec<ListenerSpec>, String> {
+    let mut out: Vec<ListenerSpec> = Vec::new();
+    for item in s.split(',').filter(|i| !i.trim().is_empty()) {
+        let (addr, guest) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{:?} is not addr=guestPort", item.trim()))?;
+        let addr = parse_addr(addr)?;
+        let guest_port = parse_port(guest)?;
+        if out.iter().any(|l| l.addr == addr) {
+            return Err(format!("listener address {addr} appears twice"));
+        }
+        out.push(ListenerSpec {
+            addr,
+            guest_port,
+            mode: default_mode(guest_port),
+        });
+    }
+    if out.is_empty() {
+        return Err("no listeners".to_string());
+    }
+    Ok(out)
+}
+
+fn default_mode(guest_port: u16) -> ListenerMode {
+    match guest_port {
+        RAW_GUEST_PORT => ListenerMode::Raw,
+        443 => ListenerMode::Tls {
+            alpn: vec![b"http/1.1".to_vec()],
+            protocol: Protocol::Https,
+        },
+        5432 => ListenerMode::Tls {
+            alpn: Vec::new(),
+            protocol: Protocol::Postgres,
+        },
+        _ => ListenerMode::Tls {
+            alpn: Vec::new(),
+            protocol: Protocol::Generic,
+        },
+    }
+}
+
+/// `FWD_ALPN_<guestPort>=h2,http/1.1`: the protocols offered, in preference order;
+/// an empty value offers none.
+fn parse_alpn(s: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        if item.len() > 255 || !item.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("{item:?} is not a protocol name"));
+        }
+        out.push(item.as_bytes().to_vec());
+    }
+    Ok(out)
+}

@@ -1,0 +1,13 @@
+//! mergen-forwarder: the TLS edge that routes connections by SNI into VM namespaces.
+//!
+//! The control side (settings, ClientHello peeking, routing table, certificates,
+//! metrics, admin listener) lives in plain modules; the io_uring data path in
+//! [`engine`].
+
+pub mod admin;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod resolver;
+pub mod sni;
+pub mod tls;

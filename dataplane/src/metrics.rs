@@ -1,0 +1,313 @@
+//! Counters the data path bumps with relaxed atomics (no locks, no allocation),
+//! rendered in the Prometheus text format (version 0.0.4) for `/metrics`.
+//!
+//! Listeners are identified by their index in the configured list; their label is
+//! the name given to [`Metrics::new`], by convention [`crate::config::ListenerSpec::name`]
+//! (the listen address, e.g. `0.0.0.0:443`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    UnknownSni,
+    NoSni,
+    DialFailed,
+    HandshakeFailed,
+    Timeout,
+    Error,
+    /// Refused because `FWD_MAX_CONNECTIONS` were open.
+    Refused,
+    /// A raw listener with no VM to send the connection to.
+    NoRoute,
+    /// Cut when the shutdown drain time ran out.
+    Shutdown,
+    /// A socket error on the client side.
+    ClientError,
+    /// A socket error on the guest side.
+    BackendError,
+    /// Not the protocol the listener speaks (not TLS, a bad PostgreSQL preamble).
+    BadRequest,
+    /// A TLS error after the handshake.
+    TlsError,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 14] = [
+        Outcome::Ok,
+        Outcome::UnknownSni,
+        Outcome::NoSni,
+        Outcome::DialFailed,
+        Outcome::HandshakeFailed,
+        Outcome::Timeout,
+        Outcome::Error,
+        Outcome::Refused,
+        Outcome::NoRoute,
+        Outcome::Shutdown,
+        Outcome::ClientError,
+        Outcome::BackendError,
+        Outcome::BadRequest,
+        Outcome::TlsError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::UnknownSni => "unknown_sni",
+            Outcome::NoSni => "no_sni",
+            Outcome::DialFailed => "dial_failed",
+            Outcome::HandshakeFailed => "handshake_failed",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+            Outcome::Refused => "refused",
+            Outcome::NoRoute => "no_route",
+            Outcome::Shutdown => "shutdown",
+            Outcome::ClientError => "client_error",
+            Outcome::BackendError => "backend_error",
+            Outcome::BadRequest => "bad_request",
+            Outcome::TlsError => "tls_error",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    NoSni,
+    UnknownSni,
+    NotTls,
+    TooLarge,
+    Malformed,
+    Tls,
+    Timeout,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 7] = [
+        HandshakeFailure::NoSni,
+        HandshakeFailure::UnknownSni,
+        HandshakeFailure::NotTls,
+        HandshakeFailure::TooLarge,
+        HandshakeFailure::Malformed,
+        HandshakeFailure::Tls,
+        HandshakeFailure::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoSni => "no_sni",
+            HandshakeFailure::UnknownSni => "unknown_sni",
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::TooLarge => "too_large",
+            HandshakeFailure::Malformed => "malformed",
+            HandshakeFailure::Tls => "tls",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram buckets, in microseconds (then `+Inf`).
+const BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+#[derive(Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket; the last one is `+Inf`.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = match BUCKETS_US.get(i) {
+                Some(&us) => format_seconds(us),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            format_seconds(self.sum_us.load(Relaxed))
+        );
+        // The count is the +Inf bucket, so the exposition stays self-consistent even
+        // while other threads are observing.
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+fn format_seconds(us: u64) -> String {
+    let s = format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
+    let s = s.trim_end_matches('0');
+    s.strip_suffix('.').unwrap_or(s).to_string()
+}
+
+struct ListenerCounters {
+    name: String,
+    opened: AtomicU64,
+    closed: [AtomicU64; Outcome::ALL.len()],
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+}
+
+pub struct Metrics {
+    listeners: Vec<ListenerCounters>,
+    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    dial: Histogram,
+    handshake: Histogram,
+}
+
+impl Metrics {
+    pub fn new(listener_names: &[String]) -> Metrics {
+        Metrics {
+            listeners: listener_names
+                .iter()
+                .map(|name| ListenerCounters {
+                    name: name.clone(),
+                    opened: AtomicU64::new(0),
+                    closed: Default::default(),
+                    to_backend: AtomicU64::new(0),
+                    to_client: AtomicU64::new(0),
+                })
+                .collect(),
+            handshake_failures: Default::default(),
+            dial: Histogram::default(),
+            handshake: Histogram::default(),
+        }
+    }
+
+    /// An index past the configured listeners is ignored: metrics never panic the
+    /// data path.
+    fn listener(&self, i: usize) -> Option<&ListenerCounters> {
+        let l = self.listeners.get(i);
+        debug_assert!(l.is_some(), "metrics for unknown listener {i}");
+        l
+    }
+
+    pub fn conn_opened(&self, listener: usize) {
+        if let Some(l) = self.listener(listener) {
+            l.opened.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn conn_closed(&self, listener: usize, outcome: Outcome) {
+        if let Some(l) = self.listener(listener) {
+            l.closed[outcome as usize].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn bytes(&self, listener: usize, to_backend: u64, to_client: u64) {
+        if let Some(l) = self.listener(listener) {
+            if to_backend > 0 {
+                l.to_backend.fetch_add(to_backend, Relaxed);
+            }
+            if to_client > 0 {
+                l.to_client.fetch_add(to_client, Relaxed);
+            }
+        }
+    }
+
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn dial_latency(&self, d: Duration) {
+        self.dial.observe(d);
+    }
+
+    pub fn handshake_latency(&self, d: Duration) {
+        self.handshake.observe(d);
+    }
+
+    /// Connections open now on `listener`: opened minus closed.
+    pub fn open_connections(&self, listener: usize) -> u64 {
+        self.listeners.get(listener).map_or(0, |l| {
+            let closed: u64 = l.closed.iter().map(|c| c.load(Relaxed)).sum();
+            l.opened.load(Relaxed).saturating_sub(closed)
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP mergen_forwarder_connections_open Connections open now.\n");
+        out.push_str("# TYPE mergen_forwarder_connections_open gauge\n");
+        for (i, l) in self.listeners.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mergen_forwarder_connections_open{{listener=\"{}\"}} {}",
+                escape(&l.name),
+                self.open_connections(i)
+            );
+        }
+        out.push_str("# HELP mergen_forwarder_connections_total Connections closed, by outcome.\n");
+        out.push_str("# TYPE mergen_forwarder_connections_total counter\n");
+        for l in &self.listeners {
+            for o in Outcome::ALL {
+                let _ = writeln!(
+                    out,
+                    "mergen_forwarder_connections_total{{listener=\"{}\",outcome=\"{}\"}} {}",
+                    escape(&l.name),
+                    o.as_str(),
+                    l.closed[o as usize].load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP mergen_forwarder_bytes_total Bytes forwarded, by direction.\n");
+        out.push_str("# TYPE mergen_forwarder_bytes_total counter\n");
+        for l in &self.listeners {
+            for (direction, c) in [("to_backend", &l.to_backend), ("to_client", &l.to_client)] {
+                let _ = writeln!(
+                    out,
+                    "mergen_forwarder_bytes_total{{listener=\"{}\",direction=\"{direction}\"}} {}",
+                    escape(&l.name),
+                    c.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP mergen_forwarder_handshake_failures_total TLS connections refused or failed before the handshake completed, by reason.\n");
+        out.push_str("# TYPE mergen_forwarder_handshake_failures_total counter\n");
+        for r in HandshakeFailure::ALL {
+            let _ = writeln!(
+                out,
+                "mergen_forwarder_handshake_failures_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.handshake_failures[r as usize].load(Relaxed)
+            );
+        }
+        self.dial.render(
+            &mut out,
+            "mergen_forwarder_dial_duration_seconds",
+            "Time to connect to a guest.",
+        );
+        self.handshake.render(
+            &mut out,
+            "mergen_forwarder_handshake_duration_seconds",
+            "Time from accept to a completed TLS handshake.",
+        );
+        out
+    }
+}
+
+/// Label values escape backslash, quote and newline.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
