@@ -4,6 +4,7 @@
 
 mod error;
 mod factory;
+pub mod links;
 mod netns;
 mod rtnl;
 

@@ -1,0 +1,177 @@
+//! The socket pool against real namespaces: sockets land in the right namespace, refill
+//! under concurrent takers, and a deleted namespace gives a clear error.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6, TcpListener};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{root, NsGuard};
+use ffi_free_netns::{Error, Family, PoolConfig, SocketPool};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, SocketType};
+
+/// A port on 127.0.0.1 that is bound (so nothing else takes it) but not listening in the
+/// root namespace: connects to it there are refused.
+fn reserve_refused_port() -> (OwnedFd, u16) {
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&fd, &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = match rustix::net::getsockname(&fd).unwrap().try_into() {
+        Ok(std::net::SocketAddr::V4(addr)) => addr.port(),
+        other => panic!("unexpected local address {other:?}"),
+    };
+    (fd, port)
+}
+
+fn listener_in(ns: &ffi_free_netns::Netns, port: u16) -> TcpListener {
+    ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
+        .unwrap()
+        .unwrap()
+}
+
+fn connect_blocking(fd: &OwnedFd, port: u16) -> Result<(), Errno> {
+    rustix::io::ioctl_fionbio(fd, false)?;
+    rustix::net::connect(fd, &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+fn assert_pool_socket_shape(fd: &OwnedFd, domain: AddressFamily) {
+    use rustix::net::sockopt;
+    assert_eq!(sockopt::socket_domain(fd).unwrap(), domain);
+    assert_eq!(sockopt::socket_type(fd).unwrap(), SocketType::STREAM);
+    let fl = rustix::fs::fcntl_getfl(fd).unwrap();
+    assert!(fl.contains(rustix::fs::OFlags::NONBLOCK));
+    let fdfl = rustix::io::fcntl_getfd(fd).unwrap();
+    assert!(fdfl.contains(rustix::io::FdFlags::CLOEXEC));
+    assert!(rustix::net::getpeername(fd).is_err(), "pool sockets are not connected");
+}
+
+#[test]
+fn pool_socket_connects_inside_its_namespace_only() {
+    if !root("pool_socket_connects_inside_its_namespace_only") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let (_reserved, port) = reserve_refused_port();
+    let listener = listener_in(&ns, port);
+
+    let pool = SocketPool::new(PoolConfig::default());
+    pool.prewarm(&guard.0).unwrap();
+    let fd = pool.take(&guard.0, Family::V4).unwrap();
+    assert_pool_socket_shape(&fd, AddressFamily::INET);
+    connect_blocking(&fd, port).expect("pool socket reaches the listener inside the namespace");
+    let (_conn, peer) = listener.accept().unwrap();
+    assert!(peer.ip().is_loopback());
+
+    // The same connect from the root namespace is refused.
+    let root_fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    assert_eq!(connect_blocking(&root_fd, port), Err(Errno::CONNREFUSED));
+
+    // By absolute path too.
+    let by_path = pool.take(&ns.path().display().to_string(), Family::V4).unwrap();
+    connect_blocking(&by_path, port).unwrap();
+    listener.accept().unwrap();
+
+    let v6 = pool.take(&guard.0, Family::V6).unwrap();
+    assert_pool_socket_shape(&v6, AddressFamily::INET6);
+    pool.forget(&guard.0);
+}
+
+#[test]
+fn pool_refills_under_concurrent_takers() {
+    if !root("pool_refills_under_concurrent_takers") {
+        return;
+    }
+    const THREADS: usize = 16;
+    const TAKES: usize = 200;
+    let (guard, ns) = NsGuard::create();
+    // An address that exists only inside this namespace: binding to it proves where a
+    // socket lives without sending a packet (v6 sockets bind to its v4-mapped form).
+    let n = common::next();
+    let only_here = Ipv4Addr::new(10, 213, (std::process::id() % 250) as u8, (n % 250) as u8 + 1);
+    ffi_free_netns::links::add_address(Some(&ns), "lo", only_here.into(), 32).unwrap();
+    let root_fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    assert_eq!(
+        rustix::net::bind(&root_fd, &SocketAddrV4::new(only_here, 0)),
+        Err(Errno::ADDRNOTAVAIL),
+        "{only_here} must not exist in the root namespace"
+    );
+    let pool = SocketPool::new(PoolConfig {
+        depth: 8,
+        idle_timeout: Duration::from_secs(30),
+    });
+    let name = Arc::new(guard.0.clone());
+    let takers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let pool = pool.clone();
+            let name = Arc::clone(&name);
+            std::thread::spawn(move || {
+                let family = if t % 4 == 0 { Family::V6 } else { Family::V4 };
+                let mut inodes = Vec::with_capacity(TAKES);
+                for _ in 0..TAKES {
+                    let fd = pool.take(&name, family).unwrap();
+                    inodes.push(rustix::fs::fstat(&fd).unwrap().st_ino);
+                    let bound = match family {
+                        Family::V4 => rustix::net::bind(&fd, &SocketAddrV4::new(only_here, 0)),
+                        Family::V6 => rustix::net::bind(
+                            &fd,
+                            &SocketAddrV6::new(only_here.to_ipv6_mapped(), 0, 0, 0),
+                        ),
+                    };
+                    bound.expect("pool socket lives in the namespace");
+                }
+                inodes
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for taker in takers {
+        all.extend(taker.join().unwrap());
+    }
+    assert_eq!(all.len(), THREADS * TAKES, "every take gave a distinct socket");
+    pool.forget(&name);
+}
+
+#[test]
+fn deleted_namespace_gives_a_clear_error() {
+    if !root("deleted_namespace_gives_a_clear_error") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let pool = SocketPool::new(PoolConfig::default());
+    pool.take(&guard.0, Family::V4).unwrap();
+    drop(ns);
+    ffi_free_netns::delete(&guard.0).unwrap();
+
+    // Sockets already in the queue may still be handed out until the worker notices.
+    let mut last = None;
+    let noticed = common::wait_for(Duration::from_secs(10), || {
+        match pool.take(&guard.0, Family::V4) {
+            Ok(_) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        }
+    });
+    assert!(noticed, "takes kept succeeding after the namespace was deleted");
+    let err = last.unwrap();
+    assert!(err.to_string().contains(&guard.0), "error does not name the namespace: {err}");
+    // Once the worker is gone, takes resolve the name afresh and find nothing.
+    let again = pool.take(&guard.0, Family::V4).unwrap_err();
+    assert!(matches!(again, Error::NotFound(_)), "{again:?}");
+}
+
+#[test]
+fn missing_namespace_and_bad_names_are_errors() {
+    let pool = SocketPool::new(PoolConfig::default());
+    let missing = common::unique_name();
+    let err = pool.take(&missing, Family::V4).unwrap_err();
+    assert!(err.to_string().contains(&missing), "{err}");
+    assert!(pool.prewarm(&missing).is_err());
+    assert!(pool.take("a/b", Family::V4).is_err());
+    assert!(pool.take("/proc/self/status", Family::V4).is_err());
+    pool.forget(&missing);
+}
