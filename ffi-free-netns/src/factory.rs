@@ -142,7 +142,12 @@ impl SocketPool {
                     Some(Closed::Retired) => break,
                     Some(Closed::Failed(e)) => return Err(e.replicate()),
                     None if st.joined => return Ok(()),
-                    None => st = worker.supply.wait(st).unwrap_or_else(PoisonError::into_inner),
+                    None => {
+                        st = worker
+                            .supply
+                            .wait(st)
+                            .unwrap_or_else(PoisonError::into_inner)
+                    }
                 }
             }
         }
@@ -352,7 +357,10 @@ fn next_step(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig, watch:
         let mut counts = [0; 2];
         for (count, lane) in counts.iter_mut().zip(&st.lanes) {
             if !lane.stalled {
-                *count = config.depth.max(lane.waiting).saturating_sub(lane.ready.len());
+                *count = config
+                    .depth
+                    .max(lane.waiting)
+                    .saturating_sub(lane.ready.len());
             }
         }
         if counts.iter().any(|&c| c > 0) {

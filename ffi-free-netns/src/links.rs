@@ -8,7 +8,9 @@ use std::process::Command;
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -24,7 +26,12 @@ const MAX_LINK_NAME: usize = 15;
 
 /// Create a veth pair `name` <-> `peer` in `ns`, with `peer` moved into `peer_ns`
 /// (`None`: the calling thread's namespace).
-pub fn create_veth(ns: Option<&Netns>, name: &str, peer: &str, peer_ns: Option<&Netns>) -> Result<()> {
+pub fn create_veth(
+    ns: Option<&Netns>,
+    name: &str,
+    peer: &str,
+    peer_ns: Option<&Netns>,
+) -> Result<()> {
     validate_link_name(name)?;
     validate_link_name(peer)?;
     let here;
@@ -36,18 +43,25 @@ pub fn create_veth(ns: Option<&Netns>, name: &str, peer: &str, peer_ns: Option<&
         }
     };
     let mut peer_message = LinkMessage::default();
-    peer_message.attributes.push(LinkAttribute::IfName(peer.to_owned()));
+    peer_message
+        .attributes
+        .push(LinkAttribute::IfName(peer.to_owned()));
     peer_message
         .attributes
         .push(LinkAttribute::NetNsFd(peer_target.as_fd().as_raw_fd()));
     let mut message = LinkMessage::default();
-    message.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    message
+        .attributes
+        .push(LinkAttribute::IfName(name.to_owned()));
     message.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(InfoKind::Veth),
         LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_message))),
     ]));
     rtnl_in(ns)?
-        .request(RouteNetlinkMessage::NewLink(message), NLM_F_CREATE | NLM_F_EXCL)
+        .request(
+            RouteNetlinkMessage::NewLink(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
         .map(drop)
         .map_err(|e| {
             Error::io(
@@ -108,7 +122,10 @@ pub fn add_address(ns: Option<&Netns>, link: &str, addr: IpAddr, prefix_len: u8)
     message.header.index = index;
     message.attributes.push(AddressAttribute::Local(addr));
     message.attributes.push(AddressAttribute::Address(addr));
-    match rtnl.request(RouteNetlinkMessage::NewAddress(message), NLM_F_CREATE | NLM_F_EXCL) {
+    match rtnl.request(
+        RouteNetlinkMessage::NewAddress(message),
+        NLM_F_CREATE | NLM_F_EXCL,
+    ) {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(Errno::EXIST.raw_os_error()) => Ok(()),
         Err(e) => Err(Error::io(
@@ -166,17 +183,24 @@ pub fn add_route(
     };
     message.header.kind = RouteType::Unicast;
     if prefix_len > 0 {
-        message.attributes.push(RouteAttribute::Destination(route_address(dest)));
+        message
+            .attributes
+            .push(RouteAttribute::Destination(route_address(dest)));
     }
     if let Some(gw) = gateway {
-        message.attributes.push(RouteAttribute::Gateway(route_address(gw)));
+        message
+            .attributes
+            .push(RouteAttribute::Gateway(route_address(gw)));
     }
     if let Some(dev) = dev {
         validate_link_name(dev)?;
         let index = index_of(&mut rtnl, ns, dev)?;
         message.attributes.push(RouteAttribute::Oif(index));
     }
-    match rtnl.request(RouteNetlinkMessage::NewRoute(message), NLM_F_CREATE | NLM_F_EXCL) {
+    match rtnl.request(
+        RouteNetlinkMessage::NewRoute(message),
+        NLM_F_CREATE | NLM_F_EXCL,
+    ) {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(Errno::EXIST.raw_os_error()) => Ok(()),
         Err(e) => Err(Error::io(
@@ -190,11 +214,16 @@ pub fn add_route(
 pub fn delete_link(ns: Option<&Netns>, name: &str) -> Result<()> {
     validate_link_name(name)?;
     let mut message = LinkMessage::default();
-    message.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    message
+        .attributes
+        .push(LinkAttribute::IfName(name.to_owned()));
     match rtnl_in(ns)?.request(RouteNetlinkMessage::DelLink(message), 0) {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(Errno::NODEV.raw_os_error()) => Ok(()),
-        Err(e) => Err(Error::io(format!("deleting link {name} in {}", where_(ns)), e)),
+        Err(e) => Err(Error::io(
+            format!("deleting link {name} in {}", where_(ns)),
+            e,
+        )),
     }
 }
 
@@ -259,11 +288,15 @@ fn validate_prefix(addr: IpAddr, prefix_len: u8) -> Result<()> {
 fn masked(addr: IpAddr, prefix_len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
             IpAddr::V4((u32::from(v4) & mask).into())
         }
         IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix_len))
+                .unwrap_or(0);
             IpAddr::V6((u128::from(v6) & mask).into())
         }
     }

@@ -68,7 +68,10 @@ impl Netns {
                     Ok(f())
                 })
                 .map_err(|e| {
-                    Error::io(format!("spawning a thread for network namespace {}", self.name), e)
+                    Error::io(
+                        format!("spawning a thread for network namespace {}", self.name),
+                        e,
+                    )
                 })?;
             match handle.join() {
                 Ok(result) => result,
@@ -192,7 +195,10 @@ fn open_named(name: &str, path: &Path) -> Result<Netns> {
                 "network namespace {name} not found ({} does not exist)",
                 path.display()
             )),
-            _ => Error::io(format!("opening network namespace {name} at {}", path.display()), e),
+            _ => Error::io(
+                format!("opening network namespace {name} at {}", path.display()),
+                e,
+            ),
         },
     )?;
     let fs = rustix::fs::fstatfs(&fd)
@@ -247,7 +253,12 @@ fn prepare_run_dir(dir: &Path) -> Result<()> {
         Ok(()) => return Ok(()),
         // EINVAL: not a mount point yet; make it one by binding it onto itself.
         Err(Errno::INVAL) => {}
-        Err(e) => return Err(Error::io(format!("making {} a shared mount", dir.display()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("making {} a shared mount", dir.display()),
+                e,
+            ))
+        }
     }
     rustix::mount::mount_bind_recursive(dir, dir)
         .map_err(|e| Error::io(format!("bind-mounting {} onto itself", dir.display()), e))?;
@@ -265,9 +276,8 @@ fn bind_new_namespace(name: &str, path: &Path) -> Result<()> {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                     Error::io(format!("unsharing a network namespace for {name}"), e)
                 })?;
-                rustix::mount::mount_bind(THREAD_SELF_NET, path).map_err(|e| {
-                    Error::io(format!("bind-mounting network namespace {name}"), e)
-                })?;
+                rustix::mount::mount_bind(THREAD_SELF_NET, path)
+                    .map_err(|e| Error::io(format!("bind-mounting network namespace {name}"), e))?;
                 Rtnl::open()
                     .and_then(|mut rtnl| rtnl.set_link_up("lo", true))
                     .map_err(|e| {

@@ -55,10 +55,9 @@ impl Rtnl {
             let len = self.socket.recv(&mut self.buffer, 0)?;
             let mut offset = 0;
             while offset < len {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
-                    &self.buffer[offset..len],
-                )
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let reply =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buffer[offset..len])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let size = reply.header.length as usize;
                 if size == 0 {
                     return Err(io::Error::new(
@@ -83,27 +82,31 @@ impl Rtnl {
     /// Index of the link called `name`, or `None` if there is none.
     pub(crate) fn link_index(&mut self, name: &str) -> io::Result<Option<u32>> {
         let mut message = LinkMessage::default();
-        message.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        message
+            .attributes
+            .push(LinkAttribute::IfName(name.to_owned()));
         match self.request(RouteNetlinkMessage::GetLink(message), 0) {
             Ok(replies) => Ok(replies.into_iter().find_map(|reply| match reply {
                 RouteNetlinkMessage::NewLink(link) => Some(link.header.index),
                 _ => None,
             })),
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NODEV.raw_os_error()) => {
-                Ok(None)
-            }
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NODEV.raw_os_error()) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Set or clear IFF_UP on the link called `name`.
     pub(crate) fn set_link_up(&mut self, name: &str, up: bool) -> io::Result<()> {
-        let index = self.link_index(name)?.ok_or_else(|| {
-            io::Error::from_raw_os_error(rustix::io::Errno::NODEV.raw_os_error())
-        })?;
+        let index = self
+            .link_index(name)?
+            .ok_or_else(|| io::Error::from_raw_os_error(rustix::io::Errno::NODEV.raw_os_error()))?;
         let mut message = LinkMessage::default();
         message.header.index = index;
-        message.header.flags = if up { LinkFlags::Up } else { LinkFlags::empty() };
+        message.header.flags = if up {
+            LinkFlags::Up
+        } else {
+            LinkFlags::empty()
+        };
         message.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::NewLink(message), 0)
             .map(drop)

@@ -25,7 +25,9 @@ fn create_list_delete_round_trip_seen_by_iproute2() {
 
     let listed = String::from_utf8(ip(&["netns", "list"]).stdout).unwrap();
     assert!(
-        listed.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())),
+        listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str())),
         "ip netns list does not show {name}: {listed}"
     );
     let exec = ip(&["netns", "exec", &name, "true"]);
@@ -41,7 +43,9 @@ fn create_list_delete_round_trip_seen_by_iproute2() {
     assert!(!ffi_free_netns::list().unwrap().contains(&name));
     assert!(!ffi_free_netns::exists(&name));
     let listed = String::from_utf8(ip(&["netns", "list"]).stdout).unwrap();
-    assert!(!listed.lines().any(|l| l.split_whitespace().next() == Some(name.as_str())));
+    assert!(!listed
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(name.as_str())));
     // Idempotent.
     ffi_free_netns::delete(&name).unwrap();
     drop(guard);

@@ -45,7 +45,10 @@ fn assert_pool_socket_shape(fd: &OwnedFd, domain: AddressFamily) {
     assert!(fl.contains(rustix::fs::OFlags::NONBLOCK));
     let fdfl = rustix::io::fcntl_getfd(fd).unwrap();
     assert!(fdfl.contains(rustix::io::FdFlags::CLOEXEC));
-    assert!(rustix::net::getpeername(fd).is_err(), "pool sockets are not connected");
+    assert!(
+        rustix::net::getpeername(fd).is_err(),
+        "pool sockets are not connected"
+    );
 }
 
 #[test]
@@ -70,7 +73,9 @@ fn pool_socket_connects_inside_its_namespace_only() {
     assert_eq!(connect_blocking(&root_fd, port), Err(Errno::CONNREFUSED));
 
     // By absolute path too.
-    let by_path = pool.take(&ns.path().display().to_string(), Family::V4).unwrap();
+    let by_path = pool
+        .take(&ns.path().display().to_string(), Family::V4)
+        .unwrap();
     connect_blocking(&by_path, port).unwrap();
     listener.accept().unwrap();
 
@@ -90,7 +95,12 @@ fn pool_refills_under_concurrent_takers() {
     // An address that exists only inside this namespace: binding to it proves where a
     // socket lives without sending a packet (v6 sockets bind to its v4-mapped form).
     let n = common::next();
-    let only_here = Ipv4Addr::new(10, 213, (std::process::id() % 250) as u8, (n % 250) as u8 + 1);
+    let only_here = Ipv4Addr::new(
+        10,
+        213,
+        (std::process::id() % 250) as u8,
+        (n % 250) as u8 + 1,
+    );
     ffi_free_netns::links::add_address(Some(&ns), "lo", only_here.into(), 32).unwrap();
     let root_fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
     assert_eq!(
@@ -130,7 +140,11 @@ fn pool_refills_under_concurrent_takers() {
     for taker in takers {
         all.extend(taker.join().unwrap());
     }
-    assert_eq!(all.len(), THREADS * TAKES, "every take gave a distinct socket");
+    assert_eq!(
+        all.len(),
+        THREADS * TAKES,
+        "every take gave a distinct socket"
+    );
     pool.forget(&name);
 }
 
@@ -156,9 +170,15 @@ fn deleted_namespace_gives_a_clear_error() {
             }
         }
     });
-    assert!(noticed, "takes kept succeeding after the namespace was deleted");
+    assert!(
+        noticed,
+        "takes kept succeeding after the namespace was deleted"
+    );
     let err = last.unwrap();
-    assert!(err.to_string().contains(&guard.0), "error does not name the namespace: {err}");
+    assert!(
+        err.to_string().contains(&guard.0),
+        "error does not name the namespace: {err}"
+    );
     // Once the worker is gone, takes resolve the name afresh and find nothing.
     let again = pool.take(&guard.0, Family::V4).unwrap_err();
     assert!(matches!(again, Error::NotFound(_)), "{again:?}");

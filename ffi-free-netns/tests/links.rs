@@ -1,0 +1,211 @@
+//! Link helpers against the real kernel: a veth pair carries TCP between the root
+//! namespace and a test namespace; a tap lives where it was created.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{root, NsGuard};
+use ffi_free_netns::{links, Error};
+
+/// Deletes a root-namespace link on drop (a veth takes its peer with it).
+struct LinkGuard(String);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        if let Err(e) = links::delete_link(None, &self.0) {
+            eprintln!("cleanup of link {} failed: {e}", self.0);
+        }
+    }
+}
+
+fn ip_out(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A /30 inside 10/8 that is unique to this process and call: (network, host 1, host 2).
+fn unique_subnet() -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
+    let pid = std::process::id();
+    let n = common::next();
+    let (x, y, z) = (
+        (pid % 250) as u8,
+        (pid / 250 % 250) as u8,
+        (n % 60 * 4) as u8,
+    );
+    (
+        Ipv4Addr::new(10, x, y, z),
+        Ipv4Addr::new(10, x, y, z + 1),
+        Ipv4Addr::new(10, x, y, z + 2),
+    )
+}
+
+#[test]
+fn veth_pair_carries_tcp_from_root_into_the_namespace() {
+    if !root("veth_pair_carries_tcp_from_root_into_the_namespace") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let n = common::next();
+    let (host_end, ns_end) = (
+        format!("fa{}-{n}", std::process::id()),
+        format!("fb{}-{n}", std::process::id()),
+    );
+    links::create_veth(None, &host_end, &ns_end, Some(&ns)).unwrap();
+    let _link = LinkGuard(host_end.clone());
+    assert!(links::exists(None, &host_end).unwrap());
+    assert!(!links::exists(None, &ns_end).unwrap());
+    assert!(links::exists(Some(&ns), &ns_end).unwrap());
+    assert!(!links::exists(Some(&ns), &host_end).unwrap());
+
+    let (net, host_ip, ns_ip) = unique_subnet();
+    links::add_address(None, &host_end, host_ip.into(), 30).unwrap();
+    links::add_address(Some(&ns), &ns_end, ns_ip.into(), 30).unwrap();
+    // Idempotent.
+    links::add_address(Some(&ns), &ns_end, ns_ip.into(), 30).unwrap();
+    links::set_up(None, &host_end).unwrap();
+    links::set_up(Some(&ns), &ns_end).unwrap();
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    links::add_route(Some(&ns), any, 0, Some(host_ip.into()), Some(&ns_end)).unwrap();
+    links::add_route(Some(&ns), any, 0, Some(host_ip.into()), Some(&ns_end)).unwrap();
+    let routes = ip_out(&["-n", &guard.0, "route", "show", "default"]);
+    assert!(
+        routes.contains(&format!("via {host_ip} dev {ns_end}")),
+        "{routes}"
+    );
+    let addrs = ip_out(&["-n", &guard.0, "-o", "addr", "show", "dev", &ns_end]);
+    assert!(addrs.contains(&format!("{ns_ip}/30")), "{addrs}");
+    assert!(!ip_out(&["-o", "route", "show", &format!("{net}/30")]).is_empty());
+
+    let listener = ns.run(|| TcpListener::bind((ns_ip, 0))).unwrap().unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0; 5];
+        conn.read_exact(&mut buf).unwrap();
+        conn.write_all(&buf).unwrap();
+        peer
+    });
+    let mut client =
+        TcpStream::connect_timeout(&SocketAddr::from((ns_ip, port)), Duration::from_secs(10))
+            .expect("connect through the veth pair");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut echo = [0; 5];
+    client.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"hello");
+    assert_eq!(server.join().unwrap().ip(), IpAddr::V4(host_ip));
+
+    links::set_down(Some(&ns), &ns_end).unwrap();
+    let shown = ip_out(&["-n", &guard.0, "-o", "link", "show", &ns_end]);
+    assert!(!shown.contains(",UP"), "{shown}");
+
+    links::delete_link(None, &host_end).unwrap();
+    assert!(!links::exists(None, &host_end).unwrap());
+    assert!(
+        !links::exists(Some(&ns), &ns_end).unwrap(),
+        "deleting one end removes its peer"
+    );
+    links::delete_link(None, &host_end).unwrap();
+}
+
+#[test]
+fn tap_exists_inside_the_namespace_and_not_in_root() {
+    if !root("tap_exists_inside_the_namespace_and_not_in_root") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let tap = format!("tp{}-{}", std::process::id(), common::next());
+    links::create_tap(&ns, &tap).unwrap();
+    links::create_tap(&ns, &tap).unwrap();
+    assert!(links::exists(Some(&ns), &tap).unwrap());
+    assert!(!links::exists(None, &tap).unwrap());
+    let details = ip_out(&["-n", &guard.0, "-d", "-o", "link", "show", &tap]);
+    assert!(details.contains("tun type tap"), "{details}");
+    assert!(details.contains("persist on"), "{details}");
+    links::set_up(Some(&ns), &tap).unwrap();
+    links::delete_link(Some(&ns), &tap).unwrap();
+    assert!(!links::exists(Some(&ns), &tap).unwrap());
+}
+
+#[test]
+fn bad_link_input_is_a_clear_error() {
+    if !root("bad_link_input_is_a_clear_error") {
+        return;
+    }
+    let (_guard, ns) = NsGuard::create();
+    for bad in ["", "sixteen-bytes-xx", "a/b", "a b"] {
+        assert!(matches!(
+            links::set_up(Some(&ns), bad),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            links::exists(None, bad),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+    let missing = format!("nx{}", common::next());
+    match links::set_up(Some(&ns), &missing) {
+        Err(e @ Error::NotFound(_)) => {
+            assert!(
+                e.to_string().contains(&missing) && e.to_string().contains(ns.name()),
+                "{e}"
+            )
+        }
+        other => panic!("set_up of a missing link gave {other:?}"),
+    }
+    let v4 = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    assert!(matches!(
+        links::add_address(Some(&ns), "lo", v4, 33),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        links::add_route(Some(&ns), v4, 24, None, Some("lo")),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        links::add_route(
+            Some(&ns),
+            IpAddr::V4(Ipv4Addr::new(10, 1, 2, 0)),
+            24,
+            None,
+            None
+        ),
+        Err(Error::InvalidInput(_))
+    ));
+    links::delete_link(Some(&ns), &missing).unwrap();
+}
+
+#[test]
+fn veth_created_inside_a_namespace_sends_its_peer_where_asked() {
+    if !root("veth_created_inside_a_namespace_sends_its_peer_where_asked") {
+        return;
+    }
+    let (_guard_a, a) = NsGuard::create();
+    let (_guard_b, b) = NsGuard::create();
+    let n = common::next();
+    let (inner, outer) = (
+        format!("fc{}-{n}", std::process::id()),
+        format!("fd{}-{n}", std::process::id()),
+    );
+    // Peer to the caller's namespace.
+    links::create_veth(Some(&a), &inner, &outer, None).unwrap();
+    let _outer = LinkGuard(outer.clone());
+    assert!(links::exists(Some(&a), &inner).unwrap());
+    assert!(links::exists(None, &outer).unwrap());
+    let again = links::create_veth(Some(&a), &inner, &outer, None).unwrap_err();
+    assert!(again.to_string().contains(&inner), "{again}");
+    links::delete_link(Some(&a), &inner).unwrap();
+    assert!(!links::exists(None, &outer).unwrap());
+
+    // Between two namespaces, never touching the caller's.
+    links::create_veth(Some(&a), &inner, &outer, Some(&b)).unwrap();
+    assert!(links::exists(Some(&a), &inner).unwrap());
+    assert!(links::exists(Some(&b), &outer).unwrap());
+    assert!(!links::exists(None, &outer).unwrap());
+}
