@@ -1,10 +1,74 @@
 //! `mergend vm <step> <id>` and `mergend supervise <id>`: the per-VM host steps, run by
 //! a systemd unit or by the embedded supervisor.
 
+use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
+
+use crate::config::RuntimeConfig;
+use crate::guest::{self, GuestKind};
+use crate::{state, steps, supervise};
+
+const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>";
 
 /// Entry point for the runtime subcommands; `args` excludes the program name.
 pub fn main(args: &[String]) -> ExitCode {
-    eprintln!("mergend: runtime subcommands are not built yet: {args:?}");
-    ExitCode::from(2)
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let config = match RuntimeConfig::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("configuration: {e}")),
+    };
+    let result = match args.as_slice() {
+        ["supervise", id] => supervise::run(&config, id),
+        ["vm", step, id] => vm_step(&config, step, id),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{}: {e}", args.join(" "))),
+    }
+}
+
+fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
+    if step == "net-cleanup" {
+        // Needs no meta.json: cleanup must work even after the VM's files are gone.
+        if !mergen_model::names::is_valid_id(id) {
+            return Err(format!("{id:?} is not a VM id (a lowercase UUID)"));
+        }
+        return steps::net_cleanup(config, id);
+    }
+    let meta = steps::load_meta(config, id)?;
+    match step {
+        "net-setup" => steps::net_setup(config, &meta),
+        "configure-start" => steps::configure_start(config, &meta),
+        // `run` is the guest whatever its kind; `jailer-start` insists on Firecracker.
+        "run" | "jailer-start" => {
+            let kind = GuestKind::of(&meta, config)?;
+            if step == "jailer-start" && kind != GuestKind::Firecracker {
+                return Err(format!("VM {id} is a process VM: use `mergend vm run`"));
+            }
+            let mut cmd = guest::command(kind, config, &meta)?;
+            Err(format!("executing {cmd:?}: {}", cmd.exec()))
+        }
+        "graceful-stop" => {
+            // systemd passes the unit's main process as $MAINPID; otherwise the
+            // embedded supervisor's state file knows the guest.
+            let pid = std::env::var("MAINPID")
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .or_else(|| state::read(&meta.paths).and_then(|s| s.guest_pid));
+            match pid {
+                Some(pid) => steps::graceful_stop(config, &meta, pid).map(drop),
+                None => Ok(()),
+            }
+        }
+        other => Err(format!("unknown step {other:?}\n{USAGE}")),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("mergend: {msg}");
+    ExitCode::FAILURE
 }

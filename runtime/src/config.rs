@@ -133,6 +133,82 @@ impl RuntimeConfig {
     }
 }
 
+impl RuntimeConfig {
+    /// The `MGR_*` variables that reproduce this configuration, handed to the embedded
+    /// supervisor's process so it sees exactly what its caller saw (even when the
+    /// caller's configuration did not come from its own environment).
+    pub fn to_env(&self) -> Vec<(String, String)> {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let v = |k: &str, val: String| (k.to_string(), val);
+        vec![
+            v("MGR_CONFIG_ROOT", path(&self.roots.config)),
+            v("MGR_DATA_ROOT", path(&self.roots.data)),
+            v("MGR_RUN_ROOT", path(&self.roots.run)),
+            v("MGR_GUEST_CIDR", self.guest_cidr.to_string()),
+            v(
+                "MGR_SUPERVISOR",
+                match self.supervisor {
+                    SupervisorChoice::Auto => "auto",
+                    SupervisorChoice::Systemd => "systemd",
+                    SupervisorChoice::Embedded => "embedded",
+                }
+                .into(),
+            ),
+            v(
+                "MGR_RUNTIME",
+                match self.runtime {
+                    RuntimeChoice::Auto => "auto",
+                    RuntimeChoice::Firecracker => "firecracker",
+                    RuntimeChoice::Process => "process",
+                }
+                .into(),
+            ),
+            v("MGR_UNIT_PREFIX", self.unit_prefix.clone()),
+            v("MGR_SYSTEMCTL_PATH", path(&self.systemctl_path)),
+            v(
+                "MGR_COMMAND_TIMEOUT_SECONDS",
+                self.command_timeout.as_secs().to_string(),
+            ),
+            v(
+                "MGR_STOP_TIMEOUT_SECONDS",
+                self.stop_timeout.as_secs().to_string(),
+            ),
+            v("MGR_FIRECRACKER_BIN", path(&self.firecracker_bin)),
+            v("MGR_JAILER_BIN", path(&self.jailer_bin)),
+            v("MGR_JAILER", if self.use_jailer { "1" } else { "0" }.into()),
+            v("MGR_JAILER_UID", self.jailer_uid.to_string()),
+            v("MGR_JAILER_GID", self.jailer_gid.to_string()),
+            v("MGR_JAILER_CHROOT_BASE", path(&self.chroot_base)),
+            v("MGR_MERGEND_BIN", path(&self.mergend_exe)),
+        ]
+    }
+
+    /// `MGR_RUNTIME` with `auto` resolved: Firecracker when its binary is found and
+    /// /dev/kvm exists, the process runtime otherwise.
+    pub fn effective_runtime(&self) -> RuntimeChoice {
+        match self.runtime {
+            RuntimeChoice::Auto if find_binary(&self.firecracker_bin) && kvm_present() => {
+                RuntimeChoice::Firecracker
+            }
+            RuntimeChoice::Auto => RuntimeChoice::Process,
+            chosen => chosen,
+        }
+    }
+}
+
+fn kvm_present() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+}
+
+/// Whether `bin` names an existing file, directly or through `PATH`.
+pub(crate) fn find_binary(bin: &std::path::Path) -> bool {
+    if bin.components().count() > 1 {
+        return bin.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +243,30 @@ mod tests {
         assert!(from(&[("MGR_GUEST_CIDR", "x")])
             .unwrap_err()
             .contains("MGR_GUEST_CIDR"));
+    }
+
+    #[test]
+    fn to_env_reproduces_the_configuration() {
+        let c = from(&[
+            ("MGR_RUN_ROOT", "/tmp/r"),
+            ("MGR_GUEST_CIDR", "10.9.0.0/24"),
+            ("MGR_SUPERVISOR", "embedded"),
+            ("MGR_RUNTIME", "process"),
+            ("MGR_JAILER", "0"),
+            ("MGR_STOP_TIMEOUT_SECONDS", "3"),
+            ("MGR_MERGEND_BIN", "/x/mergend"),
+        ])
+        .unwrap();
+        let env: HashMap<String, String> = c.to_env().into_iter().collect();
+        let again = RuntimeConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{c:?}"));
+    }
+
+    #[test]
+    fn auto_runtime_without_a_firecracker_binary_is_process() {
+        let c = from(&[("MGR_FIRECRACKER_BIN", "/nonexistent/firecracker")]).unwrap();
+        assert_eq!(c.effective_runtime(), RuntimeChoice::Process);
+        let c = from(&[("MGR_RUNTIME", "firecracker")]).unwrap();
+        assert_eq!(c.effective_runtime(), RuntimeChoice::Firecracker);
     }
 }

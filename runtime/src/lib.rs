@@ -7,9 +7,22 @@
 //! inside the VM's namespace on hosts without Firecracker).
 
 pub mod cli;
+mod command;
 pub mod config;
+pub mod embedded;
+pub mod fc_api;
+pub mod firecracker;
+pub mod guest;
+pub mod net;
+pub mod netplan;
+pub mod nft;
+pub mod procs;
+pub mod state;
 pub mod status;
+pub mod steps;
+pub mod supervise;
 pub mod supervisor;
+pub mod systemd;
 
 pub use config::{RuntimeChoice, RuntimeConfig, SupervisorChoice};
 pub use status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};

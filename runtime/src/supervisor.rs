@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use mergen_model::Meta;
 
-use crate::config::RuntimeConfig;
+use crate::config::{RuntimeConfig, SupervisorChoice};
+use crate::embedded::EmbeddedSupervisor;
 use crate::status::{SupervisorKind, VmStatus};
+use crate::systemd::SystemdSupervisor;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeError {
@@ -46,8 +48,18 @@ pub trait Supervisor: Send + Sync {
 
 /// The supervisor `MGR_SUPERVISOR` asks for (auto = systemd when PID 1 is systemd).
 pub fn select_supervisor(config: &RuntimeConfig) -> Result<Arc<dyn Supervisor>, RuntimeError> {
-    Err(RuntimeError::Unavailable(format!(
-        "no supervisor backend is built yet (MGR_SUPERVISOR={:?})",
-        config.supervisor
-    )))
+    let systemd = match config.supervisor {
+        SupervisorChoice::Systemd => true,
+        SupervisorChoice::Embedded => false,
+        SupervisorChoice::Auto => pid1_is_systemd(),
+    };
+    if systemd {
+        Ok(Arc::new(SystemdSupervisor::new(config.clone())))
+    } else {
+        Ok(Arc::new(EmbeddedSupervisor::new(config.clone())?))
+    }
+}
+
+fn pid1_is_systemd() -> bool {
+    std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
 }

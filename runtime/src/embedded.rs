@@ -1,0 +1,200 @@
+//! The embedded supervisor backend: each VM gets its own `mergend supervise <id>`
+//! process, detached from mergend (new session through util-linux `setsid -f`, so it is
+//! not even mergend's child), found again through its pid file.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mergen_model::{Meta, Paths};
+use rustix::process::Signal;
+
+use crate::config::RuntimeConfig;
+use crate::state::{self, SupervisorState};
+use crate::status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};
+use crate::supervisor::{RuntimeError, Supervisor};
+use crate::{net, procs, steps};
+
+pub struct EmbeddedSupervisor {
+    config: RuntimeConfig,
+}
+
+impl EmbeddedSupervisor {
+    pub fn new(config: RuntimeConfig) -> Result<EmbeddedSupervisor, RuntimeError> {
+        if !crate::config::find_binary(Path::new("setsid")) {
+            return Err(RuntimeError::Unavailable(
+                "the embedded supervisor needs util-linux setsid on PATH".into(),
+            ));
+        }
+        if !config.mergend_exe.is_file() {
+            return Err(RuntimeError::Unavailable(format!(
+                "mergend binary {} not found (set MGR_MERGEND_BIN)",
+                config.mergend_exe.display()
+            )));
+        }
+        Ok(EmbeddedSupervisor { config })
+    }
+
+    fn paths(&self, meta: &Meta) -> Paths {
+        self.config.roots.paths(&meta.id)
+    }
+
+    /// How long start waits for the supervisor's verdict: net-setup, the launch and (for
+    /// Firecracker) configure-start, each bounded by the command timeout.
+    fn start_deadline(&self) -> Duration {
+        self.config.command_timeout * 3 + Duration::from_secs(5)
+    }
+
+    fn spawn(&self, meta: &Meta, paths: &Paths) -> Result<(), RuntimeError> {
+        for dir in [&paths.run_dir, &paths.logs_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| RuntimeError::Failed(format!("creating {dir}: {e}")))?;
+        }
+        state::remove(&state::state_file(paths));
+        let log_path = Path::new(&paths.logs_dir).join("supervisor.log");
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| RuntimeError::Failed(format!("opening {}: {e}", log_path.display())))
+        };
+        let mut cmd = Command::new("setsid");
+        cmd.arg("-f")
+            .arg(&self.config.mergend_exe)
+            .args(state::supervisor_argv(&meta.id))
+            .envs(self.config.to_env())
+            .stdin(Stdio::null())
+            .stdout(open_log()?)
+            .stderr(open_log()?);
+        // `setsid -f` forks the supervisor into its own session and exits at once.
+        let status = cmd
+            .status()
+            .map_err(|e| RuntimeError::Unavailable(format!("running setsid: {e}")))?;
+        if !status.success() {
+            return Err(RuntimeError::Failed(format!(
+                "setsid could not start the supervisor of VM {}: {status}",
+                meta.id
+            )));
+        }
+        let deadline = Instant::now() + self.start_deadline();
+        loop {
+            match state::read(paths) {
+                Some(s) if s.state == VmState::Running => return Ok(()),
+                Some(s) if matches!(s.state, VmState::Failed | VmState::Stopped) => {
+                    return Err(RuntimeError::Failed(format!(
+                        "VM {} did not start: {}",
+                        meta.id, s.message
+                    )))
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::Failed(format!(
+                    "VM {} not running within {:?}; see {}",
+                    meta.id,
+                    self.start_deadline(),
+                    log_path.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Terminate a guest left behind by a supervisor that died without stopping it,
+    /// if the pid still runs the VM's command.
+    fn kill_orphan_guest(&self, meta: &Meta, last: Option<&SupervisorState>) {
+        let Some(pid) = last.and_then(|s| s.guest_pid) else {
+            return;
+        };
+        let ours = match &meta.process {
+            Some(p) => procs::runs(pid, &p.cmd.iter().map(String::as_str).collect::<Vec<_>>()),
+            None => procs::cmdline(pid).is_some_and(|a| a.iter().any(|x| x == &meta.id)),
+        };
+        if ours {
+            if let Err(e) = procs::terminate(pid, Duration::from_secs(2)) {
+                log::warn!("VM {}: terminating orphan guest {pid}: {e}", meta.id);
+            }
+        }
+    }
+}
+
+impl Supervisor for EmbeddedSupervisor {
+    fn kind(&self) -> SupervisorKind {
+        SupervisorKind::Embedded
+    }
+
+    fn start(&self, meta: &Meta) -> Result<(), RuntimeError> {
+        let paths = self.paths(meta);
+        if state::live_supervisor(&paths, &meta.id).is_some() {
+            return Ok(());
+        }
+        // A crashed supervisor may have left the network behind; start from clean.
+        steps::net_cleanup(&self.config, &meta.id).map_err(RuntimeError::Failed)?;
+        self.spawn(meta, &paths)
+    }
+
+    fn stop(&self, meta: &Meta) -> Result<(), RuntimeError> {
+        let paths = self.paths(meta);
+        let last = state::read(&paths);
+        if let Some(pid) = state::live_supervisor(&paths, &meta.id) {
+            procs::signal(pid, Signal::TERM).map_err(RuntimeError::Failed)?;
+            let grace = self.config.stop_timeout + self.config.command_timeout * 2;
+            if !procs::wait_gone(pid, grace) {
+                log::warn!(
+                    "VM {}: supervisor {pid} ignored SIGTERM for {grace:?}; killing it",
+                    meta.id
+                );
+                procs::signal(pid, Signal::KILL).map_err(RuntimeError::Failed)?;
+                procs::wait_gone(pid, Duration::from_secs(5));
+            }
+        }
+        self.kill_orphan_guest(meta, last.as_ref());
+        let timeout = self.config.command_timeout;
+        let left = net::leftovers(&meta.id, timeout).map_err(RuntimeError::Failed)?;
+        if !left.is_empty() {
+            steps::net_cleanup(&self.config, &meta.id).map_err(RuntimeError::Failed)?;
+        }
+        state::remove(&state::pid_file(&paths));
+        state::remove(&state::state_file(&paths));
+        Ok(())
+    }
+
+    fn status(&self, meta: &Meta) -> Result<VmStatus, RuntimeError> {
+        Ok(status_of(&self.config, meta))
+    }
+
+    fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
+        Ok(metas.iter().map(|m| status_of(&self.config, m)).collect())
+    }
+}
+
+/// Read from the supervisor's own files; no process is spawned.
+fn status_of(config: &RuntimeConfig, meta: &Meta) -> VmStatus {
+    let paths = config.roots.paths(&meta.id);
+    let live = state::live_supervisor(&paths, &meta.id);
+    let recorded = state::read(&paths);
+    let state = match (live, &recorded) {
+        // Alive and the state is its own: running, or (re)starting with back-off.
+        (Some(pid), Some(s)) if s.supervisor_pid == pid && s.state == VmState::Running => {
+            VmState::Running
+        }
+        (Some(_), _) => VmState::Starting,
+        (None, Some(s)) if s.state == VmState::Failed => VmState::Failed,
+        (None, _) => VmState::Stopped,
+    };
+    VmStatus {
+        state,
+        supervisor: SupervisorInfo {
+            kind: SupervisorKind::Embedded,
+            active: live.is_some(),
+            pid: live,
+        },
+        systemd: SystemdInfo {
+            available: false,
+            unit: format!("{}@{}.service", config.unit_prefix, meta.id),
+            ..SystemdInfo::default()
+        },
+    }
+}
