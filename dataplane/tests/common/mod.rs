@@ -1,0 +1,515 @@
+//! Test support: namespaces, child processes, a running forwarder, a TLS client.
+//! Everything a test creates is removed by a Drop guard, even when the test panics.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+
+pub const FORWARDER: &str = env!("CARGO_BIN_EXE_mergen-forwarder");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A number unique within this process; with the pid, names are unique on the machine.
+pub fn unique() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// True when the test can run; prints the loud skip line otherwise.
+pub fn need_root(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIP: {test} needs root");
+    false
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port on 127.0.0.1")
+}
+
+/// Poll `cond` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "mergen-dp-{tag}-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (by its pid) and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A network namespace with loopback up and one guest address on it.
+pub struct Ns {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Ns {
+    pub fn new() -> Ns {
+        let n = unique();
+        let pid = std::process::id();
+        // 15 characters at most, unique per process and call.
+        let name = format!("dpt{}x{n}", pid % 100_000);
+        let ip = Ipv4Addr::new(10, 100 + (pid % 100) as u8, (n % 250) as u8 + 1, 2);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Ns { name, ip };
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        run_ok(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{}/32", ns.ip),
+            "dev",
+            "lo",
+        ]));
+        ns
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Bind a TCP listener on the guest address inside the namespace.
+    pub fn listen(&self, port: u16) -> TcpListener {
+        let ip = self.ip;
+        ffi_free_netns::open(&self.name)
+            .expect("opening the test namespace")
+            .run(move || TcpListener::bind((ip, port)))
+            .expect("entering the test namespace")
+            .expect("binding inside the test namespace")
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// A VM as the forwarder sees it: its directory with a meta.json.
+pub fn write_vm(config_root: &Path, id: &str, created_at: &str, ns: &Ns, tags: &[(&str, &str)]) {
+    let tags: serde_json::Map<String, serde_json::Value> = tags
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let doc = serde_json::json!({
+        "id": id,
+        "createdAt": created_at,
+        "guestIP": ns.ip.to_string(),
+        "netns": ns.name,
+        "tags": tags,
+    });
+    let meta =
+        mergen_model::Meta::from_slice(doc.to_string().as_bytes()).expect("a valid meta.json");
+    let dir = config_root.join(id);
+    std::fs::create_dir_all(&dir).expect("creating the VM dir");
+    mergen_model::atomic::write_json(&dir.join("meta.json"), &meta).expect("writing meta.json");
+}
+
+/// A random-looking VM id, unique per call.
+pub fn vm_id() -> String {
+    let n = unique();
+    let pid = std::process::id();
+    format!(
+        "{:08x}-1b2c-4d5e-8f90-{:012x}",
+        pid.wrapping_mul(2_654_435_761) ^ (n << 24),
+        n
+    )
+}
+
+/// nginx inside a namespace answering plain HTTP on guest_ip:`port` with `body`.
+pub struct Nginx {
+    _child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    pub fn start(ns: &Ns, port: u16, body: &str) -> Nginx {
+        let dir = TempDir::new("nginx");
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen {ip}:{port};\n    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n}}\n",
+            ip = ns.ip
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
+        let child = ChildGuard::spawn(
+            ns.command("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-c")
+                .arg(&conf_path)
+                .args(["-g", "daemon off;"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let nginx = Nginx {
+            _child: child,
+            _dir: dir,
+        };
+        let url = format!("http://{}:{port}/", ns.ip);
+        let up = wait_for(Duration::from_secs(10), || {
+            let out = run(ns.command("curl").args(["-s", "--max-time", "1", &url]));
+            out.status.success().then_some(())
+        });
+        assert!(up.is_some(), "nginx in {} did not come up", ns.name);
+        nginx
+    }
+}
+
+/// A running forwarder with its own config root, certificate, ports and admin listener.
+pub struct Forwarder {
+    pub child: ChildGuard,
+    pub dir: TempDir,
+    pub admin: SocketAddr,
+    /// Port of each listener, in the order given to [`Forwarder::start`].
+    pub ports: Vec<u16>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Forwarder {
+    /// `listeners`: guest ports; each gets a free 127.0.0.1 port.
+    pub fn start(listeners: &[u16], extra_env: &[(&str, &str)]) -> Forwarder {
+        let dir = TempDir::new("fwd");
+        let vms = dir.path().join("vm.d");
+        std::fs::create_dir_all(&vms).expect("creating the config root");
+        let (cert, key) = gen_cert(&dir.path().join("certs"), extra_env);
+        let ports: Vec<u16> = listeners.iter().map(|_| free_port()).collect();
+        let spec: Vec<String> = listeners
+            .iter()
+            .zip(&ports)
+            .map(|(guest, port)| format!("127.0.0.1:{port}={guest}"))
+            .collect();
+        let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log =
+            std::fs::File::create(dir.path().join("forwarder.log")).expect("creating the log");
+        let mut cmd = Command::new(FORWARDER);
+        cmd.env("FWD_CONFIG_ROOT", &vms)
+            .env("FWD_TLS_CERT_FILE", &cert)
+            .env("FWD_TLS_KEY_FILE", &key)
+            .env("FWD_LISTENERS", spec.join(","))
+            .env("FWD_ALLOWED_GUEST_PORTS", "22,443,5432,6379,9092")
+            .env("FWD_ADMIN_ADDR", admin.to_string())
+            .env("FWD_WORKERS", "2")
+            .env("FWD_LOG_LEVEL", "info")
+            .env("FWD_DIAL_TIMEOUT_SECONDS", "2")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = ChildGuard::spawn(&mut cmd);
+        let fwd = Forwarder {
+            child,
+            dir,
+            admin,
+            ports,
+            cert,
+            key,
+        };
+        let ready = wait_for(Duration::from_secs(10), || {
+            http_get(fwd.admin, "/healthz")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        });
+        assert!(ready.is_some(), "forwarder not ready: {}", fwd.log());
+        fwd
+    }
+
+    pub fn config_root(&self) -> PathBuf {
+        self.dir.path().join("vm.d")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("forwarder.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as rendered), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// `mergen-forwarder gen-cert` into `dir`, honouring FWD_DOMAIN_PREFIX/SUFFIX in `env`.
+pub fn gen_cert(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+    let prefix = get("FWD_DOMAIN_PREFIX").unwrap_or("");
+    let suffix = get("FWD_DOMAIN_SUFFIX").unwrap_or("localhost");
+    run_ok(
+        Command::new(FORWARDER)
+            .args(["gen-cert", "--out-dir"])
+            .arg(dir)
+            .args(["--prefix", prefix, "--suffix", suffix]),
+    );
+    (
+        dir.join(format!("wildcard.{suffix}.crt")),
+        dir.join(format!("wildcard.{suffix}.key")),
+    )
+}
+
+/// A minimal HTTP/1.0 GET returning the status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other("bad status line"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `curl -sk` through the forwarder; returns (HTTP status, body).
+pub fn curl(host: &str, port: u16) -> (String, String) {
+    let out = run(Command::new("curl").args([
+        "-sk",
+        "--max-time",
+        "5",
+        "-w",
+        "\n%{http_code}",
+        "--resolve",
+        &format!("{host}:{port}:127.0.0.1"),
+        &format!("https://{host}:{port}/"),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+// ---- a TLS client that accepts any certificate (tests use self-signed ones) ----------
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+
+/// Connect to 127.0.0.1:`port` with SNI `host` and finish the handshake.
+pub fn tls_connect(host: &str, port: u16) -> TlsStream {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    let name = ServerName::try_from(host.to_string()).expect("a valid server name");
+    let conn = ClientConnection::new(Arc::new(config), name).expect("a client connection");
+    let sock = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the forwarder");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    sock.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut stream = StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("TLS handshake through the forwarder");
+    }
+    stream
+}
+
+/// The DER of the certificate the server presented.
+pub fn peer_cert(stream: &TlsStream) -> Vec<u8> {
+    stream
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .expect("the server sent a certificate")
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn cert_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(path)
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+/// A deterministic pseudo-random byte stream (xorshift64*), for checking bulk transfers.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
