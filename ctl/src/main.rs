@@ -1,4 +1,93 @@
-fn main() {
-    eprintln!("mergend: the control API is not built yet (issue 4)");
-    std::process::exit(1);
+use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use mergen_ctl::api::App;
+use mergen_ctl::config::{help, Config};
+use mergen_ctl::http::Limits;
+use mergen_ctl::router;
+use mergen_ctl::server::{Handler, Server, ServerOptions};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        // The runtime's per-VM steps live in the same binary, so systemd units and
+        // the embedded supervisor run exactly the mergend that created the VM.
+        Some("vm" | "supervise") => return mergen_runtime::cli::main(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            print!("{}", help());
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("mergend: unknown argument {other:?}\n\n{}", help());
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(error = e; "mergend failed");
+            eprintln!("mergend: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let config = Config::from_env()?;
+    mergen_log::init(&config.log_level, &config.log_format)?;
+    config.check_exposure()?;
+    // Registered before anything is served, so an early signal is not lost.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let limits = Limits {
+        read_timeout: config.read_timeout,
+        idle_timeout: config.idle_timeout,
+        ..Limits::default()
+    };
+    let shutdown_timeout = config.shutdown_timeout;
+    let addr = config.http_addr;
+    let socket = config.http_socket.clone();
+    let opts = ServerOptions {
+        limits,
+        max_connections: config.max_connections,
+    };
+    let app = Arc::new(App::new(config)?);
+    let handler: Arc<Handler> = {
+        let app = Arc::clone(&app);
+        Arc::new(move |req| router::handle(&app, req))
+    };
+    let mut server = Server::new(&opts);
+    let tcp = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = tcp.local_addr().map_err(|e| e.to_string())?;
+    server.serve_tcp(tcp, limits, Arc::clone(&handler));
+    if let Some(path) = &socket {
+        // A socket left by a previous run would make bind fail; anything else at that
+        // path is not ours to remove.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
+        let ul = UnixListener::bind(path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        server.serve_unix(ul, limits, Arc::clone(&handler));
+    }
+    log::info!(addr:% = bound, socket:? = socket; "mergend listening");
+    if let Some(sig) = signals.forever().next() {
+        log::info!(signal = sig; "shutting down");
+    }
+    let clean = server.shutdown(shutdown_timeout);
+    if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    if clean {
+        log::info!("mergend stopped");
+    } else {
+        log::warn!(timeout_s = shutdown_timeout.as_secs(); "shutdown timeout: in-flight requests abandoned");
+    }
+    Ok(())
 }

@@ -1,0 +1,504 @@
+//! The six `/v1/vms` operations with the original's semantics, over the store, the
+//! allocator, the VM locks, the supervisor and the hooks.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mergen_model::names::{guest_mac, is_valid_id, netns_name, tap_name};
+use mergen_model::vmconfig::{
+    BootSource, Drive, MachineConfig, NetworkInterface, DEFAULT_BOOT_ARGS,
+};
+use mergen_model::{Hooks, Meta, VmConfig};
+use mergen_runtime::{select_supervisor, RuntimeError, Supervisor, SystemdInfo, VmState, VmStatus};
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::alloc::allocate;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::hooks::HookRunner;
+use crate::http::Response;
+use crate::lock::{FileLock, TryLock};
+use crate::metrics::Metrics;
+use crate::request::{parse_create, CreateRequest};
+use crate::store::{NewVm, Store};
+
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    /// Canonical image roots (symlinks resolved at start-up).
+    image_roots: Vec<PathBuf>,
+    supervisor: Result<Arc<dyn Supervisor>, RuntimeError>,
+    pub hooks: HookRunner,
+    pub metrics: Arc<Metrics>,
+}
+
+fn io500(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
+    move |e| ApiError::internal(format!("{what}: {e}"))
+}
+
+fn ok(status: u16, id: &str, word: &str) -> Response {
+    Response::json(status, &json!({"id": id, "status": word}))
+}
+
+/// A VM's state and supervisor blocks as shown in its summary.
+struct StatusView {
+    state: Value,
+    supervisor: Value,
+    systemd: Value,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<App, String> {
+        let store = Store::new(config.runtime.roots.clone());
+        store
+            .ensure_roots()
+            .map_err(|e| format!("cannot create the state roots: {e}"))?;
+        {
+            let _alloc = store
+                .alloc_lock()
+                .map_err(|e| format!("cannot take the allocation lock: {e}"))?;
+            let rec = store.recover().map_err(|e| {
+                format!("cannot scan {}: {e}", config.runtime.roots.config.display())
+            })?;
+            for p in &rec.removed {
+                log::warn!(dir:? = p; "removed a half-written VM dir left by a crash");
+            }
+            for p in &rec.invalid {
+                log::warn!(dir:? = p; "VM dir without a valid meta.json: not listed");
+            }
+        }
+        let mut image_roots = Vec::new();
+        for r in &config.image_roots {
+            match fs::canonicalize(r) {
+                Ok(c) => image_roots.push(c),
+                Err(e) => log::warn!(root:? = r, error:% = e; "image root not usable"),
+            }
+        }
+        let supervisor = select_supervisor(&config.runtime);
+        match &supervisor {
+            Ok(s) => log::info!(kind:? = s.kind(); "supervisor ready"),
+            Err(e) => log::warn!(error:% = e; "no supervisor: start and stop answer 503"),
+        }
+        let metrics = Arc::new(Metrics::default());
+        let hooks = HookRunner::new(
+            config.global_hooks_dir.clone(),
+            config.hook_workers,
+            Arc::clone(&metrics),
+        );
+        Ok(App {
+            config,
+            store,
+            image_roots,
+            supervisor,
+            hooks,
+            metrics,
+        })
+    }
+
+    fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, ApiError> {
+        self.supervisor.as_ref().map_err(|e| e.clone().into())
+    }
+
+    /// What a VM looks like when no supervisor can be asked: nothing runs it, so it is
+    /// reported stopped, with `systemd.available = false` and `supervisor.active = false`.
+    fn unavailable_status(&self, meta: &Meta) -> StatusView {
+        let systemd = SystemdInfo {
+            available: false,
+            unit: format!("{}@{}.service", self.config.runtime.unit_prefix, meta.id),
+            ..SystemdInfo::default()
+        };
+        StatusView {
+            state: json!(VmState::Stopped),
+            supervisor: json!({"kind": "unavailable", "active": false}),
+            systemd: json!(systemd),
+        }
+    }
+
+    fn view(status: &VmStatus) -> StatusView {
+        StatusView {
+            state: json!(status.state),
+            supervisor: json!(status.supervisor),
+            systemd: json!(status.systemd),
+        }
+    }
+
+    /// Status of many VMs with one supervisor query.
+    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, ApiError> {
+        let sup = match &self.supervisor {
+            Ok(s) => s,
+            Err(_) => return Ok(metas.iter().map(|m| self.unavailable_status(m)).collect()),
+        };
+        match sup.status_all(metas) {
+            Ok(list) if list.len() == metas.len() => Ok(list.iter().map(Self::view).collect()),
+            Ok(list) => Err(ApiError::internal(format!(
+                "supervisor returned {} statuses for {} VMs",
+                list.len(),
+                metas.len()
+            ))),
+            Err(RuntimeError::Unavailable(_)) => {
+                Ok(metas.iter().map(|m| self.unavailable_status(m)).collect())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn summary(meta: &Meta, st: StatusView) -> Value {
+        let socket_present =
+            fs::symlink_metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
+        json!({
+            "id": meta.id,
+            "createdAt": meta.created_at.format(&Rfc3339).unwrap_or_default(),
+            "state": st.state,
+            "supervisor": st.supervisor,
+            "systemd": st.systemd,
+            "firecracker": {"socketPath": meta.paths.socket_path, "socketPresent": socket_present},
+            "network": {
+                "guestIP": meta.guest_ip,
+                "ports": meta.ports,
+                "tapName": meta.tap_name,
+                "netns": meta.netns,
+            },
+            "paths": meta.paths,
+            "metadata": meta.metadata,
+            "tags": meta.tags,
+        })
+    }
+
+    fn check_id(id: &str) -> Result<(), ApiError> {
+        if is_valid_id(id) {
+            Ok(())
+        } else {
+            Err(ApiError::bad_request(format!(
+                "invalid VM id {id:?}: want a lowercase UUID"
+            )))
+        }
+    }
+
+    fn load(&self, id: &str) -> Result<Meta, ApiError> {
+        Self::check_id(id)?;
+        self.store
+            .load(id)
+            .map_err(io500("reading the VM"))?
+            .ok_or_else(|| ApiError::not_found(format!("VM {id} not found")))
+    }
+
+    /// Take the VM's lifecycle lock (409 when another call holds it) and re-read the
+    /// VM under it, since a delete may have finished meanwhile.
+    fn lock_existing(&self, id: &str) -> Result<(FileLock, Meta), ApiError> {
+        let meta = self.load(id)?;
+        let lock = match FileLock::try_acquire(meta.paths.lock_path.as_ref()) {
+            Ok(TryLock::Acquired(l)) => l,
+            Ok(TryLock::Held) => {
+                return Err(ApiError::conflict(format!(
+                    "VM {id} is busy: another lifecycle call holds its lock"
+                )))
+            }
+            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+        };
+        let meta = self.load(id)?;
+        Ok((lock, meta))
+    }
+
+    fn vm_hooks(&self, meta: &Meta) -> Option<Hooks> {
+        match self.store.load_hooks(meta) {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!(id = meta.id, error:% = e; "cannot read the VM's hooks.json");
+                None
+            }
+        }
+    }
+
+    pub fn create(&self, body: &[u8]) -> Result<Response, ApiError> {
+        let req = parse_create(body, &self.image_roots)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let paths = self.store.roots().paths(&id);
+        let lock_path = PathBuf::from(&paths.lock_path);
+        let lock = match FileLock::try_acquire(&lock_path) {
+            Ok(TryLock::Acquired(l)) => l,
+            Ok(TryLock::Held) => return Err(ApiError::conflict("VM id collision")),
+            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+        };
+        let written = self.write_new(&id, &req);
+        let meta = match written {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = fs::remove_file(&lock_path);
+                return Err(e);
+            }
+        };
+        log::info!(id = id, guest_ip:% = meta.guest_ip; "vm created");
+        let hooks = (!req.hooks.is_empty()).then_some(&req.hooks);
+        if let Err(e) = self.hooks.run("onCreate", &meta, hooks) {
+            // A failed strict onCreate leaves no VM behind; removing the dir also
+            // frees its IP and ports.
+            if let Err(re) = self.store.remove(&meta, false) {
+                log::error!(id = id, error:% = re; "cannot remove the VM after its onCreate hook failed");
+            }
+            let _ = fs::remove_file(&lock_path);
+            log::warn!(id = id, error = e; "strict onCreate hook failed, VM removed");
+            return Err(ApiError::hook_failed(format!(
+                "{e}; the VM was not created"
+            )));
+        }
+        if req.auto_start {
+            self.start_locked(&meta).map_err(|mut e| {
+                e.message = format!("VM {id} was created but not started: {}", e.message);
+                e
+            })?;
+        }
+        drop(lock);
+        Ok(ok(201, &id, "created"))
+    }
+
+    /// Allocate and write the VM under the host-wide allocation lock.
+    fn write_new(&self, id: &str, req: &CreateRequest) -> Result<Meta, ApiError> {
+        let _alloc = self.store.alloc_lock().map_err(io500("allocation lock"))?;
+        let existing = self.store.list().map_err(io500("listing VMs"))?;
+        let cidr = self.config.runtime.guest_cidr;
+        let (guest_ip, ports) = allocate(
+            cidr,
+            (self.config.port_start, self.config.port_end),
+            &existing,
+            &req.ports,
+        )
+        .map_err(|e| ApiError::conflict(e.to_string()))?;
+        let paths = self.store.roots().paths(id);
+        let meta = Meta {
+            id: id.to_string(),
+            created_at: OffsetDateTime::now_utc(),
+            rootfs: req.rootfs.clone(),
+            kernel: req.kernel.clone(),
+            data_disk: req.data_disk.clone(),
+            ports,
+            guest_ip,
+            tap_name: tap_name(id),
+            netns: netns_name(id),
+            metadata: req.metadata.clone(),
+            tags: req.tags.clone(),
+            paths,
+            hooks: req.hooks.clone(),
+            process: req.process.clone(),
+        };
+        let vm_config = (!req.kernel.is_empty()).then(|| {
+            let boot_args = req.boot_args.clone().unwrap_or_else(|| {
+                let gw = cidr.gateway().map(|g| g.to_string()).unwrap_or_default();
+                format!(
+                    "{DEFAULT_BOOT_ARGS} ip={guest_ip}::{gw}:{}::eth0:off",
+                    cidr.netmask()
+                )
+            });
+            render_vm_config(&meta, req, boot_args)
+        });
+        let vm = NewVm {
+            env: render_env(&meta, &req.extra_env),
+            vm_config,
+            hooks: (!req.hooks.is_empty()).then(|| req.hooks.clone()),
+            meta,
+        };
+        self.store.create(&vm).map_err(io500("writing the VM"))?;
+        Ok(vm.meta)
+    }
+
+    /// Start under the VM's lock (held by the caller); runs onStart hooks.
+    fn start_locked(&self, meta: &Meta) -> Result<bool, ApiError> {
+        let sup = self.supervisor()?;
+        if sup.status(meta)?.state == VmState::Running {
+            return Ok(false);
+        }
+        sup.start(meta)?;
+        log::info!(id = meta.id; "vm started");
+        if let Err(e) = self
+            .hooks
+            .run("onStart", meta, self.vm_hooks(meta).as_ref())
+        {
+            log::warn!(id = meta.id, error = e; "strict onStart hook failed, stopping the VM");
+            if let Err(se) = sup.stop(meta) {
+                log::error!(id = meta.id, error:% = se; "cannot stop the VM after its onStart hook failed");
+            }
+            return Err(ApiError::hook_failed(format!(
+                "{e}; the VM was stopped again"
+            )));
+        }
+        Ok(true)
+    }
+
+    pub fn start(&self, id: &str) -> Result<Response, ApiError> {
+        let (_lock, meta) = self.lock_existing(id)?;
+        self.start_locked(&meta)?;
+        Ok(ok(200, id, "started"))
+    }
+
+    pub fn stop(&self, id: &str) -> Result<Response, ApiError> {
+        let (_lock, meta) = self.lock_existing(id)?;
+        let sup = self.supervisor()?;
+        if sup.status(&meta)?.state == VmState::Stopped {
+            return Ok(ok(200, id, "stopped"));
+        }
+        sup.stop(&meta)?;
+        log::info!(id = id; "vm stopped");
+        self.hooks
+            .run("onStop", &meta, self.vm_hooks(&meta).as_ref())
+            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM is stopped")))?;
+        Ok(ok(200, id, "stopped"))
+    }
+
+    pub fn delete(&self, id: &str, retain_data: bool) -> Result<Response, ApiError> {
+        let (lock, meta) = self.lock_existing(id)?;
+        match &self.supervisor {
+            Ok(sup) => match sup.status(&meta) {
+                Ok(st) if st.state == VmState::Stopped => {}
+                Ok(_) => sup.stop(&meta)?,
+                Err(RuntimeError::Unavailable(m)) => {
+                    log::warn!(id = id, error = m; "supervisor unavailable, deleting without a stop")
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Err(_) => log::debug!(id = id; "no supervisor, nothing to stop"),
+        }
+        let hooks = self.vm_hooks(&meta);
+        self.hooks
+            .run("onDelete", &meta, hooks.as_ref())
+            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM was not deleted")))?;
+        self.store
+            .remove(&meta, retain_data)
+            .map_err(io500("removing the VM"))?;
+        let _ = fs::remove_file(&meta.paths.lock_path);
+        drop(lock);
+        log::info!(id = id, retain_data = retain_data; "vm deleted");
+        Ok(ok(200, id, "deleted"))
+    }
+
+    pub fn get(&self, id: &str) -> Result<Response, ApiError> {
+        let meta = self.load(id)?;
+        let st = match &self.supervisor {
+            Ok(sup) => match sup.status(&meta) {
+                Ok(s) => Self::view(&s),
+                Err(RuntimeError::Unavailable(_)) => self.unavailable_status(&meta),
+                Err(e) => return Err(e.into()),
+            },
+            Err(_) => self.unavailable_status(&meta),
+        };
+        Ok(Response::json(200, &Self::summary(&meta, st)))
+    }
+
+    fn sorted_vms(&self) -> Result<Vec<Meta>, ApiError> {
+        let mut metas = self.store.list().map_err(io500("listing VMs"))?;
+        metas.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(metas)
+    }
+
+    pub fn list(&self) -> Result<Response, ApiError> {
+        let metas = self.sorted_vms()?;
+        let statuses = self.statuses(&metas)?;
+        let items: Vec<Value> = metas
+            .iter()
+            .zip(statuses)
+            .map(|(m, s)| Self::summary(m, s))
+            .collect();
+        Ok(Response::json(200, &json!({"items": items})))
+    }
+
+    pub fn metrics_text(&self) -> Result<Response, ApiError> {
+        let metas = self.sorted_vms()?;
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for s in self.statuses(&metas)? {
+            let name = match s.state.as_str() {
+                Some("running") => "running",
+                Some("starting") => "starting",
+                Some("failed") => "failed",
+                _ => "stopped",
+            };
+            *by_state.entry(name).or_default() += 1;
+        }
+        Ok(Response::text(
+            200,
+            "text/plain; version=0.0.4",
+            self.metrics.render(&by_state),
+        ))
+    }
+}
+
+fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmConfig {
+    let mut drives = vec![Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: req.rootfs.clone(),
+        is_root_device: true,
+        is_read_only: false,
+    }];
+    if !req.data_disk.is_empty() {
+        drives.push(Drive {
+            drive_id: "data".into(),
+            path_on_host: req.data_disk.clone(),
+            is_root_device: false,
+            is_read_only: false,
+        });
+    }
+    VmConfig {
+        boot_source: BootSource {
+            kernel_image_path: req.kernel.clone(),
+            boot_args,
+        },
+        drives,
+        machine_config: MachineConfig {
+            vcpu_count: req.vcpu,
+            mem_size_mib: req.mem_mib,
+            smt: false,
+        },
+        network_interfaces: vec![NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: meta.tap_name.clone(),
+            guest_mac: guest_mac(&meta.id),
+        }],
+    }
+}
+
+/// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`,
+/// then the request's extraEnv (blank keys skipped).
+pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
+    let p = &meta.paths;
+    let mut base: BTreeMap<String, String> = [
+        ("MGN_VM_ID", meta.id.clone()),
+        ("MGN_CONFIG_DIR", p.config_dir.clone()),
+        ("MGN_VM_JSON", p.vm_config_path.clone()),
+        ("MGN_META_JSON", p.meta_path.clone()),
+        ("MGN_HOOKS_JSON", p.hooks_path.clone()),
+        ("MGN_RUN_DIR", p.run_dir.clone()),
+        ("MGN_SOCKET_PATH", p.socket_path.clone()),
+        ("MGN_TAP_NAME", meta.tap_name.clone()),
+        ("MGN_NETNS", meta.netns.clone()),
+        ("MGN_GUEST_IP", meta.guest_ip.to_string()),
+        ("MGN_DATA_DIR", p.data_dir.clone()),
+        ("MGN_LOG_DIR", p.logs_dir.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for b in &meta.ports {
+        base.insert(
+            format!("MGN_PUBLISH_{}", b.guest),
+            format!("{}/{}", b.host, b.protocol.as_str()),
+        );
+    }
+    let quote = |v: &str| format!("'{}'", v.replace('\'', r"'\''"));
+    let mut out = String::new();
+    for (k, v) in base
+        .iter()
+        .chain(extra.iter().filter(|(k, _)| !k.trim().is_empty()))
+    {
+        out.push_str(k);
+        out.push('=');
+        out.push_str(&quote(v));
+        out.push('\n');
+    }
+    out
+}

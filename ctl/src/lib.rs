@@ -1,0 +1,16 @@
+//! mergend, the control-plane daemon: a hand-rolled HTTP/1.1 API over the VM store,
+//! race-free allocation, per-VM locks, lifecycle hooks and the runtime's supervisor.
+
+pub mod alloc;
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod hooks;
+pub mod http;
+pub mod lock;
+pub mod metrics;
+pub mod request;
+pub mod router;
+pub mod server;
+pub mod store;
+pub mod template;

@@ -1,0 +1,79 @@
+//! `GET /metrics` in the Prometheus text format: requests by route and status, VMs by
+//! state, hook runs and failures.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// (event, hook type) -> (runs, failures)
+    hooks: Mutex<BTreeMap<(String, String), (u64, u64)>>,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    pub fn hook_result(&self, event: &str, kind: &str, ok: bool) {
+        let mut h = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        let e = h.entry((event.to_string(), kind.to_string())).or_default();
+        e.0 += 1;
+        if !ok {
+            e.1 += 1;
+        }
+    }
+
+    /// The exposition text; `vms` counts VMs by state, read at scrape time.
+    pub fn render(&self, vms: &BTreeMap<&'static str, u64>) -> String {
+        let mut s = String::new();
+        s.push_str(
+            "# HELP mergend_http_requests_total HTTP requests answered, by route and status.\n",
+        );
+        s.push_str("# TYPE mergend_http_requests_total counter\n");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "mergend_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        s.push_str("# HELP mergend_vms VMs by state.\n# TYPE mergend_vms gauge\n");
+        for state in ["running", "starting", "stopped", "failed"] {
+            let _ = writeln!(
+                s,
+                "mergend_vms{{state=\"{state}\"}} {}",
+                vms.get(state).copied().unwrap_or(0)
+            );
+        }
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        s.push_str("# HELP mergend_hook_runs_total Hooks run, by event and type.\n");
+        s.push_str("# TYPE mergend_hook_runs_total counter\n");
+        for ((event, kind), (runs, _)) in hooks.iter() {
+            let _ = writeln!(
+                s,
+                "mergend_hook_runs_total{{event=\"{event}\",type=\"{kind}\"}} {runs}"
+            );
+        }
+        s.push_str("# HELP mergend_hook_failures_total Hooks that failed, by event and type.\n");
+        s.push_str("# TYPE mergend_hook_failures_total counter\n");
+        for ((event, kind), (_, failures)) in hooks.iter() {
+            let _ = writeln!(
+                s,
+                "mergend_hook_failures_total{{event=\"{event}\",type=\"{kind}\"}} {failures}"
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,225 @@
+//! The VM store on disk, in the original's layout.
+//!
+//! A VM exists exactly when `$MGR_CONFIG_ROOT/<id>/` exists. Creation builds the whole
+//! config dir under a temporary name (`.tmp-<id>`), fsyncs it, and renames it into
+//! place; deletion renames it away (`.del-<id>`) before removing anything. So a crash
+//! at any moment leaves either no VM or a whole one, and start-up only has to sweep
+//! the temporary names.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use mergen_model::atomic::sync_dir;
+use mergen_model::names::is_valid_id;
+use mergen_model::{Hooks, Meta, Roots, VmConfig};
+
+use crate::lock::FileLock;
+
+const TMP_PREFIX: &str = ".tmp-";
+const DEL_PREFIX: &str = ".del-";
+
+/// Everything written for a new VM.
+pub struct NewVm {
+    pub meta: Meta,
+    /// Absent for process-runtime VMs without a kernel.
+    pub vm_config: Option<VmConfig>,
+    /// Written to hooks.json only when the request had hooks.
+    pub hooks: Option<Hooks>,
+    pub env: String,
+}
+
+/// What start-up found and did.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Half-written or half-deleted dirs that were removed.
+    pub removed: Vec<PathBuf>,
+    /// Dirs named like a VM without a valid meta.json: left alone, never listed.
+    pub invalid: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    roots: Roots,
+}
+
+impl Store {
+    pub fn new(roots: Roots) -> Store {
+        Store { roots }
+    }
+
+    pub fn roots(&self) -> &Roots {
+        &self.roots
+    }
+
+    pub fn ensure_roots(&self) -> io::Result<()> {
+        for d in [&self.roots.config, &self.roots.data, &self.roots.run] {
+            fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+
+    /// The host-wide allocation lock: held around read–allocate–write of a VM dir, and
+    /// around start-up recovery so it never sweeps another mergend's create in flight.
+    pub fn alloc_lock(&self) -> io::Result<FileLock> {
+        FileLock::acquire(&self.roots.config.join(".alloc.lock"))
+    }
+
+    /// Sweep what a crash left behind. The caller holds the allocation lock.
+    pub fn recover(&self) -> io::Result<Recovery> {
+        let mut rec = Recovery::default();
+        for entry in fs::read_dir(&self.roots.config)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            if name.starts_with(TMP_PREFIX) || name.starts_with(DEL_PREFIX) {
+                if let Some(id) = name.get(TMP_PREFIX.len()..).filter(|id| is_valid_id(id)) {
+                    // A create that never committed: its data and run dirs go too,
+                    // unless a committed VM of that id exists (it cannot, ids are new).
+                    if name.starts_with(TMP_PREFIX) && !self.roots.config.join(id).exists() {
+                        let p = self.roots.paths(id);
+                        let _ = fs::remove_dir_all(&p.data_dir);
+                        let _ = fs::remove_dir_all(&p.run_dir);
+                    }
+                }
+                fs::remove_dir_all(&path)?;
+                rec.removed.push(path);
+            } else if is_valid_id(&name) && self.read_meta(&name).is_err() {
+                rec.invalid.push(path);
+            }
+        }
+        if !rec.removed.is_empty() {
+            sync_dir(&self.roots.config)?;
+        }
+        Ok(rec)
+    }
+
+    fn read_meta(&self, id: &str) -> io::Result<Meta> {
+        let bytes = fs::read(self.roots.config.join(id).join("meta.json"))?;
+        let meta = Meta::from_slice(&bytes).map_err(io::Error::other)?;
+        if meta.id != id {
+            return Err(io::Error::other(format!(
+                "meta.json of {id} names another id ({})",
+                meta.id
+            )));
+        }
+        Ok(meta)
+    }
+
+    /// Every whole VM. Dirs without a valid meta.json are skipped.
+    pub fn list(&self) -> io::Result<Vec<Meta>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.roots.config)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str().filter(|n| is_valid_id(n)) else {
+                continue;
+            };
+            match self.read_meta(name) {
+                Ok(m) => out.push(m),
+                // Deleted between the listing and the read, or not a whole VM.
+                Err(e) => log::debug!(id = name, error:% = e; "skipping VM dir"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The VM `id`, or None when it does not exist.
+    pub fn load(&self, id: &str) -> io::Result<Option<Meta>> {
+        match self.read_meta(id) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The VM's own hooks.json, if it has one.
+    pub fn load_hooks(&self, meta: &Meta) -> io::Result<Option<Hooks>> {
+        match fs::read(&meta.paths.hooks_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| io::Error::other(format!("{}: {e}", meta.paths.hooks_path))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Write a new VM so that it appears whole or not at all.
+    pub fn create(&self, vm: &NewVm) -> io::Result<()> {
+        let id = &vm.meta.id;
+        let tmp = self.roots.config.join(format!("{TMP_PREFIX}{id}"));
+        let result = self.write_tmp(&tmp, vm).and_then(|()| {
+            let p = &vm.meta.paths;
+            for d in [&p.logs_dir, &p.run_dir] {
+                fs::create_dir_all(d)?;
+            }
+            sync_dir(&self.roots.data)?;
+            sync_dir(&self.roots.run)?;
+            // The commit point.
+            fs::rename(&tmp, &p.config_dir)?;
+            sync_dir(&self.roots.config)
+        });
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+            if !Path::new(&vm.meta.paths.config_dir).exists() {
+                let _ = fs::remove_dir_all(&vm.meta.paths.data_dir);
+                let _ = fs::remove_dir_all(&vm.meta.paths.run_dir);
+            }
+        }
+        result
+    }
+
+    fn write_tmp(&self, tmp: &Path, vm: &NewVm) -> io::Result<()> {
+        fs::create_dir(tmp)?;
+        if let Some(c) = &vm.vm_config {
+            write_synced(&tmp.join("vm.json"), &pretty(c)?, 0o644)?;
+        }
+        if let Some(h) = &vm.hooks {
+            write_synced(&tmp.join("hooks.json"), &pretty(h)?, 0o644)?;
+        }
+        write_synced(&tmp.join("env"), vm.env.as_bytes(), 0o640)?;
+        write_synced(&tmp.join("meta.json"), &pretty(&vm.meta)?, 0o644)?;
+        sync_dir(tmp)
+    }
+
+    /// Remove a VM: it disappears atomically first, then its files go.
+    pub fn remove(&self, meta: &Meta, retain_data: bool) -> io::Result<()> {
+        let gone = self.roots.config.join(format!("{DEL_PREFIX}{}", meta.id));
+        fs::rename(&meta.paths.config_dir, &gone)?;
+        sync_dir(&self.roots.config)?;
+        fs::remove_dir_all(&gone)?;
+        remove_if_present(&meta.paths.run_dir)?;
+        if !retain_data {
+            remove_if_present(&meta.paths.data_dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn remove_if_present(dir: &str) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Pretty JSON with two-space indent and a trailing newline, as the original wrote it.
+fn pretty<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(v).map_err(io::Error::other)?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut f: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
