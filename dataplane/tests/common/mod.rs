@@ -211,6 +211,7 @@ pub fn vm_id() -> String {
 }
 
 /// nginx inside a namespace answering plain HTTP on guest_ip:`port` with `body`.
+/// It runs as one process (no master), so killing its pid leaves nothing behind.
 pub struct Nginx {
     _child: ChildGuard,
     _dir: TempDir,
@@ -221,7 +222,7 @@ impl Nginx {
         let dir = TempDir::new("nginx");
         let d = dir.path().display();
         let conf = format!(
-            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+            "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -495,21 +496,37 @@ pub fn cert_der(path: &Path) -> Vec<u8> {
         .to_vec()
 }
 
-/// A deterministic pseudo-random byte stream (xorshift64*), for checking bulk transfers.
-pub struct Pattern(u64);
+/// A deterministic pseudo-random byte stream (xorshift64*), for checking bulk
+/// transfers: any split of the stream into chunks yields the same bytes.
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
 
 impl Pattern {
     pub fn new(seed: u64) -> Pattern {
-        Pattern(seed | 1)
+        Pattern {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
+        let mut out = 0;
+        while out < buf.len() {
+            if self.used == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+                self.used = 0;
+            }
+            let n = (8 - self.used).min(buf.len() - out);
+            buf[out..out + n].copy_from_slice(&self.word[self.used..self.used + n]);
+            self.used += n;
+            out += n;
         }
     }
 }

@@ -1,0 +1,178 @@
+//! Bulk transfer and half-close through the TLS path, against a Rust backend bound
+//! inside a namespace.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::*;
+
+const GIB: u64 = 1 << 30;
+const CHUNK: usize = 64 * 1024;
+
+/// Read `stream` to its end, checking it against `Pattern::new(seed)`; returns the count.
+fn read_and_check(mut stream: impl Read, seed: u64) -> Result<u64, String> {
+    let mut pattern = Pattern::new(seed);
+    let mut got = vec![0u8; CHUNK];
+    let mut want = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match stream.read(&mut got) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read failed after {total} bytes: {e}")),
+        };
+        pattern.fill(&mut want[..n]);
+        if got[..n] != want[..n] {
+            return Err(format!("corrupt data near byte {total}"));
+        }
+        total += n as u64;
+    }
+}
+
+/// Write `len` bytes of `Pattern::new(seed)` in word-aligned chunks.
+fn write_pattern(mut stream: impl Write, seed: u64, len: u64) -> std::io::Result<()> {
+    let mut pattern = Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        stream.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    stream.flush()
+}
+
+/// A backend that reads the whole upload (checking it), then answers with `reply_len`
+/// bytes and closes. It reports how many upload bytes it verified.
+fn backend(
+    listener: TcpListener,
+    up_seed: u64,
+    down_seed: u64,
+    reply_len: u64,
+) -> JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || {
+        let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| e.to_string())?;
+        let got = read_and_check(&sock, up_seed)?;
+        write_pattern(&sock, down_seed, reply_len).map_err(|e| e.to_string())?;
+        sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+        Ok(got)
+    })
+}
+
+fn setup(label: &str) -> (Ns, Forwarder, TcpListener) {
+    let ns = Ns::new();
+    let listener = ns.listen(443);
+    let fwd = Forwarder::start(&[443], &[]);
+    write_vm(
+        &fwd.config_root(),
+        &vm_id(),
+        "2025-01-01T00:00:00Z",
+        &ns,
+        &[("app", label)],
+    );
+    (ns, fwd, listener)
+}
+
+/// An upload of `up` bytes, a close of the write side (`close_notify` first when
+/// `notify`), then a download of `down` bytes: both must arrive intact.
+fn transfer(label: &str, up: u64, down: u64, notify: bool) {
+    let (_ns, fwd, listener) = setup(label);
+    let server = backend(listener, 11, 22, down);
+    let host = format!("{label}.localhost");
+    let mut client = tls_connect(&host, fwd.ports[0]);
+    write_pattern(&mut client, 11, up).expect("uploading through the forwarder");
+    if notify {
+        client.conn.send_close_notify();
+        while client.conn.wants_write() {
+            client
+                .conn
+                .write_tls(&mut client.sock)
+                .expect("flushing close_notify");
+        }
+    }
+    client.sock.shutdown(Shutdown::Write).expect("half-closing");
+    let got = read_and_check(&mut client, 22);
+    let uploaded = server.join().expect("backend thread");
+    assert_eq!(
+        uploaded,
+        Ok(up),
+        "upload as seen by the backend\n{}",
+        fwd.log()
+    );
+    assert_eq!(
+        got,
+        Ok(down),
+        "download as seen by the client\n{}",
+        fwd.log()
+    );
+}
+
+#[test]
+fn one_gib_each_way_arrives_intact() {
+    if !need_root("one_gib_each_way_arrives_intact") {
+        return;
+    }
+    transfer("bulk", GIB, GIB, true);
+}
+
+#[test]
+fn half_close_with_close_notify_still_gets_the_whole_response() {
+    if !need_root("half_close_with_close_notify_still_gets_the_whole_response") {
+        return;
+    }
+    transfer("halfclose", 1000, 3 << 20, true);
+}
+
+#[test]
+fn half_close_with_bare_fin_still_gets_the_whole_response() {
+    if !need_root("half_close_with_bare_fin_still_gets_the_whole_response") {
+        return;
+    }
+    transfer("finonly", 4096, 3 << 20, false);
+}
+
+#[test]
+fn backend_closing_first_keeps_the_client_side_open() {
+    if !need_root("backend_closing_first_keeps_the_client_side_open") {
+        return;
+    }
+    let (_ns, fwd, listener) = setup("srvfirst");
+    // The backend speaks first and half-closes, then reads what the client sends.
+    let server = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+        let (mut sock, _) = listener.accept().map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        sock.write_all(b"banner\n").map_err(|e| e.to_string())?;
+        sock.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        sock.read_to_end(&mut got).map_err(|e| e.to_string())?;
+        Ok(got)
+    });
+    let mut client = tls_connect("srvfirst.localhost", fwd.ports[0]);
+    let mut banner = Vec::new();
+    client
+        .read_to_end(&mut banner)
+        .expect("reading until the backend's close_notify");
+    assert_eq!(banner, b"banner\n");
+    client
+        .write_all(b"still talking\n")
+        .expect("writing after the server closed");
+    client.conn.send_close_notify();
+    client.flush().expect("flushing");
+    while client.conn.wants_write() {
+        client
+            .conn
+            .write_tls(&mut client.sock)
+            .expect("flushing close_notify");
+    }
+    let got = server.join().expect("backend thread");
+    assert_eq!(got.as_deref(), Ok(&b"still talking\n"[..]), "{}", fwd.log());
+}
