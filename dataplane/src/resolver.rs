@@ -21,6 +21,8 @@ use time::OffsetDateTime;
 pub const META_FILE: &str = "meta.json";
 /// The tag and metadata keys whose string values are aliases, as in the original.
 pub const ALIAS_KEYS: [&str; 4] = ["host", "hostname", "app", "name"];
+/// Below this many directories a rescan stays on the calling thread.
+const PARALLEL_LOAD_MIN: usize = 512;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -270,11 +272,18 @@ impl Shared {
                 Vec::new()
             }
         };
-        let mut changed = false;
+        let work: Vec<(String, Option<Entry>)> = names
+            .into_iter()
+            .map(|n| {
+                let known = entries.remove(&n);
+                (n, known)
+            })
+            .collect();
+        // Whatever is left in `entries` disappeared.
+        let mut changed = !entries.is_empty();
         let mut next = BTreeMap::new();
-        for name in names {
-            let known = entries.remove(&name);
-            match load_dir(&self.root.join(&name), known.as_ref()) {
+        for (name, known, load) in self.load_all(work) {
+            match load {
                 Load::Unchanged => {
                     next.insert(name, known.expect("unchanged implies known"));
                 }
@@ -285,12 +294,40 @@ impl Shared {
                 Load::Gone => changed |= known.is_some(),
             }
         }
-        // Whatever is left in `entries` disappeared.
-        changed |= !entries.is_empty();
         *entries = next;
         if changed {
             self.publish(&entries);
         }
+    }
+
+    /// Load many directories, spread over the cores when there are many: a cold start
+    /// with thousands of VMs is bound by JSON parsing.
+    fn load_all(&self, work: Vec<(String, Option<Entry>)>) -> Vec<(String, Option<Entry>, Load)> {
+        let load = |(name, known): (String, Option<Entry>)| {
+            let l = load_dir(&self.root.join(&name), known.as_ref());
+            (name, known, l)
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        if threads < 2 || work.len() < PARALLEL_LOAD_MIN {
+            return work.into_iter().map(load).collect();
+        }
+        let chunk = work.len().div_ceil(threads);
+        let mut work = work.into_iter();
+        let chunks: Vec<Vec<_>> = (0..threads)
+            .map(|_| work.by_ref().take(chunk).collect())
+            .collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|c| scope.spawn(move || c.into_iter().map(load).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        })
     }
 
     /// Re-read the VM directories named; returns whether routing changed.
@@ -545,4 +582,406 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
         tv_nsec: i64::from(timeout.subsec_nanos()),
     };
     matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A directory removed on drop, unique per test thread.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "mergen-dp-resolver-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn id(n: u32) -> String {
+        format!("{n:08x}-0000-4000-8000-{n:012x}")
+    }
+
+    /// Write `<root>/<id>/meta.json` atomically, created `minute` minutes after a fixed
+    /// instant.
+    /// A meta.json as mergend writes it, created `minute` minutes after a fixed instant.
+    fn meta_json(
+        n: u32,
+        minute: u32,
+        tags: serde_json::Value,
+        metadata: serde_json::Value,
+    ) -> serde_json::Value {
+        let id = id(n);
+        let created =
+            time::OffsetDateTime::from_unix_timestamp(1_780_000_000 + i64::from(minute) * 60)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+        let cfg = format!("/etc/mergen/vm.d/{id}");
+        let run = format!("/run/mergen/{id}");
+        json!({
+            "id": id,
+            "createdAt": created,
+            "rootfs": "/var/lib/mergen/base/rootfs.ext4",
+            "kernel": "/var/lib/mergen/base/vmlinux",
+            "ports": [{"guest": 443, "host": 20000 + n % 20000, "protocol": "tcp"}],
+            "guestIP": format!("172.30.{}.{}", n / 250, n % 250 + 2),
+            "tapName": format!("tap-{}", &id[..8]),
+            "netns": format!("mergen-{}", &id[..8]),
+            "tags": tags,
+            "metadata": metadata,
+            "paths": {
+                "configDir": cfg,
+                "vmConfigPath": format!("{cfg}/vm.json"),
+                "metaPath": format!("{cfg}/meta.json"),
+                "hooksPath": format!("{cfg}/hooks.json"),
+                "envPath": format!("{cfg}/env"),
+                "runDir": run,
+                "socketPath": format!("{run}/firecracker.socket"),
+                "lockPath": format!("{run}/lock"),
+                "dataDir": format!("/var/lib/mergen/{id}"),
+                "logsDir": format!("/var/lib/mergen/{id}/logs"),
+            },
+        })
+    }
+
+    /// Write `<root>/<id>/meta.json` atomically, as mergend does.
+    fn write_vm(
+        root: &Path,
+        n: u32,
+        minute: u32,
+        tags: serde_json::Value,
+        metadata: serde_json::Value,
+    ) {
+        let dir = root.join(id(n));
+        fs::create_dir_all(&dir).unwrap();
+        let meta = meta_json(n, minute, tags, metadata);
+        mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
+    }
+
+    fn resolver(root: &Path, prefix: &str, suffix: &str) -> Resolver {
+        Resolver::new(root.to_path_buf(), prefix.into(), suffix.into())
+    }
+
+    fn routed_id(r: &Resolver, sni: &str) -> Option<String> {
+        r.snapshot().resolve_sni(sni).map(|route| route.id.clone())
+    }
+
+    #[test]
+    fn sni_labels() {
+        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+            ("app1.localhost", "", "localhost", Some("app1")),
+            ("APP1.LocalHost", "", "localhost", Some("app1")),
+            ("app1.localhost.", "", "localhost", Some("app1")),
+            ("a.b.localhost", "", "localhost", None),
+            ("localhost", "", "localhost", None),
+            (".localhost", "", "localhost", None),
+            ("app1localhost", "", "localhost", None),
+            ("app1.localhost.com", "", "localhost", None),
+            ("app1.vm.example.com", "vm", "example.com", Some("app1")),
+            ("App1.VM.Example.COM.", "vm", "example.com", Some("app1")),
+            ("app1.example.com", "vm", "example.com", None),
+            ("app1.xvm.example.com", "vm", "example.com", None),
+            ("vm.example.com", "vm", "example.com", None),
+            ("a.b.vm.example.com", "vm", "example.com", None),
+            ("", "", "localhost", None),
+            (".", "", "localhost", None),
+        ];
+        for &(sni, prefix, suffix, want) in cases {
+            assert_eq!(
+                sni_label(sni, prefix, suffix).as_deref(),
+                want,
+                "{sni} / {prefix} / {suffix}"
+            );
+        }
+    }
+
+    #[test]
+    fn aliases_and_precedence() {
+        let root = TempDir::new();
+        // Created second, but listed first by name order on disk.
+        write_vm(
+            &root.0,
+            1,
+            20,
+            json!({"app": "Web", "host": "shared"}),
+            json!({"name": "one", "owner": "x"}),
+        );
+        write_vm(
+            &root.0,
+            2,
+            10,
+            json!({"app": "web", "hostname": "two"}),
+            json!({"host": 5, "app": "meta-app"}),
+        );
+        // Its tag claims VM 1's short id; VM 1 is older... no: VM 3 is the oldest.
+        write_vm(
+            &root.0,
+            3,
+            5,
+            json!({"name": id(1)[..8].to_string()}),
+            json!({"name": "with.dot"}),
+        );
+        let r = resolver(&root.0, "", "localhost");
+        let snap = r.snapshot();
+        assert_eq!(snap.len(), 3);
+        assert_eq!(snap.first().unwrap().id, id(3));
+        let order: Vec<_> = snap.routes().iter().map(|r| r.id.clone()).collect();
+        assert_eq!(order, vec![id(3), id(2), id(1)]);
+
+        let cases: &[(&str, Option<String>)] = &[
+            // The oldest claimant keeps a shared alias.
+            ("web.localhost", Some(id(2))),
+            ("shared.localhost", Some(id(1))),
+            ("one.localhost", Some(id(1))),
+            ("two.localhost", Some(id(2))),
+            ("meta-app.localhost", Some(id(2))),
+            (&format!("{}.localhost", id(2)), Some(id(2))),
+            (&format!("{}.localhost", &id(2)[..8]), Some(id(2))),
+            (&format!("{}.localhost", id(1).to_uppercase()), Some(id(1))),
+            // VM 3 is older than VM 1 and claimed VM 1's short id by its tag.
+            (&format!("{}.localhost", &id(1)[..8]), Some(id(3))),
+            // Non-string metadata and names with dots are not aliases.
+            ("5.localhost", None),
+            ("with.dot.localhost", None),
+            ("owner.localhost", None),
+            ("x.localhost", None),
+            ("nope.localhost", None),
+            ("web.example.com", None),
+        ];
+        for (sni, want) in cases {
+            assert_eq!(routed_id(&r, sni).as_ref(), want.as_ref(), "{sni}");
+        }
+        let route = snap.resolve_sni("one.localhost").unwrap();
+        assert_eq!(route.guest_ip, Ipv4Addr::new(172, 30, 0, 3));
+        assert_eq!(route.netns, format!("mergen-{}", &id(1)[..8]));
+    }
+
+    #[test]
+    fn prefix_and_suffix() {
+        let root = TempDir::new();
+        write_vm(&root.0, 1, 0, json!({"app": "app1"}), json!({}));
+        let r = resolver(&root.0, ".VM", "Example.com.");
+        assert_eq!(routed_id(&r, "app1.vm.example.com"), Some(id(1)));
+        assert_eq!(routed_id(&r, "APP1.VM.EXAMPLE.COM."), Some(id(1)));
+        assert_eq!(routed_id(&r, "app1.example.com"), None);
+        assert_eq!(routed_id(&r, "app1.localhost"), None);
+    }
+
+    #[test]
+    fn bad_and_foreign_entries_are_skipped() {
+        let root = TempDir::new();
+        write_vm(&root.0, 1, 0, json!({"app": "good"}), json!({}));
+        let bad = root.0.join("bad");
+        fs::create_dir(&bad).unwrap();
+        fs::write(bad.join(META_FILE), b"{\"id\": \"x\", not json").unwrap();
+        let missing_ip = root.0.join("noip");
+        fs::create_dir(&missing_ip).unwrap();
+        fs::write(
+            missing_ip.join(META_FILE),
+            br#"{"id":"noip","createdAt":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        fs::create_dir(root.0.join("empty")).unwrap();
+        fs::write(root.0.join("stray-file"), b"x").unwrap();
+        // A half-written atomic write lives under a dot-name.
+        let hidden = root.0.join(".tmp-vm");
+        fs::create_dir(&hidden).unwrap();
+        fs::copy(root.0.join(id(1)).join(META_FILE), hidden.join(META_FILE)).unwrap();
+        fs::write(root.0.join(id(1)).join(".meta.json.tmp-1"), b"{").unwrap();
+        let r = resolver(&root.0, "", "localhost");
+        assert_eq!(r.snapshot().len(), 1);
+        assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
+    }
+
+    #[test]
+    fn missing_root_is_empty() {
+        let root = TempDir::new();
+        let r = resolver(&root.0.join("absent"), "", "localhost");
+        assert!(r.snapshot().is_empty());
+        assert!(r.snapshot().first().is_none());
+    }
+
+    #[test]
+    fn reload_sees_changes() {
+        let root = TempDir::new();
+        write_vm(&root.0, 1, 0, json!({"app": "old"}), json!({}));
+        let r = resolver(&root.0, "", "localhost");
+        let before = r.snapshot();
+        write_vm(&root.0, 1, 0, json!({"app": "new"}), json!({}));
+        write_vm(&root.0, 2, 1, json!({}), json!({}));
+        r.reload();
+        assert_eq!(routed_id(&r, "new.localhost"), Some(id(1)));
+        assert_eq!(routed_id(&r, "old.localhost"), None);
+        assert_eq!(r.snapshot().len(), 2);
+        // An old snapshot is unaffected: lookups in flight stay consistent.
+        assert_eq!(before.resolve_sni("old.localhost").unwrap().id, id(1));
+        fs::remove_dir_all(root.0.join(id(1))).unwrap();
+        r.reload();
+        assert_eq!(r.snapshot().len(), 1);
+        assert_eq!(r.snapshot().first().unwrap().id, id(2));
+    }
+
+    /// Poll `cond` until it holds or `limit` passes.
+    fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if cond() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn watcher_follows_vms_within_a_second() {
+        let root = TempDir::new();
+        write_vm(&root.0, 1, 0, json!({"app": "first"}), json!({}));
+        let r = resolver(&root.0, "", "localhost");
+        // A long rescan period: only inotify can make these changes visible in time.
+        r.start_watching(Duration::from_secs(3600)).unwrap();
+        let within = Duration::from_secs(1);
+
+        write_vm(&root.0, 2, 1, json!({"app": "late"}), json!({}));
+        assert!(
+            eventually(within, || routed_id(&r, "late.localhost") == Some(id(2))),
+            "new VM"
+        );
+
+        // A rewrite of an existing meta.json.
+        write_vm(&root.0, 2, 1, json!({"app": "renamed"}), json!({}));
+        assert!(
+            eventually(within, || routed_id(&r, "renamed.localhost") == Some(id(2))),
+            "rewrite"
+        );
+        assert_eq!(routed_id(&r, "late.localhost"), None);
+
+        // A plain (non-atomic) write into a directory created empty first.
+        let dir = root.0.join(id(3));
+        fs::create_dir(&dir).unwrap();
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(root.0.join(id(1)).join(META_FILE)).unwrap()).unwrap();
+        meta["id"] = json!(id(3));
+        meta["tags"] = json!({"app": "plain"});
+        fs::write(dir.join(META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();
+        assert!(
+            eventually(within, || routed_id(&r, "plain.localhost") == Some(id(3))),
+            "plain write"
+        );
+
+        // Removing a meta.json, then a whole directory.
+        fs::remove_file(dir.join(META_FILE)).unwrap();
+        assert!(
+            eventually(within, || routed_id(&r, "plain.localhost").is_none()),
+            "file removed"
+        );
+        fs::remove_dir_all(root.0.join(id(2))).unwrap();
+        assert!(
+            eventually(within, || r.snapshot().len() == 1),
+            "dir removed"
+        );
+
+        // A directory moved in from elsewhere.
+        let outside = TempDir::new();
+        write_vm(&outside.0, 4, 2, json!({"app": "moved"}), json!({}));
+        fs::rename(outside.0.join(id(4)), root.0.join(id(4))).unwrap();
+        assert!(
+            eventually(within, || routed_id(&r, "moved.localhost") == Some(id(4))),
+            "moved in"
+        );
+        assert_eq!(routed_id(&r, "first.localhost"), Some(id(1)));
+    }
+
+    #[test]
+    fn periodic_rescan_catches_what_inotify_cannot() {
+        let parent = TempDir::new();
+        let root = parent.0.join("late-root");
+        let r = resolver(&root, "", "localhost");
+        r.start_watching(Duration::from_millis(50)).unwrap();
+        // The root did not exist when watching began.
+        fs::create_dir(&root).unwrap();
+        write_vm(&root, 7, 0, json!({"app": "seven"}), json!({}));
+        assert!(eventually(Duration::from_secs(5), || routed_id(
+            &r,
+            "seven.localhost"
+        ) == Some(id(7))));
+        // Once the root is watched, inotify takes over too.
+        write_vm(&root, 8, 1, json!({"app": "eight"}), json!({}));
+        assert!(eventually(Duration::from_secs(5), || routed_id(
+            &r,
+            "eight.localhost"
+        ) == Some(id(8))));
+    }
+
+    #[test]
+    fn ten_thousand_vms() {
+        let root = TempDir::new();
+        let n = 10_000u32;
+        // Plain writes: fsyncing 10,000 files would dominate the test.
+        for i in 0..n {
+            let dir = root.0.join(id(i));
+            fs::create_dir(&dir).unwrap();
+            let tags = json!({"app": format!("app{i}")});
+            let meta = meta_json(i, i, tags, json!({"name": format!("n{i}")}));
+            fs::write(
+                dir.join(META_FILE),
+                serde_json::to_vec_pretty(&meta).unwrap(),
+            )
+            .unwrap();
+        }
+        let started = Instant::now();
+        let r = resolver(&root.0, "", "localhost");
+        eprintln!("loaded {n} VMs in {:?}", started.elapsed());
+        let snap = r.snapshot();
+        assert_eq!(snap.len(), n as usize);
+        assert_eq!(snap.first().unwrap().id, id(0));
+        for i in [0, 1, 4999, 9999] {
+            assert_eq!(routed_id(&r, &format!("app{i}.localhost")), Some(id(i)));
+            assert_eq!(routed_id(&r, &format!("n{i}.localhost")), Some(id(i)));
+            assert_eq!(
+                routed_id(&r, &format!("{}.localhost", &id(i)[..8])),
+                Some(id(i))
+            );
+            assert_eq!(routed_id(&r, &format!("{}.localhost", id(i))), Some(id(i)));
+        }
+        // A rescan with nothing changed keeps the published snapshot.
+        let started = Instant::now();
+        r.reload();
+        eprintln!("rescanned {n} unchanged VMs in {:?}", started.elapsed());
+        assert!(Arc::ptr_eq(&snap, &r.snapshot()));
+    }
+
+    #[test]
+    fn netns_paths() {
+        let root = TempDir::new();
+        let name = format!("mgn-test-{}", std::process::id());
+        fs::write(root.0.join(&name), b"").unwrap();
+        assert_eq!(netns_path(Some(&root.0), &name), Some(root.0.join(&name)));
+        assert_eq!(
+            netns_path(Some(&root.0), "/proc/self/ns/net"),
+            Some(PathBuf::from("/proc/self/ns/net"))
+        );
+        assert_eq!(netns_path(Some(&root.0), "absent-ns-xyz"), None);
+        assert_eq!(netns_path(None, "absent-ns-xyz"), None);
+        for bad in ["", ".", "..", "a/b", "../etc"] {
+            assert_eq!(netns_path(Some(&root.0), bad), None, "{bad}");
+        }
+    }
 }

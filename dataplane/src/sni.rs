@@ -326,3 +326,431 @@ pub fn postgres_preamble(buf: &[u8]) -> PgPreamble {
         PgPreamble::Other
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+
+    /// The first flight of a real rustls client.
+    fn real_hello(server: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = ServerName::try_from(server.to_string()).unwrap();
+        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Re-cut the handshake bytes of a one-record hello into records of `size` bytes.
+    fn refragment(hello: &[u8], size: usize) -> Vec<u8> {
+        assert_eq!(hello[0], 0x16);
+        let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+        let payload = &hello[5..5 + len];
+        let mut out = Vec::new();
+        for chunk in payload.chunks(size) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    fn expect_hello(p: Peek) -> ClientHello {
+        match p {
+            Peek::Hello(h) => h,
+            other => panic!("expected a hello, got {other:?}"),
+        }
+    }
+
+    /// Every strict prefix must ask for more; the whole buffer must give `want`.
+    fn check_prefixes(buf: &[u8], want: &ClientHello) {
+        for i in 0..buf.len() {
+            assert_eq!(
+                peek_client_hello(&buf[..i]),
+                Peek::NeedMore,
+                "prefix of {i} bytes"
+            );
+        }
+        assert_eq!(&expect_hello(peek_client_hello(buf)), want);
+    }
+
+    #[test]
+    fn real_hellos_give_sni_and_alpn() {
+        type Case<'a> = (&'a str, &'a [&'a [u8]], bool, Option<&'a str>);
+        let cases: &[Case] = &[
+            (
+                "app1.localhost",
+                &[b"http/1.1"],
+                false,
+                Some("app1.localhost"),
+            ),
+            (
+                "App1.VM.Example.com",
+                &[b"h2", b"http/1.1"],
+                false,
+                Some("App1.VM.Example.com"),
+            ),
+            ("db.localhost", &[], false, Some("db.localhost")),
+            (
+                "legacy.localhost",
+                &[b"http/1.1"],
+                true,
+                Some("legacy.localhost"),
+            ),
+            // rustls sends no SNI for an IP address.
+            ("127.0.0.1", &[b"http/1.1"], false, None),
+        ];
+        for &(server, alpn, tls12, sni) in cases {
+            let bytes = real_hello(server, alpn, tls12);
+            let hello = expect_hello(peek_client_hello(&bytes));
+            assert_eq!(hello.sni.as_deref(), sni, "{server}");
+            let want: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+            assert_eq!(hello.alpn, want, "{server}");
+        }
+    }
+
+    #[test]
+    fn hello_split_byte_by_byte() {
+        let bytes = real_hello("app1.localhost", &[b"http/1.1"], false);
+        let want = ClientHello {
+            sni: Some("app1.localhost".into()),
+            alpn: vec![b"http/1.1".to_vec()],
+        };
+        check_prefixes(&bytes, &want);
+    }
+
+    #[test]
+    fn hello_split_over_many_records() {
+        let bytes = real_hello("app1.localhost", &[b"h2", b"http/1.1"], false);
+        let want = expect_hello(peek_client_hello(&bytes));
+        let payload_len = bytes.len() - 5;
+        for size in (1..=40).chain([63, 64, 100, 255, 256, payload_len - 1, payload_len]) {
+            let cut = refragment(&bytes, size);
+            check_prefixes(&cut, &want);
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_hello_are_ignored() {
+        let mut bytes = real_hello("app1.localhost", &[], false);
+        bytes.extend_from_slice(&[0x17, 3, 3, 0, 5, 1, 2, 3]);
+        assert_eq!(
+            expect_hello(peek_client_hello(&bytes)).sni.as_deref(),
+            Some("app1.localhost")
+        );
+    }
+
+    #[test]
+    fn not_tls() {
+        let cases: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            &[0x15, 3, 3, 0, 2, 2, 40],
+            &[0x16, 2, 0],
+            &[0x16, 0x80],
+            &[0],
+        ];
+        for c in cases {
+            assert_eq!(peek_client_hello(c), Peek::NotTls, "{c:?}");
+        }
+        assert_eq!(peek_client_hello(&[]), Peek::NeedMore);
+        assert_eq!(peek_client_hello(&[0x16]), Peek::NeedMore);
+        assert_eq!(peek_client_hello(&[0x16, 3, 1, 0]), Peek::NeedMore);
+    }
+
+    /// A ClientHello built by hand, for shapes a real client never sends.
+    fn hello_with(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]);
+        body.push(0);
+        body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+        let mut exts = Vec::new();
+        for (t, data) in extensions {
+            exts.extend_from_slice(&t.to_be_bytes());
+            exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            exts.extend_from_slice(data);
+        }
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        wrap(&body)
+    }
+
+    fn wrap(body: &[u8]) -> Vec<u8> {
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(body);
+        let mut rec = vec![0x16, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    fn sni_ext(names: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for (t, n) in names {
+            list.push(*t);
+            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            list.extend_from_slice(n);
+        }
+        let mut out = (list.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&list);
+        out
+    }
+
+    fn alpn_ext(protos: &[&[u8]]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for p in protos {
+            list.push(p.len() as u8);
+            list.extend_from_slice(p);
+        }
+        let mut out = (list.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&list);
+        out
+    }
+
+    #[test]
+    fn handmade_hellos() {
+        let ok = |exts: &[(u16, Vec<u8>)]| expect_hello(peek_client_hello(&hello_with(exts)));
+        let bad = |exts: &[(u16, Vec<u8>)]| match peek_client_hello(&hello_with(exts)) {
+            Peek::Malformed(why) => why,
+            other => panic!("expected malformed, got {other:?}"),
+        };
+        assert_eq!(ok(&[]), ClientHello::default());
+        assert_eq!(
+            ok(&[(0, sni_ext(&[(0, b"a.localhost")]))]).sni.as_deref(),
+            Some("a.localhost")
+        );
+        // Unknown name types are skipped.
+        assert_eq!(
+            ok(&[(0, sni_ext(&[(7, b"x"), (0, b"a.localhost")]))])
+                .sni
+                .as_deref(),
+            Some("a.localhost")
+        );
+        assert_eq!(ok(&[(0, sni_ext(&[(7, b"x")]))]).sni, None);
+        // Unknown extensions are skipped.
+        assert_eq!(
+            ok(&[(0xfe0d, vec![1, 2, 3]), (16, alpn_ext(&[b"h2"]))]).alpn,
+            vec![b"h2".to_vec()]
+        );
+        bad(&[(0, sni_ext(&[(0, b"a"), (0, b"b")]))]);
+        bad(&[(0, sni_ext(&[(0, b"")]))]);
+        bad(&[(0, sni_ext(&[(0, b"caf\xc3\xa9.localhost")]))]);
+        bad(&[(0, sni_ext(&[(0, b"a b")]))]);
+        bad(&[(0, sni_ext(&[]))]);
+        bad(&[(0, vec![0, 5, 0, 0])]);
+        bad(&[(0, vec![])]);
+        bad(&[(16, alpn_ext(&[]))]);
+        bad(&[(16, alpn_ext(&[b""]))]);
+        bad(&[(16, vec![0, 3, 2, b'h'])]);
+        bad(&[(16, alpn_ext(&[b"h2"])), (16, alpn_ext(&[b"h2"]))]);
+        bad(&[(0, sni_ext(&[(0, b"a")])), (0, sni_ext(&[(0, b"a")]))]);
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        // legacy_version, random, session id, suites, compression, extensions
+        let base = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut body = vec![3, 3];
+            body.extend_from_slice(&[0; 32]);
+            body.push(0);
+            body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+            f(&mut body);
+            peek_client_hello(&wrap(&body))
+        };
+        assert!(matches!(base(&|_| {}), Peek::Hello(_)));
+        assert!(matches!(base(&|b| b[0] = 2), Peek::Malformed(_)));
+        assert!(matches!(base(&|b| b.truncate(20)), Peek::Malformed(_)));
+        assert!(matches!(base(&|b| b[34] = 33), Peek::Malformed(_)));
+        assert!(matches!(base(&|b| b[36] = 3), Peek::Malformed(_)));
+        assert!(matches!(base(&|b| b[36] = 0), Peek::Malformed(_)));
+        assert!(matches!(base(&|b| b.push(0)), Peek::Malformed(_)));
+        assert!(matches!(
+            base(&|b| b.extend_from_slice(&[0, 0, 9])),
+            Peek::Malformed(_)
+        ));
+        // Not a ClientHello at all.
+        let mut server_hello = wrap(&[3, 3]);
+        server_hello[5] = 2;
+        assert!(matches!(
+            peek_client_hello(&server_hello),
+            Peek::Malformed(_)
+        ));
+        // An empty record and an oversized record.
+        assert!(matches!(
+            peek_client_hello(&[0x16, 3, 1, 0, 0]),
+            Peek::Malformed(_)
+        ));
+        assert!(matches!(
+            peek_client_hello(&[0x16, 3, 1, 0x40, 1]),
+            Peek::Malformed(_)
+        ));
+        // A record of another type between the pieces of a hello.
+        let mut cut = refragment(&real_hello("a.localhost", &[], false), 10);
+        cut[15] = 0x17;
+        assert!(matches!(peek_client_hello(&cut), Peek::Malformed(_)));
+    }
+
+    #[test]
+    fn too_large() {
+        // Declared too long: refused from the first 9 bytes.
+        let declared = [0x16, 3, 1, 0x40, 0, 1, 0, 0x40, 0];
+        assert_eq!(peek_client_hello(&declared), Peek::TooLarge);
+        // The largest hello that fits one record is accepted...
+        let fits = MAX_CLIENT_HELLO - RECORD_HEADER - 4;
+        let mut body = hello_with(&[(0, sni_ext(&[(0, b"a.localhost")]))])[9..].to_vec();
+        let pad = fits - body.len() - 4;
+        // ...padding extension (21) grows the extensions block.
+        let ext_len = u16::from_be_bytes([body[41], body[42]]) as usize + 4 + pad;
+        body[41..43].copy_from_slice(&(ext_len as u16).to_be_bytes());
+        body.extend_from_slice(&21u16.to_be_bytes());
+        body.extend_from_slice(&(pad as u16).to_be_bytes());
+        body.extend_from_slice(&vec![0; pad]);
+        let big = wrap(&body);
+        assert_eq!(big.len(), MAX_CLIENT_HELLO);
+        assert_eq!(
+            expect_hello(peek_client_hello(&big)).sni.as_deref(),
+            Some("a.localhost")
+        );
+        // ...but cut into small records its headers no longer fit the cap.
+        let cut = refragment(&big, 1000);
+        assert_eq!(peek_client_hello(&cut[..MAX_CLIENT_HELLO]), Peek::TooLarge);
+        assert_eq!(
+            peek_client_hello(&cut[..MAX_CLIENT_HELLO - 1]),
+            Peek::NeedMore
+        );
+        // One byte more (so two records) is refused as soon as the length is known.
+        body.push(0);
+        let two_records = refragment(&wrap(&body), 1 << 14);
+        assert_eq!(peek_client_hello(&two_records[..9]), Peek::TooLarge);
+    }
+
+    /// A small deterministic generator: the garbage test must be reproducible.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let real = real_hello("app1.localhost", &[b"h2", b"http/1.1"], false);
+        let cut = refragment(&real, 7);
+        for round in 0..20_000 {
+            let buf: Vec<u8> = match round % 3 {
+                // Random bytes behind a plausible record header.
+                0 => {
+                    let len = (rng.next() % 600) as usize;
+                    let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    if len > 2 {
+                        b[0] = 0x16;
+                        b[1] = 3;
+                    }
+                    b
+                }
+                // A real hello with a few bytes changed.
+                1 => {
+                    let mut b = if rng.next() & 1 == 0 {
+                        real.clone()
+                    } else {
+                        cut.clone()
+                    };
+                    for _ in 0..1 + rng.next() % 4 {
+                        let i = (rng.next() as usize) % b.len();
+                        b[i] = rng.next() as u8;
+                    }
+                    b
+                }
+                // A real hello cut short anywhere.
+                _ => {
+                    let n = (rng.next() as usize) % real.len();
+                    real[..n].to_vec()
+                }
+            };
+            let _ = peek_client_hello(&buf);
+            let _ = postgres_preamble(&buf);
+        }
+    }
+
+    #[test]
+    fn alert_is_understood_by_a_client() {
+        let record = alert_record(ALERT_UNRECOGNIZED_NAME);
+        assert_eq!(record, [0x15, 3, 3, 0, 2, 2, 112]);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let name = ServerName::try_from("a.localhost").unwrap();
+        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut sink = Vec::new();
+        conn.write_tls(&mut sink).unwrap();
+        conn.read_tls(&mut &record[..]).unwrap();
+        let err = conn.process_new_packets().unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName)
+        );
+    }
+
+    #[test]
+    fn postgres_preambles() {
+        let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let gss = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+        for i in 0..8 {
+            assert_eq!(postgres_preamble(&ssl[..i]), PgPreamble::NeedMore, "{i}");
+            assert_eq!(postgres_preamble(&gss[..i]), PgPreamble::NeedMore, "{i}");
+        }
+        assert_eq!(postgres_preamble(&ssl), PgPreamble::SslRequest);
+        assert_eq!(postgres_preamble(&gss), PgPreamble::GssEncRequest);
+        let mut then_hello = ssl.to_vec();
+        then_hello.extend_from_slice(&real_hello("db.localhost", &[], false));
+        assert_eq!(postgres_preamble(&then_hello), PgPreamble::SslRequest);
+        assert_eq!(
+            expect_hello(peek_client_hello(&then_hello[PG_PREAMBLE_LEN..]))
+                .sni
+                .as_deref(),
+            Some("db.localhost")
+        );
+        // Direct TLS, a startup message (protocol 3.0), a cancel request.
+        let direct = real_hello("db.localhost", &[b"postgresql"], false);
+        assert_eq!(postgres_preamble(&direct), PgPreamble::Other);
+        assert_eq!(postgres_preamble(&[0x16]), PgPreamble::Other);
+        assert_eq!(
+            postgres_preamble(&[0, 0, 0, 40, 0, 3, 0, 0]),
+            PgPreamble::Other
+        );
+        assert_eq!(
+            postgres_preamble(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]),
+            PgPreamble::Other
+        );
+        assert_eq!(
+            postgres_preamble(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2e]),
+            PgPreamble::Other
+        );
+    }
+}
