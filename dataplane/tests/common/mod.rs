@@ -454,28 +454,27 @@ pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
 /// Connect to 127.0.0.1:`port` with SNI `host` and finish the handshake.
 pub fn tls_connect(host: &str, port: u16) -> TlsStream {
+    try_tls_connect(host, port).expect("TLS handshake through the forwarder")
+}
+
+pub fn try_tls_connect(host: &str, port: u16) -> io::Result<TlsStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .expect("TLS versions")
+        .map_err(io::Error::other)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
-    let name = ServerName::try_from(host.to_string()).expect("a valid server name");
-    let conn = ClientConnection::new(Arc::new(config), name).expect("a client connection");
-    let sock = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the forwarder");
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    sock.set_write_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let name = ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
+    let conn = ClientConnection::new(Arc::new(config), name).map_err(io::Error::other)?;
+    let sock = TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut stream = StreamOwned::new(conn, sock);
     while stream.conn.is_handshaking() {
-        stream
-            .conn
-            .complete_io(&mut stream.sock)
-            .expect("TLS handshake through the forwarder");
+        stream.conn.complete_io(&mut stream.sock)?;
     }
-    stream
+    Ok(stream)
 }
 
 /// The DER of the certificate the server presented.
