@@ -1,0 +1,849 @@
+//! Runtime tests on the real host: namespaces, veths, nftables, supervisors, real
+//! servers reached with curl. Also the Firecracker API test double and a recording
+//! `systemctl` double.
+//!
+//! This binary has its own harness: the embedded supervisor re-executes "mergend" as
+//! `<binary> supervise <id>`, and here the test binary plays mergend (MGR_MERGEND_BIN
+//! points at it), dispatching those arguments to `mergen_runtime::cli::main` exactly as
+//! mergend does.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mergen_model::{atomic, names, Meta, PortBinding, ProcessSpec, Protocol};
+use mergen_runtime::embedded::EmbeddedSupervisor;
+use mergen_runtime::fc_api::FcClient;
+use mergen_runtime::firecracker::{self, StopOutcome};
+use mergen_runtime::systemd::SystemdSupervisor;
+use mergen_runtime::{net, state, steps, RuntimeConfig, Supervisor, VmState};
+use support::firecracker_double::FirecrackerDouble;
+
+type TestFn = fn();
+
+const TESTS: &[(&str, TestFn)] = &[
+    (
+        "net_setup_and_cleanup_are_idempotent_and_leave_nothing",
+        net_setup_and_cleanup_are_idempotent_and_leave_nothing,
+    ),
+    (
+        "process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing",
+        process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing,
+    ),
+    (
+        "crashing_guest_is_restarted_with_back_off",
+        crashing_guest_is_restarted_with_back_off,
+    ),
+    (
+        "twenty_vms_start_and_stop_concurrently_without_leftovers",
+        twenty_vms_start_and_stop_concurrently_without_leftovers,
+    ),
+    (
+        "a_guest_that_cannot_start_fails_start_with_its_error",
+        a_guest_that_cannot_start_fails_start_with_its_error,
+    ),
+    (
+        "configure_start_replays_vm_json_in_order",
+        configure_start_replays_vm_json_in_order,
+    ),
+    (
+        "configure_start_reports_firecrackers_fault_message",
+        configure_start_reports_firecrackers_fault_message,
+    ),
+    (
+        "graceful_stop_sends_ctrl_alt_del_then_terminates",
+        graceful_stop_sends_ctrl_alt_del_then_terminates,
+    ),
+    (
+        "systemd_backend_issues_the_expected_systemctl_commands",
+        systemd_backend_issues_the_expected_systemctl_commands,
+    ),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.first().map(String::as_str), Some("supervise" | "vm")) {
+        return mergen_runtime::cli::main(&args);
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in TESTS {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let chosen: Vec<_> = TESTS
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
+    println!("running {} tests", chosen.len());
+    let failed: Vec<&str> = std::thread::scope(|s| {
+        let handles: Vec<_> = chosen
+            .iter()
+            .map(|(name, f)| (name, s.spawn(move || std::panic::catch_unwind(f))))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|(name, h)| {
+                let ok = matches!(h.join(), Ok(Ok(())));
+                println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+                (!ok).then_some(*name)
+            })
+            .collect()
+    });
+    println!(
+        "test result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        chosen.len() - failed.len(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn next() -> u32 {
+    COUNTER.fetch_add(1, Ordering::SeqCst)
+}
+
+fn is_root() -> bool {
+    rustix_is_root()
+}
+
+fn rustix_is_root() -> bool {
+    // Effective uid from /proc: the test needs no extra crate for it.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIP: {test} needs root");
+    true
+}
+
+/// A VM id unique on this host while the test runs: pid and counter in the first
+/// eight hex digits (they name the namespace, links and nftables table).
+fn unique_id() -> String {
+    let n = next();
+    let pid = std::process::id();
+    format!(
+        "{:06x}{:02x}-0000-4000-8000-{:012x}",
+        pid & 0xff_ffff,
+        n & 0xff,
+        n
+    )
+}
+
+/// A /24 inside 10.0.0.0/8 unique to this process and test.
+fn unique_cidr() -> String {
+    let pid = std::process::id();
+    format!("10.{}.{}.0/24", 100 + pid % 100, 100 + next() % 150)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Temporary state roots and a configuration pointing at them; removed on drop.
+struct Host {
+    dir: PathBuf,
+    config: RuntimeConfig,
+}
+
+impl Host {
+    fn new(cidr: &str, extra: &[(&str, &str)]) -> Host {
+        let dir = std::env::temp_dir().join(format!("mergen-rt-{}-{}", std::process::id(), next()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let mut vars: HashMap<String, String> = [
+            (
+                "MGR_CONFIG_ROOT",
+                dir.join("config").to_string_lossy().into_owned(),
+            ),
+            (
+                "MGR_DATA_ROOT",
+                dir.join("data").to_string_lossy().into_owned(),
+            ),
+            (
+                "MGR_RUN_ROOT",
+                dir.join("run").to_string_lossy().into_owned(),
+            ),
+            ("MGR_GUEST_CIDR", cidr.to_string()),
+            ("MGR_SUPERVISOR", "embedded".into()),
+            ("MGR_RUNTIME", "process".into()),
+            ("MGR_STOP_TIMEOUT_SECONDS", "5".into()),
+            ("MGR_JAILER", "0".into()),
+            ("MGR_MERGEND_BIN", exe.to_string_lossy().into_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let config = RuntimeConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        Host { dir, config }
+    }
+
+    /// Write a VM's meta.json (what mergend does before `start`).
+    fn vm(&self, host_no: u32, ports: Vec<PortBinding>, process: Option<ProcessSpec>) -> Meta {
+        let id = unique_id();
+        let guest_ip = self.config.guest_cidr.host(host_no).unwrap();
+        let mut meta = Meta::from_slice(
+            format!(r#"{{"id":"{id}","createdAt":"2026-01-01T00:00:00Z","guestIP":"{guest_ip}"}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        meta.ports = ports;
+        meta.process = process;
+        meta.netns = names::netns_name(&id);
+        meta.tap_name = names::tap_name(&id);
+        meta.paths = self.config.roots.paths(&id);
+        std::fs::create_dir_all(&meta.paths.config_dir).unwrap();
+        atomic::write_json(Path::new(&meta.paths.meta_path), &meta).unwrap();
+        meta
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops the VM (supervisor, guest, network) even when the test panics.
+struct VmGuard<'a> {
+    sup: &'a dyn Supervisor,
+    config: &'a RuntimeConfig,
+    meta: Meta,
+}
+
+impl Drop for VmGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.sup.stop(&self.meta);
+        let _ = steps::net_cleanup(self.config, &self.meta.id);
+    }
+}
+
+fn tcp(guest: u16, host: u16) -> PortBinding {
+    PortBinding {
+        guest,
+        host,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn http_server(ip: &str, port: u16, dir: &Path) -> ProcessSpec {
+    ProcessSpec {
+        cmd: vec![
+            "/usr/bin/python3".into(),
+            "-m".into(),
+            "http.server".into(),
+            port.to_string(),
+            "--bind".into(),
+            ip.into(),
+        ],
+        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string())]),
+        workdir: Some(dir.to_string_lossy().into_owned()),
+    }
+}
+
+/// curl `url` (optionally inside a namespace) until it answers 200 or the deadline.
+fn curl_until_ok(netns: Option<&str>, url: &str, deadline: Duration) -> String {
+    let end = Instant::now() + deadline;
+    loop {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        let out = cmd
+            .args(["-sS", "--fail", "--max-time", "2", url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "{url} (netns {netns:?}) never answered: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_out(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Nothing of the VM on the host: namespace, host link, table; checked with iproute2
+/// and nft themselves, not with the code under test.
+fn assert_nothing_left(id: &str) {
+    let id8 = names::short_id(id);
+    assert!(
+        !run_out(&["ip", "netns", "list"]).contains(&format!("mergen-{id8}")),
+        "namespace left"
+    );
+    assert!(
+        !run_out(&["ip", "-o", "link"]).contains(&format!("vh-{id8}")),
+        "veth left"
+    );
+    assert!(
+        !run_out(&["nft", "list", "tables"]).contains(&format!("mergen-{id8}")),
+        "nft table left"
+    );
+}
+
+fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- host tests
+
+fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
+    if skip_unless_root("net_setup_and_cleanup_are_idempotent_and_leave_nothing") {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let (p1, p2) = (free_port(), free_port());
+    let spec = ProcessSpec {
+        cmd: vec!["true".into()],
+        env: BTreeMap::new(),
+        workdir: None,
+    };
+    let ports = vec![
+        tcp(80, p1),
+        PortBinding {
+            guest: 53,
+            host: p2,
+            protocol: Protocol::Udp,
+        },
+    ];
+    let meta = host.vm(2, ports, Some(spec));
+    let id8 = names::short_id(&meta.id).to_string();
+    struct Clean<'a>(&'a RuntimeConfig, String);
+    impl Drop for Clean<'_> {
+        fn drop(&mut self) {
+            let _ = steps::net_cleanup(self.0, &self.1);
+        }
+    }
+    let _clean = Clean(&host.config, meta.id.clone());
+    for _ in 0..2 {
+        steps::net_setup(&host.config, &meta).unwrap();
+    }
+    let ns = format!("mergen-{id8}");
+    assert!(run_out(&["ip", "netns", "list"]).contains(&ns));
+    let addrs = run_out(&["ip", "-n", &ns, "-o", "-4", "addr"]);
+    assert_eq!(
+        addrs.matches(&format!("{}/32", meta.guest_ip)).count(),
+        1,
+        "{addrs}"
+    );
+    let table = run_out(&["nft", "list", "table", "ip", &format!("mergen-{id8}")]);
+    let guest = meta.guest_ip;
+    assert_eq!(
+        table
+            .matches(&format!("tcp dport {p1} dnat to {guest}:80"))
+            .count(),
+        2,
+        "{table}"
+    );
+    assert_eq!(
+        table
+            .matches(&format!("udp dport {p2} dnat to {guest}:53"))
+            .count(),
+        2,
+        "{table}"
+    );
+    let routes = run_out(&["ip", "-4", "route", "show", &format!("{guest}")]);
+    assert!(routes.contains(&format!("dev vh-{id8}")), "{routes}");
+    for _ in 0..2 {
+        steps::net_cleanup(&host.config, &meta.id).unwrap();
+    }
+    assert_nothing_left(&meta.id);
+    assert!(net::leftovers(&meta.id, Duration::from_secs(10))
+        .unwrap()
+        .is_empty());
+}
+
+fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
+    let name = "process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing";
+    if skip_unless_root(name) {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let www = host.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from the guest\n").unwrap();
+    let hport = free_port();
+    let ip = host.config.guest_cidr.host(2).unwrap().to_string();
+    let meta = host.vm(
+        2,
+        vec![tcp(8080, hport)],
+        Some(http_server(&ip, 8080, &www)),
+    );
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let guard = VmGuard {
+        sup: &sup,
+        config: &host.config,
+        meta: meta.clone(),
+    };
+    sup.start(&meta).unwrap();
+    sup.start(&meta).unwrap(); // idempotent
+    let st = sup.status(&meta).unwrap();
+    assert_eq!(st.state, VmState::Running);
+    let sup_pid = st.supervisor.pid.unwrap();
+    assert!(!st.systemd.available);
+    let body = curl_until_ok(
+        None,
+        &format!("http://127.0.0.1:{hport}/index.html"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(body, "hello from the guest\n");
+    let body = curl_until_ok(
+        Some(&meta.netns),
+        &format!("http://{ip}:8080/index.html"),
+        Duration::from_secs(5),
+    );
+    assert_eq!(body, "hello from the guest\n");
+    let guest_pid = state::read(&meta.paths).unwrap().guest_pid.unwrap();
+    // The guest really runs inside the VM's namespace.
+    use std::os::unix::fs::MetadataExt;
+    let guest_ns = std::fs::read_link(format!("/proc/{guest_pid}/ns/net")).unwrap();
+    let vm_ns = std::fs::metadata(format!("/run/netns/{}", meta.netns))
+        .unwrap()
+        .ino();
+    assert_eq!(guest_ns.to_string_lossy(), format!("net:[{vm_ns}]"));
+    sup.stop(&meta).unwrap();
+    sup.stop(&meta).unwrap(); // idempotent
+    assert!(
+        !Path::new(&format!("/proc/{guest_pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{guest_pid}/cmdline"))
+                .unwrap()
+                .is_empty(),
+        "guest left"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{sup_pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{sup_pid}/cmdline"))
+                .unwrap()
+                .is_empty(),
+        "supervisor left"
+    );
+    assert_nothing_left(&meta.id);
+    assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
+    drop(guard);
+}
+
+fn crashing_guest_is_restarted_with_back_off() {
+    if skip_unless_root("crashing_guest_is_restarted_with_back_off") {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let marker = host.dir.join("launches");
+    let spec = ProcessSpec {
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("date +%s%N >> {}; exit 3", marker.display()),
+        ],
+        env: BTreeMap::new(),
+        workdir: None,
+    };
+    let meta = host.vm(2, vec![], Some(spec));
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let _guard = VmGuard {
+        sup: &sup,
+        config: &host.config,
+        meta: meta.clone(),
+    };
+    sup.start(&meta).unwrap();
+    let restarts = wait_for("4 restarts", Duration::from_secs(30), || {
+        state::read(&meta.paths)
+            .filter(|s| s.restarts >= 4)
+            .map(|s| s.restarts)
+    });
+    assert!(restarts >= 4);
+    // Each launch is recorded by the guest itself; the gaps grow (100, 200, 400 ms...).
+    let launches: Vec<u128> = std::fs::read_to_string(&marker)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(launches.len() >= 4, "{launches:?}");
+    let gaps: Vec<u128> = launches
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 1_000_000)
+        .collect();
+    assert!(gaps[0] >= 100, "first restart came after {} ms", gaps[0]);
+    assert!(
+        gaps[2] >= 400 && gaps[2] > gaps[0],
+        "no back-off: gaps {gaps:?} ms"
+    );
+    let log =
+        std::fs::read_to_string(Path::new(&meta.paths.logs_dir).join("supervisor.log")).unwrap();
+    assert!(
+        log.contains("restart 1 in 100 ms") && log.contains("restart 3 in 400 ms"),
+        "{log}"
+    );
+    assert_ne!(sup.status(&meta).unwrap().state, VmState::Stopped);
+    sup.stop(&meta).unwrap();
+    assert_nothing_left(&meta.id);
+}
+
+fn twenty_vms_start_and_stop_concurrently_without_leftovers() {
+    if skip_unless_root("twenty_vms_start_and_stop_concurrently_without_leftovers") {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let sup: Arc<dyn Supervisor> = Arc::new(EmbeddedSupervisor::new(host.config.clone()).unwrap());
+    let metas: Vec<Meta> = (0..20)
+        .map(|i| {
+            let spec = ProcessSpec {
+                cmd: vec!["sleep".into(), "600".into()],
+                env: BTreeMap::new(),
+                workdir: None,
+            };
+            host.vm(2 + i, vec![tcp(80, free_port())], Some(spec))
+        })
+        .collect();
+    let _guards: Vec<VmGuard> = metas
+        .iter()
+        .map(|m| VmGuard {
+            sup: sup.as_ref(),
+            config: &host.config,
+            meta: m.clone(),
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for m in &metas {
+            let sup = sup.clone();
+            s.spawn(move || sup.start(m).unwrap());
+        }
+    });
+    let statuses = sup.status_all(&metas).unwrap();
+    assert!(
+        statuses.iter().all(|s| s.state == VmState::Running),
+        "{statuses:?}"
+    );
+    let pids: HashSet<u32> = statuses.iter().map(|s| s.supervisor.pid.unwrap()).collect();
+    assert_eq!(pids.len(), 20);
+    // Each namespace holds exactly its own guest address, and no address twice.
+    let mut seen = HashSet::new();
+    for m in &metas {
+        let addrs = run_out(&[
+            "ip",
+            "-n",
+            &m.netns,
+            "-o",
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            &format!("vg-{}", names::short_id(&m.id)),
+        ]);
+        let ips: Vec<&str> = addrs
+            .split_whitespace()
+            .filter(|w| w.contains('/'))
+            .collect();
+        assert_eq!(ips, vec![format!("{}/32", m.guest_ip)], "{}", m.netns);
+        assert!(seen.insert(m.guest_ip), "duplicate {}", m.guest_ip);
+    }
+    std::thread::scope(|s| {
+        for m in &metas {
+            let sup = sup.clone();
+            s.spawn(move || sup.stop(m).unwrap());
+        }
+    });
+    for m in &metas {
+        assert_nothing_left(&m.id);
+    }
+    assert!(sup
+        .status_all(&metas)
+        .unwrap()
+        .iter()
+        .all(|s| s.state == VmState::Stopped));
+}
+
+fn a_guest_that_cannot_start_fails_start_with_its_error() {
+    if skip_unless_root("a_guest_that_cannot_start_fails_start_with_its_error") {
+        return;
+    }
+    // A guest IP outside MGR_GUEST_CIDR: net-setup refuses, start reports why.
+    let host = Host::new(&unique_cidr(), &[]);
+    let spec = ProcessSpec {
+        cmd: vec!["sleep".into(), "600".into()],
+        env: BTreeMap::new(),
+        workdir: None,
+    };
+    let mut meta = host.vm(2, vec![], Some(spec));
+    meta.guest_ip = "192.0.2.9".parse().unwrap();
+    atomic::write_json(Path::new(&meta.paths.meta_path), &meta).unwrap();
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let _guard = VmGuard {
+        sup: &sup,
+        config: &host.config,
+        meta: meta.clone(),
+    };
+    let err = sup.start(&meta).unwrap_err().to_string();
+    assert!(
+        err.contains("192.0.2.9") && err.contains("MGR_GUEST_CIDR"),
+        "{err}"
+    );
+    assert_eq!(sup.status(&meta).unwrap().state, VmState::Failed);
+    sup.stop(&meta).unwrap();
+    assert_nothing_left(&meta.id);
+}
+
+// ---------------------------------------------------------------- Firecracker double
+
+fn firecracker_vm(host: &Host) -> Meta {
+    let meta = host.vm(2, vec![], None);
+    let vm = serde_json::json!({
+        "boot-source": {"kernel_image_path": "/images/vmlinux", "boot_args": "console=ttyS0 ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off"},
+        "drives": [
+            {"drive_id": "rootfs", "path_on_host": "/images/rootfs.ext4", "is_root_device": true, "is_read_only": false},
+            {"drive_id": "data", "path_on_host": "/images/data.ext4", "is_root_device": false, "is_read_only": false}
+        ],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": meta.tap_name, "guest_mac": names::guest_mac(&meta.id)}]
+    });
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    std::fs::create_dir_all(&meta.paths.run_dir).unwrap();
+    meta
+}
+
+fn configure_start_replays_vm_json_in_order() {
+    let host = Host::new(
+        "10.0.0.0/24",
+        &[
+            ("MGR_RUNTIME", "firecracker"),
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
+        ],
+    );
+    let meta = firecracker_vm(&host);
+    let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+    steps::configure_start(&host.config, &meta).unwrap();
+    let calls = double.calls();
+    let order: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "/boot-source",
+            "/machine-config",
+            "/drives/rootfs",
+            "/drives/data",
+            "/network-interfaces/eth0",
+            "/actions"
+        ]
+    );
+    assert!(calls.iter().all(|c| c.method == "PUT"));
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
+    assert_eq!(calls[0].body, vm["boot-source"]);
+    assert_eq!(calls[1].body, vm["machine-config"]);
+    assert_eq!(calls[2].body, vm["drives"][0]);
+    assert_eq!(calls[3].body, vm["drives"][1]);
+    assert_eq!(calls[4].body, vm["network-interfaces"][0]);
+    assert_eq!(
+        calls[5].body,
+        serde_json::json!({"action_type": "InstanceStart"})
+    );
+
+    // Under the jailer, host paths become the names linked into the chroot.
+    let api = FcClient::new(Path::new(&meta.paths.socket_path), Duration::from_secs(5));
+    let parsed = firecracker::read_vm_config(&meta).unwrap();
+    firecracker::configure_start(&api, &parsed, true).unwrap();
+    let calls = double.calls();
+    assert_eq!(calls[6].body["kernel_image_path"], "/kernel");
+    assert_eq!(calls[8].body["path_on_host"], "/drive-rootfs");
+}
+
+fn configure_start_reports_firecrackers_fault_message() {
+    let host = Host::new(
+        "10.0.0.0/24",
+        &[
+            ("MGR_RUNTIME", "firecracker"),
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
+        ],
+    );
+    let meta = firecracker_vm(&host);
+    let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+    double.fail("/drives/rootfs", 400, "Invalid block device path");
+    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    assert!(
+        err.contains("400")
+            && err.contains("PUT /drives/rootfs")
+            && err.contains("Invalid block device path"),
+        "{err}"
+    );
+    let paths: Vec<String> = double.calls().into_iter().map(|c| c.path).collect();
+    assert_eq!(
+        paths.last().unwrap(),
+        "/drives/rootfs",
+        "kept going after an error: {paths:?}"
+    );
+
+    // No API socket at all: a clear error once the deadline passes.
+    drop(double);
+    let api = FcClient::new(
+        Path::new(&meta.paths.socket_path),
+        Duration::from_millis(300),
+    );
+    let err = api.wait_ready().unwrap_err();
+    assert!(err.contains("not ready"), "{err}");
+}
+
+fn graceful_stop_sends_ctrl_alt_del_then_terminates() {
+    let host = Host::new(
+        "10.0.0.0/24",
+        &[
+            ("MGR_RUNTIME", "firecracker"),
+            ("MGR_STOP_TIMEOUT_SECONDS", "1"),
+        ],
+    );
+    let meta = firecracker_vm(&host);
+    let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+
+    // The guest shuts down on Ctrl-Alt-Del.
+    let mut guest = Command::new("sleep").arg("60").spawn().unwrap();
+    double.exit_on_ctrl_alt_del(Some(guest.id()));
+    let outcome = steps::graceful_stop(&host.config, &meta, guest.id()).unwrap();
+    guest.wait().unwrap();
+    assert_eq!(outcome, StopOutcome::ShutDown);
+    let calls = double.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (calls[0].path.as_str(), &calls[0].body),
+        (
+            "/actions",
+            &serde_json::json!({"action_type": "SendCtrlAltDel"})
+        )
+    );
+
+    // It ignores Ctrl-Alt-Del: terminated after MGR_STOP_TIMEOUT_SECONDS.
+    let mut stubborn = Command::new("sleep").arg("60").spawn().unwrap();
+    double.exit_on_ctrl_alt_del(None);
+    let outcome = steps::graceful_stop(&host.config, &meta, stubborn.id()).unwrap();
+    assert!(!stubborn.wait().unwrap().success());
+    assert_eq!(outcome, StopOutcome::Terminated);
+
+    // The API refuses Ctrl-Alt-Del: still terminated, not stuck.
+    double.fail("/actions", 400, "not supported on this architecture");
+    let mut refused = Command::new("sleep").arg("60").spawn().unwrap();
+    let outcome = steps::graceful_stop(&host.config, &meta, refused.id()).unwrap();
+    refused.wait().unwrap();
+    assert_eq!(outcome, StopOutcome::Terminated);
+    assert_eq!(double.calls().len(), 3);
+}
+
+// ---------------------------------------------------------------- systemctl double
+
+fn systemd_backend_issues_the_expected_systemctl_commands() {
+    let dir = std::env::temp_dir().join(format!(
+        "mergen-rt-systemctl-{}-{}",
+        std::process::id(),
+        next()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("calls");
+    let script = dir.join("systemctl");
+    // Records argv; `show` answers one block per unit, as systemd does; a unit whose
+    // name contains "broken" makes `start` fail like a missing unit.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {log}\n\
+             case \"$1\" in\n\
+             show) shift; shift; first=1; for u in \"$@\"; do\n\
+               [ $first = 1 ] || echo; first=0\n\
+               case \"$u\" in *aaaa*) printf 'MainPID=77\\nId=%s\\nActiveState=active\\nSubState=running\\n' \"$u\";;\n\
+               *) printf 'Id=%s\\nActiveState=inactive\\nSubState=dead\\nMainPID=0\\n' \"$u\";; esac; done;;\n\
+             start) case \"$2\" in *broken*) echo \"Failed to start $2: Unit $2 not found.\" >&2; exit 5;; esac;;\n\
+             esac\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let host = Host::new(
+        "10.0.0.0/24",
+        &[
+            ("MGR_SYSTEMCTL_PATH", &script.to_string_lossy()),
+            ("MGR_UNIT_PREFIX", "mgtest"),
+        ],
+    );
+    let sup = SystemdSupervisor::new(host.config.clone());
+    let mk = |id: &str| {
+        Meta::from_slice(
+            format!(r#"{{"id":"{id}","createdAt":"2026-01-01T00:00:00Z","guestIP":"10.0.0.2"}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+    };
+    let a = mk("aaaaaaaa-0000-4000-8000-000000000001");
+    let b = mk("bbbbbbbb-0000-4000-8000-000000000002");
+    sup.start(&a).unwrap();
+    sup.stop(&b).unwrap();
+    let all = sup.status_all(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(all[0].state, VmState::Running);
+    assert_eq!(all[0].supervisor.pid, Some(77));
+    assert_eq!(all[0].systemd.unit, format!("mgtest@{}.service", a.id));
+    assert!(all[0].systemd.available && all[0].systemd.active);
+    assert_eq!(all[1].state, VmState::Stopped);
+    assert!(!all[1].supervisor.active);
+    let broken = mk("broken00-0000-4000-8000-000000000003");
+    let err = sup.start(&broken).unwrap_err().to_string();
+    assert!(err.contains("not found"), "{err}");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls.lines().collect::<Vec<_>>(),
+        [
+            format!("start mgtest@{}.service", a.id),
+            format!("stop mgtest@{}.service", b.id),
+            format!("show --property=Id,ActiveState,SubState,MainPID mgtest@{}.service mgtest@{}.service", a.id, b.id),
+            format!("start mgtest@{}.service", broken.id),
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
