@@ -62,6 +62,12 @@ pub struct CreateRequest {
 
 /// Parse and validate a create body. `image_roots` must be canonical paths.
 pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
+    // Derived structs also accept a JSON array of field values; only an object is valid.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid request body: want a JSON object",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let raw: RawCreate = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -1,0 +1,261 @@
+//! Test harness: a real `mergend` child process with temp roots on a free port, and
+//! curl against it.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mergend");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A temp dir holding the three state roots, an image root with a kernel and a rootfs,
+/// and a global hooks dir. Removed on drop.
+pub struct Roots {
+    pub dir: PathBuf,
+}
+
+impl Roots {
+    pub fn new(name: &str) -> Roots {
+        let dir = std::env::temp_dir().join(format!(
+            "mergen-ctl-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["config", "data", "run", "img", "hooks.d"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("img/vmlinux"), b"kernel").unwrap();
+        std::fs::write(dir.join("img/rootfs.ext4"), b"rootfs").unwrap();
+        Roots { dir }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn run(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    pub fn img(&self) -> PathBuf {
+        self.dir.join("img")
+    }
+    pub fn hooks(&self) -> PathBuf {
+        self.dir.join("hooks.d")
+    }
+    /// A minimal valid create body.
+    pub fn body(&self) -> String {
+        format!(
+            r#"{{"rootfs":"{}","kernel":"{}"}}"#,
+            self.img().join("rootfs.ext4").display(),
+            self.img().join("vmlinux").display()
+        )
+    }
+    /// A create body with extra top-level fields (`extra` starts with a comma).
+    pub fn body_with(&self, extra: &str) -> String {
+        let b = self.body();
+        format!("{}{extra}}}", &b[..b.len() - 1])
+    }
+    /// The VM dirs in the config root (uuid names only).
+    pub fn vm_dirs(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.config())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Roots {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Mergend {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Base environment for a mergend on `roots`.
+pub fn env_for(roots: &Roots) -> Vec<(String, String)> {
+    [
+        ("MGR_HTTP_ADDR", "127.0.0.1:0".to_string()),
+        ("MGR_CONFIG_ROOT", roots.config().display().to_string()),
+        ("MGR_DATA_ROOT", roots.data().display().to_string()),
+        ("MGR_RUN_ROOT", roots.run().display().to_string()),
+        ("MGR_IMAGE_ROOTS", roots.img().display().to_string()),
+        ("MGR_GLOBAL_HOOKS_DIR", roots.hooks().display().to_string()),
+        ("MGR_LOG_FORMAT", "json".to_string()),
+        ("MGR_LOG_LEVEL", "debug".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Mergend {
+    pub fn start(roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
+        let mut env = env_for(roots);
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        Self::start_env(&env)
+    }
+
+    pub fn start_env(env: &[(String, String)]) -> Mergend {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn mergend");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["msg"] == "mergend listening" {
+                            let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("mergend did not start: {:?}", log.lock().unwrap());
+            }
+        };
+        let m = Mergend { child, addr, log };
+        m.wait_healthy();
+        m
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = try_curl(&[&self.url("/healthz")]) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "mergend never became healthy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `curl -X method url [args]` -> (status, body).
+    pub fn curl(&self, method: &str, path: &str, args: &[&str]) -> (u16, String) {
+        let url = self.url(path);
+        let mut all = vec!["-X", method, url.as_str()];
+        all.extend_from_slice(args);
+        try_curl(&all).expect("curl ran")
+    }
+
+    pub fn create(&self, body: &str) -> (u16, serde_json::Value) {
+        let (code, out) = self.curl(
+            "POST",
+            "/v1/vms",
+            &["-H", "content-type: application/json", "--data-binary", body],
+        );
+        (code, serde_json::from_str(&out).unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (code, out) = self.curl("GET", path, &[]);
+        (code, serde_json::from_str(&out).unwrap_or(serde_json::Value::Null))
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Wait for the process to exit, within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Mergend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run curl with `-s`, the body and the status code on a last line.
+pub fn try_curl(args: &[&str]) -> Result<(u16, String), String> {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "30", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code: u16 = code.trim().parse().map_err(|_| format!("no status: {text:?}"))?;
+    if code == 0 {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok((code, body.to_string()))
+}
+
+/// Poll `cond` until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+pub fn exists(p: impl AsRef<Path>) -> bool {
+    p.as_ref().exists()
+}
