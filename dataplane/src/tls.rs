@@ -330,3 +330,448 @@ pub fn generate_self_signed(
         .map_err(|e| format!("certificate file {}: {e}", cert_out.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rustls::client::Resumption;
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, ServerConnection};
+
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "mergen-dp-tls-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn openssl(args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A key of the given kind and a self-signed certificate for `*.vm.example.com`, made
+    /// by the openssl CLI so the PEM forms are the ones operators have.
+    fn openssl_pair(dir: &TempDir, kind: &str) -> (PathBuf, PathBuf) {
+        let key = dir.path(&format!("{kind}.key"));
+        let cert = dir.path(&format!("{kind}.crt"));
+        let k = key.to_str().unwrap();
+        match kind {
+            "rsa-pkcs8" => openssl(&[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                k,
+            ]),
+            "rsa-pkcs1" => openssl(&["genrsa", "-traditional", "-out", k, "2048"]),
+            "ec-sec1" => openssl(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                k,
+            ]),
+            "ec-pkcs8" => openssl(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+                k,
+            ]),
+            "ed25519" => openssl(&["genpkey", "-algorithm", "ED25519", "-out", k]),
+            other => panic!("unknown key kind {other}"),
+        }
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            k,
+            "-out",
+            cert.to_str().unwrap(),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=*.vm.example.com",
+            "-addext",
+            "subjectAltName=DNS:*.vm.example.com,DNS:vm.example.com",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ]);
+        (cert, key)
+    }
+
+    fn client_config(
+        trust: &CertificateDer<'static>,
+        alpn: &[&[u8]],
+        tls12: bool,
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(trust.clone()).unwrap();
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.resumption = Resumption::in_memory_sessions(16);
+        Arc::new(config)
+    }
+
+    /// Move bytes between the two ends until neither has anything to say.
+    fn pump(
+        client: &mut ClientConnection,
+        server: &mut ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        for _ in 0..32 {
+            let mut progressed = false;
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                progressed = true;
+                let mut rd = &buf[..];
+                while !rd.is_empty() {
+                    server.read_tls(&mut rd).unwrap();
+                    server.process_new_packets()?;
+                }
+            }
+            buf.clear();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                progressed = true;
+                let mut rd = &buf[..];
+                while !rd.is_empty() {
+                    client.read_tls(&mut rd).unwrap();
+                    client.process_new_packets()?;
+                }
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not settle");
+    }
+
+    fn connect(
+        client: &Arc<ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> Result<(ClientConnection, ServerConnection), rustls::Error> {
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let mut c = ClientConnection::new(Arc::clone(client), name).unwrap();
+        let mut s = ServerConnection::new(Arc::clone(server)).unwrap();
+        pump(&mut c, &mut s)?;
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        Ok((c, s))
+    }
+
+    fn leaf(store: &CertStore) -> CertificateDer<'static> {
+        store.current().cert[0].clone()
+    }
+
+    #[test]
+    fn self_signed_serves_wildcard_names() {
+        // webpki (like browsers) refuses a wildcard right under a single label, so
+        // `*.localhost` is checked by its SAN list and the bare name by a handshake.
+        type Case<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                "",
+                "localhost",
+                "DNS:*.localhost, DNS:localhost",
+                &["localhost"],
+                &["app1.example.com"],
+            ),
+            (
+                "vm",
+                "example.com",
+                "DNS:*.vm.example.com, DNS:vm.example.com",
+                &[
+                    "app1.vm.example.com",
+                    "0846abcd.vm.example.com",
+                    "vm.example.com",
+                ],
+                &["app1.example.com", "a.b.vm.example.com"],
+            ),
+            (
+                ".VM.",
+                "Example.COM",
+                "DNS:*.vm.example.com, DNS:vm.example.com",
+                &["app1.vm.example.com"],
+                &["app1.localhost"],
+            ),
+        ];
+        for &(prefix, suffix, sans, good, bad) in cases {
+            let dir = TempDir::new();
+            let (cert, key) = (dir.path("sub/wild.crt"), dir.path("sub/wild.key"));
+            generate_self_signed(prefix, suffix, &cert, &key).unwrap();
+            let out = Command::new("openssl")
+                .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+                .arg(&cert)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(sans), "{prefix}/{suffix}: {text}");
+            assert_eq!(
+                fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let store = CertStore::load(&cert, &key).unwrap();
+            let server = server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
+            let client = client_config(&leaf(&store), &[b"h2", b"http/1.1"], false);
+            for name in good {
+                let (c, _) =
+                    connect(&client, &server, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(c.alpn_protocol(), Some(&b"http/1.1"[..]));
+            }
+            for name in bad {
+                assert!(
+                    connect(&client, &server, name).is_err(),
+                    "{name} must not verify"
+                );
+            }
+        }
+        let dir = TempDir::new();
+        assert!(generate_self_signed("", " . ", &dir.path("c"), &dir.path("k")).is_err());
+    }
+
+    #[test]
+    fn loads_rsa_and_ecdsa_keys_in_every_pem_form() {
+        let dir = TempDir::new();
+        for kind in ["rsa-pkcs8", "rsa-pkcs1", "ec-sec1", "ec-pkcs8", "ed25519"] {
+            let (cert, key) = openssl_pair(&dir, kind);
+            let store = CertStore::load(&cert, &key).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let server = server_config(&store, &[]).unwrap();
+            // Ed25519 certificates exist only in TLS 1.3.
+            let versions: &[bool] = if kind == "ed25519" {
+                &[false]
+            } else {
+                &[false, true]
+            };
+            for &tls12 in versions {
+                let client = client_config(&leaf(&store), &[], tls12);
+                let (c, _) = connect(&client, &server, "db.vm.example.com")
+                    .unwrap_or_else(|e| panic!("{kind} tls12={tls12}: {e}"));
+                assert_eq!(c.alpn_protocol(), None);
+            }
+        }
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = TempDir::new();
+        let (cert, key) = openssl_pair(&dir, "ec-sec1");
+        let (other_cert, _) = openssl_pair(&dir, "rsa-pkcs8");
+        let empty = dir.path("empty.pem");
+        fs::write(&empty, b"").unwrap();
+        let garbage = dir.path("garbage.pem");
+        fs::write(
+            &garbage,
+            b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.path("missing.pem");
+        let cases: &[(&Path, &Path, &Path)] = &[
+            (&missing, &key, &missing),
+            (&cert, &missing, &missing),
+            (&empty, &key, &empty),
+            (&garbage, &key, &garbage),
+            (&cert, &empty, &empty),
+            // The certificate's PEM holds no key.
+            (&cert, &cert, &cert),
+            // A key that does not belong to the certificate.
+            (&other_cert, &key, &key),
+        ];
+        for &(c, k, named) in cases {
+            let err = match CertStore::load(c, k) {
+                Err(e) => e,
+                Ok(_) => panic!("{} + {} must fail", c.display(), k.display()),
+            };
+            assert!(
+                err.contains(&named.display().to_string()),
+                "{err:?} should name {}",
+                named.display()
+            );
+        }
+    }
+
+    #[test]
+    fn reload_swaps_and_keeps_the_old_one_on_failure() {
+        let dir = TempDir::new();
+        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        generate_self_signed("vm", "example.com", &cert, &key).unwrap();
+        let store = CertStore::load(&cert, &key).unwrap();
+        let server = server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
+        let first = leaf(&store);
+        let (mut open_client, mut open_server) = connect(
+            &client_config(&first, &[], false),
+            &server,
+            "a.vm.example.com",
+        )
+        .unwrap();
+
+        // A broken key: the old certificate stays.
+        fs::write(
+            &key,
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(leaf(&store), first);
+        // A certificate whose key is not there yet (written one after the other).
+        let next = TempDir::new();
+        generate_self_signed("vm", "example.com", &next.path("c"), &next.path("k")).unwrap();
+        fs::copy(next.path("c"), &cert).unwrap();
+        assert!(store.reload().is_err());
+        assert_eq!(leaf(&store), first);
+        // The pair complete: new handshakes get it, from the config built before.
+        fs::copy(next.path("k"), &key).unwrap();
+        store.reload().unwrap();
+        let second = leaf(&store);
+        assert_ne!(second, first);
+        let (c, _) = connect(
+            &client_config(&second, &[], false),
+            &server,
+            "b.vm.example.com",
+        )
+        .unwrap();
+        assert_eq!(c.peer_certificates().unwrap()[0], second);
+        assert!(connect(
+            &client_config(&first, &[], false),
+            &server,
+            "b.vm.example.com"
+        )
+        .is_err());
+
+        // The connection opened before the reload still works both ways.
+        open_client.writer().write_all(b"ping").unwrap();
+        open_server.writer().write_all(b"pong").unwrap();
+        pump(&mut open_client, &mut open_server).unwrap();
+        let mut got = [0u8; 4];
+        open_server.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        open_client.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+    }
+
+    #[test]
+    fn sessions_resume() {
+        let dir = TempDir::new();
+        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        generate_self_signed("vm", "example.com", &cert, &key).unwrap();
+        let store = CertStore::load(&cert, &key).unwrap();
+        let server = server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
+        for tls12 in [false, true] {
+            let client = client_config(&leaf(&store), &[b"http/1.1"], tls12);
+            let (c, _) = connect(&client, &server, "a.vm.example.com").unwrap();
+            assert_eq!(c.handshake_kind(), Some(HandshakeKind::Full));
+            let (c, _) = connect(&client, &server, "a.vm.example.com").unwrap();
+            assert_eq!(
+                c.handshake_kind(),
+                Some(HandshakeKind::Resumed),
+                "tls12={tls12}"
+            );
+        }
+    }
+
+    fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if cond() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn watch_reloads_when_files_are_replaced() {
+        let dir = TempDir::new();
+        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        generate_self_signed("vm", "example.com", &cert, &key).unwrap();
+        let store = CertStore::load(&cert, &key).unwrap();
+        store.watch(false).unwrap();
+        let first = leaf(&store);
+        // generate_self_signed replaces both files by rename, as cert tools do.
+        generate_self_signed("vm", "example.com", &cert, &key).unwrap();
+        let on_disk = CertificateDer::from_pem_file(&cert).unwrap();
+        assert_ne!(on_disk, first);
+        assert!(eventually(Duration::from_secs(5), || leaf(&store) == on_disk));
+        // In-place rewrites are followed too.
+        let other = TempDir::new();
+        generate_self_signed("vm", "example.com", &other.path("c"), &other.path("k")).unwrap();
+        fs::write(&cert, fs::read(other.path("c")).unwrap()).unwrap();
+        fs::write(&key, fs::read(other.path("k")).unwrap()).unwrap();
+        let on_disk = CertificateDer::from_pem_file(&cert).unwrap();
+        assert!(eventually(Duration::from_secs(5), || leaf(&store) == on_disk));
+    }
+
+    #[test]
+    fn sighup_reloads() {
+        // The files are symlinks into a directory the watcher does not follow, so only
+        // the signal can make the store notice the change.
+        let dir = TempDir::new();
+        let hidden = TempDir::new();
+        let (real_cert, real_key) = (hidden.path("c"), hidden.path("k"));
+        generate_self_signed("vm", "example.com", &real_cert, &real_key).unwrap();
+        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        std::os::unix::fs::symlink(&real_cert, &cert).unwrap();
+        std::os::unix::fs::symlink(&real_key, &key).unwrap();
+        let store = CertStore::load(&cert, &key).unwrap();
+        store.watch(true).unwrap();
+        let first = leaf(&store);
+        generate_self_signed("vm", "example.com", &real_cert, &real_key).unwrap();
+        let on_disk = CertificateDer::from_pem_file(&cert).unwrap();
+        assert_ne!(on_disk, first);
+        signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
+        assert!(eventually(Duration::from_secs(5), || leaf(&store) == on_disk));
+    }
+}
