@@ -26,43 +26,21 @@ use support::firecracker_double::FirecrackerDouble;
 
 type TestFn = fn();
 
-const TESTS: &[(&str, TestFn)] = &[
-    (
-        "net_setup_and_cleanup_are_idempotent_and_leave_nothing",
-        net_setup_and_cleanup_are_idempotent_and_leave_nothing,
-    ),
-    (
-        "process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing",
-        process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing,
-    ),
-    (
-        "crashing_guest_is_restarted_with_back_off",
-        crashing_guest_is_restarted_with_back_off,
-    ),
-    (
-        "twenty_vms_start_and_stop_concurrently_without_leftovers",
-        twenty_vms_start_and_stop_concurrently_without_leftovers,
-    ),
-    (
-        "a_guest_that_cannot_start_fails_start_with_its_error",
-        a_guest_that_cannot_start_fails_start_with_its_error,
-    ),
-    (
-        "configure_start_replays_vm_json_in_order",
-        configure_start_replays_vm_json_in_order,
-    ),
-    (
-        "configure_start_reports_firecrackers_fault_message",
-        configure_start_reports_firecrackers_fault_message,
-    ),
-    (
-        "graceful_stop_sends_ctrl_alt_del_then_terminates",
-        graceful_stop_sends_ctrl_alt_del_then_terminates,
-    ),
-    (
-        "systemd_backend_issues_the_expected_systemctl_commands",
-        systemd_backend_issues_the_expected_systemctl_commands,
-    ),
+macro_rules! tests {
+    ($($f:ident),* $(,)?) => { &[$((stringify!($f), $f as TestFn)),*] };
+}
+
+const TESTS: &[(&str, TestFn)] = tests![
+    net_setup_and_cleanup_are_idempotent_and_leave_nothing,
+    process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing,
+    crashing_guest_is_restarted_with_back_off,
+    twenty_vms_start_and_stop_concurrently_without_leftovers,
+    a_guest_that_cannot_start_fails_start_with_its_error,
+    configure_start_replays_vm_json_in_order,
+    configure_start_reports_firecrackers_fault_message,
+    graceful_stop_sends_ctrl_alt_del_then_terminates,
+    systemd_backend_issues_the_expected_systemctl_commands,
+    install_script_puts_binaries_and_units_in_place,
 ];
 
 fn main() -> ExitCode {
@@ -845,5 +823,74 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
             format!("start mgtest@{}.service", broken.id),
         ]
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------- deploy/
+
+fn install_script_puts_binaries_and_units_in_place() {
+    let dir = std::env::temp_dir().join(format!(
+        "mergen-rt-install-{}-{}",
+        std::process::id(),
+        next()
+    ));
+    let bins = dir.join("bins");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&bins).unwrap();
+    for b in ["mergend", "mergen-forwarder"] {
+        std::fs::write(bins.join(b), "#!/bin/sh\n").unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(bins.join(b))
+            .status()
+            .unwrap();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.sh");
+    let out = Command::new("sh")
+        .arg(&script)
+        .env("BIN_DIR", &bins)
+        .env("PREFIX", "/opt/mergen")
+        .env("DESTDIR", &root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root.join("opt/mergen/bin/mergend").is_file());
+    assert!(root.join("opt/mergen/bin/mergen-forwarder").is_file());
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/mergen@.service")).unwrap();
+    for step in [
+        "ExecStartPre=/opt/mergen/bin/mergend vm net-setup %i",
+        "ExecStart=/opt/mergen/bin/mergend vm run %i",
+        "ExecStartPost=/opt/mergen/bin/mergend vm configure-start %i",
+        "ExecStop=/opt/mergen/bin/mergend vm graceful-stop %i",
+        "ExecStopPost=/opt/mergen/bin/mergend vm net-cleanup %i",
+        "Restart=on-failure",
+        "KillMode=mixed",
+        "EnvironmentFile=/etc/mergen/vm.d/%i/env",
+    ] {
+        assert!(
+            unit.lines().any(|l| l == step),
+            "missing {step:?} in\n{unit}"
+        );
+    }
+    assert!(!unit.contains("/usr/local/bin"));
+    let fwd =
+        std::fs::read_to_string(root.join("etc/systemd/system/mergen-forwarder.service")).unwrap();
+    assert!(fwd.contains("ExecStart=/opt/mergen/bin/mergen-forwarder"));
+    assert!(root.join("etc/mergen/mergen.env").is_file());
+    // A missing binary is a clear error, not a half install.
+    std::fs::remove_file(bins.join("mergen-forwarder")).unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .env("BIN_DIR", &bins)
+        .env("DESTDIR", dir.join("root2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mergen-forwarder not found"));
+    assert!(!dir.join("root2").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
