@@ -1,0 +1,187 @@
+//! Hooks against a real local HTTP receiver and real commands.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use common::{wait_for, Mergend, Roots};
+use serde_json::Value;
+
+struct Received {
+    head: String,
+    body: Value,
+}
+
+/// An HTTP receiver answering every request with `status`.
+fn receiver(status: u16) -> (SocketAddr, Receiver<Received>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head, body) = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let head = text[..i].to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .unwrap_or(0);
+                    if buf.len() >= i + 4 + len {
+                        break (head, buf[i + 4..i + 4 + len].to_vec());
+                    }
+                }
+            };
+            let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = tx.send(Received {
+                head,
+                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn hooks_body(roots: &Roots, hooks: &str) -> String {
+    roots.body_with(&format!(r#","ports":[{{"guest":80,"host":0}}],"metadata":{{"team":"core"}},"hooks":{hooks}"#))
+}
+
+#[test]
+fn strict_http_hook_gets_the_context_before_the_response() {
+    let roots = Roots::new("hookhttp");
+    let (addr, rx) = receiver(200);
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&hooks_body(
+        &roots,
+        &format!(r#"{{"onCreate":[{{"type":"http","url":"http://{addr}/created/{{{{.ID}}}}","strict":true,"headers":{{"X-Token":"abc"}}}}]}}"#),
+    ));
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_str().unwrap();
+    // Strict: the hook already ran when the response came back.
+    let got = rx.try_recv().expect("strict hook ran before the response");
+    assert!(got.head.starts_with(&format!("POST /created/{id} HTTP/1.1")), "{}", got.head);
+    assert!(got.head.contains("X-Token: abc"));
+    assert_eq!(got.body["id"], id);
+    assert_eq!(got.body["guestIP"], "172.30.0.2");
+    assert_eq!(got.body["hostPorts"][0], 20000);
+    assert_eq!(got.body["guestPorts"][0], 80);
+    assert_eq!(got.body["metadata"]["team"], "core");
+    assert_eq!(got.body["paths"]["configDir"], roots.config().join(id).display().to_string());
+    assert!(got.body["createdAt"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn failed_strict_oncreate_leaves_no_vm_and_frees_the_allocation() {
+    let roots = Roots::new("hookfail");
+    let (addr, _rx) = receiver(500);
+    let m = Mergend::start(&roots, &[]);
+    let cases = [
+        format!(r#"{{"onCreate":[{{"type":"http","url":"http://{addr}/","strict":true}}]}}"#),
+        r#"{"onCreate":[{"type":"exec","cmd":["false"],"strict":true}]}"#.to_string(),
+        r#"{"onCreate":[{"type":"exec","cmd":["echo","{{.Nope}}"],"strict":true}]}"#.to_string(),
+        r#"{"onCreate":[{"type":"exec","cmd":["sleep","5"],"strict":true,"timeoutMs":200}]}"#.to_string(),
+        r#"{"onCreate":[{"type":"exec","cmd":["/no/such/binary"],"strict":true}]}"#.to_string(),
+    ];
+    for hooks in &cases {
+        let (code, v) = m.create(&hooks_body(&roots, hooks));
+        assert_eq!(code, 502, "{hooks}: {v}");
+        assert_eq!(v["error"], "hook_failed");
+        assert!(v["message"].as_str().unwrap().contains("not created"), "{v}");
+        assert!(roots.vm_dirs().is_empty(), "{hooks}: VM left behind");
+        assert_eq!(std::fs::read_dir(roots.data()).unwrap().count(), 0);
+    }
+    let (code, v) = m.create(&hooks_body(&roots, "{}"));
+    assert_eq!(code, 201);
+    let (_, s) = m.get_json(&format!("/v1/vms/{}", v["id"].as_str().unwrap()));
+    assert_eq!(s["network"]["guestIP"], "172.30.0.2", "allocation freed");
+    assert_eq!(s["network"]["ports"][0]["host"], 20000);
+    let (_, text) = m.curl("GET", "/metrics", &[]);
+    assert!(text.contains(r#"mergend_hook_failures_total{event="onCreate",type="exec"} 4"#), "{text}");
+    assert!(text.contains(r#"mergend_hook_failures_total{event="onCreate",type="http"} 1"#), "{text}");
+}
+
+#[test]
+fn global_hooks_run_first_and_placeholders_render() {
+    let roots = Roots::new("hookorder");
+    let out = roots.dir.join("order.txt");
+    let o = out.display();
+    std::fs::write(
+        roots.hooks().join("10-audit.json"),
+        format!(r#"{{"onCreate":[{{"type":"exec","cmd":["/bin/sh","-c","echo global {{{{.GuestIP}}}} >> {o}"],"strict":true}}]}}"#),
+    )
+    .unwrap();
+    std::fs::write(roots.hooks().join("broken.json"), "{not json").unwrap();
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&hooks_body(
+        &roots,
+        &format!(r#"{{"onCreate":[{{"type":"exec","cmd":["/bin/sh","-c","echo vm {{{{.ID}}}} {{{{.HostPorts}}}} {{{{.Paths.DataDir}}}} {{{{.Metadata.team}}}} >> {o}"],"strict":true}}],
+            "onDelete":[{{"type":"exec","cmd":["/bin/sh","-c","echo deleted {{{{.ID}}}} >> {o}"]}}]}}"#),
+    ));
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let data_dir = roots.data().join(id);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("global 172.30.0.2\nvm {id} [20000] {} core\n", data_dir.display())
+    );
+    // A non-strict onDelete hook runs in the background after the response.
+    let (code, _) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
+    assert_eq!(code, 200);
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).unwrap().contains(&format!("deleted {id}"))
+    }));
+}
+
+#[test]
+fn background_hooks_never_block_or_fail_the_request() {
+    let roots = Roots::new("hookbg");
+    let m = Mergend::start(&roots, &[]);
+    let marker = roots.dir.join("bg.txt");
+    // A slow failing hook and one that writes: the create answers at once and succeeds.
+    let (code, v) = m.create(&hooks_body(
+        &roots,
+        &format!(
+            r#"{{"onCreate":[{{"type":"exec","cmd":["/bin/sh","-c","sleep 30"],"timeoutMs":300}},{{"type":"exec","cmd":["false"]}},{{"type":"exec","cmd":["/bin/sh","-c","echo ok > {}"]}}]}}"#,
+            marker.display()
+        ),
+    ));
+    assert_eq!(code, 201, "{v}");
+    assert!(wait_for(Duration::from_secs(10), || marker.exists()));
+    assert!(wait_for(Duration::from_secs(10), || {
+        let (_, text) = m.curl("GET", "/metrics", &[]);
+        text.contains(r#"mergend_hook_runs_total{event="onCreate",type="exec"} 3"#)
+            && text.contains(r#"mergend_hook_failures_total{event="onCreate",type="exec"} 2"#)
+    }));
+}
+
+#[test]
+fn failed_strict_ondelete_keeps_the_vm() {
+    let roots = Roots::new("hookdel");
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&hooks_body(
+        &roots,
+        r#"{"onDelete":[{"type":"exec","cmd":["false"],"strict":true}]}"#,
+    ));
+    assert_eq!(code, 201);
+    let id = v["id"].as_str().unwrap();
+    let (code, body) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
+    assert_eq!(code, 502, "{body}");
+    assert!(roots.config().join(id).join("meta.json").exists());
+    let (code, _) = m.get_json(&format!("/v1/vms/{id}"));
+    assert_eq!(code, 200);
+    // The lock was released: the error path did not leak it.
+    let (code, _) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
+    assert_eq!(code, 502);
+}
