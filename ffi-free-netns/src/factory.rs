@@ -2,12 +2,16 @@
 //! keeps a few ready TCP sockets per address family, so a caller gets a socket that lives
 //! in that namespace with a queue pop instead of a setns or a thread round trip.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::ArrayQueue;
 use rustix::net::{ipproto, AddressFamily, SocketFlags, SocketType};
 
 use crate::error::{Error, Result};
@@ -70,12 +74,27 @@ pub struct SocketPool {
 
 struct Shared {
     config: PoolConfig,
-    workers: Mutex<HashMap<String, Arc<Worker>>>,
+    /// Read-locked by takers; written only when a worker starts or goes.
+    workers: RwLock<HashMap<String, Arc<Worker>>>,
 }
 
+/// The hot path (a pop from a non-empty queue) touches only the lock-free queues and
+/// atomics, so a taker never waits for the worker thread to be scheduled. Everything
+/// else goes through `state`.
 struct Worker {
     /// The caller's name or path for the namespace: the key in `Shared::workers`.
     key: String,
+    /// Ready sockets per family.
+    ready: [ArrayQueue<OwnedFd>; 2],
+    /// Set once `state.closed` is set: sends takers to the slow path.
+    closed: AtomicBool,
+    /// Set while the worker sleeps on `demand`, so takers wake it only when needed.
+    sleeping: AtomicBool,
+    /// Takers blocked in `take_slow` (all families), so the worker wakes them per socket.
+    waiters: AtomicUsize,
+    /// Nanoseconds since `epoch` of the latest take.
+    last_take: AtomicU64,
+    epoch: Instant,
     state: Mutex<State>,
     /// The worker thread waits here for demand.
     demand: Condvar,
@@ -85,16 +104,13 @@ struct Worker {
 
 struct State {
     lanes: [Lane; 2],
-    last_take: Instant,
-    worker_sleeping: bool,
     joined: bool,
     closed: Option<Closed>,
 }
 
 #[derive(Default)]
 struct Lane {
-    ready: VecDeque<OwnedFd>,
-    /// Takers blocked on an empty lane.
+    /// Takers blocked on an empty queue.
     waiting: usize,
     /// Bumped on every failed socket(): waiters compare it to learn their request failed.
     failures: u64,
@@ -115,7 +131,7 @@ impl SocketPool {
         SocketPool {
             shared: Arc::new(Shared {
                 config,
-                workers: Mutex::new(HashMap::new()),
+                workers: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -156,7 +172,7 @@ impl SocketPool {
     /// Stop the worker for `netns` and close its ready sockets. Takers waiting on it get
     /// an error; later takes start a new worker.
     pub fn forget(&self, netns: &str) {
-        let worker = self.shared.lock_workers().remove(netns);
+        let worker = self.shared.write_workers().remove(netns);
         if let Some(worker) = worker {
             worker.close(Closed::Failed(Error::Pool {
                 netns: netns.to_owned(),
@@ -165,23 +181,37 @@ impl SocketPool {
         }
     }
 
+    /// Ready sockets queued for `netns` and `family` right now (0 when no worker runs).
+    pub fn ready(&self, netns: &str, family: Family) -> usize {
+        match self.shared.read_workers().get(netns) {
+            Some(worker) => worker.ready[family.index()].len(),
+            None => 0,
+        }
+    }
+
     fn worker(&self, netns: &str) -> Result<Arc<Worker>> {
-        if let Some(worker) = self.shared.lock_workers().get(netns) {
+        if let Some(worker) = self.shared.read_workers().get(netns) {
             return Ok(Arc::clone(worker));
         }
         // Resolve on the caller's thread, outside the lock: a missing namespace is an
         // immediate error and costs no thread.
         let ns = resolve(netns)?;
-        let mut workers = self.shared.lock_workers();
+        let mut workers = self.shared.write_workers();
         if let Some(worker) = workers.get(netns) {
             return Ok(Arc::clone(worker));
         }
+        // A zero depth still needs room to hand a socket to a waiting taker.
+        let capacity = self.shared.config.depth.max(1);
         let worker = Arc::new(Worker {
             key: netns.to_owned(),
+            ready: [ArrayQueue::new(capacity), ArrayQueue::new(capacity)],
+            closed: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            last_take: AtomicU64::new(0),
+            epoch: Instant::now(),
             state: Mutex::new(State {
                 lanes: Default::default(),
-                last_take: Instant::now(),
-                worker_sleeping: false,
                 joined: false,
                 closed: None,
             }),
@@ -200,15 +230,21 @@ impl SocketPool {
     }
 }
 
+type WorkerMap = HashMap<String, Arc<Worker>>;
+
 impl Shared {
-    fn lock_workers(&self) -> MutexGuard<'_, HashMap<String, Arc<Worker>>> {
-        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
+    fn read_workers(&self) -> RwLockReadGuard<'_, WorkerMap> {
+        self.workers.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_workers(&self) -> RwLockWriteGuard<'_, WorkerMap> {
+        self.workers.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        for (_, worker) in self.lock_workers().drain() {
+        for (_, worker) in self.write_workers().drain() {
             worker.close(Closed::Retired);
         }
     }
@@ -230,53 +266,73 @@ impl Worker {
     /// `None` when this worker retired meanwhile and the caller should get a fresh one.
     fn take(&self, family: Family, depth: usize) -> Option<Result<OwnedFd>> {
         let i = family.index();
+        self.last_take
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if !self.closed.load(Ordering::Acquire) {
+            if let Some(fd) = self.ready[i].pop() {
+                // Pairs with the fence in `next_step`: either the worker sees this pop, or
+                // we see it asleep and wake it. Waking only at the low-water mark keeps
+                // most pops free of system calls.
+                fence(Ordering::SeqCst);
+                if self.ready[i].len() <= depth / 2 && self.sleeping.load(Ordering::Relaxed) {
+                    let _st = self.lock();
+                    self.demand.notify_one();
+                }
+                return Some(Ok(fd));
+            }
+        }
+        self.take_slow(i)
+    }
+
+    /// Wait for the worker: the queue is empty or the worker is closed.
+    fn take_slow(&self, i: usize) -> Option<Result<OwnedFd>> {
         let mut st = self.lock();
-        st.last_take = Instant::now();
         if let Some(done) = closed_result(&st) {
             return done;
-        }
-        if let Some(fd) = st.lanes[i].ready.pop_front() {
-            // Wake the worker only at the low-water mark, keeping most pops free of syscalls.
-            if st.worker_sleeping && st.lanes[i].ready.len() <= depth / 2 {
-                self.demand.notify_one();
-            }
-            return Some(Ok(fd));
         }
         let failures = st.lanes[i].failures;
         st.lanes[i].waiting += 1;
         st.lanes[i].stalled = false;
-        if st.worker_sleeping {
-            self.demand.notify_one();
-        }
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        // Pairs with the fence in `fill`.
+        fence(Ordering::SeqCst);
+        self.demand.notify_one();
         let result = loop {
-            st = self.supply.wait(st).unwrap_or_else(PoisonError::into_inner);
             if let Some(done) = closed_result(&st) {
                 break done;
             }
-            if let Some(fd) = st.lanes[i].ready.pop_front() {
+            // The worker takes the lock before notifying, so a push after this pop attempt
+            // is followed by a notification this wait receives.
+            if let Some(fd) = self.ready[i].pop() {
                 break Some(Ok(fd));
             }
             let lane = &st.lanes[i];
             if lane.failures != failures {
                 break lane.last_failure.as_ref().map(|e| Err(e.replicate()));
             }
+            st = self.supply.wait(st).unwrap_or_else(PoisonError::into_inner);
         };
         st.lanes[i].waiting -= 1;
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
         result
     }
 
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_take.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
     fn close(&self, reason: Closed) {
-        let drained: Vec<OwnedFd> = {
+        {
             let mut st = self.lock();
             if st.closed.is_none() {
                 st.closed = Some(reason);
             }
-            st.lanes
-                .iter_mut()
-                .flat_map(|lane| lane.ready.drain(..))
-                .collect()
-        };
-        drop(drained);
+            self.closed.store(true, Ordering::Release);
+        }
+        for queue in &self.ready {
+            while queue.pop().is_some() {}
+        }
         self.demand.notify_all();
         self.supply.notify_all();
     }
@@ -308,6 +364,7 @@ fn run_worker(worker: Arc<Worker>, ns: Netns, shared: Weak<Shared>, config: Pool
     drop(ns);
     worker.lock().joined = true;
     worker.supply.notify_all();
+    log::debug!("socket worker for {} joined its namespace", worker.key);
 
     loop {
         match next_step(&worker, &shared, &config, &watch) {
@@ -316,35 +373,54 @@ fn run_worker(worker: Arc<Worker>, ns: Netns, shared: Weak<Shared>, config: Pool
                 if let Err(e) = watch.check(&worker.key) {
                     return fail(&worker, &shared, e);
                 }
-                let made: Vec<(Family, Result<Vec<OwnedFd>>)> = Family::ALL
-                    .into_iter()
-                    .filter(|f| counts[f.index()] > 0)
-                    .map(|f| (f, make_sockets(f, counts[f.index()], &worker.key)))
-                    .collect();
+                let failed = fill(&worker, counts);
                 let mut st = worker.lock();
                 if st.closed.is_some() {
+                    drop(st);
+                    worker.close(Closed::Retired);
                     return;
                 }
-                let mut wake = false;
-                for (family, result) in made {
+                for (family, e) in failed {
                     let lane = &mut st.lanes[family.index()];
-                    wake |= lane.waiting > 0;
-                    match result {
-                        Ok(fds) => lane.ready.extend(fds),
-                        Err(e) => {
-                            lane.failures += 1;
-                            lane.last_failure = Some(e);
-                            lane.stalled = true;
-                        }
-                    }
+                    lane.failures += 1;
+                    lane.last_failure = Some(e);
+                    lane.stalled = true;
                 }
-                drop(st);
-                if wake {
+                if st.lanes.iter().any(|lane| lane.waiting > 0) {
                     worker.supply.notify_all();
                 }
             }
         }
     }
+}
+
+/// Make and queue `counts` sockets per family; returns the families whose socket() failed.
+fn fill(worker: &Worker, counts: [usize; 2]) -> Vec<(Family, Error)> {
+    let mut failed = Vec::new();
+    for family in Family::ALL {
+        let queue = &worker.ready[family.index()];
+        for _ in 0..counts[family.index()] {
+            match make_socket(family, &worker.key) {
+                // Counts never exceed the free room, and only this thread pushes.
+                Ok(fd) => drop(queue.push(fd)),
+                Err(e) => {
+                    failed.push((family, e));
+                    break;
+                }
+            }
+            // Pairs with the fence in `Worker::take_slow`: a waiter either finds this
+            // socket or is counted here.
+            fence(Ordering::SeqCst);
+            if worker.waiters.load(Ordering::Relaxed) > 0 {
+                let _st = worker.lock();
+                worker.supply.notify_all();
+            }
+            // Background work: give the CPU back between sockets, so a taker that this
+            // thread preempted when it was woken runs now, not after the whole refill.
+            std::thread::yield_now();
+        }
+    }
+    failed
 }
 
 /// Sleep until there is demand, the worker has been idle too long, or it is told to stop.
@@ -354,20 +430,24 @@ fn next_step(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig, watch:
         if st.closed.is_some() {
             return Step::Exit;
         }
+        worker.sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `Worker::take`.
+        fence(Ordering::SeqCst);
         let mut counts = [0; 2];
-        for (count, lane) in counts.iter_mut().zip(&st.lanes) {
+        for (i, (count, lane)) in counts.iter_mut().zip(&st.lanes).enumerate() {
             if !lane.stalled {
-                *count = config
-                    .depth
-                    .max(lane.waiting)
-                    .saturating_sub(lane.ready.len());
+                let queue = &worker.ready[i];
+                let want = config.depth.max(lane.waiting).min(queue.capacity());
+                *count = want.saturating_sub(queue.len());
             }
         }
         if counts.iter().any(|&c| c > 0) {
+            worker.sleeping.store(false, Ordering::Relaxed);
             return Step::Fill(counts);
         }
-        let idle = st.last_take.elapsed();
+        let idle = worker.idle_for();
         if idle >= config.idle_timeout {
+            worker.sleeping.store(false, Ordering::Relaxed);
             drop(st);
             if retire(worker, shared, config) {
                 return Step::Exit;
@@ -375,14 +455,13 @@ fn next_step(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig, watch:
             st = worker.lock();
             continue;
         }
-        st.worker_sleeping = true;
         let nap = (config.idle_timeout - idle).min(LIVENESS_INTERVAL);
         let (guard, timeout) = worker
             .demand
             .wait_timeout(st, nap)
             .unwrap_or_else(PoisonError::into_inner);
         st = guard;
-        st.worker_sleeping = false;
+        worker.sleeping.store(false, Ordering::Relaxed);
         if timeout.timed_out() && st.closed.is_none() {
             drop(st);
             if let Err(e) = watch.check(&worker.key) {
@@ -400,27 +479,29 @@ fn retire(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig) -> bool {
         worker.close(Closed::Retired);
         return true;
     };
-    let mut workers = shared.lock_workers();
+    let mut workers = shared.write_workers();
     let st = worker.lock();
     let waiting = st.lanes.iter().any(|lane| lane.waiting > 0);
-    if waiting || st.last_take.elapsed() < config.idle_timeout {
+    if waiting || worker.idle_for() < config.idle_timeout {
         return false;
     }
     drop(st);
     remove_if_same(&mut workers, worker);
     drop(workers);
     worker.close(Closed::Retired);
+    log::debug!("socket worker for {} retired after being idle", worker.key);
     true
 }
 
 fn fail(worker: &Worker, shared: &Weak<Shared>, error: Error) {
+    log::warn!("socket worker for {} stopped: {error}", worker.key);
     if let Some(shared) = shared.upgrade() {
-        remove_if_same(&mut shared.lock_workers(), worker);
+        remove_if_same(&mut shared.write_workers(), worker);
     }
     worker.close(Closed::Failed(error));
 }
 
-fn remove_if_same(workers: &mut HashMap<String, Arc<Worker>>, worker: &Worker) {
+fn remove_if_same(workers: &mut WorkerMap, worker: &Worker) {
     if workers
         .get(&worker.key)
         .is_some_and(|w| std::ptr::eq(Arc::as_ptr(w), worker))
@@ -455,16 +536,12 @@ impl Watch {
     }
 }
 
-fn make_sockets(family: Family, count: usize, key: &str) -> Result<Vec<OwnedFd>> {
-    (0..count)
-        .map(|_| {
-            rustix::net::socket_with(
-                family.address_family(),
-                SocketType::STREAM,
-                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-                Some(ipproto::TCP),
-            )
-            .map_err(|e| Error::io(format!("creating a {family:?} TCP socket in {key}"), e))
-        })
-        .collect()
+fn make_socket(family: Family, key: &str) -> Result<OwnedFd> {
+    rustix::net::socket_with(
+        family.address_family(),
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        Some(ipproto::TCP),
+    )
+    .map_err(|e| Error::io(format!("creating a {family:?} TCP socket in {key}"), e))
 }

@@ -61,7 +61,15 @@ fn pool_socket_connects_inside_its_namespace_only() {
     let listener = listener_in(&ns, port);
 
     let pool = SocketPool::new(PoolConfig::default());
+    assert_eq!(pool.ready(&guard.0, Family::V4), 0);
     pool.prewarm(&guard.0).unwrap();
+    let depth = PoolConfig::default().depth;
+    let filled = common::wait_for(Duration::from_secs(10), || {
+        [Family::V4, Family::V6]
+            .iter()
+            .all(|&f| pool.ready(&guard.0, f) == depth)
+    });
+    assert!(filled, "prewarm did not fill both families to {depth}");
     let fd = pool.take(&guard.0, Family::V4).unwrap();
     assert_pool_socket_shape(&fd, AddressFamily::INET);
     connect_blocking(&fd, port).expect("pool socket reaches the listener inside the namespace");
