@@ -96,15 +96,23 @@ impl Drop for TempDir {
     }
 }
 
-/// A child process killed (by its pid) and reaped on drop.
-pub struct ChildGuard(pub Child);
+/// A child process stopped (by its pid) and reaped on drop: first with its `stop`
+/// signal if it has one, so a server can take its own children down, then SIGKILL.
+pub struct ChildGuard(pub Child, Option<rustix::process::Signal>);
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        ChildGuard(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}")),
-        )
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        ChildGuard(child, None)
+    }
+
+    /// Like `spawn`, stopping the process with `stop` (waiting up to 10 s) before SIGKILL.
+    pub fn spawn_graceful(cmd: &mut Command, stop: rustix::process::Signal) -> ChildGuard {
+        let mut guard = ChildGuard::spawn(cmd);
+        guard.1 = Some(stop);
+        guard
     }
 
     pub fn pid(&self) -> i32 {
@@ -120,6 +128,15 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if let Some(sig) = self.1 {
+            self.signal(sig);
+            let exited = wait_for(Duration::from_secs(10), || {
+                matches!(self.0.try_wait(), Ok(Some(_))).then_some(())
+            });
+            if exited.is_some() {
+                return;
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
