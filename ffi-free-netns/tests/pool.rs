@@ -203,3 +203,14 @@ fn missing_namespace_and_bad_names_are_errors() {
     assert!(pool.take("/proc/self/status", Family::V4).is_err());
     pool.forget(&missing);
 }
+
+#[test]
+fn handles_and_errors_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<SocketPool>();
+    send_sync::<ffi_free_netns::Netns>();
+    send_sync::<Error>();
+    let boxed: Box<dyn std::error::Error + Send + Sync> =
+        Box::new(Error::NotFound("network namespace x not found".into()));
+    assert_eq!(boxed.to_string(), "network namespace x not found");
+}
