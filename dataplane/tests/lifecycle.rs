@@ -1,0 +1,306 @@
+//! Limits, timeouts, graceful shutdown, startup errors and the command line.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rustix::process::Signal;
+
+fn echo_server(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut sock = sock;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = sock.read(&mut buf) {
+                    if n == 0 || sock.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn round_trip(stream: &mut TlsStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.write_all(msg)?;
+    stream.flush()?;
+    let mut got = vec![0u8; msg.len()];
+    stream.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// A forwarder routing `echo.localhost` to an echo server in a namespace.
+fn echo_forwarder(env: &[(&str, &str)]) -> (Ns, Forwarder) {
+    let ns = Ns::new();
+    echo_server(ns.listen(443));
+    let fwd = Forwarder::start(&[443], env);
+    write_vm(
+        &fwd.config_root(),
+        &vm_id(),
+        "2025-01-01T00:00:00Z",
+        &ns,
+        &[("app", "echo")],
+    );
+    let routed = wait_for(Duration::from_secs(5), || {
+        try_tls_connect("echo.localhost", fwd.ports[0]).ok()
+    });
+    assert!(routed.is_some(), "echo VM never routable: {}", fwd.log());
+    (ns, fwd)
+}
+
+/// The connection is over: EOF or an error other than a read timeout.
+fn ended(stream: &mut impl Read) -> bool {
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn over_max_connections_is_refused() {
+    if !need_root("over_max_connections_is_refused") {
+        return;
+    }
+    let (_ns, fwd) = echo_forwarder(&[("FWD_MAX_CONNECTIONS", "1")]);
+    let port = fwd.ports[0];
+    // The readiness probe's connection may still be closing: wait until one fits.
+    let mut first = wait_for(Duration::from_secs(5), || {
+        let mut s = try_tls_connect("echo.localhost", port).ok()?;
+        round_trip(&mut s, b"one").ok().map(|_| s)
+    })
+    .expect("the first connection");
+    let mut second = TcpStream::connect(("127.0.0.1", port)).expect("TCP connect");
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(ended(&mut second), "the second connection was not closed");
+    assert!(
+        fwd.metric(&format!(
+            r#"mergen_forwarder_connections_total{{listener="127.0.0.1:{port}",outcome="refused"}}"#
+        )) >= 1.0
+    );
+    assert_eq!(
+        round_trip(&mut first, b"still here").expect("first survives"),
+        b"still here"
+    );
+    drop(first);
+    let third = wait_for(Duration::from_secs(5), || {
+        try_tls_connect("echo.localhost", port).ok()
+    });
+    assert!(third.is_some(), "a slot never freed up");
+}
+
+#[test]
+fn silent_client_hits_the_handshake_timeout() {
+    if !need_root("silent_client_hits_the_handshake_timeout") {
+        return;
+    }
+    let fwd = Forwarder::start(&[443], &[("FWD_HANDSHAKE_TIMEOUT_SECONDS", "1")]);
+    let mut sock = TcpStream::connect(("127.0.0.1", fwd.ports[0])).expect("TCP connect");
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(ended(&mut sock), "a client that says nothing was kept open");
+    let counted = wait_for(Duration::from_secs(2), || {
+        (fwd.metric(r#"mergen_forwarder_handshake_failures_total{reason="timeout"}"#) == 1.0)
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{}", fwd.metrics());
+}
+
+#[test]
+fn idle_connection_is_closed() {
+    if !need_root("idle_connection_is_closed") {
+        return;
+    }
+    let (_ns, fwd) = echo_forwarder(&[("FWD_IDLE_TIMEOUT_SECONDS", "1")]);
+    let mut s = tls_connect("echo.localhost", fwd.ports[0]);
+    assert_eq!(round_trip(&mut s, b"ping").expect("round trip"), b"ping");
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(6)))
+        .expect("timeout");
+    assert!(
+        ended(&mut s),
+        "an idle connection outlived the idle timeout"
+    );
+}
+
+#[test]
+fn sigterm_stops_accepting_and_drains_open_connections() {
+    if !need_root("sigterm_stops_accepting_and_drains_open_connections") {
+        return;
+    }
+    let (_ns, mut fwd) = echo_forwarder(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "30")]);
+    let port = fwd.ports[0];
+    let mut open = tls_connect("echo.localhost", port);
+    fwd.child.signal(Signal::TERM);
+    let refused = wait_for(Duration::from_secs(5), || {
+        TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    });
+    assert!(refused.is_some(), "still accepting after SIGTERM");
+    assert_eq!(
+        round_trip(&mut open, b"draining").expect("open one works"),
+        b"draining"
+    );
+    assert!(
+        fwd.child.0.try_wait().expect("try_wait").is_none(),
+        "exited before the drain"
+    );
+    drop(open);
+    let status = wait_for(Duration::from_secs(5), || {
+        fwd.child.0.try_wait().ok().flatten()
+    });
+    let status = status.expect("did not exit after its last connection closed");
+    assert!(status.success(), "{status:?}\n{}", fwd.log());
+}
+
+#[test]
+fn drain_deadline_closes_what_is_left() {
+    if !need_root("drain_deadline_closes_what_is_left") {
+        return;
+    }
+    let (_ns, mut fwd) = echo_forwarder(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "1")]);
+    let mut open = tls_connect("echo.localhost", fwd.ports[0]);
+    open.sock
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    fwd.child.signal(Signal::INT);
+    assert!(
+        ended(&mut open),
+        "the open connection outlived the drain deadline"
+    );
+    let status = wait_for(Duration::from_secs(5), || {
+        fwd.child.0.try_wait().ok().flatten()
+    });
+    assert!(status.expect("still running after the drain").success());
+}
+
+/// Run the forwarder expecting it to exit by itself; returns (exit code, stderr).
+fn expect_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = TempDir::new("exit");
+    let err_path = dir.path().join("stderr");
+    let err = std::fs::File::create(&err_path).expect("stderr file");
+    let mut cmd = Command::new(FORWARDER);
+    cmd.args(args)
+        .env("FWD_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("FWD_CONFIG_ROOT", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = ChildGuard::spawn(&mut cmd);
+    let status = wait_for(Duration::from_secs(10), || {
+        child.0.try_wait().ok().flatten()
+    })
+    .expect("the forwarder kept running");
+    (
+        status.code(),
+        std::fs::read_to_string(err_path).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn startup_errors_are_one_line_and_exit_1() {
+    let certs = TempDir::new("certs");
+    let (cert, key) = gen_cert(certs.path(), &[]);
+    let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_port = busy.local_addr().expect("addr").port();
+    let cases: [(&str, Vec<(&str, String)>, &str); 3] = [
+        (
+            "guest port not allowed",
+            vec![
+                ("FWD_LISTENERS", format!("127.0.0.1:{}=8443", free_port())),
+                ("FWD_TLS_CERT_FILE", cert.into()),
+                ("FWD_TLS_KEY_FILE", key.into()),
+            ],
+            "8443",
+        ),
+        (
+            "missing certificate",
+            vec![
+                ("FWD_LISTENERS", format!("127.0.0.1:{}=443", free_port())),
+                ("FWD_TLS_CERT_FILE", "/nonexistent/mergen.crt".into()),
+                ("FWD_TLS_KEY_FILE", key.into()),
+            ],
+            "/nonexistent/mergen.crt",
+        ),
+        (
+            "port in use",
+            vec![
+                ("FWD_LISTENERS", format!("127.0.0.1:{busy_port}=443")),
+                ("FWD_TLS_CERT_FILE", cert.into()),
+                ("FWD_TLS_KEY_FILE", key.into()),
+            ],
+            "cannot listen",
+        ),
+    ];
+    for (what, env, needle) in cases {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (code, stderr) = expect_exit(&[], &env);
+        assert_eq!(code, Some(1), "{what}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{what}: expected one line, got {stderr:?}");
+        assert!(
+            lines[0].starts_with("mergen-forwarder: "),
+            "{what}: {stderr}"
+        );
+        assert!(lines[0].contains(needle), "{what}: {stderr}");
+    }
+    drop(busy);
+}
+
+#[test]
+fn help_lists_every_setting() {
+    let out = run_ok(Command::new(FORWARDER).arg("--help"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "FWD_CONFIG_ROOT",
+        "FWD_NETNS_ROOT",
+        "FWD_TLS_CERT_FILE",
+        "FWD_TLS_KEY_FILE",
+        "FWD_DOMAIN_PREFIX",
+        "FWD_DOMAIN_SUFFIX",
+        "FWD_LISTENERS",
+        "FWD_ALLOWED_GUEST_PORTS",
+        "FWD_DIAL_TIMEOUT_SECONDS",
+        "FWD_HANDSHAKE_TIMEOUT_SECONDS",
+        "FWD_IDLE_TIMEOUT_SECONDS",
+        "FWD_RESOLVER_CACHE_TTL_SECONDS",
+        "FWD_SHUTDOWN_TIMEOUT_SECONDS",
+        "FWD_MAX_CONNECTIONS",
+        "FWD_WORKERS",
+        "FWD_ADMIN_ADDR",
+        "FWD_LOG_LEVEL",
+        "FWD_LOG_FORMAT",
+    ] {
+        assert!(text.contains(var), "--help does not mention {var}");
+    }
+    let (code, stderr) = expect_exit(&["--bogus"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+}
+
+#[test]
+fn gen_cert_writes_a_wildcard_pair() {
+    let dir = TempDir::new("gencert");
+    let (cert, key) = gen_cert(dir.path(), &[("FWD_DOMAIN_SUFFIX", "example.com")]);
+    assert!(cert.ends_with("wildcard.example.com.crt"));
+    assert!(std::fs::read_to_string(&cert)
+        .expect("cert")
+        .contains("BEGIN CERTIFICATE"));
+    assert!(std::fs::read_to_string(&key)
+        .expect("key")
+        .contains("PRIVATE KEY"));
+    let (code, stderr) = expect_exit(&["gen-cert"], &[]);
+    assert_eq!(code, Some(1), "gen-cert without --out-dir: {stderr}");
+}
