@@ -216,7 +216,7 @@ fn startup_errors_are_one_line_and_exit_1() {
     let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
     let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
     let busy_port = busy.local_addr().expect("addr").port();
-    let cases: [(&str, Vec<(&str, String)>, &str); 3] = [
+    let cases = [
         (
             "guest port not allowed",
             vec![
