@@ -69,24 +69,20 @@ fn serve(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/healthz") => respond(
-            &mut stream,
-            200,
-            "application/json",
-            b"{\"status\":\"ok\"}\n",
-        ),
-        ("GET" | "HEAD", "/metrics") => respond(
-            &mut stream,
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/healthz") => {
+            (200, "application/json", b"{\"status\":\"ok\"}\n".to_vec())
+        }
+        ("GET" | "HEAD", "/metrics") => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render().as_bytes(),
+            metrics.render().into_bytes(),
         ),
-        (_, "/healthz" | "/metrics") => {
-            respond(&mut stream, 405, "text/plain", b"method not allowed\n")
-        }
-        _ => respond(&mut stream, 404, "text/plain", b"not found\n"),
-    }
+        (_, "/healthz" | "/metrics") => (405, "text/plain", b"method not allowed\n".to_vec()),
+        _ => (404, "text/plain", b"not found\n".to_vec()),
+    };
+    let head_only = method == "HEAD";
+    respond_with(&mut stream, status, content_type, &body, head_only)
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -94,6 +90,17 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
+    respond_with(stream, status, content_type, body, false)
+}
+
+/// With `head_only` (a HEAD request) the headers describe `body` but it is not sent.
+fn respond_with(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head_only: bool,
+) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -106,6 +113,142 @@ fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8])
         body.len()
     );
     stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
+    if !head_only {
+        stream.write_all(body)?;
+    }
+    stream.flush()?;
+    linger_close(stream);
+    Ok(())
+}
+
+/// Close after reading what the client still sends (bounded in bytes and time): closing
+/// with unread input would reset the connection and could destroy the response
+/// before the client reads it.
+fn linger_close(stream: &mut TcpStream) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut drained = 0;
+    let mut sink = [0u8; 4096];
+    while drained < MAX_DRAIN && Instant::now() < deadline {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+    use crate::metrics::Outcome;
+
+    fn start() -> (SocketAddr, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new(&["0.0.0.0:443".into()]));
+        let (addr, _thread) =
+            spawn_admin("127.0.0.1:0".parse().unwrap(), Arc::clone(&metrics)).unwrap();
+        (addr, metrics)
+    }
+
+    /// Send `request` raw and return the whole response.
+    fn raw(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn curl(args: &[&str]) -> (String, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-D", "-"])
+            .args(args)
+            .output()
+            .expect("curl runs");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    }
+
+    #[test]
+    fn healthz_and_metrics_with_curl() {
+        let (addr, metrics) = start();
+        metrics.conn_opened(0);
+        metrics.conn_closed(0, Outcome::Ok);
+        let (head, body) = curl(&[&format!("http://{addr}/healthz")]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        assert_eq!(body, "{\"status\":\"ok\"}\n");
+        let (head, body) = curl(&[&format!("http://{addr}/metrics?x=1")]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        assert!(
+            body.contains(
+                "mergen_forwarder_connections_total{listener=\"0.0.0.0:443\",outcome=\"ok\"} 1"
+            ),
+            "{body}"
+        );
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-I",
+                &format!("http://{addr}/healthz"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\n"),
+            "{text:?}"
+        );
+        assert!(text.contains("Content-Length: 16"), "{text:?}");
+    }
+
+    #[test]
+    fn other_requests_are_refused() {
+        let (addr, _) = start();
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 404"),
+            (
+                b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 405",
+            ),
+            (b"DELETE /metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 405"),
+            (b"\x16\x03\x01\x00\x05hello\r\n\r\n", "HTTP/1.1 404"),
+            (b"\r\n\r\n", "HTTP/1.1 404"),
+        ];
+        for (req, want) in cases {
+            let resp = raw(addr, req);
+            assert!(resp.starts_with(want), "{req:?}: {resp}");
+        }
+        let mut big = b"GET /healthz HTTP/1.1\r\nX: ".to_vec();
+        big.extend_from_slice(&vec![b'a'; MAX_REQUEST]);
+        let resp = raw(addr, &big);
+        assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+        // A client that hangs up early does not stop the listener.
+        drop(TcpStream::connect(addr).unwrap());
+        assert!(raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn a_silent_client_delays_but_does_not_block() {
+        let (addr, _) = start();
+        let _silent = TcpStream::connect(addr).unwrap();
+        // Served once the silent connection times out.
+        assert!(raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+    }
 }

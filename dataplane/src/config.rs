@@ -266,3 +266,236 @@ fn parse_alpn(s: &str) -> Result<Vec<Vec<u8>>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Config, String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    fn any(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+    }
+
+    fn https() -> ListenerMode {
+        ListenerMode::Tls {
+            alpn: vec![b"http/1.1".to_vec()],
+            protocol: Protocol::Https,
+        }
+    }
+
+    fn generic() -> ListenerMode {
+        ListenerMode::Tls {
+            alpn: vec![],
+            protocol: Protocol::Generic,
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_original() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.config_root, PathBuf::from("/etc/mergen/vm.d"));
+        assert_eq!(c.netns_root, Some(PathBuf::from("/run/netns")));
+        assert_eq!(c.domain_prefix, "");
+        assert_eq!(c.domain_suffix, "localhost");
+        assert_eq!(c.allowed_guest_ports, vec![22, 443, 5432, 6379, 9092]);
+        let want = vec![
+            ListenerSpec {
+                addr: any(443),
+                guest_port: 443,
+                mode: https(),
+            },
+            ListenerSpec {
+                addr: any(2022),
+                guest_port: 22,
+                mode: ListenerMode::Raw,
+            },
+            ListenerSpec {
+                addr: any(5432),
+                guest_port: 5432,
+                mode: ListenerMode::Tls {
+                    alpn: vec![],
+                    protocol: Protocol::Postgres,
+                },
+            },
+            ListenerSpec {
+                addr: any(6379),
+                guest_port: 6379,
+                mode: generic(),
+            },
+            ListenerSpec {
+                addr: any(9092),
+                guest_port: 9092,
+                mode: generic(),
+            },
+        ];
+        assert_eq!(c.listeners, want);
+        assert_eq!(c.dial_timeout, Duration::from_secs(5));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.resolver_ttl, Duration::from_secs(5));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(15));
+        assert_eq!(c.max_connections, 65536);
+        assert!(c.workers >= 1);
+        assert_eq!(c.admin_addr, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.log_format, "console");
+        assert_eq!(c.listeners[0].name(), "0.0.0.0:443");
+        // Empty is unset, as with Go's os.Getenv.
+        assert_eq!(
+            with(&[("FWD_LISTENERS", ""), ("FWD_DOMAIN_SUFFIX", " ")]).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn overrides() {
+        let c = with(&[
+            ("FWD_CONFIG_ROOT", "/tmp/vm.d"),
+            ("FWD_NETNS_ROOT", "/tmp/ns"),
+            ("FWD_TLS_CERT_FILE", "/c.pem"),
+            ("FWD_TLS_KEY_FILE", "/k.pem"),
+            ("FWD_DOMAIN_PREFIX", "VM."),
+            ("FWD_DOMAIN_SUFFIX", ".Example.com."),
+            (
+                "FWD_LISTENERS",
+                "127.0.0.1:8443=443, 2022=22,[::1]:7000=6379",
+            ),
+            ("FWD_ALLOWED_GUEST_PORTS", "22,443,6379"),
+            ("FWD_DIAL_TIMEOUT_SECONDS", "1"),
+            ("FWD_HANDSHAKE_TIMEOUT_SECONDS", "2"),
+            ("FWD_IDLE_TIMEOUT_SECONDS", "3"),
+            ("FWD_RESOLVER_CACHE_TTL_SECONDS", "4"),
+            ("FWD_SHUTDOWN_TIMEOUT_SECONDS", "6"),
+            ("FWD_MAX_CONNECTIONS", "10"),
+            ("FWD_WORKERS", "3"),
+            ("FWD_ADMIN_ADDR", ":9999"),
+            ("FWD_LOG_LEVEL", "WARN"),
+            ("FWD_LOG_FORMAT", "json"),
+            ("FWD_ALPN_443", "h2, http/1.1"),
+            ("FWD_ALPN_6379", "redis"),
+        ])
+        .unwrap();
+        assert_eq!(c.config_root, PathBuf::from("/tmp/vm.d"));
+        assert_eq!(c.netns_root, Some(PathBuf::from("/tmp/ns")));
+        assert_eq!(c.tls_cert_file, PathBuf::from("/c.pem"));
+        assert_eq!(c.tls_key_file, PathBuf::from("/k.pem"));
+        assert_eq!(
+            (c.domain_prefix.as_str(), c.domain_suffix.as_str()),
+            ("vm", "example.com")
+        );
+        assert_eq!(
+            c.listeners,
+            vec![
+                ListenerSpec {
+                    addr: "127.0.0.1:8443".parse().unwrap(),
+                    guest_port: 443,
+                    mode: ListenerMode::Tls {
+                        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                        protocol: Protocol::Https
+                    },
+                },
+                ListenerSpec {
+                    addr: any(2022),
+                    guest_port: 22,
+                    mode: ListenerMode::Raw
+                },
+                ListenerSpec {
+                    addr: "[::1]:7000".parse().unwrap(),
+                    guest_port: 6379,
+                    mode: ListenerMode::Tls {
+                        alpn: vec![b"redis".to_vec()],
+                        protocol: Protocol::Generic
+                    },
+                },
+            ]
+        );
+        assert_eq!(c.allowed_guest_ports, vec![22, 443, 6379]);
+        assert_eq!(
+            [
+                c.dial_timeout,
+                c.handshake_timeout,
+                c.idle_timeout,
+                c.resolver_ttl,
+                c.shutdown_timeout
+            ],
+            [1, 2, 3, 4, 6].map(Duration::from_secs)
+        );
+        assert_eq!((c.max_connections, c.workers), (10, 3));
+        assert_eq!(c.admin_addr, Some(any(9999)));
+        assert_eq!(
+            (c.log_level.as_str(), c.log_format.as_str()),
+            ("warn", "json")
+        );
+
+        // Empty turns the admin listener off and drops the netns root.
+        let c = with(&[
+            ("FWD_ADMIN_ADDR", ""),
+            ("FWD_NETNS_ROOT", ""),
+            ("FWD_ALPN_443", ""),
+        ])
+        .unwrap();
+        assert_eq!(c.admin_addr, None);
+        assert_eq!(c.netns_root, None);
+        assert_eq!(
+            c.listeners[0].mode,
+            ListenerMode::Tls {
+                alpn: vec![],
+                protocol: Protocol::Https
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_value() {
+        let cases: &[(&str, &str)] = &[
+            ("FWD_LISTENERS", ":443"),
+            ("FWD_LISTENERS", ":443=http"),
+            ("FWD_LISTENERS", ":443=0"),
+            ("FWD_LISTENERS", ":443=70000"),
+            ("FWD_LISTENERS", "nowhere:443=443"),
+            ("FWD_LISTENERS", ":99999=443"),
+            ("FWD_LISTENERS", ":443=443,0.0.0.0:443=443"),
+            ("FWD_LISTENERS", ":8080=8080"),
+            ("FWD_LISTENERS", ","),
+            ("FWD_ALLOWED_GUEST_PORTS", "22,x"),
+            ("FWD_DIAL_TIMEOUT_SECONDS", "soon"),
+            ("FWD_HANDSHAKE_TIMEOUT_SECONDS", "-1"),
+            ("FWD_IDLE_TIMEOUT_SECONDS", "0"),
+            ("FWD_RESOLVER_CACHE_TTL_SECONDS", "1.5"),
+            ("FWD_SHUTDOWN_TIMEOUT_SECONDS", "ten"),
+            ("FWD_MAX_CONNECTIONS", "0"),
+            ("FWD_WORKERS", "many"),
+            ("FWD_ADMIN_ADDR", "localhost:9901"),
+            ("FWD_LOG_LEVEL", "loud"),
+            ("FWD_LOG_FORMAT", "xml"),
+            ("FWD_ALPN_443", "h 2"),
+        ];
+        for &(var, value) in cases {
+            let err = match with(&[(var, value)]) {
+                Err(e) => e,
+                Ok(_) => panic!("{var}={value:?} must be refused"),
+            };
+            assert!(err.contains(var), "{err:?} should name {var}");
+            assert!(
+                err.contains(value.trim_matches(',')),
+                "{err:?} should show {value:?}"
+            );
+        }
+        // A listener on a guest port the allow-list drops.
+        let err = with(&[("FWD_ALLOWED_GUEST_PORTS", "443")]).unwrap_err();
+        assert!(
+            err.contains("guest port 22") && err.contains("FWD_ALLOWED_GUEST_PORTS"),
+            "{err}"
+        );
+    }
+}
