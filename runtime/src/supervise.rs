@@ -53,7 +53,7 @@ pub fn run(config: &RuntimeConfig, id: &str) -> Result<(), String> {
     };
     let result = sup.supervise();
     if let Err(e) = &result {
-        log(&format!("VM {id} failed: {e}"));
+        log::error!("VM {id} failed: {e}");
         sup.set(VmState::Failed, e.clone(), None);
     }
     state::remove(&state::pid_file(paths));
@@ -219,5 +219,5 @@ impl Sup<'_> {
 
 /// The supervisor's stderr is the VM's supervisor.log.
 fn log(line: &str) {
-    eprintln!("mergend supervise: {line}");
+    log::info!("{line}");
 }
