@@ -414,10 +414,12 @@ fn fill(worker: &Worker, counts: [usize; 2]) -> Vec<(Family, Error)> {
             if worker.waiters.load(Ordering::Relaxed) > 0 {
                 let _st = worker.lock();
                 worker.supply.notify_all();
+            } else {
+                // Background refill: give the CPU back between sockets, so a taker that
+                // woke this thread (and was preempted by it) runs now, not after the
+                // whole refill.
+                std::thread::yield_now();
             }
-            // Background work: give the CPU back between sockets, so a taker that this
-            // thread preempted when it was woken runs now, not after the whole refill.
-            std::thread::yield_now();
         }
     }
     failed
