@@ -46,7 +46,10 @@ pub struct ClientHello {
 /// records, each of which may itself arrive in pieces. Bytes after the ClientHello are
 /// ignored.
 pub fn peek_client_hello(buf: &[u8]) -> Peek {
-    let mut handshake: Vec<u8> = Vec::new();
+    // The engine calls this again after every read, so an unfinished hello costs one
+    // walk over the record headers: nothing is copied until the whole message is here.
+    let mut head = [0u8; 4];
+    let mut have = 0;
     let mut pos = 0;
     loop {
         let header = &buf[pos..buf.len().min(pos + RECORD_HEADER)];
@@ -79,33 +82,32 @@ pub fn peek_client_hello(buf: &[u8]) -> Peek {
             return Peek::Malformed("record longer than 2^14");
         }
         let start = pos + RECORD_HEADER;
-        let available = &buf[start..buf.len().min(start + len)];
-        let complete = available.len() == len;
-        // The common case, the whole hello in one record, is parsed without a copy;
-        // otherwise records are joined, and a partial record is parsed as far as it
-        // goes so that a bad or oversized hello is refused early.
-        let step = if pos == 0 && complete {
-            parse_handshake(available)
-        } else {
-            handshake.extend_from_slice(available);
-            parse_handshake(&handshake)
-        };
-        if let Step::Done(p) = step {
-            return p;
+        let payload = &buf[start..buf.len().min(start + len)];
+        if have < head.len() {
+            let take = (head.len() - have).min(payload.len());
+            head[have..have + take].copy_from_slice(&payload[..take]);
         }
-        if !complete {
+        have += payload.len();
+        if have >= 1 && head[0] != HANDSHAKE_CLIENT_HELLO {
+            return Peek::Malformed("first handshake message is not a ClientHello");
+        }
+        if have >= 4 {
+            let body_len =
+                usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]);
+            // One record header at least: a hello whose own length cannot fit in
+            // MAX_CLIENT_HELLO bytes of records is refused before it is read.
+            if RECORD_HEADER + 4 + body_len > MAX_CLIENT_HELLO {
+                return Peek::TooLarge;
+            }
+            if have >= 4 + body_len {
+                return finish(buf, 4 + body_len);
+            }
+        }
+        if payload.len() < len {
             return need_more(buf);
-        }
-        if pos == 0 {
-            handshake.extend_from_slice(available);
         }
         pos = start + len;
     }
-}
-
-enum Step {
-    Done(Peek),
-    Incomplete,
 }
 
 fn need_more(buf: &[u8]) -> Peek {
@@ -116,32 +118,30 @@ fn need_more(buf: &[u8]) -> Peek {
     }
 }
 
-/// `hs` holds the handshake-layer bytes received so far.
-fn parse_handshake(hs: &[u8]) -> Step {
-    let Some(&msg_type) = hs.first() else {
-        return Step::Incomplete;
-    };
-    if msg_type != HANDSHAKE_CLIENT_HELLO {
-        return Step::Done(Peek::Malformed(
-            "first handshake message is not a ClientHello",
-        ));
+/// Parse the first `total` handshake bytes of `buf`'s records, known to be there and
+/// to be a ClientHello header and body. The common case, one record, is not copied.
+fn finish(buf: &[u8], total: usize) -> Peek {
+    let mut joined: Vec<u8> = Vec::new();
+    let mut pos = 0;
+    while joined.len() < total {
+        let len = usize::from(u16::from_be_bytes([buf[pos + 3], buf[pos + 4]]));
+        let start = pos + RECORD_HEADER;
+        let payload = &buf[start..buf.len().min(start + len)];
+        if pos == 0 && payload.len() >= total {
+            return parse_body(&payload[4..total]);
+        }
+        let want = (total - joined.len()).min(payload.len());
+        joined.extend_from_slice(&payload[..want]);
+        pos = start + len;
     }
-    if hs.len() < 4 {
-        return Step::Incomplete;
-    }
-    let body_len = usize::from(hs[1]) << 16 | usize::from(hs[2]) << 8 | usize::from(hs[3]);
-    // One record header per 2^14 bytes at least: a hello whose own length cannot fit
-    // in MAX_CLIENT_HELLO bytes of records is refused before it is read.
-    if RECORD_HEADER + 4 + body_len > MAX_CLIENT_HELLO {
-        return Step::Done(Peek::TooLarge);
-    }
-    if hs.len() < 4 + body_len {
-        return Step::Incomplete;
-    }
-    Step::Done(match parse_client_hello(&hs[4..4 + body_len]) {
+    parse_body(&joined[4..total])
+}
+
+fn parse_body(body: &[u8]) -> Peek {
+    match parse_client_hello(body) {
         Ok(hello) => Peek::Hello(hello),
         Err(e) => Peek::Malformed(e),
-    })
+    }
 }
 
 /// A cursor over big-endian, length-prefixed TLS structures.
@@ -592,6 +592,11 @@ mod tests {
         server_hello[5] = 2;
         assert!(matches!(
             peek_client_hello(&server_hello),
+            Peek::Malformed(_)
+        ));
+        // ...and that is known from its first byte, before the rest arrives.
+        assert!(matches!(
+            peek_client_hello(&[0x16, 3, 1, 0x10, 0, 2]),
             Peek::Malformed(_)
         ));
         // An empty record and an oversized record.
