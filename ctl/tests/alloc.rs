@@ -15,7 +15,8 @@ fn hundred_concurrent_creates_on_two_daemons_never_collide() {
     let a = Mergend::start(&roots, &[]);
     let b = Mergend::start(&roots, &[]);
     let urls = Arc::new([a.url("/v1/vms"), b.url("/v1/vms")]);
-    let body = Arc::new(roots.body_with(r#","ports":[{"guest":80,"host":0},{"guest":443,"host":0}]"#));
+    let body =
+        Arc::new(roots.body_with(r#","ports":[{"guest":80,"host":0},{"guest":443,"host":0}]"#));
     let clients: Vec<_> = (0..10)
         .map(|t| {
             let urls = Arc::clone(&urls);
@@ -47,9 +48,17 @@ fn hundred_concurrent_creates_on_two_daemons_never_collide() {
             &std::fs::read(roots.config().join(id).join("meta.json")).unwrap(),
         )
         .unwrap();
-        assert!(ips.insert(meta["guestIP"].as_str().unwrap().to_string()), "repeated IP {}", meta["guestIP"]);
+        assert!(
+            ips.insert(meta["guestIP"].as_str().unwrap().to_string()),
+            "repeated IP {}",
+            meta["guestIP"]
+        );
         for p in meta["ports"].as_array().unwrap() {
-            assert!(ports.insert(p["host"].as_u64().unwrap()), "repeated host port {}", p["host"]);
+            assert!(
+                ports.insert(p["host"].as_u64().unwrap()),
+                "repeated host port {}",
+                p["host"]
+            );
         }
     }
     assert_eq!(ports.len(), 200);
@@ -65,7 +74,11 @@ fn exhausted_cidr_or_port_range_is_409() {
     let roots = Roots::new("exhaust");
     let m = Mergend::start(
         &roots,
-        &[("MGR_GUEST_CIDR", "10.99.0.0/29"), ("MGR_PORT_START", "30000"), ("MGR_PORT_END", "30002")],
+        &[
+            ("MGR_GUEST_CIDR", "10.99.0.0/29"),
+            ("MGR_PORT_START", "30000"),
+            ("MGR_PORT_END", "30002"),
+        ],
     );
     // /29: hosts .2 to .6 are guests.
     for i in 2..=6 {
@@ -77,15 +90,24 @@ fn exhausted_cidr_or_port_range_is_409() {
     let (code, v) = m.create(&roots.body());
     assert_eq!(code, 409, "{v}");
     assert_eq!(v["error"], "conflict");
-    assert!(v["message"].as_str().unwrap().contains("no free guest IP"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no free guest IP"),
+        "{v}"
+    );
 
     let roots = Roots::new("exhaustports");
-    let m = Mergend::start(&roots, &[("MGR_PORT_START", "30000"), ("MGR_PORT_END", "30002")]);
+    let m = Mergend::start(
+        &roots,
+        &[("MGR_PORT_START", "30000"), ("MGR_PORT_END", "30002")],
+    );
     let two = roots.body_with(r#","ports":[{"guest":80,"host":0},{"guest":81,"host":0}]"#);
     assert_eq!(m.create(&two).0, 201);
     let (code, v) = m.create(&two);
     assert_eq!(code, 409, "{v}");
-    assert!(v["message"].as_str().unwrap().contains("no free host port"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no free host port"),
+        "{v}"
+    );
     let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":30000}]"#));
     assert_eq!(code, 409, "{v}");
     assert!(v["message"].as_str().unwrap().contains("30000"), "{v}");

@@ -26,7 +26,10 @@ fn healthz_help_and_unknown_paths() {
     let (code, _) = m.get_json("/v1/vms/x/y/z");
     assert_eq!(code, 404);
 
-    let out = std::process::Command::new(common::BIN).arg("--help").output().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for var in [
@@ -58,7 +61,8 @@ fn create_get_list_delete_with_the_original_files() {
     let cfg = roots.config().join(&a);
 
     // The files, as the original wrote them.
-    let meta: Value = serde_json::from_slice(&std::fs::read(cfg.join("meta.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(cfg.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["id"], a.as_str());
     assert_eq!(meta["guestIP"], "172.30.0.2");
     assert_eq!(meta["tapName"], format!("tap-{}", &a[..8]));
@@ -66,8 +70,14 @@ fn create_get_list_delete_with_the_original_files() {
     assert_eq!(meta["ports"][0]["host"], 20000);
     assert_eq!(meta["ports"][1]["host"], 20001);
     assert_eq!(meta["ports"][1]["protocol"], "udp");
-    assert_eq!(meta["paths"]["lockPath"], roots.run().join(format!("{a}.lock")).display().to_string());
-    assert!(!cfg.join("hooks.json").exists(), "hooks.json only when the request had hooks");
+    assert_eq!(
+        meta["paths"]["lockPath"],
+        roots.run().join(format!("{a}.lock")).display().to_string()
+    );
+    assert!(
+        !cfg.join("hooks.json").exists(),
+        "hooks.json only when the request had hooks"
+    );
     let vmj: Value = serde_json::from_slice(&std::fs::read(cfg.join("vm.json")).unwrap()).unwrap();
     assert_eq!(
         vmj["boot-source"]["boot_args"],
@@ -75,9 +85,18 @@ fn create_get_list_delete_with_the_original_files() {
     );
     assert_eq!(vmj["machine-config"]["vcpu_count"], 2);
     assert_eq!(vmj["machine-config"]["mem_size_mib"], 256);
-    assert_eq!(vmj["network-interfaces"][0]["guest_mac"].as_str().unwrap().len(), 17);
+    assert_eq!(
+        vmj["network-interfaces"][0]["guest_mac"]
+            .as_str()
+            .unwrap()
+            .len(),
+        17
+    );
     let raw = std::fs::read_to_string(cfg.join("meta.json")).unwrap();
-    assert!(raw.starts_with("{\n  \"id\"") && raw.ends_with("}\n"), "pretty JSON");
+    assert!(
+        raw.starts_with("{\n  \"id\"") && raw.ends_with("}\n"),
+        "pretty JSON"
+    );
     let env = std::fs::read_to_string(cfg.join("env")).unwrap();
     assert!(env.contains(&format!("MGN_VM_ID='{a}'\n")));
     assert!(env.contains("MGN_PUBLISH_80='20000/tcp'\n"));
@@ -93,7 +112,8 @@ fn create_get_list_delete_with_the_original_files() {
     assert_eq!(code, 201, "{v}");
     let b = id_of(&v);
     let vmj: Value =
-        serde_json::from_slice(&std::fs::read(roots.config().join(&b).join("vm.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(roots.config().join(&b).join("vm.json")).unwrap())
+            .unwrap();
     assert_eq!(vmj["boot-source"]["boot_args"], "console=ttyS0 init=/init");
     assert!(roots.config().join(&b).join("hooks.json").exists());
 
@@ -106,7 +126,17 @@ fn create_get_list_delete_with_the_original_files() {
 
     let (code, s) = m.get_json(&format!("/v1/vms/{a}"));
     assert_eq!(code, 200);
-    for field in ["id", "createdAt", "systemd", "firecracker", "network", "paths", "metadata", "state", "supervisor"] {
+    for field in [
+        "id",
+        "createdAt",
+        "systemd",
+        "firecracker",
+        "network",
+        "paths",
+        "metadata",
+        "state",
+        "supervisor",
+    ] {
         assert!(s.get(field).is_some(), "summary lacks {field}: {s}");
     }
     assert_eq!(s["network"]["guestIP"], "172.30.0.2");
@@ -128,7 +158,10 @@ fn create_get_list_delete_with_the_original_files() {
     let (code, _) = m.curl("DELETE", &format!("/v1/vms/{b}?retainData=true"), &[]);
     assert_eq!(code, 200);
     assert!(!roots.config().join(&b).exists());
-    assert!(roots.data().join(&b).is_dir(), "retainData keeps the data dir");
+    assert!(
+        roots.data().join(&b).is_dir(),
+        "retainData keeps the data dir"
+    );
 
     // The freed address is handed out again.
     let (_, v) = m.create(&roots.body());
@@ -141,7 +174,11 @@ fn create_get_list_delete_with_the_original_files() {
     assert_eq!((code, e["error"].as_str()), (400, Some("bad_request")));
     let (code, _) = m.curl("POST", "/v1/vms/..%2F..%2Fetc/start", &[]);
     assert_eq!(code, 400);
-    let (code, _) = m.curl("POST", "/v1/vms/00000000-0000-4000-8000-000000000000/start", &[]);
+    let (code, _) = m.curl(
+        "POST",
+        "/v1/vms/00000000-0000-4000-8000-000000000000/start",
+        &[],
+    );
     assert_eq!(code, 404);
 }
 
@@ -157,24 +194,65 @@ fn validation_errors_name_the_field() {
     let cases: Vec<(String, &str)> = vec![
         (roots.body_with(r#","bogus":1"#), "bogus"),
         (roots.body_with(r#","vcpu":"two""#), "vcpu"),
-        (roots.body_with(r#","ports":[{"guest":"x"}]"#), "ports[0].guest"),
-        (roots.body_with(r#","ports":[{"guest":80,"extra":1}]"#), "extra"),
-        (roots.body_with(r#","hooks":{"onCreate":[{"type":"exec","cmd":["true"],"strikt":true}]}"#), "strikt"),
+        (
+            roots.body_with(r#","ports":[{"guest":"x"}]"#),
+            "ports[0].guest",
+        ),
+        (
+            roots.body_with(r#","ports":[{"guest":80,"extra":1}]"#),
+            "extra",
+        ),
+        (
+            roots.body_with(
+                r#","hooks":{"onCreate":[{"type":"exec","cmd":["true"],"strikt":true}]}"#,
+            ),
+            "strikt",
+        ),
         (roots.body_with(r#","vcpu":0"#), "vcpu"),
         (roots.body_with(r#","memMiB":64"#), "memMiB"),
-        (roots.body_with(r#","ports":[{"guest":0}]"#), "ports[0].guest"),
-        (roots.body_with(r#","ports":[{"guest":80,"host":70000}]"#), "ports[0].host"),
-        (roots.body_with(r#","ports":[{"guest":80,"protocol":"sctp"}]"#), "protocol"),
-        (roots.body_with(r#","ports":[{"guest":80,"host":30000},{"guest":81,"host":30000}]"#), "repeated"),
+        (
+            roots.body_with(r#","ports":[{"guest":0}]"#),
+            "ports[0].guest",
+        ),
+        (
+            roots.body_with(r#","ports":[{"guest":80,"host":70000}]"#),
+            "ports[0].host",
+        ),
+        (
+            roots.body_with(r#","ports":[{"guest":80,"protocol":"sctp"}]"#),
+            "protocol",
+        ),
+        (
+            roots.body_with(r#","ports":[{"guest":80,"host":30000},{"guest":81,"host":30000}]"#),
+            "repeated",
+        ),
         (roots.body_with(r#","hooks":{"onBoot":[]}"#), "onBoot"),
-        (roots.body_with(r#","hooks":{"onCreate":[{"type":"http","url":"https://x/"}]}"#), "https"),
+        (
+            roots.body_with(r#","hooks":{"onCreate":[{"type":"http","url":"https://x/"}]}"#),
+            "https",
+        ),
         (roots.body_with(r#","extraEnv":{"A B":"x"}"#), "extraEnv"),
         (roots.body_with(r#","process":{"cmd":[]}"#), "process.cmd"),
         (format!(r#"{{"kernel":"{k}"}}"#), "rootfs"),
-        (format!(r#"{{"rootfs":"/etc/passwd","kernel":"{k}"}}"#), "outside the allowed image roots"),
-        (format!(r#"{{"rootfs":"{}","kernel":"{k}"}}"#, img.join("link.img").display()), "outside the allowed image roots"),
-        (format!(r#"{{"rootfs":"{}","kernel":"{k}"}}"#, img.display()), "not a regular file"),
-        (format!(r#"{{"rootfs":"{}/missing","kernel":"{k}"}}"#, img.display()), "rootfs"),
+        (
+            format!(r#"{{"rootfs":"/etc/passwd","kernel":"{k}"}}"#),
+            "outside the allowed image roots",
+        ),
+        (
+            format!(
+                r#"{{"rootfs":"{}","kernel":"{k}"}}"#,
+                img.join("link.img").display()
+            ),
+            "outside the allowed image roots",
+        ),
+        (
+            format!(r#"{{"rootfs":"{}","kernel":"{k}"}}"#, img.display()),
+            "not a regular file",
+        ),
+        (
+            format!(r#"{{"rootfs":"{}/missing","kernel":"{k}"}}"#, img.display()),
+            "rootfs",
+        ),
         ("[1,2]".to_string(), "invalid request body"),
         (String::new(), "invalid request body"),
         (roots.body() + "x", "invalid request body"),
@@ -184,7 +262,10 @@ fn validation_errors_name_the_field() {
         assert_eq!(code, 400, "{body} -> {v}");
         assert_eq!(v["error"], "bad_request");
         let msg = v["message"].as_str().unwrap();
-        assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{body}: message {msg:?} lacks {needle:?}"
+        );
     }
     assert!(roots.vm_dirs().is_empty(), "a rejected create wrote files");
     // A process VM needs no kernel or rootfs.
@@ -195,10 +276,9 @@ fn validation_errors_name_the_field() {
     assert_eq!(code, 201, "{v}");
     let id = id_of(&v);
     assert!(!roots.config().join(&id).join("vm.json").exists());
-    let meta: Value = serde_json::from_slice(
-        &std::fs::read(roots.config().join(&id).join("meta.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(roots.config().join(&id).join("meta.json")).unwrap())
+            .unwrap();
     assert_eq!(meta["process"]["cmd"][0], "sleep");
 }
 
@@ -221,7 +301,12 @@ fn protocol_errors_405_408_411_413_431_and_keep_alive() {
     let (code, body) = m.curl(
         "POST",
         "/v1/vms",
-        &["-H", "Transfer-Encoding: chunked", "--data-binary", &roots.body()],
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &roots.body(),
+        ],
     );
     assert_eq!(code, 411, "{body}");
     assert!(body.contains("length_required"));
@@ -241,7 +326,8 @@ fn protocol_errors_405_408_411_413_431_and_keep_alive() {
     // A slow client: half a request, then silence.
     let mut s = TcpStream::connect(m.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
@@ -296,7 +382,10 @@ fn refuses_an_open_address_without_a_token() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MGR_API_TOKEN") && err.contains("MGR_ALLOW_INSECURE"), "{err}");
+    assert!(
+        err.contains("MGR_API_TOKEN") && err.contains("MGR_ALLOW_INSECURE"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -349,7 +438,10 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     let sock_s = sock.display().to_string();
     let mut m = Mergend::start(
         &roots,
-        &[("MGR_HTTP_SOCKET", &sock_s), ("MGR_HTTP_MAX_CONNECTIONS", "2")],
+        &[
+            ("MGR_HTTP_SOCKET", &sock_s),
+            ("MGR_HTTP_MAX_CONNECTIONS", "2"),
+        ],
     );
     let (code, body) = try_curl(&["--unix-socket", &sock_s, "http://mergend/healthz"]).unwrap();
     assert_eq!((code, body.trim()), (200, r#"{"status":"ok"}"#));
@@ -358,13 +450,21 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
 
     let (code, text) = m.curl("GET", "/metrics", &[]);
     assert_eq!(code, 200);
-    assert!(text.contains(r#"mergend_http_requests_total{route="/healthz",status="200"}"#), "{text}");
-    assert!(text.contains(r#"mergend_http_requests_total{route="/v1/vms",status="201"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"mergend_http_requests_total{route="/healthz",status="200"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mergend_http_requests_total{route="/v1/vms",status="201"} 1"#),
+        "{text}"
+    );
     assert!(text.contains(r#"mergend_vms{state="stopped"} 1"#), "{text}");
     assert!(text.contains("# TYPE mergend_hook_runs_total counter"));
 
     // Two idle connections fill the cap; the third is refused with 503.
-    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(m.addr).unwrap()).collect();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(m.addr).unwrap())
+        .collect();
     let refused = common::wait_for(Duration::from_secs(10), || {
         let mut s = TcpStream::connect(m.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -381,7 +481,9 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     // SIGTERM: a clean exit, the socket file removed.
     let idle = TcpStream::connect(m.addr).unwrap();
     m.signal(rustix::process::Signal::TERM);
-    let st = m.wait_exit(Duration::from_secs(10)).expect("mergend exits on SIGTERM");
+    let st = m
+        .wait_exit(Duration::from_secs(10))
+        .expect("mergend exits on SIGTERM");
     assert!(st.success(), "{st:?}: {}", m.log_text());
     assert!(!sock.exists());
     drop(idle);

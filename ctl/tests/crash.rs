@@ -30,7 +30,10 @@ fn check_whole(roots: &Roots, m: &Mergend) -> HashSet<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(".tmp-") || n.starts_with(".del-"))
         .collect();
-    assert!(leftovers.is_empty(), "half-written dirs left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "half-written dirs left: {leftovers:?}"
+    );
     let mut ips = HashSet::new();
     let dirs: HashSet<String> = roots.vm_dirs().into_iter().collect();
     for id in &dirs {
@@ -40,8 +43,13 @@ fn check_whole(roots: &Roots, m: &Mergend) -> HashSet<String> {
         assert_eq!(meta["id"], id.as_str());
         let _: Value = serde_json::from_slice(&std::fs::read(cfg.join("vm.json")).unwrap())
             .unwrap_or_else(|e| panic!("{id}: vm.json: {e}"));
-        assert!(std::fs::read_to_string(cfg.join("env")).unwrap().contains(&format!("MGN_VM_ID='{id}'")));
-        assert!(roots.data().join(id).join("logs").is_dir(), "{id}: logs dir");
+        assert!(std::fs::read_to_string(cfg.join("env"))
+            .unwrap()
+            .contains(&format!("MGN_VM_ID='{id}'")));
+        assert!(
+            roots.data().join(id).join("logs").is_dir(),
+            "{id}: logs dir"
+        );
         assert!(roots.run().join(id).is_dir(), "{id}: run dir");
         assert!(ips.insert(meta["guestIP"].as_str().unwrap().to_string()));
     }
@@ -68,7 +76,10 @@ fn sigkill_during_creates_leaves_only_whole_vms() {
         let present = check_whole(&roots, &m);
         swept += usize::from(m.log_text().contains("removed a half-written VM dir"));
         for id in acked.lock().unwrap().iter() {
-            assert!(present.contains(id), "acknowledged VM {id} lost by the crash");
+            assert!(
+                present.contains(id),
+                "acknowledged VM {id} lost by the crash"
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicUsize::new(0));
@@ -97,7 +108,9 @@ fn sigkill_during_creates_leaves_only_whole_vms() {
         // Kill after a random number of creates plus a random sub-create delay, so the
         // kill lands at different points inside a create.
         let after = 1 + (rng.next() % 8) as usize;
-        assert!(wait_for(Duration::from_secs(30), || done.load(Ordering::Relaxed) >= after));
+        assert!(wait_for(Duration::from_secs(30), || done
+            .load(Ordering::Relaxed)
+            >= after));
         std::thread::sleep(Duration::from_micros(rng.next() % 4000));
         m.signal(rustix::process::Signal::KILL);
         stop.store(true, Ordering::Relaxed);
@@ -123,7 +136,9 @@ fn half_written_dirs_are_swept_or_reported_and_never_listed() {
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::write(tmp.join("meta.json"), b"{\"id\": \"1111").unwrap();
     std::fs::create_dir_all(roots.data().join(tmp_id).join("logs")).unwrap();
-    let del = roots.config().join(".del-21111111-2222-4333-8444-555555555555");
+    let del = roots
+        .config()
+        .join(".del-21111111-2222-4333-8444-555555555555");
     std::fs::create_dir_all(&del).unwrap();
     let no_meta = roots.config().join("31111111-2222-4333-8444-555555555555");
     std::fs::create_dir_all(&no_meta).unwrap();
@@ -133,12 +148,24 @@ fn half_written_dirs_are_swept_or_reported_and_never_listed() {
 
     let m = Mergend::start(&roots, &[]);
     assert!(!tmp.exists() && !del.exists(), "temporary dirs swept");
-    assert!(!roots.data().join(tmp_id).exists(), "the uncommitted create's data dir swept");
-    assert!(no_meta.exists() && bad_meta.exists(), "unknown dirs are reported, not deleted");
+    assert!(
+        !roots.data().join(tmp_id).exists(),
+        "the uncommitted create's data dir swept"
+    );
+    assert!(
+        no_meta.exists() && bad_meta.exists(),
+        "unknown dirs are reported, not deleted"
+    );
     let (_, list) = m.get_json("/v1/vms");
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     let log = m.log_text();
-    assert!(log.contains("31111111-2222-4333-8444-555555555555") && log.contains("41111111"), "{log}");
+    assert!(
+        log.contains("31111111-2222-4333-8444-555555555555") && log.contains("41111111"),
+        "{log}"
+    );
     let (code, _) = m.get_json("/v1/vms/41111111-2222-4333-8444-555555555555");
-    assert_eq!(code, 500, "a dir with a corrupt meta.json is an error, not a VM");
+    assert_eq!(
+        code, 500,
+        "a dir with a corrupt meta.json is an error, not a VM"
+    );
 }

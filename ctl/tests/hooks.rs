@@ -37,14 +37,21 @@ fn receiver(status: u16) -> (SocketAddr, Receiver<Received>) {
                     let head = text[..i].to_string();
                     let len: usize = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
                         .unwrap_or(0);
                     if buf.len() >= i + 4 + len {
                         break (head, buf[i + 4..i + 4 + len].to_vec());
                     }
                 }
             };
-            let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
             let _ = tx.send(Received {
                 head,
                 body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -55,7 +62,9 @@ fn receiver(status: u16) -> (SocketAddr, Receiver<Received>) {
 }
 
 fn hooks_body(roots: &Roots, hooks: &str) -> String {
-    roots.body_with(&format!(r#","ports":[{{"guest":80,"host":0}}],"metadata":{{"team":"core"}},"hooks":{hooks}"#))
+    roots.body_with(&format!(
+        r#","ports":[{{"guest":80,"host":0}}],"metadata":{{"team":"core"}},"hooks":{hooks}"#
+    ))
 }
 
 #[test]
@@ -71,14 +80,22 @@ fn strict_http_hook_gets_the_context_before_the_response() {
     let id = v["id"].as_str().unwrap();
     // Strict: the hook already ran when the response came back.
     let got = rx.try_recv().expect("strict hook ran before the response");
-    assert!(got.head.starts_with(&format!("POST /created/{id} HTTP/1.1")), "{}", got.head);
+    assert!(
+        got.head
+            .starts_with(&format!("POST /created/{id} HTTP/1.1")),
+        "{}",
+        got.head
+    );
     assert!(got.head.contains("X-Token: abc"));
     assert_eq!(got.body["id"], id);
     assert_eq!(got.body["guestIP"], "172.30.0.2");
     assert_eq!(got.body["hostPorts"][0], 20000);
     assert_eq!(got.body["guestPorts"][0], 80);
     assert_eq!(got.body["metadata"]["team"], "core");
-    assert_eq!(got.body["paths"]["configDir"], roots.config().join(id).display().to_string());
+    assert_eq!(
+        got.body["paths"]["configDir"],
+        roots.config().join(id).display().to_string()
+    );
     assert!(got.body["createdAt"].as_str().unwrap().ends_with('Z'));
 }
 
@@ -91,14 +108,18 @@ fn failed_strict_oncreate_leaves_no_vm_and_frees_the_allocation() {
         format!(r#"{{"onCreate":[{{"type":"http","url":"http://{addr}/","strict":true}}]}}"#),
         r#"{"onCreate":[{"type":"exec","cmd":["false"],"strict":true}]}"#.to_string(),
         r#"{"onCreate":[{"type":"exec","cmd":["echo","{{.Nope}}"],"strict":true}]}"#.to_string(),
-        r#"{"onCreate":[{"type":"exec","cmd":["sleep","5"],"strict":true,"timeoutMs":200}]}"#.to_string(),
+        r#"{"onCreate":[{"type":"exec","cmd":["sleep","5"],"strict":true,"timeoutMs":200}]}"#
+            .to_string(),
         r#"{"onCreate":[{"type":"exec","cmd":["/no/such/binary"],"strict":true}]}"#.to_string(),
     ];
     for hooks in &cases {
         let (code, v) = m.create(&hooks_body(&roots, hooks));
         assert_eq!(code, 502, "{hooks}: {v}");
         assert_eq!(v["error"], "hook_failed");
-        assert!(v["message"].as_str().unwrap().contains("not created"), "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("not created"),
+            "{v}"
+        );
         assert!(roots.vm_dirs().is_empty(), "{hooks}: VM left behind");
         assert_eq!(std::fs::read_dir(roots.data()).unwrap().count(), 0);
     }
@@ -108,8 +129,14 @@ fn failed_strict_oncreate_leaves_no_vm_and_frees_the_allocation() {
     assert_eq!(s["network"]["guestIP"], "172.30.0.2", "allocation freed");
     assert_eq!(s["network"]["ports"][0]["host"], 20000);
     let (_, text) = m.curl("GET", "/metrics", &[]);
-    assert!(text.contains(r#"mergend_hook_failures_total{event="onCreate",type="exec"} 4"#), "{text}");
-    assert!(text.contains(r#"mergend_hook_failures_total{event="onCreate",type="http"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"mergend_hook_failures_total{event="onCreate",type="exec"} 4"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mergend_hook_failures_total{event="onCreate",type="http"} 1"#),
+        "{text}"
+    );
 }
 
 #[test]
@@ -134,13 +161,18 @@ fn global_hooks_run_first_and_placeholders_render() {
     let data_dir = roots.data().join(id);
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
-        format!("global 172.30.0.2\nvm {id} [20000] {} core\n", data_dir.display())
+        format!(
+            "global 172.30.0.2\nvm {id} [20000] {} core\n",
+            data_dir.display()
+        )
     );
     // A non-strict onDelete hook runs in the background after the response.
     let (code, _) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
     assert_eq!(code, 200);
     assert!(wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(&out).unwrap().contains(&format!("deleted {id}"))
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .contains(&format!("deleted {id}"))
     }));
 }
 

@@ -187,14 +187,25 @@ impl Mergend {
         let (code, out) = self.curl(
             "POST",
             "/v1/vms",
-            &["-H", "content-type: application/json", "--data-binary", body],
+            &[
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                body,
+            ],
         );
-        (code, serde_json::from_str(&out).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(&out).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let (code, out) = self.curl("GET", path, &[]);
-        (code, serde_json::from_str(&out).unwrap_or(serde_json::Value::Null))
+        (
+            code,
+            serde_json::from_str(&out).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
@@ -237,7 +248,10 @@ pub fn try_curl(args: &[&str]) -> Result<(u16, String), String> {
         .map_err(|e| format!("curl: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let code: u16 = code.trim().parse().map_err(|_| format!("no status: {text:?}"))?;
+    let code: u16 = code
+        .trim()
+        .parse()
+        .map_err(|_| format!("no status: {text:?}"))?;
     if code == 0 {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
