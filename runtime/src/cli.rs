@@ -41,19 +41,19 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
-    if step == "net-cleanup" {
-        // Needs no meta.json: cleanup must work even after the VM's files are gone.
-        if !mergen_model::names::is_valid_id(id) {
-            return Err(format!("{id:?} is not a VM id (a lowercase UUID)"));
-        }
-        return steps::net_cleanup(config, id);
-    }
-    let meta = steps::load_meta(config, id)?;
     match step {
-        "net-setup" => steps::net_setup(config, &meta),
-        "configure-start" => steps::configure_start(config, &meta),
+        // Needs no meta.json: cleanup must work even after the VM's files are gone.
+        "net-cleanup" => {
+            if !mergen_model::names::is_valid_id(id) {
+                return Err(format!("{id:?} is not a VM id (a lowercase UUID)"));
+            }
+            steps::net_cleanup(config, id)
+        }
+        "net-setup" => steps::net_setup(config, &steps::load_meta(config, id)?),
+        "configure-start" => steps::configure_start(config, &steps::load_meta(config, id)?),
         // `run` is the guest whatever its kind; `jailer-start` insists on Firecracker.
         "run" | "jailer-start" => {
+            let meta = steps::load_meta(config, id)?;
             let kind = GuestKind::of(&meta, config)?;
             if step == "jailer-start" && kind != GuestKind::Firecracker {
                 return Err(format!("VM {id} is a process VM: use `mergend vm run`"));
@@ -62,6 +62,7 @@ fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
             Err(format!("executing {cmd:?}: {}", cmd.exec()))
         }
         "graceful-stop" => {
+            let meta = steps::load_meta(config, id)?;
             // systemd passes the unit's main process as $MAINPID; otherwise the
             // embedded supervisor's state file knows the guest.
             let pid = std::env::var("MAINPID")

@@ -130,7 +130,8 @@ impl Supervisor for EmbeddedSupervisor {
         if state::live_supervisor(&paths, &meta.id).is_some() {
             return Ok(());
         }
-        // A crashed supervisor may have left the network behind; start from clean.
+        // A crashed supervisor may have left its guest and network behind; start clean.
+        self.kill_orphan_guest(meta, state::read(&paths).as_ref());
         steps::net_cleanup(&self.config, &meta.id).map_err(RuntimeError::Failed)?;
         self.spawn(meta, &paths)
     }

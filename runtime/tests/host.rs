@@ -41,6 +41,9 @@ const TESTS: &[(&str, TestFn)] = tests![
     graceful_stop_sends_ctrl_alt_del_then_terminates,
     systemd_backend_issues_the_expected_systemctl_commands,
     install_script_puts_binaries_and_units_in_place,
+    udp_ports_are_published_too,
+    jailer_command_links_images_into_the_chroot,
+    step_subcommands_reject_bad_input_with_clear_errors,
 ];
 
 fn main() -> ExitCode {
@@ -893,4 +896,204 @@ fn install_script_puts_binaries_and_units_in_place() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("mergen-forwarder not found"));
     assert!(!dir.join("root2").exists());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------- more steps
+
+fn udp_ports_are_published_too() {
+    if skip_unless_root("udp_ports_are_published_too") {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let ip = host.config.guest_cidr.host(2).unwrap();
+    let hport = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let echo = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{ip}',5353))\n\
+         while True:\n d,a=s.recvfrom(2048)\n s.sendto(b'echo:'+d,a)\n"
+    );
+    let spec = ProcessSpec {
+        cmd: vec!["/usr/bin/python3".into(), "-c".into(), echo],
+        env: BTreeMap::new(),
+        workdir: None,
+    };
+    let udp = PortBinding {
+        guest: 5353,
+        host: hport,
+        protocol: Protocol::Udp,
+    };
+    let meta = host.vm(2, vec![udp], Some(spec));
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let _guard = VmGuard {
+        sup: &sup,
+        config: &host.config,
+        meta: meta.clone(),
+    };
+    sup.start(&meta).unwrap();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let answer = wait_for(
+        "a UDP echo through the published port",
+        Duration::from_secs(20),
+        || {
+            client.send_to(b"ping", ("127.0.0.1", hport)).ok()?;
+            let (n, _) = client.recv_from(&mut buf).ok()?;
+            Some(buf[..n].to_vec())
+        },
+    );
+    assert_eq!(answer, b"echo:ping");
+    sup.stop(&meta).unwrap();
+    assert_nothing_left(&meta.id);
+}
+
+fn jailer_command_links_images_into_the_chroot() {
+    if skip_unless_root("jailer_command_links_images_into_the_chroot") {
+        return;
+    }
+    let chroot =
+        std::env::temp_dir().join(format!("mergen-rt-jail-{}-{}", std::process::id(), next()));
+    let host = Host::new(
+        "10.0.0.0/24",
+        &[
+            ("MGR_RUNTIME", "firecracker"),
+            ("MGR_JAILER", "1"),
+            ("MGR_JAILER_BIN", "/opt/fc/jailer"),
+            ("MGR_FIRECRACKER_BIN", "/opt/fc/firecracker"),
+            ("MGR_JAILER_UID", "123"),
+            ("MGR_JAILER_GID", "456"),
+            ("MGR_JAILER_CHROOT_BASE", &chroot.to_string_lossy()),
+        ],
+    );
+    let meta = firecracker_vm(&host);
+    // vm.json points at real files next to the chroot base (same file system).
+    let images = host.dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
+    for (i, name) in ["vmlinux", "rootfs.ext4", "data.ext4"].iter().enumerate() {
+        let p = images.join(name);
+        std::fs::write(&p, name).unwrap();
+        match i {
+            0 => vm["boot-source"]["kernel_image_path"] = p.to_string_lossy().into(),
+            n => vm["drives"][n - 1]["path_on_host"] = p.to_string_lossy().into(),
+        }
+    }
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    let cmd = firecracker::launch_command(&host.config, &meta).unwrap();
+    let argv: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let netns = format!("/var/run/netns/{}", meta.netns);
+    let chroot_s = chroot.to_string_lossy().into_owned();
+    assert_eq!(
+        argv,
+        [
+            "/opt/fc/jailer",
+            "--id",
+            &meta.id,
+            "--exec-file",
+            "/opt/fc/firecracker",
+            "--uid",
+            "123",
+            "--gid",
+            "456",
+            "--chroot-base-dir",
+            &chroot_s,
+            "--netns",
+            &netns,
+            "--",
+            "--api-sock",
+            "/mergen.socket",
+        ]
+    );
+    let root = chroot.join("firecracker").join(&meta.id).join("root");
+    use std::os::unix::fs::MetadataExt;
+    for (name, src) in [
+        ("kernel", "vmlinux"),
+        ("drive-rootfs", "rootfs.ext4"),
+        ("drive-data", "data.ext4"),
+    ] {
+        let linked = std::fs::metadata(root.join(name)).unwrap();
+        assert_eq!(
+            linked.ino(),
+            std::fs::metadata(images.join(src)).unwrap().ino(),
+            "{name} is not a hard link"
+        );
+        assert_eq!((linked.uid(), linked.gid()), (123, 456));
+    }
+    // The documented socket path leads into the chroot.
+    assert_eq!(
+        std::fs::read_link(&meta.paths.socket_path).unwrap(),
+        root.join("mergen.socket")
+    );
+    // Without the jailer: Firecracker itself inside the namespace, on the documented socket.
+    let mut direct = host.config.clone();
+    direct.use_jailer = false;
+    let cmd = firecracker::launch_command(&direct, &meta).unwrap();
+    let argv: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cmd.get_program(), "ip");
+    assert_eq!(
+        argv,
+        [
+            "netns",
+            "exec",
+            &meta.netns,
+            "/opt/fc/firecracker",
+            "--api-sock",
+            &meta.paths.socket_path,
+            "--id",
+            &meta.id
+        ]
+    );
+    assert!(
+        !Path::new(&meta.paths.socket_path).exists(),
+        "a stale socket path was left for Firecracker"
+    );
+    let _ = std::fs::remove_dir_all(&chroot);
+}
+
+fn step_subcommands_reject_bad_input_with_clear_errors() {
+    let host = Host::new("10.0.0.0/24", &[]);
+    let exe = std::env::current_exe().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(&exe);
+        cmd.args(args);
+        for (k, v) in host.config.to_env() {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["vm", "net-setup", "../../etc/passwd"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a VM id"), "{err}");
+    let (code, err) = run(&["vm", "reboot", "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown step \"reboot\""), "{err}");
+    let (code, err) = run(&["vm", "net-setup", "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("meta.json"), "{err}");
+    let (code, err) = run(&["vm"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("usage"), "{err}");
+    let (code, err) = run(&["supervise", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a VM id"), "{err}");
+    // Cleanup of a VM that never existed is fine (idempotent, needs no files).
+    if is_root() {
+        let (code, err) = run(&["vm", "net-cleanup", &unique_id()]);
+        assert_eq!(code, Some(0), "{err}");
+    }
 }
