@@ -83,10 +83,12 @@ impl EmbeddedSupervisor {
             match state::read(paths) {
                 Some(s) if s.state == VmState::Running => return Ok(()),
                 Some(s) if matches!(s.state, VmState::Failed | VmState::Stopped) => {
+                    // It is on its way out: let it go before reporting.
+                    procs::wait_gone(s.supervisor_pid, Duration::from_secs(5));
                     return Err(RuntimeError::Failed(format!(
                         "VM {} did not start: {}",
                         meta.id, s.message
-                    )))
+                    )));
                 }
                 _ => {}
             }

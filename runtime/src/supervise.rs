@@ -52,11 +52,16 @@ pub fn run(config: &RuntimeConfig, id: &str) -> Result<(), String> {
         },
     };
     let result = sup.supervise();
-    if let Err(e) = &result {
-        log::error!("VM {id} failed: {e}");
-        sup.set(VmState::Failed, e.clone(), None);
-    }
+    // The pid file goes first: once the final state is visible, nobody reads this
+    // (exiting) process as the VM's live supervisor.
     state::remove(&state::pid_file(paths));
+    match &result {
+        Err(e) => {
+            log::error!("VM {id} failed: {e}");
+            sup.set(VmState::Failed, e.clone(), None);
+        }
+        Ok(()) => sup.set(VmState::Stopped, sup.record.message.clone(), None),
+    }
     result
 }
 
@@ -108,7 +113,7 @@ impl Sup<'_> {
                 Ok(Event::Exited(status)) if status.success() => {
                     log(&format!("VM {id}: guest exited cleanly; not restarting"));
                     self.cleanup();
-                    self.set(VmState::Stopped, format!("guest exited: {status}"), None);
+                    self.record.message = format!("guest exited: {status}");
                     return Ok(());
                 }
                 Ok(Event::Exited(status)) => {
@@ -197,7 +202,7 @@ impl Sup<'_> {
             let _ = rx.recv_timeout(Duration::from_secs(5));
         }
         self.cleanup();
-        self.set(VmState::Stopped, String::new(), None);
+        self.record.message.clear();
         result
     }
 
