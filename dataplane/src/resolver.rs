@@ -37,7 +37,7 @@ pub struct Route {
 /// One consistent view of the routing table.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    aliases: HashMap<String, Arc<Route>>,
+    aliases: HashMap<Arc<str>, Arc<Route>>,
     /// Oldest first (ties broken by id), as the raw listener wants.
     ordered: Vec<Arc<Route>>,
     prefix: String,
@@ -49,7 +49,7 @@ impl Snapshot {
     /// else `<label>.<prefix>.<suffix>`, compared lowercase without a trailing dot.
     pub fn resolve_sni(&self, sni: &str) -> Option<Arc<Route>> {
         let label = sni_label(sni, &self.prefix, &self.suffix)?;
-        self.aliases.get(&label).cloned()
+        self.aliases.get(label.as_str()).cloned()
     }
 
     /// The oldest VM: where raw listeners send their connections.
@@ -71,25 +71,22 @@ impl Snapshot {
     }
 
     fn build(routes: &BTreeMap<String, Entry>, prefix: &str, suffix: &str) -> Snapshot {
-        let mut ordered: Vec<(&Entry, Arc<Route>)> = routes
-            .values()
-            .map(|e| (e, Arc::new(e.route.clone())))
-            .collect();
-        ordered.sort_by(|(a, _), (b, _)| {
+        let mut ordered: Vec<&Entry> = routes.values().collect();
+        ordered.sort_by(|a, b| {
             (a.route.created_at, &a.route.id).cmp(&(b.route.created_at, &b.route.id))
         });
-        let mut aliases = HashMap::with_capacity(ordered.len() * 3);
+        let mut aliases = HashMap::with_capacity(ordered.len() * 4);
         // Oldest first, so the first VM to claim an alias keeps it.
-        for (entry, route) in &ordered {
+        for entry in &ordered {
             for alias in &entry.aliases {
                 aliases
-                    .entry(alias.clone())
-                    .or_insert_with(|| Arc::clone(route));
+                    .entry(Arc::clone(alias))
+                    .or_insert_with(|| Arc::clone(&entry.route));
             }
         }
         Snapshot {
             aliases,
-            ordered: ordered.into_iter().map(|(_, r)| r).collect(),
+            ordered: ordered.into_iter().map(|e| Arc::clone(&e.route)).collect(),
             prefix: prefix.to_string(),
             suffix: suffix.to_string(),
         }
@@ -133,8 +130,8 @@ pub fn netns_path(netns_root: Option<&Path>, netns: &str) -> Option<PathBuf> {
 /// only files that changed (an atomic replace always changes the inode).
 #[derive(Debug, Clone)]
 struct Entry {
-    route: Route,
-    aliases: Vec<String>,
+    route: Arc<Route>,
+    aliases: Vec<Arc<str>>,
     stamp: Stamp,
 }
 
@@ -159,7 +156,7 @@ impl Stamp {
     }
 }
 
-fn aliases_of(meta: &Meta) -> Vec<String> {
+fn aliases_of(meta: &Meta) -> Vec<Arc<str>> {
     let mut out = vec![meta.id.to_ascii_lowercase()];
     out.push(mergen_model::names::short_id(&meta.id).to_ascii_lowercase());
     for key in ALIAS_KEYS {
@@ -174,15 +171,9 @@ fn aliases_of(meta: &Meta) -> Vec<String> {
     }
     // A name with a dot can never be a label; an empty one never matches.
     out.retain(|a| !a.is_empty() && !a.contains('.'));
-    let mut seen = Vec::with_capacity(out.len());
-    out.retain(|a| {
-        let fresh = !seen.contains(a);
-        if fresh {
-            seen.push(a.clone());
-        }
-        fresh
-    });
-    out
+    out.sort_unstable();
+    out.dedup();
+    out.into_iter().map(Arc::from).collect()
 }
 
 /// Whether a directory entry of the root can be a VM: dot-names are temporary files
@@ -227,12 +218,12 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
     match Meta::from_slice(&bytes) {
         Ok(meta) => Load::Loaded(Box::new(Entry {
             aliases: aliases_of(&meta),
-            route: Route {
+            route: Arc::new(Route {
                 id: meta.id,
                 guest_ip: meta.guest_ip,
                 netns: meta.netns,
                 created_at: meta.created_at,
-            },
+            }),
             stamp,
         })),
         Err(e) => {
@@ -397,6 +388,7 @@ impl Resolver {
             inotify,
             root_wd: None,
             dirs: HashMap::new(),
+            warned_limit: false,
         };
         watcher.sync_watches(&self.shared);
         // Files may have appeared between the first load and the watches.
@@ -415,6 +407,8 @@ struct Watcher {
     inotify: Inotify,
     root_wd: Option<WatchDescriptor>,
     dirs: HashMap<WatchDescriptor, String>,
+    /// The kernel's watch limit was hit: said once, then the rescan covers the rest.
+    warned_limit: bool,
 }
 
 impl Watcher {
@@ -450,6 +444,12 @@ impl Watcher {
             Err(e)
                 if e.raw_os_error() == Some(libc::ENOTDIR)
                     || e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                if !self.warned_limit {
+                    self.warned_limit = true;
+                    log::warn!(watches = self.dirs.len(); "inotify watch limit reached (fs.inotify.max_user_watches): changes in further VM directories are seen by the periodic rescan only");
+                }
+            }
             Err(e) => log::warn!(dir = name, error = e.to_string(); "cannot watch VM directory"),
         }
     }
@@ -469,7 +469,7 @@ impl Watcher {
         let Ok(rd) = fs::read_dir(&shared.root) else {
             return;
         };
-        let watched: Vec<String> = self.dirs.values().cloned().collect();
+        let watched: std::collections::HashSet<String> = self.dirs.values().cloned().collect();
         for name in rd
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -966,6 +966,29 @@ mod tests {
         r.reload();
         eprintln!("rescanned {n} unchanged VMs in {:?}", started.elapsed());
         assert!(Arc::ptr_eq(&snap, &r.snapshot()));
+        // One more VM: a rescan, one parse and a new snapshot of all of them.
+        write_vm(&root.0, n, n, json!({"app": "extra"}), json!({}));
+        let started = Instant::now();
+        r.reload();
+        eprintln!("rescanned with one new VM in {:?}", started.elapsed());
+        assert_eq!(routed_id(&r, "extra.localhost"), Some(id(n)));
+        // What an inotify event costs: one directory re-read, a new snapshot.
+        write_vm(&root.0, n, n, json!({"app": "changed"}), json!({}));
+        let started = Instant::now();
+        r.shared.rescan_dirs([id(n).as_str()]);
+        eprintln!(
+            "re-read one VM directory and republished in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(routed_id(&r, "changed.localhost"), Some(id(n)));
+        let started = Instant::now();
+        for i in 0..n {
+            assert!(r
+                .snapshot()
+                .resolve_sni(&format!("app{i}.localhost"))
+                .is_some());
+        }
+        eprintln!("{n} lookups in {:?}", started.elapsed());
     }
 
     #[test]
