@@ -82,6 +82,31 @@ fn listed(m: &Mergend) -> HashMap<String, serde_json::Value> {
         .collect()
 }
 
+/// nginx (Debian's) as a guest, listening on 8080 in its namespace, files under `dir`.
+fn nginx_argv(dir: &std::path::Path, www: &std::path::Path) -> Vec<String> {
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+         fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
+         server {{ listen 8080; root {www}; }}\n}}\n",
+        www = www.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    vec![
+        "/usr/sbin/nginx".into(),
+        "-c".into(),
+        s(dir.join("nginx.conf")),
+        "-p".into(),
+        s(dir.to_path_buf()),
+        "-e".into(),
+        s(dir.join("error.log")),
+    ]
+}
+
 fn run_out(cmd: &[&str]) -> String {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -119,12 +144,13 @@ fn process_vms_outlive_a_killed_mergend_and_are_readopted() {
         let page = format!("guest number {n}\n");
         std::fs::write(www.join("index.html"), &page).unwrap();
         let port = free_port();
-        let body = format!(
-            r#"{{"process":{{"cmd":["/usr/bin/python3","-m","http.server","8080","--bind","0.0.0.0"],
-                "env":{{"PYTHONDONTWRITEBYTECODE":"1"}},"workdir":"{}"}},
-                "ports":[{{"guest":8080,"host":{port}}}],"tags":{{"app":"e2e{n}"}}}}"#,
-            www.display()
-        );
+        let argv = nginx_argv(&roots.dir.join(format!("nginx{n}")), &www);
+        let body = serde_json::json!({
+            "process": {"cmd": argv},
+            "ports": [{"guest": 8080, "host": port}],
+            "tags": {"app": format!("e2e{n}")},
+        })
+        .to_string();
         let (code, v) = mergend.create(&body);
         assert_eq!(code, 201, "{v}");
         let id = v["id"].as_str().unwrap().to_string();

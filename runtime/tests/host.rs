@@ -48,8 +48,10 @@ const TESTS: &[(&str, TestFn)] = tests![
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if matches!(args.first().map(String::as_str), Some("supervise" | "vm")) {
-        return mergen_runtime::cli::main(&args);
+    match args.first().map(String::as_str) {
+        Some("supervise" | "vm") => return mergen_runtime::cli::main(&args),
+        Some("udp-echo") => return udp_echo(&args[1]),
+        _ => {}
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if args.iter().any(|a| a == "--list") {
@@ -88,6 +90,21 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// A UDP echo server (a guest for the UDP test): answers `echo:<datagram>`.
+fn udp_echo(addr: &str) -> ExitCode {
+    let Ok(sock) = std::net::UdpSocket::bind(addr) else {
+        eprintln!("udp-echo: cannot bind {addr}");
+        return ExitCode::FAILURE;
+    };
+    let mut buf = [0u8; 2048];
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        let mut answer = b"echo:".to_vec();
+        answer.extend_from_slice(&buf[..n]);
+        let _ = sock.send_to(&answer, from);
+    }
+    ExitCode::FAILURE
 }
 
 // ---------------------------------------------------------------- fixtures
@@ -238,17 +255,11 @@ fn tcp(guest: u16, host: u16) -> PortBinding {
     }
 }
 
-fn http_server(ip: &str, port: u16, dir: &Path) -> ProcessSpec {
+/// nginx serving `www` on `ip:port`, its files under `dir`.
+fn http_server(ip: &str, port: u16, dir: &Path, www: &Path) -> ProcessSpec {
     ProcessSpec {
-        cmd: vec![
-            "/usr/bin/python3".into(),
-            "-m".into(),
-            "http.server".into(),
-            port.to_string(),
-            "--bind".into(),
-            ip.into(),
-        ],
-        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string())]),
+        cmd: support::nginx::guest_argv(dir, &format!("{ip}:{port}"), www),
+        env: BTreeMap::new(),
         workdir: Some(dir.to_string_lossy().into_owned()),
     }
 }
@@ -397,7 +408,7 @@ fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
     let meta = host.vm(
         2,
         vec![tcp(8080, hport)],
-        Some(http_server(&ip, 8080, &www)),
+        Some(http_server(&ip, 8080, &host.dir.join("nginx"), &www)),
     );
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
     let guard = VmGuard {
@@ -910,12 +921,16 @@ fn udp_ports_are_published_too() {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let echo = format!(
-        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{ip}',5353))\n\
-         while True:\n d,a=s.recvfrom(2048)\n s.sendto(b'echo:'+d,a)\n"
-    );
+    // The guest is this test binary in its UDP echo mode (see `main`).
     let spec = ProcessSpec {
-        cmd: vec!["/usr/bin/python3".into(), "-c".into(), echo],
+        cmd: vec![
+            std::env::current_exe()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+            "udp-echo".into(),
+            format!("{ip}:5353"),
+        ],
         env: BTreeMap::new(),
         workdir: None,
     };

@@ -1,1 +1,2 @@
 pub mod firecracker_double;
+pub mod nginx;
