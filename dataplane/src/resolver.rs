@@ -454,6 +454,19 @@ impl Watcher {
         }
     }
 
+    fn unwatch(&mut self, name: &str) {
+        let wds: Vec<WatchDescriptor> = self
+            .dirs
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(wd, _)| wd.clone())
+            .collect();
+        for wd in wds {
+            self.dirs.remove(&wd);
+            let _ = self.inotify.watches().remove(wd);
+        }
+    }
+
     /// Watch the root (if it exists now) and every VM directory in it.
     fn sync_watches(&mut self, shared: &Shared) {
         if self.root_wd.is_none() {
@@ -539,10 +552,13 @@ impl Watcher {
                     let Some(name) = name.filter(|n| is_candidate(n)) else {
                         continue;
                     };
-                    if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
-                        && ev.mask.contains(EventMask::ISDIR)
-                    {
-                        new_dirs.push(name.clone());
+                    if ev.mask.contains(EventMask::ISDIR) {
+                        if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                            new_dirs.push(name.clone());
+                        } else if ev.mask.contains(EventMask::MOVED_FROM) {
+                            // Moved elsewhere, it is still watched under its old name.
+                            self.unwatch(&name);
+                        }
                     }
                     dirty.push(name);
                 } else if let Some(dir) = self.dirs.get(&ev.wd) {
@@ -905,6 +921,24 @@ mod tests {
         assert!(
             eventually(within, || routed_id(&r, "moved.localhost") == Some(id(4))),
             "moved in"
+        );
+
+        // Moved out and back: it leaves, returns, and is still followed afterwards.
+        fs::rename(root.0.join(id(4)), outside.0.join(id(4))).unwrap();
+        assert!(
+            eventually(within, || routed_id(&r, "moved.localhost").is_none()),
+            "moved out"
+        );
+        write_vm(&outside.0, 4, 2, json!({"app": "outside"}), json!({}));
+        fs::rename(outside.0.join(id(4)), root.0.join(id(4))).unwrap();
+        assert!(
+            eventually(within, || routed_id(&r, "outside.localhost") == Some(id(4))),
+            "moved back"
+        );
+        write_vm(&root.0, 4, 2, json!({"app": "back"}), json!({}));
+        assert!(
+            eventually(within, || routed_id(&r, "back.localhost") == Some(id(4))),
+            "rewritten after moving back"
         );
         assert_eq!(routed_id(&r, "first.localhost"), Some(id(1)));
     }
