@@ -184,7 +184,9 @@ fn status_of(config: &RuntimeConfig, meta: &Meta) -> VmStatus {
             VmState::Running
         }
         (Some(_), _) => VmState::Starting,
-        (None, Some(s)) if s.state == VmState::Failed => VmState::Failed,
+        // Gone without recording a stop: it failed, or was killed (its guest may even
+        // still run; `stop` and `start` clear that up).
+        (None, Some(s)) if s.state != VmState::Stopped => VmState::Failed,
         (None, _) => VmState::Stopped,
     };
     VmStatus {

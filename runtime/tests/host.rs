@@ -36,6 +36,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     crashing_guest_is_restarted_with_back_off,
     twenty_vms_start_and_stop_concurrently_without_leftovers,
     a_guest_that_cannot_start_fails_start_with_its_error,
+    a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up,
     configure_start_replays_vm_json_in_order,
     configure_start_reports_firecrackers_fault_message,
     graceful_stop_sends_ctrl_alt_del_then_terminates,
@@ -1111,4 +1112,48 @@ fn step_subcommands_reject_bad_input_with_clear_errors() {
         let (code, err) = run(&["vm", "net-cleanup", &unique_id()]);
         assert_eq!(code, Some(0), "{err}");
     }
+}
+
+fn a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up() {
+    let name = "a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up";
+    if skip_unless_root(name) {
+        return;
+    }
+    let host = Host::new(&unique_cidr(), &[]);
+    let spec = ProcessSpec {
+        cmd: vec!["sleep".into(), "600".into()],
+        env: BTreeMap::new(),
+        workdir: None,
+    };
+    let meta = host.vm(2, vec![tcp(80, free_port())], Some(spec));
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let _guard = VmGuard {
+        sup: &sup,
+        config: &host.config,
+        meta: meta.clone(),
+    };
+    sup.start(&meta).unwrap();
+    let sup_pid = sup.status(&meta).unwrap().supervisor.pid.unwrap();
+    let guest_pid = state::read(&meta.paths).unwrap().guest_pid.unwrap();
+    Command::new("kill")
+        .args(["-KILL", &sup_pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for("the supervisor to die", Duration::from_secs(10), || {
+        (sup.status(&meta).unwrap().state == VmState::Failed).then_some(())
+    });
+    let st = sup.status(&meta).unwrap();
+    assert!(
+        !st.supervisor.active && st.supervisor.pid.is_none(),
+        "{st:?}"
+    );
+    // The guest outlived its supervisor; stop finds and ends it, then cleans up.
+    assert!(mergen_runtime::procs::alive(guest_pid));
+    sup.stop(&meta).unwrap();
+    assert!(
+        !mergen_runtime::procs::alive(guest_pid),
+        "orphaned guest left running"
+    );
+    assert_nothing_left(&meta.id);
+    assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
 }
