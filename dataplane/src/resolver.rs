@@ -612,8 +612,23 @@ mod tests {
     struct TempDir(PathBuf);
     impl TempDir {
         fn new() -> TempDir {
+            TempDir::new_in(&std::env::temp_dir())
+        }
+
+        /// In memory when the machine has /dev/shm: writing thousands of files to a
+        /// disk shared with fsync-heavy tests can take longer than the test itself.
+        fn in_memory() -> TempDir {
+            let shm = Path::new("/dev/shm");
+            if shm.is_dir() {
+                TempDir::new_in(shm)
+            } else {
+                TempDir::new()
+            }
+        }
+
+        fn new_in(base: &Path) -> TempDir {
             static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
+            let p = base.join(format!(
                 "mergen-dp-resolver-{}-{}",
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
@@ -966,7 +981,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_vms() {
-        let root = TempDir::new();
+        let root = TempDir::in_memory();
         let n = 10_000u32;
         // Plain writes: fsyncing 10,000 files would dominate the test.
         for i in 0..n {
