@@ -117,19 +117,7 @@ fn next() -> u32 {
 }
 
 fn is_root() -> bool {
-    rustix_is_root()
-}
-
-fn rustix_is_root() -> bool {
-    // Effective uid from /proc: the test needs no extra crate for it.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
+    rustix::process::geteuid().is_root()
 }
 
 fn skip_unless_root(test: &str) -> bool {
