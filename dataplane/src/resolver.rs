@@ -3,6 +3,7 @@
 //! aside and swaps it in; inotify makes a VM's arrival or departure visible within
 //! milliseconds, and a periodic full rescan covers anything inotify missed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
@@ -49,7 +50,7 @@ impl Snapshot {
     /// else `<label>.<prefix>.<suffix>`, compared lowercase without a trailing dot.
     pub fn resolve_sni(&self, sni: &str) -> Option<Arc<Route>> {
         let label = sni_label(sni, &self.prefix, &self.suffix)?;
-        self.aliases.get(label.as_str()).cloned()
+        self.aliases.get(&*label).cloned()
     }
 
     /// The oldest VM: where raw listeners send their connections.
@@ -95,8 +96,14 @@ impl Snapshot {
 
 /// The label of `sni` under the forwarder's domain, lowercased; `None` when the name is
 /// not `<label>.<prefix>.<suffix>` (or `<label>.<suffix>` with an empty prefix).
-pub fn sni_label(sni: &str, prefix: &str, suffix: &str) -> Option<String> {
-    let name = sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase();
+/// Borrowed unless the name has capitals, so the usual lookup allocates nothing.
+pub fn sni_label<'a>(sni: &'a str, prefix: &str, suffix: &str) -> Option<Cow<'a, str>> {
+    let name = sni.strip_suffix('.').unwrap_or(sni);
+    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    };
     let rest = name.strip_suffix(suffix)?.strip_suffix('.')?;
     let label = if prefix.is_empty() {
         rest
@@ -106,7 +113,15 @@ pub fn sni_label(sni: &str, prefix: &str, suffix: &str) -> Option<String> {
     if label.is_empty() || label.contains('.') {
         return None;
     }
-    Some(label.to_string())
+    // The label is where the name starts.
+    let len = label.len();
+    Some(match name {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[..len]),
+        Cow::Owned(mut s) => {
+            s.truncate(len);
+            Cow::Owned(s)
+        }
+    })
 }
 
 /// The file of a VM's namespace: an absolute path as is, else the first existing of
