@@ -243,8 +243,10 @@ fn default_mode(guest_port: u16) -> ListenerMode {
             alpn: vec![b"http/1.1".to_vec()],
             protocol: Protocol::Https,
         },
+        // libpq 17 offers `postgresql` and, with `sslnegotiation=direct`, refuses a
+        // server that does not select it; older clients send no ALPN at all.
         5432 => ListenerMode::Tls {
-            alpn: Vec::new(),
+            alpn: vec![b"postgresql".to_vec()],
             protocol: Protocol::Postgres,
         },
         _ => ListenerMode::Tls {
@@ -323,7 +325,7 @@ mod tests {
                 addr: any(5432),
                 guest_port: 5432,
                 mode: ListenerMode::Tls {
-                    alpn: vec![],
+                    alpn: vec![b"postgresql".to_vec()],
                     protocol: Protocol::Postgres,
                 },
             },
