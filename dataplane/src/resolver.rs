@@ -204,15 +204,23 @@ enum Load {
     Gone,
 }
 
-/// Read `<dir>/meta.json` unless `known` says it did not change.
+/// Read `<dir>/meta.json` unless `known` says it did not change. A file that cannot
+/// be read or parsed is skipped with a warning; if it routed before, its last good
+/// version keeps routing (an in-place rewrite caught half-way, a transient I/O error)
+/// until it is fixed or removed.
 fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
     let path = dir.join(META_FILE);
+    let failed = || match known {
+        Some(_) => Load::Unchanged,
+        None => Load::Gone,
+    };
     let md = match fs::metadata(&path) {
         Ok(md) if md.is_file() => md,
         Ok(_) => return Load::Gone,
         Err(e) => {
             if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::NotADirectory {
                 log::warn!(path = path.display().to_string(), error = e.to_string(); "cannot stat meta.json");
+                return failed();
             }
             return Load::Gone;
         }
@@ -224,10 +232,11 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!(path = path.display().to_string(), error = e.to_string(); "cannot read meta.json, VM skipped");
+            if e.kind() == io::ErrorKind::NotFound {
+                return Load::Gone;
             }
-            return Load::Gone;
+            log::warn!(path = path.display().to_string(), error = e.to_string(); "cannot read meta.json");
+            return failed();
         }
     };
     match Meta::from_slice(&bytes) {
@@ -242,8 +251,8 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
             stamp,
         })),
         Err(e) => {
-            log::warn!(path = path.display().to_string(), error = e.to_string(); "bad meta.json, VM skipped");
-            Load::Gone
+            log::warn!(path = path.display().to_string(), error = e.to_string(); "bad meta.json skipped");
+            failed()
         }
     }
 }
@@ -265,17 +274,22 @@ impl Shared {
 
     fn full_rescan(&self) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let names: Vec<String> = match fs::read_dir(&self.root) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
+        let listing = fs::read_dir(&self.root).and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<Vec<_>>>()
+        });
+        let names: Vec<String> = match listing {
+            Ok(names) => names
+                .into_iter()
+                .filter_map(|n| n.into_string().ok())
                 .filter(|n| is_candidate(n))
                 .collect(),
+            // No root, no VMs.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            // A listing that failed says nothing about the VMs: keep routing as is.
             Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    log::warn!(root = self.root.display().to_string(), error = e.to_string(); "cannot list the config root");
-                }
-                Vec::new()
+                log::warn!(root = self.root.display().to_string(), error = e.to_string(); "cannot list the config root, routing unchanged");
+                return;
             }
         };
         let work: Vec<(String, Option<Entry>)> = names
@@ -852,6 +866,29 @@ mod tests {
         let r = resolver(&root.0, "", "localhost");
         assert_eq!(r.snapshot().len(), 1);
         assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
+    }
+
+    #[test]
+    fn a_known_vm_keeps_its_last_good_meta() {
+        let root = TempDir::new();
+        write_vm(&root.0, 1, 0, json!({"app": "good"}), json!({}));
+        let r = resolver(&root.0, "", "localhost");
+        let meta = root.0.join(id(1)).join(META_FILE);
+        fs::write(&meta, b"{\"id\": \"half-writ").unwrap();
+        r.reload();
+        assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
+        // Fixed: the new version routes.
+        write_vm(&root.0, 1, 0, json!({"app": "fixed"}), json!({}));
+        r.reload();
+        assert_eq!(routed_id(&r, "fixed.localhost"), Some(id(1)));
+        // Removed: it stops routing.
+        fs::remove_file(&meta).unwrap();
+        r.reload();
+        assert!(r.snapshot().is_empty());
+        // A bad file never seen good does not route.
+        fs::write(&meta, b"{").unwrap();
+        r.reload();
+        assert!(r.snapshot().is_empty());
     }
 
     #[test]
