@@ -176,3 +176,79 @@ fn backend_closing_first_keeps_the_client_side_open() {
     let got = server.join().expect("backend thread");
     assert_eq!(got.as_deref(), Ok(&b"still talking\n"[..]), "{}", fwd.log());
 }
+
+/// Write a ClientHello cut into two TLS records, sent a few bytes per TCP segment,
+/// then finish the handshake normally: the peek must reassemble it.
+#[test]
+fn client_hello_split_over_records_and_segments_is_routed() {
+    if !need_root("client_hello_split_over_records_and_segments_is_routed") {
+        return;
+    }
+    let (_ns, fwd, listener) = setup("split");
+    let server = backend(listener, 5, 6, 1000);
+    let mut stream = tls_client_unconnected("split.localhost", fwd.ports[0]);
+    let mut hello = Vec::new();
+    stream
+        .conn
+        .write_tls(&mut hello)
+        .expect("producing the ClientHello");
+    assert_eq!(hello[0], 0x16, "a handshake record");
+    let payload = &hello[5..];
+    let (a, b) = payload.split_at(payload.len() / 2);
+    let mut records = Vec::new();
+    for part in [a, b] {
+        records.extend_from_slice(&[0x16, hello[1], hello[2]]);
+        records.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        records.extend_from_slice(part);
+    }
+    stream.sock.set_nodelay(true).expect("nodelay");
+    for piece in records.chunks(7) {
+        stream.sock.write_all(piece).expect("sending a piece");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("finishing the handshake");
+    }
+    write_pattern(&mut stream, 5, 4096).expect("upload");
+    stream.conn.send_close_notify();
+    stream.flush().expect("flush");
+    assert_eq!(read_and_check(&mut stream, 6), Ok(1000));
+    assert_eq!(server.join().expect("backend"), Ok(4096), "{}", fwd.log());
+}
+
+#[test]
+fn raw_listener_half_close_and_bulk() {
+    if !need_root("raw_listener_half_close_and_bulk") {
+        return;
+    }
+    let ns = Ns::new();
+    let listener = ns.listen(22);
+    let fwd = Forwarder::start(&[22], &[]);
+    write_vm(
+        &fwd.config_root(),
+        &vm_id(),
+        "2025-01-01T00:00:00Z",
+        &ns,
+        &[],
+    );
+    let server = backend(listener, 7, 8, 64 << 20);
+    let mut client = wait_for(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", fwd.ports[0])).ok()
+    })
+    .expect("connecting to the raw listener");
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write_pattern(&mut client, 7, 32 << 20).expect("upload");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(
+        read_and_check(&mut client, 8),
+        Ok(64 << 20),
+        "{}",
+        fwd.log()
+    );
+    assert_eq!(server.join().expect("backend"), Ok(32 << 20));
+}

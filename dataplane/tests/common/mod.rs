@@ -475,23 +475,51 @@ pub fn tls_connect(host: &str, port: u16) -> TlsStream {
 }
 
 pub fn try_tls_connect(host: &str, port: u16) -> io::Result<TlsStream> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_no_client_auth();
-    let name = ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
-    let conn = ClientConnection::new(Arc::new(config), name).map_err(io::Error::other)?;
-    let sock = TcpStream::connect(("127.0.0.1", port))?;
-    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut stream = StreamOwned::new(conn, sock);
+    let mut stream = try_tls_client_unconnected(host, port)?;
     while stream.conn.is_handshaking() {
         stream.conn.complete_io(&mut stream.sock)?;
     }
     Ok(stream)
+}
+
+/// A TCP connection to the forwarder with a TLS client that has not said anything yet.
+pub fn tls_client_unconnected(host: &str, port: u16) -> TlsStream {
+    try_tls_client_unconnected(host, port).expect("connecting to the forwarder")
+}
+
+/// A client configuration that trusts any certificate; it keeps session tickets, so a
+/// second connection made with the same one can resume.
+pub fn client_config() -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("rustls' default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+fn try_tls_client_unconnected(host: &str, port: u16) -> io::Result<TlsStream> {
+    tls_client_with(client_config(), host, port)
+}
+
+/// Connect and finish the handshake with `config`.
+pub fn tls_connect_with(config: Arc<ClientConfig>, host: &str, port: u16) -> io::Result<TlsStream> {
+    let mut stream = tls_client_with(config, host, port)?;
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+fn tls_client_with(config: Arc<ClientConfig>, host: &str, port: u16) -> io::Result<TlsStream> {
+    let name = ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
+    let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
+    let sock = TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(StreamOwned::new(conn, sock))
 }
 
 /// The DER of the certificate the server presented.
