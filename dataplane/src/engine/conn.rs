@@ -801,3 +801,25 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_unknown_ops() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_token(op.token(12345)), Some((12345, op)));
+        }
+        assert_eq!(Op::from_token(0xf), None);
+    }
+
+    #[test]
+    fn the_502_response_is_well_formed() {
+        let text = String::from_utf8(response_502()).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+        assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(head.contains("Connection: close"));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+}

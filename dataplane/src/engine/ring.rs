@@ -439,3 +439,109 @@ impl Ring {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn wait(ring: &mut Ring) -> Vec<Completion> {
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            ring.run_once(Duration::from_millis(100), &mut out);
+            if !out.is_empty() {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn send_and_recv_move_the_buffer_window() {
+        let mut ring = Ring::new(8).expect("io_uring");
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        let buf = ring.alloc_buf(16);
+        ring.fill(buf, |tail| {
+            tail[..5].copy_from_slice(b"hello");
+            Ok::<_, ()>(5)
+        })
+        .expect("fill");
+        assert!(ring.send(a.as_fd(), buf, 7));
+        assert!(
+            ring.data(buf).is_empty(),
+            "a busy buffer must not be readable"
+        );
+        let done = wait(&mut ring);
+        assert_eq!((done[0].token, done[0].result), (7, 5));
+        assert!(ring.is_empty(buf));
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hello");
+
+        b.write_all(b"world!").expect("write");
+        assert!(ring.recv(a.as_fd(), buf, 8));
+        let done = wait(&mut ring);
+        assert_eq!((done[0].token, done[0].result), (8, 6));
+        assert_eq!(ring.data(buf), b"world!");
+        ring.consume(buf, 5);
+        assert_eq!(ring.data(buf), b"!");
+    }
+
+    #[test]
+    fn a_buffer_released_in_flight_is_freed_only_after_its_completion() {
+        let mut ring = Ring::new(8).expect("io_uring");
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        let busy = ring.alloc_buf(16);
+        assert!(ring.recv(a.as_fd(), busy, 1));
+        ring.release_buf(busy);
+        let other = ring.alloc_buf(16);
+        assert_ne!(other, busy, "the kernel still owns the released buffer");
+        b.write_all(b"late").expect("write");
+        let done = wait(&mut ring);
+        assert_eq!((done[0].token, done[0].result), (1, 4));
+        assert_eq!(ring.alloc_buf(16), busy, "reusable once reaped");
+    }
+
+    #[test]
+    fn connect_completes_and_its_timeout_is_swallowed() {
+        let mut ring = Ring::new(8).expect("io_uring");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = match listener.local_addr().expect("addr") {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => unreachable!("bound to an IPv4 address"),
+        };
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .expect("socket");
+        ring.connect(fd.as_fd(), addr, Duration::from_secs(5), 3);
+        let done = wait(&mut ring);
+        assert_eq!(done.len(), 1, "only the connect reports");
+        assert_eq!((done[0].token, done[0].result), (3, 0));
+    }
+
+    #[test]
+    fn multishot_accept_hands_over_owned_sockets() {
+        let mut ring = Ring::new(8).expect("io_uring");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        ring.accept_multi(listener.as_fd(), 9);
+        let _c1 =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let _c2 =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let mut got = wait(&mut ring);
+        if got.len() < 2 {
+            got.extend(wait(&mut ring));
+        }
+        assert_eq!(got.len(), 2);
+        assert!(got
+            .iter()
+            .all(|c| c.token == 9 && c.more && c.accepted.is_some()));
+    }
+}
