@@ -123,15 +123,14 @@ fn serve() -> Result<(), String> {
 
     // Every worker gets its own socket per listener; binding them all up front turns a
     // port in use into a startup error instead of a dead worker.
-    let mut sockets = Vec::with_capacity(config.workers);
-    for _ in 0..config.workers.max(1) {
-        let mut per_worker = Vec::with_capacity(config.listeners.len());
-        for spec in &config.listeners {
-            let fd = engine::bind_listener(spec.addr)
-                .map_err(|e| format!("cannot listen on {}: {e}", spec.addr))?;
-            per_worker.push(fd);
+    let workers = config.workers.max(1);
+    let mut sockets: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+    for spec in &config.listeners {
+        let fds = engine::bind_listeners(spec.addr, workers)
+            .map_err(|e| format!("cannot listen on {}: {e}", spec.addr))?;
+        for (worker, fd) in sockets.iter_mut().zip(fds) {
+            worker.push(fd);
         }
-        sockets.push(per_worker);
     }
     if let Some(addr) = config.admin_addr {
         admin::spawn_admin(addr, metrics.clone())

@@ -304,3 +304,21 @@ fn gen_cert_writes_a_wildcard_pair() {
     let (code, stderr) = expect_exit(&["gen-cert"], &[]);
     assert_eq!(code, Some(1), "gen-cert without --out-dir: {stderr}");
 }
+
+#[test]
+fn a_second_forwarder_on_the_same_port_fails_to_start() {
+    let first = Forwarder::start(&[443], &[]);
+    let (code, stderr) = expect_exit(
+        &[],
+        &[
+            (
+                "FWD_LISTENERS",
+                &format!("127.0.0.1:{}=443", first.ports[0]),
+            ),
+            ("FWD_TLS_CERT_FILE", first.cert.to_str().expect("utf-8")),
+            ("FWD_TLS_KEY_FILE", first.key.to_str().expect("utf-8")),
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+}

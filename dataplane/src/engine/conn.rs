@@ -9,13 +9,15 @@
 //!
 //! Every completion lands in [`Conn::on_completion`], which records what happened;
 //! [`Conn::advance`] then looks at the whole state and submits whatever can run next.
-//! Memory per connection is fixed: four buffers (two for raw) plus rustls' own bounded
-//! buffers. Flow control falls out of the buffers: a side is read only when the buffer
-//! it reads into is empty.
+//! Memory per connection is bounded: at most four buffers plus rustls' own bounded
+//! buffers, and an idle connection holds none of ours: receives take a buffer from the
+//! ring's pool only when data arrives, and outgoing buffers are allocated while they
+//! hold bytes. Flow control falls out of the buffers: a side is read only when the data
+//! last read from it has been passed on.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddrV4;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,7 +32,7 @@ use crate::resolver::Route;
 use crate::sni::{self, Peek, PgPreamble};
 
 /// Size of each data buffer: one maximal TLS record with its overhead.
-const BUF_LEN: usize = 16 * 1024 + 512;
+pub const BUF_LEN: usize = 16 * 1024 + 512;
 /// The client buffer also holds a whole ClientHello (after a Postgres preamble).
 const CLIENT_BUF_LEN: usize = if sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN > BUF_LEN {
     sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN
@@ -123,10 +125,11 @@ pub struct Conn {
     listener: usize,
     client: OwnedFd,
     backend: Option<OwnedFd>,
-    /// Bytes from the client (ciphertext on TLS listeners).
-    cin: BufId,
+    /// Bytes from the client (ciphertext on TLS listeners). While peeking, an owned
+    /// buffer that accumulates the ClientHello; afterwards whatever a receive returned.
+    cin: Option<BufId>,
     /// Bytes from the backend (plaintext).
-    bin: BufId,
+    bin: Option<BufId>,
     /// TLS listeners: ciphertext to the client, plaintext to the backend.
     cout: Option<BufId>,
     bout: Option<BufId>,
@@ -163,28 +166,16 @@ impl Conn {
     pub fn new(cx: &mut Ctx<'_>, slot: u32, listener: usize, client: OwnedFd) -> Conn {
         let tls_listener = cx.shared.listeners[listener].tls.is_some();
         let now = cx.now;
-        let (cin, bin) = (
-            cx.ring.alloc_buf(CLIENT_BUF_LEN),
-            cx.ring.alloc_buf(BUF_LEN),
-        );
-        let (cout, bout) = if tls_listener {
-            (
-                Some(cx.ring.alloc_buf(BUF_LEN)),
-                Some(cx.ring.alloc_buf(BUF_LEN)),
-            )
-        } else {
-            (None, None)
-        };
-        let _ = rustix::net::sockopt::set_tcp_nodelay(&client, true);
+        let cin = tls_listener.then(|| cx.ring.alloc_buf(CLIENT_BUF_LEN));
         Conn {
             slot,
             listener,
             client,
             backend: None,
             cin,
-            bin,
-            cout,
-            bout,
+            bin: None,
+            cout: None,
+            bout: None,
             tls: None,
             phase: if tls_listener {
                 Phase::Peek
@@ -238,7 +229,7 @@ impl Conn {
 
     /// Give the buffers back to the ring; the sockets close when `self` drops.
     pub fn free(self, ring: &mut Ring) {
-        for id in [Some(self.cin), Some(self.bin), self.cout, self.bout]
+        for id in [self.cin, self.bin, self.cout, self.bout]
             .into_iter()
             .flatten()
         {
@@ -281,8 +272,18 @@ impl Conn {
 
     // ---- completions ---------------------------------------------------------------
 
-    pub fn on_completion(&mut self, cx: &mut Ctx<'_>, op: Op, res: i32) {
+    pub fn on_completion(&mut self, cx: &mut Ctx<'_>, op: Op, res: i32, received: Option<BufId>) {
         self.inflight &= !op.bit();
+        if let Some(id) = received {
+            let slot = if op == Op::BackendRecv {
+                &mut self.bin
+            } else {
+                &mut self.cin
+            };
+            if let Some(old) = slot.replace(id) {
+                cx.ring.release_buf(old);
+            }
+        }
         if res > 0
             && matches!(
                 op,
@@ -298,6 +299,10 @@ impl Conn {
         }
         if self.phase == Phase::Closing {
             return;
+        }
+        if res == -libc::ENOBUFS {
+            // The pool ran dry: this receive gets a buffer of its own.
+            return self.recv_fallback(cx, op);
         }
         match op {
             Op::ClientRecv => match res {
@@ -390,41 +395,61 @@ impl Conn {
         }
     }
 
-    fn recv_client(&mut self, cx: &mut Ctx<'_>) {
-        if !self.is_in_flight(Op::ClientRecv)
-            && cx.ring.recv(
-                self.client.as_fd(),
-                self.cin,
-                Op::ClientRecv.token(self.slot),
-            )
-        {
-            self.submitted(Op::ClientRecv);
+    /// While peeking: receive more into the accumulating ClientHello buffer.
+    fn recv_more_hello(&mut self, cx: &mut Ctx<'_>) {
+        if let Some(cin) = self.cin {
+            if !self.is_in_flight(Op::ClientRecv)
+                && cx
+                    .ring
+                    .recv(self.client.as_fd(), cin, Op::ClientRecv.token(self.slot))
+            {
+                self.submitted(Op::ClientRecv);
+            }
         }
     }
 
-    fn send_client(&mut self, cx: &mut Ctx<'_>, buf: BufId) {
-        if !self.is_in_flight(Op::ClientSend)
-            && cx
-                .ring
-                .send(self.client.as_fd(), buf, Op::ClientSend.token(self.slot))
-        {
-            self.submitted(Op::ClientSend);
+    fn recv_fallback(&mut self, cx: &mut Ctx<'_>, op: Op) {
+        let (fd, slot) = match op {
+            Op::ClientRecv => (self.client.as_fd(), &mut self.cin),
+            Op::BackendRecv => match self.backend.as_ref() {
+                Some(fd) => (fd.as_fd(), &mut self.bin),
+                None => return self.close(Outcome::Error),
+            },
+            _ => return,
+        };
+        let buf = buffer(cx.ring, slot);
+        if cx.ring.recv(fd, buf, op.token(self.slot)) {
+            self.inflight |= op.bit();
+        }
+    }
+
+    fn send_client(&mut self, cx: &mut Ctx<'_>) {
+        if let Some(cout) = self.cout {
+            if !self.is_in_flight(Op::ClientSend)
+                && cx
+                    .ring
+                    .send(self.client.as_fd(), cout, Op::ClientSend.token(self.slot))
+            {
+                self.submitted(Op::ClientSend);
+            }
         }
     }
 
     fn peek(&mut self, cx: &mut Ctx<'_>) {
+        let Some(cin) = self.cin else {
+            return self.close(Outcome::Error);
+        };
         if self.is_in_flight(Op::ClientRecv) {
             return;
         }
-        let data = cx.ring.data(self.cin);
+        let data = cx.ring.data(cin);
         if data.is_empty() {
-            self.recv_client(cx);
-            return;
+            return self.recv_more_hello(cx);
         }
         let protocol = cx.shared.listeners[self.listener].protocol;
         if protocol == Some(Protocol::Postgres) && data[0] != 0x16 {
             let answer = match sni::postgres_preamble(data) {
-                PgPreamble::NeedMore => return self.recv_client(cx),
+                PgPreamble::NeedMore => return self.recv_more_hello(cx),
                 PgPreamble::SslRequest => b'S',
                 PgPreamble::GssEncRequest => b'N',
                 PgPreamble::Other => {
@@ -432,16 +457,16 @@ impl Conn {
                     return self.close(Outcome::HandshakeFailed);
                 }
             };
-            cx.ring.consume(self.cin, sni::PG_PREAMBLE_LEN);
+            cx.ring.consume(cin, sni::PG_PREAMBLE_LEN);
             self.say(cx, &[answer]);
             self.phase = Phase::PgReply;
             return;
         }
         let hello = match sni::peek_client_hello(data) {
-            Peek::NeedMore if cx.ring.is_full(self.cin) => {
+            Peek::NeedMore if cx.ring.is_full(cin) => {
                 return self.refuse(cx, HandshakeFailure::Malformed, sni::ALERT_DECODE_ERROR);
             }
-            Peek::NeedMore => return self.recv_client(cx),
+            Peek::NeedMore => return self.recv_more_hello(cx),
             Peek::Hello(hello) => hello,
             Peek::NotTls => {
                 cx.shared.metrics.handshake_failed(HandshakeFailure::NotTls);
@@ -481,22 +506,21 @@ impl Conn {
 
     /// Queue a few bytes for the client (a one-byte Postgres answer, an alert).
     fn say(&mut self, cx: &mut Ctx<'_>, bytes: &[u8]) {
-        let Some(cout) = self.cout else { return };
+        let cout = buffer(cx.ring, &mut self.cout);
         let _ = cx.ring.fill(cout, |tail| {
             let n = bytes.len().min(tail.len());
             tail[..n].copy_from_slice(&bytes[..n]);
             Ok::<_, ()>(n)
         });
-        self.send_client(cx, cout);
+        self.send_client(cx);
     }
 
     fn pg_reply(&mut self, cx: &mut Ctx<'_>) {
-        let Some(cout) = self.cout else { return };
         if !self.is_in_flight(Op::ClientSend) {
-            if cx.ring.is_empty(cout) {
-                self.phase = Phase::Peek;
+            if has_data(cx.ring, self.cout) {
+                self.send_client(cx);
             } else {
-                self.send_client(cx, cout);
+                self.phase = Phase::Peek;
             }
         }
     }
@@ -520,18 +544,17 @@ impl Conn {
     }
 
     fn linger(&mut self, cx: &mut Ctx<'_>) {
-        if let Some(cout) = self.cout {
-            if self.is_in_flight(Op::ClientSend) {
-                return;
+        if self.is_in_flight(Op::ClientSend) {
+            return;
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            if !has_data(cx.ring, self.cout) && tls.wants_write() {
+                let cout = buffer(cx.ring, &mut self.cout);
+                let _ = cx.ring.fill(cout, |tail| tls.write_tls(&mut &mut tail[..]));
             }
-            if let Some(tls) = self.tls.as_mut() {
-                if cx.ring.is_empty(cout) && tls.wants_write() {
-                    let _ = cx.ring.fill(cout, |tail| tls.write_tls(&mut &mut tail[..]));
-                }
-            }
-            if !cx.ring.is_empty(cout) {
-                return self.send_client(cx, cout);
-            }
+        }
+        if has_data(cx.ring, self.cout) {
+            return self.send_client(cx);
         }
         if !self.client_shut {
             self.client_shut = true;
@@ -544,9 +567,18 @@ impl Conn {
         }
         // Discard whatever the client still sends until it closes.
         if !self.is_in_flight(Op::ClientRecv) {
-            let pending = cx.ring.data(self.cin).len();
-            cx.ring.consume(self.cin, pending);
-            self.recv_client(cx);
+            if let Some(cin) = self.cin {
+                let pending = cx.ring.data(cin).len();
+                cx.ring.consume(cin, pending);
+            }
+            if post_recv(
+                cx.ring,
+                self.client.as_fd(),
+                &mut self.cin,
+                Op::ClientRecv.token(self.slot),
+            ) {
+                self.submitted(Op::ClientRecv);
+            }
         }
     }
 
@@ -575,21 +607,26 @@ impl Conn {
         }
     }
 
-    /// Raw listeners: copy both ways, each direction through its own buffer.
+    /// Raw listeners: copy both ways; what a receive returned is sent on as is.
     fn pump_raw(&mut self, cx: &mut Ctx<'_>) {
         let Some(backend) = self.backend.as_ref().map(AsFd::as_fd) else {
             return self.close(Outcome::DialFailed);
         };
         let slot = self.slot;
+        let busy = |inflight: u16, op: Op| inflight & op.bit() != 0;
         // client -> backend
-        if !self.is_in_flight(Op::BackendSend) && !self.is_in_flight(Op::ClientRecv) {
-            if cx.ring.send(backend, self.cin, Op::BackendSend.token(slot)) {
-                self.inflight |= Op::BackendSend.bit();
+        if !busy(self.inflight, Op::BackendSend) && !busy(self.inflight, Op::ClientRecv) {
+            if let Some(cin) = self.cin.filter(|&b| !cx.ring.is_empty(b)) {
+                if cx.ring.send(backend, cin, Op::BackendSend.token(slot)) {
+                    self.inflight |= Op::BackendSend.bit();
+                }
             } else if !self.client_eof {
-                if cx
-                    .ring
-                    .recv(self.client.as_fd(), self.cin, Op::ClientRecv.token(slot))
-                {
+                if post_recv(
+                    cx.ring,
+                    self.client.as_fd(),
+                    &mut self.cin,
+                    Op::ClientRecv.token(slot),
+                ) {
                     self.inflight |= Op::ClientRecv.bit();
                 }
             } else if !self.backend_shut {
@@ -600,14 +637,16 @@ impl Conn {
             }
         }
         // backend -> client
-        if !self.is_in_flight(Op::ClientSend) && !self.is_in_flight(Op::BackendRecv) {
-            if cx
-                .ring
-                .send(self.client.as_fd(), self.bin, Op::ClientSend.token(slot))
-            {
-                self.inflight |= Op::ClientSend.bit();
+        if !busy(self.inflight, Op::ClientSend) && !busy(self.inflight, Op::BackendRecv) {
+            if let Some(bin) = self.bin.filter(|&b| !cx.ring.is_empty(b)) {
+                if cx
+                    .ring
+                    .send(self.client.as_fd(), bin, Op::ClientSend.token(slot))
+                {
+                    self.inflight |= Op::ClientSend.bit();
+                }
             } else if !self.backend_eof {
-                if cx.ring.recv(backend, self.bin, Op::BackendRecv.token(slot)) {
+                if post_recv(cx.ring, backend, &mut self.bin, Op::BackendRecv.token(slot)) {
                     self.inflight |= Op::BackendRecv.bit();
                 }
             } else if !self.client_shut {
@@ -628,9 +667,6 @@ impl Conn {
     /// TLS listeners: move bytes between the client, rustls and the backend until
     /// nothing more can happen without a completion.
     fn pump_tls(&mut self, cx: &mut Ctx<'_>) {
-        let (Some(cout), Some(bout)) = (self.cout, self.bout) else {
-            return self.close(Outcome::HandshakeFailed);
-        };
         let Some(tls) = self.tls.as_deref_mut() else {
             return self.close(Outcome::HandshakeFailed);
         };
@@ -638,26 +674,13 @@ impl Conn {
         let busy = |inflight: u16, op: Op| inflight & op.bit() != 0;
 
         // Client ciphertext into rustls; decrypted bytes into `bout` once the backend is up.
-        let mut tls_error = false;
         loop {
             let mut progress = false;
-            if self.dial == Dial::Up
-                && !self.client_done
-                && !busy(self.inflight, Op::BackendSend)
-                && cx.ring.is_empty(bout)
-            {
-                match cx.ring.fill(bout, |tail| tls.reader().read(tail)) {
-                    Ok(0) => self.client_done = true, // close_notify
-                    Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => self.client_done = true, // TCP closed without close_notify
-                }
-            }
             if !busy(self.inflight, Op::ClientRecv) {
-                if !cx.ring.is_empty(self.cin) {
+                if let Some(cin) = self.cin.filter(|&b| !cx.ring.is_empty(b)) {
                     // An error here means rustls' plaintext buffer is full: the backend
                     // has to catch up before more ciphertext goes in.
-                    if let Ok(n) = cx.ring.drain(self.cin, |data| tls.read_tls(&mut &data[..])) {
+                    if let Ok(n) = cx.ring.drain(cin, |data| tls.read_tls(&mut &data[..])) {
                         progress |= n > 0;
                     }
                 } else if self.client_eof && !self.eof_fed {
@@ -665,7 +688,10 @@ impl Conn {
                     let _ = tls.read_tls(&mut io::empty());
                     progress = true;
                 }
-                if let Err(e) = tls.process_new_packets() {
+            }
+            let state = match tls.process_new_packets() {
+                Ok(state) => state,
+                Err(e) => {
                     log::debug!(
                         "TLS error on {}: {e}",
                         cx.shared.listeners[self.listener].name
@@ -673,17 +699,29 @@ impl Conn {
                     if tls.is_handshaking() {
                         cx.shared.metrics.handshake_failed(HandshakeFailure::Tls);
                     }
-                    tls_error = true;
-                    break;
+                    // rustls queued an alert; Linger flushes it.
+                    return self.linger_with(cx, Outcome::HandshakeFailed);
+                }
+            };
+            let readable =
+                state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() || self.eof_fed;
+            if readable
+                && self.dial == Dial::Up
+                && !self.client_done
+                && !busy(self.inflight, Op::BackendSend)
+                && !has_data(cx.ring, self.bout)
+            {
+                let bout = buffer(cx.ring, &mut self.bout);
+                match cx.ring.fill(bout, |tail| tls.reader().read(tail)) {
+                    Ok(0) => self.client_done = true, // close_notify
+                    Ok(_) => progress = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => self.client_done = true, // TCP closed without close_notify
                 }
             }
             if !progress {
                 break;
             }
-        }
-        if tls_error {
-            // rustls queued an alert; Linger flushes it.
-            return self.linger_with(cx, Outcome::HandshakeFailed);
         }
 
         if self.phase == Phase::Handshake && !tls.is_handshaking() {
@@ -704,13 +742,15 @@ impl Conn {
         }
 
         // Backend plaintext into rustls, one buffer at a time so its queue stays bounded.
-        if !tls.is_handshaking() && !tls.wants_write() && !cx.ring.is_empty(self.bin) {
-            let _ = cx.ring.drain(self.bin, |data| tls.writer().write(data));
+        if !tls.is_handshaking() && !tls.wants_write() {
+            if let Some(bin) = self.bin {
+                let _ = cx.ring.drain(bin, |data| tls.writer().write(data));
+            }
         }
         if self.backend_eof
             && !self.close_notify_sent
             && !tls.is_handshaking()
-            && cx.ring.is_empty(self.bin)
+            && !has_data(cx.ring, self.bin)
         {
             tls.send_close_notify();
             self.close_notify_sent = true;
@@ -718,13 +758,15 @@ impl Conn {
 
         // Ciphertext out to the client.
         if !busy(self.inflight, Op::ClientSend) {
-            if cx.ring.is_empty(cout) && tls.wants_write() {
+            if !has_data(cx.ring, self.cout) && tls.wants_write() {
+                let cout = buffer(cx.ring, &mut self.cout);
                 let _ = cx.ring.fill(cout, |tail| tls.write_tls(&mut &mut tail[..]));
             }
-            if cx
-                .ring
-                .send(self.client.as_fd(), cout, Op::ClientSend.token(slot))
-            {
+            let sent = self.cout.is_some_and(|cout| {
+                cx.ring
+                    .send(self.client.as_fd(), cout, Op::ClientSend.token(slot))
+            });
+            if sent {
                 self.inflight |= Op::ClientSend.bit();
             } else if self.close_notify_sent && !self.client_shut && !tls.wants_write() {
                 self.client_shut = true;
@@ -740,7 +782,10 @@ impl Conn {
         // Plaintext to and from the backend.
         if let (Dial::Up, Some(backend)) = (self.dial, self.backend.as_ref().map(AsFd::as_fd)) {
             if !busy(self.inflight, Op::BackendSend) {
-                if cx.ring.send(backend, bout, Op::BackendSend.token(slot)) {
+                let sent = self
+                    .bout
+                    .is_some_and(|bout| cx.ring.send(backend, bout, Op::BackendSend.token(slot)));
+                if sent {
                     self.inflight |= Op::BackendSend.bit();
                 } else if self.client_done && !self.backend_shut {
                     self.backend_shut = true;
@@ -751,8 +796,7 @@ impl Conn {
             }
             if !self.backend_eof
                 && !busy(self.inflight, Op::BackendRecv)
-                && cx.ring.is_empty(self.bin)
-                && cx.ring.recv(backend, self.bin, Op::BackendRecv.token(slot))
+                && post_recv(cx.ring, backend, &mut self.bin, Op::BackendRecv.token(slot))
             {
                 self.inflight |= Op::BackendRecv.bit();
             }
@@ -760,13 +804,23 @@ impl Conn {
 
         if !self.client_eof
             && !busy(self.inflight, Op::ClientRecv)
-            && cx.ring.is_empty(self.cin)
-            && cx
-                .ring
-                .recv(self.client.as_fd(), self.cin, Op::ClientRecv.token(slot))
+            && post_recv(
+                cx.ring,
+                self.client.as_fd(),
+                &mut self.cin,
+                Op::ClientRecv.token(slot),
+            )
         {
             self.inflight |= Op::ClientRecv.bit();
         }
+
+        // Outgoing buffers are held only while they hold bytes.
+        trim(cx.ring, &mut self.cout, busy(self.inflight, Op::ClientSend));
+        trim(
+            cx.ring,
+            &mut self.bout,
+            busy(self.inflight, Op::BackendSend),
+        );
 
         let both_ways_done = self.backend_shut && self.client_shut;
         if both_ways_done
@@ -800,6 +854,39 @@ impl Conn {
             }
         }
     }
+}
+
+/// True when `buf` holds bytes not yet passed on.
+fn has_data(ring: &Ring, buf: Option<BufId>) -> bool {
+    buf.is_some_and(|id| !ring.is_empty(id))
+}
+
+/// The buffer in `slot`, allocated on first use.
+fn buffer(ring: &mut Ring, slot: &mut Option<BufId>) -> BufId {
+    *slot.get_or_insert_with(|| ring.alloc_buf(BUF_LEN))
+}
+
+/// Free the buffer in `slot` if it is empty and no operation uses it.
+fn trim(ring: &mut Ring, slot: &mut Option<BufId>, busy: bool) {
+    if !busy && !has_data(ring, *slot) {
+        if let Some(id) = slot.take() {
+            ring.release_buf(id);
+        }
+    }
+}
+
+/// Receive from `fd` into a pool buffer, unless bytes read earlier are still pending in
+/// `slot` (flow control). The emptied buffer of the last receive is given back first,
+/// so a connection waiting for input holds no buffer.
+fn post_recv(ring: &mut Ring, fd: BorrowedFd<'_>, slot: &mut Option<BufId>, token: u32) -> bool {
+    if has_data(ring, *slot) {
+        return false;
+    }
+    if let Some(id) = slot.take() {
+        ring.release_buf(id);
+    }
+    ring.recv_pooled(fd, token);
+    true
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use crate::config::{Config, ListenerMode, Protocol};
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 
-pub use listen::bind_listener;
+pub use listen::bind_listeners;
 
 /// One configured listener as the workers see it.
 pub struct Listener {

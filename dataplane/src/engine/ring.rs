@@ -4,9 +4,15 @@
 //! handed to it must stay valid until the matching completion is reaped. This module
 //! enforces that by owning all such memory itself:
 //!
-//! * I/O buffers live here (`Buf`, boxed so they never move). A buffer with an
-//!   operation in flight is marked busy: it cannot be borrowed, and releasing it only
-//!   schedules the free, which happens when the completion is reaped here.
+//! * I/O buffers live here (`Buf`), as boxed memory that never moves or as a slot of the
+//!   provided-buffer pool. A buffer with an operation in flight is marked busy: it
+//!   cannot be borrowed, and releasing it only schedules the free, which happens when
+//!   the completion is reaped here.
+//! * The provided-buffer pool (a registered buffer ring) hands the kernel buffers to
+//!   receive into only when data arrives, so an idle connection holds no receive
+//!   buffer. A pool slot is either in the ring (the kernel may write it, we never touch
+//!   it) or held by exactly one `Buf` (the kernel never sees it); it goes back to the
+//!   ring only when that `Buf` is released.
 //! * Connect arguments (the socket address and the link timeout) live in a boxed slot
 //!   that is freed only after both of their completions (connect and link timeout).
 //!
@@ -15,35 +21,157 @@
 //! keeps each fd open until its operations are reaped so a number is never reused
 //! under a queued entry.
 
+use std::alloc::Layout;
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
+use io_uring::types::BufRingEntry;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// What a completion means to the engine: the engine's own token plus the outcome.
 pub struct Completion {
     pub token: u32,
-    /// The kernel's result: bytes moved, 0, or a negative errno.
+    /// The kernel's result: bytes moved, 0, or a negative errno (`-ENOBUFS` when a
+    /// pooled receive found the pool empty).
     pub result: i32,
     /// For multishot accepts: more completions will follow for this entry.
     pub more: bool,
     /// For accepts: the new connection, owned from here on.
     pub accepted: Option<OwnedFd>,
+    /// For pooled receives: the buffer holding the received bytes, now the caller's.
+    pub received: Option<BufId>,
 }
 
 /// Index of a buffer owned by the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufId(u32);
 
+enum Mem {
+    Owned(Box<[u8]>),
+    /// A slot of the provided-buffer pool, held by us (not in the kernel's ring).
+    Pooled(u16),
+}
+
 /// A fixed-size byte buffer holding the window `start..end` of pending data.
 struct Buf {
-    mem: Box<[u8]>,
+    mem: Mem,
+    len: usize,
     start: usize,
     end: usize,
     busy: bool,
     release_when_idle: bool,
+}
+
+/// The provided-buffer pool: `count` buffers of `size` bytes and the ring of entries
+/// through which the kernel takes them.
+struct Pool {
+    entries: NonNull<BufRingEntry>,
+    entries_layout: Layout,
+    base: NonNull<u8>,
+    base_layout: Layout,
+    count: u16,
+    size: usize,
+    tail: u16,
+}
+
+/// Buffer group id of the pool (one pool per ring).
+const POOL_GROUP: u16 = 0;
+
+impl Pool {
+    fn new(count: u16, size: usize) -> io::Result<Pool> {
+        if !count.is_power_of_two() || size == 0 {
+            return Err(io::Error::other(
+                "the buffer pool needs a power-of-two count",
+            ));
+        }
+        let entries_layout = Layout::from_size_align(
+            usize::from(count) * std::mem::size_of::<BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        // A small alignment lets the allocator take zeroed pages straight from the
+        // kernel, so pool memory costs nothing until a receive first lands in it.
+        let base_layout =
+            Layout::from_size_align(usize::from(count) * size, 16).map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size (count and size are non-zero).
+        let (entries, base) = unsafe {
+            (
+                std::alloc::alloc_zeroed(entries_layout).cast::<BufRingEntry>(),
+                std::alloc::alloc_zeroed(base_layout),
+            )
+        };
+        let (Some(entries), Some(base)) = (NonNull::new(entries), NonNull::new(base)) else {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        };
+        let mut pool = Pool {
+            entries,
+            entries_layout,
+            base,
+            base_layout,
+            count,
+            size,
+            tail: 0,
+        };
+        for bid in 0..count {
+            pool.give_back(bid);
+        }
+        Ok(pool)
+    }
+
+    /// Put slot `bid` back in the ring for the kernel to fill.
+    fn give_back(&mut self, bid: u16) {
+        let index = usize::from(self.tail & (self.count - 1));
+        // SAFETY: `index < count`, so the entry lies inside the allocation; the kernel
+        // only reads entries before the published tail, and this one is at the tail.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(index) };
+        entry.set_addr(self.base.as_ptr() as u64 + u64::from(bid) * self.size as u64);
+        entry.set_len(self.size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail is the u16 `resv` field of the first entry, inside the
+        // allocation and aligned; the kernel reads it concurrently, so it is published
+        // with an atomic release store after the entry is written.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries.as_ptr()).cast_mut();
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn slice(&self, bid: u16) -> &[u8] {
+        // SAFETY: `bid < count`, so the range lies inside the allocation; the slot is
+        // held by one `Buf` and not in the kernel's ring, so nothing writes it.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(usize::from(bid) * self.size),
+                self.size,
+            )
+        }
+    }
+
+    fn slice_mut(&mut self, bid: u16) -> &mut [u8] {
+        // SAFETY: as in `slice`, and `&mut self` plus the single holder make it unique.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.as_ptr().add(usize::from(bid) * self.size),
+                self.size,
+            )
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Pool::new` with these layouts; `Ring::drop` unregistered
+        // the ring before its fields (this pool among them) are dropped.
+        unsafe {
+            std::alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            std::alloc::dealloc(self.base.as_ptr(), self.base_layout);
+        }
+    }
 }
 
 struct ConnectArgs {
@@ -61,6 +189,7 @@ const KIND_SEND: u64 = 2;
 const KIND_ACCEPT: u64 = 3;
 const KIND_CONNECT: u64 = 4;
 const KIND_LINK_TIMEOUT: u64 = 5;
+const KIND_RECV_POOLED: u64 = 6;
 
 fn user_data(token: u32, kind: u64, slot: Option<u32>) -> u64 {
     let slot = slot.map_or(0, |s| u64::from(s) + 1);
@@ -78,27 +207,51 @@ fn decode(ud: u64) -> (u32, u64, Option<u32>) {
 
 pub struct Ring {
     ring: IoUring,
+    pool: Pool,
     bufs: Vec<Option<Buf>>,
     free_bufs: Vec<u32>,
     /// Released buffers kept for reuse, by size (the engine uses few sizes).
     spare: Vec<Box<[u8]>>,
     connects: Vec<Option<Box<ConnectArgs>>>,
     free_connects: Vec<u32>,
+    reaped: Vec<cqueue::Entry>,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The pool's memory must not be registered once it is freed.
+        let _ = self.ring.submitter().unregister_buf_ring(POOL_GROUP);
+    }
 }
 
 impl Ring {
-    pub fn new(entries: u32) -> io::Result<Ring> {
+    /// A ring with room for `entries` queued operations and a pool of `pool_count`
+    /// receive buffers of `pool_size` bytes (`pool_count` a power of two).
+    pub fn new(entries: u32, pool_count: u16, pool_size: usize) -> io::Result<Ring> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
             .build(entries)?;
+        let pool = Pool::new(pool_count, pool_size)?;
+        // SAFETY: the entries stay allocated until `Ring::drop` unregisters them (the
+        // pool is freed after that, with the ring's other fields).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                pool.entries.as_ptr() as u64,
+                pool.count,
+                POOL_GROUP,
+                0,
+            )?;
+        }
         Ok(Ring {
             ring,
+            pool,
             bufs: Vec::new(),
             free_bufs: Vec::new(),
             spare: Vec::new(),
             connects: Vec::new(),
             free_connects: Vec::new(),
+            reaped: Vec::new(),
         })
     }
 
@@ -109,10 +262,15 @@ impl Ring {
             Some(i) => self.spare.swap_remove(i),
             None => vec![0u8; len].into_boxed_slice(),
         };
+        self.insert(Mem::Owned(mem), len, 0)
+    }
+
+    fn insert(&mut self, mem: Mem, len: usize, end: usize) -> BufId {
         let buf = Buf {
             mem,
+            len,
             start: 0,
-            end: 0,
+            end,
             busy: false,
             release_when_idle: false,
         };
@@ -142,11 +300,27 @@ impl Ring {
 
     fn drop_buf(&mut self, i: u32) {
         if let Some(buf) = self.bufs[i as usize].take() {
-            // Keep a bounded number of buffers around for the next connections.
-            if self.spare.len() < 256 {
-                self.spare.push(buf.mem);
+            match buf.mem {
+                // Keep a bounded number of buffers around for the next connections.
+                Mem::Owned(mem) if self.spare.len() < 256 => self.spare.push(mem),
+                Mem::Owned(_) => {}
+                Mem::Pooled(bid) => self.pool.give_back(bid),
             }
             self.free_bufs.push(i);
+        }
+    }
+
+    fn bytes<'a>(pool: &'a Pool, buf: &'a Buf) -> &'a [u8] {
+        match &buf.mem {
+            Mem::Owned(m) => m,
+            Mem::Pooled(bid) => &pool.slice(*bid)[..buf.len],
+        }
+    }
+
+    fn bytes_mut<'a>(pool: &'a mut Pool, buf: &'a mut Buf) -> &'a mut [u8] {
+        match &mut buf.mem {
+            Mem::Owned(m) => m,
+            Mem::Pooled(bid) => &mut pool.slice_mut(*bid)[..buf.len],
         }
     }
 
@@ -157,16 +331,10 @@ impl Ring {
             .filter(|b| !b.busy)
     }
 
-    fn idle_buf_mut(&mut self, id: BufId) -> Option<&mut Buf> {
-        self.bufs
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .filter(|b| !b.busy)
-    }
-
     /// The pending bytes of an idle buffer (empty while the kernel uses it).
     pub fn data(&self, id: BufId) -> &[u8] {
-        self.idle_buf(id).map_or(&[], |b| &b.mem[b.start..b.end])
+        self.idle_buf(id)
+            .map_or(&[], |b| &Ring::bytes(&self.pool, b)[b.start..b.end])
     }
 
     pub fn is_empty(&self, id: BufId) -> bool {
@@ -180,12 +348,17 @@ impl Ring {
         self.bufs
             .get(id.0 as usize)
             .and_then(Option::as_ref)
-            .is_none_or(|b| b.end == b.mem.len())
+            .is_none_or(|b| b.end == b.len)
     }
 
     /// Mark `n` pending bytes as used up.
     pub fn consume(&mut self, id: BufId, n: usize) {
-        if let Some(b) = self.idle_buf_mut(id) {
+        if let Some(b) = self
+            .bufs
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|b| !b.busy)
+        {
             b.start = (b.start + n).min(b.end);
             if b.start == b.end {
                 b.start = 0;
@@ -200,11 +373,17 @@ impl Ring {
         id: BufId,
         fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
     ) -> Result<usize, E> {
-        let Some(b) = self.idle_buf_mut(id) else {
+        let Some(b) = self
+            .bufs
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|b| !b.busy)
+        else {
             return Ok(0);
         };
-        let n = fill(&mut b.mem[b.end..])?;
-        b.end = (b.end + n).min(b.mem.len());
+        let end = b.end;
+        let n = fill(&mut Ring::bytes_mut(&mut self.pool, b)[end..])?;
+        b.end = (b.end + n).min(b.len);
         Ok(n)
     }
 
@@ -214,10 +393,7 @@ impl Ring {
         id: BufId,
         drain: impl FnOnce(&[u8]) -> Result<usize, E>,
     ) -> Result<usize, E> {
-        let Some(b) = self.idle_buf(id) else {
-            return Ok(0);
-        };
-        let n = drain(&b.mem[b.start..b.end])?;
+        let n = drain(self.data(id))?;
         self.consume(id, n);
         Ok(n)
     }
@@ -227,8 +403,9 @@ impl Ring {
     fn push(&mut self, entry: &squeue::Entry) {
         loop {
             // SAFETY: every caller builds `entry` only from memory owned by this ring
-            // (a busy `Buf` or a live `ConnectArgs` box) or from plain values, and that
-            // memory is kept until the completion of the entry is reaped in `complete`.
+            // (a busy `Buf`, the pool, or a live `ConnectArgs` box) or from plain
+            // values, and that memory is kept until the entry's completion is reaped
+            // in `complete`.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return;
             }
@@ -250,14 +427,20 @@ impl Ring {
 
     /// Receive into the free tail of an idle buffer. Returns false if the buffer is busy or full.
     pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
-        let Some(b) = self.idle_buf_mut(id) else {
+        let Some(b) = self
+            .bufs
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|b| !b.busy)
+        else {
             return false;
         };
-        if b.end == b.mem.len() {
+        if b.end == b.len {
             return false;
         }
         b.busy = true;
-        let tail = &mut b.mem[b.end..];
+        let end = b.end;
+        let tail = &mut Ring::bytes_mut(&mut self.pool, b)[end..];
         let entry = opcode::Recv::new(
             types::Fd(fd.as_raw_fd()),
             tail.as_mut_ptr(),
@@ -269,16 +452,36 @@ impl Ring {
         true
     }
 
+    /// Receive into a buffer the kernel takes from the pool when data arrives; the
+    /// completion carries it in `received`.
+    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, token: u32) {
+        let entry = opcode::Recv::new(
+            types::Fd(fd.as_raw_fd()),
+            std::ptr::null_mut(),
+            self.pool.size as u32,
+        )
+        .buf_group(POOL_GROUP)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT)
+        .user_data(user_data(token, KIND_RECV_POOLED, None));
+        self.push(&entry);
+    }
+
     /// Send the pending bytes of an idle buffer. Returns false if it is busy or empty.
     pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
-        let Some(b) = self.idle_buf_mut(id) else {
+        let Some(b) = self
+            .bufs
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|b| !b.busy)
+        else {
             return false;
         };
         if b.start == b.end {
             return false;
         }
         b.busy = true;
-        let pending = &b.mem[b.start..b.end];
+        let pending = &Ring::bytes(&self.pool, b)[b.start..b.end];
         let entry = opcode::Send::new(
             types::Fd(fd.as_raw_fd()),
             pending.as_ptr(),
@@ -370,17 +573,18 @@ impl Ring {
                 ) => {}
             Err(e) => log::warn!("io_uring wait failed: {e}"),
         }
-        let mut reaped: Vec<cqueue::Entry> = Vec::new();
+        let mut reaped = std::mem::take(&mut self.reaped);
         loop {
             reaped.clear();
             reaped.extend(self.ring.completion());
             if reaped.is_empty() {
-                return;
+                break;
             }
             for cqe in &reaped {
                 out.extend(self.complete(cqe));
             }
         }
+        self.reaped = reaped;
     }
 
     /// Account for one completion: free what the kernel no longer uses.
@@ -388,6 +592,7 @@ impl Ring {
         let (token, kind, slot) = decode(cqe.user_data());
         let result = cqe.result();
         let mut accepted = None;
+        let mut received = None;
         match (kind, slot) {
             (KIND_RECV | KIND_SEND, Some(i)) => {
                 let buf = self.bufs.get_mut(i as usize).and_then(Option::as_mut)?;
@@ -395,7 +600,7 @@ impl Ring {
                 if result > 0 {
                     let n = result as usize;
                     if kind == KIND_RECV {
-                        buf.end = (buf.end + n).min(buf.mem.len());
+                        buf.end = (buf.end + n).min(buf.len);
                     } else {
                         buf.start = (buf.start + n).min(buf.end);
                         if buf.start == buf.end {
@@ -424,6 +629,16 @@ impl Ring {
                     return None;
                 }
             }
+            (KIND_RECV_POOLED, _) => {
+                if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                    if result > 0 && bid < self.pool.count {
+                        let n = (result as usize).min(self.pool.size);
+                        received = Some(self.insert(Mem::Pooled(bid), self.pool.size, n));
+                    } else if bid < self.pool.count {
+                        self.pool.give_back(bid);
+                    }
+                }
+            }
             (KIND_ACCEPT, _) if result >= 0 => {
                 // SAFETY: a successful accept completion carries a new descriptor that
                 // the kernel just installed for us and that nothing else owns.
@@ -436,6 +651,7 @@ impl Ring {
             result,
             more: cqueue::more(cqe.flags()),
             accepted,
+            received,
         })
     }
 }
@@ -462,7 +678,7 @@ mod tests {
 
     #[test]
     fn send_and_recv_move_the_buffer_window() {
-        let mut ring = Ring::new(8).expect("io_uring");
+        let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let buf = ring.alloc_buf(16);
         ring.fill(buf, |tail| {
@@ -493,7 +709,7 @@ mod tests {
 
     #[test]
     fn a_buffer_released_in_flight_is_freed_only_after_its_completion() {
-        let mut ring = Ring::new(8).expect("io_uring");
+        let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let busy = ring.alloc_buf(16);
         assert!(ring.recv(a.as_fd(), busy, 1));
@@ -508,7 +724,7 @@ mod tests {
 
     #[test]
     fn connect_completes_and_its_timeout_is_swallowed() {
-        let mut ring = Ring::new(8).expect("io_uring");
+        let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = match listener.local_addr().expect("addr") {
             std::net::SocketAddr::V4(a) => a,
@@ -528,7 +744,7 @@ mod tests {
 
     #[test]
     fn multishot_accept_hands_over_owned_sockets() {
-        let mut ring = Ring::new(8).expect("io_uring");
+        let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         ring.accept_multi(listener.as_fd(), 9);
         let _c1 =
@@ -543,5 +759,38 @@ mod tests {
         assert!(got
             .iter()
             .all(|c| c.token == 9 && c.more && c.accepted.is_some()));
+    }
+
+    #[test]
+    fn pooled_receives_take_buffers_only_when_data_arrives() {
+        let mut ring = Ring::new(8, 2, 64).expect("io_uring");
+        let pairs: Vec<_> = (0..3)
+            .map(|_| UnixStream::pair().expect("socketpair"))
+            .collect();
+        let mut held = Vec::new();
+        for (i, (a, b)) in pairs.iter().take(2).enumerate() {
+            let mut writer = b;
+            writer.write_all(b"data").expect("write");
+            ring.recv_pooled(a.as_fd(), i as u32);
+            let done = wait(&mut ring);
+            assert_eq!(done[0].result, 4);
+            let buf = done[0].received.expect("a pool buffer");
+            assert_eq!(ring.data(buf), b"data");
+            held.push(buf);
+        }
+        // Both pool buffers are held: the next receive finds the pool empty.
+        (&pairs[2].1).write_all(b"more").expect("write");
+        ring.recv_pooled(pairs[2].0.as_fd(), 7);
+        let done = wait(&mut ring);
+        assert_eq!(
+            (done[0].result, done[0].received.is_none()),
+            (-libc::ENOBUFS, true)
+        );
+        // Giving one back makes it available again.
+        ring.release_buf(held.pop().expect("held"));
+        ring.recv_pooled(pairs[2].0.as_fd(), 8);
+        let done = wait(&mut ring);
+        let buf = done[0].received.expect("a recycled pool buffer");
+        assert_eq!(ring.data(buf), b"more");
     }
 }

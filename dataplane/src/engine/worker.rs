@@ -14,6 +14,9 @@ use crate::metrics::Outcome;
 /// How often timers and the stop flag are looked at.
 const TICK: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 4096;
+/// Receive buffers shared by a worker's connections (a power of two), each holding one
+/// maximal TLS record. Past that, receives fall back to buffers of their own.
+const POOL_BUFFERS: u16 = 1024;
 /// Tokens with this bit set belong to listeners, the rest to connections.
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
@@ -34,7 +37,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(shared: Arc<Shared>, listeners: Vec<OwnedFd>) -> io::Result<Worker> {
-        let mut ring = Ring::new(RING_ENTRIES)?;
+        let mut ring = Ring::new(RING_ENTRIES, POOL_BUFFERS, super::conn::BUF_LEN)?;
         for (i, fd) in listeners.iter().enumerate() {
             ring.accept_multi(fd.as_fd(), LISTENER_TOKEN | i as u32);
         }
@@ -81,6 +84,9 @@ impl Worker {
         };
         let shared = self.shared.clone();
         let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            if let Some(buf) = c.received {
+                self.ring.release_buf(buf);
+            }
             return;
         };
         let mut cx = Ctx {
@@ -88,7 +94,7 @@ impl Worker {
             shared: &shared,
             now,
         };
-        conn.on_completion(&mut cx, op, c.result);
+        conn.on_completion(&mut cx, op, c.result, c.received);
         self.reap(slot);
     }
 
