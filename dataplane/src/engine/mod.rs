@@ -8,6 +8,7 @@
 mod conn;
 mod dial;
 mod listen;
+mod prewarm;
 mod ring;
 mod worker;
 
@@ -107,6 +108,7 @@ pub fn spawn_workers(
     shared: Arc<Shared>,
     sockets: Vec<Vec<OwnedFd>>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    prewarm::spawn(shared.clone())?;
     let mut handles = Vec::with_capacity(sockets.len());
     for (i, listeners) in sockets.into_iter().enumerate() {
         let shared = shared.clone();
