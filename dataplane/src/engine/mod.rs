@@ -116,15 +116,17 @@ pub fn spawn_workers(
         // The ring is created on its thread: it is set up for a single issuer.
         let handle = std::thread::Builder::new()
             .name(format!("fwd-worker-{i}"))
-            .spawn(move || match worker::Worker::new(shared, listeners) {
-                Ok(mut worker) => {
-                    let _ = ready_tx.send(Ok(()));
-                    worker.run();
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })?;
+            .spawn(
+                move || match worker::Worker::new(shared, listeners, worker::POOL_BUFFERS) {
+                    Ok(mut worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.run();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
+            )?;
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("worker thread died while starting"))??;

@@ -16,7 +16,7 @@ const TICK: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 4096;
 /// Receive buffers shared by a worker's connections (a power of two), each holding one
 /// maximal TLS record. Past that, receives fall back to buffers of their own.
-const POOL_BUFFERS: u16 = 1024;
+pub const POOL_BUFFERS: u16 = 1024;
 /// Tokens with this bit set belong to listeners, the rest to connections.
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
@@ -36,8 +36,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, listeners: Vec<OwnedFd>) -> io::Result<Worker> {
-        let mut ring = Ring::new(RING_ENTRIES, POOL_BUFFERS, super::conn::BUF_LEN)?;
+    /// A worker whose receive pool holds `pool_buffers` buffers (a power of two).
+    pub fn new(
+        shared: Arc<Shared>,
+        listeners: Vec<OwnedFd>,
+        pool_buffers: u16,
+    ) -> io::Result<Worker> {
+        let mut ring = Ring::new(RING_ENTRIES, pool_buffers, super::conn::BUF_LEN)?;
         for (i, fd) in listeners.iter().enumerate() {
             ring.accept_multi(fd.as_fd(), LISTENER_TOKEN | i as u32);
         }
@@ -195,5 +200,119 @@ impl Worker {
             self.reap(slot as u32);
         }
         stopping.is_some() && self.live == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Listener;
+    use crate::metrics::Metrics;
+    use crate::resolver::Resolver;
+    use ffi_free_netns::{PoolConfig, SocketPool};
+
+    /// More connections hold received data than the pool has buffers (the backend
+    /// does not read yet), so receives fall back to buffers of their own; every byte
+    /// still arrives.
+    #[test]
+    fn an_empty_pool_falls_back_to_private_buffers() {
+        let dir = std::env::temp_dir().join(format!("mergen-dp-worker-{}", std::process::id()));
+        let vm = dir.join("0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6");
+        std::fs::create_dir_all(&vm).expect("vm dir");
+        std::fs::write(
+            vm.join("meta.json"),
+            r#"{"id":"0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6","createdAt":"2025-01-01T00:00:00Z","guestIP":"127.0.0.1","netns":""}"#,
+        )
+        .expect("meta.json");
+        let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
+        let backend_port = backend.local_addr().expect("addr").port();
+        let config = Config::from_lookup(|_| None).expect("default config");
+        let listener = Listener {
+            name: "raw-test".into(),
+            guest_port: backend_port,
+            tls: None,
+            protocol: None,
+        };
+        let shared = Arc::new(Shared::new(
+            config,
+            vec![listener],
+            Arc::new(Resolver::new(
+                dir.clone(),
+                String::new(),
+                "localhost".into(),
+            )),
+            SocketPool::new(PoolConfig::default()),
+            Arc::new(Metrics::new(&["raw-test".to_string()])),
+        ));
+        let front = TcpListener::bind("127.0.0.1:0").expect("front");
+        let front_addr = front.local_addr().expect("addr");
+        let front: OwnedFd = front.into();
+        let worker_shared = shared.clone();
+        let worker = std::thread::spawn(move || {
+            Worker::new(worker_shared, vec![front], 2)
+                .expect("worker")
+                .run()
+        });
+
+        const CONNS: usize = 4;
+        const BYTES: usize = 32 << 20;
+        let clients: Vec<_> = (0..CONNS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(front_addr).expect("connect");
+                    s.write_all(&vec![i as u8; BYTES]).expect("upload");
+                    s.shutdown(Shutdown::Write).expect("half-close");
+                    let mut reply = Vec::new();
+                    s.read_to_end(&mut reply).expect("reply");
+                    reply
+                })
+            })
+            .collect();
+        // Accept everything first, and read only once every connection has a backlog
+        // queued at the backend: by then the forwarder holds more received buffers
+        // than the pool has.
+        let accepted: Vec<TcpStream> = (0..CONNS)
+            .map(|_| backend.accept().expect("accept").0)
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !accepted
+            .iter()
+            .all(|s| rustix::io::ioctl_fionread(s).unwrap_or(0) >= 64 << 10)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the uploads never backed up: {:?}",
+                accepted
+                    .iter()
+                    .map(|s| rustix::io::ioctl_fionread(s).unwrap_or(0))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let readers: Vec<_> = accepted
+            .into_iter()
+            .map(|mut s| {
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).expect("read upload");
+                    s.write_all(b"ok").expect("reply");
+                    (got.len(), got.iter().all(|&b| b == got[0]))
+                })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.join().expect("reader"), (BYTES, true));
+        }
+        for c in clients {
+            assert_eq!(c.join().expect("client").len(), 2);
+        }
+        shared.begin_shutdown(Duration::from_secs(1));
+        worker.join().expect("worker thread");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
