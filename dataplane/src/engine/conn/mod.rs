@@ -3,19 +3,20 @@
 //! ```text
 //! accept ─► Peek ─► (Postgres: PgReply ─► Peek) ─► Handshake ─► Stream ─► Closing
 //!             │                                      │  dial runs alongside
-//!             └─► Refuse (alert, no crypto) ─► Linger ◄┘  (502 / close_notify)
+//!             └─► refused: alert, no crypto ─► Linger ◄┘  (502 / close_notify)
 //! raw: accept ─► Dial ─► Stream ─► Closing
 //! ```
 //!
 //! Every completion lands in [`Conn::on_completion`], which records what happened;
 //! [`Conn::advance`] then looks at the whole state and submits whatever can run next.
+//! The phases before any crypto live in `hello`, the byte pumps in `stream`.
 //! Memory per connection is bounded: at most four buffers plus rustls' own bounded
 //! buffers, and an idle connection holds none of ours: receives take a buffer from the
 //! ring's pool only when data arrives, and outgoing buffers are allocated while they
 //! hold bytes. Flow control falls out of the buffers: a side is read only when the data
 //! last read from it has been passed on.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -23,13 +24,15 @@ use std::time::Instant;
 
 use rustls::ServerConnection;
 
+mod hello;
+mod stream;
+
 use super::dial::backend_socket;
 use super::ring::{BufId, Ring};
 use super::Shared;
-use crate::config::Protocol;
 use crate::metrics::{HandshakeFailure, Outcome};
 use crate::resolver::Route;
-use crate::sni::{self, Peek, PgPreamble};
+use crate::sni;
 
 /// Size of each data buffer: one maximal TLS record with its overhead.
 pub const BUF_LEN: usize = 16 * 1024 + 512;
@@ -39,16 +42,6 @@ const CLIENT_BUF_LEN: usize = if sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN > 
 } else {
     BUF_LEN
 };
-
-/// What the HTTPS listener answers when the VM cannot be reached, as the original does.
-fn response_502() -> Vec<u8> {
-    let body = "502 Bad Gateway: the VM did not accept the connection\n";
-    format!(
-        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
 
 /// The operations a connection can have in flight, at most one of each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,153 +428,6 @@ impl Conn {
         }
     }
 
-    fn peek(&mut self, cx: &mut Ctx<'_>) {
-        let Some(cin) = self.cin else {
-            return self.close(Outcome::Error);
-        };
-        if self.is_in_flight(Op::ClientRecv) {
-            return;
-        }
-        let data = cx.ring.data(cin);
-        if data.is_empty() {
-            return self.recv_more_hello(cx);
-        }
-        let protocol = cx.shared.listeners[self.listener].protocol;
-        if protocol == Some(Protocol::Postgres) && data[0] != 0x16 {
-            let answer = match sni::postgres_preamble(data) {
-                PgPreamble::NeedMore => return self.recv_more_hello(cx),
-                PgPreamble::SslRequest => b'S',
-                PgPreamble::GssEncRequest => b'N',
-                PgPreamble::Other => {
-                    cx.shared.metrics.handshake_failed(HandshakeFailure::NotTls);
-                    return self.close(Outcome::HandshakeFailed);
-                }
-            };
-            cx.ring.consume(cin, sni::PG_PREAMBLE_LEN);
-            self.say(cx, &[answer]);
-            self.phase = Phase::PgReply;
-            return;
-        }
-        let hello = match sni::peek_client_hello(data) {
-            Peek::NeedMore if cx.ring.is_full(cin) => {
-                return self.refuse(cx, HandshakeFailure::Malformed, sni::ALERT_DECODE_ERROR);
-            }
-            Peek::NeedMore => return self.recv_more_hello(cx),
-            Peek::Hello(hello) => hello,
-            Peek::NotTls => {
-                cx.shared.metrics.handshake_failed(HandshakeFailure::NotTls);
-                return self.close(Outcome::HandshakeFailed);
-            }
-            Peek::TooLarge => {
-                return self.refuse(cx, HandshakeFailure::TooLarge, sni::ALERT_DECODE_ERROR);
-            }
-            Peek::Malformed(_) => {
-                return self.refuse(cx, HandshakeFailure::Malformed, sni::ALERT_DECODE_ERROR);
-            }
-        };
-        let Some(name) = hello.sni else {
-            return self.refuse(cx, HandshakeFailure::NoSni, sni::ALERT_UNRECOGNIZED_NAME);
-        };
-        let Some(route) = cx.shared.resolver.snapshot().resolve_sni(&name) else {
-            log::debug!("unknown server name {name:?}");
-            return self.refuse(
-                cx,
-                HandshakeFailure::UnknownSni,
-                sni::ALERT_UNRECOGNIZED_NAME,
-            );
-        };
-        let Some(config) = cx.shared.listeners[self.listener].tls.clone() else {
-            return self.close(Outcome::HandshakeFailed);
-        };
-        match ServerConnection::new(config) {
-            Ok(tls) => self.tls = Some(Box::new(tls)),
-            Err(e) => {
-                log::warn!("cannot start a TLS session: {e}");
-                return self.close(Outcome::HandshakeFailed);
-            }
-        }
-        self.phase = Phase::Handshake;
-        self.start_dial(cx, &route);
-    }
-
-    /// Queue a few bytes for the client (a one-byte Postgres answer, an alert).
-    fn say(&mut self, cx: &mut Ctx<'_>, bytes: &[u8]) {
-        let cout = buffer(cx.ring, &mut self.cout);
-        let _ = cx.ring.fill(cout, |tail| {
-            let n = bytes.len().min(tail.len());
-            tail[..n].copy_from_slice(&bytes[..n]);
-            Ok::<_, ()>(n)
-        });
-        self.send_client(cx);
-    }
-
-    fn pg_reply(&mut self, cx: &mut Ctx<'_>) {
-        if !self.is_in_flight(Op::ClientSend) {
-            if has_data(cx.ring, self.cout) {
-                self.send_client(cx);
-            } else {
-                self.phase = Phase::Peek;
-            }
-        }
-    }
-
-    /// Refuse before any crypto: a plaintext fatal alert, then linger.
-    fn refuse(&mut self, cx: &mut Ctx<'_>, why: HandshakeFailure, alert: u8) {
-        cx.shared.metrics.handshake_failed(why);
-        self.say(cx, &sni::alert_record(alert));
-        let outcome = match why {
-            HandshakeFailure::NoSni => Outcome::NoSni,
-            HandshakeFailure::UnknownSni => Outcome::UnknownSni,
-            _ => Outcome::HandshakeFailed,
-        };
-        self.linger_with(cx, outcome);
-    }
-
-    fn linger_with(&mut self, cx: &mut Ctx<'_>, outcome: Outcome) {
-        self.outcome = outcome;
-        self.phase = Phase::Linger;
-        self.deadline = Some(cx.now + cx.shared.config.handshake_timeout);
-    }
-
-    fn linger(&mut self, cx: &mut Ctx<'_>) {
-        if self.is_in_flight(Op::ClientSend) {
-            return;
-        }
-        if let Some(tls) = self.tls.as_mut() {
-            if !has_data(cx.ring, self.cout) && tls.wants_write() {
-                let cout = buffer(cx.ring, &mut self.cout);
-                let _ = cx.ring.fill(cout, |tail| tls.write_tls(&mut &mut tail[..]));
-            }
-        }
-        if has_data(cx.ring, self.cout) {
-            return self.send_client(cx);
-        }
-        if !self.client_shut {
-            self.client_shut = true;
-            cx.ring.shutdown(
-                self.client.as_fd(),
-                libc::SHUT_WR,
-                Op::ClientShutdown.token(self.slot),
-            );
-            self.submitted(Op::ClientShutdown);
-        }
-        // Discard whatever the client still sends until it closes.
-        if !self.is_in_flight(Op::ClientRecv) {
-            if let Some(cin) = self.cin {
-                let pending = cx.ring.data(cin).len();
-                cx.ring.consume(cin, pending);
-            }
-            if post_recv(
-                cx.ring,
-                self.client.as_fd(),
-                &mut self.cin,
-                Op::ClientRecv.token(self.slot),
-            ) {
-                self.submitted(Op::ClientRecv);
-            }
-        }
-    }
-
     fn start_dial(&mut self, cx: &mut Ctx<'_>, route: &Arc<Route>) {
         self.dial_started = cx.now;
         let port = cx.shared.listeners[self.listener].guest_port;
@@ -604,230 +450,6 @@ impl Conn {
                     self.close(Outcome::DialFailed);
                 }
             }
-        }
-    }
-
-    /// Raw listeners: copy both ways; what a receive returned is sent on as is.
-    fn pump_raw(&mut self, cx: &mut Ctx<'_>) {
-        let Some(backend) = self.backend.as_ref().map(AsFd::as_fd) else {
-            return self.close(Outcome::DialFailed);
-        };
-        let slot = self.slot;
-        let busy = |inflight: u16, op: Op| inflight & op.bit() != 0;
-        // client -> backend
-        if !busy(self.inflight, Op::BackendSend) && !busy(self.inflight, Op::ClientRecv) {
-            if let Some(cin) = self.cin.filter(|&b| !cx.ring.is_empty(b)) {
-                if cx.ring.send(backend, cin, Op::BackendSend.token(slot)) {
-                    self.inflight |= Op::BackendSend.bit();
-                }
-            } else if !self.client_eof {
-                if post_recv(
-                    cx.ring,
-                    self.client.as_fd(),
-                    &mut self.cin,
-                    Op::ClientRecv.token(slot),
-                ) {
-                    self.inflight |= Op::ClientRecv.bit();
-                }
-            } else if !self.backend_shut {
-                self.backend_shut = true;
-                cx.ring
-                    .shutdown(backend, libc::SHUT_WR, Op::BackendShutdown.token(slot));
-                self.inflight |= Op::BackendShutdown.bit();
-            }
-        }
-        // backend -> client
-        if !busy(self.inflight, Op::ClientSend) && !busy(self.inflight, Op::BackendRecv) {
-            if let Some(bin) = self.bin.filter(|&b| !cx.ring.is_empty(b)) {
-                if cx
-                    .ring
-                    .send(self.client.as_fd(), bin, Op::ClientSend.token(slot))
-                {
-                    self.inflight |= Op::ClientSend.bit();
-                }
-            } else if !self.backend_eof {
-                if post_recv(cx.ring, backend, &mut self.bin, Op::BackendRecv.token(slot)) {
-                    self.inflight |= Op::BackendRecv.bit();
-                }
-            } else if !self.client_shut {
-                self.client_shut = true;
-                cx.ring.shutdown(
-                    self.client.as_fd(),
-                    libc::SHUT_WR,
-                    Op::ClientShutdown.token(slot),
-                );
-                self.inflight |= Op::ClientShutdown.bit();
-            }
-        }
-        if self.client_shut && self.backend_shut && self.inflight == 0 {
-            self.close(Outcome::Ok);
-        }
-    }
-
-    /// TLS listeners: move bytes between the client, rustls and the backend until
-    /// nothing more can happen without a completion.
-    fn pump_tls(&mut self, cx: &mut Ctx<'_>) {
-        let Some(tls) = self.tls.as_deref_mut() else {
-            return self.close(Outcome::HandshakeFailed);
-        };
-        let slot = self.slot;
-        let busy = |inflight: u16, op: Op| inflight & op.bit() != 0;
-
-        // Client ciphertext into rustls; decrypted bytes into `bout` once the backend is up.
-        loop {
-            let mut progress = false;
-            if !busy(self.inflight, Op::ClientRecv) {
-                if let Some(cin) = self.cin.filter(|&b| !cx.ring.is_empty(b)) {
-                    // An error here means rustls' plaintext buffer is full: the backend
-                    // has to catch up before more ciphertext goes in.
-                    if let Ok(n) = cx.ring.drain(cin, |data| tls.read_tls(&mut &data[..])) {
-                        progress |= n > 0;
-                    }
-                } else if self.client_eof && !self.eof_fed {
-                    self.eof_fed = true;
-                    let _ = tls.read_tls(&mut io::empty());
-                    progress = true;
-                }
-            }
-            let state = match tls.process_new_packets() {
-                Ok(state) => state,
-                Err(e) => {
-                    log::debug!(
-                        "TLS error on {}: {e}",
-                        cx.shared.listeners[self.listener].name
-                    );
-                    if tls.is_handshaking() {
-                        cx.shared.metrics.handshake_failed(HandshakeFailure::Tls);
-                    }
-                    // rustls queued an alert; Linger flushes it.
-                    return self.linger_with(cx, Outcome::HandshakeFailed);
-                }
-            };
-            let readable =
-                state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() || self.eof_fed;
-            if readable
-                && self.dial == Dial::Up
-                && !self.client_done
-                && !busy(self.inflight, Op::BackendSend)
-                && !has_data(cx.ring, self.bout)
-            {
-                let bout = buffer(cx.ring, &mut self.bout);
-                match cx.ring.fill(bout, |tail| tls.reader().read(tail)) {
-                    Ok(0) => self.client_done = true, // close_notify
-                    Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => self.client_done = true, // TCP closed without close_notify
-                }
-            }
-            if !progress {
-                break;
-            }
-        }
-
-        if self.phase == Phase::Handshake && !tls.is_handshaking() {
-            cx.shared
-                .metrics
-                .handshake_latency(cx.now.duration_since(self.accepted_at));
-            self.phase = Phase::Stream;
-            self.deadline = None;
-        }
-        if self.phase == Phase::Stream && self.dial == Dial::Failed {
-            // The client finished its handshake but the VM is unreachable.
-            if cx.shared.listeners[self.listener].protocol == Some(Protocol::Https) {
-                let _ = tls.writer().write_all(&response_502());
-            }
-            tls.send_close_notify();
-            self.close_notify_sent = true;
-            return self.linger_with(cx, Outcome::DialFailed);
-        }
-
-        // Backend plaintext into rustls, one buffer at a time so its queue stays bounded.
-        if !tls.is_handshaking() && !tls.wants_write() {
-            if let Some(bin) = self.bin {
-                let _ = cx.ring.drain(bin, |data| tls.writer().write(data));
-            }
-        }
-        if self.backend_eof
-            && !self.close_notify_sent
-            && !tls.is_handshaking()
-            && !has_data(cx.ring, self.bin)
-        {
-            tls.send_close_notify();
-            self.close_notify_sent = true;
-        }
-
-        // Ciphertext out to the client.
-        if !busy(self.inflight, Op::ClientSend) {
-            if !has_data(cx.ring, self.cout) && tls.wants_write() {
-                let cout = buffer(cx.ring, &mut self.cout);
-                let _ = cx.ring.fill(cout, |tail| tls.write_tls(&mut &mut tail[..]));
-            }
-            let sent = self.cout.is_some_and(|cout| {
-                cx.ring
-                    .send(self.client.as_fd(), cout, Op::ClientSend.token(slot))
-            });
-            if sent {
-                self.inflight |= Op::ClientSend.bit();
-            } else if self.close_notify_sent && !self.client_shut && !tls.wants_write() {
-                self.client_shut = true;
-                cx.ring.shutdown(
-                    self.client.as_fd(),
-                    libc::SHUT_WR,
-                    Op::ClientShutdown.token(slot),
-                );
-                self.inflight |= Op::ClientShutdown.bit();
-            }
-        }
-
-        // Plaintext to and from the backend.
-        if let (Dial::Up, Some(backend)) = (self.dial, self.backend.as_ref().map(AsFd::as_fd)) {
-            if !busy(self.inflight, Op::BackendSend) {
-                let sent = self
-                    .bout
-                    .is_some_and(|bout| cx.ring.send(backend, bout, Op::BackendSend.token(slot)));
-                if sent {
-                    self.inflight |= Op::BackendSend.bit();
-                } else if self.client_done && !self.backend_shut {
-                    self.backend_shut = true;
-                    cx.ring
-                        .shutdown(backend, libc::SHUT_WR, Op::BackendShutdown.token(slot));
-                    self.inflight |= Op::BackendShutdown.bit();
-                }
-            }
-            if !self.backend_eof
-                && !busy(self.inflight, Op::BackendRecv)
-                && post_recv(cx.ring, backend, &mut self.bin, Op::BackendRecv.token(slot))
-            {
-                self.inflight |= Op::BackendRecv.bit();
-            }
-        }
-
-        if !self.client_eof
-            && !busy(self.inflight, Op::ClientRecv)
-            && post_recv(
-                cx.ring,
-                self.client.as_fd(),
-                &mut self.cin,
-                Op::ClientRecv.token(slot),
-            )
-        {
-            self.inflight |= Op::ClientRecv.bit();
-        }
-
-        // Outgoing buffers are held only while they hold bytes.
-        trim(cx.ring, &mut self.cout, busy(self.inflight, Op::ClientSend));
-        trim(
-            cx.ring,
-            &mut self.bout,
-            busy(self.inflight, Op::BackendSend),
-        );
-
-        let both_ways_done = self.backend_shut && self.client_shut;
-        if both_ways_done
-            && !busy(self.inflight, Op::ClientSend)
-            && !busy(self.inflight, Op::BackendSend)
-        {
-            self.close(Outcome::Ok);
         }
     }
 
@@ -899,14 +521,5 @@ mod tests {
             assert_eq!(Op::from_token(op.token(12345)), Some((12345, op)));
         }
         assert_eq!(Op::from_token(0xf), None);
-    }
-
-    #[test]
-    fn the_502_response_is_well_formed() {
-        let text = String::from_utf8(response_502()).expect("ASCII");
-        let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
-        assert!(head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
-        assert!(head.contains("Connection: close"));
-        assert!(head.contains(&format!("Content-Length: {}", body.len())));
     }
 }
