@@ -3,11 +3,38 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use rustix::process::Signal;
+
+/// A PostgreSQL server program: on PATH, or in Debian's versioned directory (the
+/// `postgresql` package does not put the server programs on PATH).
+fn pg_program(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    versioned.sort_by_key(|p| {
+        p.components()
+            .nth(4)
+            .and_then(|c| c.as_os_str().to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    on_path
+        .or_else(|| versioned.pop())
+        .unwrap_or_else(|| panic!("{name} not found on PATH nor in /usr/lib/postgresql/*/bin"))
+}
 
 #[test]
 fn psql_sslmode_require_reaches_postgres_in_the_vm() {
@@ -29,7 +56,8 @@ fn psql_sslmode_require_reaches_postgres_in_the_vm() {
     as_postgres(&mut initdb);
     run_ok(
         initdb
-            .args(["initdb", "-A", "trust", "-U", "postgres", "-D"])
+            .arg(pg_program("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
             .arg(&data)
             .stdout(Stdio::null()),
     );
@@ -42,7 +70,7 @@ fn psql_sslmode_require_reaches_postgres_in_the_vm() {
     as_postgres(&mut server);
     let _postgres = ChildGuard::spawn_graceful(
         server
-            .arg("postgres")
+            .arg(pg_program("postgres"))
             .arg("-D")
             .arg(&data)
             .args(["-p", "5432", "-c", &format!("listen_addresses={}", ns.ip)])
