@@ -24,6 +24,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
 
 const HOST: &str = "bench.localhost";
+/// The VM whose backend runs inside a network namespace (root only).
+const NS_HOST: &str = "benchns.localhost";
 const WORKERS: usize = 2;
 const MAX_DURATION: u64 = 60;
 const MAX_CONNECTIONS: usize = 256;
@@ -51,17 +53,43 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
 
     let backend_port = free_port()?;
-    let _backend = start_backend(&d, backend_port)?;
-    let targets = [
+    let _backend = start_backend(&d, backend_port, None)?;
+    // The same backend inside a namespace, reached the way VMs are: through the
+    // forwarder's namespace socket pool.
+    let ns = if rustix::process::geteuid().is_root() {
+        let ns = BenchNs::create()?;
+        let backend = start_backend(&d, backend_port, Some(&ns))?;
+        Some((ns, backend))
+    } else {
+        println!("(not root: skipping the namespace backend)");
+        None
+    };
+    let forwarder = start_forwarder(
+        &d,
+        &opts.forwarder,
+        backend_port,
+        &cert,
+        &key,
+        ns.as_ref().map(|(ns, _)| ns),
+    )?;
+    let fwd_port = forwarder.port;
+    let mut targets = vec![
         ("tls-nginx", start_nginx(&d, backend_port, &cert, &key)?),
         ("haproxy", start_haproxy(&d, backend_port, &cert, &key)?),
-        (
-            "mergen-forwarder",
-            start_forwarder(&d, &opts.forwarder, backend_port, &cert, &key)?,
-        ),
+        ("mergen-forwarder", forwarder),
     ];
+    if ns.is_some() {
+        targets.push((
+            "mergen-fwd→netns",
+            Server {
+                port: fwd_port,
+                host: NS_HOST,
+                _child: None,
+            },
+        ));
+    }
     for (name, t) in &targets {
-        wait_ready(name, t.port).map_err(|e| {
+        wait_ready(name, t).map_err(|e| {
             let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
             format!("{e}\n{log}")
         })?;
@@ -71,6 +99,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "TLS termination in front of nginx on 127.0.0.1 ({} workers each), {} client threads, {:?} per run",
         WORKERS, opts.connections, opts.duration
     );
+    if ns.is_some() {
+        println!(
+            "mergen-fwd→netns: the forwarder to the same backend run inside a network namespace"
+        );
+    }
     println!(
         "{:<14} {:<17} {:>10} {:>9} {:>9} {:>11} {:>11} {:>11}",
         "load", "terminator", "req/s", "p50 us", "p99 us", "req/s÷nginx", "p50÷nginx", "p99÷nginx"
@@ -78,7 +111,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for (load, new_conn) in [("keep-alive", false), ("new-conn", true)] {
         let mut results = Vec::new();
         for (name, t) in &targets {
-            let mut stats = drive(t.port, opts.connections, opts.duration, new_conn)?;
+            let mut stats = drive(t, opts.connections, opts.duration, new_conn)?;
             results.push((
                 name,
                 stats.rps(opts.duration),
@@ -149,27 +182,79 @@ fn parse(args: &[String]) -> Result<Options, String> {
 
 struct Server {
     port: u16,
-    _child: ChildGuard,
+    /// The server name clients ask for.
+    host: &'static str,
+    /// `None` for a second route through a server listed before.
+    _child: Option<ChildGuard>,
 }
 
-fn start_backend(d: &Path, port: u16) -> Result<ChildGuard, String> {
+/// A namespace with the benchmark's guest address on its loopback, deleted on drop.
+struct BenchNs {
+    name: String,
+    ip: &'static str,
+}
+
+impl BenchNs {
+    fn create() -> Result<BenchNs, String> {
+        let name = format!("mbf-{}", std::process::id());
+        ffi_free_netns::create(&name).map_err(|e| e.to_string())?;
+        let ns = BenchNs {
+            name,
+            ip: "10.251.0.2",
+        };
+        run_checked(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{}/32", ns.ip),
+            "dev",
+            "lo",
+        ]))?;
+        Ok(ns)
+    }
+}
+
+impl Drop for BenchNs {
+    fn drop(&mut self) {
+        let _ = ffi_free_netns::delete(&self.name);
+    }
+}
+
+fn start_backend(d: &Path, port: u16, ns: Option<&BenchNs>) -> Result<ChildGuard, String> {
+    let (name, ip) = match ns {
+        Some(ns) => ("backend-ns", ns.ip),
+        None => ("backend", "127.0.0.1"),
+    };
     let conf = format!(
-        "worker_processes 1;\npid {d}/backend.pid;\nerror_log {d}/backend.err;\n\
+        "worker_processes 1;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err;\n\
          events {{ worker_connections 4096; }}\n\
          http {{ access_log off; keepalive_requests 10000000;\n\
-           server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 \"hello from the backend\\n\"; }} }} }}\n",
+           server {{ listen {ip}:{port}; location / {{ default_type text/plain; return 200 \"hello from the backend\\n\"; }} }} }}\n",
         d = d.display()
     );
-    spawn_nginx(d, "backend", &conf)
+    spawn_nginx(d, name, &conf, ns)
 }
 
-fn spawn_nginx(d: &Path, name: &str, conf: &str) -> Result<ChildGuard, String> {
+fn spawn_nginx(
+    d: &Path,
+    name: &str,
+    conf: &str,
+    ns: Option<&BenchNs>,
+) -> Result<ChildGuard, String> {
     let path = d.join(format!("{name}.conf"));
     std::fs::write(&path, conf).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(d.join(name)).map_err(|e| e.to_string())?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, "nginx"]);
+            c
+        }
+        None => Command::new("nginx"),
+    };
     ChildGuard::spawn(
-        Command::new("nginx")
-            .arg("-p")
+        cmd.arg("-p")
             .arg(d.join(name))
             .arg("-e")
             .arg(d.join(format!("{name}.err")))
@@ -196,7 +281,8 @@ fn start_nginx(d: &Path, backend: u16, cert: &Path, key: &Path) -> Result<Server
     );
     Ok(Server {
         port,
-        _child: spawn_nginx(d, "tls-nginx", &conf)?,
+        host: HOST,
+        _child: Some(spawn_nginx(d, "tls-nginx", &conf, None)?),
     })
 }
 
@@ -221,7 +307,8 @@ fn start_haproxy(d: &Path, backend: u16, cert: &Path, key: &Path) -> Result<Serv
     )?;
     Ok(Server {
         port,
-        _child: child,
+        host: HOST,
+        _child: Some(child),
     })
 }
 
@@ -231,18 +318,27 @@ fn start_forwarder(
     backend: u16,
     cert: &Path,
     key: &Path,
+    ns: Option<&BenchNs>,
 ) -> Result<Server, String> {
     let port = free_port()?;
-    // A VM without a namespace: the forwarder dials the backend on the host.
-    let vm = "0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6";
-    let doc = format!(
-        r#"{{"id":"{vm}","createdAt":"2025-01-01T00:00:00Z","guestIP":"127.0.0.1","netns":"","tags":{{"app":"bench"}}}}"#
-    );
-    let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
-    let vm_dir = d.join("vm.d").join(vm);
-    std::fs::create_dir_all(&vm_dir).map_err(|e| e.to_string())?;
-    mergen_model::atomic::write_json(&vm_dir.join("meta.json"), &meta)
-        .map_err(|e| e.to_string())?;
+    // A VM without a namespace (the forwarder dials the backend on the host) and, as
+    // root, one whose backend runs in a namespace.
+    write_vm(
+        d,
+        "0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+        "bench",
+        "127.0.0.1",
+        "",
+    )?;
+    if let Some(ns) = ns {
+        write_vm(
+            d,
+            "0b0c0d0f-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+            "benchns",
+            ns.ip,
+            &ns.name,
+        )?;
+    }
     let child = ChildGuard::spawn(
         Command::new(bin)
             .env("FWD_CONFIG_ROOT", d.join("vm.d"))
@@ -257,15 +353,28 @@ fn start_forwarder(
     )?;
     Ok(Server {
         port,
-        _child: child,
+        host: HOST,
+        _child: Some(child),
     })
 }
 
-fn wait_ready(name: &str, port: u16) -> Result<(), String> {
+fn write_vm(d: &Path, id: &str, app: &str, ip: &str, netns: &str) -> Result<(), String> {
+    let doc = format!(
+        r#"{{"id":"{id}","createdAt":"2025-01-01T00:00:00Z","guestIP":"{ip}","netns":"{netns}","tags":{{"app":"{app}"}}}}"#
+    );
+    let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
+    let vm_dir = d.join("vm.d").join(id);
+    std::fs::create_dir_all(&vm_dir).map_err(|e| e.to_string())?;
+    mergen_model::atomic::write_json(&vm_dir.join("meta.json"), &meta).map_err(|e| e.to_string())
+}
+
+fn wait_ready(name: &str, server: &Server) -> Result<(), String> {
     let client = client_config(false);
     let deadline = Instant::now() + READY_DEADLINE;
+    let port = server.port;
     loop {
-        let attempt = connect(&client, port).and_then(|mut s| request(&mut s, false));
+        let attempt = connect(&client, port, server.host)
+            .and_then(|mut s| request(&mut s, server.host, false));
         match attempt {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
@@ -297,13 +406,19 @@ impl Stats {
     }
 }
 
-fn drive(port: u16, threads: usize, duration: Duration, new_conn: bool) -> Result<Stats, String> {
+fn drive(
+    server: &Server,
+    threads: usize,
+    duration: Duration,
+    new_conn: bool,
+) -> Result<Stats, String> {
+    let (port, host) = (server.port, server.host);
     let config = client_config(new_conn);
     let deadline = Instant::now() + duration;
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let config = config.clone();
-            std::thread::spawn(move || client_loop(&config, port, deadline, new_conn))
+            std::thread::spawn(move || client_loop(&config, port, host, deadline, new_conn))
         })
         .collect();
     let mut total = Stats::default();
@@ -320,20 +435,26 @@ fn drive(port: u16, threads: usize, duration: Duration, new_conn: bool) -> Resul
     Ok(total)
 }
 
-fn client_loop(config: &Arc<ClientConfig>, port: u16, deadline: Instant, new_conn: bool) -> Stats {
+fn client_loop(
+    config: &Arc<ClientConfig>,
+    port: u16,
+    host: &'static str,
+    deadline: Instant,
+    new_conn: bool,
+) -> Stats {
     let mut stats = Stats::default();
     let mut kept: Option<StreamOwned<ClientConnection, TcpStream>> = None;
     while Instant::now() < deadline {
         let start = Instant::now();
         let result = if new_conn {
-            connect(config, port).and_then(|mut s| request(&mut s, true))
+            connect(config, port, host).and_then(|mut s| request(&mut s, host, true))
         } else {
             let stream = match kept.take() {
                 Some(s) => Ok(s),
-                None => connect(config, port),
+                None => connect(config, port, host),
             };
             stream.and_then(|mut s| {
-                request(&mut s, false)?;
+                request(&mut s, host, false)?;
                 kept = Some(s);
                 Ok(())
             })
@@ -349,8 +470,9 @@ fn client_loop(config: &Arc<ClientConfig>, port: u16, deadline: Instant, new_con
 fn connect(
     config: &Arc<ClientConfig>,
     port: u16,
+    host: &'static str,
 ) -> io::Result<StreamOwned<ClientConnection, TcpStream>> {
-    let name = ServerName::try_from(HOST).map_err(io::Error::other)?;
+    let name = ServerName::try_from(host).map_err(io::Error::other)?;
     let conn = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
     let sock = TcpStream::connect(("127.0.0.1", port))?;
     sock.set_nodelay(true)?;
@@ -359,11 +481,15 @@ fn connect(
 }
 
 /// One GET and its whole response (headers, then Content-Length bytes).
-fn request(s: &mut StreamOwned<ClientConnection, TcpStream>, close: bool) -> io::Result<()> {
+fn request(
+    s: &mut StreamOwned<ClientConnection, TcpStream>,
+    host: &str,
+    close: bool,
+) -> io::Result<()> {
     let connection = if close { "close" } else { "keep-alive" };
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: {connection}\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n\r\n"
     )?;
     s.flush()?;
     let mut buf = Vec::with_capacity(512);
