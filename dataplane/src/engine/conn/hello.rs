@@ -76,6 +76,13 @@ impl Conn {
                 return self.close(Outcome::HandshakeFailed);
             }
         }
+        log::debug!(
+            "{name} on {} -> VM {} at {}:{}",
+            cx.shared.listeners[self.listener].name,
+            route.id,
+            route.guest_ip,
+            cx.shared.listeners[self.listener].guest_port
+        );
         self.phase = Phase::Handshake;
         self.start_dial(cx, &route);
     }
