@@ -11,8 +11,11 @@ use mergen_model::names::{guest_mac, is_valid_id, netns_name, tap_name};
 use mergen_model::vmconfig::{
     BootSource, Drive, MachineConfig, NetworkInterface, DEFAULT_BOOT_ARGS,
 };
-use mergen_model::{Hooks, Meta, VmConfig};
-use mergen_runtime::{select_supervisor, RuntimeError, Supervisor, SystemdInfo, VmState, VmStatus};
+use mergen_model::{Hooks, Meta, Paths, PortBinding, VmConfig};
+use mergen_runtime::{
+    select_supervisor, RuntimeError, Supervisor, SupervisorInfo, SystemdInfo, VmState, VmStatus,
+};
+use serde::Serialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -47,9 +50,69 @@ fn ok(status: u16, id: &str, word: &str) -> Response {
 
 /// A VM's state and supervisor blocks as shown in its summary.
 struct StatusView {
-    state: Value,
-    supervisor: Value,
-    systemd: Value,
+    state: VmState,
+    supervisor: SupervisorView,
+    systemd: SystemdInfo,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SupervisorView {
+    Known(SupervisorInfo),
+    /// No supervisor could be asked.
+    Unavailable {
+        kind: &'static str,
+        active: bool,
+    },
+}
+
+impl From<VmStatus> for StatusView {
+    fn from(s: VmStatus) -> StatusView {
+        StatusView {
+            state: s.state,
+            supervisor: SupervisorView::Known(s.supervisor),
+            systemd: s.systemd,
+        }
+    }
+}
+
+/// The VM summary of `GET /v1/vms[/:id]`, serialized straight from borrowed fields
+/// (listing 1,000 VMs builds no intermediate JSON tree).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary<'a> {
+    id: &'a str,
+    created_at: String,
+    state: VmState,
+    supervisor: SupervisorView,
+    systemd: SystemdInfo,
+    firecracker: Firecracker<'a>,
+    network: Network<'a>,
+    paths: &'a Paths,
+    metadata: &'a serde_json::Map<String, Value>,
+    tags: &'a BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Firecracker<'a> {
+    socket_path: &'a str,
+    socket_present: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Network<'a> {
+    #[serde(rename = "guestIP")]
+    guest_ip: std::net::Ipv4Addr,
+    ports: &'a [PortBinding],
+    tap_name: &'a str,
+    netns: &'a str,
+}
+
+#[derive(Serialize)]
+struct Items<'a> {
+    items: Vec<Summary<'a>>,
 }
 
 impl App {
@@ -113,17 +176,12 @@ impl App {
             ..SystemdInfo::default()
         };
         StatusView {
-            state: json!(VmState::Stopped),
-            supervisor: json!({"kind": "unavailable", "active": false}),
-            systemd: json!(systemd),
-        }
-    }
-
-    fn view(status: &VmStatus) -> StatusView {
-        StatusView {
-            state: json!(status.state),
-            supervisor: json!(status.supervisor),
-            systemd: json!(status.systemd),
+            state: VmState::Stopped,
+            supervisor: SupervisorView::Unavailable {
+                kind: "unavailable",
+                active: false,
+            },
+            systemd,
         }
     }
 
@@ -134,7 +192,9 @@ impl App {
             Err(_) => return Ok(metas.iter().map(|m| self.unavailable_status(m)).collect()),
         };
         match sup.status_all(metas) {
-            Ok(list) if list.len() == metas.len() => Ok(list.iter().map(Self::view).collect()),
+            Ok(list) if list.len() == metas.len() => {
+                Ok(list.into_iter().map(StatusView::from).collect())
+            }
             Ok(list) => Err(ApiError::internal(format!(
                 "supervisor returned {} statuses for {} VMs",
                 list.len(),
@@ -147,26 +207,29 @@ impl App {
         }
     }
 
-    fn summary(meta: &Meta, st: StatusView) -> Value {
+    fn summary(meta: &Meta, st: StatusView) -> Summary<'_> {
         let socket_present =
             fs::symlink_metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
-        json!({
-            "id": meta.id,
-            "createdAt": meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            "state": st.state,
-            "supervisor": st.supervisor,
-            "systemd": st.systemd,
-            "firecracker": {"socketPath": meta.paths.socket_path, "socketPresent": socket_present},
-            "network": {
-                "guestIP": meta.guest_ip,
-                "ports": meta.ports,
-                "tapName": meta.tap_name,
-                "netns": meta.netns,
+        Summary {
+            id: &meta.id,
+            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
+            state: st.state,
+            supervisor: st.supervisor,
+            systemd: st.systemd,
+            firecracker: Firecracker {
+                socket_path: &meta.paths.socket_path,
+                socket_present,
             },
-            "paths": meta.paths,
-            "metadata": meta.metadata,
-            "tags": meta.tags,
-        })
+            network: Network {
+                guest_ip: meta.guest_ip,
+                ports: &meta.ports,
+                tap_name: &meta.tap_name,
+                netns: &meta.netns,
+            },
+            paths: &meta.paths,
+            metadata: &meta.metadata,
+            tags: &meta.tags,
+        }
     }
 
     fn check_id(id: &str) -> Result<(), ApiError> {
@@ -378,7 +441,7 @@ impl App {
         let meta = self.load(id)?;
         let st = match &self.supervisor {
             Ok(sup) => match sup.status(&meta) {
-                Ok(s) => Self::view(&s),
+                Ok(s) => StatusView::from(s),
                 Err(RuntimeError::Unavailable(_)) => self.unavailable_status(&meta),
                 Err(e) => return Err(e.into()),
             },
@@ -400,23 +463,23 @@ impl App {
     pub fn list(&self) -> Result<Response, ApiError> {
         let metas = self.sorted_vms()?;
         let statuses = self.statuses(&metas)?;
-        let items: Vec<Value> = metas
+        let items = metas
             .iter()
             .zip(statuses)
             .map(|(m, s)| Self::summary(m, s))
             .collect();
-        Ok(Response::json(200, &json!({"items": items})))
+        Ok(Response::json(200, &Items { items }))
     }
 
     pub fn metrics_text(&self) -> Result<Response, ApiError> {
         let metas = self.sorted_vms()?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for s in self.statuses(&metas)? {
-            let name = match s.state.as_str() {
-                Some("running") => "running",
-                Some("starting") => "starting",
-                Some("failed") => "failed",
-                _ => "stopped",
+            let name = match s.state {
+                VmState::Running => "running",
+                VmState::Starting => "starting",
+                VmState::Failed => "failed",
+                VmState::Stopped => "stopped",
             };
             *by_state.entry(name).or_default() += 1;
         }

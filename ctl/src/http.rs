@@ -257,8 +257,11 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn json(status: u16, value: &serde_json::Value) -> Response {
-        let mut body = serde_json::to_vec(value).unwrap_or_default();
+    pub fn json<T: serde::Serialize + ?Sized>(status: u16, value: &T) -> Response {
+        let mut body = Vec::with_capacity(4096);
+        if serde_json::to_writer(&mut body, value).is_err() {
+            body.clear();
+        }
         body.push(b'\n');
         Response {
             status,
@@ -277,8 +280,9 @@ impl Response {
         }
     }
 
-    /// Serialize with the framing headers; `keep_alive: false` adds `Connection: close`.
-    pub fn to_bytes(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    /// The status line and headers, with the framing headers; `keep_alive: false`
+    /// adds `Connection: close`.
+    fn head(&self, keep_alive: bool) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
@@ -296,11 +300,31 @@ impl Response {
             out.push_str("\r\n");
         }
         out.push_str("\r\n");
-        let mut bytes = out.into_bytes();
+        out.into_bytes()
+    }
+
+    /// The whole response as bytes.
+    pub fn to_bytes(&self, keep_alive: bool, head_only: bool) -> Vec<u8> {
+        let mut bytes = self.head(keep_alive);
         if !head_only {
             bytes.extend_from_slice(&self.body);
         }
         bytes
+    }
+
+    /// Write the response: a small one in one write (one segment), a large body after
+    /// the head without copying it.
+    pub fn write_to<W: Write + ?Sized>(
+        &self,
+        w: &mut W,
+        keep_alive: bool,
+        head_only: bool,
+    ) -> io::Result<()> {
+        if head_only || self.body.len() <= 16 * 1024 {
+            return w.write_all(&self.to_bytes(keep_alive, head_only));
+        }
+        w.write_all(&self.head(keep_alive))?;
+        w.write_all(&self.body)
     }
 }
 

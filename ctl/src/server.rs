@@ -279,7 +279,7 @@ fn serve<S: Stream>(mut stream: S, limits: &Limits, handler: &Handler, conns: &C
         let resp = catch_unwind(AssertUnwindSafe(|| handler(&req)))
             .unwrap_or_else(|_| ApiError::internal("the request handler panicked").into_response());
         let keep = req.head.keep_alive() && !conns.shutting_down();
-        if stream.write_all(&resp.to_bytes(keep, head_only)).is_err() || !keep {
+        if resp.write_to(&mut stream, keep, head_only).is_err() || !keep {
             return;
         }
     }
