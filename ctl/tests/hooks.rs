@@ -217,3 +217,58 @@ fn failed_strict_ondelete_keeps_the_vm() {
     let (code, _) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
     assert_eq!(code, 502);
 }
+
+/// SIGTERM while a create is in flight (held in a strict hook): the request is still
+/// answered, then mergend exits cleanly; past `MGR_SHUTDOWN_TIMEOUT_SECONDS` it exits
+/// anyway.
+#[test]
+fn graceful_shutdown_answers_in_flight_requests_within_the_timeout() {
+    for (hook_secs, timeout, want_answer) in [("1", "15", true), ("20", "1", false)] {
+        let roots = Roots::new("graceful");
+        let mut m = Mergend::start(&roots, &[("MGR_SHUTDOWN_TIMEOUT_SECONDS", timeout)]);
+        let marker = roots.dir.join("in-hook");
+        let body = hooks_body(
+            &roots,
+            &format!(
+                r#"{{"onCreate":[{{"type":"exec","cmd":["/bin/sh","-c","echo $$ > {} && exec sleep {hook_secs}"],"strict":true,"timeoutMs":60000}}]}}"#,
+                marker.display()
+            ),
+        );
+        let url = m.url("/v1/vms");
+        let client = std::thread::spawn(move || {
+            common::try_curl(&["-X", "POST", &url, "--data-binary", &body])
+        });
+        assert!(wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&marker).is_ok_and(|s| s.ends_with('\n'))
+        }));
+        let hook_pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t = std::time::Instant::now();
+        m.signal(rustix::process::Signal::TERM);
+        let st = m
+            .wait_exit(Duration::from_secs(15))
+            .expect("mergend exited");
+        assert!(st.success(), "{st:?}");
+        let answer = client.join().unwrap();
+        if want_answer {
+            assert_eq!(answer.as_ref().map(|a| a.0), Ok(201), "{answer:?}");
+        } else {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "shutdown timeout ignored"
+            );
+            assert!(
+                m.log_text().contains("shutdown timeout"),
+                "{}",
+                m.log_text()
+            );
+        }
+        // The abandoned hook command is ours to end.
+        if let Some(pid) = rustix::process::Pid::from_raw(hook_pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
