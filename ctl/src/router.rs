@@ -6,6 +6,7 @@ use crate::http::{Request, Response};
 
 /// Answer one request and count it under its route.
 pub fn handle(app: &App, req: &Request) -> Response {
+    let started = std::time::Instant::now();
     let (route, result) = dispatch(app, req);
     let resp = result.unwrap_or_else(|e| {
         if e.status >= 500 {
@@ -14,6 +15,13 @@ pub fn handle(app: &App, req: &Request) -> Response {
         e.into_response()
     });
     app.metrics.request(route, resp.status);
+    log::debug!(
+        method = req.head.method,
+        path = req.head.path,
+        status = resp.status,
+        ms = started.elapsed().as_secs_f64() * 1e3;
+        "request"
+    );
     resp
 }
 
