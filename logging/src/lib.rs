@@ -30,7 +30,9 @@ impl FromStr for Format {
             "console" | "" => Ok(Format::Console),
             "json" => Ok(Format::Json),
             "text" => Ok(Format::Text),
-            other => Err(format!("unknown log format {other:?} (want console|json|text)")),
+            other => Err(format!(
+                "unknown log format {other:?} (want console|json|text)"
+            )),
         }
     }
 }
@@ -42,7 +44,9 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
         "info" | "" => Ok(LevelFilter::Info),
         "warn" | "warning" => Ok(LevelFilter::Warn),
         "error" => Ok(LevelFilter::Error),
-        other => Err(format!("unknown log level {other:?} (want debug|info|warn|error)")),
+        other => Err(format!(
+            "unknown log level {other:?} (want debug|info|warn|error)"
+        )),
     }
 }
 
