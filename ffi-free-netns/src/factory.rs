@@ -61,6 +61,12 @@ impl Default for PoolConfig {
     }
 }
 
+/// Called by the pool once after a [`SocketPool::try_take`] came back empty: a socket is
+/// ready for that (namespace, family), or the worker stopped. Either way the caller should
+/// try again. It runs on the pool's worker thread, so it must be quick (e.g. write to an
+/// eventfd the caller's event loop watches).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
 /// Cloneable handle to per-namespace socket workers. Sockets are TCP stream sockets,
 /// non-blocking, close-on-exec and not connected.
 ///
@@ -92,6 +98,8 @@ struct Worker {
     sleeping: AtomicBool,
     /// Takers blocked in `take_slow` (all families), so the worker wakes them per socket.
     waiters: AtomicUsize,
+    /// Per family: some `Lane::wakers` are registered, so the worker calls them per socket.
+    wake_pending: [AtomicBool; 2],
     /// Nanoseconds since `epoch` of the latest take.
     last_take: AtomicU64,
     epoch: Instant,
@@ -117,6 +125,8 @@ struct Lane {
     last_failure: Option<Error>,
     /// No background refill after a failure until a taker asks again.
     stalled: bool,
+    /// Non-blocking takers to call back when a socket is ready or the worker stops.
+    wakers: Vec<Wake>,
 }
 
 enum Closed {
@@ -142,6 +152,20 @@ impl SocketPool {
         loop {
             let worker = self.worker(netns)?;
             if let Some(result) = worker.take(family, self.shared.config.depth) {
+                return result;
+            }
+        }
+    }
+
+    /// Pop a ready socket without ever waiting. When none is queued, ask the worker for
+    /// more (starting it if needed), register `wake` and return `Ok(None)`: `wake` is then
+    /// called once, when a socket for `family` is queued or the worker stops, and the
+    /// caller should try again. Errors are immediate: a namespace that cannot be opened,
+    /// a stopped worker, or a refill that failed since the last try.
+    pub fn try_take(&self, netns: &str, family: Family, wake: &Wake) -> Result<Option<OwnedFd>> {
+        loop {
+            let worker = self.worker(netns)?;
+            if let Some(result) = worker.try_take(family, self.shared.config.depth, wake) {
                 return result;
             }
         }
@@ -208,6 +232,7 @@ impl SocketPool {
             closed: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
+            wake_pending: [AtomicBool::new(false), AtomicBool::new(false)],
             last_take: AtomicU64::new(0),
             epoch: Instant::now(),
             state: Mutex::new(State {
@@ -266,22 +291,75 @@ impl Worker {
     /// `None` when this worker retired meanwhile and the caller should get a fresh one.
     fn take(&self, family: Family, depth: usize) -> Option<Result<OwnedFd>> {
         let i = family.index();
+        match self.pop(i, depth) {
+            Some(fd) => Some(Ok(fd)),
+            None => self.take_slow(i),
+        }
+    }
+
+    /// The lock-free hot path: a pop from a live worker's queue.
+    fn pop(&self, i: usize, depth: usize) -> Option<OwnedFd> {
         self.last_take
             .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if !self.closed.load(Ordering::Acquire) {
-            if let Some(fd) = self.ready[i].pop() {
-                // Pairs with the fence in `next_step`: either the worker sees this pop, or
-                // we see it asleep and wake it. Waking only at the low-water mark keeps
-                // most pops free of system calls.
-                fence(Ordering::SeqCst);
-                if self.ready[i].len() <= depth / 2 && self.sleeping.load(Ordering::Relaxed) {
-                    let _st = self.lock();
-                    self.demand.notify_one();
-                }
-                return Some(Ok(fd));
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let fd = self.ready[i].pop()?;
+        // Pairs with the fence in `next_step`: either the worker sees this pop, or we see
+        // it asleep and wake it. Waking only at the low-water mark keeps most pops free
+        // of system calls.
+        fence(Ordering::SeqCst);
+        if self.ready[i].len() <= depth / 2 && self.sleeping.load(Ordering::Relaxed) {
+            let _st = self.lock();
+            self.demand.notify_one();
+        }
+        Some(fd)
+    }
+
+    /// Like `take`, but registers `wake` instead of waiting when the queue is empty.
+    fn try_take(
+        &self,
+        family: Family,
+        depth: usize,
+        wake: &Wake,
+    ) -> Option<Result<Option<OwnedFd>>> {
+        let i = family.index();
+        if let Some(fd) = self.pop(i, depth) {
+            return Some(Ok(Some(fd)));
+        }
+        let mut st = self.lock();
+        if let Some(done) = closed_result(&st) {
+            return done.map(|r| r.map(Some));
+        }
+        let lane = &mut st.lanes[i];
+        if lane.stalled {
+            // Report the failed refill once; the next try asks the worker again.
+            lane.stalled = false;
+            if let Some(e) = &lane.last_failure {
+                return Some(Err(e.replicate()));
             }
         }
-        self.take_slow(i)
+        if !lane.wakers.iter().any(|w| Arc::ptr_eq(w, wake)) {
+            lane.wakers.push(Arc::clone(wake));
+        }
+        self.wake_pending[i].store(true, Ordering::Relaxed);
+        // Pairs with the fence in `fill`: either the worker sees the flag after its push,
+        // or this pop finds the socket it pushed.
+        fence(Ordering::SeqCst);
+        self.demand.notify_one();
+        Some(Ok(self.ready[i].pop()))
+    }
+
+    /// Call (outside the lock) the wakers of lane `i`.
+    fn wake(&self, i: usize) {
+        let wakers = {
+            let mut st = self.lock();
+            self.wake_pending[i].store(false, Ordering::Relaxed);
+            std::mem::take(&mut st.lanes[i].wakers)
+        };
+        for wake in wakers {
+            wake();
+        }
     }
 
     /// Wait for the worker: the queue is empty or the worker is closed.
@@ -335,6 +413,9 @@ impl Worker {
         }
         self.demand.notify_all();
         self.supply.notify_all();
+        for i in 0..self.ready.len() {
+            self.wake(i);
+        }
     }
 }
 
@@ -380,14 +461,21 @@ fn run_worker(worker: Arc<Worker>, ns: Netns, shared: Weak<Shared>, config: Pool
                     worker.close(Closed::Retired);
                     return;
                 }
+                let mut wake = Vec::new();
                 for (family, e) in failed {
                     let lane = &mut st.lanes[family.index()];
                     lane.failures += 1;
                     lane.last_failure = Some(e);
                     lane.stalled = true;
+                    wake.push(family.index());
                 }
                 if st.lanes.iter().any(|lane| lane.waiting > 0) {
                     worker.supply.notify_all();
+                }
+                drop(st);
+                // Non-blocking takers learn of the failure from their next try.
+                for i in wake {
+                    worker.wake(i);
                 }
             }
         }
@@ -408,13 +496,17 @@ fn fill(worker: &Worker, counts: [usize; 2]) -> Vec<(Family, Error)> {
                     break;
                 }
             }
-            // Pairs with the fence in `Worker::take_slow`: a waiter either finds this
-            // socket or is counted here.
+            // Pairs with the fences in `Worker::take_slow` and `Worker::try_take`: a
+            // taker either finds this socket or is counted (or registered) here.
             fence(Ordering::SeqCst);
+            let waking = worker.wake_pending[family.index()].load(Ordering::Relaxed);
+            if waking {
+                worker.wake(family.index());
+            }
             if worker.waiters.load(Ordering::Relaxed) > 0 {
                 let _st = worker.lock();
                 worker.supply.notify_all();
-            } else {
+            } else if !waking {
                 // Background refill: give the CPU back between sockets, so a taker that
                 // woke this thread (and was preempted by it) runs now, not after the
                 // whole refill.
@@ -439,7 +531,9 @@ fn next_step(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig, watch:
         for (i, (count, lane)) in counts.iter_mut().zip(&st.lanes).enumerate() {
             if !lane.stalled {
                 let queue = &worker.ready[i];
-                let want = config.depth.max(lane.waiting).min(queue.capacity());
+                // A registered waker stands for at least one socket wanted now.
+                let wanted = lane.waiting.max(usize::from(!lane.wakers.is_empty()));
+                let want = config.depth.max(wanted).min(queue.capacity());
                 *count = want.saturating_sub(queue.len());
             }
         }
@@ -483,7 +577,10 @@ fn retire(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig) -> bool {
     };
     let mut workers = shared.write_workers();
     let st = worker.lock();
-    let waiting = st.lanes.iter().any(|lane| lane.waiting > 0);
+    let waiting = st
+        .lanes
+        .iter()
+        .any(|lane| lane.waiting > 0 || !lane.wakers.is_empty());
     if waiting || worker.idle_for() < config.idle_timeout {
         return false;
     }

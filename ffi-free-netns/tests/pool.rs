@@ -214,3 +214,144 @@ fn handles_and_errors_cross_threads() {
         Box::new(Error::NotFound("network namespace x not found".into()));
     assert_eq!(boxed.to_string(), "network namespace x not found");
 }
+
+/// A waker that counts its calls and lets a test wait for the next one.
+fn counting_wake() -> (ffi_free_netns::Wake, std::sync::mpsc::Receiver<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let wake: ffi_free_netns::Wake = Arc::new(move || {
+        let _ = tx.lock().unwrap().send(());
+    });
+    (wake, rx)
+}
+
+#[test]
+fn try_take_on_a_cold_pool_returns_none_then_wakes() {
+    if !root("try_take_on_a_cold_pool_returns_none_then_wakes") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let (_reserved, port) = reserve_refused_port();
+    let listener = listener_in(&ns, port);
+    // Depth 0: the worker makes a socket only when asked, so the first try is
+    // deterministically empty.
+    let pool = SocketPool::new(PoolConfig {
+        depth: 0,
+        idle_timeout: Duration::from_secs(60),
+    });
+    let (wake, woken) = counting_wake();
+    let first = pool.try_take(&guard.0, Family::V4, &wake).unwrap();
+    assert!(first.is_none(), "a cold pool has nothing queued");
+
+    let mut fd = None;
+    for _ in 0..10 {
+        woken
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the pool never signalled the waiting taker");
+        if let Some(got) = pool.try_take(&guard.0, Family::V4, &wake).unwrap() {
+            fd = Some(got);
+            break;
+        }
+    }
+    let fd = fd.expect("no socket after the pool's signals");
+    assert_pool_socket_shape(&fd, AddressFamily::INET);
+    connect_blocking(&fd, port).expect("the socket lives in the namespace");
+    listener.accept().unwrap();
+
+    // A warm queue answers without registering the waker.
+    let warm = SocketPool::new(PoolConfig::default());
+    warm.prewarm(&guard.0).unwrap();
+    let depth = PoolConfig::default().depth;
+    assert!(common::wait_for(Duration::from_secs(10), || warm
+        .ready(&guard.0, Family::V6)
+        == depth));
+    let (quiet, never) = counting_wake();
+    let v6 = warm.try_take(&guard.0, Family::V6, &quiet).unwrap();
+    assert_pool_socket_shape(&v6.expect("a queued socket"), AddressFamily::INET6);
+    warm.forget(&guard.0);
+    pool.forget(&guard.0);
+    // Forgetting calls only registered wakers: this one never was.
+    assert!(never.try_recv().is_err());
+}
+
+#[test]
+fn many_parked_try_takers_are_all_served() {
+    if !root("many_parked_try_takers_are_all_served") {
+        return;
+    }
+    let (guard, _ns) = NsGuard::create();
+    let pool = SocketPool::new(PoolConfig {
+        depth: 2,
+        idle_timeout: Duration::from_secs(60),
+    });
+    const TAKERS: usize = 50;
+    // One event loop: one waker shared by all its parked takers.
+    let (wake, woken) = counting_wake();
+    let mut got: Vec<OwnedFd> = Vec::new();
+    let mut parked = TAKERS;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while parked > 0 {
+        let mut still = 0;
+        for _ in 0..parked {
+            match pool.try_take(&guard.0, Family::V4, &wake).unwrap() {
+                Some(fd) => got.push(fd),
+                None => still += 1,
+            }
+        }
+        parked = still;
+        if parked > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            woken
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("{parked} takers never woken"));
+        }
+    }
+    let distinct: HashSet<_> = got
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    assert_eq!(distinct.len(), TAKERS);
+    pool.forget(&guard.0);
+}
+
+#[test]
+fn try_take_reports_a_vanished_namespace() {
+    if !root("try_take_reports_a_vanished_namespace") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let pool = SocketPool::new(PoolConfig {
+        depth: 0,
+        idle_timeout: Duration::from_secs(60),
+    });
+    let (wake, woken) = counting_wake();
+    assert!(pool
+        .try_take(&guard.0, Family::V4, &wake)
+        .unwrap()
+        .is_none());
+    woken.recv_timeout(Duration::from_secs(10)).expect("woken");
+    drop(ns);
+    ffi_free_netns::delete(&guard.0).unwrap();
+
+    // The worker may still hand out what it makes until its next check; then the
+    // parked taker is woken and its retry fails with an error naming the namespace.
+    let mut outcome = None;
+    for _ in 0..100 {
+        match pool.try_take(&guard.0, Family::V4, &wake) {
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                woken
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("a parked taker is woken when its namespace goes");
+            }
+            Err(e) => {
+                outcome = Some(e);
+                break;
+            }
+        }
+    }
+    let err = outcome.expect("try_take never reported the deleted namespace");
+    assert!(err.to_string().contains(&guard.0), "{err}");
+    let missing = pool.try_take(&common::unique_name(), Family::V4, &wake);
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+}
