@@ -15,6 +15,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_utils::nla::Nla;
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
@@ -76,25 +77,49 @@ pub fn create_veth(
 }
 
 /// Create a persistent tap device `name` inside `ns`; an existing link of that name is
-/// left as it is.
-///
-/// A persistent tap needs the TUNSETIFF and TUNSETPERSIST ioctls on /dev/net/tun: the
-/// kernel refuses tun/tap creation over rtnetlink, `#![forbid(unsafe_code)]` rules out
-/// issuing the ioctls ourselves, and the crates that wrap them either call them from
-/// unsafe code we would just be hiding or cannot make the device persistent. So this runs
-/// `ip tuntap add` from a thread inside the namespace; the child inherits that namespace.
+/// left as it is. Same as [`create_tap_owned`] without an owner.
 pub fn create_tap(ns: &Netns, name: &str) -> Result<()> {
+    create_tap_owned(ns, name, None, None)
+}
+
+/// Create a persistent tap device `name` inside `ns` that the user `uid` and/or the group
+/// `gid` may attach to without CAP_NET_ADMIN (what a jailed, unprivileged Firecracker
+/// needs). An existing tap with the requested owner is left as it is; one with another
+/// owner (a previous configuration) is replaced.
+///
+/// A persistent tap needs the TUNSETIFF, TUNSETOWNER/TUNSETGROUP and TUNSETPERSIST
+/// ioctls on /dev/net/tun: the kernel refuses tun/tap creation over rtnetlink,
+/// `#![forbid(unsafe_code)]` rules out issuing the ioctls ourselves, and the crates that
+/// wrap them either call them from unsafe code we would just be hiding or cannot make the
+/// device persistent. So this runs `ip tuntap add` from a thread inside the namespace; the
+/// child inherits that namespace.
+pub fn create_tap_owned(ns: &Netns, name: &str, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
     validate_link_name(name)?;
     if exists(Some(ns), name)? {
-        return Ok(());
+        let (owner, group) = tap_owner(ns, name)?;
+        let fits = |want: Option<u32>, have: Option<u32>| want.is_none() || want == have;
+        if fits(uid, owner) && fits(gid, group) {
+            return Ok(());
+        }
+        delete_link(Some(ns), name)?;
     }
     let context = || format!("creating tap {name} in network namespace {}", ns.name());
+    let mut args = vec![
+        "tuntap".to_string(),
+        "add".into(),
+        "dev".into(),
+        name.into(),
+        "mode".into(),
+        "tap".into(),
+    ];
+    if let Some(uid) = uid {
+        args.extend(["user".into(), uid.to_string()]);
+    }
+    if let Some(gid) = gid {
+        args.extend(["group".into(), gid.to_string()]);
+    }
     let output = ns
-        .run(|| {
-            Command::new("ip")
-                .args(["tuntap", "add", "dev", name, "mode", "tap"])
-                .output()
-        })?
+        .run(|| Command::new("ip").args(&args).output())?
         .map_err(|e| Error::io(format!("{} (running ip)", context()), e))?;
     if output.status.success() {
         Ok(())
@@ -108,6 +133,73 @@ pub fn create_tap(ns: &Netns, name: &str) -> Result<()> {
             ),
         })
     }
+}
+
+/// The owning user and group of the tap `name` in `ns` (`None`: not set), from the
+/// tun driver's link info (IFLA_TUN_OWNER, IFLA_TUN_GROUP).
+pub fn tap_owner(ns: &Netns, name: &str) -> Result<(Option<u32>, Option<u32>)> {
+    const IFLA_TUN_OWNER: u16 = 1;
+    const IFLA_TUN_GROUP: u16 = 2;
+    validate_link_name(name)?;
+    let context = || {
+        format!(
+            "reading the owner of tap {name} in network namespace {}",
+            ns.name()
+        )
+    };
+    let mut message = LinkMessage::default();
+    message
+        .attributes
+        .push(LinkAttribute::IfName(name.to_owned()));
+    let replies = rtnl_in(Some(ns))?
+        .request(RouteNetlinkMessage::GetLink(message), 0)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::NODEV.raw_os_error() => {
+                Error::NotFound(format!("link {name} not found in {}", ns.name()))
+            }
+            _ => Error::io(context(), e),
+        })?;
+    let link = replies
+        .into_iter()
+        .find_map(|reply| match reply {
+            RouteNetlinkMessage::NewLink(link) => Some(link),
+            _ => None,
+        })
+        .ok_or_else(|| Error::NotFound(format!("link {name} not found in {}", ns.name())))?;
+    let mut is_tun = false;
+    let (mut owner, mut group) = (None, None);
+    for info in link.attributes.iter().filter_map(|a| match a {
+        LinkAttribute::LinkInfo(info) => Some(info),
+        _ => None,
+    }) {
+        for item in info {
+            match item {
+                LinkInfo::Kind(InfoKind::Tun) => is_tun = true,
+                LinkInfo::Data(InfoData::Tun(nlas)) => {
+                    for nla in nlas {
+                        let mut value = vec![0u8; nla.value_len()];
+                        nla.emit_value(&mut value);
+                        let Ok(bytes) = <[u8; 4]>::try_from(value.as_slice()) else {
+                            continue;
+                        };
+                        match nla.kind() {
+                            IFLA_TUN_OWNER => owner = Some(u32::from_ne_bytes(bytes)),
+                            IFLA_TUN_GROUP => group = Some(u32::from_ne_bytes(bytes)),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if !is_tun {
+        return Err(Error::InvalidInput(format!(
+            "link {name} in {} is not a tun/tap device",
+            ns.name()
+        )));
+    }
+    Ok((owner, group))
 }
 
 /// Add `addr/prefix_len` to `link`; an address already there is fine.

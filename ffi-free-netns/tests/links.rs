@@ -133,6 +133,68 @@ fn tap_exists_inside_the_namespace_and_not_in_root() {
     assert!(!links::exists(Some(&ns), &tap).unwrap());
 }
 
+/// `/sys/class/net/<tap>/<file>` as the namespace sees it (`ip netns exec` mounts the
+/// namespace's own sysfs).
+fn sys_net(ns: &str, tap: &str, file: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat"])
+        .arg(format!("/sys/class/net/{tap}/{file}"))
+        .output()
+        .expect("run ip netns exec cat");
+    assert!(
+        out.status.success(),
+        "reading {file} of {tap}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn tap_owned_by_a_user_and_group_is_created_replaced_and_kept() {
+    if !root("tap_owned_by_a_user_and_group_is_created_replaced_and_kept") {
+        return;
+    }
+    let (guard, ns) = NsGuard::create();
+    let tap = format!("to{}-{}", std::process::id(), common::next());
+    links::create_tap_owned(&ns, &tap, Some(123), Some(456)).unwrap();
+    assert_eq!(sys_net(&guard.0, &tap, "owner"), "123");
+    assert_eq!(sys_net(&guard.0, &tap, "group"), "456");
+    assert_eq!(links::tap_owner(&ns, &tap).unwrap(), (Some(123), Some(456)));
+    let index = sys_net(&guard.0, &tap, "ifindex");
+
+    // Same owner again: the existing tap is kept (same interface index).
+    links::create_tap_owned(&ns, &tap, Some(123), Some(456)).unwrap();
+    assert_eq!(sys_net(&guard.0, &tap, "ifindex"), index);
+    // No owner asked for: whatever is there is fine.
+    links::create_tap(&ns, &tap).unwrap();
+    assert_eq!(sys_net(&guard.0, &tap, "ifindex"), index);
+
+    // Another owner: replaced by a tap with the new owner.
+    links::create_tap_owned(&ns, &tap, Some(789), None).unwrap();
+    assert_eq!(sys_net(&guard.0, &tap, "owner"), "789");
+    assert_eq!(
+        sys_net(&guard.0, &tap, "group"),
+        "-1",
+        "no group was asked for"
+    );
+    assert_eq!(links::tap_owner(&ns, &tap).unwrap(), (Some(789), None));
+    let details = ip_out(&["-n", &guard.0, "-d", "-o", "link", "show", &tap]);
+    assert!(details.contains("persist on"), "{details}");
+
+    // A link that is not a tap has no tap owner.
+    let veth = format!("tv{}-{}", std::process::id(), common::next());
+    let peer = format!("tw{}-{}", std::process::id(), common::next());
+    links::create_veth(Some(&ns), &veth, &peer, Some(&ns)).unwrap();
+    assert!(matches!(
+        links::tap_owner(&ns, &veth),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        links::tap_owner(&ns, "absent0"),
+        Err(Error::NotFound(_))
+    ));
+}
+
 #[test]
 fn bad_link_input_is_a_clear_error() {
     if !root("bad_link_input_is_a_clear_error") {
