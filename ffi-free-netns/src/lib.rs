@@ -32,5 +32,5 @@ mod netns;
 mod rtnl;
 
 pub use error::{Error, Result};
-pub use factory::{Family, PoolConfig, SocketPool};
+pub use factory::{Family, PoolConfig, SocketPool, Wake};
 pub use netns::{create, delete, exists, list, open, open_path, Netns};
