@@ -154,4 +154,125 @@ mod tests {
             m
         );
     }
+
+    fn full_meta() -> Meta {
+        let id = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+        let roots = crate::Roots {
+            config: "/etc/mergen/vm.d".into(),
+            data: "/var/lib/mergen".into(),
+            run: "/run/mergen".into(),
+        };
+        let hook: HookSpec = serde_json::from_str(
+            r#"{"type":"http","url":"http://127.0.0.1:9/h","timeoutMs":500,"headers":{"X-A":"b"},"strict":true}"#,
+        )
+        .unwrap();
+        Meta {
+            id: id.into(),
+            created_at: time::macros::datetime!(2025-01-02 03:04:05.120 UTC),
+            rootfs: "/img/rootfs.ext4".into(),
+            kernel: "/img/vmlinux".into(),
+            data_disk: "/img/data.ext4".into(),
+            ports: vec![PortBinding {
+                guest: 80,
+                host: 20000,
+                protocol: Protocol::Tcp,
+            }],
+            guest_ip: Ipv4Addr::new(172, 30, 0, 2),
+            tap_name: crate::names::tap_name(id),
+            netns: crate::names::netns_name(id),
+            metadata: serde_json::from_str(r#"{"team":"core","n":1}"#).unwrap(),
+            tags: [("app".to_string(), "app1".to_string())].into(),
+            paths: roots.paths(id),
+            hooks: [("onCreate".to_string(), vec![hook])].into(),
+            process: None,
+        }
+    }
+
+    /// The exact bytes mergend writes: the original's key order, camelCase, `guestIP`,
+    /// RFC 3339 UTC with trimmed fractional seconds, two-space indent, trailing newline.
+    #[test]
+    fn meta_json_is_the_originals_exact_text() {
+        let dir = std::env::temp_dir().join(format!("mergen-model-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meta.json");
+        crate::atomic::write_json(&path, &full_meta()).unwrap();
+        let got = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let want = r#"{
+  "id": "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+  "createdAt": "2025-01-02T03:04:05.12Z",
+  "rootfs": "/img/rootfs.ext4",
+  "kernel": "/img/vmlinux",
+  "dataDisk": "/img/data.ext4",
+  "ports": [
+    {
+      "guest": 80,
+      "host": 20000,
+      "protocol": "tcp"
+    }
+  ],
+  "guestIP": "172.30.0.2",
+  "tapName": "tap-084604f6",
+  "netns": "mergen-084604f6",
+  "metadata": {
+    "n": 1,
+    "team": "core"
+  },
+  "tags": {
+    "app": "app1"
+  },
+  "paths": {
+    "configDir": "/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+    "vmConfigPath": "/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/vm.json",
+    "metaPath": "/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/meta.json",
+    "hooksPath": "/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/hooks.json",
+    "envPath": "/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/env",
+    "runDir": "/run/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+    "socketPath": "/run/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/mergen.socket",
+    "lockPath": "/run/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6.lock",
+    "dataDir": "/var/lib/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6",
+    "logsDir": "/var/lib/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/logs"
+  },
+  "hooks": {
+    "onCreate": [
+      {
+        "type": "http",
+        "url": "http://127.0.0.1:9/h",
+        "timeoutMs": 500,
+        "headers": {
+          "X-A": "b"
+        },
+        "strict": true
+      }
+    ]
+  }
+}
+"#;
+        assert_eq!(got, want);
+        assert_eq!(Meta::from_slice(got.as_bytes()).unwrap(), full_meta());
+    }
+
+    #[test]
+    fn empty_optionals_are_omitted_from_the_text() {
+        let mut m = full_meta();
+        m.data_disk.clear();
+        m.metadata.clear();
+        m.tags.clear();
+        m.hooks.clear();
+        let v = serde_json::to_value(&m).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "id",
+            "createdAt",
+            "rootfs",
+            "kernel",
+            "ports",
+            "guestIP",
+            "tapName",
+            "netns",
+            "paths",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+    }
 }
