@@ -208,8 +208,9 @@ impl App {
     }
 
     fn summary(meta: &Meta, st: StatusView) -> Summary<'_> {
+        // Under the jailer the socket path is a symlink into the chroot: follow it.
         let socket_present =
-            fs::symlink_metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
+            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
         Summary {
             id: &meta.id,
             created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
@@ -349,14 +350,9 @@ impl App {
             process: req.process.clone(),
         };
         let vm_config = (!req.kernel.is_empty()).then(|| {
-            let boot_args = req.boot_args.clone().unwrap_or_else(|| {
-                let gw = cidr.gateway().map(|g| g.to_string()).unwrap_or_default();
-                format!(
-                    "{DEFAULT_BOOT_ARGS} ip={guest_ip}::{gw}:{}::eth0:off",
-                    cidr.netmask()
-                )
-            });
-            render_vm_config(&meta, req, boot_args)
+            let gw = cidr.gateway().map(|g| g.to_string()).unwrap_or_default();
+            let ip = format!("ip={guest_ip}::{gw}:{}::eth0:off", cidr.netmask());
+            render_vm_config(&meta, req, boot_args(req.boot_args.as_deref(), &ip))
         });
         let vm = NewVm {
             env: render_env(&meta, &req.extra_env),
@@ -491,6 +487,17 @@ impl App {
     }
 }
 
+/// The request's boot args (or the original's default), with the guest network's
+/// `ip=` argument added unless the request already sets one.
+fn boot_args(requested: Option<&str>, ip_arg: &str) -> String {
+    let args = requested.unwrap_or(DEFAULT_BOOT_ARGS);
+    if args.split_ascii_whitespace().any(|a| a.starts_with("ip=")) {
+        args.to_string()
+    } else {
+        format!("{args} {ip_arg}")
+    }
+}
+
 fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmConfig {
     let mut drives = vec![Drive {
         drive_id: "rootfs".into(),
@@ -525,11 +532,13 @@ fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmCo
     }
 }
 
-/// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`,
-/// then the request's extraEnv (blank keys skipped).
+/// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`.
+/// As in the original, every key lives in one map: one `MGN_PUBLISH_<guest>` per
+/// guest port (a later binding, in host-port order, replaces an earlier one on the
+/// same guest port), and the request's extraEnv (blank keys skipped) is applied last.
 pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
     let p = &meta.paths;
-    let mut base: BTreeMap<String, String> = [
+    let mut env: BTreeMap<String, String> = [
         ("MGN_VM_ID", meta.id.clone()),
         ("MGN_CONFIG_DIR", p.config_dir.clone()),
         ("MGN_VM_JSON", p.vm_config_path.clone()),
@@ -547,21 +556,176 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     for b in &meta.ports {
-        base.insert(
+        env.insert(
             format!("MGN_PUBLISH_{}", b.guest),
             format!("{}/{}", b.host, b.protocol.as_str()),
         );
     }
-    let quote = |v: &str| format!("'{}'", v.replace('\'', r"'\''"));
+    for (k, v) in extra.iter().filter(|(k, _)| !k.trim().is_empty()) {
+        env.insert(k.clone(), v.clone());
+    }
     let mut out = String::new();
-    for (k, v) in base
-        .iter()
-        .chain(extra.iter().filter(|(k, _)| !k.trim().is_empty()))
-    {
+    for (k, v) in &env {
         out.push_str(k);
-        out.push('=');
-        out.push_str(&quote(v));
-        out.push('\n');
+        out.push_str("='");
+        out.push_str(&v.replace('\'', r"'\''"));
+        out.push_str("'\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mergen_model::{Protocol, Roots};
+
+    const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+
+    fn meta(ports: &[(u16, u16, Protocol)]) -> Meta {
+        let roots = Roots {
+            config: "/etc/mergen/vm.d".into(),
+            data: "/var/lib/mergen".into(),
+            run: "/run/mergen".into(),
+        };
+        Meta {
+            id: ID.into(),
+            created_at: time::macros::datetime!(2025-01-02 03:04:05.5 UTC),
+            rootfs: "/img/rootfs.ext4".into(),
+            kernel: "/img/vmlinux".into(),
+            data_disk: String::new(),
+            ports: ports
+                .iter()
+                .map(|&(guest, host, protocol)| PortBinding {
+                    guest,
+                    host,
+                    protocol,
+                })
+                .collect(),
+            guest_ip: "172.30.0.2".parse().unwrap(),
+            tap_name: tap_name(ID),
+            netns: netns_name(ID),
+            metadata: Default::default(),
+            tags: Default::default(),
+            paths: roots.paths(ID),
+            hooks: Default::default(),
+            process: None,
+        }
+    }
+
+    fn request(data_disk: &str) -> CreateRequest {
+        CreateRequest {
+            rootfs: "/img/rootfs.ext4".into(),
+            kernel: "/img/vmlinux".into(),
+            data_disk: data_disk.into(),
+            vcpu: 2,
+            mem_mib: 256,
+            ports: Vec::new(),
+            metadata: Default::default(),
+            auto_start: false,
+            boot_args: None,
+            extra_env: BTreeMap::new(),
+            tags: BTreeMap::new(),
+            hooks: Hooks::new(),
+            process: None,
+        }
+    }
+
+    #[test]
+    fn env_file_is_the_originals_exact_text() {
+        let m = meta(&[
+            (80, 20000, Protocol::Tcp),
+            (53, 20001, Protocol::Udp),
+            // Same guest port as the first: one key per guest port, the later wins.
+            (80, 20002, Protocol::Udp),
+        ]);
+        let extra: BTreeMap<String, String> = [
+            ("", "skipped"),
+            ("APP_MODE", "it's"),
+            ("ZED", "last"),
+            ("MGN_GUEST_IP", "10.9.9.9"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let want = "\
+APP_MODE='it'\\''s'
+MGN_CONFIG_DIR='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6'
+MGN_DATA_DIR='/var/lib/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6'
+MGN_GUEST_IP='10.9.9.9'
+MGN_HOOKS_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/hooks.json'
+MGN_LOG_DIR='/var/lib/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/logs'
+MGN_META_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/meta.json'
+MGN_NETNS='mergen-084604f6'
+MGN_PUBLISH_53='20001/udp'
+MGN_PUBLISH_80='20002/udp'
+MGN_RUN_DIR='/run/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6'
+MGN_SOCKET_PATH='/run/mergen/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/mergen.socket'
+MGN_TAP_NAME='tap-084604f6'
+MGN_VM_ID='084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6'
+MGN_VM_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/vm.json'
+ZED='last'
+";
+        assert_eq!(render_env(&m, &extra), want);
+    }
+
+    #[test]
+    fn vm_json_is_the_originals_exact_shape() {
+        let m = meta(&[]);
+        let ip = "ip=172.30.0.2::172.30.0.1:255.255.255.0::eth0:off";
+        let c = render_vm_config(&m, &request(""), boot_args(None, ip));
+        let want = r#"{
+  "boot-source": {
+    "kernel_image_path": "/img/vmlinux",
+    "boot_args": "console=ttyS0 reboot=k panic=1 pci=off ip=172.30.0.2::172.30.0.1:255.255.255.0::eth0:off"
+  },
+  "drives": [
+    {
+      "drive_id": "rootfs",
+      "path_on_host": "/img/rootfs.ext4",
+      "is_root_device": true,
+      "is_read_only": false
+    }
+  ],
+  "machine-config": {
+    "vcpu_count": 2,
+    "mem_size_mib": 256,
+    "smt": false
+  },
+  "network-interfaces": [
+    {
+      "iface_id": "eth0",
+      "host_dev_name": "tap-084604f6",
+      "guest_mac": "02:FC:08:46:04:01"
+    }
+  ]
+}"#;
+        assert_eq!(serde_json::to_string_pretty(&c).unwrap(), want);
+
+        let c = render_vm_config(&m, &request("/img/data.ext4"), String::new());
+        assert_eq!(
+            serde_json::to_value(&c.drives).unwrap(),
+            json!([
+                {"drive_id": "rootfs", "path_on_host": "/img/rootfs.ext4", "is_root_device": true, "is_read_only": false},
+                {"drive_id": "data", "path_on_host": "/img/data.ext4", "is_root_device": false, "is_read_only": false},
+            ])
+        );
+    }
+
+    #[test]
+    fn request_boot_args_replace_the_default_and_get_the_network() {
+        let ip = "ip=172.30.0.2::172.30.0.1:255.255.255.0::eth0:off";
+        assert_eq!(
+            boot_args(Some("console=ttyS0 init=/init"), ip),
+            format!("console=ttyS0 init=/init {ip}")
+        );
+        // The request's own ip= is kept as it is, and nothing is added.
+        assert_eq!(
+            boot_args(Some("console=ttyS0 ip=dhcp"), ip),
+            "console=ttyS0 ip=dhcp"
+        );
+        assert_eq!(
+            boot_args(None, ip),
+            format!("console=ttyS0 reboot=k panic=1 pci=off {ip}")
+        );
+    }
 }

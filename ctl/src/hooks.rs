@@ -34,7 +34,6 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HookContext {
-    pub event: String,
     pub id: String,
     pub host_ports: Vec<u16>,
     pub guest_ports: Vec<u16>,
@@ -43,12 +42,14 @@ pub struct HookContext {
     pub created_at: String,
     pub paths: Paths,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Not in the original's body; added after its keys so one receiver can serve
+    /// several events.
+    pub event: String,
 }
 
 impl HookContext {
     pub fn new(event: &str, meta: &Meta) -> HookContext {
         HookContext {
-            event: event.to_string(),
             id: meta.id.clone(),
             host_ports: meta.ports.iter().map(|p| p.host).collect(),
             guest_ports: meta.ports.iter().map(|p| p.guest).collect(),
@@ -56,6 +57,7 @@ impl HookContext {
             created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
             paths: meta.paths.clone(),
             metadata: meta.metadata.clone(),
+            event: event.to_string(),
         }
     }
 }
@@ -315,5 +317,54 @@ fn exec(argv: &[String], timeout: Duration) -> Result<(), String> {
                 timeout.as_millis()
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body of an http hook: the original's keys in its order, then `event`.
+    #[test]
+    fn http_context_body_is_the_originals() {
+        let roots = mergen_model::Roots {
+            config: "/c".into(),
+            data: "/d".into(),
+            run: "/r".into(),
+        };
+        let id = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+        let meta = Meta {
+            id: id.into(),
+            created_at: time::macros::datetime!(2025-01-02 03:04:05 UTC),
+            rootfs: String::new(),
+            kernel: String::new(),
+            data_disk: String::new(),
+            ports: vec![
+                mergen_model::PortBinding {
+                    guest: 80,
+                    host: 20000,
+                    protocol: mergen_model::Protocol::Tcp,
+                },
+                mergen_model::PortBinding {
+                    guest: 53,
+                    host: 20001,
+                    protocol: mergen_model::Protocol::Udp,
+                },
+            ],
+            guest_ip: "172.30.0.2".parse().unwrap(),
+            tap_name: String::new(),
+            netns: String::new(),
+            metadata: serde_json::from_str(r#"{"team":"core"}"#).unwrap(),
+            tags: BTreeMap::new(),
+            paths: roots.paths(id),
+            hooks: Hooks::new(),
+            process: None,
+        };
+        let body = serde_json::to_string(&HookContext::new("onStart", &meta)).unwrap();
+        let d = format!("/c/{id}");
+        let want = format!(
+            r#"{{"id":"{id}","hostPorts":[20000,20001],"guestPorts":[80,53],"guestIP":"172.30.0.2","createdAt":"2025-01-02T03:04:05Z","paths":{{"configDir":"{d}","vmConfigPath":"{d}/vm.json","metaPath":"{d}/meta.json","hooksPath":"{d}/hooks.json","envPath":"{d}/env","runDir":"/r/{id}","socketPath":"/r/{id}/mergen.socket","lockPath":"/r/{id}.lock","dataDir":"/d/{id}","logsDir":"/d/{id}/logs"}},"metadata":{{"team":"core"}},"event":"onStart"}}"#
+        );
+        assert_eq!(body, want);
     }
 }

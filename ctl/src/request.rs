@@ -163,6 +163,13 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
                 "extraEnv key {k:?} is not a valid variable name"
             )));
         }
+        // The env file is read by the root-run unit steps: it must not reconfigure
+        // them (MGR_*) nor the dynamic loader (LD_*).
+        if k.starts_with("MGR_") || k.starts_with("LD_") {
+            return Err(bad(format!(
+                "extraEnv key {k:?} is reserved (MGR_* and LD_* cannot be set)"
+            )));
+        }
         if v.contains(['\n', '\r', '\0']) {
             return Err(bad(format!(
                 "extraEnv {k}: values cannot hold line breaks or NUL"
