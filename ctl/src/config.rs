@@ -319,4 +319,78 @@ mod tests {
             assert!(h.contains(k) && h.contains(d), "{k}");
         }
     }
+
+    /// Every `MGR_*` variable of the original's README, with its default, in `--help`
+    /// and in effect (MGR_HTTP_ADDR deliberately defaults to loopback).
+    #[test]
+    fn original_variables_keep_their_defaults() {
+        let readme = [
+            ("MGR_HTTP_ADDR", "127.0.0.1:8080"),
+            ("MGR_CONFIG_ROOT", "/etc/mergen/vm.d"),
+            ("MGR_DATA_ROOT", "/var/lib/mergen"),
+            ("MGR_RUN_ROOT", "/run/mergen"),
+            ("MGR_GLOBAL_HOOKS_DIR", "/etc/mergen/hooks.d"),
+            ("MGR_UNIT_PREFIX", "mergen"),
+            ("MGR_SYSTEMCTL_PATH", "systemctl"),
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "10"),
+            ("MGR_SHUTDOWN_TIMEOUT_SECONDS", "15"),
+            ("MGR_PORT_START", "20000"),
+            ("MGR_PORT_END", "40000"),
+            ("MGR_GUEST_CIDR", "172.30.0.0/24"),
+            ("MGR_LOG_LEVEL", "info"),
+            ("MGR_LOG_FORMAT", "console"),
+        ];
+        for (k, d) in readme {
+            let listed = VARIABLES.iter().find(|(name, _, _)| *name == k);
+            assert_eq!(listed.map(|v| v.1), Some(d), "--help default of {k}");
+        }
+        let c = from(&[]).unwrap();
+        let r = &c.runtime;
+        let effective = [
+            c.http_addr.to_string(),
+            r.roots.config.display().to_string(),
+            r.roots.data.display().to_string(),
+            r.roots.run.display().to_string(),
+            c.global_hooks_dir.display().to_string(),
+            r.unit_prefix.clone(),
+            r.systemctl_path.display().to_string(),
+            r.command_timeout.as_secs().to_string(),
+            c.shutdown_timeout.as_secs().to_string(),
+            c.port_start.to_string(),
+            c.port_end.to_string(),
+            r.guest_cidr.to_string(),
+            c.log_level.clone(),
+            c.log_format.clone(),
+        ];
+        for ((k, d), got) in readme.iter().zip(effective) {
+            assert_eq!(&got, d, "effective default of {k}");
+        }
+        // Each one is read from its variable.
+        let c = from(&[
+            ("MGR_HTTP_ADDR", "127.0.0.2:9"),
+            ("MGR_CONFIG_ROOT", "/x/c"),
+            ("MGR_GLOBAL_HOOKS_DIR", "/x/h"),
+            ("MGR_UNIT_PREFIX", "vm"),
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "3"),
+            ("MGR_SHUTDOWN_TIMEOUT_SECONDS", "4"),
+            ("MGR_PORT_START", "100"),
+            ("MGR_PORT_END", "200"),
+            ("MGR_GUEST_CIDR", "10.1.0.0/16"),
+            ("MGR_LOG_LEVEL", "warn"),
+            ("MGR_LOG_FORMAT", "text"),
+        ])
+        .unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.2:9");
+        assert_eq!(c.runtime.roots.config, PathBuf::from("/x/c"));
+        assert_eq!(c.global_hooks_dir, PathBuf::from("/x/h"));
+        assert_eq!(c.runtime.unit_prefix, "vm");
+        assert_eq!(c.runtime.command_timeout, Duration::from_secs(3));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
+        assert_eq!((c.port_start, c.port_end), (100, 200));
+        assert_eq!(c.runtime.guest_cidr.to_string(), "10.1.0.0/16");
+        assert_eq!(
+            (c.log_level.as_str(), c.log_format.as_str()),
+            ("warn", "text")
+        );
+    }
 }
