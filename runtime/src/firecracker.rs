@@ -12,30 +12,99 @@ use crate::config::RuntimeConfig;
 use crate::fc_api::FcClient;
 use crate::procs;
 
-/// The API socket's name inside the jailer's chroot; the documented path
+/// Firecracker's default API socket, as the jailed process sees it (the jailer creates
+/// `/run` in the chroot, owned by the jailer's user, for it). The documented path
 /// `$MGR_RUN_ROOT/<id>/mergen.socket` is a symlink to it.
-const CHROOT_SOCKET: &str = "/mergen.socket";
+pub const JAIL_SOCKET: &str = "/run/firecracker.socket";
+/// Where the kernel is linked in the chroot; drives go to `/drive-<drive_id>`.
+const JAIL_KERNEL: &str = "/kernel";
 
 /// Read vm.json as mergend wrote it.
 pub fn read_vm_config(meta: &Meta) -> Result<VmConfig, String> {
     let path = &meta.paths.vm_config_path;
     let bytes = std::fs::read(path).map_err(|e| format!("reading {path}: {e}"))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{path} is not a valid vm.json: {e}"))
+    let vm: VmConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{path} is not a valid vm.json: {e}"))?;
+    // The ids become API paths and chroot file names: hold them to Firecracker's own rule.
+    for id in vm
+        .drives
+        .iter()
+        .map(|d| &d.drive_id)
+        .chain(vm.network_interfaces.iter().map(|n| &n.iface_id))
+    {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(format!(
+                "{path}: id {id:?} must be 1 to 64 ASCII letters, digits or underscores"
+            ));
+        }
+    }
+    Ok(vm)
 }
 
-/// `<chroot base>/<firecracker file name>/<id>/root`, where the jailer confines the VM.
-pub fn chroot_root(config: &RuntimeConfig, id: &str) -> PathBuf {
-    let exec_name = config
-        .firecracker_bin
+/// The Firecracker binary as the jailer will see it: an absolute, symlink-free path
+/// (the jailer canonicalises `--exec-file` against its own working directory, and names
+/// the chroot after the resolved file), found on `PATH` when the configuration gives a
+/// bare name. The jailer also refuses a file whose name lacks "firecracker".
+pub fn resolve_exec_file(bin: &Path) -> Result<PathBuf, String> {
+    let found = if bin.components().count() > 1 {
+        Some(bin.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|dirs| {
+            std::env::split_paths(&dirs)
+                .map(|d| d.join(bin))
+                .find(|p| p.is_file())
+        })
+    };
+    let path =
+        found.ok_or_else(|| format!("MGR_FIRECRACKER_BIN {}: not found on PATH", bin.display()))?;
+    let exec = std::fs::canonicalize(&path)
+        .map_err(|e| format!("MGR_FIRECRACKER_BIN {}: {e}", path.display()))?;
+    let name = exec
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "firecracker".into());
-    config.chroot_base.join(exec_name).join(id).join("root")
+        .unwrap_or_default();
+    if !exec.is_file() || !name.contains("firecracker") {
+        return Err(format!(
+            "MGR_FIRECRACKER_BIN {} resolves to {}: the jailer wants a file whose name contains \"firecracker\"",
+            bin.display(),
+            exec.display()
+        ));
+    }
+    Ok(exec)
+}
+
+/// `<chroot base>/<firecracker file name>/<id>`: the jailer's directory for the VM; its
+/// `root/` is the chroot.
+pub fn jail_dir(config: &RuntimeConfig, id: &str) -> Result<PathBuf, String> {
+    let exec = resolve_exec_file(&config.firecracker_bin)?;
+    let name = exec.file_name().unwrap_or_default();
+    Ok(config.chroot_base.join(name).join(id))
+}
+
+/// Remove the VM's jail (its hard links would otherwise keep deleted images' blocks
+/// alive). Gone, or no jailer in use, is fine.
+pub fn remove_jail(config: &RuntimeConfig, id: &str) -> Result<(), String> {
+    if !config.use_jailer || !names::is_valid_id(id) {
+        return Ok(());
+    }
+    // Without a Firecracker binary there is no jail this host could have made.
+    let Ok(dir) = jail_dir(config, id) else {
+        return Ok(());
+    };
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing the jail {}: {e}", dir.display())),
+    }
 }
 
 /// The command that becomes the guest: the jailer (which execs Firecracker inside the
-/// VM's namespace and chroot), or Firecracker itself under `ip netns exec` when
-/// `MGR_JAILER=0`. Prepares the chroot and the socket path first.
+/// VM's namespace and chroot, as `MGR_JAILER_UID`/`GID`, keeping its pid), or
+/// Firecracker itself under `ip netns exec` when `MGR_JAILER=0`. Prepares the chroot and
+/// the socket path first.
 pub fn launch_command(config: &RuntimeConfig, meta: &Meta) -> Result<Command, String> {
     let socket = Path::new(&meta.paths.socket_path);
     std::fs::create_dir_all(&meta.paths.run_dir)
@@ -51,56 +120,71 @@ pub fn launch_command(config: &RuntimeConfig, meta: &Meta) -> Result<Command, St
             .args(["--id", &meta.id]);
         return Ok(cmd);
     }
-    let root = chroot_root(config, &meta.id);
-    std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    let exec_file = resolve_exec_file(&config.firecracker_bin)?;
     let vm = read_vm_config(meta)?;
-    link_into_chroot(config, &vm.boot_source.kernel_image_path, &root, "kernel")?;
+    // A previous run's jail holds device nodes and a pid file the jailer creates with
+    // O_EXCL (it would refuse to start), the copied binary and the old links: start
+    // from an empty one.
+    remove_jail(config, &meta.id)?;
+    let root = jail_dir(config, &meta.id)?.join("root");
+    std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    link_into_chroot(
+        config,
+        &vm.boot_source.kernel_image_path,
+        &root,
+        JAIL_KERNEL,
+    )?;
     for d in &vm.drives {
-        link_into_chroot(
-            config,
-            &d.path_on_host,
-            &root,
-            &format!("drive-{}", d.drive_id),
-        )?;
+        link_into_chroot(config, &d.path_on_host, &root, &jail_drive(&d.drive_id))?;
     }
-    let chroot_socket = root.join(CHROOT_SOCKET.trim_start_matches('/'));
-    remove_if_present(&chroot_socket)?;
-    std::os::unix::fs::symlink(&chroot_socket, socket).map_err(|e| {
+    let jail_socket = root.join(JAIL_SOCKET.trim_start_matches('/'));
+    std::os::unix::fs::symlink(&jail_socket, socket).map_err(|e| {
         format!(
             "linking {} to {}: {e}",
             socket.display(),
-            chroot_socket.display()
+            jail_socket.display()
         )
     })?;
+    // No --daemonize and no --new-pid-ns: either would fork, and the pid the supervisor
+    // (systemd or embedded) watches must become Firecracker. The jailer passes --id
+    // itself; what follows `--` goes to Firecracker.
     let mut cmd = Command::new(&config.jailer_bin);
     cmd.args(["--id", &meta.id])
         .arg("--exec-file")
-        .arg(&config.firecracker_bin)
+        .arg(&exec_file)
         .args(["--uid", &config.jailer_uid.to_string()])
         .args(["--gid", &config.jailer_gid.to_string()])
         .arg("--chroot-base-dir")
         .arg(&config.chroot_base)
         .arg("--netns")
-        .arg(format!("/var/run/netns/{netns}"))
-        .args(["--", "--api-sock", CHROOT_SOCKET]);
+        .arg(format!("/run/netns/{netns}"))
+        .args(["--", "--api-sock", JAIL_SOCKET]);
     Ok(cmd)
 }
 
-/// Hard-link a host file into the chroot under `name`, owned by the jailer's user.
+fn jail_drive(drive_id: &str) -> String {
+    format!("/drive-{drive_id}")
+}
+
+/// Hard-link a host file into the chroot as `name` (an absolute in-chroot path). The
+/// jailed Firecracker opens it as the jailer's user, so a non-root user gets the file:
+/// a hard link shares the inode, so this changes the image's owner on the host too.
 fn link_into_chroot(
     config: &RuntimeConfig,
     src: &str,
     root: &Path,
     name: &str,
 ) -> Result<(), String> {
-    let dest = root.join(name);
-    remove_if_present(&dest)?;
+    let dest = root.join(name.trim_start_matches('/'));
     std::fs::hard_link(src, &dest).map_err(|e| {
         format!(
             "hard-linking {src} into the jailer chroot {} (it must be on the same file system as MGR_JAILER_CHROOT_BASE): {e}",
             root.display()
         )
     })?;
+    if config.jailer_uid == 0 && config.jailer_gid == 0 {
+        return Ok(());
+    }
     rustix::fs::chown(
         &dest,
         Some(rustix::fs::Uid::from_raw(config.jailer_uid)),
@@ -122,7 +206,7 @@ fn remove_if_present(path: &Path) -> Result<(), String> {
 pub fn configure_start(api: &FcClient, vm: &VmConfig, in_chroot: bool) -> Result<(), String> {
     api.wait_ready()?;
     let kernel = if in_chroot {
-        "/kernel".to_string()
+        JAIL_KERNEL.to_string()
     } else {
         vm.boot_source.kernel_image_path.clone()
     };
@@ -137,7 +221,7 @@ pub fn configure_start(api: &FcClient, vm: &VmConfig, in_chroot: bool) -> Result
     for d in &vm.drives {
         let mut drive = serde_json::to_value(d).map_err(|e| e.to_string())?;
         if in_chroot {
-            drive["path_on_host"] = json!(format!("/drive-{}", d.drive_id));
+            drive["path_on_host"] = json!(jail_drive(&d.drive_id));
         }
         api.put(&format!("/drives/{}", d.drive_id), &drive)?;
     }

@@ -70,7 +70,15 @@ fn root_side(plan: &NetPlan) -> Result<(), String> {
     // route_localnet lets a host connection to 127.0.0.1:<hostPort>, once DNATed, leave
     // through the veth (the kernel drops 127/8 sources on other links otherwise).
     sysctl("net/ipv4/ip_forward", "1")?;
-    sysctl(&format!("net/ipv4/conf/{veth}/route_localnet"), "1")
+    sysctl(&format!("net/ipv4/conf/{veth}/route_localnet"), "1")?;
+    // Behind a tap, the namespace answers the root's ARP for the guest from its transit
+    // address, which no route of the root leads back through the veth: strict
+    // reverse-path filtering (rp_filter=1, many distributions' default) drops those
+    // replies. Loose mode on this veth only; the kernel applies max(all, interface).
+    if plan.link == GuestLink::Tap {
+        sysctl(&format!("net/ipv4/conf/{veth}/rp_filter"), "2")?;
+    }
+    Ok(())
 }
 
 fn namespace_side(plan: &NetPlan, ns: &Netns) -> Result<(), String> {
@@ -82,7 +90,11 @@ fn namespace_side(plan: &NetPlan, ns: &Netns) -> Result<(), String> {
     links::add_address(Some(ns), veth, IpAddr::V4(own_address), 32).map_err(s)?;
     links::set_up(Some(ns), veth).map_err(s)?;
     if plan.link == GuestLink::Tap {
-        links::create_tap(ns, &plan.tap).map_err(s)?;
+        let (uid, gid) = match plan.tap_owner {
+            Some((uid, gid)) => (Some(uid), Some(gid)),
+            None => (None, None),
+        };
+        links::create_tap_owned(ns, &plan.tap, uid, gid).map_err(s)?;
         links::add_address(
             Some(ns),
             &plan.tap,

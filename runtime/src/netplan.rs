@@ -48,6 +48,9 @@ pub struct NetPlan {
     pub gateway: Ipv4Addr,
     pub prefix_len: u8,
     pub link: GuestLink,
+    /// Owner (uid, gid) of the tap: the user the jailer runs Firecracker as, which opens
+    /// the tap after dropping its privileges. `None`: a root Firecracker needs none.
+    pub tap_owner: Option<(u32, u32)>,
     pub ports: Vec<PortBinding>,
     /// `mergen-<id8>` in family `ip`: one table per VM, replaced and deleted atomically.
     pub nft_table: String,
@@ -74,6 +77,7 @@ impl NetPlan {
             gateway,
             prefix_len: guest_cidr.prefix_len(),
             link,
+            tap_owner: None,
             ports: meta.ports.clone(),
             nft_table: format!("mergen-{id8}"),
         })

@@ -36,13 +36,21 @@ pub fn load_meta(config: &RuntimeConfig, id: &str) -> Result<Meta, String> {
 
 pub fn net_setup(config: &RuntimeConfig, meta: &Meta) -> Result<(), String> {
     let kind = GuestKind::of(meta, config)?;
-    let plan = NetPlan::new(meta, &config.guest_cidr, kind.link())?;
+    let mut plan = NetPlan::new(meta, &config.guest_cidr, kind.link())?;
+    if kind == GuestKind::Firecracker && config.use_jailer {
+        plan.tap_owner = Some((config.jailer_uid, config.jailer_gid));
+    }
     net::setup(&plan, config.command_timeout)
         .map_err(|e| format!("net-setup of VM {}: {e}", meta.id))
 }
 
+/// Remove the VM's network and, under the jailer, its jail (it runs after every stop:
+/// `ExecStopPost`, or the embedded supervisor's cleanup).
 pub fn net_cleanup(config: &RuntimeConfig, id: &str) -> Result<(), String> {
-    net::cleanup(id, config.command_timeout).map_err(|e| format!("net-cleanup of VM {id}: {e}"))
+    let net = net::cleanup(id, config.command_timeout);
+    let jail = firecracker::remove_jail(config, id);
+    net.and(jail)
+        .map_err(|e| format!("net-cleanup of VM {id}: {e}"))
 }
 
 /// Replay vm.json against the VM's Firecracker (a process VM has nothing to configure).

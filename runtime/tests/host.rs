@@ -44,6 +44,8 @@ const TESTS: &[(&str, TestFn)] = tests![
     install_script_puts_binaries_and_units_in_place,
     udp_ports_are_published_too,
     jailer_command_links_images_into_the_chroot,
+    jailer_launch_refuses_what_the_jailer_or_firecracker_would,
+    firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter,
     step_subcommands_reject_bad_input_with_clear_errors,
 ];
 
@@ -955,19 +957,47 @@ fn udp_ports_are_published_too() {
     assert_nothing_left(&meta.id);
 }
 
+/// A stand-in Firecracker binary for the jailer's argv: a versioned file behind a
+/// `firecracker` symlink, as release tarballs install it. Returns (symlink, file).
+fn fake_firecracker(dir: &Path, file_name: &str) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let file = bin.join(file_name);
+    std::fs::write(&file, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = bin.join("firecracker");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    (link, file.canonicalize().unwrap())
+}
+
 fn jailer_command_links_images_into_the_chroot() {
     if skip_unless_root("jailer_command_links_images_into_the_chroot") {
         return;
     }
-    let chroot =
-        std::env::temp_dir().join(format!("mergen-rt-jail-{}-{}", std::process::id(), next()));
+    // Short: the test double binds the jail's socket by its full path (unix socket
+    // paths are limited to 107 bytes; mergend itself connects through the short symlink).
+    let chroot = PathBuf::from(format!("/tmp/mj{}-{}", std::process::id(), next()));
+    let bin_dir =
+        std::env::temp_dir().join(format!("mergen-rt-fcbin-{}-{}", std::process::id(), next()));
+    struct Remove(Vec<PathBuf>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+    }
+    let _remove = Remove(vec![chroot.clone(), bin_dir.clone()]);
+    let (fc_link, fc_file) = fake_firecracker(&bin_dir, "firecracker-v1.7");
     let host = Host::new(
         "10.0.0.0/24",
         &[
             ("MGR_RUNTIME", "firecracker"),
             ("MGR_JAILER", "1"),
             ("MGR_JAILER_BIN", "/opt/fc/jailer"),
-            ("MGR_FIRECRACKER_BIN", "/opt/fc/firecracker"),
+            ("MGR_FIRECRACKER_BIN", &fc_link.to_string_lossy()),
             ("MGR_JAILER_UID", "123"),
             ("MGR_JAILER_GID", "456"),
             ("MGR_JAILER_CHROOT_BASE", &chroot.to_string_lossy()),
@@ -988,13 +1018,25 @@ fn jailer_command_links_images_into_the_chroot() {
         }
     }
     atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+
+    // The jailer names the jail after the resolved binary, not the symlink.
+    let jail = chroot.join("firecracker-v1.7").join(&meta.id);
+    let root = jail.join("root");
+    assert_eq!(firecracker::jail_dir(&host.config, &meta.id).unwrap(), jail);
+    // A previous run's jail: the jailer would refuse its device nodes and pid file.
+    std::fs::create_dir_all(root.join("dev/net")).unwrap();
+    std::fs::write(root.join("dev/net/tun"), "stale").unwrap();
+    std::fs::write(root.join("firecracker-v1.7.pid"), "1").unwrap();
+    std::fs::write(root.join("kernel"), "stale").unwrap();
+
     let cmd = firecracker::launch_command(&host.config, &meta).unwrap();
     let argv: Vec<String> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let netns = format!("/var/run/netns/{}", meta.netns);
+    let netns = format!("/run/netns/{}", meta.netns);
     let chroot_s = chroot.to_string_lossy().into_owned();
+    let exec_s = fc_file.to_string_lossy().into_owned();
     assert_eq!(
         argv,
         [
@@ -1002,7 +1044,7 @@ fn jailer_command_links_images_into_the_chroot() {
             "--id",
             &meta.id,
             "--exec-file",
-            "/opt/fc/firecracker",
+            &exec_s,
             "--uid",
             "123",
             "--gid",
@@ -1013,10 +1055,11 @@ fn jailer_command_links_images_into_the_chroot() {
             &netns,
             "--",
             "--api-sock",
-            "/mergen.socket",
+            "/run/firecracker.socket",
         ]
     );
-    let root = chroot.join("firecracker").join(&meta.id).join("root");
+    assert!(!root.join("dev").exists(), "stale device nodes left");
+    assert!(!root.join("firecracker-v1.7.pid").exists());
     use std::os::unix::fs::MetadataExt;
     for (name, src) in [
         ("kernel", "vmlinux"),
@@ -1031,11 +1074,36 @@ fn jailer_command_links_images_into_the_chroot() {
         );
         assert_eq!((linked.uid(), linked.gid()), (123, 456));
     }
-    // The documented socket path leads into the chroot.
+    // The documented socket path leads to Firecracker's socket inside the chroot.
     assert_eq!(
         std::fs::read_link(&meta.paths.socket_path).unwrap(),
-        root.join("mergen.socket")
+        root.join("run/firecracker.socket")
     );
+    // The API calls name what Firecracker sees from inside the chroot.
+    std::fs::create_dir_all(root.join("run")).unwrap();
+    let double = FirecrackerDouble::listen(&root.join("run/firecracker.socket"));
+    let api = FcClient::new(Path::new(&meta.paths.socket_path), Duration::from_secs(5));
+    let parsed = firecracker::read_vm_config(&meta).unwrap();
+    firecracker::configure_start(&api, &parsed, true).unwrap();
+    let calls = double.calls();
+    assert_eq!(calls[0].body["kernel_image_path"], "/kernel");
+    assert_eq!(calls[2].body["path_on_host"], "/drive-rootfs");
+    assert_eq!(calls[3].body["path_on_host"], "/drive-data");
+    for (path, name) in [("/kernel", "kernel"), ("/drive-rootfs", "drive-rootfs")] {
+        assert!(
+            root.join(&path[1..]).exists(),
+            "{path} is not {name} in the jail"
+        );
+    }
+    drop(double);
+
+    // net-cleanup (after every stop) removes the jail; twice is fine.
+    for _ in 0..2 {
+        steps::net_cleanup(&host.config, &meta.id).unwrap();
+    }
+    assert!(!jail.exists(), "jail left");
+    assert_eq!(std::fs::read(images.join("vmlinux")).unwrap(), b"vmlinux");
+
     // Without the jailer: Firecracker itself inside the namespace, on the documented socket.
     let mut direct = host.config.clone();
     direct.use_jailer = false;
@@ -1045,13 +1113,14 @@ fn jailer_command_links_images_into_the_chroot() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     assert_eq!(cmd.get_program(), "ip");
+    let link_s = fc_link.to_string_lossy().into_owned();
     assert_eq!(
         argv,
         [
             "netns",
             "exec",
             &meta.netns,
-            "/opt/fc/firecracker",
+            &link_s,
             "--api-sock",
             &meta.paths.socket_path,
             "--id",
@@ -1062,7 +1131,111 @@ fn jailer_command_links_images_into_the_chroot() {
         !Path::new(&meta.paths.socket_path).exists(),
         "a stale socket path was left for Firecracker"
     );
-    let _ = std::fs::remove_dir_all(&chroot);
+}
+
+fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
+    let bin_dir =
+        std::env::temp_dir().join(format!("mergen-rt-fcbad-{}-{}", std::process::id(), next()));
+    let (_, odd) = fake_firecracker(&bin_dir, "vmm");
+    let chroot = bin_dir.join("jail");
+    let host_with = |bin: &str| {
+        Host::new(
+            "10.0.0.0/24",
+            &[
+                ("MGR_RUNTIME", "firecracker"),
+                ("MGR_JAILER", "1"),
+                ("MGR_FIRECRACKER_BIN", bin),
+                ("MGR_JAILER_CHROOT_BASE", &chroot.to_string_lossy()),
+            ],
+        )
+    };
+    // No such binary.
+    let host = host_with("/nonexistent/firecracker");
+    let meta = firecracker_vm(&host);
+    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    assert!(err.contains("MGR_FIRECRACKER_BIN"), "{err}");
+    // A bare name that is not on PATH.
+    let host = host_with("firecracker-not-installed-here");
+    let meta = firecracker_vm(&host);
+    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    assert!(err.contains("not found on PATH"), "{err}");
+    // The jailer only execs files whose name contains "firecracker".
+    let host = host_with(&odd.to_string_lossy());
+    let meta = firecracker_vm(&host);
+    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    assert!(err.contains("\"firecracker\""), "{err}");
+    // Drive ids become chroot file names and API paths: Firecracker's rule applies.
+    let (fc, _) = fake_firecracker(&bin_dir, "firecracker-v1");
+    let host = host_with(&fc.to_string_lossy());
+    let meta = firecracker_vm(&host);
+    let mut vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
+    vm["drives"][1]["drive_id"] = "../../etc".into();
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    assert!(err.contains("../../etc"), "{err}");
+    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    assert!(err.contains("letters, digits or underscores"), "{err}");
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}
+
+fn firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter() {
+    if skip_unless_root(
+        "firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter",
+    ) {
+        return;
+    }
+    let host = Host::new(
+        &unique_cidr(),
+        &[
+            ("MGR_RUNTIME", "firecracker"),
+            ("MGR_JAILER", "1"),
+            ("MGR_JAILER_UID", "4242"),
+            ("MGR_JAILER_GID", "4343"),
+        ],
+    );
+    let meta = host.vm(2, vec![], None);
+    struct Clean<'a>(&'a RuntimeConfig, String);
+    impl Drop for Clean<'_> {
+        fn drop(&mut self) {
+            let _ = steps::net_cleanup(self.0, &self.1);
+        }
+    }
+    let _clean = Clean(&host.config, meta.id.clone());
+    for _ in 0..2 {
+        steps::net_setup(&host.config, &meta).unwrap();
+    }
+    let sys = |file: &str| {
+        run_out(&[
+            "ip",
+            "netns",
+            "exec",
+            &meta.netns,
+            "cat",
+            &format!("/sys/class/net/{}/{file}", meta.tap_name),
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!((sys("owner"), sys("group")), ("4242".into(), "4343".into()));
+    let id8 = names::short_id(&meta.id);
+    let rp =
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/vh-{id8}/rp_filter")).unwrap();
+    assert_eq!(
+        rp.trim(),
+        "2",
+        "loose reverse-path filtering on the host veth"
+    );
+    steps::net_cleanup(&host.config, &meta.id).unwrap();
+    assert_nothing_left(&meta.id);
+
+    // Without the jailer Firecracker runs as root: no owner on the tap.
+    let mut direct = host.config.clone();
+    direct.use_jailer = false;
+    steps::net_setup(&direct, &meta).unwrap();
+    assert_eq!((sys("owner"), sys("group")), ("-1".into(), "-1".into()));
+    steps::net_cleanup(&direct, &meta.id).unwrap();
+    assert_nothing_left(&meta.id);
 }
 
 fn step_subcommands_reject_bad_input_with_clear_errors() {
