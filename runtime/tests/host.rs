@@ -886,6 +886,34 @@ fn install_script_puts_binaries_and_units_in_place() {
         std::fs::read_to_string(root.join("etc/systemd/system/mergen-forwarder.service")).unwrap();
     assert!(fwd.contains("ExecStart=/opt/mergen/bin/mergen-forwarder"));
     assert!(root.join("etc/mergen/mergen.env").is_file());
+    // The control plane: only mergend itself is killed on stop (embedded supervisors
+    // share its control group and must outlive it), restarted on failure, and it reads
+    // the same settings file as the VM units.
+    let ctl = std::fs::read_to_string(root.join("etc/systemd/system/mergend.service")).unwrap();
+    for line in [
+        "ExecStart=/opt/mergen/bin/mergend",
+        "KillMode=process",
+        "Restart=on-failure",
+        "EnvironmentFile=-/etc/mergen/mergen.env",
+    ] {
+        assert!(ctl.lines().any(|l| l == line), "missing {line:?} in\n{ctl}");
+    }
+    assert!(unit
+        .lines()
+        .any(|l| l == "EnvironmentFile=-/etc/mergen/mergen.env"));
+    // Every command of every unit is an installed binary (or kill for reload).
+    for text in [&unit, &fwd, &ctl] {
+        for line in text.lines().filter(|l| l.starts_with("Exec")) {
+            let program = line
+                .split_once('=')
+                .and_then(|(_, cmd)| cmd.split_whitespace().next())
+                .unwrap();
+            let installed = program
+                .strip_prefix("/opt/mergen/bin/")
+                .is_some_and(|b| root.join("opt/mergen/bin").join(b).is_file());
+            assert!(installed || program == "/bin/kill", "{line}");
+        }
+    }
     // A missing binary is a clear error, not a half install.
     std::fs::remove_file(bins.join("mergen-forwarder")).unwrap();
     let out = Command::new("sh")
