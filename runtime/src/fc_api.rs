@@ -105,3 +105,90 @@ fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>), String> {
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// Serve one connection: read the request head and body, answer with `answer` in
+    /// two writes (as a real server may), and hand the request back.
+    fn serve_once(
+        listener: UnixListener,
+        answer: &'static [u8],
+    ) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !String::from_utf8_lossy(&req).contains("}") {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "request cut short");
+                req.extend_from_slice(&chunk[..n]);
+            }
+            let (head, body) = answer.split_at(answer.len() / 2);
+            s.write_all(head).unwrap();
+            s.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            s.write_all(body).unwrap();
+            String::from_utf8(req).unwrap()
+        })
+    }
+
+    fn socket() -> (PathBuf, UnixListener) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("mergen-fcapi-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        (path, listener)
+    }
+
+    #[test]
+    fn firecrackers_own_answers_are_understood() {
+        // micro_http's success: a status line without a reason phrase, no body, and the
+        // connection kept open.
+        let (path, listener) = socket();
+        let server = serve_once(
+            listener,
+            b"HTTP/1.1 204 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n\r\n",
+        );
+        let api = FcClient::new(&path, Duration::from_secs(5));
+        api.put(
+            "/actions",
+            &serde_json::json!({"action_type": "InstanceStart"}),
+        )
+        .unwrap();
+        let req = server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        let body = r#"{"action_type":"InstanceStart"}"#;
+        assert!(req.starts_with("PUT /actions HTTP/1.1\r\n"), "{req}");
+        assert!(
+            req.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{req}"
+        );
+        assert!(req.contains("Content-Type: application/json\r\n"), "{req}");
+        assert!(req.ends_with(&format!("\r\n\r\n{body}")), "{req}");
+
+        // Its error: a JSON body with fault_message, framed by Content-Length.
+        let (path, listener) = socket();
+        let server = serve_once(
+            listener,
+            b"HTTP/1.1 400 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: 55\r\n\r\n{\"fault_message\":\"The kernel file cannot be opened.  \"}",
+        );
+        let api = FcClient::new(&path, Duration::from_secs(5));
+        let err = api
+            .put(
+                "/boot-source",
+                &serde_json::json!({"kernel_image_path": "/kernel"}),
+            )
+            .unwrap_err();
+        server.join().unwrap();
+        assert_eq!(
+            err,
+            "Firecracker answered 400 to PUT /boot-source: The kernel file cannot be opened.  "
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
