@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
-use ffi_free_netns::Family;
+use ffi_free_netns::{Family, Wake};
 use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
 
 use super::Shared;
@@ -11,7 +11,9 @@ use crate::resolver::{netns_path, Route};
 
 /// A fresh socket for `route`: from the namespace's pool, or from the host namespace
 /// when the VM has no namespace (a process VM on the host, or a benchmark backend).
-pub fn backend_socket(shared: &Shared, route: &Route) -> io::Result<OwnedFd> {
+/// `None` when the namespace's pool is empty: it calls `wake` when the caller should
+/// ask again, so the worker thread never waits for the pool's thread.
+pub fn backend_socket(shared: &Shared, route: &Route, wake: &Wake) -> io::Result<Option<OwnedFd>> {
     let fd = if route.netns.is_empty() {
         rustix::net::socket_with(
             AddressFamily::INET,
@@ -28,12 +30,16 @@ pub fn backend_socket(shared: &Shared, route: &Route) -> io::Result<OwnedFd> {
                 )
             })?;
         let key = path.to_string_lossy();
-        shared
+        let taken = shared
             .pool
-            .take(&key, Family::V4)
-            .map_err(|e| io::Error::other(format!("socket in namespace {key}: {e}")))?
+            .try_take(&key, Family::V4, wake)
+            .map_err(|e| io::Error::other(format!("socket in namespace {key}: {e}")))?;
+        match taken {
+            Some(fd) => fd,
+            None => return Ok(None),
+        }
     };
     // TLS records and small requests must not wait for Nagle.
     sockopt::set_tcp_nodelay(&fd, true)?;
-    Ok(fd)
+    Ok(Some(fd))
 }

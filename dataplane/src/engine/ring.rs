@@ -425,6 +425,16 @@ impl Ring {
         self.push(&entry);
     }
 
+    /// Multishot poll for `fd` becoming readable: one completion (with `more`) each
+    /// time it does, until the kernel ends it (a completion without `more`).
+    pub fn poll_readable_multi(&mut self, fd: BorrowedFd<'_>, token: u32) {
+        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(token, KIND_PLAIN, None));
+        self.push(&entry);
+    }
+
     /// Receive into the free tail of an idle buffer. Returns false if the buffer is busy or full.
     pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
         let Some(b) = self
@@ -740,6 +750,21 @@ mod tests {
         let done = wait(&mut ring);
         assert_eq!(done.len(), 1, "only the connect reports");
         assert_eq!((done[0].token, done[0].result), (3, 0));
+    }
+
+    #[test]
+    fn multishot_poll_reports_each_time_the_fd_turns_readable() {
+        let mut ring = Ring::new(8, 4, 64).expect("io_uring");
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        ring.poll_readable_multi(a.as_fd(), 5);
+        for _ in 0..2 {
+            b.write_all(b"x").expect("write");
+            let done = wait(&mut ring);
+            assert_eq!(done.len(), 1);
+            assert!(done[0].token == 5 && done[0].result > 0 && done[0].more);
+            let mut byte = [0u8; 1];
+            (&a).read_exact(&mut byte).expect("drain");
+        }
     }
 
     #[test]

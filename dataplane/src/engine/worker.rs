@@ -6,6 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ffi_free_netns::Wake;
+use rustix::event::{eventfd, EventfdFlags};
+
 use super::conn::{Conn, Ctx, Op};
 use super::ring::{Completion, Ring};
 use super::Shared;
@@ -21,6 +24,8 @@ pub const POOL_BUFFERS: u16 = 1024;
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
 const IGNORED_TOKEN: u32 = u32::MAX;
+/// Token of the poll on the worker's eventfd, which the socket pool signals.
+const WAKE_TOKEN: u32 = u32::MAX - 1;
 
 pub struct Worker {
     shared: Arc<Shared>,
@@ -33,6 +38,11 @@ pub struct Worker {
     accepting: bool,
     last_tick: Instant,
     reaped: Vec<Completion>,
+    /// Signalled by the socket pool when parked dials should try again.
+    wake_fd: Arc<OwnedFd>,
+    wake: Wake,
+    /// Slots whose dial is parked (maybe stale: a slot is checked before resuming).
+    parked: Vec<u32>,
 }
 
 impl Worker {
@@ -46,6 +56,13 @@ impl Worker {
         for (i, fd) in listeners.iter().enumerate() {
             ring.accept_multi(fd.as_fd(), LISTENER_TOKEN | i as u32);
         }
+        let wake_fd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        ring.poll_readable_multi(wake_fd.as_fd(), WAKE_TOKEN);
+        let signal = Arc::clone(&wake_fd);
+        let wake: Wake = Arc::new(move || {
+            // A full counter (EAGAIN) is already a pending wake.
+            let _ = rustix::io::write(&*signal, &1u64.to_ne_bytes());
+        });
         Ok(Worker {
             shared,
             ring,
@@ -56,6 +73,9 @@ impl Worker {
             accepting: true,
             last_tick: Instant::now(),
             reaped: Vec::new(),
+            wake_fd,
+            wake,
+            parked: Vec::new(),
         })
     }
 
@@ -81,6 +101,9 @@ impl Worker {
         if c.token == IGNORED_TOKEN {
             return;
         }
+        if c.token == WAKE_TOKEN {
+            return self.on_wake(&c, now);
+        }
         if c.token & LISTENER_TOKEN != 0 {
             return self.on_accept(c, now);
         }
@@ -98,6 +121,8 @@ impl Worker {
             ring: &mut self.ring,
             shared: &shared,
             now,
+            wake: &self.wake,
+            parked: &mut self.parked,
         };
         conn.on_completion(&mut cx, op, c.result, c.received);
         self.reap(slot);
@@ -147,12 +172,50 @@ impl Worker {
             ring: &mut self.ring,
             shared: &shared,
             now,
+            wake: &self.wake,
+            parked: &mut self.parked,
         };
         let mut conn = Conn::new(&mut cx, slot, listener, client);
         conn.start(&mut cx);
         self.conns[slot as usize] = Some(conn);
         self.live += 1;
         self.reap(slot);
+    }
+
+    /// The pool signalled: resume every parked dial (those still without a socket park
+    /// again and are signalled again).
+    fn on_wake(&mut self, c: &Completion, now: Instant) {
+        let mut count = [0u8; 8];
+        // Reset the counter; every parked dial is retried below whatever it held.
+        let _ = rustix::io::read(&*self.wake_fd, &mut count);
+        if !c.more {
+            if c.result < 0 {
+                log::warn!(
+                    "poll on the pool's eventfd failed: {}",
+                    io::Error::from_raw_os_error(-c.result)
+                );
+            }
+            self.ring
+                .poll_readable_multi(self.wake_fd.as_fd(), WAKE_TOKEN);
+        }
+        let mut parked = std::mem::take(&mut self.parked);
+        parked.sort_unstable();
+        parked.dedup();
+        let shared = self.shared.clone();
+        for &slot in &parked {
+            let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            let mut cx = Ctx {
+                ring: &mut self.ring,
+                shared: &shared,
+                now,
+                wake: &self.wake,
+                parked: &mut self.parked,
+            };
+            conn.resume_dial(&mut cx);
+            self.reap(slot);
+        }
     }
 
     /// Free a connection whose operations are all reaped.
@@ -191,6 +254,8 @@ impl Worker {
                 ring: &mut self.ring,
                 shared: &shared,
                 now,
+                wake: &self.wake,
+                parked: &mut self.parked,
             };
             if drain_over {
                 conn.abort(&mut cx);

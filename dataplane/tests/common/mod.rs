@@ -288,9 +288,20 @@ pub struct Forwarder {
 impl Forwarder {
     /// `listeners`: guest ports; each gets a free 127.0.0.1 port.
     pub fn start(listeners: &[u16], extra_env: &[(&str, &str)]) -> Forwarder {
+        Forwarder::start_with(listeners, extra_env, |_| {})
+    }
+
+    /// Like `start`, with `setup` given the config root before the forwarder starts
+    /// (VMs written there are known at start-up, so their socket pools start cold).
+    pub fn start_with(
+        listeners: &[u16],
+        extra_env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+    ) -> Forwarder {
         let dir = TempDir::new("fwd");
         let vms = dir.path().join("vm.d");
         std::fs::create_dir_all(&vms).expect("creating the config root");
+        setup(&vms);
         let (cert, key) = gen_cert(&dir.path().join("certs"), extra_env);
         let ports: Vec<u16> = listeners.iter().map(|_| free_port()).collect();
         let spec: Vec<String> = listeners

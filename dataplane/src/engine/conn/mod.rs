@@ -7,6 +7,11 @@
 //! raw: accept ─► Dial ─► Stream ─► Closing
 //! ```
 //!
+//! A dial whose namespace has no ready socket parks (`Dial::Parked`) instead of waiting
+//! for the pool's thread: the pool signals the worker's eventfd, and the worker resumes
+//! its parked connections ([`Conn::resume_dial`]). The dial timeout runs from the start
+//! of the dial, parked time included.
+//!
 //! Every completion lands in [`Conn::on_completion`], which records what happened;
 //! [`Conn::advance`] then looks at the whole state and submits whatever can run next.
 //! The phases before any crypto live in `hello`, the byte pumps in `stream`.
@@ -22,6 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ffi_free_netns::Wake;
 use rustls::ServerConnection;
 
 mod hello;
@@ -108,6 +114,8 @@ enum Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dial {
     Idle,
+    /// Waiting for the namespace's pool to have a socket.
+    Parked,
     Pending,
     Up,
     Failed,
@@ -129,6 +137,8 @@ pub struct Conn {
     tls: Option<Box<ServerConnection>>,
     phase: Phase,
     dial: Dial,
+    /// Where the dial goes, kept while it is parked.
+    route: Option<Arc<Route>>,
     outcome: Outcome,
     inflight: u16,
     cancelled: bool,
@@ -153,6 +163,10 @@ pub struct Ctx<'a> {
     pub ring: &'a mut Ring,
     pub shared: &'a Shared,
     pub now: Instant,
+    /// The worker's waker, handed to the pool by parked dials.
+    pub wake: &'a Wake,
+    /// Slots of connections that parked their dial; the worker resumes them on a wake.
+    pub parked: &'a mut Vec<u32>,
 }
 
 impl Conn {
@@ -176,6 +190,7 @@ impl Conn {
                 Phase::Dial
             },
             dial: Dial::Idle,
+            route: None,
             outcome: Outcome::Ok,
             inflight: 0,
             cancelled: false,
@@ -230,10 +245,29 @@ impl Conn {
         }
     }
 
-    /// Enforce the handshake, linger and idle deadlines.
+    /// Retry a parked dial: the pool has signalled that sockets are ready (or that its
+    /// worker stopped, which the retry turns into a dial failure).
+    pub fn resume_dial(&mut self, cx: &mut Ctx<'_>) {
+        if self.phase != Phase::Closing && self.dial == Dial::Parked {
+            self.dial_now(cx);
+            self.advance(cx);
+        }
+    }
+
+    /// Enforce the handshake, linger, idle and (while parked) dial deadlines.
     pub fn check_timers(&mut self, cx: &mut Ctx<'_>) {
         if self.phase == Phase::Closing {
             return;
+        }
+        if self.dial == Dial::Parked
+            && cx.now.duration_since(self.dial_started) >= cx.shared.config.dial_timeout
+        {
+            log::debug!("backend dial failed: timed out waiting for a namespace socket");
+            self.dial_failed();
+            self.advance(cx);
+            if self.phase == Phase::Closing {
+                return;
+            }
         }
         let expired = match self.deadline {
             Some(d) => cx.now >= d,
@@ -339,14 +373,19 @@ impl Conn {
             }
             return;
         }
-        self.dial = Dial::Failed;
-        self.backend = None;
         let err = if res == -libc::ECANCELED {
             "timed out".to_string()
         } else {
             io::Error::from_raw_os_error(-res).to_string()
         };
         log::debug!("backend dial failed: {err}");
+        self.dial_failed();
+    }
+
+    fn dial_failed(&mut self) {
+        self.dial = Dial::Failed;
+        self.backend = None;
+        self.route = None;
         if self.tls.is_none() {
             self.close(Outcome::DialFailed);
         }
@@ -430,25 +469,48 @@ impl Conn {
 
     fn start_dial(&mut self, cx: &mut Ctx<'_>, route: &Arc<Route>) {
         self.dial_started = cx.now;
-        let port = cx.shared.listeners[self.listener].guest_port;
-        match backend_socket(cx.shared, route) {
-            Ok(fd) => {
+        self.route = Some(Arc::clone(route));
+        self.dial_now(cx);
+    }
+
+    /// Connect if the pool has a socket now, park otherwise.
+    fn dial_now(&mut self, cx: &mut Ctx<'_>) {
+        let Some(route) = self.route.clone() else {
+            return self.dial_failed();
+        };
+        match backend_socket(cx.shared, &route, cx.wake) {
+            Ok(Some(fd)) => {
+                let port = cx.shared.listeners[self.listener].guest_port;
+                // Parked time counts against the dial timeout.
+                let left = cx
+                    .shared
+                    .config
+                    .dial_timeout
+                    .saturating_sub(cx.now.duration_since(self.dial_started));
                 cx.ring.connect(
                     fd.as_fd(),
                     SocketAddrV4::new(route.guest_ip, port),
-                    cx.shared.config.dial_timeout,
+                    left,
                     Op::Connect.token(self.slot),
                 );
                 self.submitted(Op::Connect);
                 self.backend = Some(fd);
+                self.route = None;
                 self.dial = Dial::Pending;
+            }
+            Ok(None) => {
+                if self.dial != Dial::Parked {
+                    log::debug!(
+                        "dial to VM {} waiting for a socket from its namespace",
+                        route.id
+                    );
+                }
+                self.dial = Dial::Parked;
+                cx.parked.push(self.slot);
             }
             Err(e) => {
                 log::warn!("no backend socket for VM {}: {e}", route.id);
-                self.dial = Dial::Failed;
-                if self.tls.is_none() {
-                    self.close(Outcome::DialFailed);
-                }
+                self.dial_failed();
             }
         }
     }

@@ -1,0 +1,108 @@
+//! First connections to a VM whose namespace socket pool is cold (the VM was there
+//! when the forwarder started, so nothing prewarmed it): the worker parks the dial
+//! instead of waiting for the pool's thread, and resumes it when the pool signals.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::*;
+
+/// Debug log line of a dial that found its namespace's pool empty.
+const PARKED: &str = "waiting for a socket from its namespace";
+
+#[test]
+fn first_connection_to_a_cold_namespace_succeeds() {
+    if !need_root("first_connection_to_a_cold_namespace_succeeds") {
+        return;
+    }
+    let ns = Ns::new();
+    let _web = Nginx::start(&ns, 443, "cold-start");
+    let fwd = Forwarder::start_with(&[443], &[("FWD_LOG_LEVEL", "debug")], |root| {
+        write_vm(
+            root,
+            &vm_id(),
+            "2025-01-01T00:00:00Z",
+            &ns,
+            &[("app", "cold")],
+        );
+    });
+    let (code, body) = curl("cold.localhost", fwd.ports[0]);
+    assert_eq!(
+        (code.as_str(), body.trim()),
+        ("200", "cold-start"),
+        "{}",
+        fwd.log()
+    );
+    assert!(
+        fwd.log().contains(PARKED),
+        "the dial never parked:\n{}",
+        fwd.log()
+    );
+}
+
+#[test]
+fn many_concurrent_first_connections_to_a_cold_namespace_all_succeed() {
+    if !need_root("many_concurrent_first_connections_to_a_cold_namespace_all_succeed") {
+        return;
+    }
+    const CLIENTS: usize = 32;
+    let ns = Ns::new();
+    let _web = Nginx::start(&ns, 443, "cold-crowd");
+    let fwd = Forwarder::start_with(&[443], &[("FWD_LOG_LEVEL", "debug")], |root| {
+        write_vm(
+            root,
+            &vm_id(),
+            "2025-01-01T00:00:00Z",
+            &ns,
+            &[("app", "crowd")],
+        );
+    });
+    let port = fwd.ports[0];
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                curl("crowd.localhost", port)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (code, body) = client.join().expect("client thread");
+        assert_eq!(
+            (code.as_str(), body.trim()),
+            ("200", "cold-crowd"),
+            "{}",
+            fwd.log()
+        );
+    }
+    assert!(fwd.log().contains(PARKED), "no dial parked:\n{}", fwd.log());
+}
+
+#[test]
+fn a_namespace_missing_at_start_gives_502() {
+    if !need_root("a_namespace_missing_at_start_gives_502") {
+        return;
+    }
+    let ns = Ns::new();
+    let fwd = Forwarder::start_with(&[443], &[], |root| {
+        write_vm(
+            root,
+            &vm_id(),
+            "2025-01-01T00:00:00Z",
+            &ns,
+            &[("app", "gone")],
+        );
+    });
+    // The namespace vanishes before any connection: the dial fails, the client gets 502.
+    drop(ns);
+    let found = wait_for(Duration::from_secs(5), || {
+        let (code, body) = curl("gone.localhost", fwd.ports[0]);
+        (code != "000").then_some((code, body))
+    });
+    let (code, body) = found.expect("curl never got an answer");
+    assert_eq!(code, "502", "body: {body}\n{}", fwd.log());
+}
