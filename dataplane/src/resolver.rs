@@ -1108,4 +1108,30 @@ mod tests {
             assert_eq!(netns_path(Some(&root.0), bad), None, "{bad}");
         }
     }
+
+    /// `FWD_NETNS_ROOT` first, then `/run/netns` (then `/var/run/netns`).
+    #[test]
+    fn netns_lookup_order() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIP: netns_lookup_order needs root");
+            return;
+        }
+        struct Removed(PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = fs::remove_file(&self.0);
+            }
+        }
+        let root = TempDir::new();
+        let name = format!("mgn-ord-{}", std::process::id());
+        fs::create_dir_all("/run/netns").unwrap();
+        let system = Removed(Path::new("/run/netns").join(&name));
+        fs::write(&system.0, b"").unwrap();
+        // Only in /run/netns: found there, with or without a root.
+        assert_eq!(netns_path(Some(&root.0), &name), Some(system.0.clone()));
+        assert_eq!(netns_path(None, &name), Some(system.0.clone()));
+        // In both: the configured root wins.
+        fs::write(root.0.join(&name), b"").unwrap();
+        assert_eq!(netns_path(Some(&root.0), &name), Some(root.0.join(&name)));
+    }
 }
