@@ -352,6 +352,19 @@ fn responses_and_summaries_have_the_originals_shape() {
         body,
         format!("{{\"id\":\"{id}\",\"status\":\"deleted\"}}\n")
     );
+
+    // A VM whose meta.json cannot be read is a 500 internal_error, not a 404.
+    let (code, v) = m.create(&roots.body());
+    assert_eq!(code, 201, "{v}");
+    let id = id_of(&v);
+    let meta = roots.config().join(&id).join("meta.json");
+    std::fs::remove_file(&meta).unwrap();
+    std::fs::create_dir(&meta).unwrap();
+    let (code, body) = m.curl("GET", &format!("/v1/vms/{id}"), &[]);
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(keys(&e), set(&["error", "message"]), "{body}");
+    assert_eq!(e["error"], "internal_error");
 }
 
 #[test]

@@ -102,12 +102,14 @@ fn autostart_hooks_idempotence_and_delete_of_a_running_vm() {
 
     // Idempotent: a second start neither fails nor re-runs onStart.
     let (code, out) = m.curl("POST", &format!("/v1/vms/{id}/start"), &[]);
-    assert_eq!((code, out.contains("\"started\"")), (200, true), "{out}");
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out, format!("{{\"id\":\"{id}\",\"status\":\"started\"}}\n"));
     assert_eq!(events(), format!("start {id}\n"));
 
     for _ in 0..2 {
         let (code, out) = m.curl("POST", &format!("/v1/vms/{id}/stop"), &[]);
-        assert_eq!((code, out.contains("\"stopped\"")), (200, true), "{out}");
+        assert_eq!(code, 200, "{out}");
+        assert_eq!(out, format!("{{\"id\":\"{id}\",\"status\":\"stopped\"}}\n"));
         assert_eq!(state(&m, &id), "stopped");
     }
     assert_eq!(events(), format!("start {id}\nstop {id}\n"));
@@ -115,6 +117,7 @@ fn autostart_hooks_idempotence_and_delete_of_a_running_vm() {
     // Delete of a running VM stops it first.
     let (code, out) = m.curl("POST", &format!("/v1/vms/{id}/start"), &[]);
     assert_eq!(code, 200, "{out}");
+    assert_eq!(out, format!("{{\"id\":\"{id}\",\"status\":\"started\"}}\n"));
     assert_eq!(state(&m, &id), "running");
     let (code, out) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
     assert_eq!(code, 200, "{out}\n{}", m.log_text());
