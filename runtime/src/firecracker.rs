@@ -32,12 +32,10 @@ pub fn read_vm_config(meta: &Meta) -> Result<VmConfig, String> {
         .map(|d| &d.drive_id)
         .chain(vm.network_interfaces.iter().map(|n| &n.iface_id))
     {
-        let ok = !id.is_empty()
-            && id.len() <= 64
-            && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let ok = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
             return Err(format!(
-                "{path}: id {id:?} must be 1 to 64 ASCII letters, digits or underscores"
+                "{path}: id {id:?} must be ASCII letters, digits or underscores (and not empty)"
             ));
         }
     }
