@@ -99,7 +99,12 @@ mod tests {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
         assert!(alive(pid));
-        assert!(runs(pid, &["sleep", "30"]));
+        // The exec may not be visible in /proc the instant spawn returns: wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !runs(pid, &["sleep", "30"]) {
+            assert!(std::time::Instant::now() < deadline, "sleep never showed up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(!runs(pid, &["sleep", "31"]));
         signal(pid, Signal::TERM).unwrap();
         child.wait().unwrap();
