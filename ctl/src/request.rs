@@ -155,7 +155,9 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
     }
     let extra_env = raw.extra_env.unwrap_or_default();
     for (k, v) in &extra_env {
-        let valid_key = k.is_empty()
+        // Blank keys are accepted and skipped when the env file is written, as the
+        // original did.
+        let valid_key = k.trim().is_empty()
             || (k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !k.as_bytes()[0].is_ascii_digit());
         if !valid_key {

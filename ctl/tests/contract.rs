@@ -40,7 +40,7 @@ fn create_writes_the_originals_files_byte_for_byte() {
         r#","dataDisk":"{img}/data.ext4","vcpu":2,"memMiB":128,
            "ports":[{{"guest":80,"host":0}},{{"guest":53,"host":0,"protocol":"udp"}},{{"guest":80,"host":0,"protocol":"udp"}}],
            "metadata":{{"team":"core","n":1}},"tags":{{"app":"app1"}},
-           "extraEnv":{{"":"skipped","Z_LAST":"z","A_FIRST":"it's"}},
+           "extraEnv":{{"":"skipped"," ":"blank","Z_LAST":"z","A_FIRST":"it's"}},
            "hooks":{{"onStop":[{{"type":"exec","cmd":["true","{{{{.ID}}}}"],"timeoutMs":100}}]}}"#
     )));
     assert_eq!(code, 201, "{v}");
