@@ -36,8 +36,8 @@ struct RawCreate {
 #[serde(deny_unknown_fields)]
 struct RawPort {
     guest: i64,
-    #[serde(default)]
-    host: i64,
+    /// Absent or null is 0 (allocate), as Go decoded it into an int.
+    host: Option<i64>,
     protocol: Option<String>,
 }
 
@@ -131,8 +131,12 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
                     p.guest
                 ))
             })?;
-        let host = u16::try_from(p.host)
-            .map_err(|_| bad(format!("ports[{i}].host must be 0..65535 (got {})", p.host)))?;
+        let requested_host = p.host.unwrap_or(0);
+        let host = u16::try_from(requested_host).map_err(|_| {
+            bad(format!(
+                "ports[{i}].host must be 0..65535 (got {requested_host})"
+            ))
+        })?;
         let protocol = match p.protocol.as_deref() {
             None | Some("") | Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,

@@ -437,7 +437,7 @@ fn create_rules_and_allocation_range() {
     // memMiB 128 is the floor; protocol defaults to tcp; bindings come back sorted by
     // host port; host 0 takes the first free port of MGR_PORT_START..=MGR_PORT_END.
     let (code, v) = m.create(&roots.body_with(
-        r#","memMiB":128,"ports":[{"guest":22,"host":31002},{"guest":80,"host":0},{"guest":443,"host":31001,"protocol":"udp"}]"#,
+        r#","memMiB":128,"ports":[{"guest":22,"host":31002},{"guest":80,"host":null},{"guest":443,"host":31001,"protocol":"udp"}]"#,
     ));
     assert_eq!(code, 201, "{v}");
     let id = id_of(&v);
