@@ -7,7 +7,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{
-    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+    mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    Weak,
 };
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,54 @@ struct Shared {
     config: PoolConfig,
     /// Read-locked by takers; written only when a worker starts or goes.
     workers: RwLock<HashMap<String, Arc<Worker>>>,
+    /// Started by the first `try_take` that needs a worker; it exits when the pool goes.
+    launcher: Mutex<Option<mpsc::Sender<Launch>>>,
+}
+
+/// Who starts a new worker's thread.
+#[derive(Clone, Copy)]
+enum Start {
+    /// The caller, which is about to wait for the worker anyway.
+    Inline,
+    /// The launcher thread, so a non-blocking taker does not pay for a thread spawn.
+    Launcher,
+}
+
+/// A worker whose thread is yet to be started.
+struct Launch {
+    worker: Arc<Worker>,
+    ns: Netns,
+    shared: Weak<Shared>,
+    config: PoolConfig,
+}
+
+impl Launch {
+    fn spawn(self) -> std::io::Result<()> {
+        let Launch {
+            worker,
+            ns,
+            shared,
+            config,
+        } = self;
+        std::thread::Builder::new()
+            .name("netns-pool".into())
+            .spawn(move || run_worker(worker, ns, shared, config))
+            .map(drop)
+    }
+}
+
+fn run_launcher(launches: mpsc::Receiver<Launch>) {
+    for launch in launches {
+        let (worker, shared) = (Arc::clone(&launch.worker), launch.shared.clone());
+        if let Err(e) = launch.spawn() {
+            let key = worker.key.clone();
+            fail(
+                &worker,
+                &shared,
+                Error::io(format!("spawning the socket worker for {key}"), e),
+            );
+        }
+    }
 }
 
 /// The hot path (a pop from a non-empty queue) touches only the lock-free queues and
@@ -142,6 +191,7 @@ impl SocketPool {
             shared: Arc::new(Shared {
                 config,
                 workers: RwLock::new(HashMap::new()),
+                launcher: Mutex::new(None),
             }),
         }
     }
@@ -150,7 +200,7 @@ impl SocketPool {
     /// `netns` is a namespace name (looked up like [`netns::open`]) or an absolute path.
     pub fn take(&self, netns: &str, family: Family) -> Result<OwnedFd> {
         loop {
-            let worker = self.worker(netns)?;
+            let worker = self.worker(netns, Start::Inline)?;
             if let Some(result) = worker.take(family, self.shared.config.depth) {
                 return result;
             }
@@ -164,7 +214,7 @@ impl SocketPool {
     /// a stopped worker, or a refill that failed since the last try.
     pub fn try_take(&self, netns: &str, family: Family, wake: &Wake) -> Result<Option<OwnedFd>> {
         loop {
-            let worker = self.worker(netns)?;
+            let worker = self.worker(netns, Start::Launcher)?;
             if let Some(result) = worker.try_take(family, self.shared.config.depth, wake) {
                 return result;
             }
@@ -175,7 +225,7 @@ impl SocketPool {
     /// has joined the namespace.
     pub fn prewarm(&self, netns: &str) -> Result<()> {
         loop {
-            let worker = self.worker(netns)?;
+            let worker = self.worker(netns, Start::Inline)?;
             let mut st = worker.lock();
             loop {
                 match &st.closed {
@@ -213,7 +263,7 @@ impl SocketPool {
         }
     }
 
-    fn worker(&self, netns: &str) -> Result<Arc<Worker>> {
+    fn worker(&self, netns: &str, start: Start) -> Result<Arc<Worker>> {
         if let Some(worker) = self.shared.read_workers().get(netns) {
             return Ok(Arc::clone(worker));
         }
@@ -243,15 +293,47 @@ impl SocketPool {
             demand: Condvar::new(),
             supply: Condvar::new(),
         });
-        let thread_worker = Arc::clone(&worker);
-        let shared = Arc::downgrade(&self.shared);
-        let config = self.shared.config.clone();
-        std::thread::Builder::new()
-            .name("netns-pool".into())
-            .spawn(move || run_worker(thread_worker, ns, shared, config))
-            .map_err(|e| Error::io(format!("spawning the socket worker for {netns}"), e))?;
+        let launch = Launch {
+            worker: Arc::clone(&worker),
+            ns,
+            shared: Arc::downgrade(&self.shared),
+            config: self.shared.config.clone(),
+        };
+        let spawned = match start {
+            Start::Inline => launch.spawn(),
+            Start::Launcher => self.launch(launch),
+        };
+        spawned.map_err(|e| Error::io(format!("spawning the socket worker for {netns}"), e))?;
         workers.insert(netns.to_owned(), Arc::clone(&worker));
         Ok(worker)
+    }
+
+    /// Hand `launch` to the launcher thread, starting that on first use.
+    fn launch(&self, launch: Launch) -> std::io::Result<()> {
+        let mut launcher = self
+            .shared
+            .launcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let tx = match launcher.take() {
+            Some(tx) => tx,
+            None => {
+                let (tx, rx) = mpsc::channel();
+                std::thread::Builder::new()
+                    .name("netns-pool-start".into())
+                    .spawn(move || run_launcher(rx))?;
+                tx
+            }
+        };
+        match tx.send(launch) {
+            Ok(()) => {
+                *launcher = Some(tx);
+                Ok(())
+            }
+            // The launcher is gone (it never exits while the pool lives): start it here;
+            // the next launch starts a new launcher.
+            Err(mpsc::SendError(launch)) => launch.spawn(),
+        }
     }
 }
 
