@@ -2,7 +2,13 @@
 //! network namespace, three ways, measured in one run:
 //! - pool pop: `SocketPool::take` with the socket already queued;
 //! - setns+socket+setns: the dialing thread enters the namespace, makes the socket, returns;
-//! - thread round trip: ask the namespace's worker thread for one socket and wait for it.
+//! - thread round trip: ask the namespace's worker thread for one socket and wait for it;
+//! - try_take pop: `SocketPool::try_take` (the forwarder's non-blocking take) on a full queue;
+//! - cold try_take: `try_take` on a namespace with no worker yet: what the forwarder's
+//!   worker thread pays before it parks the dial (resolving the namespace, handing the
+//!   new worker to the pool's launcher thread);
+//! - cold take: the blocking `take` on a namespace with no worker yet: what a worker
+//!   thread would wait for without `try_take`.
 //!
 //! The methods run in interleaved rounds so drifting load on this shared machine hits all
 //! three alike. Every socket is timed on its own: the mean includes the occasional wake-up
@@ -10,9 +16,10 @@
 //! sample includes one clock read (~20-30 ns).
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ffi_free_netns::{Family, Netns, PoolConfig, SocketPool};
+use ffi_free_netns::{Family, Netns, PoolConfig, SocketPool, Wake};
 use rustix::net::{ipproto, AddressFamily, SocketFlags, SocketType};
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
@@ -22,6 +29,8 @@ const ROUNDS: usize = 5;
 /// Pool pops are timed in batches of this many, each started on a full queue.
 const BATCH: usize = 64;
 const REFILL_DEADLINE: Duration = Duration::from_secs(10);
+/// Cold takes per round: each starts (and later retires) a pool thread.
+const COLD_PER_ROUND: usize = 40;
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let iterations = parse_iterations(args)?;
@@ -48,13 +57,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut pop = Samples::default();
     let mut setns = Samples::default();
     let mut trip = Samples::default();
+    let cold_pools = (
+        SocketPool::new(PoolConfig::default()),
+        SocketPool::new(PoolConfig::default()),
+    );
+    let mut try_pop = Samples::default();
+    let mut cold_try = Samples::default();
+    let mut cold_take = Samples::default();
     for _ in 0..ROUNDS {
         pool_pop(&pop_pool, &name, per_round, &mut pop)?;
         setns_dial(&ns, per_round, &mut setns)?;
         round_trip(&trip_pool, &name, per_round, &mut trip)?;
+        try_take_pop(&pop_pool, &name, per_round, &mut try_pop)?;
+        cold_takes(&cold_pools, &name, &mut cold_try, &mut cold_take)?;
     }
 
-    println!("netns socket acquisition, {ROUNDS} interleaved rounds x {per_round} sockets each");
+    println!(
+        "netns socket acquisition, {ROUNDS} interleaved rounds x {per_round} sockets each \
+         ({COLD_PER_ROUND} for the cold rows)"
+    );
     println!(
         "{:<20} {:>10} {:>10} {:>10} {:>12} {:>12}",
         "method", "mean ns", "p50 ns", "p99 ns", "mean vs pop", "p50 vs pop"
@@ -64,6 +85,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ("pool pop", &mut pop),
         ("setns+socket+setns", &mut setns),
         ("thread round trip", &mut trip),
+        ("try_take pop", &mut try_pop),
+        ("cold try_take", &mut cold_try),
+        ("cold take", &mut cold_take),
     ] {
         let (mean, p50, p99) = (
             samples.mean(),
@@ -149,6 +173,56 @@ fn round_trip(
     out: &mut Samples,
 ) -> Result<(), String> {
     per_socket(count, out, || Ok(()), || take(pool, name))
+}
+
+/// Non-blocking takes from a full queue.
+fn try_take_pop(
+    pool: &SocketPool,
+    name: &str,
+    count: usize,
+    out: &mut Samples,
+) -> Result<(), String> {
+    let wake: Wake = Arc::new(|| {});
+    per_socket(
+        count,
+        out,
+        || wait_full(pool, name),
+        || {
+            pool.try_take(name, Family::V4, &wake)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "try_take found a full queue empty".to_string())
+        },
+    )
+}
+
+/// First takes on a namespace whose worker was just stopped (`forget`): a non-blocking
+/// one (it returns empty-handed) and a blocking one (it waits for the new thread's socket).
+/// The pools live across samples, like the forwarder's, so the non-blocking pool's
+/// launcher thread is already running.
+fn cold_takes(
+    pools: &(SocketPool, SocketPool),
+    name: &str,
+    try_out: &mut Samples,
+    take_out: &mut Samples,
+) -> Result<(), String> {
+    let wake: Wake = Arc::new(|| {});
+    let (try_pool, take_pool) = pools;
+    for _ in 0..COLD_PER_ROUND {
+        try_pool.forget(name);
+        let start = Instant::now();
+        let got = try_pool
+            .try_take(name, Family::V4, &wake)
+            .map_err(|e| e.to_string())?;
+        try_out.0.push(start.elapsed().as_nanos() as u64);
+        drop(got);
+
+        take_pool.forget(name);
+        let start = Instant::now();
+        let fd = take(take_pool, name)?;
+        take_out.0.push(start.elapsed().as_nanos() as u64);
+        drop(fd);
+    }
+    Ok(())
 }
 
 fn take(pool: &SocketPool, name: &str) -> Result<OwnedFd, String> {
