@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
-use mergen_model::Meta;
+use mergen_model::RouteMeta;
 use time::OffsetDateTime;
 
 pub const META_FILE: &str = "meta.json";
@@ -171,7 +171,7 @@ impl Stamp {
     }
 }
 
-fn aliases_of(meta: &Meta) -> Vec<Arc<str>> {
+fn aliases_of(meta: &RouteMeta) -> Vec<Arc<str>> {
     let mut out = vec![meta.id.to_ascii_lowercase()];
     out.push(mergen_model::names::short_id(&meta.id).to_ascii_lowercase());
     for key in ALIAS_KEYS {
@@ -239,7 +239,7 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
             return failed();
         }
     };
-    match Meta::from_slice(&bytes) {
+    match RouteMeta::from_slice(&bytes) {
         Ok(meta) => Load::Loaded(Box::new(Entry {
             aliases: aliases_of(&meta),
             route: Arc::new(Route {
@@ -866,6 +866,27 @@ mod tests {
         let r = resolver(&root.0, "", "localhost");
         assert_eq!(r.snapshot().len(), 1);
         assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
+    }
+
+    /// Fields the forwarder does not route by never stop a VM from routing: Go's
+    /// `null` collections, a newer mergend's hook or port fields.
+    #[test]
+    fn only_the_routing_fields_must_parse() {
+        let root = TempDir::new();
+        let mut meta = meta_json(1, 0, json!(null), json!({"app": "go"}));
+        meta["ports"] = json!(null);
+        meta["hooks"] = json!({"onCreate": [{"type": "grpc", "target": "x"}]});
+        let dir = root.0.join(id(1));
+        fs::create_dir_all(&dir).unwrap();
+        mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
+        let mut other = meta_json(2, 1, json!({"app": "new"}), json!({}));
+        other["ports"] = json!([{"guest": 80, "host": 20001, "protocol": "sctp"}]);
+        let dir = root.0.join(id(2));
+        fs::create_dir_all(&dir).unwrap();
+        mergen_model::atomic::write_json(&dir.join(META_FILE), &other).unwrap();
+        let r = resolver(&root.0, "", "localhost");
+        assert_eq!(routed_id(&r, "go.localhost"), Some(id(1)));
+        assert_eq!(routed_id(&r, "new.localhost"), Some(id(2)));
     }
 
     #[test]

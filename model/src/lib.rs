@@ -14,5 +14,7 @@ pub mod vmconfig;
 
 pub use cidr::Ipv4Cidr;
 pub use layout::Roots;
-pub use meta::{HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol};
+pub use meta::{
+    HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol, RouteMeta,
+};
 pub use vmconfig::VmConfig;

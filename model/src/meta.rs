@@ -1,8 +1,10 @@
 //! `meta.json`: the manager's record of a VM and the forwarder's routing source.
 //!
-//! Deserialisation is lenient on purpose: the forwarder needs only `id`, `createdAt`,
-//! `guestIP`, `netns`, `tags` and `metadata`, and must keep routing when a newer
-//! mergend adds fields. Strict validation belongs to the API's create request.
+//! Deserialisation is lenient on purpose: unknown fields are ignored and Go's `null`
+//! collections read as empty, so meta.json files of the original and of a newer
+//! mergend still load. The forwarder reads only [`RouteMeta`] (`id`, `createdAt`,
+//! `guestIP`, `netns`, `tags`, `metadata`). Strict validation belongs to the API's
+//! create request.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -25,7 +27,7 @@ pub struct Meta {
     pub kernel: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub data_disk: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub ports: Vec<PortBinding>,
     #[serde(rename = "guestIP")]
     pub guest_ip: Ipv4Addr,
@@ -33,13 +35,25 @@ pub struct Meta {
     pub tap_name: String,
     #[serde(default)]
     pub netns: String,
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "serde_json::Map::is_empty"
+    )]
     pub metadata: serde_json::Map<String, serde_json::Value>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub paths: Paths,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub hooks: Hooks,
     /// Set for VMs run by the process runtime instead of Firecracker (new in mergen).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +65,41 @@ impl Meta {
     pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Meta> {
         serde_json::from_slice(bytes)
     }
+}
+
+/// The part of meta.json the forwarder routes by. Every other field is ignored, so a
+/// VM keeps routing whatever else its meta.json holds (hook or process fields of a
+/// newer mergend, a port protocol it does not know).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMeta {
+    pub id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(rename = "guestIP")]
+    pub guest_ip: Ipv4Addr,
+    #[serde(default)]
+    pub netns: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl RouteMeta {
+    /// Parse the routing fields of a meta.json document.
+    pub fn from_slice(bytes: &[u8]) -> serde_json::Result<RouteMeta> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Go's encoding/json writes a nil slice or map as `null`: read it as empty.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -274,5 +323,38 @@ mod tests {
         ];
         want.sort_unstable();
         assert_eq!(keys, want);
+    }
+
+    /// The original (Go) writes nil slices and maps as `null`.
+    #[test]
+    fn go_nulls_read_as_empty() {
+        let doc =
+            br#"{"id":"a","createdAt":"2025-01-02T03:04:05.123456789Z","guestIP":"172.30.0.2",
+            "ports":null,"metadata":null,"tags":null,"hooks":null}"#;
+        let m = Meta::from_slice(doc).unwrap();
+        assert!(m.ports.is_empty() && m.metadata.is_empty() && m.tags.is_empty());
+        assert!(m.hooks.is_empty());
+        let r = RouteMeta::from_slice(doc).unwrap();
+        assert!(r.tags.is_empty() && r.metadata.is_empty());
+    }
+
+    /// The forwarder's view ignores what it does not route by, even where the full
+    /// model is strict.
+    #[test]
+    fn route_meta_ignores_everything_else() {
+        let doc = br#"{"id":"a","createdAt":"2025-01-02T03:04:05Z","guestIP":"172.30.0.9",
+            "netns":"mergen-a","tags":{"app":"x"},"metadata":{"n":1},
+            "ports":[{"guest":80,"host":1,"protocol":"sctp"}],
+            "hooks":{"onCreate":[{"type":"grpc","newField":1}]},"process":{"cmd":["x"],"new":1}}"#;
+        assert!(Meta::from_slice(doc).is_err());
+        let r = RouteMeta::from_slice(doc).unwrap();
+        assert_eq!(r.guest_ip, Ipv4Addr::new(172, 30, 0, 9));
+        assert_eq!(
+            (r.netns.as_str(), r.tags["app"].as_str()),
+            ("mergen-a", "x")
+        );
+        assert_eq!(r.metadata["n"], 1);
+        let no_ip = br#"{"id":"a","createdAt":"2025-01-02T03:04:05Z"}"#;
+        assert!(RouteMeta::from_slice(no_ip).is_err());
     }
 }
