@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -105,4 +106,35 @@ fn a_namespace_missing_at_start_gives_502() {
     });
     let (code, body) = found.expect("curl never got an answer");
     assert_eq!(code, "502", "body: {body}\n{}", fwd.log());
+}
+
+#[test]
+fn raw_first_connections_to_a_cold_namespace_succeed() {
+    if !need_root("raw_first_connections_to_a_cold_namespace_succeed") {
+        return;
+    }
+    const CLIENTS: usize = 8;
+    let ns = Ns::new();
+    // Plain HTTP behind the raw listener (guest port 22): the forwarder copies bytes.
+    let _web = Nginx::start(&ns, 22, "raw-cold");
+    let fwd = Forwarder::start_with(&[22], &[("FWD_LOG_LEVEL", "debug")], |root| {
+        write_vm(root, &vm_id(), "2025-01-01T00:00:00Z", &ns, &[]);
+    });
+    let url = format!("http://127.0.0.1:{}/", fwd.ports[0]);
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (start, url) = (Arc::clone(&start), url.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                run(Command::new("curl").args(["-s", "--max-time", "5", &url]))
+            })
+        })
+        .collect();
+    for client in clients {
+        let out = client.join().expect("client thread");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(body.trim(), "raw-cold", "{}", fwd.log());
+    }
+    assert!(fwd.log().contains(PARKED), "no dial parked:\n{}", fwd.log());
 }

@@ -1,9 +1,11 @@
 //! Keeps the namespace socket pools ahead of the data path: a VM that appears gets its
-//! pool started before its first connection, so no worker waits for a thread to join a
-//! namespace; a VM that disappears has its pool stopped at once.
+//! pool started before its first connection, so that connection finds a socket ready
+//! instead of parking its dial until the pool's new thread has made one; a VM that
+//! disappears has its pool stopped at once.
 //!
-//! VMs present at startup are left to start their pools on first use: prewarming
-//! thousands at once would start as many threads for VMs that may see no traffic.
+//! VMs present at startup are left to start their pools on first use (the first dial
+//! parks briefly, the worker thread never waits): prewarming thousands at once would
+//! start as many threads for VMs that may see no traffic.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -248,7 +248,9 @@ impl Conn {
     /// Retry a parked dial: the pool has signalled that sockets are ready (or that its
     /// worker stopped, which the retry turns into a dial failure).
     pub fn resume_dial(&mut self, cx: &mut Ctx<'_>) {
-        if self.phase != Phase::Closing && self.dial == Dial::Parked {
+        // A connection already refused or lingering has no use for the backend.
+        let wants = matches!(self.phase, Phase::Dial | Phase::Handshake | Phase::Stream);
+        if wants && self.dial == Dial::Parked {
             self.dial_now(cx);
             self.advance(cx);
         }
