@@ -1,0 +1,23 @@
+//! Test plumbing shared by the workspace's tests (a dev-dependency only).
+//!
+//! Everything here is safe to use from tests that run in parallel threads of one binary
+//! and from binaries of different crates running at once: names carry the pid and a
+//! per-process counter, ports come from the kernel, and whatever is created on the
+//! host is removed by a Drop guard, even when the test panics.
+
+mod cmd;
+mod names;
+mod net;
+pub mod nginx;
+mod rng;
+mod root;
+mod tempdir;
+mod wait;
+
+pub use cmd::{curl_get, run_out};
+pub use names::{next, unique_name};
+pub use net::free_port;
+pub use rng::XorShift;
+pub use root::{is_root, skip_unless_root};
+pub use tempdir::TempDir;
+pub use wait::{eventually, poll, wait_for};

@@ -1,0 +1,66 @@
+//! The plumbing itself: what the other crates' tests rely on.
+
+use std::time::Duration;
+
+use mergen_testkit::{eventually, poll, unique_name, wait_for, TempDir, XorShift};
+
+#[test]
+fn xorshift_is_the_reference_sequence_and_below_stays_in_range() {
+    // Marsaglia's xorshift64 (13, 7, 17) from seed 1.
+    let mut rng = XorShift(1);
+    assert_eq!(rng.next_u64(), 1_082_269_761);
+    assert_eq!(rng.next_u64(), 1_152_992_998_833_853_505);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    assert!((0..1000).all(|_| rng.below(7) < 7));
+    assert_eq!(rng.below(0), 0);
+}
+
+#[test]
+fn unique_names_differ_and_fit_a_link_name() {
+    let (a, b) = (unique_name("tk"), unique_name("tk"));
+    assert_ne!(a, b);
+    assert!(a.starts_with(&format!("tk{}-", std::process::id())), "{a}");
+    assert!(a.len() <= 15);
+}
+
+#[test]
+#[should_panic(expected = "longer than 15 bytes")]
+fn a_name_too_long_for_a_link_is_refused() {
+    unique_name("much-too-long-");
+}
+
+#[test]
+fn temp_dir_is_fresh_and_removed_on_drop() {
+    let dir = TempDir::new("testkit");
+    std::fs::write(dir.join("f"), "x").unwrap();
+    let path = dir.path().to_path_buf();
+    assert_ne!(path, TempDir::new("testkit").path());
+    drop(dir);
+    assert!(!path.exists());
+}
+
+#[test]
+fn polling_returns_the_first_value_or_gives_up_at_the_deadline() {
+    let mut n = 0;
+    assert_eq!(
+        poll(Duration::from_secs(5), || {
+            n += 1;
+            (n == 3).then_some(n)
+        }),
+        Some(3)
+    );
+    assert!(!eventually(Duration::from_millis(30), || false));
+    assert!(eventually(Duration::ZERO, || true));
+}
+
+#[test]
+#[should_panic(expected = "waiting for the impossible")]
+fn wait_for_names_what_never_came() {
+    wait_for("the impossible", Duration::from_millis(20), || None::<()>);
+}
+
+#[test]
+fn require_root_returns_early_unless_root() {
+    mergen_testkit::require_root!();
+    assert!(mergen_testkit::is_root());
+}
