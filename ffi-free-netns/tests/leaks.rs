@@ -6,8 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{count_entries, root, wait_for, NsGuard};
+use common::{count_entries, NsGuard};
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
+use mergen_testkit::{eventually, require_root};
 
 const NAMESPACES: usize = 1000;
 /// Every this many namespaces, a pool worker is started inside before deletion.
@@ -15,9 +16,7 @@ const POOLED_EVERY: usize = 10;
 
 #[test]
 fn thousand_namespaces_leak_no_fds_or_threads() {
-    if !root("thousand_namespaces_leak_no_fds_or_threads") {
-        return;
-    }
+    require_root!();
     let fds_before = count_entries("/proc/self/fd");
     let tasks_before = count_entries("/proc/self/task");
     let pool = SocketPool::new(PoolConfig {
@@ -31,7 +30,7 @@ fn thousand_namespaces_leak_no_fds_or_threads() {
         drop(ns);
         drop(pool.take(&guard.0, Family::V4).unwrap());
         assert!(
-            wait_for(Duration::from_secs(10), || count_entries("/proc/self/task")
+            eventually(Duration::from_secs(10), || count_entries("/proc/self/task")
                 == tasks_before),
             "idle worker did not retire"
         );
@@ -44,7 +43,7 @@ fn thousand_namespaces_leak_no_fds_or_threads() {
             drop(pool.take(&guard.0, Family::V4).unwrap());
             ffi_free_netns::delete(&guard.0).unwrap();
             let mut error = None;
-            let failed = wait_for(Duration::from_secs(10), || {
+            let failed = eventually(Duration::from_secs(10), || {
                 pool.take(&guard.0, Family::V4)
                     .map_err(|e| error = Some(e))
                     .is_err()
@@ -64,7 +63,7 @@ fn thousand_namespaces_leak_no_fds_or_threads() {
     drop(pool);
 
     let mut now = (0, 0);
-    let settled = wait_for(Duration::from_secs(20), || {
+    let settled = eventually(Duration::from_secs(20), || {
         now = (
             count_entries("/proc/self/fd"),
             count_entries("/proc/self/task"),

@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{root, NsGuard};
+use common::NsGuard;
 use ffi_free_netns::{links, Error};
+use mergen_testkit::{require_root, unique_name};
 
 /// Deletes a root-namespace link on drop (a veth takes its peer with it).
 struct LinkGuard(String);
@@ -30,7 +31,7 @@ fn ip_out(args: &[&str]) -> String {
 /// A /30 inside 10/8 that is unique to this process and call: (network, host 1, host 2).
 fn unique_subnet() -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
     let pid = std::process::id();
-    let n = common::next();
+    let n = mergen_testkit::next();
     let (x, y, z) = (
         (pid % 250) as u8,
         (pid / 250 % 250) as u8,
@@ -45,15 +46,9 @@ fn unique_subnet() -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
 
 #[test]
 fn veth_pair_carries_tcp_from_root_into_the_namespace() {
-    if !root("veth_pair_carries_tcp_from_root_into_the_namespace") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
-    let n = common::next();
-    let (host_end, ns_end) = (
-        format!("fa{}-{n}", std::process::id()),
-        format!("fb{}-{n}", std::process::id()),
-    );
+    let (host_end, ns_end) = (unique_name("fa"), unique_name("fb"));
     links::create_veth(None, &host_end, &ns_end, Some(&ns)).unwrap();
     let _link = LinkGuard(host_end.clone());
     assert!(links::exists(None, &host_end).unwrap());
@@ -116,11 +111,9 @@ fn veth_pair_carries_tcp_from_root_into_the_namespace() {
 
 #[test]
 fn tap_exists_inside_the_namespace_and_not_in_root() {
-    if !root("tap_exists_inside_the_namespace_and_not_in_root") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
-    let tap = format!("tp{}-{}", std::process::id(), common::next());
+    let tap = unique_name("tp");
     links::create_tap(&ns, &tap).unwrap();
     links::create_tap(&ns, &tap).unwrap();
     assert!(links::exists(Some(&ns), &tap).unwrap());
@@ -151,11 +144,9 @@ fn sys_net(ns: &str, tap: &str, file: &str) -> String {
 
 #[test]
 fn tap_owned_by_a_user_and_group_is_created_replaced_and_kept() {
-    if !root("tap_owned_by_a_user_and_group_is_created_replaced_and_kept") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
-    let tap = format!("to{}-{}", std::process::id(), common::next());
+    let tap = unique_name("to");
     links::create_tap_owned(&ns, &tap, Some(123), Some(456)).unwrap();
     assert_eq!(sys_net(&guard.0, &tap, "owner"), "123");
     assert_eq!(sys_net(&guard.0, &tap, "group"), "456");
@@ -182,8 +173,8 @@ fn tap_owned_by_a_user_and_group_is_created_replaced_and_kept() {
     assert!(details.contains("persist on"), "{details}");
 
     // A link that is not a tap has no tap owner.
-    let veth = format!("tv{}-{}", std::process::id(), common::next());
-    let peer = format!("tw{}-{}", std::process::id(), common::next());
+    let veth = unique_name("tv");
+    let peer = unique_name("tw");
     links::create_veth(Some(&ns), &veth, &peer, Some(&ns)).unwrap();
     assert!(matches!(
         links::tap_owner(&ns, &veth),
@@ -197,9 +188,7 @@ fn tap_owned_by_a_user_and_group_is_created_replaced_and_kept() {
 
 #[test]
 fn bad_link_input_is_a_clear_error() {
-    if !root("bad_link_input_is_a_clear_error") {
-        return;
-    }
+    require_root!();
     let (_guard, ns) = NsGuard::create();
     for bad in ["", "sixteen-bytes-xx", "a/b", "a b"] {
         assert!(matches!(
@@ -211,7 +200,7 @@ fn bad_link_input_is_a_clear_error() {
             Err(Error::InvalidInput(_))
         ));
     }
-    let missing = format!("nx{}", common::next());
+    let missing = unique_name("nx");
     match links::set_up(Some(&ns), &missing) {
         Err(e @ Error::NotFound(_)) => {
             assert!(
@@ -245,16 +234,10 @@ fn bad_link_input_is_a_clear_error() {
 
 #[test]
 fn veth_created_inside_a_namespace_sends_its_peer_where_asked() {
-    if !root("veth_created_inside_a_namespace_sends_its_peer_where_asked") {
-        return;
-    }
+    require_root!();
     let (_guard_a, a) = NsGuard::create();
     let (_guard_b, b) = NsGuard::create();
-    let n = common::next();
-    let (inner, outer) = (
-        format!("fc{}-{n}", std::process::id()),
-        format!("fd{}-{n}", std::process::id()),
-    );
+    let (inner, outer) = (unique_name("fc"), unique_name("fd"));
     // Peer to the caller's namespace.
     links::create_veth(Some(&a), &inner, &outer, None).unwrap();
     let _outer = LinkGuard(outer.clone());

@@ -3,37 +3,26 @@
 
 mod common;
 
-use common::{root, NsGuard};
+use common::NsGuard;
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
-
-/// Removes the temporary lookup root on drop.
-struct DirGuard(std::path::PathBuf);
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use mergen_testkit::{require_root, TempDir};
 
 #[test]
 fn fwd_netns_root_is_searched_first() {
-    if !root("fwd_netns_root_is_searched_first") {
-        return;
-    }
+    require_root!();
     let (guard, created) = NsGuard::create();
-    let dir = DirGuard(std::env::temp_dir().join(format!("fn-root-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("fn-root");
     // In the custom root, the same name points at this process's own namespace instead.
     let own = format!("/proc/{}/ns/net", std::process::id());
-    std::os::unix::fs::symlink(&own, dir.0.join(&guard.0)).unwrap();
+    std::os::unix::fs::symlink(&own, dir.join(&guard.0)).unwrap();
     let only_custom = format!("{}-c", guard.0);
-    std::os::unix::fs::symlink(&own, dir.0.join(&only_custom)).unwrap();
+    std::os::unix::fs::symlink(&own, dir.join(&only_custom)).unwrap();
     let ino = |f: &ffi_free_netns::Netns| rustix::fs::fstat(f).unwrap().st_ino;
     let own_ino = rustix::fs::stat(own.as_str()).unwrap().st_ino;
 
-    std::env::set_var("FWD_NETNS_ROOT", &dir.0);
+    std::env::set_var("FWD_NETNS_ROOT", dir.path());
     let shadowed = ffi_free_netns::open(&guard.0).unwrap();
-    assert_eq!(shadowed.path(), dir.0.join(&guard.0));
+    assert_eq!(shadowed.path(), dir.join(&guard.0));
     assert_eq!(ino(&shadowed), own_ino);
     assert_ne!(ino(&created), own_ino);
     let listed = ffi_free_netns::list().unwrap();

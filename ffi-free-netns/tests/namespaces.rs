@@ -4,8 +4,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{root, NsGuard};
+use common::NsGuard;
 use ffi_free_netns::Error;
+use mergen_testkit::require_root;
 
 fn ip(args: &[&str]) -> std::process::Output {
     Command::new("ip").args(args).output().expect("run ip")
@@ -13,9 +14,7 @@ fn ip(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn create_list_delete_round_trip_seen_by_iproute2() {
-    if !root("create_list_delete_round_trip_seen_by_iproute2") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
     let name = guard.0.clone();
     assert_eq!(ns.name(), name);
@@ -53,9 +52,7 @@ fn create_list_delete_round_trip_seen_by_iproute2() {
 
 #[test]
 fn namespaces_made_by_ip_netns_add_open_and_delete() {
-    if !root("namespaces_made_by_ip_netns_add_open_and_delete") {
-        return;
-    }
+    require_root!();
     let guard = NsGuard(common::unique_name());
     assert!(ip(&["netns", "add", &guard.0]).status.success());
     let ns = ffi_free_netns::open(&guard.0).unwrap();
@@ -89,9 +86,7 @@ fn bad_names_and_missing_namespaces_are_clear_errors() {
 
 #[test]
 fn run_enters_the_namespace_and_leaves_the_caller_alone() {
-    if !root("run_enters_the_namespace_and_leaves_the_caller_alone") {
-        return;
-    }
+    require_root!();
     let (_guard, ns) = NsGuard::create();
     let ino = |p: &str| rustix::fs::stat(p).unwrap().st_ino;
     let before = ino("/proc/thread-self/ns/net");

@@ -1,29 +1,18 @@
-//! Shared test helpers: root check, unique names, cleanup guards.
+//! Namespaces made by the crate under test, removed even when a test panics.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+// pool.rs still uses these names; the other tests take them from the testkit directly.
+#[allow(unused_imports)]
+pub use mergen_testkit::{eventually as wait_for, next};
 
 /// True when running as root; otherwise prints the loud SKIP line.
 pub fn root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("SKIP: {test} needs root");
-        false
-    }
-}
-
-/// A per-process counter, distinct for every call.
-pub fn next() -> u32 {
-    COUNTER.fetch_add(1, Ordering::Relaxed)
+    !mergen_testkit::skip_unless_root(test)
 }
 
 /// A namespace name unique to this process and call: `fn-<pid>-<n>`.
 pub fn unique_name() -> String {
-    format!("fn-{}-{}", std::process::id(), next())
+    mergen_testkit::unique_name("fn-")
 }
 
 /// Deletes the named namespace on drop, even when the test panics.
@@ -42,20 +31,6 @@ impl Drop for NsGuard {
         if let Err(e) = ffi_free_netns::delete(&self.0) {
             eprintln!("cleanup of namespace {} failed: {e}", self.0);
         }
-    }
-}
-
-/// Poll `cond` until it holds or `limit` passes; returns whether it held.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
