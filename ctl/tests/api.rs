@@ -3,11 +3,22 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{try_curl, Mergend, Roots};
+use common::{try_curl, Mergend, Roots, ORIGINAL_SUMMARY_FIELDS};
+use mergen_testkit::eventually;
 use serde_json::Value;
+
+/// Send `request` raw and read the answer until the server closes the connection.
+fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
 
 fn id_of(v: &Value) -> String {
     v["id"].as_str().expect("id in response").to_string()
@@ -132,17 +143,7 @@ fn create_get_list_delete_with_the_original_files() {
 
     let (code, s) = m.get_json(&format!("/v1/vms/{a}"));
     assert_eq!(code, 200);
-    for field in [
-        "id",
-        "createdAt",
-        "systemd",
-        "firecracker",
-        "network",
-        "paths",
-        "metadata",
-        "state",
-        "supervisor",
-    ] {
+    for field in ORIGINAL_SUMMARY_FIELDS {
         assert!(s.get(field).is_some(), "summary lacks {field}: {s}");
     }
     assert_eq!(s["network"]["guestIP"], "172.30.0.2");
@@ -330,30 +331,16 @@ fn protocol_errors_405_408_411_413_431_and_keep_alive() {
     assert!(body.contains("header_too_large"));
 
     // A slow client: half a request, then silence.
-    let mut s = TcpStream::connect(m.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let resp = exchange(m.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("request_timeout") && resp.contains("Connection: close"));
 
     // Keep-alive: two requests, pipelined, on one connection.
-    let mut s = TcpStream::connect(m.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let resp = exchange(m.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 2, "{resp}");
 
     // Garbage is a 400, not a dropped connection.
-    let mut s = TcpStream::connect(m.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"\x01\x02 nonsense\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let resp = exchange(m.addr, b"\x01\x02 nonsense\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
 
@@ -471,7 +458,7 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     let held: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(m.addr).unwrap())
         .collect();
-    let refused = common::wait_for(Duration::from_secs(10), || {
+    let refused = eventually(Duration::from_secs(10), || {
         let mut s = TcpStream::connect(m.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut resp = String::new();
@@ -480,7 +467,7 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     });
     assert!(refused, "connection over the cap was not refused");
     drop(held);
-    assert!(common::wait_for(Duration::from_secs(10), || {
+    assert!(eventually(Duration::from_secs(10), || {
         try_curl(&[&m.url("/healthz")]).is_ok_and(|(c, _)| c == 200)
     }));
 

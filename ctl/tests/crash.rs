@@ -9,19 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{try_curl, wait_for, Mergend, Roots};
+use common::{try_curl, Mergend, Roots};
+use mergen_testkit::{eventually, XorShift};
 use serde_json::Value;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Every VM dir is whole, the API lists exactly those, and nothing temporary is left.
 fn check_whole(roots: &Roots, m: &Mergend) -> HashSet<String> {
@@ -107,11 +97,11 @@ fn sigkill_during_creates_leaves_only_whole_vms() {
             .collect();
         // Kill after a random number of creates plus a random sub-create delay, so the
         // kill lands at different points inside a create.
-        let after = 1 + (rng.next() % 8) as usize;
-        assert!(wait_for(Duration::from_secs(30), || done
+        let after = 1 + (rng.next_u64() % 8) as usize;
+        assert!(eventually(Duration::from_secs(30), || done
             .load(Ordering::Relaxed)
             >= after));
-        std::thread::sleep(Duration::from_micros(rng.next() % 4000));
+        std::thread::sleep(Duration::from_micros(rng.next_u64() % 4000));
         m.signal(rustix::process::Signal::KILL);
         stop.store(true, Ordering::Relaxed);
         for w in writers {

@@ -11,20 +11,7 @@ use std::time::Duration;
 use common::{Mergend, Roots};
 use mergen_ctl::http::{parse_head, read_request, Limits, Transport};
 use mergen_ctl::request::parse_create;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use mergen_testkit::XorShift;
 
 const TOKENS: &[&[u8]] = &[
     b"\r\n",
@@ -51,7 +38,7 @@ const TOKENS: &[&[u8]] = &[
     b"\"process\":{\"cmd\":",
 ];
 
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut XorShift, seed: &[u8]) -> Vec<u8> {
     let mut v = seed.to_vec();
     for _ in 0..1 + rng.below(6) {
         let at = rng.below(v.len() + 1);
@@ -60,7 +47,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 let i = rng.below(v.len());
                 v[i] ^= 1 << rng.below(8);
             }
-            1 => v.insert(at, rng.next() as u8),
+            1 => v.insert(at, rng.next_u64() as u8),
             2 if !v.is_empty() => {
                 let end = (at + rng.below(16)).min(v.len());
                 v.drain(at.min(end)..end);
@@ -98,7 +85,7 @@ const FIELDS: &[&str] = &[
 
 /// Strings the structured generator draws from; none names a harmful command, since a
 /// generated exec hook may run it.
-fn strings(rng: &mut Rng, img: &str) -> String {
+fn strings(rng: &mut XorShift, img: &str) -> String {
     let pool = [
         "",
         "x",
@@ -128,7 +115,7 @@ fn strings(rng: &mut Rng, img: &str) -> String {
     }
 }
 
-fn random_json(rng: &mut Rng, depth: usize, img: &str) -> serde_json::Value {
+fn random_json(rng: &mut XorShift, depth: usize, img: &str) -> serde_json::Value {
     use serde_json::{json, Value};
     match rng.below(if depth == 0 { 5 } else { 8 }) {
         0 => Value::Null,
@@ -172,7 +159,7 @@ fn random_json(rng: &mut Rng, depth: usize, img: &str) -> serde_json::Value {
 }
 
 /// A create body of plausible shape with random field values and types.
-fn random_create(rng: &mut Rng, img: &str) -> Vec<u8> {
+fn random_create(rng: &mut XorShift, img: &str) -> Vec<u8> {
     let mut obj = serde_json::Map::new();
     obj.insert("rootfs".into(), format!("{img}/rootfs.ext4").into());
     obj.insert("kernel".into(), format!("{img}/vmlinux").into());
@@ -186,7 +173,7 @@ fn random_create(rng: &mut Rng, img: &str) -> Vec<u8> {
 /// Bytes fed in random small chunks, as a slow or odd client would.
 struct Mem<'a> {
     input: &'a [u8],
-    rng: Rng,
+    rng: XorShift,
     out: Vec<u8>,
 }
 
@@ -222,7 +209,7 @@ const SEED_REQUEST: &[u8] =
 
 #[test]
 fn request_reader_survives_garbage() {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let limits = Limits {
         max_header: 512,
         max_body: 256,
@@ -230,7 +217,7 @@ fn request_reader_survives_garbage() {
     };
     for round in 0..20_000 {
         let input: Vec<u8> = if round % 4 == 0 {
-            (0..rng.below(700)).map(|_| rng.next() as u8).collect()
+            (0..rng.below(700)).map(|_| rng.next_u64() as u8).collect()
         } else {
             mutate(&mut rng, SEED_REQUEST)
         };
@@ -239,7 +226,7 @@ fn request_reader_survives_garbage() {
         }
         let mut conn = Mem {
             input: &input,
-            rng: Rng(rng.next() | 1),
+            rng: XorShift(rng.next_u64() | 1),
             out: Vec::new(),
         };
         let mut buf = Vec::new();
@@ -260,12 +247,12 @@ fn create_parser_survives_garbage() {
     let seed = roots.body_with(
         r#","vcpu":2,"memMiB":256,"ports":[{"guest":80,"host":0,"protocol":"udp"}],"metadata":{"a":[1,{"b":null}]},"tags":{"app":"x"},"extraEnv":{"K":"v"},"hooks":{"onCreate":[{"type":"exec","cmd":["true"],"timeoutMs":5,"strict":true}]},"process":{"cmd":["sleep","1"],"env":{"A":"b"}}"#,
     );
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let img = roots.img().display().to_string();
     let before: Vec<PathBuf> = walk(&roots.dir);
     for round in 0..20_000 {
         let body = if round % 5 == 0 {
-            (0..rng.below(300)).map(|_| rng.next() as u8).collect()
+            (0..rng.below(300)).map(|_| rng.next_u64() as u8).collect()
         } else if round % 5 == 1 {
             random_create(&mut rng, &img)
         } else {
@@ -294,7 +281,7 @@ fn live_daemon_takes_garbage_and_writes_only_accepted_vms() {
     let roots = Roots::new("fuzzlive");
     let m = Mergend::start(&roots, &[("MGR_HTTP_READ_TIMEOUT_SECONDS", "1")]);
     let seed = roots.body_with(r#","ports":[{"guest":80,"host":0}],"metadata":{"k":"v"}"#);
-    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    let mut rng = XorShift(0xdead_beef_cafe_f00d);
     let mut created = 0;
     let img = roots.img().display().to_string();
     for round in 0..300 {

@@ -7,7 +7,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use common::{wait_for, Mergend, Roots};
+use common::{Mergend, Roots};
+use mergen_testkit::eventually;
 use serde_json::Value;
 
 struct Received {
@@ -169,7 +170,7 @@ fn global_hooks_run_first_and_placeholders_render() {
     // A non-strict onDelete hook runs in the background after the response.
     let (code, _) = m.curl("DELETE", &format!("/v1/vms/{id}"), &[]);
     assert_eq!(code, 200);
-    assert!(wait_for(Duration::from_secs(10), || {
+    assert!(eventually(Duration::from_secs(10), || {
         std::fs::read_to_string(&out)
             .unwrap()
             .contains(&format!("deleted {id}"))
@@ -190,8 +191,8 @@ fn background_hooks_never_block_or_fail_the_request() {
         ),
     ));
     assert_eq!(code, 201, "{v}");
-    assert!(wait_for(Duration::from_secs(10), || marker.exists()));
-    assert!(wait_for(Duration::from_secs(10), || {
+    assert!(eventually(Duration::from_secs(10), || marker.exists()));
+    assert!(eventually(Duration::from_secs(10), || {
         let (_, text) = m.curl("GET", "/metrics", &[]);
         text.contains(r#"mergend_hook_runs_total{event="onCreate",type="exec"} 3"#)
             && text.contains(r#"mergend_hook_failures_total{event="onCreate",type="exec"} 2"#)
@@ -238,7 +239,7 @@ fn graceful_shutdown_answers_in_flight_requests_within_the_timeout() {
         let client = std::thread::spawn(move || {
             common::try_curl(&["-X", "POST", &url, "--data-binary", &body])
         });
-        assert!(wait_for(Duration::from_secs(10), || {
+        assert!(eventually(Duration::from_secs(10), || {
             std::fs::read_to_string(&marker).is_ok_and(|s| s.ends_with('\n'))
         }));
         let hook_pid: i32 = std::fs::read_to_string(&marker)

@@ -4,43 +4,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
-use mergen_runtime::embedded::EmbeddedSupervisor;
-use mergen_runtime::{steps, RuntimeConfig, Supervisor};
+use mergen_testkit::require_root;
 use serde_json::json;
 
 static NET: AtomicU32 = AtomicU32::new(0);
-
-fn skip_unless_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return false;
-    }
-    eprintln!("SKIP: {test} needs root");
-    true
-}
-
-/// Stops every VM through the runtime directly, so a failing test leaves nothing running.
-struct VmsGuard {
-    config: RuntimeConfig,
-    ids: Vec<String>,
-}
-
-impl Drop for VmsGuard {
-    fn drop(&mut self) {
-        let Ok(sup) = EmbeddedSupervisor::new(self.config.clone()) else {
-            return;
-        };
-        for id in &self.ids {
-            if let Ok(meta) = steps::load_meta(&self.config, id) {
-                let _ = sup.stop(&meta);
-            }
-            let _ = steps::net_cleanup(&self.config, id);
-        }
-    }
-}
 
 /// A mergend with the embedded supervisor and process guests on a CIDR of its own.
 fn daemon(roots: &Roots) -> (Mergend, VmsGuard) {
@@ -50,22 +21,8 @@ fn daemon(roots: &Roots) -> (Mergend, VmsGuard) {
         150 + pid % 50,
         (pid / 50 % 200) as usize + NET.fetch_add(1, Ordering::Relaxed) as usize
     );
-    let env = [
-        ("MGR_RUNTIME", "process"),
-        ("MGR_SUPERVISOR", "embedded"),
-        ("MGR_GUEST_CIDR", cidr.as_str()),
-        ("MGR_STOP_TIMEOUT_SECONDS", "5"),
-    ];
-    let mut lookup: HashMap<String, String> = common::env_for(roots).into_iter().collect();
-    for (k, v) in env {
-        lookup.insert(k.into(), v.into());
-    }
-    lookup.insert("MGR_MERGEND_BIN".into(), common::BIN.into());
-    let guard = VmsGuard {
-        config: RuntimeConfig::from_lookup(|k| lookup.get(k).cloned()).unwrap(),
-        ids: Vec::new(),
-    };
-    (Mergend::start(roots, &env), guard)
+    let env = process_env(&cidr);
+    (Mergend::start(roots, &env), VmsGuard::new(roots, &env))
 }
 
 fn state(m: &Mergend, id: &str) -> String {
@@ -76,9 +33,7 @@ fn state(m: &Mergend, id: &str) -> String {
 
 #[test]
 fn autostart_hooks_idempotence_and_delete_of_a_running_vm() {
-    if skip_unless_root("autostart_hooks_idempotence_and_delete_of_a_running_vm") {
-        return;
-    }
+    require_root!();
     let roots = Roots::new("life");
     let (m, mut guard) = daemon(&roots);
     let log = roots.dir.join("events.txt");
@@ -131,9 +86,7 @@ fn autostart_hooks_idempotence_and_delete_of_a_running_vm() {
 
 #[test]
 fn failed_strict_onstart_stops_the_vm_again() {
-    if skip_unless_root("failed_strict_onstart_stops_the_vm_again") {
-        return;
-    }
+    require_root!();
     let roots = Roots::new("lifefail");
     let (m, mut guard) = daemon(&roots);
     let body = json!({

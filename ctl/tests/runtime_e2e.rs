@@ -6,69 +6,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
-use mergen_runtime::embedded::EmbeddedSupervisor;
-use mergen_runtime::{steps, RuntimeConfig, Supervisor};
-
-fn skip_unless_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return false;
-    }
-    eprintln!("SKIP: {test} needs root");
-    true
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Stops every VM it knows about through the runtime directly (supervisor, guest,
-/// namespace, links, table), so a failing test leaves nothing running.
-struct VmsGuard {
-    config: RuntimeConfig,
-    ids: Vec<String>,
-}
-
-impl Drop for VmsGuard {
-    fn drop(&mut self) {
-        let Ok(sup) = EmbeddedSupervisor::new(self.config.clone()) else {
-            return;
-        };
-        for id in &self.ids {
-            if let Ok(meta) = steps::load_meta(&self.config, id) {
-                let _ = sup.stop(&meta);
-            }
-            let _ = steps::net_cleanup(&self.config, id);
-        }
-    }
-}
+use mergen_testkit::{curl_get, free_port, nginx, require_root, run_out, wait_for};
 
 fn curl_body(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_body(url: &str, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(b) = curl_body(url) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "{url} never answered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    curl_get(None, url).ok()
 }
 
 fn listed(m: &Mergend) -> HashMap<String, serde_json::Value> {
@@ -82,59 +27,14 @@ fn listed(m: &Mergend) -> HashMap<String, serde_json::Value> {
         .collect()
 }
 
-/// nginx (Debian's) as a guest, listening on 8080 in its namespace, files under `dir`.
-fn nginx_argv(dir: &std::path::Path, www: &std::path::Path) -> Vec<String> {
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let d = dir.display();
-    let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
-         fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
-         server {{ listen 8080; root {www}; }}\n}}\n",
-        www = www.display()
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let s = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
-    vec![
-        "/usr/sbin/nginx".into(),
-        "-c".into(),
-        s(dir.join("nginx.conf")),
-        "-p".into(),
-        s(dir.to_path_buf()),
-        "-e".into(),
-        s(dir.join("error.log")),
-    ]
-}
-
-fn run_out(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn process_vms_outlive_a_killed_mergend_and_are_readopted() {
-    if skip_unless_root("process_vms_outlive_a_killed_mergend_and_are_readopted") {
-        return;
-    }
+    require_root!();
     let roots = Roots::new("rt-e2e");
     let pid = std::process::id();
     let cidr = format!("10.{}.{}.0/24", 50 + pid % 50, 200 + pid % 50);
-    let env = [
-        ("MGR_RUNTIME", "process"),
-        ("MGR_SUPERVISOR", "embedded"),
-        ("MGR_GUEST_CIDR", cidr.as_str()),
-        ("MGR_STOP_TIMEOUT_SECONDS", "5"),
-    ];
-    let mut lookup: HashMap<String, String> = common::env_for(&roots).into_iter().collect();
-    for (k, v) in env {
-        lookup.insert(k.into(), v.into());
-    }
-    lookup.insert("MGR_MERGEND_BIN".into(), common::BIN.into());
-    let mut guard = VmsGuard {
-        config: RuntimeConfig::from_lookup(|k| lookup.get(k).cloned()).unwrap(),
-        ids: Vec::new(),
-    };
+    let env = process_env(&cidr);
+    let mut guard = VmsGuard::new(&roots, &env);
 
     let mut mergend = Mergend::start(&roots, &env);
     let mut vms = Vec::new(); // (id, host port, page)
@@ -144,7 +44,7 @@ fn process_vms_outlive_a_killed_mergend_and_are_readopted() {
         let page = format!("guest number {n}\n");
         std::fs::write(www.join("index.html"), &page).unwrap();
         let port = free_port();
-        let argv = nginx_argv(&roots.dir.join(format!("nginx{n}")), &www);
+        let argv = nginx::guest_argv(&roots.dir.join(format!("nginx{n}")), "8080", &www);
         let body = serde_json::json!({
             "process": {"cmd": argv},
             "ports": [{"guest": 8080, "host": port}],
@@ -161,7 +61,10 @@ fn process_vms_outlive_a_killed_mergend_and_are_readopted() {
     }
     for (_, port, page) in &vms {
         let url = format!("http://127.0.0.1:{port}/index.html");
-        assert_eq!(&wait_body(&url, Duration::from_secs(30)), page);
+        let body = wait_for(&format!("{url} to answer"), Duration::from_secs(30), || {
+            curl_body(&url)
+        });
+        assert_eq!(&body, page);
     }
     let before = listed(&mergend);
     for (id, _, _) in &vms {

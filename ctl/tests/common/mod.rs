@@ -6,34 +6,45 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use mergen_testkit::{poll, TempDir};
+
+pub mod vms;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mergend");
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// The fields of a VM summary that the original's API has (mergen adds `tags`).
+pub const ORIGINAL_SUMMARY_FIELDS: &[&str] = &[
+    "id",
+    "createdAt",
+    "systemd",
+    "firecracker",
+    "network",
+    "paths",
+    "metadata",
+    "state",
+    "supervisor",
+];
 
 /// A temp dir holding the three state roots, an image root with a kernel and a rootfs,
 /// and a global hooks dir. Removed on drop.
 pub struct Roots {
     pub dir: PathBuf,
+    _tmp: TempDir,
 }
 
 impl Roots {
     pub fn new(name: &str) -> Roots {
-        let dir = std::env::temp_dir().join(format!(
-            "mergen-ctl-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = TempDir::new(&format!("ctl-{name}"));
+        let dir = tmp.path().to_path_buf();
         for d in ["config", "data", "run", "img", "hooks.d"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         std::fs::write(dir.join("img/vmlinux"), b"kernel").unwrap();
         std::fs::write(dir.join("img/rootfs.ext4"), b"rootfs").unwrap();
-        Roots { dir }
+        Roots { dir, _tmp: tmp }
     }
     pub fn config(&self) -> PathBuf {
         self.dir.join("config")
@@ -73,12 +84,6 @@ impl Roots {
             .collect();
         v.sort();
         v
-    }
-}
-
-impl Drop for Roots {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -157,14 +162,10 @@ impl Mergend {
     }
 
     fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((200, _)) = try_curl(&[&self.url("/healthz")]) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "mergend never became healthy");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let healthy = poll(Duration::from_secs(20), || {
+            matches!(try_curl(&[&self.url("/healthz")]), Ok((200, _))).then_some(())
+        });
+        assert!(healthy.is_some(), "mergend never became healthy");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -215,16 +216,7 @@ impl Mergend {
 
     /// Wait for the process to exit, within `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll(limit, || self.child.try_wait().unwrap())
     }
 
     pub fn log_text(&self) -> String {
@@ -256,16 +248,4 @@ pub fn try_curl(args: &[&str]) -> Result<(u16, String), String> {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     Ok((code, body.to_string()))
-}
-
-/// Poll `cond` until it holds or `limit` passes.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
 }

@@ -1,0 +1,55 @@
+//! A test mergend whose VMs really run: process guests under the embedded supervisor.
+
+use std::collections::HashMap;
+
+use mergen_runtime::embedded::EmbeddedSupervisor;
+use mergen_runtime::{steps, RuntimeConfig, Supervisor};
+
+use super::{env_for, Roots, BIN};
+
+/// The settings (besides the roots) of a mergend running process guests under the
+/// embedded supervisor on `cidr`, a guest network of the test's own.
+pub fn process_env(cidr: &str) -> [(&'static str, &str); 4] {
+    [
+        ("MGR_RUNTIME", "process"),
+        ("MGR_SUPERVISOR", "embedded"),
+        ("MGR_GUEST_CIDR", cidr),
+        ("MGR_STOP_TIMEOUT_SECONDS", "5"),
+    ]
+}
+
+/// Stops every VM it knows about through the runtime directly (supervisor, guest,
+/// namespace, links, table), so a failing test leaves nothing running.
+pub struct VmsGuard {
+    config: RuntimeConfig,
+    pub ids: Vec<String>,
+}
+
+impl VmsGuard {
+    /// For the VMs of a mergend on `roots` started with the `extra` settings.
+    pub fn new(roots: &Roots, extra: &[(&str, &str)]) -> VmsGuard {
+        let mut lookup: HashMap<String, String> = env_for(roots).into_iter().collect();
+        for (k, v) in extra {
+            lookup.insert(k.to_string(), v.to_string());
+        }
+        lookup.insert("MGR_MERGEND_BIN".into(), BIN.into());
+        VmsGuard {
+            config: RuntimeConfig::from_lookup(|k| lookup.get(k).cloned()).unwrap(),
+            ids: Vec::new(),
+        }
+    }
+}
+
+impl Drop for VmsGuard {
+    fn drop(&mut self) {
+        let Ok(sup) = EmbeddedSupervisor::new(self.config.clone()) else {
+            return;
+        };
+        for id in &self.ids {
+            if let Ok(meta) = steps::load_meta(&self.config, id) {
+                let _ = sup.stop(&meta);
+            }
+            let _ = steps::net_cleanup(&self.config, id);
+        }
+    }
+}
