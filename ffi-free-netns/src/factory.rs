@@ -567,6 +567,7 @@ fn run_worker(worker: Arc<Worker>, ns: Netns, shared: Weak<Shared>, config: Pool
 /// Make and queue `counts` sockets per family; returns the families whose socket() failed.
 fn fill(worker: &Worker, counts: [usize; 2]) -> Vec<(Family, Error)> {
     let mut failed = Vec::new();
+    let mut yielded = false;
     for family in Family::ALL {
         let queue = &worker.ready[family.index()];
         for _ in 0..counts[family.index()] {
@@ -588,10 +589,12 @@ fn fill(worker: &Worker, counts: [usize; 2]) -> Vec<(Family, Error)> {
             if worker.waiters.load(Ordering::Relaxed) > 0 {
                 let _st = worker.lock();
                 worker.supply.notify_all();
-            } else if !waking {
-                // Background refill: give the CPU back between sockets, so a taker that
-                // woke this thread (and was preempted by it) runs now, not after the
-                // whole refill.
+            } else if !waking && !yielded {
+                // Background refill: give the CPU back once, so a taker that woke this
+                // thread (and was preempted by it) runs now, not after the whole refill.
+                // Yielding after every socket would instead leave the queue short for
+                // longer whenever the CPU is contended.
+                yielded = true;
                 std::thread::yield_now();
             }
         }
