@@ -64,3 +64,18 @@ fn require_root_returns_early_unless_root() {
     mergen_testkit::require_root!();
     assert!(mergen_testkit::is_root());
 }
+
+#[test]
+fn running_follows_a_child_until_it_is_reaped() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    // Until its exec completes a child's command line may read as empty.
+    assert!(eventually(Duration::from_secs(10), || {
+        mergen_testkit::running(child.id())
+    }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!mergen_testkit::running(child.id()));
+}
