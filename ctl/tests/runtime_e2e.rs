@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
-use mergen_testkit::{curl_get, free_port, nginx, require_root, run_out, wait_for};
+use mergen_testkit::{curl_get, free_port, nginx, require_root, run_out, running, wait_for};
 
 fn curl_body(url: &str) -> Option<String> {
     curl_get(None, url).ok()
@@ -102,9 +102,8 @@ fn process_vms_outlive_a_killed_mergend_and_are_readopted() {
         let (code, _) = mergend.curl("POST", &format!("/v1/vms/{id}/stop"), &[]);
         assert_eq!(code, 200, "stop is idempotent");
         assert!(curl_body(&format!("http://127.0.0.1:{port}/")).is_none());
-        let sup_pid = before[id]["supervisor"]["pid"].as_u64().unwrap();
-        let alive = std::fs::read(format!("/proc/{sup_pid}/cmdline")).is_ok_and(|c| !c.is_empty());
-        assert!(!alive, "supervisor {sup_pid} still running");
+        let sup_pid = before[id]["supervisor"]["pid"].as_u64().unwrap() as u32;
+        assert!(!running(sup_pid), "supervisor {sup_pid} still running");
     }
     let gone = listed(&mergend);
     let netns = run_out(&["ip", "netns", "list"]);

@@ -12,9 +12,8 @@ mod support;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mergen_model::{atomic, names, Meta, PortBinding, ProcessSpec, Protocol};
 use mergen_runtime::embedded::EmbeddedSupervisor;
@@ -22,6 +21,10 @@ use mergen_runtime::fc_api::FcClient;
 use mergen_runtime::firecracker::{self, StopOutcome};
 use mergen_runtime::systemd::SystemdSupervisor;
 use mergen_runtime::{net, state, steps, RuntimeConfig, Supervisor, VmState};
+use mergen_testkit::{
+    curl_get, free_port, is_root, next, nginx, poll, require_root, run_out, running, wait_for,
+    TempDir,
+};
 use support::firecracker_double::FirecrackerDouble;
 
 type TestFn = fn();
@@ -112,24 +115,6 @@ fn udp_echo(addr: &str) -> ExitCode {
 
 // ---------------------------------------------------------------- fixtures
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn next() -> u32 {
-    COUNTER.fetch_add(1, Ordering::SeqCst)
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIP: {test} needs root");
-    true
-}
-
 /// A VM id unique on this host while the test runs: pid and counter in the first
 /// eight hex digits (they name the namespace, links and nftables table).
 fn unique_id() -> String {
@@ -149,24 +134,17 @@ fn unique_cidr() -> String {
     format!("10.{}.{}.0/24", 100 + pid % 100, 100 + next() % 150)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Temporary state roots and a configuration pointing at them; removed on drop.
 struct Host {
     dir: PathBuf,
     config: RuntimeConfig,
+    _tmp: TempDir,
 }
 
 impl Host {
     fn new(cidr: &str, extra: &[(&str, &str)]) -> Host {
-        let dir = std::env::temp_dir().join(format!("mergen-rt-{}-{}", std::process::id(), next()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir::new("rt");
+        let dir = tmp.path().to_path_buf();
         let exe = std::env::current_exe().unwrap();
         let mut vars: HashMap<String, String> = [
             (
@@ -195,7 +173,20 @@ impl Host {
             vars.insert(k.to_string(), v.to_string());
         }
         let config = RuntimeConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
-        Host { dir, config }
+        Host {
+            dir,
+            config,
+            _tmp: tmp,
+        }
+    }
+
+    /// A guard that stops `meta`'s VM through `sup`.
+    fn guard<'a>(&'a self, sup: &'a dyn Supervisor, meta: &Meta) -> VmGuard<'a> {
+        VmGuard {
+            sup,
+            config: &self.config,
+            meta: meta.clone(),
+        }
     }
 
     /// Write a VM's meta.json (what mergend does before `start`).
@@ -218,12 +209,6 @@ impl Host {
     }
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Stops the VM (supervisor, guest, network) even when the test panics.
 struct VmGuard<'a> {
     sup: &'a dyn Supervisor,
@@ -238,6 +223,24 @@ impl Drop for VmGuard<'_> {
     }
 }
 
+/// Cleans up a VM's network (for tests that set it up without a supervisor).
+struct NetCleanup<'a>(&'a RuntimeConfig, String);
+
+impl Drop for NetCleanup<'_> {
+    fn drop(&mut self) {
+        let _ = steps::net_cleanup(self.0, &self.1);
+    }
+}
+
+/// A guest command with no environment of its own.
+fn process(cmd: &[&str]) -> ProcessSpec {
+    ProcessSpec {
+        cmd: cmd.iter().map(|a| a.to_string()).collect(),
+        env: BTreeMap::new(),
+        workdir: None,
+    }
+}
+
 fn tcp(guest: u16, host: u16) -> PortBinding {
     PortBinding {
         guest,
@@ -249,7 +252,7 @@ fn tcp(guest: u16, host: u16) -> PortBinding {
 /// nginx serving `www` on `ip:port`, its files under `dir`.
 fn http_server(ip: &str, port: u16, dir: &Path, www: &Path) -> ProcessSpec {
     ProcessSpec {
-        cmd: support::nginx::guest_argv(dir, &format!("{ip}:{port}"), www),
+        cmd: nginx::guest_argv(dir, &format!("{ip}:{port}"), www),
         env: BTreeMap::new(),
         workdir: Some(dir.to_string_lossy().into_owned()),
     }
@@ -257,35 +260,9 @@ fn http_server(ip: &str, port: u16, dir: &Path, www: &Path) -> ProcessSpec {
 
 /// curl `url` (optionally inside a namespace) until it answers 200 or the deadline.
 fn curl_until_ok(netns: Option<&str>, url: &str, deadline: Duration) -> String {
-    let end = Instant::now() + deadline;
-    loop {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "curl"]);
-                c
-            }
-            None => Command::new("curl"),
-        };
-        let out = cmd
-            .args(["-sS", "--fail", "--max-time", "2", url])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < end,
-            "{url} (netns {netns:?}) never answered: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn run_out(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut last = String::new();
+    poll(deadline, || curl_get(netns, url).map_err(|e| last = e).ok())
+        .unwrap_or_else(|| panic!("{url} (netns {netns:?}) never answered: {last}"))
 }
 
 /// Nothing of the VM on the host: namespace, host link, table; checked with iproute2
@@ -306,30 +283,13 @@ fn assert_nothing_left(id: &str) {
     );
 }
 
-fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 // ---------------------------------------------------------------- host tests
 
 fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
-    if skip_unless_root("net_setup_and_cleanup_are_idempotent_and_leave_nothing") {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
     let (p1, p2) = (free_port(), free_port());
-    let spec = ProcessSpec {
-        cmd: vec!["true".into()],
-        env: BTreeMap::new(),
-        workdir: None,
-    };
+    let spec = process(&["true"]);
     let ports = vec![
         tcp(80, p1),
         PortBinding {
@@ -340,13 +300,7 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
     ];
     let meta = host.vm(2, ports, Some(spec));
     let id8 = names::short_id(&meta.id).to_string();
-    struct Clean<'a>(&'a RuntimeConfig, String);
-    impl Drop for Clean<'_> {
-        fn drop(&mut self) {
-            let _ = steps::net_cleanup(self.0, &self.1);
-        }
-    }
-    let _clean = Clean(&host.config, meta.id.clone());
+    let _clean = NetCleanup(&host.config, meta.id.clone());
     for _ in 0..2 {
         steps::net_setup(&host.config, &meta).unwrap();
     }
@@ -386,10 +340,7 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
 }
 
 fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
-    let name = "process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing";
-    if skip_unless_root(name) {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
     let www = host.dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
@@ -402,11 +353,7 @@ fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
         Some(http_server(&ip, 8080, &host.dir.join("nginx"), &www)),
     );
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let guard = VmGuard {
-        sup: &sup,
-        config: &host.config,
-        meta: meta.clone(),
-    };
+    let guard = host.guard(&sup, &meta);
     sup.start(&meta).unwrap();
     sup.start(&meta).unwrap(); // idempotent
     let st = sup.status(&meta).unwrap();
@@ -435,47 +382,25 @@ fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
     assert_eq!(guest_ns.to_string_lossy(), format!("net:[{vm_ns}]"));
     sup.stop(&meta).unwrap();
     sup.stop(&meta).unwrap(); // idempotent
-    assert!(
-        !Path::new(&format!("/proc/{guest_pid}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{guest_pid}/cmdline"))
-                .unwrap()
-                .is_empty(),
-        "guest left"
-    );
-    assert!(
-        !Path::new(&format!("/proc/{sup_pid}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{sup_pid}/cmdline"))
-                .unwrap()
-                .is_empty(),
-        "supervisor left"
-    );
+    assert!(!running(guest_pid), "guest left");
+    assert!(!running(sup_pid), "supervisor left");
     assert_nothing_left(&meta.id);
     assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
     drop(guard);
 }
 
 fn crashing_guest_is_restarted_with_back_off() {
-    if skip_unless_root("crashing_guest_is_restarted_with_back_off") {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
     let marker = host.dir.join("launches");
-    let spec = ProcessSpec {
-        cmd: vec![
-            "sh".into(),
-            "-c".into(),
-            format!("date +%s%N >> {}; exit 3", marker.display()),
-        ],
-        env: BTreeMap::new(),
-        workdir: None,
-    };
+    let spec = process(&[
+        "sh",
+        "-c",
+        &format!("date +%s%N >> {}; exit 3", marker.display()),
+    ]);
     let meta = host.vm(2, vec![], Some(spec));
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let _guard = VmGuard {
-        sup: &sup,
-        config: &host.config,
-        meta: meta.clone(),
-    };
+    let _guard = host.guard(&sup, &meta);
     sup.start(&meta).unwrap();
     let restarts = wait_for("4 restarts", Duration::from_secs(30), || {
         state::read(&meta.paths)
@@ -511,29 +436,16 @@ fn crashing_guest_is_restarted_with_back_off() {
 }
 
 fn twenty_vms_start_and_stop_concurrently_without_leftovers() {
-    if skip_unless_root("twenty_vms_start_and_stop_concurrently_without_leftovers") {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
     let sup: Arc<dyn Supervisor> = Arc::new(EmbeddedSupervisor::new(host.config.clone()).unwrap());
     let metas: Vec<Meta> = (0..20)
         .map(|i| {
-            let spec = ProcessSpec {
-                cmd: vec!["sleep".into(), "600".into()],
-                env: BTreeMap::new(),
-                workdir: None,
-            };
+            let spec = process(&["sleep", "600"]);
             host.vm(2 + i, vec![tcp(80, free_port())], Some(spec))
         })
         .collect();
-    let _guards: Vec<VmGuard> = metas
-        .iter()
-        .map(|m| VmGuard {
-            sup: sup.as_ref(),
-            config: &host.config,
-            meta: m.clone(),
-        })
-        .collect();
+    let _guards: Vec<VmGuard> = metas.iter().map(|m| host.guard(sup.as_ref(), m)).collect();
     std::thread::scope(|s| {
         for m in &metas {
             let sup = sup.clone();
@@ -585,25 +497,15 @@ fn twenty_vms_start_and_stop_concurrently_without_leftovers() {
 }
 
 fn a_guest_that_cannot_start_fails_start_with_its_error() {
-    if skip_unless_root("a_guest_that_cannot_start_fails_start_with_its_error") {
-        return;
-    }
+    require_root!();
     // A guest IP outside MGR_GUEST_CIDR: net-setup refuses, start reports why.
     let host = Host::new(&unique_cidr(), &[]);
-    let spec = ProcessSpec {
-        cmd: vec!["sleep".into(), "600".into()],
-        env: BTreeMap::new(),
-        workdir: None,
-    };
+    let spec = process(&["sleep", "600"]);
     let mut meta = host.vm(2, vec![], Some(spec));
     meta.guest_ip = "192.0.2.9".parse().unwrap();
     atomic::write_json(Path::new(&meta.paths.meta_path), &meta).unwrap();
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let _guard = VmGuard {
-        sup: &sup,
-        config: &host.config,
-        meta: meta.clone(),
-    };
+    let _guard = host.guard(&sup, &meta);
     let err = sup.start(&meta).unwrap_err().to_string();
     assert!(
         err.contains("192.0.2.9") && err.contains("MGR_GUEST_CIDR"),
@@ -632,16 +534,19 @@ fn firecracker_vm(host: &Host) -> Meta {
     meta
 }
 
-fn configure_start_replays_vm_json_in_order() {
-    let host = Host::new(
-        "10.0.0.0/24",
-        &[
-            ("MGR_RUNTIME", "firecracker"),
-            ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
-        ],
-    );
+/// A Firecracker-runtime host (settings `extra`) with one VM whose API socket is
+/// answered by the test double.
+fn firecracker_host(extra: &[(&str, &str)]) -> (Host, Meta, FirecrackerDouble) {
+    let mut vars = vec![("MGR_RUNTIME", "firecracker")];
+    vars.extend_from_slice(extra);
+    let host = Host::new("10.0.0.0/24", &vars);
     let meta = firecracker_vm(&host);
     let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+    (host, meta, double)
+}
+
+fn configure_start_replays_vm_json_in_order() {
+    let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
     steps::configure_start(&host.config, &meta).unwrap();
     let calls = double.calls();
     let order: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
@@ -679,15 +584,7 @@ fn configure_start_replays_vm_json_in_order() {
 }
 
 fn configure_start_reports_firecrackers_fault_message() {
-    let host = Host::new(
-        "10.0.0.0/24",
-        &[
-            ("MGR_RUNTIME", "firecracker"),
-            ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
-        ],
-    );
-    let meta = firecracker_vm(&host);
-    let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+    let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
     double.fail("/drives/rootfs", 400, "Invalid block device path");
     let err = steps::configure_start(&host.config, &meta).unwrap_err();
     assert!(
@@ -714,15 +611,7 @@ fn configure_start_reports_firecrackers_fault_message() {
 }
 
 fn graceful_stop_sends_ctrl_alt_del_then_terminates() {
-    let host = Host::new(
-        "10.0.0.0/24",
-        &[
-            ("MGR_RUNTIME", "firecracker"),
-            ("MGR_STOP_TIMEOUT_SECONDS", "1"),
-        ],
-    );
-    let meta = firecracker_vm(&host);
-    let double = FirecrackerDouble::listen(Path::new(&meta.paths.socket_path));
+    let (host, meta, double) = firecracker_host(&[("MGR_STOP_TIMEOUT_SECONDS", "1")]);
 
     // The guest shuts down on Ctrl-Alt-Del.
     let mut guest = Command::new("sleep").arg("60").spawn().unwrap();
@@ -759,12 +648,7 @@ fn graceful_stop_sends_ctrl_alt_del_then_terminates() {
 // ---------------------------------------------------------------- systemctl double
 
 fn systemd_backend_issues_the_expected_systemctl_commands() {
-    let dir = std::env::temp_dir().join(format!(
-        "mergen-rt-systemctl-{}-{}",
-        std::process::id(),
-        next()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("rt-systemctl");
     let log = dir.join("calls");
     let script = dir.join("systemctl");
     // Records argv; `show` answers one block per unit, as systemd does; a unit whose
@@ -828,17 +712,12 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
             format!("start mgtest@{}.service", broken.id),
         ]
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------- deploy/
 
 fn install_script_puts_binaries_and_units_in_place() {
-    let dir = std::env::temp_dir().join(format!(
-        "mergen-rt-install-{}-{}",
-        std::process::id(),
-        next()
-    ));
+    let dir = TempDir::new("rt-install");
     let bins = dir.join("bins");
     let root = dir.join("root");
     std::fs::create_dir_all(&bins).unwrap();
@@ -925,15 +804,12 @@ fn install_script_puts_binaries_and_units_in_place() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mergen-forwarder not found"));
     assert!(!dir.join("root2").exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------- more steps
 
 fn udp_ports_are_published_too() {
-    if skip_unless_root("udp_ports_are_published_too") {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
     let ip = host.config.guest_cidr.host(2).unwrap();
     let hport = {
@@ -941,18 +817,8 @@ fn udp_ports_are_published_too() {
         s.local_addr().unwrap().port()
     };
     // The guest is this test binary in its UDP echo mode (see `main`).
-    let spec = ProcessSpec {
-        cmd: vec![
-            std::env::current_exe()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned(),
-            "udp-echo".into(),
-            format!("{ip}:5353"),
-        ],
-        env: BTreeMap::new(),
-        workdir: None,
-    };
+    let exe = std::env::current_exe().unwrap();
+    let spec = process(&[&exe.to_string_lossy(), "udp-echo", &format!("{ip}:5353")]);
     let udp = PortBinding {
         guest: 5353,
         host: hport,
@@ -960,11 +826,7 @@ fn udp_ports_are_published_too() {
     };
     let meta = host.vm(2, vec![udp], Some(spec));
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let _guard = VmGuard {
-        sup: &sup,
-        config: &host.config,
-        meta: meta.clone(),
-    };
+    let _guard = host.guard(&sup, &meta);
     sup.start(&meta).unwrap();
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     client
@@ -1001,24 +863,19 @@ fn fake_firecracker(dir: &Path, file_name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn jailer_command_links_images_into_the_chroot() {
-    if skip_unless_root("jailer_command_links_images_into_the_chroot") {
-        return;
-    }
+    require_root!();
     // Short: the test double binds the jail's socket by its full path (unix socket
     // paths are limited to 107 bytes; mergend itself connects through the short symlink).
     let chroot = PathBuf::from(format!("/tmp/mj{}-{}", std::process::id(), next()));
-    let bin_dir =
-        std::env::temp_dir().join(format!("mergen-rt-fcbin-{}-{}", std::process::id(), next()));
-    struct Remove(Vec<PathBuf>);
+    struct Remove(PathBuf);
     impl Drop for Remove {
         fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = std::fs::remove_dir_all(p);
-            }
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    let _remove = Remove(vec![chroot.clone(), bin_dir.clone()]);
-    let (fc_link, fc_file) = fake_firecracker(&bin_dir, "firecracker-v1.7");
+    let _remove = Remove(chroot.clone());
+    let bin_dir = TempDir::new("rt-fcbin");
+    let (fc_link, fc_file) = fake_firecracker(bin_dir.path(), "firecracker-v1.7");
     let host = Host::new(
         "10.0.0.0/24",
         &[
@@ -1162,9 +1019,8 @@ fn jailer_command_links_images_into_the_chroot() {
 }
 
 fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
-    let bin_dir =
-        std::env::temp_dir().join(format!("mergen-rt-fcbad-{}-{}", std::process::id(), next()));
-    let (_, odd) = fake_firecracker(&bin_dir, "vmm");
+    let bin_dir = TempDir::new("rt-fcbad");
+    let (_, odd) = fake_firecracker(bin_dir.path(), "vmm");
     let chroot = bin_dir.join("jail");
     let host_with = |bin: &str| {
         Host::new(
@@ -1193,7 +1049,7 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
     let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
     assert!(err.contains("\"firecracker\""), "{err}");
     // Drive ids become chroot file names and API paths: Firecracker's rule applies.
-    let (fc, _) = fake_firecracker(&bin_dir, "firecracker-v1");
+    let (fc, _) = fake_firecracker(bin_dir.path(), "firecracker-v1");
     let host = host_with(&fc.to_string_lossy());
     let meta = firecracker_vm(&host);
     let mut vm: serde_json::Value =
@@ -1204,15 +1060,10 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
     assert!(err.contains("../../etc"), "{err}");
     let err = steps::configure_start(&host.config, &meta).unwrap_err();
     assert!(err.contains("letters, digits or underscores"), "{err}");
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 fn firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter() {
-    if skip_unless_root(
-        "firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter",
-    ) {
-        return;
-    }
+    require_root!();
     let host = Host::new(
         &unique_cidr(),
         &[
@@ -1223,13 +1074,7 @@ fn firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter(
         ],
     );
     let meta = host.vm(2, vec![], None);
-    struct Clean<'a>(&'a RuntimeConfig, String);
-    impl Drop for Clean<'_> {
-        fn drop(&mut self) {
-            let _ = steps::net_cleanup(self.0, &self.1);
-        }
-    }
-    let _clean = Clean(&host.config, meta.id.clone());
+    let _clean = NetCleanup(&host.config, meta.id.clone());
     for _ in 0..2 {
         steps::net_setup(&host.config, &meta).unwrap();
     }
@@ -1304,23 +1149,12 @@ fn step_subcommands_reject_bad_input_with_clear_errors() {
 }
 
 fn a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up() {
-    let name = "a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up";
-    if skip_unless_root(name) {
-        return;
-    }
+    require_root!();
     let host = Host::new(&unique_cidr(), &[]);
-    let spec = ProcessSpec {
-        cmd: vec!["sleep".into(), "600".into()],
-        env: BTreeMap::new(),
-        workdir: None,
-    };
+    let spec = process(&["sleep", "600"]);
     let meta = host.vm(2, vec![tcp(80, free_port())], Some(spec));
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let _guard = VmGuard {
-        sup: &sup,
-        config: &host.config,
-        meta: meta.clone(),
-    };
+    let _guard = host.guard(&sup, &meta);
     sup.start(&meta).unwrap();
     let sup_pid = sup.status(&meta).unwrap().supervisor.pid.unwrap();
     let guest_pid = state::read(&meta.paths).unwrap().guest_pid.unwrap();

@@ -1,2 +1,1 @@
 pub mod firecracker_double;
-pub mod nginx;
