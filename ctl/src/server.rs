@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex};
@@ -104,6 +105,36 @@ impl Stream for UnixStream {
     }
 }
 
+/// A listener the server accepts on: TCP or unix.
+trait Listener: AsFd + Send + Sized + 'static {
+    type Conn: Stream + Send;
+    fn try_clone_listener(&self) -> std::io::Result<Self>;
+    /// The next connection, set up to be served.
+    fn accept_conn(&self) -> std::io::Result<Self::Conn>;
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+    fn try_clone_listener(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn accept_conn(&self) -> std::io::Result<TcpStream> {
+        let (s, _) = self.accept()?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Listener for UnixListener {
+    type Conn = UnixStream;
+    fn try_clone_listener(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn accept_conn(&self) -> std::io::Result<UnixStream> {
+        self.accept().map(|(s, _)| s)
+    }
+}
+
 pub struct Server {
     conns: Arc<Conns>,
     wakers: Vec<Box<dyn Fn() + Send>>,
@@ -133,7 +164,15 @@ impl Server {
     }
 
     pub fn serve_tcp(&mut self, listener: TcpListener, limits: Limits, handler: Arc<Handler>) {
-        let waker = listener.try_clone().ok();
+        self.serve_on(listener, limits, handler);
+    }
+
+    pub fn serve_unix(&mut self, listener: UnixListener, limits: Limits, handler: Arc<Handler>) {
+        self.serve_on(listener, limits, handler);
+    }
+
+    fn serve_on<L: Listener>(&mut self, listener: L, limits: Limits, handler: Arc<Handler>) {
+        let waker = listener.try_clone_listener().ok();
         self.wakers.push(Box::new(move || {
             // shutdown(2) on a listening socket makes a blocked accept return on Linux.
             if let Some(l) = &waker {
@@ -141,39 +180,14 @@ impl Server {
             }
         }));
         let conns = Arc::clone(&self.conns);
-        self.acceptors.push(thread::spawn(move || {
-            for stream in listener.incoming() {
-                if conns.shutting_down() {
-                    break;
-                }
-                match stream {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        spawn_conn(&conns, s, limits, &handler);
-                    }
-                    Err(e) => log::warn!(error:% = e; "accept failed"),
-                }
+        self.acceptors.push(thread::spawn(move || loop {
+            let stream = listener.accept_conn();
+            if conns.shutting_down() {
+                break;
             }
-        }));
-    }
-
-    pub fn serve_unix(&mut self, listener: UnixListener, limits: Limits, handler: Arc<Handler>) {
-        let waker = listener.try_clone().ok();
-        self.wakers.push(Box::new(move || {
-            if let Some(l) = &waker {
-                let _ = rustix::net::shutdown(l, rustix::net::Shutdown::Read);
-            }
-        }));
-        let conns = Arc::clone(&self.conns);
-        self.acceptors.push(thread::spawn(move || {
-            for stream in listener.incoming() {
-                if conns.shutting_down() {
-                    break;
-                }
-                match stream {
-                    Ok(s) => spawn_conn(&conns, s, limits, &handler),
-                    Err(e) => log::warn!(error:% = e; "accept failed"),
-                }
+            match stream {
+                Ok(s) => spawn_conn(&conns, s, limits, &handler),
+                Err(e) => log::warn!(error:% = e; "accept failed"),
             }
         }));
     }
