@@ -69,7 +69,6 @@ impl FcClient {
 
 fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
@@ -83,27 +82,32 @@ fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>), String> {
                     .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
                     .unwrap_or(0usize);
                 while buf.len() < head_len + length {
-                    let n = stream
-                        .read(&mut chunk)
-                        .map_err(|e| format!("reading the answer: {e}"))?;
-                    if n == 0 {
-                        return Err("the answer's body was cut short".into());
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
+                    read_more(stream, &mut buf, "the answer's body was cut short")?;
                 }
                 return Ok((status, buf[head_len..head_len + length].to_vec()));
             }
             Ok(httparse::Status::Partial) => {}
             Err(e) => return Err(format!("malformed HTTP answer: {e}")),
         }
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        if n == 0 {
-            return Err("connection closed before a complete answer".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(
+            stream,
+            &mut buf,
+            "connection closed before a complete answer",
+        )?;
     }
+}
+
+/// Append what the next read brings to `buf`; `closed` is the error if the peer closed.
+fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>, closed: &str) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    let n = stream
+        .read(&mut chunk)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    if n == 0 {
+        return Err(closed.into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
 }
 
 #[cfg(test)]
