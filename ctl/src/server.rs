@@ -81,29 +81,24 @@ trait Stream: Transport + Sized + 'static {
     fn set_write_timeout_stream(&self, d: Option<Duration>);
 }
 
-impl Stream for TcpStream {
-    fn try_clone_stream(&self) -> std::io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_stream(&self, how: Shutdown) {
-        let _ = self.shutdown(how);
-    }
-    fn set_write_timeout_stream(&self, d: Option<Duration>) {
-        let _ = self.set_write_timeout(d);
-    }
+// The two std stream types have the same inherent methods but no trait for them.
+macro_rules! impl_stream {
+    ($($t:ty),*) => {$(
+        impl Stream for $t {
+            fn try_clone_stream(&self) -> std::io::Result<Self> {
+                self.try_clone()
+            }
+            fn shutdown_stream(&self, how: Shutdown) {
+                let _ = self.shutdown(how);
+            }
+            fn set_write_timeout_stream(&self, d: Option<Duration>) {
+                let _ = self.set_write_timeout(d);
+            }
+        }
+    )*};
 }
 
-impl Stream for UnixStream {
-    fn try_clone_stream(&self) -> std::io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_stream(&self, how: Shutdown) {
-        let _ = self.shutdown(how);
-    }
-    fn set_write_timeout_stream(&self, d: Option<Duration>) {
-        let _ = self.set_write_timeout(d);
-    }
-}
+impl_stream!(TcpStream, UnixStream);
 
 /// A listener the server accepts on: TCP or unix.
 trait Listener: AsFd + Send + Sized + 'static {
