@@ -1,10 +1,12 @@
-//! Test plumbing shared by the workspace's tests (a dev-dependency only).
+//! Test plumbing shared by the workspace's tests (a dev-dependency; the benchmarks use
+//! its TLS client too).
 //!
 //! Everything here is safe to use from tests that run in parallel threads of one binary
 //! and from binaries of different crates running at once: names carry the pid and a
 //! per-process counter, ports come from the kernel, and whatever is created on the
 //! host is removed by a Drop guard, even when the test panics.
 
+mod child;
 mod cmd;
 mod names;
 mod net;
@@ -13,8 +15,11 @@ mod process;
 mod rng;
 mod root;
 mod tempdir;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod wait;
 
+pub use child::ChildGuard;
 pub use cmd::{curl_get, run_out};
 pub use names::{next, unique_name};
 pub use net::free_port;

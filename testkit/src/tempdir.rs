@@ -1,12 +1,17 @@
 use std::path::{Path, PathBuf};
 
-/// A fresh directory `mergen-<tag>-<pid>-<n>` under the system temp dir, removed with
+/// A fresh directory `mergen-<tag>-<pid>-<n>` (by default under the system temp dir), removed with
 /// everything in it on drop.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
+        TempDir::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// Like `new`, under `base` instead of the system temp dir.
+    pub fn new_in(base: &Path, tag: &str) -> TempDir {
+        let dir = base.join(format!(
             "mergen-{tag}-{}-{}",
             std::process::id(),
             crate::next()

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use mergen_testkit::{eventually, poll, unique_name, wait_for, TempDir, XorShift};
+use mergen_testkit::{
+    eventually, poll, running, unique_name, wait_for, ChildGuard, TempDir, XorShift,
+};
 
 #[test]
 fn xorshift_is_the_reference_sequence_and_below_stays_in_range() {
@@ -78,4 +80,29 @@ fn running_follows_a_child_until_it_is_reaped() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!mergen_testkit::running(child.id()));
+}
+
+#[test]
+fn child_guard_stops_its_child_on_drop() {
+    use rustix::process::Signal;
+    for graceful in [false, true] {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("60");
+        let guard = if graceful {
+            ChildGuard::spawn_graceful(&mut cmd, Signal::TERM)
+        } else {
+            ChildGuard::spawn(&mut cmd)
+        };
+        let pid = guard.0.id();
+        assert!(eventually(Duration::from_secs(10), || running(pid)));
+        drop(guard);
+        assert!(!running(pid), "graceful={graceful}");
+    }
+}
+
+#[test]
+fn temp_dir_can_live_under_another_base() {
+    let base = TempDir::new("testkit-base");
+    let dir = TempDir::new_in(base.path(), "inner");
+    assert_eq!(dir.path().parent(), Some(base.path()));
 }
