@@ -631,44 +631,24 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use mergen_testkit::{eventually, TempDir};
     use serde_json::json;
 
     use super::*;
 
-    /// A directory removed on drop, unique per test thread.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> TempDir {
-            TempDir::new_in(&std::env::temp_dir())
-        }
-
-        /// In memory when the machine has /dev/shm: writing thousands of files to a
-        /// disk shared with fsync-heavy tests can take longer than the test itself.
-        fn in_memory() -> TempDir {
-            let shm = Path::new("/dev/shm");
-            if shm.is_dir() {
-                TempDir::new_in(shm)
-            } else {
-                TempDir::new()
-            }
-        }
-
-        fn new_in(base: &Path) -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = base.join(format!(
-                "mergen-dp-resolver-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
+    fn temp_dir() -> TempDir {
+        TempDir::new("dp-resolver")
     }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+
+    /// In memory when the machine has /dev/shm: writing thousands of files to a
+    /// disk shared with fsync-heavy tests can take longer than the test itself.
+    fn temp_dir_in_memory() -> TempDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            TempDir::new_in(shm, "dp-resolver")
+        } else {
+            temp_dir()
         }
     }
 
@@ -772,17 +752,17 @@ mod tests {
 
     #[test]
     fn aliases_and_precedence() {
-        let root = TempDir::new();
+        let root = temp_dir();
         // Created second, but listed first by name order on disk.
         write_vm(
-            &root.0,
+            root.path(),
             1,
             20,
             json!({"app": "Web", "host": "shared"}),
             json!({"name": "one", "owner": "x"}),
         );
         write_vm(
-            &root.0,
+            root.path(),
             2,
             10,
             json!({"app": "web", "hostname": "two"}),
@@ -790,13 +770,13 @@ mod tests {
         );
         // Its tag claims VM 1's short id; VM 1 is older... no: VM 3 is the oldest.
         write_vm(
-            &root.0,
+            root.path(),
             3,
             5,
             json!({"name": id(1)[..8].to_string()}),
             json!({"name": "with.dot"}),
         );
-        let r = resolver(&root.0, "", "localhost");
+        let r = resolver(root.path(), "", "localhost");
         let snap = r.snapshot();
         assert_eq!(snap.len(), 3);
         assert_eq!(snap.first().unwrap().id, id(3));
@@ -833,9 +813,9 @@ mod tests {
 
     #[test]
     fn prefix_and_suffix() {
-        let root = TempDir::new();
-        write_vm(&root.0, 1, 0, json!({"app": "app1"}), json!({}));
-        let r = resolver(&root.0, ".VM", "Example.com.");
+        let root = temp_dir();
+        write_vm(root.path(), 1, 0, json!({"app": "app1"}), json!({}));
+        let r = resolver(root.path(), ".VM", "Example.com.");
         assert_eq!(routed_id(&r, "app1.vm.example.com"), Some(id(1)));
         assert_eq!(routed_id(&r, "APP1.VM.EXAMPLE.COM."), Some(id(1)));
         assert_eq!(routed_id(&r, "app1.example.com"), None);
@@ -844,26 +824,30 @@ mod tests {
 
     #[test]
     fn bad_and_foreign_entries_are_skipped() {
-        let root = TempDir::new();
-        write_vm(&root.0, 1, 0, json!({"app": "good"}), json!({}));
-        let bad = root.0.join("bad");
+        let root = temp_dir();
+        write_vm(root.path(), 1, 0, json!({"app": "good"}), json!({}));
+        let bad = root.path().join("bad");
         fs::create_dir(&bad).unwrap();
         fs::write(bad.join(META_FILE), b"{\"id\": \"x\", not json").unwrap();
-        let missing_ip = root.0.join("noip");
+        let missing_ip = root.path().join("noip");
         fs::create_dir(&missing_ip).unwrap();
         fs::write(
             missing_ip.join(META_FILE),
             br#"{"id":"noip","createdAt":"2026-01-01T00:00:00Z"}"#,
         )
         .unwrap();
-        fs::create_dir(root.0.join("empty")).unwrap();
-        fs::write(root.0.join("stray-file"), b"x").unwrap();
+        fs::create_dir(root.path().join("empty")).unwrap();
+        fs::write(root.path().join("stray-file"), b"x").unwrap();
         // A half-written atomic write lives under a dot-name.
-        let hidden = root.0.join(".tmp-vm");
+        let hidden = root.path().join(".tmp-vm");
         fs::create_dir(&hidden).unwrap();
-        fs::copy(root.0.join(id(1)).join(META_FILE), hidden.join(META_FILE)).unwrap();
-        fs::write(root.0.join(id(1)).join(".meta.json.tmp-1"), b"{").unwrap();
-        let r = resolver(&root.0, "", "localhost");
+        fs::copy(
+            root.path().join(id(1)).join(META_FILE),
+            hidden.join(META_FILE),
+        )
+        .unwrap();
+        fs::write(root.path().join(id(1)).join(".meta.json.tmp-1"), b"{").unwrap();
+        let r = resolver(root.path(), "", "localhost");
         assert_eq!(r.snapshot().len(), 1);
         assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
     }
@@ -872,34 +856,34 @@ mod tests {
     /// `null` collections, a newer mergend's hook or port fields.
     #[test]
     fn only_the_routing_fields_must_parse() {
-        let root = TempDir::new();
+        let root = temp_dir();
         let mut meta = meta_json(1, 0, json!(null), json!({"app": "go"}));
         meta["ports"] = json!(null);
         meta["hooks"] = json!({"onCreate": [{"type": "grpc", "target": "x"}]});
-        let dir = root.0.join(id(1));
+        let dir = root.path().join(id(1));
         fs::create_dir_all(&dir).unwrap();
         mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
         let mut other = meta_json(2, 1, json!({"app": "new"}), json!({}));
         other["ports"] = json!([{"guest": 80, "host": 20001, "protocol": "sctp"}]);
-        let dir = root.0.join(id(2));
+        let dir = root.path().join(id(2));
         fs::create_dir_all(&dir).unwrap();
         mergen_model::atomic::write_json(&dir.join(META_FILE), &other).unwrap();
-        let r = resolver(&root.0, "", "localhost");
+        let r = resolver(root.path(), "", "localhost");
         assert_eq!(routed_id(&r, "go.localhost"), Some(id(1)));
         assert_eq!(routed_id(&r, "new.localhost"), Some(id(2)));
     }
 
     #[test]
     fn a_known_vm_keeps_its_last_good_meta() {
-        let root = TempDir::new();
-        write_vm(&root.0, 1, 0, json!({"app": "good"}), json!({}));
-        let r = resolver(&root.0, "", "localhost");
-        let meta = root.0.join(id(1)).join(META_FILE);
+        let root = temp_dir();
+        write_vm(root.path(), 1, 0, json!({"app": "good"}), json!({}));
+        let r = resolver(root.path(), "", "localhost");
+        let meta = root.path().join(id(1)).join(META_FILE);
         fs::write(&meta, b"{\"id\": \"half-writ").unwrap();
         r.reload();
         assert_eq!(routed_id(&r, "good.localhost"), Some(id(1)));
         // Fixed: the new version routes.
-        write_vm(&root.0, 1, 0, json!({"app": "fixed"}), json!({}));
+        write_vm(root.path(), 1, 0, json!({"app": "fixed"}), json!({}));
         r.reload();
         assert_eq!(routed_id(&r, "fixed.localhost"), Some(id(1)));
         // Removed: it stops routing.
@@ -914,63 +898,49 @@ mod tests {
 
     #[test]
     fn missing_root_is_empty() {
-        let root = TempDir::new();
-        let r = resolver(&root.0.join("absent"), "", "localhost");
+        let root = temp_dir();
+        let r = resolver(&root.path().join("absent"), "", "localhost");
         assert!(r.snapshot().is_empty());
         assert!(r.snapshot().first().is_none());
     }
 
     #[test]
     fn reload_sees_changes() {
-        let root = TempDir::new();
-        write_vm(&root.0, 1, 0, json!({"app": "old"}), json!({}));
-        let r = resolver(&root.0, "", "localhost");
+        let root = temp_dir();
+        write_vm(root.path(), 1, 0, json!({"app": "old"}), json!({}));
+        let r = resolver(root.path(), "", "localhost");
         let before = r.snapshot();
-        write_vm(&root.0, 1, 0, json!({"app": "new"}), json!({}));
-        write_vm(&root.0, 2, 1, json!({}), json!({}));
+        write_vm(root.path(), 1, 0, json!({"app": "new"}), json!({}));
+        write_vm(root.path(), 2, 1, json!({}), json!({}));
         r.reload();
         assert_eq!(routed_id(&r, "new.localhost"), Some(id(1)));
         assert_eq!(routed_id(&r, "old.localhost"), None);
         assert_eq!(r.snapshot().len(), 2);
         // An old snapshot is unaffected: lookups in flight stay consistent.
         assert_eq!(before.resolve_sni("old.localhost").unwrap().id, id(1));
-        fs::remove_dir_all(root.0.join(id(1))).unwrap();
+        fs::remove_dir_all(root.path().join(id(1))).unwrap();
         r.reload();
         assert_eq!(r.snapshot().len(), 1);
         assert_eq!(r.snapshot().first().unwrap().id, id(2));
     }
 
-    /// Poll `cond` until it holds or `limit` passes.
-    fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if cond() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     #[test]
     fn watcher_follows_vms_within_a_second() {
-        let root = TempDir::new();
-        write_vm(&root.0, 1, 0, json!({"app": "first"}), json!({}));
-        let r = resolver(&root.0, "", "localhost");
+        let root = temp_dir();
+        write_vm(root.path(), 1, 0, json!({"app": "first"}), json!({}));
+        let r = resolver(root.path(), "", "localhost");
         // A long rescan period: only inotify can make these changes visible in time.
         r.start_watching(Duration::from_secs(3600)).unwrap();
         let within = Duration::from_secs(1);
 
-        write_vm(&root.0, 2, 1, json!({"app": "late"}), json!({}));
+        write_vm(root.path(), 2, 1, json!({"app": "late"}), json!({}));
         assert!(
             eventually(within, || routed_id(&r, "late.localhost") == Some(id(2))),
             "new VM"
         );
 
         // A rewrite of an existing meta.json.
-        write_vm(&root.0, 2, 1, json!({"app": "renamed"}), json!({}));
+        write_vm(root.path(), 2, 1, json!({"app": "renamed"}), json!({}));
         assert!(
             eventually(within, || routed_id(&r, "renamed.localhost") == Some(id(2))),
             "rewrite"
@@ -978,10 +948,11 @@ mod tests {
         assert_eq!(routed_id(&r, "late.localhost"), None);
 
         // A plain (non-atomic) write into a directory created empty first.
-        let dir = root.0.join(id(3));
+        let dir = root.path().join(id(3));
         fs::create_dir(&dir).unwrap();
         let mut meta: serde_json::Value =
-            serde_json::from_slice(&fs::read(root.0.join(id(1)).join(META_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&fs::read(root.path().join(id(1)).join(META_FILE)).unwrap())
+                .unwrap();
         meta["id"] = json!(id(3));
         meta["tags"] = json!({"app": "plain"});
         fs::write(dir.join(META_FILE), serde_json::to_vec(&meta).unwrap()).unwrap();
@@ -996,34 +967,34 @@ mod tests {
             eventually(within, || routed_id(&r, "plain.localhost").is_none()),
             "file removed"
         );
-        fs::remove_dir_all(root.0.join(id(2))).unwrap();
+        fs::remove_dir_all(root.path().join(id(2))).unwrap();
         assert!(
             eventually(within, || r.snapshot().len() == 1),
             "dir removed"
         );
 
         // A directory moved in from elsewhere.
-        let outside = TempDir::new();
-        write_vm(&outside.0, 4, 2, json!({"app": "moved"}), json!({}));
-        fs::rename(outside.0.join(id(4)), root.0.join(id(4))).unwrap();
+        let outside = temp_dir();
+        write_vm(outside.path(), 4, 2, json!({"app": "moved"}), json!({}));
+        fs::rename(outside.path().join(id(4)), root.path().join(id(4))).unwrap();
         assert!(
             eventually(within, || routed_id(&r, "moved.localhost") == Some(id(4))),
             "moved in"
         );
 
         // Moved out and back: it leaves, returns, and is still followed afterwards.
-        fs::rename(root.0.join(id(4)), outside.0.join(id(4))).unwrap();
+        fs::rename(root.path().join(id(4)), outside.path().join(id(4))).unwrap();
         assert!(
             eventually(within, || routed_id(&r, "moved.localhost").is_none()),
             "moved out"
         );
-        write_vm(&outside.0, 4, 2, json!({"app": "outside"}), json!({}));
-        fs::rename(outside.0.join(id(4)), root.0.join(id(4))).unwrap();
+        write_vm(outside.path(), 4, 2, json!({"app": "outside"}), json!({}));
+        fs::rename(outside.path().join(id(4)), root.path().join(id(4))).unwrap();
         assert!(
             eventually(within, || routed_id(&r, "outside.localhost") == Some(id(4))),
             "moved back"
         );
-        write_vm(&root.0, 4, 2, json!({"app": "back"}), json!({}));
+        write_vm(root.path(), 4, 2, json!({"app": "back"}), json!({}));
         assert!(
             eventually(within, || routed_id(&r, "back.localhost") == Some(id(4))),
             "rewritten after moving back"
@@ -1033,8 +1004,8 @@ mod tests {
 
     #[test]
     fn periodic_rescan_catches_what_inotify_cannot() {
-        let parent = TempDir::new();
-        let root = parent.0.join("late-root");
+        let parent = temp_dir();
+        let root = parent.path().join("late-root");
         let r = resolver(&root, "", "localhost");
         r.start_watching(Duration::from_millis(50)).unwrap();
         // The root did not exist when watching began.
@@ -1054,11 +1025,11 @@ mod tests {
 
     #[test]
     fn ten_thousand_vms() {
-        let root = TempDir::in_memory();
+        let root = temp_dir_in_memory();
         let n = 10_000u32;
         // Plain writes: fsyncing 10,000 files would dominate the test.
         for i in 0..n {
-            let dir = root.0.join(id(i));
+            let dir = root.path().join(id(i));
             fs::create_dir(&dir).unwrap();
             let tags = json!({"app": format!("app{i}")});
             let meta = meta_json(i, i, tags, json!({"name": format!("n{i}")}));
@@ -1069,7 +1040,7 @@ mod tests {
             .unwrap();
         }
         let started = Instant::now();
-        let r = resolver(&root.0, "", "localhost");
+        let r = resolver(root.path(), "", "localhost");
         eprintln!("loaded {n} VMs in {:?}", started.elapsed());
         let snap = r.snapshot();
         assert_eq!(snap.len(), n as usize);
@@ -1089,13 +1060,13 @@ mod tests {
         eprintln!("rescanned {n} unchanged VMs in {:?}", started.elapsed());
         assert!(Arc::ptr_eq(&snap, &r.snapshot()));
         // One more VM: a rescan, one parse and a new snapshot of all of them.
-        write_vm(&root.0, n, n, json!({"app": "extra"}), json!({}));
+        write_vm(root.path(), n, n, json!({"app": "extra"}), json!({}));
         let started = Instant::now();
         r.reload();
         eprintln!("rescanned with one new VM in {:?}", started.elapsed());
         assert_eq!(routed_id(&r, "extra.localhost"), Some(id(n)));
         // What an inotify event costs: one directory re-read, a new snapshot.
-        write_vm(&root.0, n, n, json!({"app": "changed"}), json!({}));
+        write_vm(root.path(), n, n, json!({"app": "changed"}), json!({}));
         let started = Instant::now();
         r.shared.rescan_dirs([id(n).as_str()]);
         eprintln!(
@@ -1115,18 +1086,21 @@ mod tests {
 
     #[test]
     fn netns_paths() {
-        let root = TempDir::new();
+        let root = temp_dir();
         let name = format!("mgn-test-{}", std::process::id());
-        fs::write(root.0.join(&name), b"").unwrap();
-        assert_eq!(netns_path(Some(&root.0), &name), Some(root.0.join(&name)));
+        fs::write(root.path().join(&name), b"").unwrap();
         assert_eq!(
-            netns_path(Some(&root.0), "/proc/self/ns/net"),
+            netns_path(Some(root.path()), &name),
+            Some(root.path().join(&name))
+        );
+        assert_eq!(
+            netns_path(Some(root.path()), "/proc/self/ns/net"),
             Some(PathBuf::from("/proc/self/ns/net"))
         );
-        assert_eq!(netns_path(Some(&root.0), "absent-ns-xyz"), None);
+        assert_eq!(netns_path(Some(root.path()), "absent-ns-xyz"), None);
         assert_eq!(netns_path(None, "absent-ns-xyz"), None);
         for bad in ["", ".", "..", "a/b", "../etc"] {
-            assert_eq!(netns_path(Some(&root.0), bad), None, "{bad}");
+            assert_eq!(netns_path(Some(root.path()), bad), None, "{bad}");
         }
     }
 
@@ -1143,16 +1117,19 @@ mod tests {
                 let _ = fs::remove_file(&self.0);
             }
         }
-        let root = TempDir::new();
+        let root = temp_dir();
         let name = format!("mgn-ord-{}", std::process::id());
         fs::create_dir_all("/run/netns").unwrap();
         let system = Removed(Path::new("/run/netns").join(&name));
         fs::write(&system.0, b"").unwrap();
         // Only in /run/netns: found there, with or without a root.
-        assert_eq!(netns_path(Some(&root.0), &name), Some(system.0.clone()));
+        assert_eq!(netns_path(Some(root.path()), &name), Some(system.0.clone()));
         assert_eq!(netns_path(None, &name), Some(system.0.clone()));
         // In both: the configured root wins.
-        fs::write(root.0.join(&name), b"").unwrap();
-        assert_eq!(netns_path(Some(&root.0), &name), Some(root.0.join(&name)));
+        fs::write(root.path().join(&name), b"").unwrap();
+        assert_eq!(
+            netns_path(Some(root.path()), &name),
+            Some(root.path().join(&name))
+        );
     }
 }

@@ -331,6 +331,7 @@ pub fn postgres_preamble(buf: &[u8]) -> PgPreamble {
 mod tests {
     use std::sync::Arc;
 
+    use mergen_testkit::XorShift;
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
@@ -648,17 +649,6 @@ mod tests {
         assert_eq!(peek_client_hello(&two_records[..9]), Peek::TooLarge);
     }
 
-    /// A small deterministic generator: the garbage test must be reproducible.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     #[test]
     fn garbage_never_panics() {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
@@ -668,8 +658,8 @@ mod tests {
             let buf: Vec<u8> = match round % 3 {
                 // Random bytes behind a plausible record header.
                 0 => {
-                    let len = (rng.next() % 600) as usize;
-                    let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    let len = (rng.next_u64() % 600) as usize;
+                    let mut b: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
                     if len > 2 {
                         b[0] = 0x16;
                         b[1] = 3;
@@ -678,20 +668,20 @@ mod tests {
                 }
                 // A real hello with a few bytes changed.
                 1 => {
-                    let mut b = if rng.next() & 1 == 0 {
+                    let mut b = if rng.next_u64() & 1 == 0 {
                         real.clone()
                     } else {
                         cut.clone()
                     };
-                    for _ in 0..1 + rng.next() % 4 {
-                        let i = (rng.next() as usize) % b.len();
-                        b[i] = rng.next() as u8;
+                    for _ in 0..1 + rng.next_u64() % 4 {
+                        let i = (rng.next_u64() as usize) % b.len();
+                        b[i] = rng.next_u64() as u8;
                     }
                     b
                 }
                 // A real hello cut short anywhere.
                 _ => {
-                    let n = (rng.next() as usize) % real.len();
+                    let n = (rng.next_u64() as usize) % real.len();
                     real[..n].to_vec()
                 }
             };

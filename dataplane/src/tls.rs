@@ -336,34 +336,16 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use mergen_testkit::{eventually, TempDir};
     use rustls::client::Resumption;
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, ServerConnection};
 
     use super::*;
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "mergen-dp-tls-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    fn temp_dir() -> TempDir {
+        TempDir::new("dp-tls")
     }
 
     fn openssl(args: &[&str]) {
@@ -381,8 +363,8 @@ mod tests {
     /// A key of the given kind and a self-signed certificate for `*.vm.example.com`, made
     /// by the openssl CLI so the PEM forms are the ones operators have.
     fn openssl_pair(dir: &TempDir, kind: &str) -> (PathBuf, PathBuf) {
-        let key = dir.path(&format!("{kind}.key"));
-        let cert = dir.path(&format!("{kind}.crt"));
+        let key = dir.join(format!("{kind}.key"));
+        let cert = dir.join(format!("{kind}.crt"));
         let k = key.to_str().unwrap();
         match kind {
             "rsa-pkcs8" => openssl(&[
@@ -547,8 +529,8 @@ mod tests {
             ),
         ];
         for &(prefix, suffix, sans, good, bad) in cases {
-            let dir = TempDir::new();
-            let (cert, key) = (dir.path("sub/wild.crt"), dir.path("sub/wild.key"));
+            let dir = temp_dir();
+            let (cert, key) = (dir.join("sub/wild.crt"), dir.join("sub/wild.key"));
             generate_self_signed(prefix, suffix, &cert, &key).unwrap();
             let out = Command::new("openssl")
                 .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
@@ -576,13 +558,13 @@ mod tests {
                 );
             }
         }
-        let dir = TempDir::new();
-        assert!(generate_self_signed("", " . ", &dir.path("c"), &dir.path("k")).is_err());
+        let dir = temp_dir();
+        assert!(generate_self_signed("", " . ", &dir.join("c"), &dir.join("k")).is_err());
     }
 
     #[test]
     fn loads_rsa_and_ecdsa_keys_in_every_pem_form() {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         for kind in ["rsa-pkcs8", "rsa-pkcs1", "ec-sec1", "ec-pkcs8", "ed25519"] {
             let (cert, key) = openssl_pair(&dir, kind);
             let store = CertStore::load(&cert, &key).unwrap_or_else(|e| panic!("{kind}: {e}"));
@@ -604,18 +586,18 @@ mod tests {
 
     #[test]
     fn load_errors_name_the_file() {
-        let dir = TempDir::new();
+        let dir = temp_dir();
         let (cert, key) = openssl_pair(&dir, "ec-sec1");
         let (other_cert, _) = openssl_pair(&dir, "rsa-pkcs8");
-        let empty = dir.path("empty.pem");
+        let empty = dir.join("empty.pem");
         fs::write(&empty, b"").unwrap();
-        let garbage = dir.path("garbage.pem");
+        let garbage = dir.join("garbage.pem");
         fs::write(
             &garbage,
             b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        let missing = dir.path("missing.pem");
+        let missing = dir.join("missing.pem");
         let cases: &[(&Path, &Path, &Path)] = &[
             (&missing, &key, &missing),
             (&cert, &missing, &missing),
@@ -642,8 +624,8 @@ mod tests {
 
     #[test]
     fn reload_swaps_and_keeps_the_old_one_on_failure() {
-        let dir = TempDir::new();
-        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        let dir = temp_dir();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
         generate_self_signed("vm", "example.com", &cert, &key).unwrap();
         let store = CertStore::load(&cert, &key).unwrap();
         let server = server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
@@ -664,13 +646,13 @@ mod tests {
         assert!(store.reload().is_err());
         assert_eq!(leaf(&store), first);
         // A certificate whose key is not there yet (written one after the other).
-        let next = TempDir::new();
-        generate_self_signed("vm", "example.com", &next.path("c"), &next.path("k")).unwrap();
-        fs::copy(next.path("c"), &cert).unwrap();
+        let next = temp_dir();
+        generate_self_signed("vm", "example.com", &next.join("c"), &next.join("k")).unwrap();
+        fs::copy(next.join("c"), &cert).unwrap();
         assert!(store.reload().is_err());
         assert_eq!(leaf(&store), first);
         // The pair complete: new handshakes get it, from the config built before.
-        fs::copy(next.path("k"), &key).unwrap();
+        fs::copy(next.join("k"), &key).unwrap();
         store.reload().unwrap();
         let second = leaf(&store);
         assert_ne!(second, first);
@@ -701,8 +683,8 @@ mod tests {
 
     #[test]
     fn sessions_resume() {
-        let dir = TempDir::new();
-        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        let dir = temp_dir();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
         generate_self_signed("vm", "example.com", &cert, &key).unwrap();
         let store = CertStore::load(&cert, &key).unwrap();
         let server = server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
@@ -719,23 +701,10 @@ mod tests {
         }
     }
 
-    fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if cond() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     #[test]
     fn watch_reloads_when_files_are_replaced() {
-        let dir = TempDir::new();
-        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        let dir = temp_dir();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
         generate_self_signed("vm", "example.com", &cert, &key).unwrap();
         let store = CertStore::load(&cert, &key).unwrap();
         store.watch(false).unwrap();
@@ -746,10 +715,10 @@ mod tests {
         assert_ne!(on_disk, first);
         assert!(eventually(Duration::from_secs(5), || leaf(&store) == on_disk));
         // In-place rewrites are followed too.
-        let other = TempDir::new();
-        generate_self_signed("vm", "example.com", &other.path("c"), &other.path("k")).unwrap();
-        fs::write(&cert, fs::read(other.path("c")).unwrap()).unwrap();
-        fs::write(&key, fs::read(other.path("k")).unwrap()).unwrap();
+        let other = temp_dir();
+        generate_self_signed("vm", "example.com", &other.join("c"), &other.join("k")).unwrap();
+        fs::write(&cert, fs::read(other.join("c")).unwrap()).unwrap();
+        fs::write(&key, fs::read(other.join("k")).unwrap()).unwrap();
         let on_disk = CertificateDer::from_pem_file(&cert).unwrap();
         assert!(eventually(Duration::from_secs(5), || leaf(&store) == on_disk));
     }
@@ -758,11 +727,11 @@ mod tests {
     fn sighup_reloads() {
         // The files are symlinks into a directory the watcher does not follow, so only
         // the signal can make the store notice the change.
-        let dir = TempDir::new();
-        let hidden = TempDir::new();
-        let (real_cert, real_key) = (hidden.path("c"), hidden.path("k"));
+        let dir = temp_dir();
+        let hidden = temp_dir();
+        let (real_cert, real_key) = (hidden.join("c"), hidden.join("k"));
         generate_self_signed("vm", "example.com", &real_cert, &real_key).unwrap();
-        let (cert, key) = (dir.path("tls.crt"), dir.path("tls.key"));
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
         std::os::unix::fs::symlink(&real_cert, &cert).unwrap();
         std::os::unix::fs::symlink(&real_key, &key).unwrap();
         let store = CertStore::load(&cert, &key).unwrap();

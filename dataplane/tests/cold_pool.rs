@@ -15,19 +15,11 @@ const PARKED: &str = "waiting for a socket from its namespace";
 
 #[test]
 fn first_connection_to_a_cold_namespace_succeeds() {
-    if !need_root("first_connection_to_a_cold_namespace_succeeds") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let _web = Nginx::start(&ns, 443, "cold-start");
     let fwd = Forwarder::start_with(&[443], &[("FWD_LOG_LEVEL", "debug")], |root| {
-        write_vm(
-            root,
-            &vm_id(),
-            "2025-01-01T00:00:00Z",
-            &ns,
-            &[("app", "cold")],
-        );
+        write_app_vm(root, &ns, "cold");
     });
     let (code, body) = curl("cold.localhost", fwd.ports[0]);
     assert_eq!(
@@ -45,20 +37,12 @@ fn first_connection_to_a_cold_namespace_succeeds() {
 
 #[test]
 fn many_concurrent_first_connections_to_a_cold_namespace_all_succeed() {
-    if !need_root("many_concurrent_first_connections_to_a_cold_namespace_all_succeed") {
-        return;
-    }
+    require_root!();
     const CLIENTS: usize = 32;
     let ns = Ns::new();
     let _web = Nginx::start(&ns, 443, "cold-crowd");
     let fwd = Forwarder::start_with(&[443], &[("FWD_LOG_LEVEL", "debug")], |root| {
-        write_vm(
-            root,
-            &vm_id(),
-            "2025-01-01T00:00:00Z",
-            &ns,
-            &[("app", "crowd")],
-        );
+        write_app_vm(root, &ns, "crowd");
     });
     let port = fwd.ports[0];
     let start = Arc::new(Barrier::new(CLIENTS));
@@ -85,22 +69,14 @@ fn many_concurrent_first_connections_to_a_cold_namespace_all_succeed() {
 
 #[test]
 fn a_namespace_missing_at_start_gives_502() {
-    if !need_root("a_namespace_missing_at_start_gives_502") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let fwd = Forwarder::start_with(&[443], &[], |root| {
-        write_vm(
-            root,
-            &vm_id(),
-            "2025-01-01T00:00:00Z",
-            &ns,
-            &[("app", "gone")],
-        );
+        write_app_vm(root, &ns, "gone");
     });
     // The namespace vanishes before any connection: the dial fails, the client gets 502.
     drop(ns);
-    let found = wait_for(Duration::from_secs(5), || {
+    let found = poll(Duration::from_secs(5), || {
         let (code, body) = curl("gone.localhost", fwd.ports[0]);
         (code != "000").then_some((code, body))
     });
@@ -110,9 +86,7 @@ fn a_namespace_missing_at_start_gives_502() {
 
 #[test]
 fn raw_first_connections_to_a_cold_namespace_succeed() {
-    if !need_root("raw_first_connections_to_a_cold_namespace_succeed") {
-        return;
-    }
+    require_root!();
     const CLIENTS: usize = 8;
     let ns = Ns::new();
     // Plain HTTP behind the raw listener (guest port 22): the forwarder copies bytes.

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn routes_two_vms(test: &str, env: &[(&str, &str)], domain: &str) {
-    if !need_root(test) {
-        return;
-    }
+    require_root!(test);
     let (ns1, ns2) = (Ns::new(), Ns::new());
     let _web1 = Nginx::start(&ns1, 443, "content-of-vm-one");
     let _web2 = Nginx::start(&ns2, 443, "content-of-vm-two");
@@ -35,7 +33,7 @@ fn routes_two_vms(test: &str, env: &[(&str, &str)], domain: &str) {
     let host = |label: &str| format!("{label}.{domain}");
 
     // The resolver follows the directory: wait until the second VM is routable.
-    let routed = wait_for(Duration::from_secs(5), || {
+    let routed = poll(Duration::from_secs(5), || {
         (curl(&host("app2"), port).0 == "200").then_some(())
     });
     assert!(
@@ -92,18 +90,10 @@ fn s_client(port: u16, servername: Option<&str>) -> String {
 
 #[test]
 fn unknown_and_missing_sni_get_an_alert_without_handshake() {
-    if !need_root("unknown_and_missing_sni_get_an_alert_without_handshake") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let fwd = Forwarder::start(&[443], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "app1")],
-    );
+    write_app_vm(&fwd.config_root(), &ns, "app1");
     let port = fwd.ports[0];
 
     for name in [Some("nope.localhost"), Some("app1.otherdomain.test"), None] {
@@ -127,7 +117,7 @@ fn unknown_and_missing_sni_get_an_alert_without_handshake() {
         1.0
     );
     let listener = format!("127.0.0.1:{port}");
-    let closed = wait_for(Duration::from_secs(5), || {
+    let closed = poll(Duration::from_secs(5), || {
         let n = fwd.metric(&format!(
             r#"mergen_forwarder_connections_total{{listener="{listener}",outcome="unknown_sni"}}"#
         ));
@@ -138,19 +128,11 @@ fn unknown_and_missing_sni_get_an_alert_without_handshake() {
 
 #[test]
 fn backend_down_gives_502() {
-    if !need_root("backend_down_gives_502") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new(); // no server listens in it
     let fwd = Forwarder::start(&[443], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "down")],
-    );
-    let found = wait_for(Duration::from_secs(5), || {
+    write_app_vm(&fwd.config_root(), &ns, "down");
+    let found = poll(Duration::from_secs(5), || {
         let (code, body) = curl("down.localhost", fwd.ports[0]);
         (code != "000").then_some((code, body))
     });
@@ -161,9 +143,7 @@ fn backend_down_gives_502() {
 
 #[test]
 fn vm_added_after_start_is_reachable_within_one_second() {
-    if !need_root("vm_added_after_start_is_reachable_within_one_second") {
-        return;
-    }
+    require_root!();
     let fwd = Forwarder::start(&[443], &[]);
     let ns = Ns::new();
     let _web = Nginx::start(&ns, 443, "late-vm");
@@ -175,14 +155,8 @@ fn vm_added_after_start_is_reachable_within_one_second() {
     );
 
     let written = Instant::now();
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "late")],
-    );
-    let reached = wait_for(Duration::from_secs(1), || {
+    write_app_vm(&fwd.config_root(), &ns, "late");
+    let reached = poll(Duration::from_secs(1), || {
         let (code, body) = curl("late.localhost", port);
         (code == "200" && body.trim() == "late-vm").then_some(())
     });

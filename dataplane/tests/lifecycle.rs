@@ -2,56 +2,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use rustix::process::Signal;
-
-fn echo_server(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for sock in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut sock = sock;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = sock.read(&mut buf) {
-                    if n == 0 || sock.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
-fn round_trip(stream: &mut TlsStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(msg)?;
-    stream.flush()?;
-    let mut got = vec![0u8; msg.len()];
-    stream.read_exact(&mut got)?;
-    Ok(got)
-}
-
-/// A forwarder routing `echo.localhost` to an echo server in a namespace.
-fn echo_forwarder(env: &[(&str, &str)]) -> (Ns, Forwarder) {
-    let ns = Ns::new();
-    echo_server(ns.listen(443));
-    let fwd = Forwarder::start(&[443], env);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "echo")],
-    );
-    let routed = wait_for(Duration::from_secs(5), || {
-        try_tls_connect("echo.localhost", fwd.ports[0]).ok()
-    });
-    assert!(routed.is_some(), "echo VM never routable: {}", fwd.log());
-    (ns, fwd)
-}
 
 /// The connection is over: EOF or an error other than a read timeout.
 fn ended(stream: &mut impl Read) -> bool {
@@ -65,13 +22,11 @@ fn ended(stream: &mut impl Read) -> bool {
 
 #[test]
 fn over_max_connections_is_refused() {
-    if !need_root("over_max_connections_is_refused") {
-        return;
-    }
-    let (_ns, fwd) = echo_forwarder(&[("FWD_MAX_CONNECTIONS", "1")]);
+    require_root!();
+    let (_ns, fwd) = echo_vm(&[("FWD_MAX_CONNECTIONS", "1")]);
     let port = fwd.ports[0];
     // The readiness probe's connection may still be closing: wait until one fits.
-    let mut first = wait_for(Duration::from_secs(5), || {
+    let mut first = poll(Duration::from_secs(5), || {
         let mut s = try_tls_connect("echo.localhost", port).ok()?;
         round_trip(&mut s, b"one").ok().map(|_| s)
     })
@@ -91,7 +46,7 @@ fn over_max_connections_is_refused() {
         b"still here"
     );
     drop(first);
-    let third = wait_for(Duration::from_secs(5), || {
+    let third = poll(Duration::from_secs(5), || {
         try_tls_connect("echo.localhost", port).ok()
     });
     assert!(third.is_some(), "a slot never freed up");
@@ -99,15 +54,13 @@ fn over_max_connections_is_refused() {
 
 #[test]
 fn silent_client_hits_the_handshake_timeout() {
-    if !need_root("silent_client_hits_the_handshake_timeout") {
-        return;
-    }
+    require_root!();
     let fwd = Forwarder::start(&[443], &[("FWD_HANDSHAKE_TIMEOUT_SECONDS", "1")]);
     let mut sock = TcpStream::connect(("127.0.0.1", fwd.ports[0])).expect("TCP connect");
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     assert!(ended(&mut sock), "a client that says nothing was kept open");
-    let counted = wait_for(Duration::from_secs(2), || {
+    let counted = poll(Duration::from_secs(2), || {
         (fwd.metric(r#"mergen_forwarder_handshake_failures_total{reason="timeout"}"#) == 1.0)
             .then_some(())
     });
@@ -116,10 +69,8 @@ fn silent_client_hits_the_handshake_timeout() {
 
 #[test]
 fn idle_connection_is_closed() {
-    if !need_root("idle_connection_is_closed") {
-        return;
-    }
-    let (_ns, fwd) = echo_forwarder(&[("FWD_IDLE_TIMEOUT_SECONDS", "1")]);
+    require_root!();
+    let (_ns, fwd) = echo_vm(&[("FWD_IDLE_TIMEOUT_SECONDS", "1")]);
     let mut s = tls_connect("echo.localhost", fwd.ports[0]);
     assert_eq!(round_trip(&mut s, b"ping").expect("round trip"), b"ping");
     s.sock
@@ -133,14 +84,12 @@ fn idle_connection_is_closed() {
 
 #[test]
 fn sigterm_stops_accepting_and_drains_open_connections() {
-    if !need_root("sigterm_stops_accepting_and_drains_open_connections") {
-        return;
-    }
-    let (_ns, mut fwd) = echo_forwarder(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "30")]);
+    require_root!();
+    let (_ns, mut fwd) = echo_vm(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "30")]);
     let port = fwd.ports[0];
     let mut open = tls_connect("echo.localhost", port);
     fwd.child.signal(Signal::TERM);
-    let refused = wait_for(Duration::from_secs(5), || {
+    let refused = poll(Duration::from_secs(5), || {
         TcpStream::connect(("127.0.0.1", port))
             .is_err()
             .then_some(())
@@ -155,7 +104,7 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
         "exited before the drain"
     );
     drop(open);
-    let status = wait_for(Duration::from_secs(5), || {
+    let status = poll(Duration::from_secs(5), || {
         fwd.child.0.try_wait().ok().flatten()
     });
     let status = status.expect("did not exit after its last connection closed");
@@ -164,10 +113,8 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
 
 #[test]
 fn drain_deadline_closes_what_is_left() {
-    if !need_root("drain_deadline_closes_what_is_left") {
-        return;
-    }
-    let (_ns, mut fwd) = echo_forwarder(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "1")]);
+    require_root!();
+    let (_ns, mut fwd) = echo_vm(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "1")]);
     let mut open = tls_connect("echo.localhost", fwd.ports[0]);
     open.sock
         .set_read_timeout(Some(Duration::from_secs(8)))
@@ -177,7 +124,7 @@ fn drain_deadline_closes_what_is_left() {
         ended(&mut open),
         "the open connection outlived the drain deadline"
     );
-    let status = wait_for(Duration::from_secs(5), || {
+    let status = poll(Duration::from_secs(5), || {
         fwd.child.0.try_wait().ok().flatten()
     });
     assert!(status.expect("still running after the drain").success());
@@ -199,7 +146,7 @@ fn expect_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
         cmd.env(k, v);
     }
     let mut child = ChildGuard::spawn(&mut cmd);
-    let status = wait_for(Duration::from_secs(10), || {
+    let status = poll(Duration::from_secs(10), || {
         child.0.try_wait().ok().flatten()
     })
     .expect("the forwarder kept running");

@@ -38,9 +38,7 @@ fn pg_program(name: &str) -> PathBuf {
 
 #[test]
 fn psql_sslmode_require_reaches_postgres_in_the_vm() {
-    if !need_root("psql_sslmode_require_reaches_postgres_in_the_vm") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let dir = TempDir::new("pg");
     let data = dir.path().join("data");
@@ -82,13 +80,7 @@ fn psql_sslmode_require_reaches_postgres_in_the_vm() {
     );
 
     let fwd = Forwarder::start(&[5432], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "db1")],
-    );
+    write_app_vm(&fwd.config_root(), &ns, "db1");
     let conninfo = format!(
         "host=db1.localhost hostaddr=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require connect_timeout=5",
         fwd.ports[0]
@@ -98,7 +90,7 @@ fn psql_sslmode_require_reaches_postgres_in_the_vm() {
             .args(["-X", "-A", "-t", "-d", &conninfo, "-c", sql])
             .stdin(Stdio::null()))
     };
-    let out = wait_for(Duration::from_secs(20), || {
+    let out = poll(Duration::from_secs(20), || {
         let out = query("select 'hello-from-' || 'postgres'");
         out.status.success().then_some(out)
     })
@@ -126,9 +118,7 @@ fn psql_sslmode_require_reaches_postgres_in_the_vm() {
 
 #[test]
 fn redis_cli_over_tls_reaches_redis_in_the_vm() {
-    if !need_root("redis_cli_over_tls_reaches_redis_in_the_vm") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let dir = TempDir::new("redis");
     let _redis = ChildGuard::spawn(
@@ -151,13 +141,7 @@ fn redis_cli_over_tls_reaches_redis_in_the_vm() {
             .stderr(Stdio::null()),
     );
     let fwd = Forwarder::start(&[6379], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", "cache1")],
-    );
+    write_app_vm(&fwd.config_root(), &ns, "cache1");
     let port = fwd.ports[0].to_string();
     let cli = |args: &[&str]| {
         let out = run(Command::new("redis-cli")
@@ -175,7 +159,7 @@ fn redis_cli_over_tls_reaches_redis_in_the_vm() {
             .stdin(Stdio::null()));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    let pong = wait_for(Duration::from_secs(10), || {
+    let pong = poll(Duration::from_secs(10), || {
         (cli(&["PING"]) == "PONG").then_some(())
     });
     assert!(

@@ -10,9 +10,7 @@ use common::*;
 
 #[test]
 fn ssh_through_the_raw_listener() {
-    if !need_root("ssh_through_the_raw_listener") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let other = Ns::new();
     let dir = TempDir::new("sshd");
@@ -85,7 +83,7 @@ fn ssh_through_the_raw_listener() {
             .stdin(Stdio::null()))
     };
     // sshd and the resolver start in the background: retry until the deadline.
-    let out = wait_for(Duration::from_secs(10), || {
+    let out = poll(Duration::from_secs(10), || {
         let out = ssh();
         out.status.success().then_some(out)
     });

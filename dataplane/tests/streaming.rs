@@ -71,13 +71,7 @@ fn setup(label: &str) -> (Ns, Forwarder, TcpListener) {
     let ns = Ns::new();
     let listener = ns.listen(443);
     let fwd = Forwarder::start(&[443], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[("app", label)],
-    );
+    write_app_vm(&fwd.config_root(), &ns, label);
     (ns, fwd, listener)
 }
 
@@ -117,33 +111,25 @@ fn transfer(label: &str, up: u64, down: u64, notify: bool) {
 
 #[test]
 fn one_gib_each_way_arrives_intact() {
-    if !need_root("one_gib_each_way_arrives_intact") {
-        return;
-    }
+    require_root!();
     transfer("bulk", GIB, GIB, true);
 }
 
 #[test]
 fn half_close_with_close_notify_still_gets_the_whole_response() {
-    if !need_root("half_close_with_close_notify_still_gets_the_whole_response") {
-        return;
-    }
+    require_root!();
     transfer("halfclose", 1000, 3 << 20, true);
 }
 
 #[test]
 fn half_close_with_bare_fin_still_gets_the_whole_response() {
-    if !need_root("half_close_with_bare_fin_still_gets_the_whole_response") {
-        return;
-    }
+    require_root!();
     transfer("finonly", 4096, 3 << 20, false);
 }
 
 #[test]
 fn backend_closing_first_keeps_the_client_side_open() {
-    if !need_root("backend_closing_first_keeps_the_client_side_open") {
-        return;
-    }
+    require_root!();
     let (_ns, fwd, listener) = setup("srvfirst");
     // The backend speaks first and half-closes, then reads what the client sends.
     let server = std::thread::spawn(move || -> Result<Vec<u8>, String> {
@@ -181,9 +167,7 @@ fn backend_closing_first_keeps_the_client_side_open() {
 /// then finish the handshake normally: the peek must reassemble it.
 #[test]
 fn client_hello_split_over_records_and_segments_is_routed() {
-    if !need_root("client_hello_split_over_records_and_segments_is_routed") {
-        return;
-    }
+    require_root!();
     let (_ns, fwd, listener) = setup("split");
     let server = backend(listener, 5, 6, 1000);
     let mut stream = tls_client_unconnected("split.localhost", fwd.ports[0]);
@@ -221,9 +205,7 @@ fn client_hello_split_over_records_and_segments_is_routed() {
 
 #[test]
 fn raw_listener_half_close_and_bulk() {
-    if !need_root("raw_listener_half_close_and_bulk") {
-        return;
-    }
+    require_root!();
     let ns = Ns::new();
     let listener = ns.listen(22);
     let fwd = Forwarder::start(&[22], &[]);
@@ -235,7 +217,7 @@ fn raw_listener_half_close_and_bulk() {
         &[],
     );
     let server = backend(listener, 7, 8, 64 << 20);
-    let mut client = wait_for(Duration::from_secs(5), || {
+    let mut client = poll(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", fwd.ports[0])).ok()
     })
     .expect("connecting to the raw listener");

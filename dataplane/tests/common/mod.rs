@@ -5,53 +5,15 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+pub use mergen_testkit::{free_port, next, poll, require_root, ChildGuard, TempDir};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 pub const FORWARDER: &str = env!("CARGO_BIN_EXE_mergen-forwarder");
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A number unique within this process; with the pid, names are unique on the machine.
-pub fn unique() -> u32 {
-    COUNTER.fetch_add(1, Ordering::Relaxed)
-}
-
-/// True when the test can run; prints the loud skip line otherwise.
-pub fn need_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIP: {test} needs root");
-    false
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port on 127.0.0.1")
-}
-
-/// Poll `cond` until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -71,77 +33,6 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// A scratch directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "mergen-dp-{tag}-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process stopped (by its pid) and reaped on drop: first with its `stop`
-/// signal if it has one, so a server can take its own children down, then SIGKILL.
-pub struct ChildGuard(pub Child, Option<rustix::process::Signal>);
-
-impl ChildGuard {
-    pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        ChildGuard(child, None)
-    }
-
-    /// Like `spawn`, stopping the process with `stop` (waiting up to 10 s) before SIGKILL.
-    pub fn spawn_graceful(cmd: &mut Command, stop: rustix::process::Signal) -> ChildGuard {
-        let mut guard = ChildGuard::spawn(cmd);
-        guard.1 = Some(stop);
-        guard
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    pub fn signal(&self, sig: rustix::process::Signal) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(sig) = self.1 {
-            self.signal(sig);
-            let exited = wait_for(Duration::from_secs(10), || {
-                matches!(self.0.try_wait(), Ok(Some(_))).then_some(())
-            });
-            if exited.is_some() {
-                return;
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A network namespace with loopback up and one guest address on it.
 pub struct Ns {
     pub name: String,
@@ -150,7 +41,7 @@ pub struct Ns {
 
 impl Ns {
     pub fn new() -> Ns {
-        let n = unique();
+        let n = next();
         let pid = std::process::id();
         // 15 characters at most, unique per process and call.
         let name = format!("dpt{}x{n}", pid % 100_000);
@@ -196,6 +87,46 @@ impl Drop for Ns {
     }
 }
 
+/// Echo every connection on its own thread until the listener is dropped with the test.
+pub fn echo_server(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for sock in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut sock = sock;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = sock.read(&mut buf) {
+                    if n == 0 || sock.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A forwarder (settings `env`) routing `echo.localhost` to an echo server in a
+/// namespace, once it is routable.
+pub fn echo_vm(env: &[(&str, &str)]) -> (Ns, Forwarder) {
+    let ns = Ns::new();
+    echo_server(ns.listen(443));
+    let fwd = Forwarder::start(&[443], env);
+    write_app_vm(&fwd.config_root(), &ns, "echo");
+    let routed = poll(Duration::from_secs(5), || {
+        try_tls_connect("echo.localhost", fwd.ports[0]).ok()
+    });
+    assert!(routed.is_some(), "echo VM never routable: {}", fwd.log());
+    (ns, fwd)
+}
+
+/// Write `msg` and read as many bytes back.
+pub fn round_trip(stream: &mut TlsStream, msg: &[u8]) -> io::Result<Vec<u8>> {
+    stream.write_all(msg)?;
+    stream.flush()?;
+    let mut got = vec![0u8; msg.len()];
+    stream.read_exact(&mut got)?;
+    Ok(got)
+}
+
 /// A VM as the forwarder sees it: its directory with a meta.json.
 pub fn write_vm(config_root: &Path, id: &str, created_at: &str, ns: &Ns, tags: &[(&str, &str)]) {
     let tags: serde_json::Map<String, serde_json::Value> = tags
@@ -216,9 +147,20 @@ pub fn write_vm(config_root: &Path, id: &str, created_at: &str, ns: &Ns, tags: &
     mergen_model::atomic::write_json(&dir.join("meta.json"), &meta).expect("writing meta.json");
 }
 
+/// A VM (a fresh id, one fixed creation time) tagged `app=<app>`, its guest in `ns`.
+pub fn write_app_vm(config_root: &Path, ns: &Ns, app: &str) {
+    write_vm(
+        config_root,
+        &vm_id(),
+        "2025-01-01T00:00:00Z",
+        ns,
+        &[("app", app)],
+    );
+}
+
 /// A random-looking VM id, unique per call.
 pub fn vm_id() -> String {
-    let n = unique();
+    let n = next();
     let pid = std::process::id();
     format!(
         "{:08x}-1b2c-4d5e-8f90-{:012x}",
@@ -265,7 +207,7 @@ impl Nginx {
             _dir: dir,
         };
         let url = format!("http://{}:{port}/", ns.ip);
-        let up = wait_for(Duration::from_secs(10), || {
+        let up = poll(Duration::from_secs(10), || {
             let out = run(ns.command("curl").args(["-s", "--max-time", "1", &url]));
             out.status.success().then_some(())
         });
@@ -337,7 +279,7 @@ impl Forwarder {
             cert,
             key,
         };
-        let ready = wait_for(Duration::from_secs(10), || {
+        let ready = poll(Duration::from_secs(10), || {
             http_get(fwd.admin, "/healthz")
                 .ok()
                 .filter(|(s, _)| *s == 200)
@@ -428,56 +370,6 @@ pub fn curl(host: &str, port: u16) -> (String, String) {
     (code.to_string(), body.to_string())
 }
 
-// ---- a TLS client that accepts any certificate (tests use self-signed ones) ----------
-
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
 /// Connect to 127.0.0.1:`port` with SNI `host` and finish the handshake.
@@ -501,14 +393,7 @@ pub fn tls_client_unconnected(host: &str, port: u16) -> TlsStream {
 /// A client configuration that trusts any certificate; it keeps session tickets, so a
 /// second connection made with the same one can resume.
 pub fn client_config() -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("rustls' default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_no_client_auth();
-    Arc::new(config)
+    Arc::new(mergen_testkit::tls::accept_any_client_config())
 }
 
 fn try_tls_client_unconnected(host: &str, port: u16) -> io::Result<TlsStream> {
