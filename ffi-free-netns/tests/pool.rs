@@ -9,8 +9,9 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{root, NsGuard};
+use common::NsGuard;
 use ffi_free_netns::{Error, Family, PoolConfig, SocketPool};
+use mergen_testkit::{eventually, require_root};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketType};
 
@@ -53,9 +54,7 @@ fn assert_pool_socket_shape(fd: &OwnedFd, domain: AddressFamily) {
 
 #[test]
 fn pool_socket_connects_inside_its_namespace_only() {
-    if !root("pool_socket_connects_inside_its_namespace_only") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
     let (_reserved, port) = reserve_refused_port();
     let listener = listener_in(&ns, port);
@@ -64,7 +63,7 @@ fn pool_socket_connects_inside_its_namespace_only() {
     assert_eq!(pool.ready(&guard.0, Family::V4), 0);
     pool.prewarm(&guard.0).unwrap();
     let depth = PoolConfig::default().depth;
-    let filled = common::wait_for(Duration::from_secs(10), || {
+    let filled = eventually(Duration::from_secs(10), || {
         [Family::V4, Family::V6]
             .iter()
             .all(|&f| pool.ready(&guard.0, f) == depth)
@@ -94,15 +93,13 @@ fn pool_socket_connects_inside_its_namespace_only() {
 
 #[test]
 fn pool_refills_under_concurrent_takers() {
-    if !root("pool_refills_under_concurrent_takers") {
-        return;
-    }
+    require_root!();
     const THREADS: usize = 16;
     const TAKES: usize = 200;
     let (guard, ns) = NsGuard::create();
     // An address that exists only inside this namespace: binding to it proves where a
     // socket lives without sending a packet (v6 sockets bind to its v4-mapped form).
-    let n = common::next();
+    let n = mergen_testkit::next();
     let only_here = Ipv4Addr::new(
         10,
         213,
@@ -158,9 +155,7 @@ fn pool_refills_under_concurrent_takers() {
 
 #[test]
 fn deleted_namespace_gives_a_clear_error() {
-    if !root("deleted_namespace_gives_a_clear_error") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
     let pool = SocketPool::new(PoolConfig::default());
     pool.take(&guard.0, Family::V4).unwrap();
@@ -169,7 +164,7 @@ fn deleted_namespace_gives_a_clear_error() {
 
     // Sockets already in the queue may still be handed out until the worker notices.
     let mut last = None;
-    let noticed = common::wait_for(Duration::from_secs(10), || {
+    let noticed = eventually(Duration::from_secs(10), || {
         match pool.take(&guard.0, Family::V4) {
             Ok(_) => false,
             Err(e) => {
@@ -227,9 +222,7 @@ fn counting_wake() -> (ffi_free_netns::Wake, std::sync::mpsc::Receiver<()>) {
 
 #[test]
 fn try_take_on_a_cold_pool_returns_none_then_wakes() {
-    if !root("try_take_on_a_cold_pool_returns_none_then_wakes") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
     let (_reserved, port) = reserve_refused_port();
     let listener = listener_in(&ns, port);
@@ -262,7 +255,7 @@ fn try_take_on_a_cold_pool_returns_none_then_wakes() {
     let warm = SocketPool::new(PoolConfig::default());
     warm.prewarm(&guard.0).unwrap();
     let depth = PoolConfig::default().depth;
-    assert!(common::wait_for(Duration::from_secs(10), || warm
+    assert!(eventually(Duration::from_secs(10), || warm
         .ready(&guard.0, Family::V6)
         == depth));
     let (quiet, never) = counting_wake();
@@ -276,9 +269,7 @@ fn try_take_on_a_cold_pool_returns_none_then_wakes() {
 
 #[test]
 fn many_parked_try_takers_are_all_served() {
-    if !root("many_parked_try_takers_are_all_served") {
-        return;
-    }
+    require_root!();
     let (guard, _ns) = NsGuard::create();
     let pool = SocketPool::new(PoolConfig {
         depth: 2,
@@ -316,9 +307,7 @@ fn many_parked_try_takers_are_all_served() {
 
 #[test]
 fn try_take_reports_a_vanished_namespace() {
-    if !root("try_take_reports_a_vanished_namespace") {
-        return;
-    }
+    require_root!();
     let (guard, ns) = NsGuard::create();
     let pool = SocketPool::new(PoolConfig {
         depth: 0,

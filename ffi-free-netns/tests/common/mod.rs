@@ -1,15 +1,6 @@
 //! Namespaces made by the crate under test, removed even when a test panics.
 #![allow(dead_code)] // each test binary uses a different subset
 
-// pool.rs still uses these names; the other tests take them from the testkit directly.
-#[allow(unused_imports)]
-pub use mergen_testkit::{eventually as wait_for, next};
-
-/// True when running as root; otherwise prints the loud SKIP line.
-pub fn root(test: &str) -> bool {
-    !mergen_testkit::skip_unless_root(test)
-}
-
 /// A namespace name unique to this process and call: `fn-<pid>-<n>`.
 pub fn unique_name() -> String {
     mergen_testkit::unique_name("fn-")
