@@ -297,10 +297,7 @@ fn many_parked_try_takers_are_all_served() {
                 .unwrap_or_else(|_| panic!("{parked} takers never woken"));
         }
     }
-    let distinct: HashSet<_> = got
-        .iter()
-        .map(std::os::fd::AsRawFd::as_raw_fd)
-        .collect();
+    let distinct: HashSet<_> = got.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     assert_eq!(distinct.len(), TAKERS);
     pool.forget(&guard.0);
 }
