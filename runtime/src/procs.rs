@@ -102,7 +102,10 @@ mod tests {
         // The exec may not be visible in /proc the instant spawn returns: wait for it.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !runs(pid, &["sleep", "30"]) {
-            assert!(std::time::Instant::now() < deadline, "sleep never showed up");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep never showed up"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!runs(pid, &["sleep", "31"]));
