@@ -3,6 +3,8 @@
 # then runs fmt, clippy and every test (the netns ones need root; they SKIP otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Servers the tests start (nginx, sshd, haproxy) and ip/nft live in sbin.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # Debian packages the tests drive for real: namespaces/links/nftables, and the servers
 # and clients that the forwarder and runtime tests put in namespaces.
