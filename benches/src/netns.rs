@@ -44,11 +44,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let pop_pool = SocketPool::new(PoolConfig {
         depth: BATCH,
         idle_timeout: Duration::from_secs(600),
+        ..PoolConfig::default()
     });
     // Depth 0: nothing is queued ahead, so every take is a request to the worker.
     let trip_pool = SocketPool::new(PoolConfig {
         depth: 0,
         idle_timeout: Duration::from_secs(600),
+        ..PoolConfig::default()
     });
     pop_pool.prewarm(&name).map_err(|e| e.to_string())?;
     trip_pool.prewarm(&name).map_err(|e| e.to_string())?;

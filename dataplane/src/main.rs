@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ffi_free_netns::{PoolConfig, SocketPool};
+use ffi_free_netns::{Family, PoolConfig, SocketPool};
 use mergen_dataplane::config::{Config, ListenerMode};
 use mergen_dataplane::engine::{self, Listener, Shared};
 use mergen_dataplane::metrics::Metrics;
@@ -158,6 +158,8 @@ fn serve() -> Result<(), String> {
         resolver,
         SocketPool::new(PoolConfig {
             depth: FORWARDER_POOL_DEPTH,
+            // Guests are dialled on IPv4 only: ready IPv6 sockets would only hold descriptors.
+            families: vec![Family::V4],
             ..PoolConfig::default()
         }),
         metrics,

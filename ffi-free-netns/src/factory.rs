@@ -1,6 +1,6 @@
 //! Namespace-bound socket factories: one worker thread per namespace sits inside it and
-//! keeps a few ready TCP sockets per address family, so a caller gets a socket that lives
-//! in that namespace with a queue pop instead of a setns or a thread round trip.
+//! keeps a few ready TCP sockets per configured address family, so a caller gets a socket
+//! that lives in that namespace with a queue pop instead of a setns or a thread round trip.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -51,6 +51,20 @@ pub struct PoolConfig {
     pub depth: usize,
     /// A worker with no takes for this long exits and closes its ready sockets.
     pub idle_timeout: Duration,
+    /// Families kept `depth` deep in the background. A take of another family still
+    /// works: the worker makes that socket on demand, as for a cold pool.
+    pub families: Vec<Family>,
+}
+
+impl PoolConfig {
+    /// How many ready sockets the worker keeps for `family` without being asked.
+    fn depth_for(&self, family: Family) -> usize {
+        if self.families.contains(&family) {
+            self.depth
+        } else {
+            0
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -58,6 +72,7 @@ impl Default for PoolConfig {
         PoolConfig {
             depth: 8,
             idle_timeout: Duration::from_secs(60),
+            families: Family::ALL.to_vec(),
         }
     }
 }
@@ -201,7 +216,7 @@ impl SocketPool {
     pub fn take(&self, netns: &str, family: Family) -> Result<OwnedFd> {
         loop {
             let worker = self.worker(netns, Start::Inline)?;
-            if let Some(result) = worker.take(family, self.shared.config.depth) {
+            if let Some(result) = worker.take(family, self.shared.config.depth_for(family)) {
                 return result;
             }
         }
@@ -215,7 +230,8 @@ impl SocketPool {
     pub fn try_take(&self, netns: &str, family: Family, wake: &Wake) -> Result<Option<OwnedFd>> {
         loop {
             let worker = self.worker(netns, Start::Launcher)?;
-            if let Some(result) = worker.try_take(family, self.shared.config.depth, wake) {
+            let depth = self.shared.config.depth_for(family);
+            if let Some(result) = worker.try_take(family, depth, wake) {
                 return result;
             }
         }
@@ -389,9 +405,9 @@ impl Worker {
         let fd = self.ready[i].pop()?;
         // Pairs with the fence in `next_step`: either the worker sees this pop, or we see
         // it asleep and wake it. Waking only at the low-water mark keeps most pops free
-        // of system calls.
+        // of system calls; a lane not kept ready (depth 0) has nothing to refill.
         fence(Ordering::SeqCst);
-        if self.ready[i].len() <= depth / 2 && self.sleeping.load(Ordering::Relaxed) {
+        if depth > 0 && self.ready[i].len() <= depth / 2 && self.sleeping.load(Ordering::Relaxed) {
             let _st = self.lock();
             self.demand.notify_one();
         }
@@ -613,12 +629,12 @@ fn next_step(worker: &Worker, shared: &Weak<Shared>, config: &PoolConfig, watch:
         // Pairs with the fence in `Worker::take`.
         fence(Ordering::SeqCst);
         let mut counts = [0; 2];
-        for (i, (count, lane)) in counts.iter_mut().zip(&st.lanes).enumerate() {
+        for ((count, lane), family) in counts.iter_mut().zip(&st.lanes).zip(Family::ALL) {
             if !lane.stalled {
-                let queue = &worker.ready[i];
+                let queue = &worker.ready[family.index()];
                 // A registered waker stands for at least one socket wanted now.
                 let wanted = lane.waiting.max(usize::from(!lane.wakers.is_empty()));
-                let want = config.depth.max(wanted).min(queue.capacity());
+                let want = config.depth_for(family).max(wanted).min(queue.capacity());
                 *count = want.saturating_sub(queue.len());
             }
         }

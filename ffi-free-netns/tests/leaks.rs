@@ -22,6 +22,7 @@ fn thousand_namespaces_leak_no_fds_or_threads() {
     let pool = SocketPool::new(PoolConfig {
         depth: 4,
         idle_timeout: Duration::from_millis(200),
+        ..PoolConfig::default()
     });
 
     // An idle worker retires by itself while its namespace lives on.

@@ -92,6 +92,56 @@ fn pool_socket_connects_inside_its_namespace_only() {
 }
 
 #[test]
+fn families_not_kept_ready_are_made_on_demand() {
+    require_root!();
+    let (guard, ns) = NsGuard::create();
+    let depth = 8;
+    let pool = SocketPool::new(PoolConfig {
+        depth,
+        families: vec![Family::V4],
+        ..PoolConfig::default()
+    });
+    pool.prewarm(&guard.0).unwrap();
+    let v4_full = || pool.ready(&guard.0, Family::V4) == depth;
+    assert!(
+        eventually(Duration::from_secs(10), v4_full),
+        "prewarm did not fill IPv4 to {depth}"
+    );
+    // One refill pass makes both lanes' sockets, IPv4 first: with IPv4 full, a kept IPv6
+    // lane would be filling or full by now.
+    assert_eq!(pool.ready(&guard.0, Family::V6), 0);
+
+    let listener = ns
+        .run(|| TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let v6 = pool.take(&guard.0, Family::V6).unwrap();
+    assert_pool_socket_shape(&v6, AddressFamily::INET6);
+    rustix::io::ioctl_fionbio(&v6, false).unwrap();
+    rustix::net::connect(
+        &v6,
+        &SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, port, 0, 0),
+    )
+    .expect("the on-demand IPv6 socket reaches the listener inside the namespace");
+    listener.accept().unwrap();
+
+    // Draining IPv4 to its low-water mark starts a refill pass, which begins after the
+    // IPv6 take was served: once IPv4 is full again, that pass would have refilled a
+    // kept IPv6 lane before it.
+    let taken: Vec<OwnedFd> = (0..depth / 2)
+        .map(|_| pool.take(&guard.0, Family::V4).unwrap())
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), v4_full),
+        "IPv4 was not refilled to {depth}"
+    );
+    assert_eq!(pool.ready(&guard.0, Family::V6), 0);
+    drop(taken);
+    pool.forget(&guard.0);
+}
+
+#[test]
 fn pool_refills_under_concurrent_takers() {
     require_root!();
     const THREADS: usize = 16;
@@ -116,6 +166,7 @@ fn pool_refills_under_concurrent_takers() {
     let pool = SocketPool::new(PoolConfig {
         depth: 8,
         idle_timeout: Duration::from_secs(30),
+        ..PoolConfig::default()
     });
     let name = Arc::new(guard.0.clone());
     let takers: Vec<_> = (0..THREADS)
@@ -231,6 +282,7 @@ fn try_take_on_a_cold_pool_returns_none_then_wakes() {
     let pool = SocketPool::new(PoolConfig {
         depth: 0,
         idle_timeout: Duration::from_secs(60),
+        ..PoolConfig::default()
     });
     let (wake, woken) = counting_wake();
     let first = pool.try_take(&guard.0, Family::V4, &wake).unwrap();
@@ -274,6 +326,7 @@ fn many_parked_try_takers_are_all_served() {
     let pool = SocketPool::new(PoolConfig {
         depth: 2,
         idle_timeout: Duration::from_secs(60),
+        ..PoolConfig::default()
     });
     const TAKERS: usize = 50;
     // One event loop: one waker shared by all its parked takers.
@@ -309,6 +362,7 @@ fn try_take_reports_a_vanished_namespace() {
     let pool = SocketPool::new(PoolConfig {
         depth: 0,
         idle_timeout: Duration::from_secs(60),
+        ..PoolConfig::default()
     });
     let (wake, woken) = counting_wake();
     assert!(pool
