@@ -3,6 +3,7 @@
 //! (as Go's `os.Getenv` did), except `FWD_ADMIN_ADDR` where empty turns the admin
 //! listener off. A value that does not parse is a startup error naming the variable.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -32,9 +33,44 @@ pub struct Config {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListenerSpec {
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
     pub guest_port: u16,
     pub mode: ListenerMode,
+}
+
+/// Where a listener listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// An empty host (`:443`): every IPv4 and IPv6 address, as Go's
+    /// `net.Listen("tcp", ":443")` in the original.
+    AnyHost(u16),
+    Addr(SocketAddr),
+}
+
+impl ListenAddr {
+    pub fn port(self) -> u16 {
+        match self {
+            ListenAddr::AnyHost(port) => port,
+            ListenAddr::Addr(addr) => addr.port(),
+        }
+    }
+
+    /// Both cannot be bound at once: an any-host listener takes its port on every address.
+    fn overlaps(self, other: ListenAddr) -> bool {
+        self == other
+            || (self.port() == other.port()
+                && (matches!(self, ListenAddr::AnyHost(_))
+                    || matches!(other, ListenAddr::AnyHost(_))))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::AnyHost(port) => write!(f, ":{port}"),
+            ListenAddr::Addr(addr) => addr.fmt(f),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -70,8 +106,8 @@ pub const RAW_GUEST_PORT: u16 = 22;
 
 impl ListenerSpec {
     /// The listener's name in logs and in the `listener` label of the metrics: its
-    /// bound address as configured, e.g. `0.0.0.0:443`, unique because two listeners
-    /// cannot share an address.
+    /// address as configured, e.g. `:443` or `127.0.0.1:8443`, unique because two
+    /// listeners cannot share an address.
     pub fn name(&self) -> String {
         self.addr.to_string()
     }
@@ -195,6 +231,17 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an address like :443 or 127.0.0.1:443"))
 }
 
+/// Like [`parse_addr`], but an empty host means every IPv4 and IPv6 address.
+fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    let addr = parse_addr(s)?;
+    let s = s.trim();
+    if s.starts_with(':') || !s.contains(':') {
+        Ok(ListenAddr::AnyHost(addr.port()))
+    } else {
+        Ok(ListenAddr::Addr(addr))
+    }
+}
+
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
@@ -219,10 +266,13 @@ fn parse_listeners(s: &str) -> Result<Vec<ListenerSpec>, String> {
         let (addr, guest) = item
             .split_once('=')
             .ok_or_else(|| format!("{:?} is not addr=guestPort", item.trim()))?;
-        let addr = parse_addr(addr)?;
+        let addr = parse_listen_addr(addr)?;
         let guest_port = parse_port(guest)?;
-        if out.iter().any(|l| l.addr == addr) {
-            return Err(format!("listener address {addr} appears twice"));
+        if let Some(other) = out.iter().find(|l| l.addr.overlaps(addr)) {
+            return Err(format!(
+                "listener addresses {} and {addr} overlap",
+                other.addr
+            ));
         }
         out.push(ListenerSpec {
             addr,
@@ -272,7 +322,7 @@ fn parse_alpn(s: &str) -> Result<Vec<Vec<u8>>, String> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::Ipv4Addr;
 
     use super::*;
 
@@ -284,8 +334,8 @@ mod tests {
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
-    fn any(port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+    fn any(port: u16) -> ListenAddr {
+        ListenAddr::AnyHost(port)
     }
 
     fn https() -> ListenerMode {
@@ -351,7 +401,7 @@ mod tests {
         assert_eq!(c.admin_addr, Some("127.0.0.1:9901".parse().unwrap()));
         assert_eq!(c.log_level, "debug");
         assert_eq!(c.log_format, "console");
-        assert_eq!(c.listeners[0].name(), "0.0.0.0:443");
+        assert_eq!(c.listeners[0].name(), ":443");
         // Empty is unset, as with Go's os.Getenv.
         assert_eq!(
             with(&[("FWD_LISTENERS", ""), ("FWD_DOMAIN_SUFFIX", " ")]).unwrap(),
@@ -399,7 +449,7 @@ mod tests {
             c.listeners,
             vec![
                 ListenerSpec {
-                    addr: "127.0.0.1:8443".parse().unwrap(),
+                    addr: ListenAddr::Addr("127.0.0.1:8443".parse().unwrap()),
                     guest_port: 443,
                     mode: ListenerMode::Tls {
                         alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
@@ -412,7 +462,7 @@ mod tests {
                     mode: ListenerMode::Raw
                 },
                 ListenerSpec {
-                    addr: "[::1]:7000".parse().unwrap(),
+                    addr: ListenAddr::Addr("[::1]:7000".parse().unwrap()),
                     guest_port: 6379,
                     mode: ListenerMode::Tls {
                         alpn: vec![b"redis".to_vec()],
@@ -433,7 +483,8 @@ mod tests {
             [1, 2, 3, 4, 6].map(Duration::from_secs)
         );
         assert_eq!((c.max_connections, c.workers), (10, 3));
-        assert_eq!(c.admin_addr, Some(any(9999)));
+        // The admin listener keeps `:PORT` as IPv4 only.
+        assert_eq!(c.admin_addr, Some((Ipv4Addr::UNSPECIFIED, 9999).into()));
         assert_eq!(
             (c.log_level.as_str(), c.log_format.as_str()),
             ("warn", "json")
@@ -458,6 +509,19 @@ mod tests {
     }
 
     #[test]
+    fn only_overlapping_listeners_are_rejected() {
+        let c = with(&[(
+            "FWD_LISTENERS",
+            "127.0.0.1:8443=443,[::1]:8443=443,:9443=443",
+        )])
+        .unwrap();
+        let addrs: Vec<String> = c.listeners.iter().map(|l| l.name()).collect();
+        assert_eq!(addrs, ["127.0.0.1:8443", "[::1]:8443", ":9443"]);
+        let err = with(&[("FWD_LISTENERS", "127.0.0.1:8443=443,8443=443")]).unwrap_err();
+        assert!(err.contains("127.0.0.1:8443 and :8443 overlap"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_variable_and_value() {
         let cases: &[(&str, &str)] = &[
             ("FWD_LISTENERS", ":443"),
@@ -467,6 +531,7 @@ mod tests {
             ("FWD_LISTENERS", "nowhere:443=443"),
             ("FWD_LISTENERS", ":99999=443"),
             ("FWD_LISTENERS", ":443=443,0.0.0.0:443=443"),
+            ("FWD_LISTENERS", "[::1]:443=443,443=443"),
             ("FWD_LISTENERS", ":8080=8080"),
             ("FWD_LISTENERS", ","),
             ("FWD_ALLOWED_GUEST_PORTS", "22,x"),

@@ -3,7 +3,7 @@
 //!
 //! Listeners are identified by their index in the configured list; their label is
 //! the name given to [`Metrics::new`], by convention [`crate::config::ListenerSpec::name`]
-//! (the listen address, e.g. `0.0.0.0:443`).
+//! (the listen address as configured, e.g. `:443`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -3,12 +3,14 @@
 mod common;
 
 use std::io::{ErrorKind, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use rustix::process::Signal;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
 
 /// The connection is over: EOF or an error other than a read timeout.
 fn ended(stream: &mut impl Read) -> bool {
@@ -268,4 +270,46 @@ fn a_second_forwarder_on_the_same_port_fails_to_start() {
     );
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("cannot listen"), "{stderr}");
+}
+
+/// A TLS client for SNI `host` connected to `addr`, handshake done.
+fn tls_connect_to(addr: SocketAddr, host: &str) -> std::io::Result<TlsStream> {
+    let name = ServerName::try_from(host.to_string()).map_err(std::io::Error::other)?;
+    let conn = ClientConnection::new(client_config(), name).map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut stream = StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+#[test]
+fn an_empty_host_listens_on_ipv4_and_ipv6() {
+    require_root!();
+    let ns = Ns::new();
+    echo_server(ns.listen(443));
+    let port = free_port();
+    let fwd = Forwarder::start(&[443], &[("FWD_LISTENERS", &format!(":{port}=443"))]);
+    write_app_vm(&fwd.config_root(), &ns, "echo");
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let routed = poll(Duration::from_secs(5), || {
+        let mut s = tls_connect_to(v4, "echo.localhost").ok()?;
+        round_trip(&mut s, b"v4").ok()
+    });
+    assert_eq!(routed.as_deref(), Some(&b"v4"[..]), "{}", fwd.log());
+    let mut s = tls_connect_to(v6, "echo.localhost")
+        .unwrap_or_else(|e| panic!("TLS via {v6}: {e}\n{}", fwd.log()));
+    assert_eq!(
+        round_trip(&mut s, b"v6").expect("round trip over ::1"),
+        b"v6"
+    );
+    drop(s);
+    let ok = format!(r#"mergen_forwarder_connections_total{{listener=":{port}",outcome="ok"}}"#);
+    let counted = poll(Duration::from_secs(5), || {
+        (fwd.metric(&ok) >= 2.0).then_some(())
+    });
+    assert!(counted.is_some(), "{}", fwd.metrics());
 }
