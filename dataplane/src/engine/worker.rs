@@ -110,22 +110,14 @@ impl Worker {
         let Some((slot, op)) = Op::from_token(c.token) else {
             return;
         };
-        let shared = self.shared.clone();
-        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+        let stepped = self.step(slot, now, |conn, cx| {
+            conn.on_completion(cx, op, c.result, c.received)
+        });
+        if !stepped {
             if let Some(buf) = c.received {
                 self.ring.release_buf(buf);
             }
-            return;
-        };
-        let mut cx = Ctx {
-            ring: &mut self.ring,
-            shared: &shared,
-            now,
-            wake: &self.wake,
-            parked: &mut self.parked,
-        };
-        conn.on_completion(&mut cx, op, c.result, c.received);
-        self.reap(slot);
+        }
     }
 
     fn on_accept(&mut self, c: Completion, now: Instant) {
@@ -201,24 +193,31 @@ impl Worker {
         let mut parked = std::mem::take(&mut self.parked);
         parked.sort_unstable();
         parked.dedup();
-        let shared = self.shared.clone();
         for &slot in &parked {
-            let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-                continue;
-            };
-            let mut cx = Ctx {
-                ring: &mut self.ring,
-                shared: &shared,
-                now,
-                wake: &self.wake,
-                parked: &mut self.parked,
-            };
-            conn.resume_dial(&mut cx);
-            self.reap(slot);
+            self.step(slot, now, Conn::resume_dial);
         }
     }
 
     /// Free a connection whose operations are all reaped.
+    /// Run one step of the live connection in `slot`, then free it if that finished it.
+    /// Returns false when the slot holds no connection (a stale completion or wake).
+    fn step(&mut self, slot: u32, now: Instant, f: impl FnOnce(&mut Conn, &mut Ctx<'_>)) -> bool {
+        let shared = self.shared.clone();
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        let mut cx = Ctx {
+            ring: &mut self.ring,
+            shared: &shared,
+            now,
+            wake: &self.wake,
+            parked: &mut self.parked,
+        };
+        f(conn, &mut cx);
+        self.reap(slot);
+        true
+    }
+
     fn reap(&mut self, slot: u32) {
         let entry = &mut self.conns[slot as usize];
         if !entry.as_ref().is_some_and(Conn::finished) {
@@ -246,23 +245,14 @@ impl Worker {
             }
         }
         let drain_over = stopping.is_some_and(|deadline| now >= deadline);
-        for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_mut() else {
-                continue;
-            };
-            let mut cx = Ctx {
-                ring: &mut self.ring,
-                shared: &shared,
-                now,
-                wake: &self.wake,
-                parked: &mut self.parked,
-            };
-            if drain_over {
-                conn.abort(&mut cx);
-            } else {
-                conn.check_timers(&mut cx);
-            }
-            self.reap(slot as u32);
+        for slot in 0..self.conns.len() as u32 {
+            self.step(slot, now, |conn, cx| {
+                if drain_over {
+                    conn.abort(cx);
+                } else {
+                    conn.check_timers(cx);
+                }
+            });
         }
         stopping.is_some() && self.live == 0
     }

@@ -139,15 +139,7 @@ impl Conn {
         if has_data(cx.ring, self.cout) {
             return self.send_client(cx);
         }
-        if !self.client_shut {
-            self.client_shut = true;
-            cx.ring.shutdown(
-                self.client.as_fd(),
-                libc::SHUT_WR,
-                Op::ClientShutdown.token(self.slot),
-            );
-            self.submitted(Op::ClientShutdown);
-        }
+        self.shut_client_write(cx.ring);
         // Discard whatever the client still sends until it closes.
         if !self.is_in_flight(Op::ClientRecv) {
             if let Some(cin) = self.cin {

@@ -411,6 +411,20 @@ impl Conn {
         self.inflight |= op.bit();
     }
 
+    /// Half-close towards the client (FIN after everything queued), once.
+    fn shut_client_write(&mut self, ring: &mut Ring) {
+        if self.client_shut {
+            return;
+        }
+        self.client_shut = true;
+        ring.shutdown(
+            self.client.as_fd(),
+            libc::SHUT_WR,
+            Op::ClientShutdown.token(self.slot),
+        );
+        self.submitted(Op::ClientShutdown);
+    }
+
     pub fn advance(&mut self, cx: &mut Ctx<'_>) {
         loop {
             let before = self.phase;

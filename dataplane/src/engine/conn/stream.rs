@@ -61,14 +61,8 @@ impl Conn {
                 if post_recv(cx.ring, backend, &mut self.bin, Op::BackendRecv.token(slot)) {
                     self.inflight |= Op::BackendRecv.bit();
                 }
-            } else if !self.client_shut {
-                self.client_shut = true;
-                cx.ring.shutdown(
-                    self.client.as_fd(),
-                    libc::SHUT_WR,
-                    Op::ClientShutdown.token(slot),
-                );
-                self.inflight |= Op::ClientShutdown.bit();
+            } else {
+                self.shut_client_write(cx.ring);
             }
         }
         if self.client_shut && self.backend_shut && self.inflight == 0 {
@@ -180,14 +174,8 @@ impl Conn {
             });
             if sent {
                 self.inflight |= Op::ClientSend.bit();
-            } else if self.close_notify_sent && !self.client_shut && !tls.wants_write() {
-                self.client_shut = true;
-                cx.ring.shutdown(
-                    self.client.as_fd(),
-                    libc::SHUT_WR,
-                    Op::ClientShutdown.token(slot),
-                );
-                self.inflight |= Op::ClientShutdown.bit();
+            } else if self.close_notify_sent && !tls.wants_write() {
+                self.shut_client_write(cx.ring);
             }
         }
 
