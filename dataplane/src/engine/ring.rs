@@ -191,6 +191,14 @@ const KIND_CONNECT: u64 = 4;
 const KIND_LINK_TIMEOUT: u64 = 5;
 const KIND_RECV_POOLED: u64 = 6;
 
+/// A buffer the kernel is not using, for writing; a free function so that callers can
+/// borrow the pool at the same time.
+fn idle_mut(bufs: &mut [Option<Buf>], id: BufId) -> Option<&mut Buf> {
+    bufs.get_mut(id.0 as usize)
+        .and_then(Option::as_mut)
+        .filter(|b| !b.busy)
+}
+
 fn user_data(token: u32, kind: u64, slot: Option<u32>) -> u64 {
     let slot = slot.map_or(0, |s| u64::from(s) + 1);
     u64::from(token) | (kind << 32) | (slot << 40)
@@ -353,12 +361,7 @@ impl Ring {
 
     /// Mark `n` pending bytes as used up.
     pub fn consume(&mut self, id: BufId, n: usize) {
-        if let Some(b) = self
-            .bufs
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .filter(|b| !b.busy)
-        {
+        if let Some(b) = idle_mut(&mut self.bufs, id) {
             b.start = (b.start + n).min(b.end);
             if b.start == b.end {
                 b.start = 0;
@@ -373,12 +376,7 @@ impl Ring {
         id: BufId,
         fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
     ) -> Result<usize, E> {
-        let Some(b) = self
-            .bufs
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .filter(|b| !b.busy)
-        else {
+        let Some(b) = idle_mut(&mut self.bufs, id) else {
             return Ok(0);
         };
         let end = b.end;
@@ -437,12 +435,7 @@ impl Ring {
 
     /// Receive into the free tail of an idle buffer. Returns false if the buffer is busy or full.
     pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
-        let Some(b) = self
-            .bufs
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .filter(|b| !b.busy)
-        else {
+        let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
         if b.end == b.len {
@@ -479,12 +472,7 @@ impl Ring {
 
     /// Send the pending bytes of an idle buffer. Returns false if it is busy or empty.
     pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
-        let Some(b) = self
-            .bufs
-            .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
-            .filter(|b| !b.busy)
-        else {
+        let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
         if b.start == b.end {
