@@ -105,9 +105,10 @@ pub fn go_bool(s: &str) -> Option<bool> {
 /// Where values come from: the process environment, or a map in tests.
 type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
 
-/// Reads variables through a table.
+/// Reads variables through a table (or several: mergend's table is its own variables
+/// plus the runtime's, which its per-VM step subcommands also read).
 pub struct Env<'a> {
-    table: &'a [Var],
+    tables: Vec<&'a [Var]>,
     get: Lookup<'a>,
 }
 
@@ -118,8 +119,13 @@ impl<'a> Env<'a> {
     }
 
     pub fn new(table: &'a [Var], get: impl Fn(&str) -> Option<String> + 'a) -> Env<'a> {
+        Env::layered(&[table], get)
+    }
+
+    /// Read through several tables, searched in order.
+    pub fn layered(tables: &[&'a [Var]], get: impl Fn(&str) -> Option<String> + 'a) -> Env<'a> {
         Env {
-            table,
+            tables: tables.to_vec(),
             get: Box::new(get),
         }
     }
@@ -127,7 +133,12 @@ impl<'a> Env<'a> {
     /// Only names in the table may be read: a variable missing from `--help` is a bug,
     /// caught by the first test that reads it.
     fn entry(&self, name: &str) -> &Var {
-        match self.table.iter().find(|v| v.name == name) {
+        match self
+            .tables
+            .iter()
+            .flat_map(|t| t.iter())
+            .find(|v| v.name == name)
+        {
             Some(v) => v,
             None => panic!("{name} is read but not declared in the variable table"),
         }
@@ -264,18 +275,26 @@ impl<'a> Env<'a> {
     }
 }
 
-/// The variables as aligned text for `--help`.
-pub fn help_text(table: &[Var]) -> String {
-    let name_w = table.iter().map(|v| v.name.len()).max().unwrap_or(0) + 2;
-    let def_w = table
-        .iter()
+/// The variables as aligned text for `--help`; pass several tables chained for a daemon
+/// that reads more than one.
+pub fn help_text<'v>(vars: impl IntoIterator<Item = &'v Var> + Clone) -> String {
+    let name_w = vars
+        .clone()
+        .into_iter()
+        .map(|v| v.name.len())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let def_w = vars
+        .clone()
+        .into_iter()
         .map(|v| v.shown_default().len())
         .max()
         .unwrap_or(0)
         .min(40)
         + 2;
     let mut s = String::new();
-    for v in table {
+    for v in vars {
         s.push_str(&format!(
             "  {:<name_w$}{:<def_w$}{}\n",
             v.name,
@@ -288,9 +307,9 @@ pub fn help_text(table: &[Var]) -> String {
 
 /// The variables as a Markdown table (`| variable | default | meaning |`), the form the
 /// README carries.
-pub fn markdown(table: &[Var]) -> String {
+pub fn markdown<'v>(vars: impl IntoIterator<Item = &'v Var>) -> String {
     let mut s = String::from("| variable | default | meaning |\n|---|---|---|\n");
-    for v in table {
+    for v in vars {
         s.push_str(&format!(
             "| `{}` | `{}` | {} |\n",
             v.name,
@@ -393,6 +412,15 @@ mod tests {
             .expected
             .contains("auto|a|b"));
         assert!(env(&[("T_PORT", "0")]).port("T_PORT").is_err());
+    }
+
+    #[test]
+    fn layered_tables_are_searched_in_order() {
+        const MORE: &[Var] = &[Var::new("T_EXTRA", "x", "another daemon part")];
+        let e = Env::layered(&[TABLE, MORE], |_| None);
+        assert_eq!(e.string("T_EXTRA"), "x");
+        assert_eq!(e.string("T_ADDR"), "127.0.0.1:8080");
+        assert!(help_text(TABLE.iter().chain(MORE)).contains("T_EXTRA"));
     }
 
     #[test]
