@@ -1,10 +1,10 @@
 //! mergend's configuration, from `MGR_*` variables. The runtime's variables are read by
 //! `mergen_runtime::RuntimeConfig` from the same source.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mergen_http::ListenAddr;
 use mergen_runtime::RuntimeConfig;
 
 /// Every variable mergend reads, with its default, for `mergend --help`.
@@ -12,7 +12,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "MGR_HTTP_ADDR",
         "127.0.0.1:8080",
-        "TCP listen address (\":8080\" means every interface)",
+        "TCP listen address (\":8080\" means every IPv4 and IPv6 address)",
     ),
     (
         "MGR_HTTP_SOCKET",
@@ -37,7 +37,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "MGR_HTTP_MAX_CONNECTIONS",
         "256",
-        "concurrent connections; more are answered 503",
+        "open connections; at the cap the oldest idle one is closed, else 503",
+    ),
+    (
+        "MGR_HTTP_MAX_CONNECTIONS_PER_IP",
+        "64",
+        "open connections per client address (IPv4, or IPv6 /64)",
+    ),
+    (
+        "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
+        "5",
+        "a connection without a whole request head by then is dropped",
     ),
     (
         "MGR_HTTP_READ_TIMEOUT_SECONDS",
@@ -48,6 +58,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
         "60",
         "idle keep-alive connections are closed after this",
+    ),
+    (
+        "MGR_HTTP_WORKERS",
+        "16",
+        "requests handled at once (the others wait their turn)",
     ),
     (
         "MGR_CONFIG_ROOT",
@@ -129,14 +144,17 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub http_addr: SocketAddr,
+    pub http_addr: ListenAddr,
     pub http_socket: Option<PathBuf>,
     pub api_token: Option<String>,
     pub allow_insecure: bool,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub header_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub http_workers: usize,
     pub image_roots: Vec<PathBuf>,
     pub global_hooks_dir: PathBuf,
     pub hook_workers: usize,
@@ -175,18 +193,10 @@ impl Config {
                 Some(other) => Err(format!("{k}={other:?}: want 1 or 0")),
             }
         };
-        let addr_text = var("MGR_HTTP_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
-        // The original's ":8080" form binds every interface.
-        let full = if addr_text.starts_with(':') {
-            format!("0.0.0.0{addr_text}")
-        } else {
-            addr_text.clone()
-        };
-        let http_addr = full
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("MGR_HTTP_ADDR={addr_text:?} is not a host:port address"))?;
+        let http_addr = var("MGR_HTTP_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:8080".into())
+            .parse::<ListenAddr>()
+            .map_err(|e| format!("MGR_HTTP_ADDR: {e}"))?;
         let port = |k: &str, default: u64| -> Result<u16, String> {
             let v = num(k, default)?;
             u16::try_from(v)
@@ -223,8 +233,11 @@ impl Config {
             allow_insecure: flag("MGR_ALLOW_INSECURE")?,
             shutdown_timeout: Duration::from_secs(num("MGR_SHUTDOWN_TIMEOUT_SECONDS", 15)?),
             max_connections: positive("MGR_HTTP_MAX_CONNECTIONS", 256)? as usize,
+            max_connections_per_ip: positive("MGR_HTTP_MAX_CONNECTIONS_PER_IP", 64)? as usize,
+            header_timeout: Duration::from_secs(positive("MGR_HTTP_HEADER_TIMEOUT_SECONDS", 5)?),
             read_timeout: Duration::from_secs(positive("MGR_HTTP_READ_TIMEOUT_SECONDS", 10)?),
             idle_timeout: Duration::from_secs(positive("MGR_HTTP_IDLE_TIMEOUT_SECONDS", 60)?),
+            http_workers: positive("MGR_HTTP_WORKERS", 16)? as usize,
             image_roots,
             global_hooks_dir: var("MGR_GLOBAL_HOOKS_DIR")
                 .unwrap_or_else(|| "/etc/mergen/hooks.d".into())
@@ -241,7 +254,7 @@ impl Config {
     /// The original listened on every interface with no authentication; mergend
     /// refuses that unless the operator says so explicitly.
     pub fn check_exposure(&self) -> Result<(), String> {
-        if !self.http_addr.ip().is_loopback() && self.api_token.is_none() && !self.allow_insecure {
+        if !self.http_addr.is_loopback() && self.api_token.is_none() && !self.allow_insecure {
             return Err(format!(
                 "refusing to listen on non-loopback {} without MGR_API_TOKEN (set MGR_ALLOW_INSECURE=1 to override)",
                 self.http_addr
@@ -286,6 +299,8 @@ mod tests {
         assert_eq!(c.image_roots, vec![PathBuf::from("/var/lib/mergen")]);
         assert!(c.check_exposure().is_ok());
         let open = from(&[("MGR_HTTP_ADDR", ":8080")]).unwrap();
+        // The original's empty host: every IPv4 and IPv6 address.
+        assert_eq!(open.http_addr, ListenAddr::AnyHost(8080));
         assert!(open.check_exposure().unwrap_err().contains("MGR_API_TOKEN"));
         assert!(from(&[("MGR_HTTP_ADDR", ":8080"), ("MGR_API_TOKEN", "t")])
             .unwrap()
@@ -307,6 +322,9 @@ mod tests {
             ("MGR_HTTP_ADDR", "nowhere"),
             ("MGR_ALLOW_INSECURE", "maybe"),
             ("MGR_HTTP_MAX_CONNECTIONS", "0"),
+            ("MGR_HTTP_MAX_CONNECTIONS_PER_IP", "0"),
+            ("MGR_HTTP_HEADER_TIMEOUT_SECONDS", "x"),
+            ("MGR_HTTP_WORKERS", "0"),
         ] {
             assert!(from(&[(k, v)]).unwrap_err().contains(k), "{k}");
         }
