@@ -122,10 +122,14 @@ fn read_answer(s: &mut TcpStream) -> String {
     head + &String::from_utf8(body).unwrap()
 }
 
-/// Whether the server has closed `s` (EOF, or reset) without sending anything.
+/// Whether the server has closed `s` (EOF, or reset) without sending anything; a
+/// read that times out is not a close.
 fn closed_silently(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 64];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
 
 /// Threads of this process whose name starts with `prefix` (tests run in parallel
