@@ -395,6 +395,22 @@ fn refuses_an_open_address_without_a_token() {
     );
 }
 
+/// `MGR_HTTP_ADDR=:PORT`, as the original took it: every IPv4 and IPv6 address.
+#[test]
+fn an_empty_host_listens_on_ipv4_and_ipv6() {
+    let roots = Roots::new("dualstack");
+    let m = Mergend::start(&roots, &[("MGR_HTTP_ADDR", ":0"), ("MGR_API_TOKEN", "t")]);
+    let port = m.addr.port();
+    let (code, _) = try_curl(&[&format!("http://127.0.0.1:{port}/healthz")]).unwrap();
+    assert_eq!(code, 200);
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let (code, _) = try_curl(&[&format!("http://[::1]:{port}/healthz")]).unwrap();
+        assert_eq!(code, 200);
+    } else {
+        eprintln!("no IPv6 loopback on this host: checked IPv4 only");
+    }
+}
+
 #[test]
 fn lock_held_is_409_and_no_supervisor_is_503() {
     if std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd") {
