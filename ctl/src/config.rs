@@ -59,8 +59,8 @@ pub const VARIABLES: &[Var] = &[
     ),
     Var::new(
         "MGR_HTTP_WORKERS",
-        "16",
-        "requests handled at once (the others wait their turn)",
+        "64",
+        "most requests handled at once (threads start as needed; more wait their turn)",
     ),
     Var::computed(
         "MGR_IMAGE_ROOTS",

@@ -159,6 +159,10 @@ pub(super) struct Conn {
     /// When the current wait began: the accept, the end of the last answer (idle), or
     /// the first byte of a request that followed one.
     pub since: Instant,
+    /// Whether the socket may hold unread bytes: false from a read that came back
+    /// empty until the next readable event (epoll is edge-triggered, so an event
+    /// follows any byte that arrives later), which saves a read per request.
+    pub readable: bool,
     /// Answers written in full.
     pub served: u64,
     /// The entry of this connection in the loop's timer set.

@@ -55,7 +55,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
-    /// Handler threads: at most this many requests are handled at once.
+    /// Most handler threads: at most this many requests are handled at once (threads
+    /// are started as requests need them, and end when no longer needed).
     pub workers: usize,
 }
 
@@ -69,7 +70,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
             max_connections_per_ip: 64,
-            workers: 16,
+            workers: 64,
         }
     }
 }
@@ -278,7 +279,11 @@ impl EventLoop {
                 match event.token() {
                     WAKER => self.on_wake(),
                     Token(t) if t < self.first_conn => self.accept(t),
-                    Token(t) => self.on_ready(t - self.first_conn),
+                    Token(t) => {
+                        let readable =
+                            event.is_readable() || event.is_read_closed() || event.is_error();
+                        self.on_ready(t - self.first_conn, readable)
+                    }
                 }
             }
             self.expire_timers();
@@ -370,6 +375,7 @@ impl EventLoop {
             reader: RequestReader::new(self.config.limits),
             out: Outgoing::default(),
             since: Instant::now(),
+            readable: true,
             served: 0,
             deadline: None,
             idle: None,
@@ -456,10 +462,11 @@ impl EventLoop {
 
     // --- connections -----------------------------------------------------------------
 
-    fn on_ready(&mut self, key: usize) {
-        let Some(conn) = self.conns.get(key) else {
+    fn on_ready(&mut self, key: usize, readable: bool) {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        conn.readable |= readable;
         match conn.phase {
             Phase::Reading => self.read_requests(key),
             Phase::Handling => {}
@@ -490,6 +497,10 @@ impl EventLoop {
                 Err(e) => return self.refuse_request(key, e),
             }
             let conn = &mut self.conns[key];
+            if !conn.readable {
+                // Nothing arrived since the last read came back empty.
+                break;
+            }
             match conn.stream.read(&mut self.scratch) {
                 // The client went away, between requests or in the middle of one.
                 Ok(0) => return self.close(key),
@@ -504,7 +515,10 @@ impl EventLoop {
                     }
                     self.conns[key].inbuf.extend_from_slice(&self.scratch[..n]);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.readable = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!(error:% = e; "read failed");
@@ -598,7 +612,9 @@ impl EventLoop {
             }
         }
         conn.served += 1;
-        if keep_alive {
+        // An answer that began before shutdown still promised keep-alive: the
+        // connection is closed all the same, as any idle one is.
+        if keep_alive && self.draining_until.is_none() {
             conn.phase = Phase::Reading;
             conn.since = Instant::now();
             if conn.inbuf.is_empty() {

@@ -1,18 +1,28 @@
 //! The worker pool: handlers run here, off the event loop, so a handler that takes
 //! seconds (a strict hook, a supervisor call) holds one worker and nothing else.
+//!
+//! Threads follow the requests in progress, not the connections: a few are kept
+//! warm, more are started when a request finds none free (up to the maximum; beyond
+//! it requests wait their turn), and those above the warm few end after a while
+//! without work. Idle connections never start one.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use mio::Waker;
 
 use crate::request::Request;
 use crate::response::Response;
 use crate::server::Handler;
+
+/// Workers kept even without work.
+const WARM: usize = 2;
+/// A worker above the warm ones ends after this long without work.
+const LINGER: Duration = Duration::from_secs(10);
 
 /// A request for a worker, and who asked: the connection's slab key and serial (the
 /// key alone could name a later connection).
@@ -33,19 +43,29 @@ pub(super) struct Finished {
     pub keep_alive: bool,
 }
 
-struct Queue {
+struct State {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Workers alive, and how many of them wait for a job.
+    workers: usize,
+    waiting: usize,
 }
 
+/// What every worker shares.
 struct Shared {
-    queue: Mutex<Queue>,
+    name: String,
+    max: usize,
+    state: Mutex<State>,
     ready: Condvar,
+    /// Signalled when the last worker ends.
+    gone: Condvar,
+    handler: Arc<Handler>,
+    done: Sender<Finished>,
+    notify: Notify,
 }
 
 pub(super) struct Pool {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// Wakes the loop after answers were sent, once per batch: the loop clears `pending`
@@ -66,81 +86,93 @@ impl Notify {
 }
 
 impl Pool {
+    /// A pool of at most `max` workers; the warm ones start now.
     pub fn start(
         name: &str,
-        workers: usize,
+        max: usize,
         handler: Arc<Handler>,
         done: Sender<Finished>,
         notify: Notify,
     ) -> std::io::Result<Pool> {
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                jobs: VecDeque::new(),
-                closed: false,
+        let pool = Pool {
+            shared: Arc::new(Shared {
+                name: name.to_string(),
+                max: max.max(1),
+                state: Mutex::new(State {
+                    jobs: VecDeque::new(),
+                    closed: false,
+                    workers: 0,
+                    waiting: 0,
+                }),
+                ready: Condvar::new(),
+                gone: Condvar::new(),
+                handler,
+                done,
+                notify,
             }),
-            ready: Condvar::new(),
-        });
-        let notify = Arc::new(notify);
-        let mut threads = Vec::with_capacity(workers);
-        for i in 0..workers.max(1) {
-            let shared = Arc::clone(&shared);
-            let handler = Arc::clone(&handler);
-            let done = done.clone();
-            let notify = Arc::clone(&notify);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{name}-w{i}"))
-                    .spawn(move || work(&shared, &*handler, &done, &notify))?,
-            );
+        };
+        for _ in 0..WARM.min(max.max(1)) {
+            let mut st = pool.lock();
+            pool.spawn(&mut st)?;
         }
-        Ok(Pool { shared, threads })
+        Ok(pool)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn(&self, st: &mut State) -> std::io::Result<()> {
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name(format!("{}-w", self.shared.name))
+            .spawn(move || work(&shared))?;
+        st.workers += 1;
+        Ok(())
     }
 
     pub fn submit(&self, job: Job) {
-        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-        q.jobs.push_back(job);
-        drop(q);
-        self.shared.ready.notify_one();
+        let mut st = self.lock();
+        st.jobs.push_back(job);
+        let waiting = st.waiting;
+        // A waiting worker counts until it runs again, so a burst of jobs can find
+        // fewer waiting workers than it seems: a worker starts for each job beyond
+        // them.
+        if st.jobs.len() > waiting && st.workers < self.shared.max {
+            if let Err(e) = self.spawn(&mut st) {
+                // The job waits for a running worker.
+                log::warn!(server = self.shared.name, error:% = e; "cannot start a worker thread");
+            }
+        }
+        drop(st);
+        if waiting > 0 {
+            self.shared.ready.notify_one();
+        }
     }
 
-    /// Let the workers finish what is queued and exit. With `join`, wait for them
+    /// Let the workers finish what is queued and end. With `join`, wait for them
     /// (only when nothing can still be running a handler).
     pub fn close(self, join: bool) {
-        self.shared
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed = true;
+        let mut st = self.lock();
+        st.closed = true;
         self.shared.ready.notify_all();
-        if join {
-            for t in self.threads {
-                let _ = t.join();
-            }
+        while join && st.workers > 0 {
+            st = self.shared.gone.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
 
-fn work(shared: &Shared, handler: &Handler, done: &Sender<Finished>, notify: &Notify) {
-    loop {
-        let job = {
-            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                if let Some(job) = q.jobs.pop_front() {
-                    break job;
-                }
-                if q.closed {
-                    return;
-                }
-                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
-            }
-        };
+fn work(shared: &Shared) {
+    let done = shared.done.clone();
+    while let Some(job) = next_job(shared) {
         let head = &job.request.head;
         let (version, head_only, keep_alive) =
             (head.version, head.method == "HEAD", head.keep_alive());
-        let response = catch_unwind(AssertUnwindSafe(|| handler(&job.request))).unwrap_or_else(|_| {
-            log::error!(method = job.request.head.method, path = job.request.head.path; "request handler panicked");
-            Response::error(500, "internal_error", "the request handler panicked")
-        });
+        let response = catch_unwind(AssertUnwindSafe(|| (shared.handler)(&job.request)))
+            .unwrap_or_else(|_| {
+                log::error!(method = head.method, path = head.path; "request handler panicked");
+                Response::error(500, "internal_error", "the request handler panicked")
+            });
         let finished = Finished {
             key: job.key,
             serial: job.serial,
@@ -149,10 +181,40 @@ fn work(shared: &Shared, handler: &Handler, done: &Sender<Finished>, notify: &No
             head_only,
             keep_alive,
         };
-        if done.send(finished).is_err() {
-            // The loop is gone (shutdown timed out): nobody to answer.
-            return;
+        // Err: the loop is gone (shutdown gave up on us), nobody to answer.
+        if done.send(finished).is_ok() {
+            shared.notify.wake();
         }
-        notify.wake();
+    }
+}
+
+/// The next job; `None` when the pool closed, or this worker is not needed any more
+/// (it is then no longer counted).
+fn next_job(shared: &Shared) -> Option<Job> {
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    let quit = |mut st: MutexGuard<'_, State>| {
+        st.workers -= 1;
+        if st.workers == 0 {
+            shared.gone.notify_all();
+        }
+        None
+    };
+    loop {
+        if let Some(job) = st.jobs.pop_front() {
+            return Some(job);
+        }
+        if st.closed {
+            return quit(st);
+        }
+        st.waiting += 1;
+        let (guard, timeout) = shared
+            .ready
+            .wait_timeout(st, LINGER)
+            .unwrap_or_else(|p| p.into_inner());
+        st = guard;
+        st.waiting -= 1;
+        if timeout.timed_out() && st.jobs.is_empty() && st.workers > WARM {
+            return quit(st);
+        }
     }
 }
