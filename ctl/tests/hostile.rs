@@ -242,8 +242,10 @@ fn six_hundred_open_connections_cost_no_thread() {
     flood.stop();
     eprintln!("mergend threads: {before} before, {during} with {sockets} sockets open");
     assert_eq!(dropped, 0, "mergend closed flood connections");
+    // A handler thread or two may start for the client's calls; never one per
+    // connection.
     assert!(
-        during <= before,
+        during <= before + 4,
         "{during} threads with 600 connections, {before} before"
     );
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
