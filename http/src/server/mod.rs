@@ -268,13 +268,23 @@ impl EventLoop {
     fn run(&mut self) -> bool {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.next_timeout();
+            // From here on a worker's answer must wake us; those sent before are in
+            // the channel. While the loop works, workers need not wake it (see
+            // `Notify`): busy, it takes answers without a round through epoll.
+            self.wake_pending.store(false, Ordering::SeqCst);
+            let answered = self.take_answers();
+            let timeout = if answered {
+                Some(Duration::ZERO)
+            } else {
+                self.next_timeout()
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!(server = self.config.name, error:% = e; "HTTP event loop failed");
                     return false;
                 }
             }
+            self.wake_pending.store(true, Ordering::SeqCst);
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.on_wake(),
@@ -570,11 +580,17 @@ impl EventLoop {
         self.write_answer(key);
     }
 
-    fn on_wake(&mut self) {
-        self.wake_pending.store(false, Ordering::Release);
+    /// Write the answers the workers sent; whether there were any.
+    fn take_answers(&mut self) -> bool {
+        let mut any = false;
         while let Ok(done) = self.finished.try_recv() {
             self.answer(done);
+            any = true;
         }
+        any
+    }
+
+    fn on_wake(&mut self) {
         let stop = *self.stop.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(deadline), None) = (stop, self.draining_until) {
             self.begin_shutdown(deadline);

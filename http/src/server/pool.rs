@@ -68,8 +68,10 @@ pub(super) struct Pool {
     shared: Arc<Shared>,
 }
 
-/// Wakes the loop after answers were sent, once per batch: the loop clears `pending`
-/// before it drains the channel, so an answer sent meanwhile wakes it again.
+/// Wakes the loop after an answer was sent, unless it is awake already or a wake is
+/// on its way: `pending` is set from the moment the loop returns from epoll until it
+/// is about to wait again, when it clears the flag and then drains the channel, so an
+/// answer sent after that drain finds the flag clear and wakes it.
 pub(super) struct Notify {
     pub waker: Arc<Waker>,
     pub pending: Arc<AtomicBool>,
