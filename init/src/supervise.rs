@@ -117,19 +117,25 @@ fn spawn(spec: &StartSpec, id: &Identity) -> Result<Pid, String> {
         return Err(format!("working directory {}: {e}", spec.working_dir));
     }
     // Ourselves in --exec-as mode: it sets the supplementary groups, which std's
-    // Command cannot without unsafe code, then execs the command.
-    let me = std::env::current_exe()
-        .ok()
-        .or_else(|| std::env::args_os().next().map(PathBuf::from))
-        .ok_or("cannot find my own executable")?;
+    // Command cannot without unsafe code, then execs the command. /proc/self/exe, not
+    // its target's name: in a chroot that name can be a path outside our root.
+    let me = if std::path::Path::new("/proc/self/exe").exists() {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .ok_or("cannot find my own executable")?
+    };
     let child = Command::new(&me)
+        .arg0("mergen-init")
         .args(exec_as::helper_args(id.uid, id.gid, &id.groups, &spec.argv))
         .env_clear()
         .envs(&env)
         .current_dir(&spec.working_dir)
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("starting {:?}: {e}", spec.argv))?;
+        .map_err(|e| format!("starting {:?} (through {}): {e}", spec.argv, me.display()))?;
     Ok(Pid::from_raw(child.id() as i32))
 }
 

@@ -143,13 +143,12 @@ pub fn mount_base(pid1: Pid1) {
     }
 }
 
-/// The boot arguments: the kernel's own in a VM; in a nested namespace /proc/cmdline
-/// is the host's, so only what `MERGEN_INIT_CMDLINE` says.
+/// The boot arguments: the kernel's own in a VM; anywhere else /proc/cmdline is the
+/// host's, so only what `MERGEN_INIT_CMDLINE` says.
 pub fn boot_args(mode: Mode) -> BootArgs {
     let text = match mode {
         Mode::Vm => fs::read_to_string("/proc/cmdline").unwrap_or_default(),
-        Mode::Namespace => std::env::var("MERGEN_INIT_CMDLINE").unwrap_or_default(),
-        Mode::Process => String::new(),
+        Mode::Namespace | Mode::Process => std::env::var("MERGEN_INIT_CMDLINE").unwrap_or_default(),
     };
     BootArgs::parse(&text)
 }
