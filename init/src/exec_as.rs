@@ -10,6 +10,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
+use nix::sys::signal::SigSet;
 use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
 
 pub const FLAG: &str = "--exec-as";
@@ -67,6 +68,11 @@ fn exec(args: &[String]) -> Result<Never, (i32, String)> {
     } else if uid != Uid::effective().as_raw() {
         return Err((126, format!("cannot become uid {uid}: not running as root")));
     }
+    // init blocks the signals it forwards; std does not reset the mask, and a command
+    // that starts with TERM blocked could never be stopped.
+    SigSet::empty()
+        .thread_set_mask()
+        .map_err(|e| fail("unblocking signals", e))?;
     let err = Command::new(&argv[0]).args(&argv[1..]).exec();
     let code = if err.kind() == std::io::ErrorKind::NotFound {
         127

@@ -68,7 +68,7 @@ pub fn run(mode: Mode, spec: &StartSpec, id: &Identity) -> Result<i32, String> {
         mask.add(s);
     }
     // Blocked before the child exists, so no signal is lost between spawn and the
-    // first read; the child starts with an empty mask (std resets it).
+    // first read; the --exec-as helper clears the mask before it execs the command.
     mask.thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
     let signals =
