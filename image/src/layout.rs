@@ -320,7 +320,7 @@ pub fn manifest(store: &Store, body: &[u8], platform: &Platform) -> Result<Image
         let digest = l.digest().to_string();
         layers.push(Layer {
             rel: blob_rel(&digest)?,
-            compression: Compression::of_media_type(&l.media_type().to_string())?,
+            compression: Compression::of_media_type(l.media_type().as_ref())?,
             digest: Some(digest),
             size: Some(l.size()),
             diff_id: Some(diff_id),

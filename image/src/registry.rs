@@ -587,7 +587,7 @@ pub fn pull(
         let index: ImageIndex = serde_json::from_slice(&body)
             .map_err(|e| Error::Invalid(format!("malformed image index: {e}")))?;
         let chosen = layout::pick_platform(&index, platform)?;
-        let (b, mt, d) = client.manifest(&chosen.digest().to_string())?;
+        let (b, mt, d) = client.manifest(chosen.digest().as_ref())?;
         store_small(cache, &d, &b)?;
         (body, media_type) = (b, mt);
     }
@@ -599,9 +599,9 @@ pub fn pull(
     let config = manifest.config();
     let total: u64 = manifest.layers().iter().map(|l| l.size()).sum::<u64>() + config.size();
     progress.start(reference, manifest.layers().len(), total);
-    client.blob(cache, &config.digest().to_string(), config.size(), progress)?;
+    client.blob(cache, config.digest().as_ref(), config.size(), progress)?;
     for layer in manifest.layers() {
-        client.blob(cache, &layer.digest().to_string(), layer.size(), progress)?;
+        client.blob(cache, layer.digest().as_ref(), layer.size(), progress)?;
         progress.layer_done();
     }
     progress.finish();

@@ -183,7 +183,7 @@ fn registry_archive_and_layout_give_the_same_rootfs() {
         0o1777
     );
     let xattr =
-        rustix::fs::lgetxattr(&root.join("etc/labelled"), "user.mergen", &mut [0u8; 16]).unwrap();
+        rustix::fs::lgetxattr(root.join("etc/labelled"), "user.mergen", &mut [0u8; 16]).unwrap();
     assert_eq!(xattr, 3);
     let (init, alias) = (
         fs::metadata(root.join("sbin/init")).unwrap(),
