@@ -187,6 +187,38 @@ fn same_ref(have: &str, wanted: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// The entry `wanted` names (by any of `names`), or the only entry when there is one.
+fn choose<'a, T>(
+    entries: &'a [T],
+    wanted: Option<&str>,
+    names: impl Fn(&T) -> Vec<String>,
+    store: &Store,
+) -> Result<&'a T> {
+    let by_name = wanted.and_then(|w| {
+        entries
+            .iter()
+            .find(|e| names(e).iter().any(|n| same_ref(n, w)))
+    });
+    let only = if entries.len() == 1 {
+        entries.first()
+    } else {
+        None
+    };
+    by_name.or(only).ok_or_else(|| {
+        let held: Vec<String> = entries.iter().flat_map(&names).collect();
+        Error::NotFound(format!(
+            "{} in {} (it holds: {})",
+            wanted.unwrap_or("a single image"),
+            store.describe(),
+            if held.is_empty() {
+                "no named images".into()
+            } else {
+                held.join(", ")
+            }
+        ))
+    })
+}
+
 /// Reads an OCI image layout (`index.json` + `blobs/`) from `store`; `wanted` picks a
 /// manifest by its `ref.name` annotation when the layout holds several.
 pub fn from_layout(store: &Store, wanted: Option<&str>, platform: &Platform) -> Result<Image> {
@@ -208,32 +240,7 @@ pub fn from_layout(store: &Store, wanted: Option<&str>, platform: &Platform) -> 
             })
             .unwrap_or_default()
     };
-    let entries = index.manifests();
-    let chosen = match wanted {
-        Some(w) => entries
-            .iter()
-            .find(|d| named(d).iter().any(|n| same_ref(n, w)))
-            .or(if entries.len() == 1 {
-                entries.first()
-            } else {
-                None
-            }),
-        None if entries.len() == 1 => entries.first(),
-        None => None,
-    };
-    let Some(desc) = chosen else {
-        let names: Vec<String> = entries.iter().flat_map(named).collect();
-        return Err(Error::NotFound(format!(
-            "{} in {} (it holds: {})",
-            wanted.unwrap_or("a single image"),
-            store.describe(),
-            if names.is_empty() {
-                "no named images".into()
-            } else {
-                names.join(", ")
-            }
-        )));
-    };
+    let desc = choose(index.manifests(), wanted, named, store)?;
     let name = named(desc).into_iter().next();
     let mut image = resolve(store, desc, platform, 0)?;
     image.name = image.name.or(name);
@@ -372,27 +379,7 @@ pub fn from_docker_save(store: &Store, wanted: Option<&str>, platform: &Platform
     }
     let entries: Vec<SaveEntry> = parse(&store.read("manifest.json")?, "manifest.json")?;
     let tags = |e: &SaveEntry| e.repo_tags.clone().unwrap_or_default();
-    let chosen = match wanted {
-        Some(w) => entries
-            .iter()
-            .find(|e| tags(e).iter().any(|t| same_ref(t, w)))
-            .or(if entries.len() == 1 {
-                entries.first()
-            } else {
-                None
-            }),
-        None if entries.len() == 1 => entries.first(),
-        None => None,
-    };
-    let Some(entry) = chosen else {
-        let all: Vec<String> = entries.iter().flat_map(tags).collect();
-        return Err(Error::NotFound(format!(
-            "{} in {} (it holds: {})",
-            wanted.unwrap_or("a single image"),
-            store.describe(),
-            all.join(", ")
-        )));
-    };
+    let entry = choose(&entries, wanted, tags, store)?;
     // The config's file name is its digest (`<hex>.json` or `blobs/sha256/<hex>`).
     let stem = entry
         .config
