@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::chunked::ChunkedDecoder;
+use crate::request::{field, keeps_alive, owned_fields};
 
 /// Largest answer head we read.
 const MAX_HEAD: usize = 64 * 1024;
@@ -30,11 +31,9 @@ pub struct ClientResponse {
 }
 
 impl ClientResponse {
+    /// The value of the first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        field(&self.headers, name)
     }
 }
 
@@ -217,16 +216,7 @@ fn exchange(
         };
         let status = parsed.code.unwrap_or(0);
         let version = parsed.version.unwrap_or(1);
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let headers = owned_fields(parsed.headers);
         buf.drain(..head_len);
         if (100..200).contains(&status) {
             // An interim answer (100 Continue): the real one follows.
@@ -237,14 +227,7 @@ fn exchange(
             headers,
             body: Vec::new(),
         };
-        let closes = response
-            .header("connection")
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-            || (version == 0
-                && !response.header("connection").is_some_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
-                }));
+        let closes = !keeps_alive(version, &response.headers);
         let chunked = response
             .header("transfer-encoding")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));

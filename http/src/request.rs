@@ -38,31 +38,60 @@ pub struct Head {
     pub headers: Vec<(String, String)>,
 }
 
+/// Header fields as httparse found them, owned (values need not be UTF-8).
+pub(crate) fn owned_fields(fields: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The value of the first field named `name` (case-insensitive).
+pub(crate) fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Whether the comma-separated fields named `name` list `token` (case-insensitive).
+pub(crate) fn lists_token(fields: &[(String, String)], name: &str, token: &str) -> bool {
+    fields
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .flat_map(|(_, v)| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether a message of HTTP/1.`version` with these fields leaves the connection
+/// open: 1.1 unless `Connection: close`, 1.0 only with `Connection: keep-alive`.
+pub(crate) fn keeps_alive(version: u8, fields: &[(String, String)]) -> bool {
+    if version == 0 {
+        lists_token(fields, "connection", "keep-alive")
+    } else {
+        !lists_token(fields, "connection", "close")
+    }
+}
+
 impl Head {
     /// The value of the first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        field(&self.headers, name)
     }
 
     /// Whether a comma-separated header named `name` lists `token` (case-insensitive).
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        lists_token(&self.headers, name, token)
     }
 
     /// Whether the client wants the connection kept open after this request.
     pub fn keep_alive(&self) -> bool {
-        if self.version == 0 {
-            self.has_token("connection", "keep-alive")
-        } else {
-            !self.has_token("connection", "close")
-        }
+        keeps_alive(self.version, &self.headers)
     }
 
     /// How the body is framed, by RFC 9112 section 6: chunked must be the final (here:
@@ -229,16 +258,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, 
                 path: path.to_string(),
                 query: query.to_string(),
                 version: req.version.unwrap_or(1),
-                headers: req
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect(),
+                headers: owned_fields(req.headers),
             };
             Ok(Some((head, n)))
         }
