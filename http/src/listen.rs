@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::OwnedFd;
 use std::str::FromStr;
 
 use rustix::io::Errno;
@@ -24,6 +25,15 @@ impl ListenAddr {
         }
     }
 
+    /// Both cannot be bound at once: an any-host listener takes its port on every
+    /// address.
+    pub fn overlaps(self, other: ListenAddr) -> bool {
+        self == other
+            || (self.port() == other.port()
+                && (matches!(self, ListenAddr::AnyHost(_))
+                    || matches!(other, ListenAddr::AnyHost(_))))
+    }
+
     /// Whether only this host can connect.
     pub fn is_loopback(self) -> bool {
         matches!(self, ListenAddr::Addr(a) if a.ip().is_loopback())
@@ -36,7 +46,8 @@ impl ListenAddr {
         match self {
             ListenAddr::Addr(addr) => TcpListener::bind(addr),
             ListenAddr::AnyHost(port) => any_host(port, |addr, dual_stack| {
-                let fd = socket(addr, dual_stack)?;
+                let fd = tcp_socket(addr, dual_stack)?;
+                rustix::net::bind(&fd, &addr)?;
                 rustix::net::listen(&fd, 1024)?;
                 Ok(TcpListener::from(fd))
             }),
@@ -65,8 +76,10 @@ fn no_ipv6(e: &io::Error) -> bool {
         .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
-/// A bound, not yet listening, TCP socket with SO_REUSEADDR (as std and Go set it).
-fn socket(addr: SocketAddr, dual_stack: bool) -> io::Result<std::os::fd::OwnedFd> {
+/// A TCP socket for `addr`, not yet bound: close-on-exec, SO_REUSEADDR (as std and
+/// Go set it), and with `dual_stack` IPv4 clients accepted on an IPv6 socket whatever
+/// `net.ipv6.bindv6only` says.
+pub fn tcp_socket(addr: SocketAddr, dual_stack: bool) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
@@ -76,7 +89,6 @@ fn socket(addr: SocketAddr, dual_stack: bool) -> io::Result<std::os::fd::OwnedFd
         sockopt::set_ipv6_v6only(&fd, false)?;
     }
     sockopt::set_socket_reuseaddr(&fd, true)?;
-    rustix::net::bind(&fd, &addr)?;
     Ok(fd)
 }
 
@@ -135,6 +147,11 @@ mod tests {
             assert!(p(bad).is_err(), "{bad}");
         }
         assert!(!ListenAddr::AnyHost(1).is_loopback());
+        let a = |s: &str| s.parse::<ListenAddr>().unwrap();
+        assert!(a("127.0.0.1:8443").overlaps(a(":8443")));
+        assert!(a(":8443").overlaps(a(":8443")));
+        assert!(!a("127.0.0.1:8443").overlaps(a("[::1]:8443")));
+        assert!(!a(":8443").overlaps(a(":9443")));
         assert_eq!(ListenAddr::AnyHost(8080).to_string(), ":8080");
     }
 
