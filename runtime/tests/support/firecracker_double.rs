@@ -1,12 +1,15 @@
 //! Firecracker API test double: an HTTP/1.1 server on a unix socket that records every
 //! request (method, path, JSON body) in order and answers 204, or an error with a
-//! `fault_message` for a chosen path. It can play the guest shutting down on
-//! Ctrl-Alt-Del by killing a given pid.
+//! `fault_message` for a chosen path, keeping connections alive as Firecracker's own
+//! server does (each on a thread of its own, which ends when the client closes). It
+//! can play the guest shutting down on Ctrl-Alt-Del by killing a given pid.
 
 use std::io::{Read, Write};
+
+use mergen_http::{Limits, Progress, Request, RequestReader};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -30,6 +33,7 @@ pub struct FirecrackerDouble {
     calls: Arc<Mutex<Vec<Call>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     done: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -40,14 +44,22 @@ impl FirecrackerDouble {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let done = Arc::new(AtomicBool::new(false));
-        let (c, b, d) = (calls.clone(), behaviour.clone(), done.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (c, b, d, n) = (
+            calls.clone(),
+            behaviour.clone(),
+            done.clone(),
+            connections.clone(),
+        );
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if d.load(Ordering::SeqCst) {
                     break;
                 }
                 if let Ok(stream) = stream {
-                    serve(stream, &c, &b);
+                    n.fetch_add(1, Ordering::SeqCst);
+                    let (c, b) = (c.clone(), b.clone());
+                    std::thread::spawn(move || serve(stream, &c, &b));
                 }
             }
         });
@@ -56,6 +68,7 @@ impl FirecrackerDouble {
             calls,
             behaviour,
             done,
+            connections,
             thread: Some(thread),
         }
     }
@@ -67,6 +80,11 @@ impl FirecrackerDouble {
     /// On SendCtrlAltDel, kill `pid` (the guest shuts down); `None`: ignore it.
     pub fn exit_on_ctrl_alt_del(&self, pid: Option<u32>) {
         self.behaviour.lock().unwrap().exit_on_ctrl_alt_del = pid;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -86,34 +104,31 @@ impl Drop for FirecrackerDouble {
     }
 }
 
+/// Answer requests on `stream` until the client closes it.
 fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Behaviour>) {
+    let mut reader = RequestReader::new(Limits::default());
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let (method, path, body) = loop {
-        let n = match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
-            let len: usize = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= head + len {
-                break (
-                    req.method.unwrap_or("").to_string(),
-                    req.path.unwrap_or("").to_string(),
-                    serde_json::from_slice(&buf[head..head + len])
-                        .unwrap_or(serde_json::Value::Null),
-                );
-            }
+    loop {
+        match reader.advance(&mut buf) {
+            Ok(Progress::Done(req)) => answer(&mut stream, req, calls, behaviour),
+            Ok(Progress::SendContinue | Progress::NeedMore) => match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            },
+            Err(_) => return,
         }
-    };
+    }
+}
+
+fn answer(
+    stream: &mut UnixStream,
+    req: Request,
+    calls: &Mutex<Vec<Call>>,
+    behaviour: &Mutex<Behaviour>,
+) {
+    let (method, path) = (req.head.method, req.head.path);
+    let body = serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null);
     let b = behaviour.lock().unwrap();
     let answer = match &b.fail {
         Some((p, status, fault)) if *p == path => {
