@@ -1,6 +1,8 @@
 //! `mergen-forwarder`: the TLS edge. Reads `FWD_*` settings, starts the io_uring
 //! workers and waits for a signal.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

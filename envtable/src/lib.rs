@@ -13,6 +13,8 @@
 //! - durations are whole seconds; `0` is refused unless the variable documents what
 //!   zero means (see [`Env::seconds_or_off`]).
 
+#![deny(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;

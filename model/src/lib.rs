@@ -5,6 +5,8 @@
 //! nowhere else. Field names follow the original Go project (camelCase); see
 //! `shared/spec/compatibility.md`.
 
+#![deny(unsafe_code)]
+
 pub mod atomic;
 pub mod cidr;
 pub mod layout;

@@ -9,6 +9,8 @@ mod conn;
 mod dial;
 mod listen;
 mod prewarm;
+// The only unsafe code of the workspace: the kernel shares memory with us here.
+#[allow(unsafe_code)]
 mod ring;
 mod worker;
 
