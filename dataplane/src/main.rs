@@ -104,6 +104,8 @@ fn gen_cert(args: &[String]) -> Result<(), String> {
 fn serve() -> Result<(), String> {
     let config = Config::from_env()?;
     mergen_log::init(&config.log_level, &config.log_format)?;
+    // Before anything else is set up: an old kernel is one clear line, not a dead worker.
+    engine::probe().map_err(|e| e.to_string())?;
 
     let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
     store

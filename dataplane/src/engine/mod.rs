@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 
 pub use listen::bind_listeners;
+pub use ring::{probe, ProbeError};
 
 /// One configured listener as the workers see it.
 pub struct Listener {
