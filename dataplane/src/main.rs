@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
-use mergen_dataplane::config::{Config, ListenerMode};
+use mergen_dataplane::config::{self, Config};
 use mergen_dataplane::engine::{self, Listener, Shared};
 use mergen_dataplane::metrics::Metrics;
 use mergen_dataplane::resolver::Resolver;
@@ -29,38 +29,26 @@ usage:
   mergen-forwarder gen-cert --out-dir DIR [--prefix P] [--suffix S]
                                    write a self-signed wildcard.<suffix>.crt/.key
   mergen-forwarder --help          this text
+";
 
-environment (defaults in brackets):
-  FWD_CONFIG_ROOT                  VM directories with meta.json [/etc/mergen/vm.d]
-  FWD_NETNS_ROOT                   where namespace files are looked up first [/run/netns]
-  FWD_TLS_CERT_FILE                PEM certificate chain [/etc/mergen/certs/wildcard.localhost.crt]
-  FWD_TLS_KEY_FILE                 PEM key, RSA or ECDSA [/etc/mergen/certs/wildcard.localhost.key]
-  FWD_DOMAIN_PREFIX                SNI is <label>.<prefix>.<suffix> when set []
-  FWD_DOMAIN_SUFFIX                SNI suffix [localhost]
-  FWD_LISTENERS                    addr=guestPort,... [:443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092]
-                                   (guest port 22 is raw TCP to the oldest VM, no TLS)
-  FWD_ALLOWED_GUEST_PORTS          guest ports listeners may target [22,443,5432,6379,9092]
-  FWD_DIAL_TIMEOUT_SECONDS         backend connect timeout [5]
-  FWD_HANDSHAKE_TIMEOUT_SECONDS    ClientHello plus TLS handshake timeout [10]
-  FWD_IDLE_TIMEOUT_SECONDS         close a connection idle this long [300]
-  FWD_RESOLVER_CACHE_TTL_SECONDS   full rescan period of FWD_CONFIG_ROOT [5]
-  FWD_SHUTDOWN_TIMEOUT_SECONDS     drain time on SIGINT/SIGTERM [15]
-  FWD_MAX_CONNECTIONS              open connections before refusing [65536]
-  FWD_WORKERS                      io_uring worker threads [number of CPUs]
-  FWD_ADMIN_ADDR                   /healthz and /metrics; empty disables [127.0.0.1:9901]
-  FWD_LOG_LEVEL                    debug|info|warn|error [debug]
-  FWD_LOG_FORMAT                   console|json|text [console]
-
+const SIGNALS: &str = "\
 signals: SIGHUP reloads the certificate (so do changes to its files);
 SIGINT/SIGTERM stop accepting and drain.
 ";
+
+fn usage() -> String {
+    format!(
+        "{USAGE}\nenvironment (variable, default, meaning):\n{}\n{SIGNALS}",
+        mergen_envtable::help_text(config::VARS)
+    )
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => serve(),
         Some("--help" | "-h" | "help") => {
-            print!("{USAGE}");
+            print!("{}", usage());
             Ok(())
         }
         Some("gen-cert") => gen_cert(&args[1..]),
@@ -93,7 +81,7 @@ fn gen_cert(args: &[String]) -> Result<(), String> {
     }
     let dir = out_dir.ok_or("gen-cert: --out-dir DIR is required")?;
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let base = format!("wildcard.{}", suffix.trim().trim_matches('.'));
+    let base = format!("wildcard.{}", mergen_model::domain::normalize(&suffix));
     let cert = dir.join(format!("{base}.crt"));
     let key = dir.join(format!("{base}.key"));
     tls::generate_self_signed(&prefix, &suffix, &cert, &key)?;
@@ -102,7 +90,7 @@ fn gen_cert(args: &[String]) -> Result<(), String> {
 }
 
 fn serve() -> Result<(), String> {
-    let config = Config::from_env()?;
+    let config = Config::from_env().map_err(|e| e.to_string())?;
     mergen_log::init(&config.log_level, &config.log_format)?;
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe().map_err(|e| e.to_string())?;
@@ -113,9 +101,9 @@ fn serve() -> Result<(), String> {
         .map_err(|e| format!("watching the certificate files: {e}"))?;
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for spec in &config.listeners {
-        let tls_config = match &spec.mode {
-            ListenerMode::Tls { alpn, .. } => Some(tls::server_config(&store, alpn)?),
-            ListenerMode::Raw => None,
+        let tls_config = match spec.kind.is_tls() {
+            true => Some(tls::server_config(&store, &spec.alpn)?),
+            false => None,
         };
         listeners.push(Listener::new(spec, tls_config));
     }

@@ -379,9 +379,8 @@ pub struct Resolver {
 impl Resolver {
     /// A resolver over `config_root`, loaded once before returning.
     pub fn new(config_root: PathBuf, domain_prefix: String, domain_suffix: String) -> Resolver {
-        let norm = |s: String| s.trim().trim_matches('.').to_ascii_lowercase();
-        let prefix = norm(domain_prefix);
-        let suffix = norm(domain_suffix);
+        let prefix = mergen_model::domain::normalize(&domain_prefix);
+        let suffix = mergen_model::domain::normalize(&domain_suffix);
         let shared = Arc::new(Shared {
             root: config_root,
             current: ArcSwap::from_pointee(Snapshot {

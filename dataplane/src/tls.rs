@@ -296,8 +296,8 @@ pub fn generate_self_signed(
     cert_out: &Path,
     key_out: &Path,
 ) -> Result<(), String> {
-    let norm = |s: &str| s.trim().trim_matches('.').to_ascii_lowercase();
-    let (prefix, suffix) = (norm(domain_prefix), norm(domain_suffix));
+    let normalize = mergen_model::domain::normalize;
+    let (prefix, suffix) = (normalize(domain_prefix), normalize(domain_suffix));
     if suffix.is_empty() {
         return Err("the domain suffix is empty".to_string());
     }

@@ -9,6 +9,7 @@
 
 pub mod atomic;
 pub mod cidr;
+pub mod domain;
 pub mod layout;
 pub mod meta;
 pub mod names;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ffi_free_netns::SocketPool;
 
-use crate::config::{Config, ListenerMode, Protocol};
+use crate::config::{Config, ListenerKind};
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 
@@ -34,9 +34,9 @@ pub use ring::{probe, ProbeError};
 pub struct Listener {
     pub name: String,
     pub guest_port: u16,
+    pub kind: ListenerKind,
     /// `None` for raw listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub protocol: Option<Protocol>,
 }
 
 impl Listener {
@@ -44,15 +44,11 @@ impl Listener {
         spec: &crate::config::ListenerSpec,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Listener {
-        let protocol = match &spec.mode {
-            ListenerMode::Tls { protocol, .. } => Some(*protocol),
-            ListenerMode::Raw => None,
-        };
         Listener {
             name: spec.name(),
             guest_port: spec.guest_port,
-            tls: if protocol.is_some() { tls } else { None },
-            protocol,
+            kind: spec.kind,
+            tls: if spec.kind.is_tls() { tls } else { None },
         }
     }
 }

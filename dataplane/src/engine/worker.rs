@@ -290,8 +290,8 @@ mod tests {
         let listener = Listener {
             name: "raw-test".into(),
             guest_port: backend_port,
+            kind: crate::config::ListenerKind::Raw,
             tls: None,
-            protocol: None,
         };
         let shared = Arc::new(Shared::new(
             config,

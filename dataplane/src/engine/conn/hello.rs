@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use rustls::ServerConnection;
 
 use super::{buffer, has_data, post_recv, Conn, Ctx, Op, Phase};
-use crate::config::Protocol;
+use crate::config::ListenerKind;
 use crate::metrics::{HandshakeFailure, Outcome};
 use crate::sni::{self, Peek, PgPreamble};
 
@@ -22,8 +22,8 @@ impl Conn {
         if data.is_empty() {
             return self.recv_more_hello(cx);
         }
-        let protocol = cx.shared.listeners[self.listener].protocol;
-        if protocol == Some(Protocol::Postgres) && data[0] != 0x16 {
+        let kind = cx.shared.listeners[self.listener].kind;
+        if kind == ListenerKind::Postgres && data[0] != 0x16 {
             let answer = match sni::postgres_preamble(data) {
                 PgPreamble::NeedMore => return self.recv_more_hello(cx),
                 PgPreamble::SslRequest => b'S',

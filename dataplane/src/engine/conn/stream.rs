@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 
 use super::{buffer, has_data, post_recv, trim, Conn, Ctx, Dial, Op, Phase};
-use crate::config::Protocol;
+use crate::config::ListenerKind;
 use crate::metrics::{HandshakeFailure, Outcome};
 
 /// What the HTTPS listener answers when the VM cannot be reached, as the original does.
@@ -139,7 +139,7 @@ impl Conn {
         }
         if self.phase == Phase::Stream && self.dial == Dial::Failed {
             // The client finished its handshake but the VM is unreachable.
-            if cx.shared.listeners[self.listener].protocol == Some(Protocol::Https) {
+            if cx.shared.listeners[self.listener].kind == ListenerKind::Https {
                 let _ = tls.writer().write_all(&response_502());
             }
             tls.send_close_notify();
