@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod resolver;
 pub mod sni;
 pub mod tls;
+pub mod watch;

@@ -11,7 +11,7 @@ use ffi_free_netns::{Family, PoolConfig, SocketPool};
 use mergen_dataplane::config::{self, Config};
 use mergen_dataplane::engine::{self, Listener, Shared};
 use mergen_dataplane::metrics::Metrics;
-use mergen_dataplane::resolver::Resolver;
+use mergen_dataplane::resolver::{self, Resolver};
 use mergen_dataplane::{admin, tls};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -110,11 +110,12 @@ fn serve() -> Result<(), String> {
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
 
-    let resolver = Arc::new(Resolver::new(
-        config.config_root.clone(),
-        config.domain_prefix.clone(),
-        config.domain_suffix.clone(),
-    ));
+    let resolver = Arc::new(Resolver::new(resolver::Settings {
+        config_root: config.config_root.clone(),
+        netns_root: config.netns_root.clone(),
+        domain_prefix: config.domain_prefix.clone(),
+        domain_suffix: config.domain_suffix.clone(),
+    }));
     resolver
         .start_watching(config.resolver_ttl)
         .map_err(|e| format!("watching {}: {e}", config.config_root.display()))?;

@@ -5,10 +5,10 @@
 //! at once, and open connections keep the key they started with.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -19,13 +19,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 
+use crate::watch::{self, Wake};
+
 /// TLS 1.2 session ids remembered per listener for resumption (TLS 1.3 uses tickets).
 const SESSION_CACHE_SIZE: usize = 16 * 1024;
 /// Cert tools write the certificate and the key one after the other: wait for this much
 /// quiet before reloading, so the pair is read once, complete.
 const SETTLE: Duration = Duration::from_millis(100);
-/// How often the watcher thread checks that its store still exists.
-const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// A burst of changes longer than this is read anyway.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct CertStore {
@@ -122,16 +124,9 @@ impl CertStore {
     /// Re-read both files; on success new handshakes use them, on failure the old
     /// certificate stays (and a warning is logged).
     pub fn reload(&self) -> Result<(), String> {
-        match self.inner.reload(false) {
-            Ok(_) => {
-                log::info!(cert = self.inner.cert_path.display().to_string(); "TLS certificate reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                log::warn!(error = e.as_str(); "TLS certificate reload failed, keeping the old one");
-                Err(e)
-            }
-        }
+        let result = self.inner.reload(false);
+        report(&self.inner, result.clone());
+        result.map(drop)
     }
 
     /// The certificate and key new handshakes use.
@@ -157,50 +152,45 @@ impl CertStore {
             };
             inotify.watches().add(dir, mask)?;
         }
-        let sighup = if reload_on_sighup {
+        let (signal, sighup) = if reload_on_sighup {
             let (rx, tx) = UnixStream::pair()?;
-            rx.set_nonblocking(true)?;
             let id = signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, tx)?;
-            Some((rx, id))
+            (Some(rx), Some(id))
         } else {
-            None
+            (None, None)
         };
         let weak = Arc::downgrade(&self.inner);
-        std::thread::Builder::new()
-            .name("fwd-cert-watch".into())
-            .spawn(move || watch_loop(weak, inotify, sighup))?;
-        Ok(())
-    }
-}
-
-fn watch_loop(
-    weak: Weak<Inner>,
-    mut inotify: Inotify,
-    sighup: Option<(UnixStream, signal_hook::SigId)>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let (file_event, signal) = wait(
-            &mut inotify,
-            sighup.as_ref().map(|s| &s.0),
-            LIVENESS_CHECK,
-            &mut buf,
-        );
-        let Some(inner) = weak.upgrade() else {
-            break;
-        };
-        if signal {
-            log::info!("SIGHUP: reloading the TLS certificate");
-            report(&inner, inner.reload(false));
-        } else if file_event {
-            // Let the writer finish the pair before reading it.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && wait(&mut inotify, None, SETTLE, &mut buf).0 {}
-            report(&inner, inner.reload(true));
-        }
-    }
-    if let Some((_, id)) = sighup {
-        signal_hook::low_level::unregister(id);
+        // Since the first file event of a burst still unread: the reload waits for quiet.
+        let mut burst: Option<Instant> = None;
+        watch::spawn("fwd-cert-watch", inotify, signal, move |_, wake| {
+            let Some(inner) = weak.upgrade() else {
+                if let Some(id) = sighup {
+                    signal_hook::low_level::unregister(id);
+                }
+                return None;
+            };
+            match wake {
+                Wake::Signal => {
+                    log::info!("SIGHUP: reloading the TLS certificate");
+                    report(&inner, inner.reload(false));
+                }
+                Wake::Files { .. } => {
+                    let first = *burst.get_or_insert_with(Instant::now);
+                    // Let the writer finish the pair before reading it, within reason.
+                    if first.elapsed() < MAX_SETTLE {
+                        return Some(SETTLE);
+                    }
+                    burst = None;
+                    report(&inner, inner.reload(true));
+                }
+                Wake::Timeout => {
+                    if burst.take().is_some() {
+                        report(&inner, inner.reload(true));
+                    }
+                }
+            }
+            Some(watch::LIVENESS_CHECK)
+        })
     }
 }
 
@@ -214,49 +204,6 @@ fn report(inner: &Inner, result: Result<bool, String>) {
             log::warn!(error = e.as_str(); "TLS certificate reload failed, keeping the old one")
         }
     }
-}
-
-/// Wait up to `timeout`; returns (some file event was drained, SIGHUP arrived).
-fn wait(
-    inotify: &mut Inotify,
-    sighup: Option<&UnixStream>,
-    timeout: Duration,
-    buf: &mut [u8],
-) -> (bool, bool) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let ts = Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    let ready = {
-        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
-        if let Some(s) = sighup {
-            fds.push(PollFd::new(s, PollFlags::IN));
-        }
-        if !matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
-            return (false, false);
-        }
-        fds.iter()
-            .map(|f| !f.revents().is_empty())
-            .collect::<Vec<_>>()
-    };
-    let mut file_event = false;
-    if ready[0] {
-        while let Ok(mut events) = inotify.read_events(buf) {
-            if events.next().is_none() {
-                break;
-            }
-            file_event = true;
-        }
-    }
-    let mut signal = false;
-    if let Some(mut s) = sighup.filter(|_| ready.get(1) == Some(&true)) {
-        let mut b = [0u8; 64];
-        while matches!(s.read(&mut b), Ok(n) if n > 0) {
-            signal = true;
-        }
-    }
-    (file_event, signal)
 }
 
 #[derive(Debug)]
@@ -333,7 +280,7 @@ pub fn generate_self_signed(
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
 

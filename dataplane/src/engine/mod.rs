@@ -107,7 +107,11 @@ pub fn spawn_workers(
     shared: Arc<Shared>,
     sockets: Vec<Vec<OwnedFd>>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    prewarm::spawn(shared.clone())?;
+    prewarm::spawn(
+        shared.pool.clone(),
+        &shared.resolver.snapshot(),
+        shared.resolver.subscribe(),
+    )?;
     let mut handles = Vec::with_capacity(sockets.len());
     for (i, listeners) in sockets.into_iter().enumerate() {
         let shared = shared.clone();

@@ -296,11 +296,11 @@ mod tests {
         let shared = Arc::new(Shared::new(
             config,
             vec![listener],
-            Arc::new(Resolver::new(
-                dir.clone(),
-                String::new(),
-                "localhost".into(),
-            )),
+            Arc::new(Resolver::new(crate::resolver::Settings {
+                config_root: dir.clone(),
+                domain_suffix: "localhost".into(),
+                ..Default::default()
+            })),
             SocketPool::new(PoolConfig::default()),
             Arc::new(Metrics::new(&["raw-test".to_string()])),
         ));

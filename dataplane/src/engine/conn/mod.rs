@@ -21,7 +21,6 @@
 //! hold bytes. Flow control falls out of the buffers: a side is read only when the data
 //! last read from it has been passed on.
 
-use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use rustls::ServerConnection;
 mod hello;
 mod stream;
 
-use super::dial::backend_socket;
+use super::dial::{guest_socket, DialError};
 use super::ring::{BufId, Ring};
 use super::Shared;
 use crate::metrics::{HandshakeFailure, Outcome};
@@ -264,7 +263,7 @@ impl Conn {
         if self.dial == Dial::Parked
             && cx.now.duration_since(self.dial_started) >= cx.shared.config.dial_timeout
         {
-            log::debug!("backend dial failed: timed out waiting for a namespace socket");
+            log::debug!("backend dial failed: {}", DialError::PoolTimeout);
             self.dial_failed();
             self.advance(cx);
             if self.phase == Phase::Closing {
@@ -375,12 +374,7 @@ impl Conn {
             }
             return;
         }
-        let err = if res == -libc::ECANCELED {
-            "timed out".to_string()
-        } else {
-            io::Error::from_raw_os_error(-res).to_string()
-        };
-        log::debug!("backend dial failed: {err}");
+        log::debug!("backend dial failed: {}", DialError::from_connect(res));
         self.dial_failed();
     }
 
@@ -494,7 +488,7 @@ impl Conn {
         let Some(route) = self.route.clone() else {
             return self.dial_failed();
         };
-        match backend_socket(cx.shared, &route, cx.wake) {
+        match guest_socket(&cx.shared.pool, &route.netns, cx.wake) {
             Ok(Some(fd)) => {
                 let port = cx.shared.listeners[self.listener].guest_port;
                 // Parked time counts against the dial timeout.
