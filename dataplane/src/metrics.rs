@@ -9,14 +9,24 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// How a connection ended. Each is produced by exactly the case it names (the engine's
+/// tests have one per outcome).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Both directions ended cleanly.
     Ok,
+    /// Refused with an alert: no VM answers to the server name.
     UnknownSni,
+    /// Refused with an alert: the ClientHello names no server.
     NoSni,
+    /// The guest could not be reached (refused, timed out, no namespace or socket).
     DialFailed,
+    /// The TLS handshake did not complete: rustls refused it, the ClientHello was
+    /// malformed or too large, or the client closed first.
     HandshakeFailed,
+    /// A deadline passed: the handshake's, the idle timeout, a last word's.
     Timeout,
+    /// The forwarder's own failure (rustls would not start a session).
     Error,
     /// Refused because `FWD_MAX_CONNECTIONS` were open.
     Refused,
@@ -81,10 +91,12 @@ pub enum HandshakeFailure {
     Malformed,
     Tls,
     Timeout,
+    /// The client closed before its handshake was done.
+    ClientClosed,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 7] = [
+    pub const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::NoSni,
         HandshakeFailure::UnknownSni,
         HandshakeFailure::NotTls,
@@ -92,6 +104,7 @@ impl HandshakeFailure {
         HandshakeFailure::Malformed,
         HandshakeFailure::Tls,
         HandshakeFailure::Timeout,
+        HandshakeFailure::ClientClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +116,7 @@ impl HandshakeFailure {
             HandshakeFailure::Malformed => "malformed",
             HandshakeFailure::Tls => "tls",
             HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::ClientClosed => "client_closed",
         }
     }
 }

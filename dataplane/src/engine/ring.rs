@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use io_uring::types::BufRingEntry;
+
+use super::buffers::{BufId, Buffers};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// What a completion means to the engine: the engine's own token plus the outcome.
@@ -52,10 +54,6 @@ pub struct Completion {
     /// For pooled receives: the buffer holding the received bytes, now the caller's.
     pub received: Option<BufId>,
 }
-
-/// Index of a buffer owned by the ring.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BufId(u32);
 
 enum Mem {
     Owned(Box<[u8]>),
@@ -353,14 +351,6 @@ impl Ring {
 
     // ---- buffers -------------------------------------------------------------------
 
-    pub fn alloc_buf(&mut self, len: usize) -> BufId {
-        let mem = match self.spare.iter().position(|m| m.len() == len) {
-            Some(i) => self.spare.swap_remove(i),
-            None => vec![0u8; len].into_boxed_slice(),
-        };
-        self.insert(Mem::Owned(mem), len, 0)
-    }
-
     fn insert(&mut self, mem: Mem, len: usize, end: usize) -> BufId {
         let buf = Buf {
             mem,
@@ -379,18 +369,6 @@ impl Ring {
                 self.bufs.push(Some(buf));
                 BufId((self.bufs.len() - 1) as u32)
             }
-        }
-    }
-
-    /// Give a buffer back; if an operation still uses it, the free waits for its completion.
-    pub fn release_buf(&mut self, id: BufId) {
-        let Some(buf) = self.bufs.get_mut(id.0 as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        if buf.busy {
-            buf.release_when_idle = true;
-        } else {
-            self.drop_buf(id.0);
         }
     }
 
@@ -420,68 +398,8 @@ impl Ring {
         }
     }
 
-    fn idle_buf(&self, id: BufId) -> Option<&Buf> {
-        self.bufs
-            .get(id.0 as usize)
-            .and_then(Option::as_ref)
-            .filter(|b| !b.busy)
-    }
-
-    /// The pending bytes of an idle buffer (empty while the kernel uses it).
-    pub fn data(&self, id: BufId) -> &[u8] {
-        self.idle_buf(id)
-            .map_or(&[], |b| &Ring::bytes(&self.pool, b)[b.start..b.end])
-    }
-
-    pub fn is_empty(&self, id: BufId) -> bool {
-        self.bufs
-            .get(id.0 as usize)
-            .and_then(Option::as_ref)
-            .is_none_or(|b| b.start == b.end)
-    }
-
-    pub fn is_full(&self, id: BufId) -> bool {
-        self.bufs
-            .get(id.0 as usize)
-            .and_then(Option::as_ref)
-            .is_none_or(|b| b.end == b.len)
-    }
-
-    /// Mark `n` pending bytes as used up.
-    pub fn consume(&mut self, id: BufId, n: usize) {
-        if let Some(b) = idle_mut(&mut self.bufs, id) {
-            b.start = (b.start + n).min(b.end);
-            if b.start == b.end {
-                b.start = 0;
-                b.end = 0;
-            }
-        }
-    }
-
-    /// Let `fill` write into the free tail of an idle buffer; it returns how many bytes it wrote.
-    pub fn fill<E>(
-        &mut self,
-        id: BufId,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
-    ) -> Result<usize, E> {
-        let Some(b) = idle_mut(&mut self.bufs, id) else {
-            return Ok(0);
-        };
-        let end = b.end;
-        let n = fill(&mut Ring::bytes_mut(&mut self.pool, b)[end..])?;
-        b.end = (b.end + n).min(b.len);
-        Ok(n)
-    }
-
-    /// Let `drain` read the pending bytes of an idle buffer; it returns how many it used.
-    pub fn drain<E>(
-        &mut self,
-        id: BufId,
-        drain: impl FnOnce(&[u8]) -> Result<usize, E>,
-    ) -> Result<usize, E> {
-        let n = drain(self.data(id))?;
-        self.consume(id, n);
-        Ok(n)
+    fn buf(&self, id: BufId) -> Option<&Buf> {
+        self.bufs.get(id.0 as usize).and_then(Option::as_ref)
     }
 
     // ---- operations ----------------------------------------------------------------
@@ -585,7 +503,8 @@ impl Ring {
         let entry = opcode::Recv::new(
             types::Fd(fd.as_raw_fd()),
             tail.as_mut_ptr(),
-            tail.len() as u32,
+            // A shorter length than the slice is always safe to hand over.
+            u32::try_from(tail.len()).unwrap_or(u32::MAX),
         )
         .build()
         .user_data(user_data(token, KIND_RECV, Some(id.0)));
@@ -599,7 +518,7 @@ impl Ring {
         let entry = opcode::Recv::new(
             types::Fd(fd.as_raw_fd()),
             std::ptr::null_mut(),
-            self.pool.size as u32,
+            self.pool.size as u32, // fits: checked in `Pool::new`
         )
         .buf_group(POOL_GROUP)
         .build()
@@ -621,7 +540,7 @@ impl Ring {
         let entry = opcode::Send::new(
             types::Fd(fd.as_raw_fd()),
             pending.as_ptr(),
-            pending.len() as u32,
+            u32::try_from(pending.len()).unwrap_or(u32::MAX),
         )
         .flags(libc::MSG_NOSIGNAL)
         .build()
@@ -795,6 +714,61 @@ impl Ring {
     }
 }
 
+impl Buffers for Ring {
+    fn alloc(&mut self, len: usize) -> BufId {
+        let mem = match self.spare.iter().position(|m| m.len() == len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => vec![0u8; len].into_boxed_slice(),
+        };
+        self.insert(Mem::Owned(mem), len, 0)
+    }
+
+    fn release(&mut self, id: BufId) {
+        let Some(buf) = self.bufs.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if buf.busy {
+            buf.release_when_idle = true;
+        } else {
+            self.drop_buf(id.0);
+        }
+    }
+
+    fn data(&self, id: BufId) -> &[u8] {
+        self.buf(id)
+            .filter(|b| !b.busy)
+            .map_or(&[], |b| &Ring::bytes(&self.pool, b)[b.start..b.end])
+    }
+
+    fn is_empty(&self, id: BufId) -> bool {
+        self.buf(id).is_none_or(|b| b.start == b.end)
+    }
+
+    fn consume(&mut self, id: BufId, n: usize) {
+        if let Some(b) = idle_mut(&mut self.bufs, id) {
+            b.start = (b.start + n).min(b.end);
+            if b.start == b.end {
+                b.start = 0;
+                b.end = 0;
+            }
+        }
+    }
+
+    fn fill<E>(
+        &mut self,
+        id: BufId,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        let Some(b) = idle_mut(&mut self.bufs, id) else {
+            return Ok(0);
+        };
+        let end = b.end;
+        let n = fill(&mut Ring::bytes_mut(&mut self.pool, b)[end..])?;
+        b.end = (b.end + n).min(b.len);
+        Ok(n)
+    }
+}
+
 /// What this kernel's io_uring lacks of what the engine uses.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -932,8 +906,8 @@ mod tests {
     fn send_and_recv_move_the_buffer_window() {
         let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
-        let buf = ring.alloc_buf(16);
-        ring.fill(buf, |tail| {
+        let buf = ring.alloc(16);
+        Buffers::fill(&mut ring, buf, |tail| {
             tail[..5].copy_from_slice(b"hello");
             Ok::<_, ()>(5)
         })
@@ -963,15 +937,15 @@ mod tests {
     fn a_buffer_released_in_flight_is_freed_only_after_its_completion() {
         let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
-        let busy = ring.alloc_buf(16);
+        let busy = ring.alloc(16);
         assert!(ring.recv(a.as_fd(), busy, 1));
-        ring.release_buf(busy);
-        let other = ring.alloc_buf(16);
+        ring.release(busy);
+        let other = ring.alloc(16);
         assert_ne!(other, busy, "the kernel still owns the released buffer");
         b.write_all(b"late").expect("write");
         let done = wait(&mut ring);
         assert_eq!((done[0].token, done[0].result), (1, 4));
-        assert_eq!(ring.alloc_buf(16), busy, "reusable once reaped");
+        assert_eq!(ring.alloc(16), busy, "reusable once reaped");
     }
 
     #[test]
@@ -1054,7 +1028,7 @@ mod tests {
             (-libc::ENOBUFS, true)
         );
         // Giving one back makes it available again.
-        ring.release_buf(held.pop().expect("held"));
+        ring.release(held.pop().expect("held"));
         ring.recv_pooled(pairs[2].0.as_fd(), 8);
         let done = wait(&mut ring);
         let buf = done[0].received.expect("a recycled pool buffer");
@@ -1083,7 +1057,7 @@ mod tests {
         let pairs: Vec<_> = (0..3)
             .map(|_| UnixStream::pair().expect("socketpair"))
             .collect();
-        let owned = ring.alloc_buf(16);
+        let owned = ring.alloc(16);
         assert!(ring.recv(pairs[0].0.as_fd(), owned, 1));
         ring.recv_pooled(pairs[1].0.as_fd(), 2);
         ring.poll_readable_multi(pairs[2].0.as_fd(), 3);
