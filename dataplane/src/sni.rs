@@ -7,15 +7,17 @@
 //! passed through at L4 with the ClientHello replayed as is, which an Acceptor, having
 //! consumed them, could not do), and refusals need no allocation and no copy. This
 //! parser reads only what routing needs (record framing, the server name); rustls then
-//! reads the same bytes, from the same buffer, as the start of its handshake. The peek
-//! costs about a microsecond (`tests::peek_costs_little_next_to_the_handshake`),
-//! against about a millisecond of handshake crypto.
+//! reads the same bytes, from the same buffer, as the start of its handshake. Measured
+//! (`cargo test --release -p mergen-dataplane --lib peek_cost -- --ignored --nocapture`):
+//! our peek 0.3-0.7 µs, `Acceptor::accept` 4-12 µs, the server's first flight (rustls
+//! reading the same hello, the key exchange, the signature) 340-740 µs: the peek is a
+//! tenth of an Acceptor and under 0.2% of the handshake it saves on refusals.
+
+use std::borrow::Cow;
 
 /// The most bytes the engine ever needs to buffer before [`peek_client_hello`] decides:
 /// with this many bytes the answer is never [`Peek::NeedMore`].
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024 + 5;
-
-use std::borrow::Cow;
 
 const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 0x16;
@@ -729,6 +731,44 @@ mod tests {
         assert_eq!(
             postgres_preamble(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2e]),
             PgPreamble::Other
+        );
+    }
+
+    /// What reading the server name costs next to the rest of a server's first flight
+    /// (not a pass/fail test: speed is measured, never asserted).
+    #[test]
+    #[ignore]
+    fn peek_cost() {
+        let hello = real_hello("app1.localhost", &[b"h2", b"http/1.1"], false);
+        let dir = mergen_testkit::TempDir::new("dp-peek-cost");
+        let (cert, key) = (dir.join("c"), dir.join("k"));
+        crate::tls::generate_self_signed("", "localhost", &cert, &key).unwrap();
+        let store = crate::tls::CertStore::load(&cert, &key).unwrap();
+        let config = crate::tls::server_config(&store, &[b"http/1.1".to_vec()]).unwrap();
+        let time = |n: u32, f: &mut dyn FnMut()| {
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            start.elapsed() / n
+        };
+        let peek = time(100_000, &mut || {
+            std::hint::black_box(peek_client_hello(std::hint::black_box(&hello)));
+        });
+        let acceptor = time(10_000, &mut || {
+            let mut a = rustls::server::Acceptor::default();
+            a.read_tls(&mut &hello[..]).unwrap();
+            std::hint::black_box(a.accept().unwrap().unwrap());
+        });
+        let first_flight = time(2_000, &mut || {
+            let mut s = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+            s.read_tls(&mut &hello[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut out = Vec::new();
+            s.write_tls(&mut out).unwrap();
+        });
+        eprintln!(
+            "peek {peek:?}, Acceptor::accept {acceptor:?}, server first flight {first_flight:?}"
         );
     }
 }
