@@ -145,8 +145,7 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        family(out, name, "histogram", help);
         let mut cumulative = 0;
         for (i, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Relaxed);
@@ -154,7 +153,12 @@ impl Histogram {
                 Some(&us) => format_seconds(us),
                 None => "+Inf".to_string(),
             };
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            sample(
+                out,
+                &format!("{name}_bucket"),
+                &format!("le=\"{le}\""),
+                cumulative,
+            );
         }
         let _ = writeln!(
             out,
@@ -258,51 +262,49 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP mergen_forwarder_connections_open Connections open now.\n");
-        out.push_str("# TYPE mergen_forwarder_connections_open gauge\n");
-        for (i, l) in self.listeners.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "mergen_forwarder_connections_open{{listener=\"{}\"}} {}",
-                escape(&l.name),
-                self.open_connections(i)
-            );
-        }
-        out.push_str("# HELP mergen_forwarder_connections_total Connections closed, by outcome.\n");
-        out.push_str("# TYPE mergen_forwarder_connections_total counter\n");
-        for l in &self.listeners {
-            for o in Outcome::ALL {
-                let _ = writeln!(
-                    out,
-                    "mergen_forwarder_connections_total{{listener=\"{}\",outcome=\"{}\"}} {}",
-                    escape(&l.name),
-                    o.as_str(),
-                    l.closed[o as usize].load(Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP mergen_forwarder_bytes_total Bytes forwarded, by direction.\n");
-        out.push_str("# TYPE mergen_forwarder_bytes_total counter\n");
-        for l in &self.listeners {
-            for (direction, c) in [("to_backend", &l.to_backend), ("to_client", &l.to_client)] {
-                let _ = writeln!(
-                    out,
-                    "mergen_forwarder_bytes_total{{listener=\"{}\",direction=\"{direction}\"}} {}",
-                    escape(&l.name),
-                    c.load(Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP mergen_forwarder_handshake_failures_total TLS connections refused or failed before the handshake completed, by reason.\n");
-        out.push_str("# TYPE mergen_forwarder_handshake_failures_total counter\n");
-        for r in HandshakeFailure::ALL {
-            let _ = writeln!(
-                out,
-                "mergen_forwarder_handshake_failures_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.handshake_failures[r as usize].load(Relaxed)
-            );
-        }
+        let listener = |l: &ListenerCounters| format!("listener=\"{}\"", escape(&l.name));
+        series(
+            &mut out,
+            ("mergen_forwarder_connections_open", "gauge"),
+            "Connections open now.",
+            self.listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (listener(l), self.open_connections(i))),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_connections_total", "counter"),
+            "Connections closed, by outcome.",
+            self.listeners.iter().flat_map(|l| {
+                Outcome::ALL.map(|o| {
+                    let labels = format!("{},outcome=\"{}\"", listener(l), o.as_str());
+                    (labels, l.closed[o as usize].load(Relaxed))
+                })
+            }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_bytes_total", "counter"),
+            "Bytes forwarded, by direction.",
+            self.listeners.iter().flat_map(|l| {
+                [("to_backend", &l.to_backend), ("to_client", &l.to_client)].map(|(d, c)| {
+                    (
+                        format!("{},direction=\"{d}\"", listener(l)),
+                        c.load(Relaxed),
+                    )
+                })
+            }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_handshake_failures_total", "counter"),
+            "TLS connections refused or failed before the handshake completed, by reason.",
+            HandshakeFailure::ALL.map(|r| {
+                let count = self.handshake_failures[r as usize].load(Relaxed);
+                (format!("reason=\"{}\"", r.as_str()), count)
+            }),
+        );
         self.dial.render(
             &mut out,
             "mergen_forwarder_dial_duration_seconds",
@@ -315,6 +317,30 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family (`name`, `kind`) and its samples, each `(labels, value)`.
+fn series(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    samples: impl IntoIterator<Item = (String, u64)>,
+) {
+    family(out, name, kind, help);
+    for (labels, value) in samples {
+        sample(out, name, &labels, value);
+    }
+}
+
+/// One sample line: `name{labels} value`.
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{name}{{{labels}}} {value}");
 }
 
 /// Label values escape backslash, quote and newline.

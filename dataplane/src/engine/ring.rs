@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use io_uring::types::BufRingEntry;
 
-use super::buffers::{BufId, Buffers};
+use super::buffers::{BufId, Buffers, Window};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// What a completion means to the engine: the engine's own token plus the outcome.
@@ -61,12 +61,10 @@ enum Mem {
     Pooled(u16),
 }
 
-/// A fixed-size byte buffer holding the window `start..end` of pending data.
+/// A fixed-size byte buffer and the window of pending data in it.
 struct Buf {
     mem: Mem,
-    len: usize,
-    start: usize,
-    end: usize,
+    window: Window,
     busy: bool,
     release_when_idle: bool,
 }
@@ -297,16 +295,11 @@ impl Ring {
             if now >= deadline {
                 return false;
             }
-            let ts = types::Timespec::from((deadline - now).min(Duration::from_millis(100)));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(_) => return false,
+            if self
+                .submit_and_wait((deadline - now).min(Duration::from_millis(100)))
+                .is_err()
+            {
+                return false;
             }
             // What they report no longer matters: accepted sockets close, buffers free.
             self.reap_to_backlog();
@@ -354,9 +347,7 @@ impl Ring {
     fn insert(&mut self, mem: Mem, len: usize, end: usize) -> BufId {
         let buf = Buf {
             mem,
-            len,
-            start: 0,
-            end,
+            window: Window::new(len, end),
             busy: false,
             release_when_idle: false,
         };
@@ -387,14 +378,14 @@ impl Ring {
     fn bytes<'a>(pool: &'a Pool, buf: &'a Buf) -> &'a [u8] {
         match &buf.mem {
             Mem::Owned(m) => m,
-            Mem::Pooled(bid) => &pool.slice(*bid)[..buf.len],
+            Mem::Pooled(bid) => pool.slice(*bid),
         }
     }
 
-    fn bytes_mut<'a>(pool: &'a mut Pool, buf: &'a mut Buf) -> &'a mut [u8] {
-        match &mut buf.mem {
+    fn bytes_mut<'a>(pool: &'a mut Pool, mem: &'a mut Mem) -> &'a mut [u8] {
+        match mem {
             Mem::Owned(m) => m,
-            Mem::Pooled(bid) => &mut pool.slice_mut(*bid)[..buf.len],
+            Mem::Pooled(bid) => pool.slice_mut(*bid),
         }
     }
 
@@ -494,12 +485,12 @@ impl Ring {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
-        if b.end == b.len {
+        let free = b.window.free();
+        if free.is_empty() {
             return false;
         }
         b.busy = true;
-        let end = b.end;
-        let tail = &mut Ring::bytes_mut(&mut self.pool, b)[end..];
+        let tail = &mut Ring::bytes_mut(&mut self.pool, &mut b.mem)[free];
         let entry = opcode::Recv::new(
             types::Fd(fd.as_raw_fd()),
             tail.as_mut_ptr(),
@@ -532,11 +523,11 @@ impl Ring {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
-        if b.start == b.end {
+        if b.window.is_empty() {
             return false;
         }
         b.busy = true;
-        let pending = &Ring::bytes(&self.pool, b)[b.start..b.end];
+        let pending = &Ring::bytes(&self.pool, b)[b.window.pending()];
         let entry = opcode::Send::new(
             types::Fd(fd.as_raw_fd()),
             pending.as_ptr(),
@@ -624,21 +615,29 @@ impl Ring {
                     log::warn!("io_uring submit failed: {e}");
                 }
             }
-        } else {
-            let ts = types::Timespec::from(timeout);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(e) => log::warn!("io_uring wait failed: {e}"),
-            }
+        } else if let Err(e) = self.submit_and_wait(timeout) {
+            log::warn!("io_uring wait failed: {e}");
         }
         self.reap_to_backlog();
         out.append(&mut self.backlog);
+    }
+
+    /// Submit what is queued and wait up to `timeout` for a completion. A wait that
+    /// ends by the clock, a signal, or a full completion queue is not an error.
+    fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Err(e)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Account for one completion: free what the kernel no longer uses.
@@ -657,13 +656,9 @@ impl Ring {
                 if result > 0 {
                     let n = result as usize;
                     if kind == KIND_RECV {
-                        buf.end = (buf.end + n).min(buf.len);
+                        buf.window.extend(n);
                     } else {
-                        buf.start = (buf.start + n).min(buf.end);
-                        if buf.start == buf.end {
-                            buf.start = 0;
-                            buf.end = 0;
-                        }
+                        buf.window.consume(n);
                     }
                 }
                 if buf.release_when_idle {
@@ -734,38 +729,18 @@ impl Buffers for Ring {
         }
     }
 
-    fn data(&self, id: BufId) -> &[u8] {
-        self.buf(id)
-            .filter(|b| !b.busy)
-            .map_or(&[], |b| &Ring::bytes(&self.pool, b)[b.start..b.end])
+    fn idle(&self, id: BufId) -> Option<(&[u8], &Window)> {
+        let b = self.buf(id).filter(|b| !b.busy)?;
+        Some((Ring::bytes(&self.pool, b), &b.window))
+    }
+
+    fn idle_mut(&mut self, id: BufId) -> Option<(&mut [u8], &mut Window)> {
+        let b = idle_mut(&mut self.bufs, id)?;
+        Some((Ring::bytes_mut(&mut self.pool, &mut b.mem), &mut b.window))
     }
 
     fn is_empty(&self, id: BufId) -> bool {
-        self.buf(id).is_none_or(|b| b.start == b.end)
-    }
-
-    fn consume(&mut self, id: BufId, n: usize) {
-        if let Some(b) = idle_mut(&mut self.bufs, id) {
-            b.start = (b.start + n).min(b.end);
-            if b.start == b.end {
-                b.start = 0;
-                b.end = 0;
-            }
-        }
-    }
-
-    fn fill<E>(
-        &mut self,
-        id: BufId,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
-    ) -> Result<usize, E> {
-        let Some(b) = idle_mut(&mut self.bufs, id) else {
-            return Ok(0);
-        };
-        let end = b.end;
-        let n = fill(&mut Ring::bytes_mut(&mut self.pool, b)[end..])?;
-        b.end = (b.end + n).min(b.len);
-        Ok(n)
+        self.buf(id).is_none_or(|b| b.window.is_empty())
     }
 }
 

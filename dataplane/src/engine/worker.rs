@@ -225,17 +225,7 @@ impl Worker {
             worker: self.index as u16,
             seq: self.next_seq,
         };
-        let shared = &*self.shared;
-        let mut cx = Cx {
-            bufs: &mut self.ring,
-            io: &mut self.ios,
-            now,
-            listener: &shared.listeners[listener],
-            timeouts: &shared.timeouts,
-            routes: &*shared.resolver,
-            metrics: &shared.metrics,
-            log: &shared.log,
-        };
+        let mut cx = context(&mut self.ring, &mut self.ios, &self.shared, listener, now);
         let conn = Conn::accept(id, &mut cx);
         self.conns[slot as usize] = Some(Slot {
             conn,
@@ -282,55 +272,39 @@ impl Worker {
     /// Feed `event` to the connection in `slot`, carry out what it asks for, and free
     /// it if that finished it. False when the slot holds no connection.
     fn step(&mut self, slot: u32, now: Instant, event: Event) -> bool {
-        let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+        if self
+            .conns
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .is_none()
+        {
             return false;
-        };
-        let shared = &*self.shared;
-        let mut cx = Cx {
-            bufs: &mut self.ring,
-            io: &mut self.ios,
-            now,
-            listener: &shared.listeners[s.listener],
-            timeouts: &shared.timeouts,
-            routes: &*shared.resolver,
-            metrics: &shared.metrics,
-            log: &shared.log,
-        };
-        s.conn.handle(event, &mut cx);
+        }
+        self.events.push(event);
         self.carry_out(slot, now);
         self.reap(slot);
         true
     }
 
-    /// Submit what the connection in `slot` asked for; what that answers at once (a
-    /// dial's outcome) goes back to it, until it asks for nothing more.
+    /// Alternate between the connection in `slot` and the ring: events in, the
+    /// operations it asks for out, and what those answer at once (a dial's outcome)
+    /// back in, until it asks for nothing more.
     fn carry_out(&mut self, slot: u32, now: Instant) {
         loop {
-            let ios = std::mem::take(&mut self.ios);
-            for io in ios {
+            for event in std::mem::take(&mut self.events) {
+                let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+                    return;
+                };
+                let mut cx = context(&mut self.ring, &mut self.ios, &self.shared, s.listener, now);
+                s.conn.handle(event, &mut cx);
+            }
+            for io in std::mem::take(&mut self.ios) {
                 if let Some(event) = self.submit(slot, io, now) {
                     self.events.push(event);
                 }
             }
             if self.events.is_empty() {
                 return;
-            }
-            for event in std::mem::take(&mut self.events) {
-                let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-                    return;
-                };
-                let shared = &*self.shared;
-                let mut cx = Cx {
-                    bufs: &mut self.ring,
-                    io: &mut self.ios,
-                    now,
-                    listener: &shared.listeners[s.listener],
-                    timeouts: &shared.timeouts,
-                    routes: &*shared.resolver,
-                    metrics: &shared.metrics,
-                    log: &shared.log,
-                };
-                s.conn.handle(event, &mut cx);
             }
         }
     }
@@ -469,6 +443,26 @@ impl Worker {
             self.step(slot, now, event);
         }
         stopping.is_some() && self.live == 0
+    }
+}
+
+/// What a connection on `listener` works with for one event.
+fn context<'a>(
+    ring: &'a mut Ring,
+    ios: &'a mut Vec<Io>,
+    shared: &'a Shared,
+    listener: usize,
+    now: Instant,
+) -> Cx<'a, Ring> {
+    Cx {
+        bufs: ring,
+        io: ios,
+        now,
+        listener: &shared.listeners[listener],
+        timeouts: &shared.timeouts,
+        routes: &*shared.resolver,
+        metrics: &shared.metrics,
+        log: &shared.log,
     }
 }
 

@@ -12,6 +12,7 @@ use rustls::{ClientConnection, ServerConfig};
 
 use super::*;
 use crate::config::ListenerKind;
+use crate::engine::buffers::Window;
 use crate::engine::connlog::Entry;
 use crate::engine::Listener;
 use crate::metrics::{HandshakeFailure, Metrics, Outcome};
@@ -22,8 +23,7 @@ use crate::sni;
 
 struct FakeBuf {
     mem: Vec<u8>,
-    start: usize,
-    end: usize,
+    window: Window,
     busy: bool,
     release_when_idle: bool,
 }
@@ -49,7 +49,7 @@ impl FakeBufs {
     }
 
     /// The kernel is done with `id`.
-    fn idle(&mut self, id: BufId) {
+    fn kernel_done(&mut self, id: BufId) {
         let b = self.get_mut(id);
         b.busy = false;
         if b.release_when_idle {
@@ -62,8 +62,7 @@ impl Buffers for FakeBufs {
     fn alloc(&mut self, len: usize) -> BufId {
         self.bufs.push(Some(FakeBuf {
             mem: vec![0; len],
-            start: 0,
-            end: 0,
+            window: Window::new(len, 0),
             busy: false,
             release_when_idle: false,
         }));
@@ -79,42 +78,18 @@ impl Buffers for FakeBufs {
         }
     }
 
-    fn data(&self, id: BufId) -> &[u8] {
+    fn idle(&self, id: BufId) -> Option<(&[u8], &Window)> {
         let b = self.get(id);
-        if b.busy {
-            &[]
-        } else {
-            &b.mem[b.start..b.end]
-        }
+        (!b.busy).then_some((&b.mem[..], &b.window))
+    }
+
+    fn idle_mut(&mut self, id: BufId) -> Option<(&mut [u8], &mut Window)> {
+        let b = self.get_mut(id);
+        (!b.busy).then_some((&mut b.mem[..], &mut b.window))
     }
 
     fn is_empty(&self, id: BufId) -> bool {
-        let b = self.get(id);
-        b.start == b.end
-    }
-
-    fn consume(&mut self, id: BufId, n: usize) {
-        let b = self.get_mut(id);
-        assert!(!b.busy, "consumed a busy buffer");
-        b.start = (b.start + n).min(b.end);
-        if b.start == b.end {
-            b.start = 0;
-            b.end = 0;
-        }
-    }
-
-    fn fill<E>(
-        &mut self,
-        id: BufId,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
-    ) -> Result<usize, E> {
-        let b = self.get_mut(id);
-        if b.busy {
-            return Ok(0);
-        }
-        let n = fill(&mut b.mem[b.end..])?;
-        b.end += n;
-        Ok(n)
+        self.get(id).window.is_empty()
     }
 }
 
@@ -225,6 +200,14 @@ impl T {
 
     /// Accept the connection.
     fn accept(mut self) -> T {
+        let id = ConnId { worker: 0, seq: 1 };
+        self.run(|conn, cx| *conn = Some(Conn::accept(id, cx)));
+        self
+    }
+
+    /// Run `f` with the connection and what it works with, then hand what it asked
+    /// for to the stand-in kernel.
+    fn run(&mut self, f: impl FnOnce(&mut Option<Conn>, &mut Cx<'_, FakeBufs>)) {
         let mut io = Vec::new();
         let mut cx = Cx {
             bufs: &mut self.bufs,
@@ -236,10 +219,8 @@ impl T {
             metrics: &self.metrics,
             log: &self.log,
         };
-        let id = ConnId { worker: 0, seq: 1 };
-        self.conn = Some(Conn::accept(id, &mut cx));
+        f(&mut self.conn, &mut cx);
         self.take(io);
-        self
     }
 
     fn conn(&self) -> &Conn {
@@ -247,19 +228,7 @@ impl T {
     }
 
     fn event(&mut self, event: Event) {
-        let mut io = Vec::new();
-        let mut cx = Cx {
-            bufs: &mut self.bufs,
-            io: &mut io,
-            now: self.now,
-            listener: &self.listener,
-            timeouts: &self.timeouts,
-            routes: &self.routes,
-            metrics: &self.metrics,
-            log: &self.log,
-        };
-        self.conn.as_mut().expect("accepted").handle(event, &mut cx);
-        self.take(io);
+        self.run(|conn, cx| conn.as_mut().expect("accepted").handle(event, cx));
     }
 
     /// What the connection asked for goes to the kernel (buffers it names turn busy).
@@ -318,7 +287,7 @@ impl T {
                 (n.expect("fill"), Some(b))
             }
             Some(b) => {
-                self.bufs.idle(b);
+                self.bufs.kernel_done(b);
                 let n = self.bufs.fill(b, |tail| {
                     let n = bytes.len().min(tail.len());
                     tail[..n].copy_from_slice(&bytes[..n]);
@@ -339,7 +308,7 @@ impl T {
     fn end_recv(&mut self, side: Side, result: i32) {
         let op = Op::recv(side);
         if let Io::Recv { into: Some(b), .. } = self.take_pending(op) {
-            self.bufs.idle(b);
+            self.bufs.kernel_done(b);
         }
         self.event(Event::Done {
             op,
@@ -354,7 +323,7 @@ impl T {
         let Io::Send { buf, .. } = self.take_pending(op) else {
             unreachable!()
         };
-        self.bufs.idle(buf);
+        self.bufs.kernel_done(buf);
         let data = self.bufs.data(buf);
         let n = data.len().min(max);
         let got = match side {
@@ -377,7 +346,7 @@ impl T {
         let Io::Send { buf, .. } = self.take_pending(op) else {
             unreachable!()
         };
-        self.bufs.idle(buf);
+        self.bufs.kernel_done(buf);
         self.event(Event::Done {
             op,
             result: -errno,
@@ -423,7 +392,9 @@ impl T {
                 .collect();
             for op in victims {
                 match self.take_pending(op) {
-                    Io::Recv { into: Some(b), .. } | Io::Send { buf: b, .. } => self.bufs.idle(b),
+                    Io::Recv { into: Some(b), .. } | Io::Send { buf: b, .. } => {
+                        self.bufs.kernel_done(b)
+                    }
                     _ => {}
                 }
                 self.event(Event::Done {
@@ -469,10 +440,6 @@ impl T {
         self.conn().finished()
     }
 
-    fn closed_as(&self, outcome: Outcome) -> bool {
-        self.finished() == Some(outcome)
-    }
-
     fn failures(&self, why: HandshakeFailure) -> u64 {
         let series = format!(
             "mergen_forwarder_handshake_failures_total{{reason=\"{}\"}} ",
@@ -490,6 +457,41 @@ impl T {
             .try_iter()
             .map(|(_, e)| format!("{} {}", e.conn, e.record.message(":443")))
             .collect()
+    }
+
+    /// Cancels and FINs done, the connection must be over with `outcome`; then it is
+    /// freed as the worker does, and every buffer must come back.
+    fn ends_as(mut self, outcome: Outcome) {
+        self.cancels();
+        self.shutdowns();
+        assert_eq!(self.finished(), Some(outcome));
+        self.free();
+    }
+
+    /// Lingering: our last word reaches the client, which then closes; the connection
+    /// ends as `outcome`.
+    fn client_leaves(mut self, outcome: Outcome) {
+        self.cancels();
+        while self.pending(Op::ClientSend) {
+            self.deliver(Side::Client, usize::MAX);
+        }
+        self.shutdowns();
+        assert!(self.client_fin, "no FIN after the last word");
+        assert_eq!(
+            self.finished(),
+            None,
+            "closed without reading the client out"
+        );
+        self.end_recv(Side::Client, 0);
+        self.ends_as(outcome);
+    }
+
+    /// A TLS listener of `kind` with a client for `name` that said its first flight.
+    fn tls(kind: ListenerKind, name: &str) -> (T, ClientConnection) {
+        let mut t = T::new(kind).accept();
+        let mut client = tls_client(name);
+        t.converse(&mut client);
+        (t, client)
     }
 
     /// Free the connection as the worker does; every buffer must come back.
@@ -588,8 +590,7 @@ fn raw_streams_both_ways_and_half_closes_client_first() {
     t.end_recv(Side::Guest, 0);
     t.shutdowns();
     assert!(t.client_fin);
-    assert!(t.closed_as(Outcome::Ok));
-    t.free();
+    t.ends_as(Outcome::Ok);
 }
 
 #[test]
@@ -606,9 +607,7 @@ fn raw_half_closes_guest_first() {
     t.deliver(Side::Guest, usize::MAX);
     assert_eq!(t.guest_got, b"bye");
     t.end_recv(Side::Client, 0);
-    t.shutdowns();
-    assert!(t.closed_as(Outcome::Ok));
-    t.free();
+    t.ends_as(Outcome::Ok);
 }
 
 /// A client that never reads: what the guest sends waits in one buffer and the guest
@@ -639,12 +638,11 @@ fn backpressure_from_a_client_that_never_reads() {
 fn raw_without_vms_is_no_route_not_a_dial_failure() {
     let t = T::new(ListenerKind::Raw).without_vms().accept();
     assert!(t.dials.is_empty());
-    assert!(t.closed_as(Outcome::NoRoute));
     assert_eq!(
         t.logged(),
         ["0-1 raw connection on :443 refused: no VM to route to"]
     );
-    t.free();
+    t.ends_as(Outcome::NoRoute);
 }
 
 #[test]
@@ -652,17 +650,15 @@ fn raw_dial_failures() {
     // Refused.
     let mut t = T::new(ListenerKind::Raw).accept();
     t.connect(-libc::ECONNREFUSED);
-    assert!(t.closed_as(Outcome::DialFailed));
     let lines = t.logged();
     assert!(lines[0].starts_with("0-1 dial to VM"), "{lines:?}");
     assert!(lines[0].contains("Connection refused"), "{lines:?}");
-    t.free();
+    t.ends_as(Outcome::DialFailed);
     // No socket from the namespace in time.
     let mut t = T::new(ListenerKind::Raw).accept();
     t.dials.clear();
     t.event(Event::DialFailed(DialError::PoolTimeout));
-    assert!(t.closed_as(Outcome::DialFailed));
-    t.free();
+    t.ends_as(Outcome::DialFailed);
 }
 
 #[test]
@@ -671,17 +667,13 @@ fn socket_errors_name_their_side() {
     t.connect(0);
     t.end_recv(Side::Client, -libc::ECONNRESET);
     assert_eq!(t.finished(), None, "the guest receive is still in flight");
-    t.cancels();
-    assert!(t.closed_as(Outcome::ClientError));
-    t.free();
+    t.ends_as(Outcome::ClientError);
 
     let mut t = T::new(ListenerKind::Raw).accept();
     t.connect(0);
     t.arrive(Side::Client, b"x");
     t.fail_send(Side::Guest, libc::EPIPE);
-    t.cancels();
-    assert!(t.closed_as(Outcome::BackendError));
-    t.free();
+    t.ends_as(Outcome::BackendError);
 }
 
 /// Closing while a receive on each side is in flight: both are cancelled, and the
@@ -697,9 +689,7 @@ fn close_while_operations_are_in_flight() {
     // A late completion before the cancels: still not finished.
     t.arrive(Side::Client, b"late");
     assert_eq!(t.finished(), None);
-    t.cancels();
-    assert!(t.closed_as(Outcome::Shutdown));
-    t.free();
+    t.ends_as(Outcome::Shutdown);
 }
 
 /// A dial that completes after the connection closed is cancelled, not leaked.
@@ -707,13 +697,11 @@ fn close_while_operations_are_in_flight() {
 fn a_dial_that_lands_after_the_close_is_cancelled() {
     let mut t = T::new(ListenerKind::Raw).accept();
     t.event(Event::Abort);
-    assert!(t.closed_as(Outcome::Shutdown));
+    assert_eq!(t.finished(), Some(Outcome::Shutdown));
     t.dialing();
     assert_eq!(t.finished(), None, "the connect is in flight");
     assert!(t.pending(Op::GuestCancel));
-    t.cancels();
-    assert!(t.closed_as(Outcome::Shutdown));
-    t.free();
+    t.ends_as(Outcome::Shutdown);
 }
 
 #[test]
@@ -727,9 +715,7 @@ fn idle_timeout() {
     t.tick_after(Duration::from_secs(299));
     assert_eq!(t.finished(), None);
     t.tick_after(Duration::from_secs(2));
-    t.cancels();
-    assert!(t.closed_as(Outcome::Timeout));
-    t.free();
+    t.ends_as(Outcome::Timeout);
 }
 
 #[test]
@@ -835,15 +821,10 @@ fn unknown_and_missing_names_get_an_alert_and_a_linger() {
             t.client_got,
             sni::alert_record(sni::ALERT_UNRECOGNIZED_NAME)
         );
-        t.shutdowns();
-        assert!(t.client_fin);
-        // Lingering: reads and drops what the client still says, until it closes.
-        assert_eq!(t.finished(), None);
-        t.arrive(Side::Client, b"more");
-        t.end_recv(Side::Client, 0);
-        assert!(t.closed_as(outcome), "{name}");
         assert_eq!(t.failures(why), 1);
-        t.free();
+        // Lingering: reads and drops what the client still says, until it closes.
+        t.arrive(Side::Client, b"more");
+        t.client_leaves(outcome);
     }
 }
 
@@ -851,9 +832,8 @@ fn unknown_and_missing_names_get_an_alert_and_a_linger() {
 fn not_tls_is_a_bad_request() {
     let mut t = T::new(ListenerKind::Https).accept();
     t.arrive(Side::Client, b"GET / HTTP/1.1\r\n\r\n");
-    assert!(t.closed_as(Outcome::BadRequest));
     assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
-    t.free();
+    t.ends_as(Outcome::BadRequest);
 }
 
 #[test]
@@ -869,11 +849,8 @@ fn malformed_and_oversized_hellos_get_decode_error() {
         t.arrive(Side::Client, bytes);
         t.deliver(Side::Client, usize::MAX);
         assert_eq!(t.client_got, sni::alert_record(sni::ALERT_DECODE_ERROR));
-        t.shutdowns();
-        t.end_recv(Side::Client, 0);
-        assert!(t.closed_as(Outcome::HandshakeFailed), "{why:?}");
         assert_eq!(t.failures(why), 1);
-        t.free();
+        t.client_leaves(Outcome::HandshakeFailed);
     }
 }
 
@@ -905,9 +882,8 @@ fn postgres_gssenc_then_ssl_then_hello() {
 fn a_plaintext_postgres_startup_is_a_bad_request() {
     let mut t = T::new(ListenerKind::Postgres).accept();
     t.arrive(Side::Client, &[0, 0, 0, 40, 0, 3, 0, 0]);
-    assert!(t.closed_as(Outcome::BadRequest));
     assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
-    t.free();
+    t.ends_as(Outcome::BadRequest);
 }
 
 #[test]
@@ -916,19 +892,16 @@ fn a_silent_client_times_out_in_the_handshake() {
     t.tick_after(Duration::from_secs(9));
     assert_eq!(t.finished(), None);
     t.tick_after(Duration::from_secs(1));
-    t.cancels();
-    assert!(t.closed_as(Outcome::Timeout));
     assert_eq!(t.failures(HandshakeFailure::Timeout), 1);
-    t.free();
+    t.ends_as(Outcome::Timeout);
 }
 
 #[test]
 fn a_client_that_leaves_before_its_handshake_is_a_failed_handshake() {
     let mut t = T::new(ListenerKind::Https).accept();
     t.end_recv(Side::Client, 0);
-    assert!(t.closed_as(Outcome::HandshakeFailed));
     assert_eq!(t.failures(HandshakeFailure::ClientClosed), 1);
-    t.free();
+    t.ends_as(Outcome::HandshakeFailed);
 }
 
 // ---- TLS ---------------------------------------------------------------------------
@@ -953,8 +926,7 @@ fn tls_streams_both_ways_and_half_closes_with_close_notify() {
     t.converse(&mut client);
     t.shutdowns();
     assert!(t.client_fin);
-    assert!(t.closed_as(Outcome::Ok));
-    t.free();
+    t.ends_as(Outcome::Ok);
 }
 
 #[test]
@@ -974,25 +946,19 @@ fn tls_half_close_guest_first_then_a_bare_fin() {
     t.shutdowns();
     assert_eq!(t.guest_got, b"last words");
     assert!(t.guest_fin);
-    assert!(t.closed_as(Outcome::Ok));
-    t.free();
+    t.ends_as(Outcome::Ok);
 }
 
 /// The dial fails after the handshake: an HTTPS client gets a 502 page.
 #[test]
 fn dial_failure_after_the_handshake_gives_https_a_502() {
-    let mut t = T::new(ListenerKind::Https).accept();
-    let mut client = tls_client("app.localhost");
-    t.converse(&mut client);
+    let (mut t, mut client) = T::tls(ListenerKind::Https, "app.localhost");
     assert!(!client.is_handshaking());
     t.connect(-libc::ECONNREFUSED);
     t.converse(&mut client);
     let page = String::from_utf8(plaintext_of(&mut client)).expect("text");
     assert!(page.starts_with("HTTP/1.1 502 Bad Gateway"), "{page}");
-    t.shutdowns();
-    t.end_recv(Side::Client, 0);
-    assert!(t.closed_as(Outcome::DialFailed));
-    t.free();
+    t.client_leaves(Outcome::DialFailed);
 }
 
 /// The dial fails while the client is still handshaking: it finishes, then learns.
@@ -1019,9 +985,7 @@ fn dial_failure_before_the_handshake_waits_for_it() {
 /// Not HTTPS: a failed dial closes with close_notify, no 502 page.
 #[test]
 fn dial_failure_on_a_generic_tls_listener_has_no_502() {
-    let mut t = T::new(ListenerKind::Tls).accept();
-    let mut client = tls_client("app.localhost");
-    t.converse(&mut client);
+    let (mut t, mut client) = T::tls(ListenerKind::Tls, "app.localhost");
     t.connect(-libc::ECONNREFUSED);
     t.converse(&mut client);
     assert!(plaintext_of(&mut client).is_empty());
@@ -1029,10 +993,7 @@ fn dial_failure_on_a_generic_tls_listener_has_no_502() {
         .process_new_packets()
         .expect("clean")
         .peer_has_closed());
-    t.shutdowns();
-    t.end_recv(Side::Client, 0);
-    assert!(t.closed_as(Outcome::DialFailed));
-    t.free();
+    t.client_leaves(Outcome::DialFailed);
 }
 
 #[test]
@@ -1043,11 +1004,7 @@ fn garbage_during_the_handshake_is_a_failed_handshake() {
     t.arrive(Side::Client, &bytes);
     assert!(matches!(t.conn().stage, Stage::Linger(_)));
     assert_eq!(t.failures(HandshakeFailure::Tls), 1);
-    t.deliver(Side::Client, usize::MAX);
-    t.cancels(); // the dial's connect, if the worker had started it
-    t.shutdowns();
-    t.end_recv(Side::Client, 0);
-    assert!(t.closed_as(Outcome::HandshakeFailed));
+    t.client_leaves(Outcome::HandshakeFailed);
 }
 
 #[test]
@@ -1055,15 +1012,8 @@ fn garbage_after_the_handshake_is_a_tls_error() {
     let (mut t, _client) = T::tls_established("app.localhost");
     t.arrive(Side::Client, &[0x17, 3, 3, 0, 4, 1, 2, 3, 4]);
     assert!(matches!(t.conn().stage, Stage::Linger(_)));
-    t.cancels();
-    while t.pending(Op::ClientSend) {
-        t.deliver(Side::Client, usize::MAX);
-    }
-    t.shutdowns();
-    t.end_recv(Side::Client, 0);
-    assert!(t.closed_as(Outcome::TlsError));
     assert_eq!(t.failures(HandshakeFailure::Tls), 0);
-    t.free();
+    t.client_leaves(Outcome::TlsError);
 }
 
 /// A handshake that never completes times out even when the dial is done.
@@ -1076,10 +1026,8 @@ fn a_stalled_handshake_times_out() {
         t.deliver(Side::Client, usize::MAX);
     }
     t.tick_after(Duration::from_secs(11));
-    t.cancels();
-    assert!(t.closed_as(Outcome::Timeout));
     assert_eq!(t.failures(HandshakeFailure::Timeout), 1);
-    t.free();
+    t.ends_as(Outcome::Timeout);
 }
 
 /// rustls will not start a session (our configuration is at fault): `error`.
@@ -1091,9 +1039,8 @@ fn a_session_rustls_refuses_to_start_is_an_internal_error() {
     t.listener.tls = Some(Arc::new(config));
     let mut t = t.accept();
     t.arrive(Side::Client, &hello("app.localhost"));
-    assert!(t.closed_as(Outcome::Error));
     assert!(t.dials.is_empty());
-    t.free();
+    t.ends_as(Outcome::Error);
 }
 
 /// A TLS client that never reads while its guest talks: rustls' queue and our
