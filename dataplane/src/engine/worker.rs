@@ -90,6 +90,7 @@ pub struct Worker {
     reaped: Vec<Completion>,
     /// What the connection being stepped asked for, and what that led to.
     ios: Vec<Io>,
+    spare_ios: Vec<Io>,
     events: Vec<Event>,
     /// Signalled by the socket pool when parked dials should try again.
     wake_fd: Arc<OwnedFd>,
@@ -137,6 +138,7 @@ impl Worker {
             next_seq: 0,
             reaped: Vec::new(),
             ios: Vec::new(),
+            spare_ios: Vec::new(),
             events: Vec::new(),
             wake_fd,
             wake,
@@ -290,23 +292,31 @@ impl Worker {
     /// operations it asks for out, and what those answer at once (a dial's outcome)
     /// back in, until it asks for nothing more.
     fn carry_out(&mut self, slot: u32, now: Instant) {
+        // Three lists, kept with their capacity from one step to the next: a step on the
+        // data path allocates nothing here.
+        let mut events = std::mem::take(&mut self.events);
+        let mut ios = std::mem::take(&mut self.spare_ios);
         loop {
-            for event in std::mem::take(&mut self.events) {
-                let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-                    return;
-                };
-                let mut cx = context(&mut self.ring, &mut self.ios, &self.shared, s.listener, now);
-                s.conn.handle(event, &mut cx);
-            }
-            for io in std::mem::take(&mut self.ios) {
-                if let Some(event) = self.submit(slot, io, now) {
-                    self.events.push(event);
+            if let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) {
+                for event in events.drain(..) {
+                    let mut cx =
+                        context(&mut self.ring, &mut self.ios, &self.shared, s.listener, now);
+                    s.conn.handle(event, &mut cx);
                 }
             }
-            if self.events.is_empty() {
-                return;
+            events.clear();
+            std::mem::swap(&mut ios, &mut self.ios);
+            for io in ios.drain(..) {
+                if let Some(event) = self.submit(slot, io, now) {
+                    events.push(event);
+                }
+            }
+            if events.is_empty() {
+                break;
             }
         }
+        self.events = events;
+        self.spare_ios = ios;
     }
 
     /// Hand one operation to the ring. An operation the ring cannot take (the socket
