@@ -12,6 +12,8 @@
 //!   API);
 //! - [`listen`]: listen addresses, `:PORT` meaning dual-stack.
 
+#![deny(unsafe_code)]
+
 pub mod chunked;
 pub mod client;
 pub mod listen;

@@ -7,6 +7,8 @@
 //!
 //! Key-values come from `log`'s structured logging: `log::info!(id = id; "created")`.
 
+#![deny(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::str::FromStr;

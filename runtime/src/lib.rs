@@ -6,6 +6,8 @@
 //! graceful-stop, net-cleanup), and the guest itself (Firecracker, or a plain process
 //! inside the VM's namespace on hosts without Firecracker).
 
+#![deny(unsafe_code)]
+
 pub mod cli;
 mod command;
 pub mod config;
