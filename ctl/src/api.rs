@@ -164,7 +164,7 @@ impl App {
     }
 
     fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, ApiError> {
-        self.supervisor.as_ref().map_err(|e| e.clone().into())
+        self.supervisor.as_ref().map_err(ApiError::from)
     }
 
     /// What a VM looks like when no supervisor can be asked: nothing runs it, so it is
@@ -414,7 +414,7 @@ impl App {
                 Ok(st) if st.state == VmState::Stopped => {}
                 Ok(_) => sup.stop(&meta)?,
                 Err(RuntimeError::Unavailable(m)) => {
-                    log::warn!(id = id, error = m; "supervisor unavailable, deleting without a stop")
+                    log::warn!(id = id, error:% = m; "supervisor unavailable, deleting without a stop")
                 }
                 Err(e) => return Err(e.into()),
             },
@@ -529,6 +529,7 @@ fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmCo
             host_dev_name: meta.tap_name.clone(),
             guest_mac: guest_mac(&meta.id),
         }],
+        vsock: None,
     }
 }
 

@@ -5,6 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
 use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
 use crate::guest::{self, GuestKind};
 use crate::{state, steps, supervise};
 
@@ -40,12 +41,12 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
+fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<()> {
     match step {
         // Needs no meta.json: cleanup must work even after the VM's files are gone.
         "net-cleanup" => {
             if !mergen_model::names::is_valid_id(id) {
-                return Err(format!("{id:?} is not a VM id (a lowercase UUID)"));
+                return Err(Error::InvalidId(id.to_string()));
             }
             steps::net_cleanup(config, id)
         }
@@ -56,10 +57,13 @@ fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
             let meta = steps::load_meta(config, id)?;
             let kind = GuestKind::of(&meta, config)?;
             if step == "jailer-start" && kind != GuestKind::Firecracker {
-                return Err(format!("VM {id} is a process VM: use `mergend vm run`"));
+                return Err(Error::Invalid(format!(
+                    "VM {id} is a process VM: use `mergend vm run`"
+                )));
             }
             let mut cmd = guest::command(kind, config, &meta)?;
-            Err(format!("executing {cmd:?}: {}", cmd.exec()))
+            let err = cmd.exec();
+            Err(Error::io(format!("executing {cmd:?}"), err))
         }
         "graceful-stop" => {
             let meta = steps::load_meta(config, id)?;
@@ -74,7 +78,7 @@ fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
                 None => Ok(()),
             }
         }
-        other => Err(format!("unknown step {other:?}\n{USAGE}")),
+        other => Err(Error::Invalid(format!("unknown step {other:?}\n{USAGE}"))),
     }
 }
 

@@ -10,6 +10,8 @@ pub mod cli;
 mod command;
 pub mod config;
 pub mod embedded;
+pub mod envfile;
+pub mod error;
 pub mod fc_api;
 pub mod firecracker;
 pub mod guest;
@@ -25,5 +27,6 @@ pub mod supervisor;
 pub mod systemd;
 
 pub use config::{RuntimeChoice, RuntimeConfig, SupervisorChoice};
+pub use error::{Error, Unavailable};
 pub use status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};
 pub use supervisor::{select_supervisor, RuntimeError, Supervisor};

@@ -21,6 +21,8 @@ use std::net::Ipv4Addr;
 
 use mergen_model::{names, Ipv4Cidr, Meta, PortBinding};
 
+use crate::error::{Error, Result};
+
 /// The root namespace's end of every VM's veth (source of host-made connections).
 pub const TRANSIT_HOST: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 1);
 /// The namespace's end of the veth when the guest lives behind a tap (Firecracker).
@@ -57,16 +59,16 @@ pub struct NetPlan {
 }
 
 impl NetPlan {
-    pub fn new(meta: &Meta, guest_cidr: &Ipv4Cidr, link: GuestLink) -> Result<NetPlan, String> {
+    pub fn new(meta: &Meta, guest_cidr: &Ipv4Cidr, link: GuestLink) -> Result<NetPlan> {
         let id8 = names::short_id(&meta.id);
-        let gateway = guest_cidr
-            .gateway()
-            .ok_or_else(|| format!("guest CIDR {guest_cidr} has no gateway address"))?;
+        let gateway = guest_cidr.gateway().ok_or_else(|| {
+            Error::Invalid(format!("guest CIDR {guest_cidr} has no gateway address"))
+        })?;
         if !guest_cidr.contains(meta.guest_ip) || meta.guest_ip == gateway {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "VM {}: guest IP {} is not a guest address of MGR_GUEST_CIDR {guest_cidr}",
                 meta.id, meta.guest_ip
-            ));
+            )));
         }
         Ok(NetPlan {
             netns: names::netns_name(&meta.id),
@@ -135,7 +137,9 @@ mod tests {
     #[test]
     fn guest_ip_outside_the_cidr_or_on_the_gateway_is_refused() {
         let cidr: Ipv4Cidr = "172.30.0.0/24".parse().unwrap();
-        let e = NetPlan::new(&meta("10.0.0.2"), &cidr, GuestLink::Veth).unwrap_err();
+        let e = NetPlan::new(&meta("10.0.0.2"), &cidr, GuestLink::Veth)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.0.0.2") && e.contains("172.30.0.0/24"), "{e}");
         assert!(NetPlan::new(&meta("172.30.0.1"), &cidr, GuestLink::Veth).is_err());
     }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::command;
+use crate::error::{Error, Result};
 use crate::netplan::NetPlan;
 
 /// The whole table for a VM. Starting with "create empty, then delete" makes the script
@@ -50,27 +51,33 @@ pub fn render(plan: &NetPlan) -> String {
 }
 
 /// Install (or replace) the VM's table.
-pub fn apply(plan: &NetPlan, timeout: Duration) -> Result<(), String> {
-    nft_script(&render(plan), timeout)
-        .map_err(|e| format!("installing nftables table {}: {e}", plan.nft_table))
+pub fn apply(plan: &NetPlan, timeout: Duration) -> Result<()> {
+    nft_script(
+        &render(plan),
+        timeout,
+        &format!("installing nftables table {}", plan.nft_table),
+    )
 }
 
 /// Remove the VM's table; a missing table is fine.
-pub fn delete(table: &str, timeout: Duration) -> Result<(), String> {
+pub fn delete(table: &str, timeout: Duration) -> Result<()> {
     nft_script(
         &format!("table ip {table} {{}}\ndelete table ip {table}\n"),
         timeout,
+        &format!("removing nftables table {table}"),
     )
-    .map_err(|e| format!("removing nftables table {table}: {e}"))
 }
 
 /// Whether the table exists (for tests and for stop's leftover check).
-pub fn exists(table: &str, timeout: Duration) -> Result<bool, String> {
+pub fn exists(table: &str, timeout: Duration) -> Result<bool> {
     let mut cmd = Command::new("nft");
     cmd.args(["list", "tables", "ip"]);
     let out = command::run(cmd, None, timeout)?;
     if !out.success {
-        return Err(format!("nft list tables: {}", out.stderr.trim()));
+        return Err(Error::CommandFailed {
+            command: "nft list tables".into(),
+            stderr: out.stderr.trim().to_string(),
+        });
     }
     Ok(out
         .stdout
@@ -78,14 +85,18 @@ pub fn exists(table: &str, timeout: Duration) -> Result<bool, String> {
         .any(|l| l.trim() == format!("table ip {table}")))
 }
 
-fn nft_script(script: &str, timeout: Duration) -> Result<(), String> {
+/// Run `script` as one `nft -f -` transaction; `what` says what it was for.
+fn nft_script(script: &str, timeout: Duration, what: &str) -> Result<()> {
     let mut cmd = Command::new("nft");
     cmd.args(["-f", "-"]);
     let out = command::run(cmd, Some(script.as_bytes()), timeout)?;
     if out.success {
         Ok(())
     } else {
-        Err(out.stderr.trim().to_string())
+        Err(Error::CommandFailed {
+            command: what.to_string(),
+            stderr: out.stderr.trim().to_string(),
+        })
     }
 }
 

@@ -20,7 +20,9 @@ use mergen_runtime::embedded::EmbeddedSupervisor;
 use mergen_runtime::fc_api::FcClient;
 use mergen_runtime::firecracker::{self, StopOutcome};
 use mergen_runtime::systemd::SystemdSupervisor;
-use mergen_runtime::{net, state, steps, RuntimeConfig, Supervisor, VmState};
+use mergen_runtime::{
+    net, state, steps, RuntimeConfig, RuntimeError, Supervisor, Unavailable, VmState,
+};
 use mergen_testkit::{
     curl_get, free_port, is_root, next, nginx, poll, require_root, run_out, running, wait_for,
     TempDir,
@@ -42,6 +44,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up,
     configure_start_replays_vm_json_in_order,
     configure_start_reports_firecrackers_fault_message,
+    configure_start_adds_the_guest_network_to_old_vm_json_and_sends_vsock,
     graceful_stop_sends_ctrl_alt_del_then_terminates,
     systemd_backend_issues_the_expected_systemctl_commands,
     install_script_puts_binaries_and_units_in_place,
@@ -583,10 +586,84 @@ fn configure_start_replays_vm_json_in_order() {
     assert_eq!(calls[8].body["path_on_host"], "/drive-rootfs");
 }
 
+fn configure_start_adds_the_guest_network_to_old_vm_json_and_sends_vsock() {
+    let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
+    // A vm.json as the original wrote it before the guest network went into the boot
+    // args, with the later original's vsock block.
+    let mut vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
+    vm["boot-source"]["boot_args"] = "console=ttyS0 reboot=k panic=1 pci=off".into();
+    let uds = Path::new(&meta.paths.run_dir).join("v.sock");
+    vm["vsock"] = serde_json::json!({"vsock_id": "vsock0", "guest_cid": 3, "uds_path": uds});
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    let on_disk = std::fs::read(&meta.paths.vm_config_path).unwrap();
+
+    steps::configure_start(&host.config, &meta).unwrap();
+    let calls = double.calls();
+    let order: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "/boot-source",
+            "/machine-config",
+            "/drives/rootfs",
+            "/drives/data",
+            "/network-interfaces/eth0",
+            "/vsock",
+            "/actions"
+        ]
+    );
+    // The guest IP from meta.json, the gateway and mask from MGR_GUEST_CIDR.
+    assert_eq!(
+        calls[0].body["boot_args"],
+        format!(
+            "console=ttyS0 reboot=k panic=1 pci=off ip={}::10.0.0.1:255.255.255.0::eth0:off",
+            meta.guest_ip
+        )
+    );
+    assert_eq!(calls[5].body, vm["vsock"]);
+    // The file itself is left as the user has it.
+    assert_eq!(std::fs::read(&meta.paths.vm_config_path).unwrap(), on_disk);
+
+    // A vm.json that has its own ip= keeps it, and gets no second one.
+    vm["boot-source"]["boot_args"] = "console=ttyS0 ip=dhcp".into();
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    steps::configure_start(&host.config, &meta).unwrap();
+    assert_eq!(double.calls()[7].body["boot_args"], "console=ttyS0 ip=dhcp");
+
+    // Under the jailer, Firecracker binds the vsock socket inside its chroot.
+    let api = FcClient::new(Path::new(&meta.paths.socket_path), Duration::from_secs(5));
+    let parsed = firecracker::read_vm_config(&meta).unwrap();
+    firecracker::configure_start(&api, &parsed, true).unwrap();
+    let vsock = double
+        .calls()
+        .into_iter()
+        .rev()
+        .find(|c| c.path == "/vsock")
+        .unwrap();
+    assert_eq!(
+        vsock.body,
+        serde_json::json!({"vsock_id": "vsock0", "guest_cid": 3, "uds_path": firecracker::JAIL_VSOCK})
+    );
+
+    // Firecracker refuses to bind over an existing path: a socket left by a previous
+    // run is removed before the launch (a regular file is not ours to delete).
+    drop(std::os::unix::net::UnixListener::bind(&uds).unwrap());
+    let mut direct = host.config.clone();
+    direct.use_jailer = false;
+    firecracker::launch_command(&direct, &meta).unwrap();
+    assert!(!uds.exists(), "stale vsock socket left");
+    std::fs::write(&uds, "user data").unwrap();
+    firecracker::launch_command(&direct, &meta).unwrap();
+    assert_eq!(std::fs::read(&uds).unwrap(), b"user data");
+}
+
 fn configure_start_reports_firecrackers_fault_message() {
     let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
     double.fail("/drives/rootfs", 400, "Invalid block device path");
-    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    let err = steps::configure_start(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("400")
             && err.contains("PUT /drives/rootfs")
@@ -699,9 +776,16 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
     assert!(all[0].systemd.available && all[0].systemd.active);
     assert_eq!(all[1].state, VmState::Stopped);
     assert!(!all[1].supervisor.active);
+    // A unit that does not exist (the template is not installed) is a missing
+    // dependency, which the API answers with 503 as the original did.
     let broken = mk("broken00-0000-4000-8000-000000000003");
-    let err = sup.start(&broken).unwrap_err().to_string();
-    assert!(err.contains("not found"), "{err}");
+    let err = sup.start(&broken).unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::Unavailable(Unavailable::UnitMissing { unit, .. }) if *unit == format!("mgtest@{}.service", broken.id)),
+        "{err:?}"
+    );
+    assert!(err.is_unavailable());
+    assert!(err.to_string().contains("not found"), "{err}");
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         calls.lines().collect::<Vec<_>>(),
@@ -902,6 +986,8 @@ fn jailer_command_links_images_into_the_chroot() {
             n => vm["drives"][n - 1]["path_on_host"] = p.to_string_lossy().into(),
         }
     }
+    let vsock_host = Path::new(&meta.paths.run_dir).join("vsock/guest.sock");
+    vm["vsock"] = serde_json::json!({"guest_cid": 7, "uds_path": vsock_host});
     atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
 
     // The jailer names the jail after the resolved binary, not the symlink.
@@ -959,10 +1045,15 @@ fn jailer_command_links_images_into_the_chroot() {
         );
         assert_eq!((linked.uid(), linked.gid()), (123, 456));
     }
-    // The documented socket path leads to Firecracker's socket inside the chroot.
+    // The documented socket path leads to Firecracker's socket inside the chroot, and
+    // vm.json's vsock path to the vsock socket there.
     assert_eq!(
         std::fs::read_link(&meta.paths.socket_path).unwrap(),
         root.join("run/firecracker.socket")
+    );
+    assert_eq!(
+        std::fs::read_link(&vsock_host).unwrap(),
+        root.join("run/vsock.sock")
     );
     // The API calls name what Firecracker sees from inside the chroot.
     std::fs::create_dir_all(root.join("run")).unwrap();
@@ -997,7 +1088,9 @@ fn jailer_command_links_images_into_the_chroot() {
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    assert_eq!(cmd.get_program(), "ip");
+    // iproute2's ip, found on mergend's PATH before the guest's environment replaces it.
+    let ip = Path::new(cmd.get_program());
+    assert!(ip.is_absolute() && ip.ends_with("ip"), "{}", ip.display());
     let link_s = fc_link.to_string_lossy().into_owned();
     assert_eq!(
         argv,
@@ -1036,17 +1129,23 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
     // No such binary.
     let host = host_with("/nonexistent/firecracker");
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("MGR_FIRECRACKER_BIN"), "{err}");
     // A bare name that is not on PATH.
     let host = host_with("firecracker-not-installed-here");
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not found on PATH"), "{err}");
     // The jailer only execs files whose name contains "firecracker".
     let host = host_with(&odd.to_string_lossy());
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("\"firecracker\""), "{err}");
     // Drive ids become chroot file names and API paths: Firecracker's rule applies.
     let (fc, _) = fake_firecracker(bin_dir.path(), "firecracker-v1");
@@ -1056,9 +1155,13 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
         serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
     vm["drives"][1]["drive_id"] = "../../etc".into();
     atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("../../etc"), "{err}");
-    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    let err = steps::configure_start(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("letters, digits or underscores"), "{err}");
 }
 

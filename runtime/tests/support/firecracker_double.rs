@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
@@ -37,17 +38,25 @@ impl FirecrackerDouble {
     pub fn listen(socket: &Path) -> FirecrackerDouble {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket).expect("bind the double's socket");
+        // Non-blocking accepts, so the loop sees `done` even when the code under test
+        // has removed the socket file (a launch clears stale sockets) and no connection
+        // can wake it.
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let calls = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let done = Arc::new(AtomicBool::new(false));
         let (c, b, d) = (calls.clone(), behaviour.clone(), done.clone());
         let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if d.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(stream) = stream {
-                    serve(stream, &c, &b);
+            while !d.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if stream.set_nonblocking(false).is_ok() {
+                            serve(stream, &c, &b);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
@@ -77,8 +86,6 @@ impl FirecrackerDouble {
 impl Drop for FirecrackerDouble {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees `done`.
-        let _ = UnixStream::connect(&self.socket);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
