@@ -800,6 +800,21 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
 
 // ---------------------------------------------------------------- deploy/
 
+/// Run deploy/install.sh with `env`; (success, stderr).
+fn install(env: &[(&str, &Path)]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.sh");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script).env_remove("MGR_CONFIG_ROOT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn install_script_puts_binaries_and_units_in_place() {
     let dir = TempDir::new("rt-install");
     let bins = dir.join("bins");
@@ -813,19 +828,12 @@ fn install_script_puts_binaries_and_units_in_place() {
             .status()
             .unwrap();
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.sh");
-    let out = Command::new("sh")
-        .arg(&script)
-        .env("BIN_DIR", &bins)
-        .env("PREFIX", "/opt/mergen")
-        .env("DESTDIR", &root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("PREFIX", Path::new("/opt/mergen")),
+        ("DESTDIR", &root),
+    ]);
+    assert!(ok, "{err}");
     assert!(root.join("opt/mergen/bin/mergend").is_file());
     assert!(root.join("opt/mergen/bin/mergen-forwarder").is_file());
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/mergen@.service")).unwrap();
@@ -838,6 +846,7 @@ fn install_script_puts_binaries_and_units_in_place() {
         "Restart=on-failure",
         "KillMode=mixed",
         "EnvironmentFile=/etc/mergen/vm.d/%i/env",
+        "UnsetEnvironment=MGR_API_TOKEN",
     ] {
         assert!(
             unit.lines().any(|l| l == step),
@@ -848,22 +857,42 @@ fn install_script_puts_binaries_and_units_in_place() {
     let fwd =
         std::fs::read_to_string(root.join("etc/systemd/system/mergen-forwarder.service")).unwrap();
     assert!(fwd.contains("ExecStart=/opt/mergen/bin/mergen-forwarder"));
-    assert!(root.join("etc/mergen/mergen.env").is_file());
+    assert!(fwd
+        .lines()
+        .any(|l| l == "EnvironmentFile=-/etc/mergen/forwarder.env"));
+    let settings = std::fs::read_to_string(root.join("etc/mergen/mergen.env")).unwrap();
+    assert!(
+        settings.lines().any(|l| l == "MGR_SUPERVISOR=systemd"),
+        "{settings}"
+    );
+    // The forwarder's settings file, as the original installs it.
+    let fwd_env = root.join("etc/mergen/forwarder.env");
+    let text = std::fs::read_to_string(&fwd_env).unwrap();
+    assert!(text.lines().any(|l| l == "FWD_LOG_LEVEL=info"), "{text}");
+    // Secrets live in a file only mergend reads, and only root can.
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = std::fs::metadata(root.join("etc/mergen/mergend.env")).unwrap();
+    assert_eq!(secrets.permissions().mode() & 0o777, 0o600);
     // The control plane: only mergend itself is killed on stop (embedded supervisors
     // share its control group and must outlive it), restarted on failure, and it reads
-    // the same settings file as the VM units.
+    // the same settings file as the VM units plus its own secrets.
     let ctl = std::fs::read_to_string(root.join("etc/systemd/system/mergend.service")).unwrap();
     for line in [
         "ExecStart=/opt/mergen/bin/mergend",
         "KillMode=process",
         "Restart=on-failure",
         "EnvironmentFile=-/etc/mergen/mergen.env",
+        "EnvironmentFile=-/etc/mergen/mergend.env",
     ] {
         assert!(ctl.lines().any(|l| l == line), "missing {line:?} in\n{ctl}");
     }
     assert!(unit
         .lines()
         .any(|l| l == "EnvironmentFile=-/etc/mergen/mergen.env"));
+    assert!(
+        !unit.contains("mergend.env"),
+        "a VM unit reads mergend's secrets"
+    );
     // Every command of every unit is an installed binary (or kill for reload).
     for text in [&unit, &fwd, &ctl] {
         for line in text.lines().filter(|l| l.starts_with("Exec")) {
@@ -877,16 +906,60 @@ fn install_script_puts_binaries_and_units_in_place() {
             assert!(installed || program == "/bin/kill", "{line}");
         }
     }
+
+    // The operator's files are never overwritten by a second install.
+    std::fs::write(&fwd_env, "FWD_LOG_LEVEL=debug\n").unwrap();
+    std::fs::write(
+        root.join("etc/mergen/mergen.env"),
+        "MGR_SUPERVISOR=systemd\nMGR_CONFIG_ROOT='/srv/mergen/vms/'\n",
+    )
+    .unwrap();
+    let (ok, err) = install(&[("BIN_DIR", &bins), ("DESTDIR", &root)]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&fwd_env).unwrap(),
+        "FWD_LOG_LEVEL=debug\n"
+    );
+    // ...and the VM unit follows the MGR_CONFIG_ROOT set there.
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/mergen@.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "EnvironmentFile=/srv/mergen/vms/%i/env"),
+        "{unit}"
+    );
+    assert!(root.join("srv/mergen/vms").is_dir());
+
+    // MGR_CONFIG_ROOT given to the install wins, and lands in a new mergen.env.
+    let fresh = dir.join("fresh");
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("DESTDIR", &fresh),
+        ("MGR_CONFIG_ROOT", Path::new("/data/vm.d")),
+    ]);
+    assert!(ok, "{err}");
+    let unit = std::fs::read_to_string(fresh.join("etc/systemd/system/mergen@.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "EnvironmentFile=/data/vm.d/%i/env"),
+        "{unit}"
+    );
+    let settings = std::fs::read_to_string(fresh.join("etc/mergen/mergen.env")).unwrap();
+    assert!(
+        settings.lines().any(|l| l == "MGR_CONFIG_ROOT=/data/vm.d"),
+        "{settings}"
+    );
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("DESTDIR", &dir.join("relative")),
+        ("MGR_CONFIG_ROOT", Path::new("vm.d")),
+    ]);
+    assert!(!ok && err.contains("absolute"), "{err}");
+
     // A missing binary is a clear error, not a half install.
     std::fs::remove_file(bins.join("mergen-forwarder")).unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .env("BIN_DIR", &bins)
-        .env("DESTDIR", dir.join("root2"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mergen-forwarder not found"));
+    let (ok, err) = install(&[("BIN_DIR", &bins), ("DESTDIR", &dir.join("root2"))]);
+    assert!(!ok);
+    assert!(err.contains("mergen-forwarder not found"), "{err}");
     assert!(!dir.join("root2").exists());
 }
 
