@@ -64,7 +64,7 @@ impl EmbeddedSupervisor {
             .arg(&self.config.mergend_exe)
             .args(state::supervisor_argv(&meta.id))
             .env_clear()
-            .envs(supervisor_env(&self.config))
+            .envs(supervisor_env(&self.config, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())
             .stdout(open_log()?)
             .stderr(open_log()?);
@@ -176,16 +176,26 @@ impl Supervisor for EmbeddedSupervisor {
     }
 }
 
-/// The supervisor's whole environment: the runtime's configuration as `MGR_*`
-/// variables, the log settings, and `PATH` (so it finds the same `ip`, `nft` and
-/// Firecracker as mergend). Nothing else of mergend's environment gets through: not
-/// `MGR_API_TOKEN`, not whatever secrets the operator's shell held.
-pub fn supervisor_env(config: &RuntimeConfig) -> Vec<(String, String)> {
+/// The supervisor's whole environment, built from nothing: the runtime's configuration
+/// as `MGR_*` variables ([`RuntimeConfig::to_env`]), the rest of the runtime's table
+/// (the log settings) as far as `get` (mergend's environment) sets them, and `PATH`, so
+/// it finds the same `ip`, `nft` and Firecracker as mergend. Nothing else gets
+/// through: not `MGR_API_TOKEN`, not whatever secrets the operator's shell held.
+pub fn supervisor_env(
+    config: &RuntimeConfig,
+    get: impl Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
     let mut env = config.to_env();
-    for name in ["MGR_LOG_LEVEL", "MGR_LOG_FORMAT", "PATH"] {
-        if let Ok(value) = std::env::var(name) {
-            env.push((name.to_string(), value));
+    for var in crate::config::VARIABLES {
+        if env.iter().any(|(k, _)| k == var.name) {
+            continue;
         }
+        if let Some(value) = get(var.name) {
+            env.push((var.name.to_string(), value));
+        }
+    }
+    if let Some(path) = get("PATH") {
+        env.push(("PATH".to_string(), path));
     }
     env
 }
@@ -218,5 +228,46 @@ fn status_of(config: &RuntimeConfig, meta: &Meta) -> VmStatus {
             unit: format!("{}@{}.service", config.unit_prefix, meta.id),
             ..SystemdInfo::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_supervisor_gets_the_runtime_table_and_path_only() {
+        let mergend: HashMap<&str, &str> = [
+            ("MGR_RUN_ROOT", "/tmp/r"),
+            ("MGR_MERGEND_BIN", "/x/mergend"),
+            ("MGR_LOG_LEVEL", "debug"),
+            ("MGR_API_TOKEN", "s3cret"),
+            ("MGR_HTTP_ADDR", "0.0.0.0:8080"),
+            ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("PATH", "/opt/fc/bin:/usr/bin"),
+            ("HOME", "/root"),
+        ]
+        .into();
+        let get = |k: &str| mergend.get(k).map(|v| v.to_string());
+        let config = RuntimeConfig::from_lookup(get).unwrap();
+        let env: HashMap<String, String> = supervisor_env(&config, get).into_iter().collect();
+        assert_eq!(env["MGR_RUN_ROOT"], "/tmp/r");
+        assert_eq!(env["MGR_LOG_LEVEL"], "debug");
+        assert_eq!(env["PATH"], "/opt/fc/bin:/usr/bin");
+        // Not set in mergend's environment: not invented either.
+        assert!(!env.contains_key("MGR_LOG_FORMAT"));
+        let table: Vec<&str> = crate::config::VARIABLES.iter().map(|v| v.name).collect();
+        for k in env.keys() {
+            assert!(table.contains(&k.as_str()) || k == "PATH", "{k} leaked");
+        }
+        for secret in [
+            "MGR_API_TOKEN",
+            "MGR_HTTP_ADDR",
+            "AWS_SECRET_ACCESS_KEY",
+            "HOME",
+        ] {
+            assert!(!env.contains_key(secret), "{secret} leaked");
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod fc_api;
 pub mod firecracker;
 pub mod guest;
+pub mod isolation;
 pub mod net;
 pub mod netplan;
 pub mod nft;

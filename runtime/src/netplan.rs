@@ -10,6 +10,8 @@
 //!  route <guestIP>/32 dev vh-<id8>                 firecracker: 169.254.100.2/32,
 //!  nft table ip mergen-<id8>                          proxy_arp, forwarding on,
 //!    (DNAT host ports, masquerade)                    tap-<id8> <gateway>/<prefix>
+//!  nft table inet mergen (shared)
+//!    chains in-<id8>, fwd-<id8> (isolation)
 //! ```
 //!
 //! The transit addresses are the same for every VM: each veth pair is its own link, so
@@ -22,6 +24,7 @@ use std::net::Ipv4Addr;
 use mergen_model::{names, Ipv4Cidr, Meta, PortBinding};
 
 use crate::error::{Error, Result};
+use crate::isolation::HostPorts;
 
 /// The root namespace's end of every VM's veth (source of host-made connections).
 pub const TRANSIT_HOST: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 1);
@@ -40,6 +43,8 @@ pub enum GuestLink {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetPlan {
+    /// The first 8 characters of the VM id, which key every name below.
+    pub id8: String,
     pub netns: String,
     /// Root-namespace end of the veth pair.
     pub host_veth: String,
@@ -56,6 +61,9 @@ pub struct NetPlan {
     pub ports: Vec<PortBinding>,
     /// `mergen-<id8>` in family `ip`: one table per VM, replaced and deleted atomically.
     pub nft_table: String,
+    /// The guest isolation policy with its allowed host ports; `None`: isolation off
+    /// (`MGR_GUEST_ISOLATION=0`). On unless the caller turns it off.
+    pub isolation: Option<HostPorts>,
 }
 
 impl NetPlan {
@@ -71,6 +79,7 @@ impl NetPlan {
             )));
         }
         Ok(NetPlan {
+            id8: id8.to_string(),
             netns: names::netns_name(&meta.id),
             host_veth: format!("vh-{id8}"),
             ns_veth: format!("vg-{id8}"),
@@ -82,6 +91,7 @@ impl NetPlan {
             tap_owner: None,
             ports: meta.ports.clone(),
             nft_table: format!("mergen-{id8}"),
+            isolation: Some(HostPorts::default()),
         })
     }
 

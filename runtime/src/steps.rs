@@ -1,7 +1,7 @@
 //! The per-VM host steps, as library calls. `mergend vm <step> <id>` (systemd's unit) and
 //! the embedded supervisor both come here, so they can never differ.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mergen_model::{names, Meta};
@@ -44,7 +44,54 @@ pub fn net_setup(config: &RuntimeConfig, meta: &Meta) -> Result<()> {
     if kind == GuestKind::Firecracker && config.use_jailer {
         plan.tap_owner = Some((config.jailer_uid, config.jailer_gid));
     }
-    net::setup(&plan, config.command_timeout).map_err(|e| e.in_step("net-setup", &meta.id))
+    plan.isolation = config
+        .guest_isolation
+        .then(|| config.allow_host_ports.clone());
+    let changes =
+        net::setup(&plan, config.command_timeout).map_err(|e| e.in_step("net-setup", &meta.id))?;
+    for change in changes {
+        record_host_change(config, &meta.id, &change);
+    }
+    Ok(())
+}
+
+/// Where net-setup notes the host-wide settings it changed, one line each.
+pub fn host_changes_file(config: &RuntimeConfig) -> PathBuf {
+    config.roots.run.join("host-changes.log")
+}
+
+/// Log a host-wide change and append it to [`host_changes_file`], so an operator can
+/// find what mergen did to the host. It is not undone at cleanup: other VMs, other
+/// mergends and other software on the host depend on it from then on.
+fn record_host_change(config: &RuntimeConfig, id: &str, c: &net::HostChange) {
+    log::warn!(
+        "net-setup of VM {id} changed the host-wide {} from {} to {} (recorded in {})",
+        c.key,
+        c.was,
+        c.now,
+        host_changes_file(config).display()
+    );
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let line = format!(
+        "{now} {}={} (was {}) net-setup of VM {id}\n",
+        c.key, c.now, c.was
+    );
+    let written = std::fs::create_dir_all(&config.roots.run).and_then(|()| {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(host_changes_file(config))?
+            .write_all(line.as_bytes())
+    });
+    if let Err(e) = written {
+        log::warn!(
+            "recording the host change in {}: {e}",
+            host_changes_file(config).display()
+        );
+    }
 }
 
 /// Remove the VM's network and, under the jailer, its jail (it runs after every stop:

@@ -33,7 +33,13 @@ pub trait Supervisor: Send + Sync {
 }
 
 /// The supervisor `MGR_SUPERVISOR` asks for (auto = systemd when PID 1 is systemd).
+/// Also puts the guest isolation policy's skeleton in place, so it holds before the
+/// first VM starts (failing that is logged: each VM's net-setup installs it again and
+/// reports the error there).
 pub fn select_supervisor(config: &RuntimeConfig) -> Result<Arc<dyn Supervisor>, RuntimeError> {
+    if let Err(e) = crate::net::prepare_host(config.guest_isolation, config.command_timeout) {
+        log::warn!("guest isolation policy not installed yet: {e}");
+    }
     let systemd = match config.supervisor {
         SupervisorChoice::Systemd => true,
         SupervisorChoice::Embedded => false,

@@ -7,6 +7,7 @@
 //! points at it), dispatching those arguments to `mergen_runtime::cli::main` exactly as
 //! mergend does.
 
+mod security;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,6 +27,11 @@ use mergen_runtime::{
 use mergen_testkit::{
     curl_get, free_port, is_root, next, nginx, poll, require_root, run_out, running, wait_for,
     TempDir,
+};
+use security::{
+    guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host,
+    net_setup_changes_sysctls_per_interface_and_records_ip_forward,
+    supervisors_and_guests_get_no_secret_from_mergends_environment,
 };
 use support::firecracker_double::FirecrackerDouble;
 
@@ -53,6 +59,9 @@ const TESTS: &[(&str, TestFn)] = tests![
     jailer_launch_refuses_what_the_jailer_or_firecracker_would,
     firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter,
     step_subcommands_reject_bad_input_with_clear_errors,
+    guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host,
+    net_setup_changes_sysctls_per_interface_and_records_ip_forward,
+    supervisors_and_guests_get_no_secret_from_mergends_environment,
 ];
 
 fn main() -> ExitCode {
@@ -60,8 +69,15 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("supervise" | "vm") => return mergen_runtime::cli::main(&args),
         Some("udp-echo") => return udp_echo(&args[1]),
+        Some("tcp-hello") => return security::tcp_hello(&args[1]),
         _ => {}
     }
+    // This process plays mergend, and mergend's environment holds secrets: the API
+    // token, and whatever else the operator's shell exported. No supervisor or guest
+    // started by any test may see them (security::supervisors_and_guests...). Set
+    // before any thread exists.
+    std::env::set_var("MGR_API_TOKEN", security::TOKEN);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", security::AWS_SECRET);
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if args.iter().any(|a| a == "--list") {
         for (name, _) in TESTS {
@@ -284,6 +300,17 @@ fn assert_nothing_left(id: &str) {
         !run_out(&["nft", "list", "tables"]).contains(&format!("mergen-{id8}")),
         "nft table left"
     );
+    let shared = run_out(&["nft", "list", "table", "inet", "mergen"]);
+    for chain in [format!("in-{id8}"), format!("fwd-{id8}")] {
+        assert!(
+            !shared.contains(&format!("chain {chain} ")),
+            "isolation chain {chain} left"
+        );
+    }
+    assert!(
+        !shared.contains(&format!("\"vh-{id8}\"")),
+        "isolation map element of vh-{id8} left"
+    );
 }
 
 // ---------------------------------------------------------------- host tests
@@ -333,6 +360,26 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
     );
     let routes = run_out(&["ip", "-4", "route", "show", &format!("{guest}")]);
     assert!(routes.contains(&format!("dev vh-{id8}")), "{routes}");
+    // The VM's part of the shared isolation table, once however often set up.
+    let shared = run_out(&["nft", "list", "table", "inet", "mergen"]);
+    assert_eq!(
+        shared
+            .matches(&format!("\"vh-{id8}\" : jump in-{id8}"))
+            .count(),
+        1,
+        "{shared}"
+    );
+    assert_eq!(shared.matches(&format!("chain in-{id8} {{")).count(), 1);
+    assert_eq!(
+        shared.matches("iifname vmap @guest_input").count(),
+        1,
+        "the shared chains were filled twice: {shared}"
+    );
+    let left = net::leftovers(&meta.id, Duration::from_secs(10)).unwrap();
+    assert!(
+        left.iter().any(|l| l.contains(&format!("in-{id8}"))),
+        "{left:?}"
+    );
     for _ in 0..2 {
         steps::net_cleanup(&host.config, &meta.id).unwrap();
     }
@@ -340,6 +387,8 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
     assert!(net::leftovers(&meta.id, Duration::from_secs(10))
         .unwrap()
         .is_empty());
+    // The shared table stays for the other VMs (and other mergends) on the host.
+    assert!(run_out(&["nft", "list", "tables"]).contains("table inet mergen"));
 }
 
 fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
