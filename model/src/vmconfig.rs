@@ -49,6 +49,48 @@ pub struct NetworkInterface {
     pub guest_mac: String,
 }
 
+impl VmConfig {
+    /// A VM's config as mergen writes it: the kernel with `boot_args`, the root drive
+    /// (and a `data` drive when given), and `eth0` on the VM's tap with its MAC.
+    pub fn new(
+        id: &str,
+        kernel: &str,
+        boot_args: String,
+        rootfs: &str,
+        data_disk: Option<&str>,
+        machine: MachineConfig,
+    ) -> VmConfig {
+        let mut drives = vec![Drive {
+            drive_id: "rootfs".into(),
+            path_on_host: rootfs.into(),
+            is_root_device: true,
+            is_read_only: false,
+        }];
+        if let Some(data) = data_disk.filter(|d| !d.is_empty()) {
+            drives.push(Drive {
+                drive_id: "data".into(),
+                path_on_host: data.into(),
+                is_root_device: false,
+                is_read_only: false,
+            });
+        }
+        VmConfig {
+            boot_source: BootSource {
+                kernel_image_path: kernel.into(),
+                boot_args,
+            },
+            drives,
+            machine_config: machine,
+            network_interfaces: vec![NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: crate::names::tap_name(id),
+                guest_mac: crate::names::guest_mac(id),
+            }],
+            vsock: None,
+        }
+    }
+}
+
 /// Firecracker's vsock device: the guest's context id and the host-side unix socket
 /// that guest connections arrive on. `vsock_id` was required by Firecracker before
 /// 1.0 and is optional since; it is kept only when the file has it.

@@ -1,5 +1,6 @@
 //! `mergend vm <step> <id>` and `mergend supervise <id>`: the per-VM host steps, run by
-//! a systemd unit or by the embedded supervisor.
+//! a systemd unit or by the embedded supervisor; and `mergend vm smoke-test`, the
+//! standalone Firecracker check built from the same steps.
 
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
@@ -7,9 +8,9 @@ use std::process::ExitCode;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{self, GuestKind};
-use crate::{state, steps, supervise};
+use crate::{smoke, state, steps, supervise};
 
-const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>";
+const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>\n       mergend vm smoke-test --rootfs FILE --kernel FILE [--keep-run-dir] (--help for more)";
 
 /// Entry point for the runtime subcommands; `args` excludes the program name.
 pub fn main(args: &[String]) -> ExitCode {
@@ -25,6 +26,19 @@ pub fn main(args: &[String]) -> ExitCode {
         Err(e) => return fail(&format!("configuration: {e}")),
     };
     let result = match args.as_slice() {
+        ["vm", "smoke-test", rest @ ..] => {
+            if rest.iter().any(|a| matches!(*a, "-h" | "--help")) {
+                println!("{}", smoke::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            match smoke::Options::parse(rest) {
+                Ok(options) => smoke::run(&config, &options),
+                Err(e) => {
+                    eprintln!("mergend vm smoke-test: {e}\n{}", smoke::USAGE);
+                    return ExitCode::from(2);
+                }
+            }
+        }
         ["supervise", id] => supervise::run(&config, id),
         ["vm", step, id] => vm_step(&config, step, id),
         _ => {

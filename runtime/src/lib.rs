@@ -20,6 +20,7 @@ pub mod net;
 pub mod netplan;
 pub mod nft;
 pub mod procs;
+pub mod smoke;
 pub mod state;
 pub mod status;
 pub mod steps;

@@ -39,7 +39,12 @@ pub fn load_meta(config: &RuntimeConfig, id: &str) -> Result<Meta> {
 }
 
 pub fn net_setup(config: &RuntimeConfig, meta: &Meta) -> Result<()> {
-    let kind = GuestKind::of(meta, config)?;
+    net_setup_for(config, meta, GuestKind::of(meta, config)?)
+}
+
+/// net-setup for a guest of `kind` (the smoke test's Firecracker guest has no VM files
+/// to tell it from).
+pub(crate) fn net_setup_for(config: &RuntimeConfig, meta: &Meta, kind: GuestKind) -> Result<()> {
     let mut plan = NetPlan::new(meta, &config.guest_cidr, kind.link())?;
     if kind == GuestKind::Firecracker && config.use_jailer {
         plan.tap_owner = Some((config.jailer_uid, config.jailer_gid));
@@ -109,6 +114,12 @@ pub fn configure_start(config: &RuntimeConfig, meta: &Meta) -> Result<()> {
     if GuestKind::of(meta, config)? == GuestKind::Process {
         return Ok(());
     }
+    configure_firecracker(config, meta)
+}
+
+/// configure-start of a Firecracker guest: vm.json (with the guest network in its boot
+/// args) replayed against its API socket.
+pub(crate) fn configure_firecracker(config: &RuntimeConfig, meta: &Meta) -> Result<()> {
     let mut vm = firecracker::read_vm_config(meta)?;
     vm.boot_source
         .ensure_ip_arg(meta.guest_ip, &config.guest_cidr);

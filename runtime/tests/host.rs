@@ -62,6 +62,8 @@ const TESTS: &[(&str, TestFn)] = tests![
     guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host,
     net_setup_changes_sysctls_per_interface_and_records_ip_forward,
     supervisors_and_guests_get_no_secret_from_mergends_environment,
+    smoke_test_configures_firecracker_as_a_launch_does_reaches_the_guest_and_cleans_up,
+    smoke_test_cleans_up_when_the_guest_never_answers_or_it_is_interrupted,
 ];
 
 fn main() -> ExitCode {
@@ -70,6 +72,8 @@ fn main() -> ExitCode {
         Some("supervise" | "vm") => return mergen_runtime::cli::main(&args),
         Some("udp-echo") => return udp_echo(&args[1]),
         Some("tcp-hello") => return security::tcp_hello(&args[1]),
+        // Launched as "firecracker" (a symlink to this binary) by the smoke test.
+        Some("--api-sock") => return support::firecracker_double::run_process(&args),
         _ => {}
     }
     // This process plays mergend, and mergend's environment holds secrets: the API
@@ -1404,4 +1408,260 @@ fn a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up() {
     );
     assert_nothing_left(&meta.id);
     assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
+}
+
+// ---------------------------------------------------------------- smoke test
+
+/// A host whose Firecracker is the API double (this binary behind a `firecracker`
+/// symlink), with kernel and rootfs files; `kernel` is the kernel file's content
+/// (`no-network` makes the double's guest never come up).
+struct SmokeHost {
+    host: Host,
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    _bin: TempDir,
+}
+
+impl SmokeHost {
+    fn new(kernel: &str) -> SmokeHost {
+        let bin = TempDir::new("rt-smoke-bin");
+        let fc = bin.join("firecracker");
+        std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &fc).unwrap();
+        let host = Host::new(
+            &unique_cidr(),
+            &[
+                ("MGR_RUNTIME", "process"),
+                ("MGR_JAILER", "0"),
+                ("MGR_FIRECRACKER_BIN", &fc.to_string_lossy()),
+                ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
+                ("MGR_STOP_TIMEOUT_SECONDS", "2"),
+            ],
+        );
+        let kernel_path = host.dir.join("vmlinux");
+        let rootfs = host.dir.join("rootfs.ext4");
+        std::fs::write(&kernel_path, kernel).unwrap();
+        std::fs::write(&rootfs, "rootfs").unwrap();
+        SmokeHost {
+            host,
+            kernel: kernel_path,
+            rootfs,
+            _bin: bin,
+        }
+    }
+
+    /// `mergend vm smoke-test --kernel .. --rootfs .. <extra>`, started.
+    fn spawn(&self, extra: &[&str]) -> std::process::Child {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["vm", "smoke-test", "--kernel"])
+            .arg(&self.kernel)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .args(extra)
+            .envs(self.host.config.to_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    }
+}
+
+/// Wait (bounded) for a smoke test to end: (success, stdout, stderr).
+fn finish(child: std::process::Child) -> (bool, String, String) {
+    let pid = child.id();
+    let out = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !out.is_finished() {
+        if std::time::Instant::now() > deadline {
+            let _ = mergen_runtime::procs::signal(pid, rustix::process::Signal::KILL);
+            panic!("the smoke test did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = out.join().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The VM id and run dir the smoke test announced.
+fn announced(stdout: &str) -> (String, PathBuf) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("smoke-test: VM "))
+        .unwrap_or_else(|| panic!("no VM line in {stdout}"));
+    let id = line["smoke-test: VM ".len()..][..36].to_string();
+    let dir = line.rsplit("run dir ").next().unwrap().trim().into();
+    (id, dir)
+}
+
+fn smoke_test_configures_firecracker_as_a_launch_does_reaches_the_guest_and_cleans_up() {
+    require_root!();
+    let smoke = SmokeHost::new("a kernel");
+    // MGR_RUNTIME=process: the smoke test is a Firecracker check whatever runtime the
+    // VMs of this host use.
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--keep-run-dir", "--timeout", "20"]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let (id, dir) = announced(&stdout);
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert!(stdout.contains("its network is up"), "{stdout}");
+
+    // Exactly what configure-start sends for a VM, then the graceful stop.
+    let socket = dir.join("mergen.socket");
+    let calls: Vec<serde_json::Value> =
+        std::fs::read_to_string(format!("{}.calls", socket.display()))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let paths: Vec<&str> = calls.iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/boot-source",
+            "/machine-config",
+            "/drives/rootfs",
+            "/network-interfaces/eth0",
+            "/actions",
+            "/actions"
+        ],
+        "{calls:?}"
+    );
+    assert!(calls.iter().all(|c| c["method"] == "PUT"));
+    let cidr = &smoke.host.config.guest_cidr;
+    let guest = cidr.host(254).unwrap(); // the last host of a /24
+    let kernel = smoke.kernel.canonicalize().unwrap();
+    assert_eq!(
+        calls[0]["body"],
+        serde_json::json!({
+            "kernel_image_path": kernel,
+            "boot_args": format!("{} ip={guest}::{}:255.255.255.0::eth0:off",
+                mergen_model::vmconfig::DEFAULT_BOOT_ARGS, cidr.gateway().unwrap()),
+        })
+    );
+    assert_eq!(
+        calls[1]["body"],
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 512, "smt": false})
+    );
+    assert_eq!(
+        calls[2]["body"],
+        serde_json::json!({"drive_id": "rootfs", "path_on_host": smoke.rootfs.canonicalize().unwrap(),
+            "is_root_device": true, "is_read_only": false})
+    );
+    assert_eq!(
+        calls[3]["body"],
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": names::tap_name(&id),
+            "guest_mac": names::guest_mac(&id)})
+    );
+    assert_eq!(calls[4]["body"]["action_type"], "InstanceStart");
+    assert_eq!(calls[5]["body"]["action_type"], "SendCtrlAltDel");
+    // Firecracker is gone, and so is everything net-setup made.
+    let pid: u32 = std::fs::read_to_string(format!("{}.pid", socket.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !running(pid),
+        "Firecracker (the double, pid {pid}) left running"
+    );
+    assert_nothing_left(&id);
+    assert!(
+        dir.join("firecracker.log").is_file(),
+        "--keep-run-dir kept no log"
+    );
+
+    // Without --keep-run-dir nothing at all is left.
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--timeout", "20"]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let (id, dir) = announced(&stdout);
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert!(!dir.exists(), "run dir {} left", dir.display());
+    assert_nothing_left(&id);
+
+    // Bad input: a clear error, usage, nothing made.
+    let (ok, _, stderr) = finish(smoke.spawn(&["--port", "none"]));
+    assert!(
+        !ok && stderr.contains("--port") && stderr.contains("usage"),
+        "{stderr}"
+    );
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let out = cmd
+        .args([
+            "vm",
+            "smoke-test",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--rootfs",
+        ])
+        .arg(&smoke.rootfs)
+        .envs(smoke.host.config.to_env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent/vmlinux"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("smoke-test: VM "));
+}
+
+fn smoke_test_cleans_up_when_the_guest_never_answers_or_it_is_interrupted() {
+    require_root!();
+    let smoke = SmokeHost::new("no-network");
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--timeout", "2"]));
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("did not answer within 2s"), "{stderr}");
+    let (id, dir) = announced(&stdout);
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert_nothing_left(&id);
+    assert!(!dir.exists());
+
+    // Ctrl-C (here SIGINT) while it waits for the guest: it still cleans up.
+    let mut child = smoke.spawn(&["--timeout", "60"]);
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("smoke-test: VM ") {
+                let _ = tx.send(line.clone());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let (id, dir) = announced(&rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    let calls = dir.join("mergen.socket.calls");
+    wait_for(
+        "InstanceStart to reach Firecracker",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&calls)
+                .ok()
+                .filter(|c| c.contains("InstanceStart"))
+        },
+    );
+    mergen_runtime::procs::signal(pid, rustix::process::Signal::INT).unwrap();
+    let (ok, _, stderr) = finish(child);
+    let stdout = reader.join().unwrap();
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stdout.contains("net-cleanup done"), "{stdout}");
+    assert_nothing_left(&id);
+    assert!(!dir.exists());
 }
