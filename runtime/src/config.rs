@@ -289,11 +289,7 @@ fn kvm_present() -> bool {
 
 /// Whether `bin` names an existing file, directly or through `PATH`.
 pub(crate) fn find_binary(bin: &std::path::Path) -> bool {
-    if bin.components().count() > 1 {
-        return bin.is_file();
-    }
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
+    crate::command::which(bin).is_some()
 }
 
 #[cfg(test)]

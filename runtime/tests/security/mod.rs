@@ -39,40 +39,39 @@ pub fn tcp_hello(addr: &str) -> ExitCode {
 
 // ---------------------------------------------------------------- isolation
 
-/// A TCP listener on every address of the host (`[::]`, dual-stack) that tells each
-/// client the address it came from; stopped and joined on drop.
-struct HostListener {
-    port: u16,
+/// A TCP listener whose thread tells every client `<label> <client address>`; stopped
+/// and joined on drop (its socket may hold a namespace alive).
+struct Greeter {
+    addr: SocketAddr,
     done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl HostListener {
-    fn start() -> HostListener {
-        let listener = TcpListener::bind("[::]:0").expect("bind [::]:0");
+impl Greeter {
+    fn start(listener: TcpListener, label: &'static str) -> Greeter {
         listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let addr = listener.local_addr().unwrap();
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let thread = std::thread::spawn(move || {
             while !d.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((mut conn, peer)) => {
-                        let _ = writeln!(conn, "host saw {}", peer.ip().to_canonical());
+                        let _ = writeln!(conn, "{label} {}", peer.ip().to_canonical());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        HostListener {
-            port,
+        Greeter {
+            addr,
             done,
             thread: Some(thread),
         }
     }
 }
 
-impl Drop for HostListener {
+impl Drop for Greeter {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
@@ -81,15 +80,21 @@ impl Drop for HostListener {
     }
 }
 
+/// A listener on every address of the host (`[::]`, dual-stack).
+fn host_listener() -> Greeter {
+    Greeter::start(
+        TcpListener::bind("[::]:0").expect("bind [::]:0"),
+        "host saw",
+    )
+}
+
 /// A namespace standing in for the internet: linked to the host by a veth pair
 /// (`100.64.x.1` on the host, `100.64.x.2` inside), with a listener inside that
 /// reports the address each client came from. Removed (with its link) on drop.
 struct Internet {
     ns: Netns,
     host_addr: Ipv4Addr,
-    server: SocketAddr,
-    done: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: Option<Greeter>,
 }
 
 impl Internet {
@@ -110,27 +115,15 @@ impl Internet {
             .run(|| TcpListener::bind((inside, 0)))
             .unwrap()
             .expect("bind in the internet namespace");
-        let server = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        let thread = std::thread::spawn(move || {
-            while !d.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((mut conn, peer)) => {
-                        let _ = writeln!(conn, "internet saw {}", peer.ip());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
         Internet {
             ns,
             host_addr,
-            server,
-            done,
-            thread: Some(thread),
+            server: Some(Greeter::start(listener, "internet saw")),
         }
+    }
+
+    fn server(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().addr
     }
 }
 
@@ -139,28 +132,17 @@ impl Drop for Internet {
         // The listener's socket holds the namespace alive: close it first. Then the
         // namespace, once its file and this handle are gone, takes its end of the veth,
         // and so the host's end, with it.
-        self.done.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.take();
         let _ = ffi_free_netns::delete(self.ns.name());
     }
 }
 
 /// Connect from inside `ns` (as the guest there would) and read the greeting.
 fn dial_from(ns: &Netns, addr: SocketAddr) -> Result<String, String> {
-    ns.run(|| {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("{addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text)
-            .map_err(|e| format!("{addr}: {e}"))?;
-        Ok(text)
-    })
-    .map_err(|e| e.to_string())?
+    ns.run(|| dial(addr)).map_err(|e| e.to_string())?
 }
 
+/// Connect from this thread's namespace and read the greeting.
 fn dial(addr: SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("{addr}: {e}"))?;
@@ -411,8 +393,8 @@ impl<'a> TwoVms<'a> {
 
 pub fn guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host() {
     require_root!();
-    let refused = HostListener::start();
-    let allowed = HostListener::start();
+    let refused = host_listener();
+    let allowed = host_listener();
     let internet = Internet::new();
 
     // ---- isolation on (the default), one host port allowed
@@ -420,7 +402,7 @@ pub fn guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_h
         &unique_cidr(),
         &[(
             "MGR_GUEST_ALLOW_HOST_PORTS",
-            &format!("udp/53,tcp/{}", allowed.port),
+            &format!("udp/53,tcp/{}", allowed.addr.port()),
         )],
     );
     let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
@@ -443,22 +425,22 @@ pub fn guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_h
     let e = dial_from(&a_ns, b_addr).unwrap_err();
     assert!(!e.is_empty(), "guest A reached guest B");
     // The host: every address, loopback included, over IPv4 and IPv6.
-    let targets = host_targets(&vms.a, refused.port, host_addresses());
+    let targets = host_targets(&vms.a, refused.addr.port(), host_addresses());
     assert!(targets.len() >= 4, "{targets:?}");
     for addr in &targets {
         let got = dial_from(&a_ns, *addr);
         assert!(got.is_err(), "guest A reached the host at {addr}: {got:?}");
     }
     // ...except the allowed port, on the gateway and on the host's other addresses.
-    let gateway: SocketAddr = (Ipv4Addr::new(169, 254, 100, 1), allowed.port).into();
+    let gateway: SocketAddr = (Ipv4Addr::new(169, 254, 100, 1), allowed.addr.port()).into();
     let answer = dial_from(&a_ns, gateway).unwrap();
     assert_eq!(answer, format!("host saw {}\n", vms.a.guest_ip));
     for ip in uplink_addresses().into_iter().filter(IpAddr::is_ipv4) {
-        dial_from(&a_ns, SocketAddr::new(ip, allowed.port))
+        dial_from(&a_ns, SocketAddr::new(ip, allowed.addr.port()))
             .unwrap_or_else(|e| panic!("allowed port on {ip}: {e}"));
     }
     // The outside world: reached, masqueraded behind the host's address.
-    let answer = dial_from(&a_ns, internet.server).unwrap();
+    let answer = dial_from(&a_ns, internet.server()).unwrap();
     assert_eq!(answer, format!("internet saw {}\n", internet.host_addr));
     // Its own traffic: published port from the host (loopback and the link address),
     // and from the outside world through the host.
@@ -485,7 +467,7 @@ pub fn guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_h
         dial_from(&a_ns, b_addr).unwrap(),
         format!("hello from {b_addr}\n")
     );
-    for addr in host_targets(&vms.a, refused.port, uplink_addresses()) {
+    for addr in host_targets(&vms.a, refused.addr.port(), uplink_addresses()) {
         dial_from(&a_ns, addr)
             .unwrap_or_else(|e| panic!("without isolation, {addr} should answer: {e}"));
     }
