@@ -47,12 +47,15 @@ pub fn setup(plan: &NetPlan, timeout: Duration) -> Result<Vec<HostChange>> {
     Ok(changes)
 }
 
-/// Remove the VM's rules, veth and namespace (its tap goes with it). Gone is fine.
-pub fn cleanup(id: &str, timeout: Duration) -> Result<()> {
+/// Remove the VM's rules, veth and namespace (its tap goes with it). Gone is fine. Each
+/// piece is tried even when an earlier one failed (the first error is returned), so a
+/// failing `nft` never keeps a namespace alive. `isolation`: see [`nft::delete`].
+pub fn cleanup(id: &str, isolation: bool, timeout: Duration) -> Result<()> {
     let (netns, host_veth, table) = NetPlan::for_cleanup(id);
-    nft::delete(names::short_id(id), &host_veth, &table, timeout)?;
-    links::delete_link(None, &host_veth)?;
-    Ok(ffi_free_netns::delete(&netns)?)
+    let rules = nft::delete(names::short_id(id), &host_veth, &table, isolation, timeout);
+    let link = links::delete_link(None, &host_veth).map_err(Error::from);
+    let namespace = ffi_free_netns::delete(&netns).map_err(Error::from);
+    rules.and(link).and(namespace)
 }
 
 /// Whether anything of the VM is still on the host (namespace, host link, rules).

@@ -76,10 +76,18 @@ pub fn apply(plan: &NetPlan, timeout: Duration) -> Result<()> {
 }
 
 /// Remove the VM's table and its isolation part; what is missing is fine. The shared
-/// table itself stays: other VMs and other mergends use it.
-pub fn delete(id8: &str, host_veth: &str, table: &str, timeout: Duration) -> Result<()> {
+/// table itself stays: other VMs and other mergends use it. `isolation`: whether this
+/// host isolates guests, so the shared table is known to be there (else it is looked
+/// for, and its absence means there is no part to remove).
+pub fn delete(
+    id8: &str,
+    host_veth: &str,
+    table: &str,
+    isolation: bool,
+    timeout: Duration,
+) -> Result<()> {
     let mut script = String::new();
-    if shared_table_exists(timeout)? {
+    if isolation || shared_table_exists(timeout)? {
         script.push_str(&isolation::remove(id8, host_veth));
     }
     let _ = write!(script, "table ip {table} {{}}\ndelete table ip {table}\n");
@@ -99,21 +107,23 @@ pub fn install_skeleton(timeout: Duration) -> Result<()> {
     )
 }
 
-/// What of VM `id8` is in nftables: its table and its chains in the shared table.
+/// What of VM `id8` is in nftables: its table and its chains in the shared table (one
+/// `nft list chains`, which names every table with its chains).
 pub fn leftovers(id8: &str, table: &str, timeout: Duration) -> Result<Vec<String>> {
+    let listed = list(&["list", "chains"], timeout)?;
     let mut found = Vec::new();
-    let tables = tables(timeout)?;
-    if tables.iter().any(|t| *t == format!("ip {table}")) {
-        found.push(format!("nftables table ip {table}"));
-    }
-    if tables.iter().any(|t| *t == shared_table()) {
-        let listed = list(&["list", "table", "inet", isolation::TABLE], timeout)?;
-        for chain in isolation::chains(id8) {
-            if listed
-                .lines()
-                .any(|l| l.trim() == format!("chain {chain} {{"))
-            {
-                found.push(format!("nftables chain inet {} {chain}", isolation::TABLE));
+    let mut current = "";
+    for line in listed.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix("table ") {
+            current = t.trim_end_matches(" {");
+            if current == format!("ip {table}") {
+                found.push(format!("nftables table {current}"));
+            }
+        } else if current == shared_table() {
+            for chain in isolation::chains(id8) {
+                if line == format!("chain {chain} {{") {
+                    found.push(format!("nftables chain {current} {chain}"));
+                }
             }
         }
     }

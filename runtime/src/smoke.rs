@@ -172,13 +172,14 @@ pub fn run(config: &RuntimeConfig, o: &Options) -> Result<()> {
         guest: None,
     };
     let result = run.boot_and_reach(o, &stop);
-    run.clean_up();
+    // A check that leaves things behind has not passed.
+    let mut cleaned = run.clean_up();
     if o.keep_run_dir {
         say(&format!("run dir kept: {}", dir.display()));
     } else if let Err(e) = std::fs::remove_dir_all(&dir) {
-        say(&format!("removing {}: {e}", dir.display()));
+        cleaned = cleaned.and(Err(Error::io(format!("removing {}", dir.display()), e)));
     }
-    result
+    result.and(cleaned)
 }
 
 struct Run<'a> {
@@ -258,25 +259,25 @@ impl Run<'_> {
         }
     }
 
-    /// Stop Firecracker as graceful-stop does, then net-cleanup. Errors are reported,
-    /// not returned: the cleanup goes on to the end whatever fails.
-    fn clean_up(&mut self) {
+    /// Stop Firecracker as graceful-stop does, then net-cleanup. The cleanup goes on to
+    /// the end whatever fails; the first failure is returned.
+    fn clean_up(&mut self) -> Result<()> {
+        let mut stopped = Ok(());
         if let Some(mut child) = self.guest.take() {
             let api = FcClient::new(
                 Path::new(&self.meta.paths.socket_path),
                 self.config.command_timeout,
             );
             let grace = self.config.stop_timeout.min(Duration::from_secs(5));
-            match firecracker::graceful_stop(&api, child.id(), grace) {
-                Ok(outcome) => say(&format!("Firecracker stopped ({outcome:?})")),
-                Err(e) => say(&format!("stopping Firecracker: {e}")),
-            }
+            stopped = firecracker::graceful_stop(&api, child.id(), grace).map(|outcome| {
+                say(&format!("Firecracker stopped ({outcome:?})"));
+            });
             let _ = child.wait();
         }
-        match steps::net_cleanup(self.config, &self.meta.id) {
-            Ok(()) => say("net-cleanup done"),
-            Err(e) => say(&format!("{e}")),
-        }
+        let cleaned = steps::net_cleanup(self.config, &self.meta.id).map(|()| {
+            say("net-cleanup done");
+        });
+        stopped.and(cleaned)
     }
 }
 

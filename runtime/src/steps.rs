@@ -102,7 +102,7 @@ fn record_host_change(config: &RuntimeConfig, id: &str, c: &net::HostChange) {
 /// Remove the VM's network and, under the jailer, its jail (it runs after every stop:
 /// `ExecStopPost`, or the embedded supervisor's cleanup).
 pub fn net_cleanup(config: &RuntimeConfig, id: &str) -> Result<()> {
-    let net = net::cleanup(id, config.command_timeout);
+    let net = net::cleanup(id, config.guest_isolation, config.command_timeout);
     let jail = firecracker::remove_jail(config, id);
     net.and(jail).map_err(|e| e.in_step("net-cleanup", id))
 }

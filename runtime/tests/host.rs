@@ -186,6 +186,9 @@ impl Host {
             ("MGR_SUPERVISOR", "embedded".into()),
             ("MGR_RUNTIME", "process".into()),
             ("MGR_STOP_TIMEOUT_SECONDS", "5".into()),
+            // The machine is shared and at times very busy: a bound on external
+            // commands (nft, ip) that tolerates it; a hang still fails.
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "30".into()),
             ("MGR_JAILER", "0".into()),
             ("MGR_MERGEND_BIN", exe.to_string_lossy().into_owned()),
         ]
@@ -1430,7 +1433,6 @@ impl SmokeHost {
                 ("MGR_RUNTIME", "process"),
                 ("MGR_JAILER", "0"),
                 ("MGR_FIRECRACKER_BIN", &fc.to_string_lossy()),
-                ("MGR_COMMAND_TIMEOUT_SECONDS", "5"),
                 ("MGR_STOP_TIMEOUT_SECONDS", "2"),
             ],
         );
