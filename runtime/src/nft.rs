@@ -130,11 +130,6 @@ pub fn leftovers(id8: &str, table: &str, timeout: Duration) -> Result<Vec<String
     Ok(found)
 }
 
-/// Whether the table exists (`ip <table>`).
-pub fn exists(table: &str, timeout: Duration) -> Result<bool> {
-    Ok(tables(timeout)?.iter().any(|t| *t == format!("ip {table}")))
-}
-
 fn shared_table() -> String {
     format!("inet {}", isolation::TABLE)
 }
