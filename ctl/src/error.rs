@@ -59,11 +59,18 @@ impl ApiError {
     }
 }
 
+impl From<&RuntimeError> for ApiError {
+    fn from(e: &RuntimeError) -> ApiError {
+        if e.is_unavailable() {
+            ApiError::unavailable(e.to_string())
+        } else {
+            ApiError::internal(e.to_string())
+        }
+    }
+}
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> ApiError {
-        match e {
-            RuntimeError::Unavailable(m) => ApiError::unavailable(m),
-            RuntimeError::Failed(m) => ApiError::internal(m),
-        }
+        ApiError::from(&e)
     }
 }
