@@ -4,7 +4,11 @@
 
 mod ctl;
 mod forwarder;
+mod interrupt;
 mod netns;
+mod procfs;
+mod spawn;
+mod tlsclient;
 
 use std::process::ExitCode;
 
