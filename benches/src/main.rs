@@ -2,6 +2,7 @@
 //! reported as a ratio against a baseline measured in the same run, because this
 //! machine is shared and noisy.
 
+mod certs;
 mod ctl;
 mod forwarder;
 mod interrupt;

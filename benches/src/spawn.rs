@@ -62,3 +62,12 @@ impl Drop for Server {
         }
     }
 }
+
+/// Run `cmd` to completion; its standard output, or an error with its standard error.
+pub fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -264,7 +264,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let started_at = time::OffsetDateTime::now_utc();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let dir = mergen_testkit::TempDir::new("bench-fwd");
-    let certs = servers::Certs::make(dir.path())?;
+    let certs = crate::certs::Certs::make(dir.path())?;
     let net = servers::Net::create()?;
     let specs: Vec<&Spec> = SPECS
         .iter()

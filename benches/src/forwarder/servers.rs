@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use ffi_free_netns::links;
 
 use super::load::Endpoint;
+use crate::certs::{CertFiles, Certs};
 use crate::procfs::Proc;
 use crate::spawn::Server;
 use crate::tlsclient;
@@ -47,7 +48,7 @@ impl Net {
         let ns = format!("mbf-{pid}");
         // A /30 that no interface on the host uses yet (other benchmarks or tests may
         // run at the same time).
-        let used = command_output(Command::new("ip").args(["-4", "-o", "addr", "show"]))
+        let used = crate::spawn::output(Command::new("ip").args(["-4", "-o", "addr", "show"]))
             .unwrap_or_default();
         let third = (0..250u32)
             .map(|i| ((pid + i) % 250 + 1) as u8)
@@ -80,56 +81,6 @@ impl Drop for Net {
             eprintln!("mergen-bench: removing namespace {}: {e}", self.ns);
         }
     }
-}
-
-/// The certificates: ECDSA P-256 (every load but one) and RSA-2048 (the RSA row), both
-/// for `*.localhost` and `localhost`, made by the openssl CLI.
-pub struct Certs {
-    pub ecdsa: CertFiles,
-    pub rsa: CertFiles,
-}
-
-pub struct CertFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Certificate then key in one file (HAProxy, hitch).
-    pub combined: PathBuf,
-}
-
-impl Certs {
-    pub fn make(dir: &Path) -> Result<Certs, String> {
-        Ok(Certs {
-            ecdsa: make_cert(dir, "ecdsa", &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"])?,
-            rsa: make_cert(dir, "rsa", &["rsa:2048"])?,
-        })
-    }
-}
-
-fn make_cert(dir: &Path, name: &str, newkey: &[&str]) -> Result<CertFiles, String> {
-    let files = CertFiles {
-        cert: dir.join(format!("{name}.crt")),
-        key: dir.join(format!("{name}.key")),
-        combined: dir.join(format!("{name}.pem")),
-    };
-    command_output(
-        Command::new("openssl")
-            .args(["req", "-x509", "-nodes", "-days", "30", "-newkey"])
-            .args(newkey)
-            .arg("-keyout")
-            .arg(&files.key)
-            .arg("-out")
-            .arg(&files.cert)
-            .args([
-                "-subj",
-                "/CN=*.localhost",
-                "-addext",
-                "subjectAltName=DNS:*.localhost,DNS:localhost",
-            ]),
-    )?;
-    let mut pem = read(&files.cert)?;
-    pem.extend(read(&files.key)?);
-    write(&files.combined, &pem)?;
-    Ok(files)
 }
 
 /// The plain-HTTP backend: nginx with one worker inside the namespace, listening on one
@@ -507,18 +458,6 @@ pub fn version(program: &str, arg: &str) -> String {
                 .to_string()
         })
         .unwrap_or_default()
-}
-
-pub fn command_output(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
