@@ -126,8 +126,11 @@ pub fn self_cpu() -> Duration {
     stat(std::process::id()).map_or(Duration::ZERO, |s| ticks(s.cpu_ticks))
 }
 
-/// CPU time the whole machine has spent running processes (user, nice and system time
-/// of every core; interrupts and idle left out).
+/// CPU time the whole machine has been busy, every core: user, nice, system, irq,
+/// softirq and steal (all but idle and iowait). The kernel samples these per tick and
+/// files a tick that lands in a softirq under softirq even when the softirq ran in a
+/// process's system call and was charged to that process too, so interrupts belong in
+/// the sum for it to cover the processes' own times.
 pub fn machine_busy() -> Duration {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let busy = text
@@ -136,8 +139,11 @@ pub fn machine_busy() -> Duration {
         .and_then(|l| l.strip_prefix("cpu "))
         .map(|rest| {
             rest.split_whitespace()
-                .take(3)
                 .filter_map(|v| v.parse::<u64>().ok())
+                .enumerate()
+                // user nice system idle iowait irq softirq steal guest guest_nice
+                .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+                .map(|(_, v)| v)
                 .sum()
         })
         .unwrap_or(0);

@@ -17,7 +17,77 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
-pub type TlsStream = rustls::StreamOwned<ClientConnection, TcpStream>;
+pub type TlsStream = rustls::StreamOwned<ClientConnection, Sock>;
+
+/// The client's TCP socket, counting its reads and the TLS records they carry: how
+/// many bytes a read returns and how large the server's records are show how it sends
+/// (many small writes and records, or few large ones), which the client pays for in
+/// wake-ups, system calls and per-record decryption.
+pub struct Sock {
+    tcp: TcpStream,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub records: u64,
+    /// Where the record stream is: a header being read, or bytes left of a record.
+    header: [u8; 5],
+    header_have: usize,
+    record_left: usize,
+}
+
+impl Sock {
+    fn new(tcp: TcpStream) -> Sock {
+        Sock {
+            tcp,
+            reads: 0,
+            read_bytes: 0,
+            records: 0,
+            header: [0; 5],
+            header_have: 0,
+            record_left: 0,
+        }
+    }
+
+    fn follow_records(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.record_left > 0 {
+                let take = self.record_left.min(bytes.len());
+                self.record_left -= take;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let take = (5 - self.header_have).min(bytes.len());
+            self.header[self.header_have..self.header_have + take].copy_from_slice(&bytes[..take]);
+            self.header_have += take;
+            bytes = &bytes[take..];
+            if self.header_have == 5 {
+                self.record_left =
+                    usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header_have = 0;
+                self.records += 1;
+            }
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        self.reads += 1;
+        self.read_bytes += n as u64;
+        self.follow_records(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
 
 /// How long a connect or a read may block before the attempt counts as an error.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,7 +169,7 @@ pub fn tcp_connect(addr: SocketAddr) -> io::Result<TcpStream> {
 pub fn connect(config: &Arc<ClientConfig>, addr: SocketAddr, sni: &str) -> io::Result<TlsStream> {
     let name = ServerName::try_from(sni.to_string()).map_err(io::Error::other)?;
     let conn = ClientConnection::new(config.clone(), name).map_err(io::Error::other)?;
-    let mut stream = rustls::StreamOwned::new(conn, tcp_connect(addr)?);
+    let mut stream = rustls::StreamOwned::new(conn, Sock::new(tcp_connect(addr)?));
     while stream.conn.is_handshaking() {
         stream.conn.complete_io(&mut stream.sock)?;
     }
@@ -244,5 +314,34 @@ pub fn probe(addr: SocketAddr, hello: &[u8]) -> io::Result<Answer> {
             "unexpected answer {:?}",
             &head[..have]
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_records_across_reads() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sock = Sock::new(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let record = |len: u16| {
+            let mut r = vec![23, 3, 3];
+            r.extend(len.to_be_bytes());
+            r.extend(vec![0u8; len.into()]);
+            r
+        };
+        let stream: Vec<u8> = [record(16401), record(3), record(0), record(300)].concat();
+        // Split at awkward places: inside a header, at a boundary, inside a body.
+        for piece in [
+            &stream[..2],
+            &stream[2..16406],
+            &stream[16406..16410],
+            &stream[16410..],
+        ] {
+            sock.follow_records(piece);
+        }
+        assert_eq!(sock.records, 4);
+        assert_eq!((sock.header_have, sock.record_left), (0, 0));
     }
 }

@@ -67,6 +67,11 @@ pub struct Outcome {
     pub errors: u64,
     /// Unknown-name flood: connections the server went on to handshake instead of refusing.
     pub not_refused: u64,
+    /// Reads of the client's sockets, the bytes they returned and the TLS records in
+    /// them (bulk loads).
+    pub socket_reads: u64,
+    pub socket_bytes: u64,
+    pub records: u64,
     pub window: Duration,
     pub cpu_server: Duration,
     pub cpu_client: Duration,
@@ -89,6 +94,26 @@ struct Tally {
     latencies_us: Vec<u64>,
     errors: u64,
     not_refused: u64,
+    socket_reads: u64,
+    socket_bytes: u64,
+    records: u64,
+}
+
+/// A socket's counters at one moment.
+type Counters = (u64, u64, u64);
+
+fn counters(s: &TlsStream) -> Counters {
+    (s.sock.reads, s.sock.read_bytes, s.sock.records)
+}
+
+impl Tally {
+    /// Count what `s` read since its counters were `from`.
+    fn reads_of(&mut self, s: &TlsStream, from: Counters) {
+        let now = counters(s);
+        self.socket_reads += now.0 - from.0;
+        self.socket_bytes += now.1 - from.1;
+        self.records += now.2 - from.2;
+    }
 }
 
 /// Run `threads` clients: each runs `setup` (untimed), then all wait while the meter
@@ -174,6 +199,9 @@ fn window<S: Send, K: Send>(
         out.ops += t.ops;
         out.errors += t.errors;
         out.not_refused += t.not_refused;
+        out.socket_reads += t.socket_reads;
+        out.socket_bytes += t.socket_bytes;
+        out.records += t.records;
         out.latencies_us.extend(t.latencies_us);
     }
     Ok(out)
@@ -272,6 +300,7 @@ pub fn bulk(
         |_| tlsclient::connect(config, ep.addr(), ep.sni),
         |mut s: TlsStream, deadline, t| {
             let mut buf = vec![0u8; 256 * 1024];
+            let mut from = counters(&s);
             while running(deadline) {
                 let mut got = 0u64;
                 let result = tlsclient::get(&mut s, ep.sni, path, false, &mut buf, |n| {
@@ -285,13 +314,16 @@ pub fn bulk(
                     Ok(200) => break,
                     _ => {
                         t.errors += 1;
+                        t.reads_of(&s, from);
                         match tlsclient::connect(config, ep.addr(), ep.sni) {
                             Ok(fresh) => s = fresh,
                             Err(_) => break,
                         }
+                        from = counters(&s);
                     }
                 }
             }
+            t.reads_of(&s, from);
             s
         },
     )

@@ -61,7 +61,7 @@ struct Options {
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         reps: 5,
-        duration: Duration::from_secs(2),
+        duration: Duration::from_millis(1500),
         idle: 10_000,
         idle_set: false,
         bulk_mib: 64,
@@ -564,6 +564,8 @@ fn measure(s: Scenario, t: &Term, ctx: &Ctx<'_>) -> Result<Vec<f64>, String> {
                 mib / out.window.as_secs_f64(),
                 per_op(out.cpu_server, mib),
                 per_op(out.cpu_client, mib),
+                out.socket_bytes as f64 / 1024.0 / out.socket_reads.max(1) as f64,
+                out.socket_bytes as f64 / 1024.0 / out.records.max(1) as f64,
                 out.others_pct(),
                 out.errors as f64,
             ]

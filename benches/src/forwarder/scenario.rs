@@ -106,7 +106,7 @@ impl Scenario {
             m("CPU µs/req", Lower),
             m("client CPU µs/req", Info),
             m("backend CPU µs/req", Info),
-            m("others' CPU %", Info),
+            m("others' CPU % (≈)", Info),
             m("errors", Info),
         ];
         const NEW_CONN: &[Metric] = &[
@@ -115,21 +115,23 @@ impl Scenario {
             m("p99 µs", Lower),
             m("CPU µs/conn", Lower),
             m("client CPU µs/conn", Info),
-            m("others' CPU %", Info),
+            m("others' CPU % (≈)", Info),
             m("errors", Info),
         ];
         const BULK: &[Metric] = &[
             m("MiB/s", Higher),
             m("CPU µs/MiB", Lower),
             m("client CPU µs/MiB", Info),
-            m("others' CPU %", Info),
+            m("client KiB/read", Info),
+            m("KiB/TLS record", Info),
+            m("others' CPU % (≈)", Info),
             m("errors", Info),
         ];
         const FLOOD: &[Metric] = &[
             m("refused/s", Higher),
             m("CPU µs/conn", Lower),
             m("client CPU µs/conn", Info),
-            m("others' CPU %", Info),
+            m("others' CPU % (≈)", Info),
             m("not refused %", Info),
         ];
         const IDLE: &[Metric] = &[
