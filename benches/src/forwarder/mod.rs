@@ -445,7 +445,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "openssl": servers::version("openssl", "version"),
     });
     let subtitle = format!(
-        "{} · {} · {} reps × {:?} · {}",
+        "{} cores ({}) · {} · {} interleaved repetitions × {:?} · load average before: {}",
+        machine()["cores"],
         machine()["cpu"].as_str().unwrap_or(""),
         started_at.date(),
         o.reps,
@@ -457,12 +458,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         write_out(path, text.as_bytes())?;
     }
     if let Some(path) = &o.svg {
-        write_out(
-            path,
-            results
-                .svg(&format!("load average before: {subtitle}"))
-                .as_bytes(),
-        )?;
+        write_out(path, results.svg(&subtitle).as_bytes())?;
     }
     if let Some(path) = &o.markdown {
         write_out(path, results.markdown().as_bytes())?;

@@ -336,7 +336,7 @@ impl Results {
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
         let _ = writeln!(
             s,
-            r#"<text x="10" y="20" font-size="14" font-weight="bold">TLS terminators relative to the best of nginx stream, HAProxy and hitch (right = better; costs inverted; log scale)</text>"#
+            r#"<text x="10" y="20" font-size="14" font-weight="bold">TLS terminators vs the best of nginx stream, HAProxy, hitch (right = better, costs inverted, log scale)</text>"#
         );
         let _ = writeln!(s, r#"<text x="10" y="38">{}</text>"#, xml(subtitle));
         // Legend.
