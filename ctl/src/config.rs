@@ -1,131 +1,83 @@
-//! mergend's configuration, from `MGR_*` variables. The runtime's variables are read by
-//! `mergen_runtime::RuntimeConfig` from the same source.
+//! mergend's configuration, from `MGR_*` variables: [`VARIABLES`] is mergend's own
+//! table, read layered over the runtime's (`mergen_runtime::config::VARIABLES`), so one
+//! pair of tables drives parsing, defaults, `mergend --help` and the README's table.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mergen_envtable::{Env, Var};
+use mergen_runtime::config::VARIABLES as RUNTIME_VARIABLES;
 use mergen_runtime::RuntimeConfig;
 
-/// Every variable mergend reads, with its default, for `mergend --help`.
-pub const VARIABLES: &[(&str, &str, &str)] = &[
-    (
+/// Every variable mergend itself reads (the runtime's come after it in `--help`).
+pub const VARIABLES: &[Var] = &[
+    Var::new(
         "MGR_HTTP_ADDR",
         "127.0.0.1:8080",
         "TCP listen address (\":8080\" means every interface)",
     ),
-    (
-        "MGR_HTTP_SOCKET",
-        "(unset)",
-        "also listen on this unix socket",
-    ),
-    (
+    Var::unset("MGR_HTTP_SOCKET", "also listen on this unix socket"),
+    Var::unset(
         "MGR_API_TOKEN",
-        "(unset)",
         "require `Authorization: Bearer <token>` on /v1",
     ),
-    (
+    Var::new(
         "MGR_ALLOW_INSECURE",
         "0",
         "1 = allow a non-loopback address without a token",
     ),
-    (
+    Var::new(
         "MGR_SHUTDOWN_TIMEOUT_SECONDS",
         "15",
         "grace period for in-flight requests on SIGINT/SIGTERM",
     ),
-    (
+    Var::new(
         "MGR_HTTP_MAX_CONNECTIONS",
         "256",
         "concurrent connections; more are answered 503",
     ),
-    (
+    Var::new(
         "MGR_HTTP_READ_TIMEOUT_SECONDS",
         "10",
         "time to send one whole request (then 408)",
     ),
-    (
+    Var::new(
         "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
         "60",
         "idle keep-alive connections are closed after this",
     ),
-    (
-        "MGR_CONFIG_ROOT",
-        "/etc/mergen/vm.d",
-        "VM config dirs (vm.json, meta.json, hooks.json, env)",
-    ),
-    ("MGR_DATA_ROOT", "/var/lib/mergen", "VM data and log dirs"),
-    (
-        "MGR_RUN_ROOT",
-        "/run/mergen",
-        "VM run dirs, sockets and lock files",
-    ),
-    (
+    Var::computed(
         "MGR_IMAGE_ROOTS",
         "$MGR_DATA_ROOT",
         "colon-separated dirs that rootfs/kernel/dataDisk must be inside",
     ),
-    (
+    Var::new(
         "MGR_GLOBAL_HOOKS_DIR",
         "/etc/mergen/hooks.d",
         "global hook files (*.json), run before a VM's own",
     ),
-    (
+    Var::new(
         "MGR_HOOK_WORKERS",
         "8",
         "background (non-strict) hooks run at most this many at once",
     ),
-    (
+    Var::new(
         "MGR_PORT_START",
         "20000",
         "first host port handed out for `host: 0`",
     ),
-    (
+    Var::new(
         "MGR_PORT_END",
         "40000",
         "last host port handed out for `host: 0`",
     ),
-    (
-        "MGR_GUEST_CIDR",
-        "172.30.0.0/24",
-        "guest network; .1 is the gateway, guests from .2",
-    ),
-    ("MGR_LOG_LEVEL", "info", "debug|info|warn|error"),
-    ("MGR_LOG_FORMAT", "console", "console|json|text"),
-    ("MGR_SUPERVISOR", "auto", "auto|systemd|embedded"),
-    ("MGR_RUNTIME", "auto", "auto|firecracker|process"),
-    (
-        "MGR_UNIT_PREFIX",
-        "mergen",
-        "systemd units are <prefix>@<id>.service",
-    ),
-    ("MGR_SYSTEMCTL_PATH", "systemctl", "systemctl binary"),
-    (
-        "MGR_COMMAND_TIMEOUT_SECONDS",
-        "10",
-        "bound on every external command",
-    ),
-    (
-        "MGR_STOP_TIMEOUT_SECONDS",
-        "20",
-        "graceful guest stop before it is terminated",
-    ),
-    ("MGR_FIRECRACKER_BIN", "firecracker", "Firecracker binary"),
-    ("MGR_JAILER_BIN", "jailer", "jailer binary"),
-    ("MGR_JAILER", "1", "run Firecracker under the jailer"),
-    ("MGR_JAILER_UID", "0", "jailer uid"),
-    ("MGR_JAILER_GID", "0", "jailer gid"),
-    (
-        "MGR_JAILER_CHROOT_BASE",
-        "/srv/jailer",
-        "jailer chroot base",
-    ),
-    (
-        "MGR_MERGEND_BIN",
-        "(this binary)",
-        "binary whose `vm` subcommands run the per-VM steps",
-    ),
 ];
+
+/// mergend's variables followed by the runtime's: the order of `--help` and the README.
+pub fn all_variables() -> impl Iterator<Item = &'static Var> + Clone {
+    VARIABLES.iter().chain(RUNTIME_VARIABLES)
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -154,54 +106,35 @@ impl Config {
 
     /// Build from any variable source. Errors name the variable.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
-        let runtime = RuntimeConfig::from_lookup(&get)?;
-        let var = |k: &str| {
-            get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let num = |k: &str, default: u64| -> Result<u64, String> {
-            match var(k) {
-                None => Ok(default),
-                Some(v) => v
-                    .parse()
-                    .map_err(|_| format!("{k}={v:?} is not a whole number")),
-            }
-        };
-        let flag = |k: &str| -> Result<bool, String> {
-            match var(k).as_deref() {
-                None | Some("0" | "false" | "no") => Ok(false),
-                Some("1" | "true" | "yes") => Ok(true),
-                Some(other) => Err(format!("{k}={other:?}: want 1 or 0")),
-            }
-        };
-        let addr_text = var("MGR_HTTP_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into());
-        // The original's ":8080" form binds every interface.
-        let full = if addr_text.starts_with(':') {
-            format!("0.0.0.0{addr_text}")
-        } else {
-            addr_text.clone()
-        };
-        let http_addr = full
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("MGR_HTTP_ADDR={addr_text:?} is not a host:port address"))?;
-        let port = |k: &str, default: u64| -> Result<u16, String> {
-            let v = num(k, default)?;
-            u16::try_from(v)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{k}={v} is not a port (1..65535)"))
-        };
-        let port_start = port("MGR_PORT_START", 20000)?;
-        let port_end = port("MGR_PORT_END", 40000)?;
+        let env = Env::layered(&[VARIABLES, RUNTIME_VARIABLES], get);
+        Self::from_vars(&env).map_err(|e| e.to_string())
+    }
+
+    fn from_vars(env: &Env) -> Result<Config, mergen_envtable::Error> {
+        let runtime = RuntimeConfig::from_vars(env)?;
+        let http_addr = env
+            .with("MGR_HTTP_ADDR", |text| {
+                // The original's ":8080" form binds every interface.
+                let full = match text.strip_prefix(':') {
+                    Some(port) => format!("0.0.0.0:{port}"),
+                    None => text.to_string(),
+                };
+                full.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| "a host:port address (or :port)".to_string())
+            })?
+            .expect("MGR_HTTP_ADDR has a default");
+        let port_start = env.port("MGR_PORT_START")?;
+        let port_end = env.port("MGR_PORT_END")?;
         if port_start > port_end {
-            return Err(format!(
-                "MGR_PORT_START={port_start} is above MGR_PORT_END={port_end}"
-            ));
+            return Err(mergen_envtable::Error {
+                name: "MGR_PORT_START".into(),
+                value: port_start.to_string(),
+                expected: format!("a port not above MGR_PORT_END={port_end}"),
+            });
         }
-        let image_roots = match var("MGR_IMAGE_ROOTS") {
+        let image_roots = match env.set("MGR_IMAGE_ROOTS") {
             Some(v) => v
                 .split(':')
                 .filter(|s| !s.is_empty())
@@ -209,31 +142,25 @@ impl Config {
                 .collect(),
             None => vec![runtime.roots.data.clone()],
         };
-        let positive = |k: &str, default: u64| -> Result<u64, String> {
-            let v = num(k, default)?;
-            if v == 0 {
-                return Err(format!("{k} must be above 0"));
-            }
-            Ok(v)
+        let count = |k: &str| -> Result<usize, mergen_envtable::Error> {
+            Ok(usize::try_from(env.positive(k)?).unwrap_or(usize::MAX))
         };
         Ok(Config {
             http_addr,
-            http_socket: var("MGR_HTTP_SOCKET").map(PathBuf::from),
-            api_token: var("MGR_API_TOKEN"),
-            allow_insecure: flag("MGR_ALLOW_INSECURE")?,
-            shutdown_timeout: Duration::from_secs(num("MGR_SHUTDOWN_TIMEOUT_SECONDS", 15)?),
-            max_connections: positive("MGR_HTTP_MAX_CONNECTIONS", 256)? as usize,
-            read_timeout: Duration::from_secs(positive("MGR_HTTP_READ_TIMEOUT_SECONDS", 10)?),
-            idle_timeout: Duration::from_secs(positive("MGR_HTTP_IDLE_TIMEOUT_SECONDS", 60)?),
+            http_socket: env.opt("MGR_HTTP_SOCKET").map(PathBuf::from),
+            api_token: env.opt("MGR_API_TOKEN"),
+            allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
+            shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
+            max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
+            read_timeout: env.seconds("MGR_HTTP_READ_TIMEOUT_SECONDS")?,
+            idle_timeout: env.seconds("MGR_HTTP_IDLE_TIMEOUT_SECONDS")?,
             image_roots,
-            global_hooks_dir: var("MGR_GLOBAL_HOOKS_DIR")
-                .unwrap_or_else(|| "/etc/mergen/hooks.d".into())
-                .into(),
-            hook_workers: positive("MGR_HOOK_WORKERS", 8)? as usize,
+            global_hooks_dir: env.string("MGR_GLOBAL_HOOKS_DIR").into(),
+            hook_workers: count("MGR_HOOK_WORKERS")?,
             port_start,
             port_end,
-            log_level: var("MGR_LOG_LEVEL").unwrap_or_else(|| "info".into()),
-            log_format: var("MGR_LOG_FORMAT").unwrap_or_else(|| "console".into()),
+            log_level: env.string("MGR_LOG_LEVEL"),
+            log_format: env.string("MGR_LOG_FORMAT"),
             runtime,
         })
     }
@@ -253,17 +180,14 @@ impl Config {
 
 /// `mergend --help`.
 pub fn help() -> String {
-    let mut s = String::from(
+    format!(
         "mergend: the mergen control-plane daemon\n\n\
          usage: mergend                 run the HTTP API\n\
          \x20      mergend vm <step> <id>  per-VM host step (run by the supervisor)\n\
          \x20      mergend supervise <id>  embedded per-VM supervisor\n\n\
-         environment (default):\n",
-    );
-    for (k, default, what) in VARIABLES {
-        s.push_str(&format!("  {k:<30} {default:<20} {what}\n"));
-    }
-    s
+         environment (unset or blank = default):\n{}",
+        mergen_envtable::help_text(all_variables())
+    )
 }
 
 #[cfg(test)]
@@ -315,9 +239,52 @@ mod tests {
     #[test]
     fn help_lists_every_variable() {
         let h = help();
-        for (k, d, _) in VARIABLES {
-            assert!(h.contains(k) && h.contains(d), "{k}");
+        for v in all_variables() {
+            assert!(
+                h.contains(v.name) && h.contains(&v.shown_default()),
+                "{}",
+                v.name
+            );
         }
+    }
+
+    /// The README's `MGR_*` table is exactly what the tables say, so the documented
+    /// defaults cannot drift from the applied ones.
+    #[test]
+    fn readme_table_matches_the_variable_tables() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let want = mergen_envtable::markdown(all_variables());
+        let header = want.lines().next().unwrap();
+        let section = &readme[readme.find("### mergend (`MGR_*`)").expect("MGR section")..];
+        let start = section.find(header).expect("MGR table in the README");
+        let got: String = section[start..]
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            got, want,
+            "README.md's MGR_* table differs from the variable tables; paste this one:\n{want}"
+        );
+    }
+
+    #[test]
+    fn shared_rules() {
+        // Blank is unset; values are trimmed; Go's ParseBool; zero seconds refused.
+        let c = from(&[("MGR_PORT_START", "  "), ("MGR_ALLOW_INSECURE", " True ")]).unwrap();
+        assert_eq!(c.port_start, 20000);
+        assert!(c.allow_insecure);
+        for k in [
+            "MGR_SHUTDOWN_TIMEOUT_SECONDS",
+            "MGR_HTTP_READ_TIMEOUT_SECONDS",
+            "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
+            "MGR_COMMAND_TIMEOUT_SECONDS",
+        ] {
+            assert!(from(&[(k, "0")]).unwrap_err().contains(k), "{k}");
+        }
+        assert!(from(&[("MGR_PORT_START", "300"), ("MGR_PORT_END", "200")])
+            .unwrap_err()
+            .contains("MGR_PORT_START"));
     }
 
     /// Every `MGR_*` variable of the original's README, with its default, in `--help`
@@ -341,8 +308,12 @@ mod tests {
             ("MGR_LOG_FORMAT", "console"),
         ];
         for (k, d) in readme {
-            let listed = VARIABLES.iter().find(|(name, _, _)| *name == k);
-            assert_eq!(listed.map(|v| v.1), Some(d), "--help default of {k}");
+            let listed = all_variables().find(|v| v.name == k);
+            assert_eq!(
+                listed.map(|v| v.shown_default()).as_deref(),
+                Some(d),
+                "--help default of {k}"
+            );
         }
         let c = from(&[]).unwrap();
         let r = &c.runtime;

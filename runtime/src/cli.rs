@@ -15,11 +15,8 @@ pub fn main(args: &[String]) -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Same logging settings as mergend: a supervisor's lines land in its supervisor.log,
     // a unit's in the journal.
-    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-    if let Err(e) = mergen_log::init(
-        &env("MGR_LOG_LEVEL", "info"),
-        &env("MGR_LOG_FORMAT", "text"),
-    ) {
+    let (level, format) = crate::config::step_log_settings(|k| std::env::var(k).ok());
+    if let Err(e) = mergen_log::init(&level, &format) {
         eprintln!("mergend: logging: {e}");
     }
     let config = match RuntimeConfig::from_env() {

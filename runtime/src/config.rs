@@ -1,11 +1,73 @@
 //! The runtime's part of mergend's configuration (`MGR_*` variables). The per-VM step
 //! subcommands read the same variables, so a step run by systemd or by the embedded
-//! supervisor sees exactly what mergend saw.
+//! supervisor sees exactly what mergend saw. [`VARIABLES`] is the runtime's table:
+//! mergend reads it layered under its own (`mergen_ctl::config`), and both drive
+//! parsing, defaults, `mergend --help` and the README's table.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mergen_envtable::{Env, Var};
 use mergen_model::{Ipv4Cidr, Roots};
+
+/// Every variable the runtime reads, with its default and a line of help.
+pub const VARIABLES: &[Var] = &[
+    Var::new(
+        "MGR_CONFIG_ROOT",
+        "/etc/mergen/vm.d",
+        "VM config dirs (vm.json, meta.json, hooks.json, env)",
+    ),
+    Var::new("MGR_DATA_ROOT", "/var/lib/mergen", "VM data and log dirs"),
+    Var::new(
+        "MGR_RUN_ROOT",
+        "/run/mergen",
+        "VM run dirs, sockets and lock files",
+    ),
+    Var::new(
+        "MGR_GUEST_CIDR",
+        "172.30.0.0/24",
+        "guest network; .1 is the gateway, guests from .2",
+    ),
+    Var::new("MGR_LOG_LEVEL", "info", "debug|info|warn|error"),
+    Var::new(
+        "MGR_LOG_FORMAT",
+        "console",
+        "console|json|text (per-VM steps write text unless it is set: their lines go to files)",
+    ),
+    Var::new("MGR_SUPERVISOR", "auto", "auto|systemd|embedded"),
+    Var::new("MGR_RUNTIME", "auto", "auto|firecracker|process"),
+    Var::new(
+        "MGR_UNIT_PREFIX",
+        "mergen",
+        "systemd units are <prefix>@<id>.service",
+    ),
+    Var::new("MGR_SYSTEMCTL_PATH", "systemctl", "systemctl binary"),
+    Var::new(
+        "MGR_COMMAND_TIMEOUT_SECONDS",
+        "10",
+        "bound on every external command",
+    ),
+    Var::new(
+        "MGR_STOP_TIMEOUT_SECONDS",
+        "20",
+        "graceful guest stop before it is terminated",
+    ),
+    Var::new("MGR_FIRECRACKER_BIN", "firecracker", "Firecracker binary"),
+    Var::new("MGR_JAILER_BIN", "jailer", "jailer binary"),
+    Var::new("MGR_JAILER", "1", "run Firecracker under the jailer"),
+    Var::new("MGR_JAILER_UID", "0", "jailer uid"),
+    Var::new("MGR_JAILER_GID", "0", "jailer gid"),
+    Var::new(
+        "MGR_JAILER_CHROOT_BASE",
+        "/srv/jailer",
+        "jailer chroot base",
+    ),
+    Var::computed(
+        "MGR_MERGEND_BIN",
+        "this binary",
+        "binary whose `vm` subcommands run the per-VM steps",
+    ),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SupervisorChoice {
@@ -14,11 +76,35 @@ pub enum SupervisorChoice {
     Embedded,
 }
 
+impl SupervisorChoice {
+    const WORDS: &'static [&'static str] = &["auto", "systemd", "embedded"];
+
+    fn word(self) -> &'static str {
+        match self {
+            SupervisorChoice::Auto => "auto",
+            SupervisorChoice::Systemd => "systemd",
+            SupervisorChoice::Embedded => "embedded",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuntimeChoice {
     Auto,
     Firecracker,
     Process,
+}
+
+impl RuntimeChoice {
+    const WORDS: &'static [&'static str] = &["auto", "firecracker", "process"];
+
+    fn word(self) -> &'static str {
+        match self {
+            RuntimeChoice::Auto => "auto",
+            RuntimeChoice::Firecracker => "firecracker",
+            RuntimeChoice::Process => "process",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,83 +143,61 @@ impl RuntimeConfig {
 
     /// Build from any variable source (tests pass a map). Errors name the variable.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<RuntimeConfig, String> {
-        let var = |k: &str, default: &str| {
-            get(k)
-                .filter(|v| !v.trim().is_empty())
-                .unwrap_or_else(|| default.to_string())
-        };
-        let secs = |k: &str, default: &str| -> Result<Duration, String> {
-            let v = var(k, default);
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_secs)
-                .map_err(|_| format!("{k}={v:?} is not a whole number of seconds"))
-        };
-        let id = |k: &str| -> Result<u32, String> {
-            let v = var(k, "0");
-            v.trim()
-                .parse()
-                .map_err(|_| format!("{k}={v:?} is not a numeric id"))
-        };
-        let supervisor = match var("MGR_SUPERVISOR", "auto").as_str() {
-            "auto" => SupervisorChoice::Auto,
+        Self::from_vars(&Env::new(VARIABLES, get)).map_err(|e| e.to_string())
+    }
+
+    /// Read through `env`, whose tables must include [`VARIABLES`] (mergend layers its
+    /// own table over this one).
+    pub fn from_vars(env: &Env) -> Result<RuntimeConfig, mergen_envtable::Error> {
+        let supervisor = match env
+            .choice("MGR_SUPERVISOR", SupervisorChoice::WORDS)?
+            .as_str()
+        {
             "systemd" => SupervisorChoice::Systemd,
             "embedded" => SupervisorChoice::Embedded,
-            other => {
-                return Err(format!(
-                    "MGR_SUPERVISOR={other:?}: want auto|systemd|embedded"
-                ))
-            }
+            _ => SupervisorChoice::Auto,
         };
-        let runtime = match var("MGR_RUNTIME", "auto").as_str() {
-            "auto" => RuntimeChoice::Auto,
+        let runtime = match env.choice("MGR_RUNTIME", RuntimeChoice::WORDS)?.as_str() {
             "firecracker" => RuntimeChoice::Firecracker,
             "process" => RuntimeChoice::Process,
-            other => {
-                return Err(format!(
-                    "MGR_RUNTIME={other:?}: want auto|firecracker|process"
-                ))
-            }
+            _ => RuntimeChoice::Auto,
         };
-        let guest_cidr = var("MGR_GUEST_CIDR", "172.30.0.0/24")
-            .parse()
-            .map_err(|e| format!("MGR_GUEST_CIDR: {e}"))?;
-        let use_jailer = match var("MGR_JAILER", "1").as_str() {
-            "1" | "true" | "yes" => true,
-            "0" | "false" | "no" => false,
-            other => return Err(format!("MGR_JAILER={other:?}: want 1 or 0")),
-        };
-        let mergend_exe = match get("MGR_MERGEND_BIN").filter(|v| !v.is_empty()) {
+        let guest_cidr = env.with("MGR_GUEST_CIDR", |v| {
+            v.parse::<Ipv4Cidr>()
+                .map_err(|e| format!("an IPv4 network such as 172.30.0.0/24 ({e})"))
+        })?;
+        let mergend_exe = match env.set("MGR_MERGEND_BIN") {
             Some(p) => PathBuf::from(p),
-            None => std::env::current_exe().map_err(|e| {
-                format!("cannot find the mergend binary (set MGR_MERGEND_BIN): {e}")
+            None => std::env::current_exe().map_err(|e| mergen_envtable::Error {
+                name: "MGR_MERGEND_BIN".into(),
+                value: String::new(),
+                expected: format!("the mergend binary (this binary cannot be found: {e})"),
             })?,
         };
+        let path = |k: &str| PathBuf::from(env.string(k));
         Ok(RuntimeConfig {
             roots: Roots {
-                config: var("MGR_CONFIG_ROOT", "/etc/mergen/vm.d").into(),
-                data: var("MGR_DATA_ROOT", "/var/lib/mergen").into(),
-                run: var("MGR_RUN_ROOT", "/run/mergen").into(),
+                config: path("MGR_CONFIG_ROOT"),
+                data: path("MGR_DATA_ROOT"),
+                run: path("MGR_RUN_ROOT"),
             },
-            guest_cidr,
+            guest_cidr: guest_cidr.expect("MGR_GUEST_CIDR has a default"),
             supervisor,
             runtime,
-            unit_prefix: var("MGR_UNIT_PREFIX", "mergen"),
-            systemctl_path: var("MGR_SYSTEMCTL_PATH", "systemctl").into(),
-            command_timeout: secs("MGR_COMMAND_TIMEOUT_SECONDS", "10")?,
-            stop_timeout: secs("MGR_STOP_TIMEOUT_SECONDS", "20")?,
-            firecracker_bin: var("MGR_FIRECRACKER_BIN", "firecracker").into(),
-            jailer_bin: var("MGR_JAILER_BIN", "jailer").into(),
-            use_jailer,
-            jailer_uid: id("MGR_JAILER_UID")?,
-            jailer_gid: id("MGR_JAILER_GID")?,
-            chroot_base: var("MGR_JAILER_CHROOT_BASE", "/srv/jailer").into(),
+            unit_prefix: env.string("MGR_UNIT_PREFIX"),
+            systemctl_path: path("MGR_SYSTEMCTL_PATH"),
+            command_timeout: env.seconds("MGR_COMMAND_TIMEOUT_SECONDS")?,
+            stop_timeout: env.seconds("MGR_STOP_TIMEOUT_SECONDS")?,
+            firecracker_bin: path("MGR_FIRECRACKER_BIN"),
+            jailer_bin: path("MGR_JAILER_BIN"),
+            use_jailer: env.bool("MGR_JAILER")?,
+            jailer_uid: env.value("MGR_JAILER_UID", "a numeric user id")?,
+            jailer_gid: env.value("MGR_JAILER_GID", "a numeric group id")?,
+            chroot_base: path("MGR_JAILER_CHROOT_BASE"),
             mergend_exe,
         })
     }
-}
 
-impl RuntimeConfig {
     /// The `MGR_*` variables that reproduce this configuration, handed to the embedded
     /// supervisor's process so it sees exactly what its caller saw (even when the
     /// caller's configuration did not come from its own environment).
@@ -145,24 +209,8 @@ impl RuntimeConfig {
             v("MGR_DATA_ROOT", path(&self.roots.data)),
             v("MGR_RUN_ROOT", path(&self.roots.run)),
             v("MGR_GUEST_CIDR", self.guest_cidr.to_string()),
-            v(
-                "MGR_SUPERVISOR",
-                match self.supervisor {
-                    SupervisorChoice::Auto => "auto",
-                    SupervisorChoice::Systemd => "systemd",
-                    SupervisorChoice::Embedded => "embedded",
-                }
-                .into(),
-            ),
-            v(
-                "MGR_RUNTIME",
-                match self.runtime {
-                    RuntimeChoice::Auto => "auto",
-                    RuntimeChoice::Firecracker => "firecracker",
-                    RuntimeChoice::Process => "process",
-                }
-                .into(),
-            ),
+            v("MGR_SUPERVISOR", self.supervisor.word().into()),
+            v("MGR_RUNTIME", self.runtime.word().into()),
             v("MGR_UNIT_PREFIX", self.unit_prefix.clone()),
             v("MGR_SYSTEMCTL_PATH", path(&self.systemctl_path)),
             v(
@@ -194,6 +242,15 @@ impl RuntimeConfig {
             chosen => chosen,
         }
     }
+}
+
+/// The log settings of the per-VM steps (`mergend vm ...`, `mergend supervise`):
+/// mergend's `MGR_LOG_LEVEL`, and its `MGR_LOG_FORMAT` when set, else `text`, since a
+/// step's lines go to a file or the journal rather than a terminal.
+pub fn step_log_settings(get: impl Fn(&str) -> Option<String>) -> (String, String) {
+    let env = Env::new(VARIABLES, get);
+    let format = env.set("MGR_LOG_FORMAT").unwrap_or_else(|| "text".into());
+    (env.string("MGR_LOG_LEVEL"), format)
 }
 
 fn kvm_present() -> bool {
@@ -230,6 +287,57 @@ mod tests {
         assert_eq!(c.unit_prefix, "mergen");
         assert_eq!(c.command_timeout, Duration::from_secs(10));
         assert_eq!(c.supervisor, SupervisorChoice::Auto);
+    }
+
+    #[test]
+    fn shared_rules_zero_seconds_and_go_booleans() {
+        for k in ["MGR_COMMAND_TIMEOUT_SECONDS", "MGR_STOP_TIMEOUT_SECONDS"] {
+            assert!(from(&[(k, "0")]).unwrap_err().contains(k), "{k}");
+            // Blank is unset: the default applies.
+            assert!(from(&[(k, " ")]).is_ok(), "{k}");
+        }
+        for (v, want) in [("True", true), ("t", true), ("F", false), ("0", false)] {
+            assert_eq!(from(&[("MGR_JAILER", v)]).unwrap().use_jailer, want, "{v}");
+        }
+        assert!(from(&[("MGR_JAILER", "maybe")])
+            .unwrap_err()
+            .contains("MGR_JAILER"));
+        assert_eq!(
+            from(&[("MGR_RUNTIME", " Process ")]).unwrap().runtime,
+            RuntimeChoice::Process
+        );
+    }
+
+    #[test]
+    fn to_env_names_every_variable_of_the_table() {
+        let c = from(&[("MGR_MERGEND_BIN", "/x/mergend")]).unwrap();
+        let mut given: Vec<String> = c.to_env().into_iter().map(|(k, _)| k).collect();
+        let mut table: Vec<String> = VARIABLES
+            .iter()
+            .map(|v| v.name.to_string())
+            // Logging is not the runtime's configuration: the steps choose their own.
+            .filter(|n| !n.starts_with("MGR_LOG_"))
+            .collect();
+        given.sort();
+        table.sort();
+        assert_eq!(given, table);
+    }
+
+    #[test]
+    fn steps_log_text_unless_a_format_is_set() {
+        assert_eq!(
+            step_log_settings(|_| None),
+            ("info".to_string(), "text".to_string())
+        );
+        let set = |k: &str| match k {
+            "MGR_LOG_FORMAT" => Some("json".to_string()),
+            "MGR_LOG_LEVEL" => Some("debug".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            step_log_settings(set),
+            ("debug".to_string(), "json".to_string())
+        );
     }
 
     #[test]
