@@ -306,7 +306,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         o.restarts
     );
     println!(
-        "{:<52} {:>10} {:>10} {:>10}  {:<16} note",
+        "{:<58} {:>10} {:>10} {:>10}  {:<16} note",
         "measure", "p50", "p99", "max", "issue 10 target"
     );
     for r in &report.rows {
@@ -321,7 +321,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             format!("{name} ≤ {} {verdict}", ms(bound))
         });
         println!(
-            "{:<52} {:>10} {:>10} {:>10}  {target:<16} {}",
+            "{:<58} {:>10} {:>10} {:>10}  {target:<16} {}",
             r.measure,
             ms(p50),
             ms(p99),
@@ -330,7 +330,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         );
     }
     println!(
-        "{:<52} {:>10.0} req/s  {:.2}× a raw TCP echo ({echo_rps:.0} req/s), {CLIENTS} clients",
+        "{:<58} {:>10.0} req/s  {:.2}× a raw TCP echo ({echo_rps:.0} req/s), {CLIENTS} clients",
         "healthz, keep-alive",
         healthz_rps,
         healthz_rps / echo_rps.max(1.0)
@@ -350,6 +350,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     "samples": v.len(),
                     "note": r.note,
                     "target_ms": r.target.map(|(_, b)| b.as_secs_f64() * 1e3),
+                    "target_stat": r.target.map(|(stat, _)| match stat {
+                        Stat::P99 => "p99",
+                        Stat::Max => "max",
+                    }),
                 })
             })
             .collect();

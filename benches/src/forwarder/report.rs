@@ -409,7 +409,7 @@ impl Results {
                 let _ = writeln!(
                     s,
                     r#"<rect x="{bx:.1}" y="{by:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {ratio:.2}×</title></rect>"#,
-                    bw.max(1.0),
+                    bw.max(2.0),
                     bar - 1.0,
                     colors[k % colors.len()],
                     xml(self.columns[c].label)
