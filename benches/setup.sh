@@ -5,23 +5,15 @@
 # Not part of CI: the benchmarks are run by hand (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # libnginx-mod-stream loads into Debian's nginx (the package nginx-light depends on);
-# no nginx-core or nginx-full is needed. hitch 1.7 comes without its shared session
-# cache (see docs/benchmarks.md).
+# no nginx-core or nginx-full is needed. Debian's hitch 1.7 comes without its shared
+# session cache (see docs/benchmarks.md).
 PKGS=(iproute2 openssl procps nginx-light libnginx-mod-stream haproxy hitch)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "==> installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # Debian starts services on install; the benchmark starts its own instances.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    rm -f /usr/sbin/policy-rc.d
-fi
+echo "==> apt-get install ${PKGS[*]}"
+# Debian starts services on install; the benchmark starts its own instances.
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+DEBIAN_FRONTEND=noninteractive apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 cargo build --release -p mergen-bench -p mergen-ctl -p mergen-dataplane

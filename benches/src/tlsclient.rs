@@ -11,11 +11,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 pub type TlsStream = rustls::StreamOwned<ClientConnection, Sock>;
 
@@ -96,13 +94,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// open one connection each, so it matters only for the new-connection loads, which
 /// turn it off to measure full handshakes).
 pub fn load_config(resume: bool) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("rustls' default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TrustAll(provider)))
-        .with_no_client_auth();
+    let mut config = mergen_testkit::tls::unverified_client_config();
     if !resume {
         config.resumption = Resumption::disabled();
     }
@@ -116,44 +108,6 @@ pub fn verified_config() -> Arc<ClientConfig> {
     let mut config = mergen_testkit::tls::accept_any_client_config();
     config.resumption = Resumption::disabled();
     Arc::new(config)
-}
-
-#[derive(Debug)]
-struct TrustAll(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for TrustAll {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 pub fn tcp_connect(addr: SocketAddr) -> io::Result<TcpStream> {

@@ -25,6 +25,16 @@ impl Endpoint {
     pub fn addr(self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+
+    /// A new TLS connection with its handshake done.
+    pub fn connect(self, config: &Arc<ClientConfig>) -> std::io::Result<TlsStream> {
+        tlsclient::connect(config, self.addr(), self.sni)
+    }
+
+    /// `GET /` (the small response) on `s`; the status.
+    pub fn get_small(self, s: &mut TlsStream, close: bool, buf: &mut [u8]) -> std::io::Result<u16> {
+        tlsclient::get(s, self.sni, "/", close, buf, |_| true)
+    }
 }
 
 /// CPU readings taken at the edges of the measured window.
@@ -107,6 +117,12 @@ fn counters(s: &TlsStream) -> Counters {
 }
 
 impl Tally {
+    /// One operation done, started at `start`.
+    fn done(&mut self, start: Instant) {
+        self.ops += 1;
+        self.latencies_us.push(start.elapsed().as_micros() as u64);
+    }
+
     /// Count what `s` read since its counters were `from`.
     fn reads_of(&mut self, s: &TlsStream, from: Counters) {
         let now = counters(s);
@@ -224,26 +240,22 @@ pub fn keep_alive(
         duration,
         meter,
         |_| {
-            let mut s = tlsclient::connect(config, ep.addr(), ep.sni)?;
+            let mut s = ep.connect(config)?;
             let mut buf = vec![0u8; 4096];
-            tlsclient::get(&mut s, ep.sni, "/", false, &mut buf, |_| true)?;
+            ep.get_small(&mut s, false, &mut buf)?;
             Ok((s, buf))
         },
         |(mut s, mut buf): (TlsStream, Vec<u8>), deadline, t| {
             while running(deadline) {
                 let start = Instant::now();
-                match tlsclient::get(&mut s, ep.sni, "/", false, &mut buf, |_| true) {
-                    Ok(200) => {
-                        t.ops += 1;
-                        t.latencies_us.push(start.elapsed().as_micros() as u64);
-                    }
-                    _ => {
-                        t.errors += 1;
-                        match tlsclient::connect(config, ep.addr(), ep.sni) {
-                            Ok(fresh) => s = fresh,
-                            Err(_) => break,
-                        }
-                    }
+                if let Ok(200) = ep.get_small(&mut s, false, &mut buf) {
+                    t.done(start);
+                    continue;
+                }
+                t.errors += 1;
+                match ep.connect(config) {
+                    Ok(fresh) => s = fresh,
+                    Err(_) => break,
                 }
             }
             s
@@ -268,14 +280,11 @@ pub fn new_connections(
         |mut buf: Vec<u8>, deadline, t| {
             while running(deadline) {
                 let start = Instant::now();
-                let result = tlsclient::connect(config, ep.addr(), ep.sni).and_then(|mut s| {
-                    tlsclient::get(&mut s, ep.sni, "/", true, &mut buf, |_| true)
-                });
-                match result {
-                    Ok(200) => {
-                        t.ops += 1;
-                        t.latencies_us.push(start.elapsed().as_micros() as u64);
-                    }
+                match ep
+                    .connect(config)
+                    .and_then(|mut s| ep.get_small(&mut s, true, &mut buf))
+                {
+                    Ok(200) => t.done(start),
                     _ => t.errors += 1,
                 }
             }
@@ -297,7 +306,7 @@ pub fn bulk(
         streams,
         duration,
         meter,
-        |_| tlsclient::connect(config, ep.addr(), ep.sni),
+        |_| ep.connect(config),
         |mut s: TlsStream, deadline, t| {
             let mut buf = vec![0u8; 256 * 1024];
             let mut from = counters(&s);
@@ -315,7 +324,7 @@ pub fn bulk(
                     _ => {
                         t.errors += 1;
                         t.reads_of(&s, from);
-                        match tlsclient::connect(config, ep.addr(), ep.sni) {
+                        match ep.connect(config) {
                             Ok(fresh) => s = fresh,
                             Err(_) => break,
                         }

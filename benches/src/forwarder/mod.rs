@@ -606,11 +606,8 @@ fn idle(s: Scenario, ep: Endpoint, proc: Proc, ctx: &Ctx<'_>) -> Result<Vec<f64>
         hold(n, ep, proc, || tlsclient::tcp_connect(ep.addr()))?
     } else {
         hold(n, ep, proc, || {
-            let mut s = tlsclient::connect(&ctx.keep, ep.addr(), ep.sni)?;
-            let mut buf = [0u8; 4096];
-            tlsclient::get(&mut s, ep.sni, servers::SMALL_PATH, false, &mut buf, |_| {
-                true
-            })?;
+            let mut s = ep.connect(&ctx.keep)?;
+            ep.get_small(&mut s, false, &mut [0u8; 4096])?;
             Ok(s)
         })?
     };

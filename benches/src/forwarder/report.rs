@@ -157,37 +157,49 @@ impl Results {
         self.columns.iter().position(|c| c.role == Role::Main)
     }
 
+    /// One scenario as a grid: the header (metric, a column per terminator, the
+    /// forwarder's ratio) and a row of cells per metric; None when nothing ran.
+    fn grid(&self, s: Scenario) -> Option<(Vec<String>, Vec<Vec<String>>)> {
+        let cols = self.shown_columns(s);
+        if cols.is_empty() {
+            return None;
+        }
+        let subject = self.subject();
+        let mut head = vec![String::new()];
+        head.extend(cols.iter().map(|&c| self.columns[c].label.to_string()));
+        head.extend(subject.map(|f| format!("{} ÷ best other", self.columns[f].label)));
+        let rows = s
+            .metrics()
+            .iter()
+            .enumerate()
+            .map(|(mi, metric)| {
+                let mut row = vec![metric.name.to_string()];
+                row.extend(cols.iter().map(|&c| {
+                    self.cell(s, mi, c)
+                        .map_or("—".into(), |x| fmt_cell(x, metric))
+                }));
+                row.extend(subject.map(|f| self.ratio_text(s, mi, f)));
+                row
+            })
+            .collect();
+        Some((head, rows))
+    }
+
     pub fn text_table(&self) -> String {
         let mut out = String::new();
         for &s in &self.scenarios {
-            let cols = self.shown_columns(s);
-            if cols.is_empty() {
+            let Some((head, rows)) = self.grid(s) else {
                 continue;
-            }
+            };
             let _ = writeln!(out, "\n{}", s.title(self.bulk_mib, self.idle));
-            let _ = write!(out, "{:<20}", "");
-            for &c in &cols {
-                let _ = write!(out, " {:>18}", self.columns[c].label);
-            }
-            let subject = self.subject();
-            if let Some(f) = subject {
-                let _ = write!(
-                    out,
-                    " {:>22}",
-                    format!("{} ÷ best other", self.columns[f].label)
-                );
-            }
-            out.push('\n');
-            for (mi, metric) in s.metrics().iter().enumerate() {
-                let _ = write!(out, "{:<20}", metric.name);
-                for &c in &cols {
-                    let text = self
-                        .cell(s, mi, c)
-                        .map_or("—".into(), |x| fmt_cell(x, metric));
-                    let _ = write!(out, " {text:>18}");
-                }
-                if let Some(f) = subject {
-                    let _ = write!(out, " {:>22}", self.ratio_text(s, mi, f));
+            for row in std::iter::once(&head).chain(&rows) {
+                let last = row.len() - 1;
+                for (i, cell) in row.iter().enumerate() {
+                    let _ = match i {
+                        0 => write!(out, "{cell:<20}"),
+                        i if i == last => write!(out, " {cell:>22}"),
+                        _ => write!(out, " {cell:>18}"),
+                    };
                 }
                 out.push('\n');
             }
@@ -198,39 +210,17 @@ impl Results {
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         for &s in &self.scenarios {
-            let cols = self.shown_columns(s);
-            if cols.is_empty() {
+            let Some((head, rows)) = self.grid(s) else {
                 continue;
-            }
+            };
             let _ = writeln!(out, "\n**{}**\n", s.title(self.bulk_mib, self.idle));
-            out.push_str("| |");
-            for &c in &cols {
-                let _ = write!(out, " {} |", self.columns[c].label);
-            }
-            let subject = self.subject();
-            if let Some(f) = subject {
-                let _ = write!(out, " {} ÷ best other |", self.columns[f].label);
-            }
-            out.push_str("\n|---|");
-            for _ in &cols {
-                out.push_str("---:|");
-            }
-            if subject.is_some() {
-                out.push_str("---|");
-            }
-            out.push('\n');
-            for (mi, metric) in s.metrics().iter().enumerate() {
-                let _ = write!(out, "| {} |", metric.name);
-                for &c in &cols {
-                    let text = self
-                        .cell(s, mi, c)
-                        .map_or("—".into(), |x| fmt_cell(x, metric));
-                    let _ = write!(out, " {text} |");
-                }
-                if let Some(f) = subject {
-                    let _ = write!(out, " {} |", self.ratio_text(s, mi, f));
-                }
-                out.push('\n');
+            let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+            out.push_str(&line(&head));
+            let mut rule = vec!["---".to_string()];
+            rule.extend((1..head.len()).map(|_| "---:".to_string()));
+            out.push_str(&line(&rule));
+            for row in &rows {
+                out.push_str(&line(row));
             }
         }
         out
@@ -532,5 +522,6 @@ mod tests {
         assert!(table.contains("1.55× a"), "{table}");
         let md = r.markdown();
         assert!(md.contains("| req/s | 310 ±5% |"), "{md}");
+        assert!(md.contains("| 1.55× a |"), "{md}");
     }
 }

@@ -28,8 +28,7 @@ pub const HOST: &str = "bench.localhost";
 pub const NS_HOST: &str = "benchns.localhost";
 /// Worker processes or threads per terminator: one per core.
 pub const WORKERS: usize = 2;
-/// The small response and the bulk object the backend serves.
-pub const SMALL_PATH: &str = "/";
+/// The bulk object the backend serves (`/` is the small response).
 pub const BULK_PATH: &str = "/bulk";
 const READY_DEADLINE: Duration = Duration::from_secs(15);
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -187,28 +186,19 @@ pub struct Started {
 }
 
 pub fn start(kind: Kind, plan: &Plan<'_>, log_level: &str) -> Result<Started, String> {
-    let ecdsa = Endpoint {
+    let endpoint = || Endpoint {
         port: mergen_testkit::free_port(),
         sni: HOST,
     };
-    match kind {
+    let (ecdsa, rsa) = (endpoint(), endpoint());
+    // Each arm: the server, its error log, whether it has the RSA listener.
+    let (server, log, with_rsa) = match kind {
         Kind::Forwarder => {
             let name = format!("forwarder-{log_level}-{}", ecdsa.port);
             let main = start_forwarder(plan, &name, ecdsa.port, &plan.certs.ecdsa, log_level)?;
-            let proc = main.proc();
-            Ok(Started {
-                ecdsa,
-                rsa: None,
-                proc,
-                servers: vec![main],
-                log: plan.dir.join(format!("{name}.log")),
-            })
+            (main, plan.dir.join(format!("{name}.log")), false)
         }
         Kind::NginxStream => {
-            let rsa = Endpoint {
-                port: mergen_testkit::free_port(),
-                sni: HOST,
-            };
             let server = |port: u16, c: &CertFiles| {
                 format!(
                     "server {{ listen 127.0.0.1:{port} ssl reuseport backlog=4096; \
@@ -232,14 +222,7 @@ pub fn start(kind: Kind, plan: &Plan<'_>, log_level: &str) -> Result<Started, St
             );
             let name = format!("nginx-stream-{}", ecdsa.port);
             let s = nginx(plan.dir, &name, &conf, Command::new("nginx"))?;
-            let proc = s.proc();
-            Ok(Started {
-                ecdsa,
-                rsa: Some((rsa, proc)),
-                proc,
-                servers: vec![s],
-                log: plan.dir.join(format!("{name}.err")),
-            })
+            (s, plan.dir.join(format!("{name}.err")), true)
         }
         Kind::NginxHttp => {
             let conf = format!(
@@ -260,20 +243,9 @@ pub fn start(kind: Kind, plan: &Plan<'_>, log_level: &str) -> Result<Started, St
             );
             let name = format!("nginx-http-{}", ecdsa.port);
             let s = nginx(plan.dir, &name, &conf, Command::new("nginx"))?;
-            let proc = s.proc();
-            Ok(Started {
-                ecdsa,
-                rsa: None,
-                proc,
-                servers: vec![s],
-                log: plan.dir.join(format!("{name}.err")),
-            })
+            (s, plan.dir.join(format!("{name}.err")), false)
         }
         Kind::Haproxy => {
-            let rsa = Endpoint {
-                port: mergen_testkit::free_port(),
-                sni: HOST,
-            };
             // No `log` line: HAProxy logs nothing. strict-sni refuses names the
             // certificate does not cover, as the forwarder refuses unknown VMs.
             let conf = format!(
@@ -297,20 +269,9 @@ pub fn start(kind: Kind, plan: &Plan<'_>, log_level: &str) -> Result<Started, St
                 Command::new("haproxy").arg("-db").arg("-f").arg(&path),
                 &log,
             )?;
-            let proc = s.proc();
-            Ok(Started {
-                ecdsa,
-                rsa: Some((rsa, proc)),
-                proc,
-                servers: vec![s],
-                log,
-            })
+            (s, log, true)
         }
         Kind::Hitch => {
-            let rsa = Endpoint {
-                port: mergen_testkit::free_port(),
-                sni: HOST,
-            };
             // hitch 1.7 in Debian has no shared session cache (built without
             // --enable-sessioncache): each worker keeps OpenSSL's own cache, and tickets.
             let frontend = |port: u16, c: &CertFiles| {
@@ -331,16 +292,17 @@ pub fn start(kind: Kind, plan: &Plan<'_>, log_level: &str) -> Result<Started, St
             let log = plan.dir.join(format!("hitch-{}.log", ecdsa.port));
             write(&path, conf.as_bytes())?;
             let s = Server::start(Command::new("hitch").arg("--config").arg(&path), &log)?;
-            let proc = s.proc();
-            Ok(Started {
-                ecdsa,
-                rsa: Some((rsa, proc)),
-                proc,
-                servers: vec![s],
-                log,
-            })
+            (s, log, true)
         }
-    }
+    };
+    let proc = server.proc();
+    Ok(Started {
+        ecdsa,
+        rsa: with_rsa.then_some((rsa, proc)),
+        proc,
+        servers: vec![server],
+        log,
+    })
 }
 
 /// The forwarder's two VMs: `bench` (the backend reached from the host, over the veth
@@ -416,8 +378,8 @@ pub fn wait_ready(
     let mut buf = vec![0u8; 4096];
     loop {
         crate::interrupt::check()?;
-        let attempt = tlsclient::connect(&config, ep.addr(), ep.sni).and_then(|mut s| {
-            let status = tlsclient::get(&mut s, ep.sni, SMALL_PATH, false, &mut buf, |_| true)?;
+        let attempt = ep.connect(&config).and_then(|mut s| {
+            let status = ep.get_small(&mut s, false, &mut buf)?;
             if status == 200 {
                 Ok(tlsclient::negotiated(&s))
             } else {
