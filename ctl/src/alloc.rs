@@ -19,25 +19,14 @@ pub struct PortRequest {
 }
 
 /// Why an allocation is impossible; every case is answered 409 `conflict`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
+    #[error("no free guest IP left in {0}")]
     CidrExhausted(Ipv4Cidr),
+    #[error("host port {0} is already published by another VM")]
     PortTaken(u16),
+    #[error("no free host port left in {0}..={1}")]
     PortRangeExhausted(u16, u16),
-}
-
-impl std::fmt::Display for AllocError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AllocError::CidrExhausted(c) => write!(f, "no free guest IP left in {c}"),
-            AllocError::PortTaken(p) => {
-                write!(f, "host port {p} is already published by another VM")
-            }
-            AllocError::PortRangeExhausted(a, b) => {
-                write!(f, "no free host port left in {a}..={b}")
-            }
-        }
-    }
 }
 
 pub fn allocate(

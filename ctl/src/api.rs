@@ -16,15 +16,14 @@ use mergen_runtime::{
     select_supervisor, RuntimeError, Supervisor, SupervisorInfo, SystemdInfo, VmState, VmStatus,
 };
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::alloc::allocate;
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::hooks::HookRunner;
-use crate::http::Response;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
 use crate::request::{parse_create, CreateRequest};
@@ -40,12 +39,67 @@ pub struct App {
     pub metrics: Arc<Metrics>,
 }
 
-fn io500(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
-    move |e| ApiError::internal(format!("{what}: {e}"))
+/// What a successful call produced; `crate::respond` turns it into a response.
+pub enum Outcome {
+    Healthy,
+    Created(String),
+    Started(String),
+    Stopped(String),
+    Deleted(String),
+    Vm(Box<VmView>),
+    List(Vec<VmView>),
+    Metrics(String),
 }
 
-fn ok(status: u16, id: &str, word: &str) -> Response {
-    Response::json(status, &json!({"id": id, "status": word}))
+/// A VM as `GET /v1/vms[/:id]` shows it: its record and what its supervisor says.
+/// Serialized as the summary.
+pub struct VmView {
+    meta: Meta,
+    status: StatusView,
+    socket_present: bool,
+}
+
+impl VmView {
+    fn new(meta: Meta, status: StatusView) -> VmView {
+        // Under the jailer the socket path is a symlink into the chroot: follow it.
+        let socket_present =
+            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
+        VmView {
+            meta,
+            status,
+            socket_present,
+        }
+    }
+
+    fn summary(&self) -> Summary<'_> {
+        let (meta, st) = (&self.meta, &self.status);
+        Summary {
+            id: &meta.id,
+            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
+            state: st.state,
+            supervisor: &st.supervisor,
+            systemd: &st.systemd,
+            firecracker: Firecracker {
+                socket_path: &meta.paths.socket_path,
+                socket_present: self.socket_present,
+            },
+            network: Network {
+                guest_ip: meta.guest_ip,
+                ports: &meta.ports,
+                tap_name: &meta.tap_name,
+                netns: &meta.netns,
+            },
+            paths: &meta.paths,
+            metadata: &meta.metadata,
+            tags: &meta.tags,
+        }
+    }
+}
+
+impl Serialize for VmView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.summary().serialize(s)
+    }
 }
 
 /// A VM's state and supervisor blocks as shown in its summary.
@@ -84,8 +138,8 @@ struct Summary<'a> {
     id: &'a str,
     created_at: String,
     state: VmState,
-    supervisor: SupervisorView,
-    systemd: SystemdInfo,
+    supervisor: &'a SupervisorView,
+    systemd: &'a SystemdInfo,
     firecracker: Firecracker<'a>,
     network: Network<'a>,
     paths: &'a Paths,
@@ -110,9 +164,10 @@ struct Network<'a> {
     netns: &'a str,
 }
 
+/// The body of `GET /v1/vms`.
 #[derive(Serialize)]
-struct Items<'a> {
-    items: Vec<Summary<'a>>,
+pub struct Items<'a> {
+    pub items: &'a [VmView],
 }
 
 impl App {
@@ -163,7 +218,7 @@ impl App {
         })
     }
 
-    fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, ApiError> {
+    fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, Error> {
         self.supervisor.as_ref().map_err(|e| e.clone().into())
     }
 
@@ -186,7 +241,7 @@ impl App {
     }
 
     /// Status of many VMs with one supervisor query.
-    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, ApiError> {
+    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, Error> {
         let sup = match &self.supervisor {
             Ok(s) => s,
             Err(_) => return Ok(metas.iter().map(|m| self.unavailable_status(m)).collect()),
@@ -195,7 +250,7 @@ impl App {
             Ok(list) if list.len() == metas.len() => {
                 Ok(list.into_iter().map(StatusView::from).collect())
             }
-            Ok(list) => Err(ApiError::internal(format!(
+            Ok(list) => Err(Error::Internal(format!(
                 "supervisor returned {} statuses for {} VMs",
                 list.len(),
                 metas.len()
@@ -207,62 +262,30 @@ impl App {
         }
     }
 
-    fn summary(meta: &Meta, st: StatusView) -> Summary<'_> {
-        // Under the jailer the socket path is a symlink into the chroot: follow it.
-        let socket_present =
-            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
-        Summary {
-            id: &meta.id,
-            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            state: st.state,
-            supervisor: st.supervisor,
-            systemd: st.systemd,
-            firecracker: Firecracker {
-                socket_path: &meta.paths.socket_path,
-                socket_present,
-            },
-            network: Network {
-                guest_ip: meta.guest_ip,
-                ports: &meta.ports,
-                tap_name: &meta.tap_name,
-                netns: &meta.netns,
-            },
-            paths: &meta.paths,
-            metadata: &meta.metadata,
-            tags: &meta.tags,
-        }
-    }
-
-    fn check_id(id: &str) -> Result<(), ApiError> {
+    fn check_id(id: &str) -> Result<(), Error> {
         if is_valid_id(id) {
             Ok(())
         } else {
-            Err(ApiError::bad_request(format!(
-                "invalid VM id {id:?}: want a lowercase UUID"
-            )))
+            Err(Error::InvalidId(id.to_string()))
         }
     }
 
-    fn load(&self, id: &str) -> Result<Meta, ApiError> {
+    fn load(&self, id: &str) -> Result<Meta, Error> {
         Self::check_id(id)?;
         self.store
             .load(id)
-            .map_err(io500("reading the VM"))?
-            .ok_or_else(|| ApiError::not_found(format!("VM {id} not found")))
+            .map_err(Error::io("reading the VM"))?
+            .ok_or_else(|| Error::VmNotFound(id.to_string()))
     }
 
     /// Take the VM's lifecycle lock (409 when another call holds it) and re-read the
     /// VM under it, since a delete may have finished meanwhile.
-    fn lock_existing(&self, id: &str) -> Result<(FileLock, Meta), ApiError> {
+    fn lock_existing(&self, id: &str) -> Result<(FileLock, Meta), Error> {
         let meta = self.load(id)?;
         let lock = match FileLock::try_acquire(meta.paths.lock_path.as_ref()) {
             Ok(TryLock::Acquired(l)) => l,
-            Ok(TryLock::Held) => {
-                return Err(ApiError::conflict(format!(
-                    "VM {id} is busy: another lifecycle call holds its lock"
-                )))
-            }
-            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+            Ok(TryLock::Held) => return Err(Error::Busy(id.to_string())),
+            Err(e) => return Err(Error::io("VM lock")(e)),
         };
         let meta = self.load(id)?;
         Ok((lock, meta))
@@ -278,15 +301,15 @@ impl App {
         }
     }
 
-    pub fn create(&self, body: &[u8]) -> Result<Response, ApiError> {
+    pub fn create(&self, body: &[u8]) -> Result<Outcome, Error> {
         let req = parse_create(body, &self.image_roots)?;
         let id = uuid::Uuid::new_v4().to_string();
         let paths = self.store.roots().paths(&id);
         let lock_path = PathBuf::from(&paths.lock_path);
         let lock = match FileLock::try_acquire(&lock_path) {
             Ok(TryLock::Acquired(l)) => l,
-            Ok(TryLock::Held) => return Err(ApiError::conflict("VM id collision")),
-            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+            Ok(TryLock::Held) => return Err(Error::Busy(id)),
+            Err(e) => return Err(Error::io("VM lock")(e)),
         };
         let written = self.write_new(&id, &req);
         let meta = match written {
@@ -306,32 +329,30 @@ impl App {
             }
             let _ = fs::remove_file(&lock_path);
             log::warn!(id = id, error = e; "strict onCreate hook failed, VM removed");
-            return Err(ApiError::hook_failed(format!(
-                "{e}; the VM was not created"
-            )));
+            return Err(Error::HookFailed(format!("{e}; the VM was not created")));
         }
         if req.auto_start {
-            self.start_locked(&meta).map_err(|mut e| {
-                e.message = format!("VM {id} was created but not started: {}", e.message);
-                e
-            })?;
+            self.start_locked(&meta)
+                .map_err(|e| e.context(format!("VM {id} was created but not started")))?;
         }
         drop(lock);
-        Ok(ok(201, &id, "created"))
+        Ok(Outcome::Created(id))
     }
 
     /// Allocate and write the VM under the host-wide allocation lock.
-    fn write_new(&self, id: &str, req: &CreateRequest) -> Result<Meta, ApiError> {
-        let _alloc = self.store.alloc_lock().map_err(io500("allocation lock"))?;
-        let existing = self.store.list().map_err(io500("listing VMs"))?;
+    fn write_new(&self, id: &str, req: &CreateRequest) -> Result<Meta, Error> {
+        let _alloc = self
+            .store
+            .alloc_lock()
+            .map_err(Error::io("allocation lock"))?;
+        let existing = self.store.list().map_err(Error::io("listing VMs"))?;
         let cidr = self.config.runtime.guest_cidr;
         let (guest_ip, ports) = allocate(
             cidr,
             (self.config.port_start, self.config.port_end),
             &existing,
             &req.ports,
-        )
-        .map_err(|e| ApiError::conflict(e.to_string()))?;
+        )?;
         let paths = self.store.roots().paths(id);
         let meta = Meta {
             id: id.to_string(),
@@ -360,12 +381,14 @@ impl App {
             hooks: (!req.hooks.is_empty()).then(|| req.hooks.clone()),
             meta,
         };
-        self.store.create(&vm).map_err(io500("writing the VM"))?;
+        self.store
+            .create(&vm)
+            .map_err(Error::io("writing the VM"))?;
         Ok(vm.meta)
     }
 
     /// Start under the VM's lock (held by the caller); runs onStart hooks.
-    fn start_locked(&self, meta: &Meta) -> Result<bool, ApiError> {
+    fn start_locked(&self, meta: &Meta) -> Result<bool, Error> {
         let sup = self.supervisor()?;
         if sup.status(meta)?.state == VmState::Running {
             return Ok(false);
@@ -380,34 +403,32 @@ impl App {
             if let Err(se) = sup.stop(meta) {
                 log::error!(id = meta.id, error:% = se; "cannot stop the VM after its onStart hook failed");
             }
-            return Err(ApiError::hook_failed(format!(
-                "{e}; the VM was stopped again"
-            )));
+            return Err(Error::HookFailed(format!("{e}; the VM was stopped again")));
         }
         Ok(true)
     }
 
-    pub fn start(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn start(&self, id: &str) -> Result<Outcome, Error> {
         let (_lock, meta) = self.lock_existing(id)?;
         self.start_locked(&meta)?;
-        Ok(ok(200, id, "started"))
+        Ok(Outcome::Started(meta.id))
     }
 
-    pub fn stop(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn stop(&self, id: &str) -> Result<Outcome, Error> {
         let (_lock, meta) = self.lock_existing(id)?;
         let sup = self.supervisor()?;
         if sup.status(&meta)?.state == VmState::Stopped {
-            return Ok(ok(200, id, "stopped"));
+            return Ok(Outcome::Stopped(meta.id));
         }
         sup.stop(&meta)?;
         log::info!(id = id; "vm stopped");
         self.hooks
             .run("onStop", &meta, self.vm_hooks(&meta).as_ref())
-            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM is stopped")))?;
-        Ok(ok(200, id, "stopped"))
+            .map_err(|e| Error::HookFailed(format!("{e}; the VM is stopped")))?;
+        Ok(Outcome::Stopped(meta.id))
     }
 
-    pub fn delete(&self, id: &str, retain_data: bool) -> Result<Response, ApiError> {
+    pub fn delete(&self, id: &str, retain_data: bool) -> Result<Outcome, Error> {
         let (lock, meta) = self.lock_existing(id)?;
         match &self.supervisor {
             Ok(sup) => match sup.status(&meta) {
@@ -423,17 +444,17 @@ impl App {
         let hooks = self.vm_hooks(&meta);
         self.hooks
             .run("onDelete", &meta, hooks.as_ref())
-            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM was not deleted")))?;
+            .map_err(|e| Error::HookFailed(format!("{e}; the VM was not deleted")))?;
         self.store
             .remove(&meta, retain_data)
-            .map_err(io500("removing the VM"))?;
+            .map_err(Error::io("removing the VM"))?;
         let _ = fs::remove_file(&meta.paths.lock_path);
         drop(lock);
         log::info!(id = id, retain_data = retain_data; "vm deleted");
-        Ok(ok(200, id, "deleted"))
+        Ok(Outcome::Deleted(meta.id))
     }
 
-    pub fn get(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn get(&self, id: &str) -> Result<Outcome, Error> {
         let meta = self.load(id)?;
         let st = match &self.supervisor {
             Ok(sup) => match sup.status(&meta) {
@@ -443,11 +464,11 @@ impl App {
             },
             Err(_) => self.unavailable_status(&meta),
         };
-        Ok(Response::json(200, &Self::summary(&meta, st)))
+        Ok(Outcome::Vm(Box::new(VmView::new(meta, st))))
     }
 
-    fn sorted_vms(&self) -> Result<Vec<Meta>, ApiError> {
-        let mut metas = self.store.list().map_err(io500("listing VMs"))?;
+    fn sorted_vms(&self) -> Result<Vec<Meta>, Error> {
+        let mut metas = self.store.list().map_err(Error::io("listing VMs"))?;
         metas.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -456,18 +477,18 @@ impl App {
         Ok(metas)
     }
 
-    pub fn list(&self) -> Result<Response, ApiError> {
+    pub fn list(&self) -> Result<Outcome, Error> {
         let metas = self.sorted_vms()?;
         let statuses = self.statuses(&metas)?;
         let items = metas
-            .iter()
+            .into_iter()
             .zip(statuses)
-            .map(|(m, s)| Self::summary(m, s))
+            .map(|(m, s)| VmView::new(m, s))
             .collect();
-        Ok(Response::json(200, &Items { items }))
+        Ok(Outcome::List(items))
     }
 
-    pub fn metrics_text(&self) -> Result<Response, ApiError> {
+    pub fn metrics_text(&self) -> Result<Outcome, Error> {
         let metas = self.sorted_vms()?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for s in self.statuses(&metas)? {
@@ -479,11 +500,7 @@ impl App {
             };
             *by_state.entry(name).or_default() += 1;
         }
-        Ok(Response::text(
-            200,
-            "text/plain; version=0.0.4",
-            self.metrics.render(&by_state),
-        ))
+        Ok(Outcome::Metrics(self.metrics.render(&by_state)))
     }
 }
 
@@ -578,6 +595,7 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
     use mergen_model::{Protocol, Roots};
+    use serde_json::json;
 
     const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod request;
+pub mod respond;
 pub mod router;
 pub mod server;
 pub mod store;

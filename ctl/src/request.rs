@@ -9,7 +9,7 @@ use mergen_model::{HookType, Hooks, ProcessSpec, Protocol};
 use serde::Deserialize;
 
 use crate::alloc::PortRequest;
-use crate::error::ApiError;
+use crate::error::Error;
 
 pub const HOOK_EVENTS: [&str; 4] = ["onCreate", "onDelete", "onStart", "onStop"];
 
@@ -61,11 +61,11 @@ pub struct CreateRequest {
 }
 
 /// Parse and validate a create body. `image_roots` must be canonical paths.
-pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
+pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, Error> {
     // Derived structs also accept a JSON array of field values; only an object is valid.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid request body: want a JSON object",
+        return Err(Error::BadRequest(
+            "invalid request body: want a JSON object".into(),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -73,27 +73,27 @@ pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateReques
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
-            ApiError::bad_request(format!("invalid request body: {inner}"))
+            Error::BadRequest(format!("invalid request body: {inner}"))
         } else {
-            ApiError::bad_request(format!("invalid field {path}: {inner}"))
+            Error::BadRequest(format!("invalid field {path}: {inner}"))
         }
     })?;
     de.end()
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+        .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
     validate(raw, image_roots)
 }
 
-fn bad(m: String) -> ApiError {
-    ApiError::bad_request(m)
+fn bad(m: String) -> Error {
+    Error::BadRequest(m)
 }
 
-fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
+fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Error> {
     let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     let process = match raw.process {
         Some(p) => Some(validate_process(p)?),
         None => None,
     };
-    let image = |field: &str, v: Option<String>, required: bool| -> Result<String, ApiError> {
+    let image = |field: &str, v: Option<String>, required: bool| -> Result<String, Error> {
         match nonempty(v) {
             Some(p) => image_file(field, &p, image_roots),
             None if required => Err(bad(format!("{field} is required"))),
@@ -208,7 +208,7 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
 
 /// A path the VM will get: an existing regular file inside an image root, after
 /// resolving symlinks, so the API cannot hand an arbitrary host file to a guest.
-fn image_file(field: &str, path: &str, roots: &[PathBuf]) -> Result<String, ApiError> {
+fn image_file(field: &str, path: &str, roots: &[PathBuf]) -> Result<String, Error> {
     if !Path::new(path).is_absolute() {
         return Err(bad(format!("{field}: {path:?} is not an absolute path")));
     }
@@ -228,7 +228,7 @@ fn image_file(field: &str, path: &str, roots: &[PathBuf]) -> Result<String, ApiE
         .map_err(|_| bad(format!("{field}: path is not UTF-8")))
 }
 
-fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, ApiError> {
+fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
     if p.cmd.first().is_none_or(|c| c.is_empty()) {
         return Err(bad("process.cmd must be a non-empty argv".into()));
     }
@@ -245,7 +245,7 @@ fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, ApiError> {
     Ok(p)
 }
 
-fn validate_hooks(hooks: &Hooks) -> Result<(), ApiError> {
+fn validate_hooks(hooks: &Hooks) -> Result<(), Error> {
     for (event, list) in hooks {
         if !HOOK_EVENTS.contains(&event.as_str()) {
             return Err(bad(format!(

@@ -1,19 +1,24 @@
 //! Routing, authentication and request metrics in front of the API.
 
-use crate::api::App;
-use crate::error::ApiError;
+use crate::api::{App, Outcome};
+use crate::error::Error;
 use crate::http::{Request, Response};
+use crate::respond;
 
 /// Answer one request and count it under its route.
 pub fn handle(app: &App, req: &Request) -> Response {
     let started = std::time::Instant::now();
     let (route, result) = dispatch(app, req);
-    let resp = result.unwrap_or_else(|e| {
-        if e.status >= 500 {
-            log::warn!(route = route, status = e.status, error = e.message; "request failed");
+    let resp = match result {
+        Ok(o) => respond::outcome(o),
+        Err(e) => {
+            let answer = respond::error(&e);
+            if answer.status >= 500 {
+                log::warn!(route = route, status = answer.status, error:% = e; "request failed");
+            }
+            answer.into_response()
         }
-        e.into_response()
-    });
+    };
     app.metrics.request(route, resp.status);
     log::debug!(
         method = req.head.method,
@@ -30,7 +35,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(app: &App, req: &Request) -> Result<(), ApiError> {
+fn authorize(app: &App, req: &Request) -> Result<(), Error> {
     let Some(token) = &app.config.api_token else {
         return Ok(());
     };
@@ -42,9 +47,7 @@ fn authorize(app: &App, req: &Request) -> Result<(), ApiError> {
     if given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
         return Ok(());
     }
-    let mut e = ApiError::new(401, "unauthorized", "missing or wrong bearer token");
-    e.headers.push(("WWW-Authenticate", "Bearer".into()));
-    Err(e)
+    Err(Error::Unauthorized)
 }
 
 fn retain_data(query: &str) -> bool {
@@ -53,7 +56,7 @@ fn retain_data(query: &str) -> bool {
         .any(|kv| matches!(kv.split_once('='), Some(("retainData", "true" | "1"))))
 }
 
-fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Response, ApiError>) {
+fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) {
     let method = req.head.method.as_str();
     let path = req.head.path.as_str();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -72,19 +75,19 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Response, ApiErro
         }
     }
     let result = match (route, method) {
-        ("/healthz", "GET") => Ok(Response::json(200, &serde_json::json!({"status": "ok"}))),
+        ("/healthz", "GET") => Ok(Outcome::Healthy),
         ("/metrics", "GET") => app.metrics_text(),
-        ("/healthz" | "/metrics", _) => Err(ApiError::method_not_allowed("GET")),
+        ("/healthz" | "/metrics", _) => Err(Error::MethodNotAllowed("GET")),
         ("/v1/vms", "GET") => app.list(),
         ("/v1/vms", "POST") => app.create(&req.body),
-        ("/v1/vms", _) => Err(ApiError::method_not_allowed("GET, POST")),
+        ("/v1/vms", _) => Err(Error::MethodNotAllowed("GET, POST")),
         ("/v1/vms/:id", "GET") => app.get(segs[2]),
         ("/v1/vms/:id", "DELETE") => app.delete(segs[2], retain_data(&req.head.query)),
-        ("/v1/vms/:id", _) => Err(ApiError::method_not_allowed("GET, DELETE")),
+        ("/v1/vms/:id", _) => Err(Error::MethodNotAllowed("GET, DELETE")),
         ("/v1/vms/:id/start", "POST") => app.start(segs[2]),
         ("/v1/vms/:id/stop", "POST") => app.stop(segs[2]),
-        ("/v1/vms/:id/start" | "/v1/vms/:id/stop", _) => Err(ApiError::method_not_allowed("POST")),
-        _ => Err(ApiError::not_found(format!("no such path {path}"))),
+        ("/v1/vms/:id/start" | "/v1/vms/:id/stop", _) => Err(Error::MethodNotAllowed("POST")),
+        _ => Err(Error::NoRoute(path.to_string())),
     };
     (route, result)
 }
