@@ -50,16 +50,34 @@ fn authorize(app: &App, req: &Request) -> Result<(), Error> {
     Err(Error::Unauthorized)
 }
 
-fn retain_data(query: &str) -> bool {
-    query
-        .split('&')
-        .any(|kv| matches!(kv.split_once('='), Some(("retainData", "true" | "1"))))
+/// `?retainData=` as the original read it: the first value, percent-decoded, parsed
+/// with Go's `strconv.ParseBool`; absent or empty is false. Anything else is refused
+/// before anything is deleted, so a typo never costs the data.
+fn retain_data(query: &str) -> Result<bool, Error> {
+    let value = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "retainData")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if value.is_empty() {
+        return Ok(false);
+    }
+    mergen_envtable::go_bool(&value).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "retainData={value:?}: want a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)"
+        ))
+    })
 }
 
 fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) {
     let method = req.head.method.as_str();
     let path = req.head.path.as_str();
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // One trailing slash names the same resource, as in the original's router
+    // (`POST /v1/vms/` creates).
+    let trimmed = match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    };
+    let segs: Vec<&str> = trimmed.trim_start_matches('/').split('/').collect();
     let route: &'static str = match segs.as_slice() {
         ["healthz"] => "/healthz",
         ["metrics"] => "/metrics",
@@ -82,7 +100,9 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) 
         ("/v1/vms", "POST") => app.create(&req.body),
         ("/v1/vms", _) => Err(Error::MethodNotAllowed("GET, POST")),
         ("/v1/vms/:id", "GET") => app.get(segs[2]),
-        ("/v1/vms/:id", "DELETE") => app.delete(segs[2], retain_data(&req.head.query)),
+        ("/v1/vms/:id", "DELETE") => {
+            retain_data(&req.head.query).and_then(|retain| app.delete(segs[2], retain))
+        }
         ("/v1/vms/:id", _) => Err(Error::MethodNotAllowed("GET, DELETE")),
         ("/v1/vms/:id/start", "POST") => app.start(segs[2]),
         ("/v1/vms/:id/stop", "POST") => app.stop(segs[2]),
@@ -90,4 +110,38 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) 
         _ => Err(Error::NoRoute(path.to_string())),
     };
     (route, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_data_is_gos_parse_bool() {
+        for q in [
+            "retainData=1",
+            "retainData=t",
+            "retainData=T",
+            "retainData=TRUE",
+            "retainData=true",
+            "retainData=True",
+            "retainData=%54rue",
+            "x=1&retainData=true&retainData=false",
+        ] {
+            assert!(retain_data(q).unwrap(), "{q}");
+        }
+        for q in ["", "retainData=", "retainData=0", "retainData=False", "x=1"] {
+            assert!(!retain_data(q).unwrap(), "{q}");
+        }
+        for q in [
+            "retainData=yes",
+            "retainData=ture",
+            "retainData=tRUE",
+            "retainData=2",
+        ] {
+            let e = retain_data(q).unwrap_err();
+            assert!(matches!(e, Error::BadRequest(_)), "{q}");
+            assert!(e.to_string().contains("retainData"), "{q}");
+        }
+    }
 }

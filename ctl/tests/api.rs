@@ -481,3 +481,67 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     assert!(!sock.exists());
     drop(idle);
 }
+
+/// `?retainData=` is Go's `strconv.ParseBool`: `True` and `1` keep the data dir,
+/// anything else (`yes`, a typo) is 400 and deletes nothing.
+#[test]
+fn retain_data_parses_like_go_and_refuses_the_rest() {
+    let roots = Roots::new("retain");
+    let m = Mergend::start(&roots, &[]);
+    for (query, keeps) in [("True", true), ("1", true), ("0", false), ("F", false)] {
+        let (_, v) = m.create(&roots.body());
+        let id = id_of(&v);
+        let data = roots.data().join(&id);
+        std::fs::write(data.join("disk.img"), b"precious").unwrap();
+        for bad in ["yes", "ture"] {
+            let (code, body) = m.curl("DELETE", &format!("/v1/vms/{id}?retainData={bad}"), &[]);
+            assert_eq!(code, 400, "retainData={bad}: {body}");
+            assert!(body.contains("bad_request") && body.contains("retainData"));
+            assert!(
+                roots.config().join(&id).is_dir(),
+                "retainData={bad} deleted the VM"
+            );
+            assert!(
+                data.join("disk.img").is_file(),
+                "retainData={bad} deleted the data"
+            );
+        }
+        let (code, body) = m.curl("DELETE", &format!("/v1/vms/{id}?retainData={query}"), &[]);
+        assert_eq!(code, 200, "retainData={query}: {body}");
+        assert!(!roots.config().join(&id).exists());
+        assert_eq!(data.join("disk.img").is_file(), keeps, "retainData={query}");
+    }
+}
+
+/// One trailing slash routes as in the original: `POST /v1/vms/` creates, and
+/// `/v1/vms/`, `/v1/vms/<id>/`, `/v1/vms/<id>/start/` are the same resources.
+#[test]
+fn trailing_slash_routes_as_the_original() {
+    let roots = Roots::new("slash");
+    let m = Mergend::start(&roots, &[]);
+    let (code, out) = m.curl(
+        "POST",
+        "/v1/vms/",
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &roots.body(),
+        ],
+    );
+    assert_eq!(code, 201, "{out}");
+    let id = id_of(&serde_json::from_str(&out).unwrap());
+    let (code, list) = m.get_json("/v1/vms/");
+    assert_eq!(code, 200);
+    assert_eq!(list["items"][0]["id"], id.as_str());
+    let (code, one) = m.get_json(&format!("/v1/vms/{id}/"));
+    assert_eq!((code, one["id"].as_str()), (200, Some(id.as_str())));
+    let (code, _) = m.get_json("/healthz/");
+    assert_eq!(code, 200);
+    // Two slashes are not one.
+    let (code, _) = m.get_json(&format!("/v1/vms/{id}//"));
+    assert_eq!(code, 404);
+    let (code, body) = m.curl("DELETE", &format!("/v1/vms/{id}/"), &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(roots.vm_dirs().is_empty());
+}
