@@ -6,12 +6,13 @@
 //! at any moment leaves either no VM or a whole one, and start-up only has to sweep
 //! the temporary names.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use mergen_model::atomic::sync_dir;
+use mergen_model::atomic::{
+    create_dir, create_dir_all, create_file, pretty_json, sync_dir, DIR_MODE, FILE_MODE,
+};
 use mergen_model::names::is_valid_id;
 use mergen_model::{Hooks, Meta, Roots, VmConfig};
 
@@ -55,7 +56,7 @@ impl Store {
 
     pub fn ensure_roots(&self) -> io::Result<()> {
         for d in [&self.roots.config, &self.roots.data, &self.roots.run] {
-            fs::create_dir_all(d)?;
+            create_dir_all(d, DIR_MODE)?;
         }
         Ok(())
     }
@@ -155,7 +156,7 @@ impl Store {
         let result = self.write_tmp(&tmp, vm).and_then(|()| {
             let p = &vm.meta.paths;
             for d in [&p.logs_dir, &p.run_dir] {
-                fs::create_dir_all(d)?;
+                create_dir_all(Path::new(d), DIR_MODE)?;
             }
             sync_dir(&self.roots.data)?;
             sync_dir(&self.roots.run)?;
@@ -174,15 +175,15 @@ impl Store {
     }
 
     fn write_tmp(&self, tmp: &Path, vm: &NewVm) -> io::Result<()> {
-        fs::create_dir(tmp)?;
+        create_dir(tmp, DIR_MODE)?;
         if let Some(c) = &vm.vm_config {
-            write_synced(&tmp.join("vm.json"), &pretty(c)?, 0o644)?;
+            write_synced(&tmp.join("vm.json"), &pretty_json(c)?)?;
         }
         if let Some(h) = &vm.hooks {
-            write_synced(&tmp.join("hooks.json"), &pretty(h)?, 0o644)?;
+            write_synced(&tmp.join("hooks.json"), &pretty_json(h)?)?;
         }
-        write_synced(&tmp.join("env"), vm.env.as_bytes(), 0o640)?;
-        write_synced(&tmp.join("meta.json"), &pretty(&vm.meta)?, 0o644)?;
+        write_synced(&tmp.join("env"), vm.env.as_bytes())?;
+        write_synced(&tmp.join("meta.json"), &pretty_json(&vm.meta)?)?;
         sync_dir(tmp)
     }
 
@@ -207,19 +208,10 @@ fn remove_if_present(dir: &str) -> io::Result<()> {
     }
 }
 
-/// Pretty JSON with two-space indent and a trailing newline, as the original wrote it.
-fn pretty<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    let mut b = serde_json::to_vec_pretty(v).map_err(io::Error::other)?;
-    b.push(b'\n');
-    Ok(b)
-}
-
-fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+/// A new file of the VM's dir being built (no temp file needed: the dir itself is
+/// renamed into place), mode 0640.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = create_file(path, FILE_MODE)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

@@ -545,3 +545,43 @@ fn trailing_slash_routes_as_the_original() {
     assert_eq!(code, 200, "{body}");
     assert!(roots.vm_dirs().is_empty());
 }
+
+/// Files 0640 and directories 0750, as the original, whatever the umask (hook headers
+/// may hold tokens): checked under umask 000 and 077.
+#[test]
+fn files_are_0640_and_dirs_0750_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    for umask in ["000", "077"] {
+        let roots = Roots::new(&format!("modes-{umask}"));
+        let m = Mergend::start_umask(&roots, &[], umask);
+        let (code, v) = m.create(&roots.body_with(
+            r#","hooks":{"onStop":[{"type":"http","url":"http://127.0.0.1:9/","headers":{"Authorization":"Bearer t"}}]}"#,
+        ));
+        assert_eq!(code, 201, "{v}");
+        let id = id_of(&v);
+        let cfg = roots.config().join(&id);
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        for f in ["vm.json", "meta.json", "hooks.json", "env"] {
+            assert_eq!(mode(&cfg.join(f)), 0o640, "umask {umask}: {f}");
+        }
+        assert_eq!(
+            mode(&roots.run().join(format!("{id}.lock"))),
+            0o640,
+            "umask {umask}: lock file"
+        );
+        for d in [
+            cfg.clone(),
+            roots.data().join(&id),
+            roots.data().join(&id).join("logs"),
+            roots.run().join(&id),
+        ] {
+            assert_eq!(mode(&d), 0o750, "umask {umask}: {}", d.display());
+        }
+    }
+}

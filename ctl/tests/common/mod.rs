@@ -121,7 +121,22 @@ impl Mergend {
     }
 
     pub fn start_env(env: &[(String, String)]) -> Mergend {
-        let mut cmd = Command::new(BIN);
+        Self::spawn(Command::new(BIN), env)
+    }
+
+    /// Started under `umask` (an octal text such as "077") through `sh`.
+    pub fn start_umask(roots: &Roots, extra: &[(&str, &str)], umask: &str) -> Mergend {
+        let mut env = env_for(roots);
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("umask {umask} && exec \"$0\""), BIN]);
+        Self::spawn(cmd, &env)
+    }
+
+    fn spawn(mut cmd: Command, env: &[(String, String)]) -> Mergend {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
