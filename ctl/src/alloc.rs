@@ -3,7 +3,8 @@
 //! takes the first free port of the range, bindings sorted by host port.
 //!
 //! This module is pure; the caller makes it race-free by holding the host-wide
-//! allocation lock around reading the existing VMs, allocating and writing the new VM.
+//! allocation lock around reading what the existing VMs hold ([`Taken`]), allocating
+//! and writing the new VM.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -29,22 +30,36 @@ pub enum AllocError {
     PortRangeExhausted(u16, u16),
 }
 
+/// The guest IPs and host ports the existing VMs hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub ips: HashSet<Ipv4Addr>,
+    pub ports: HashSet<u16>,
+}
+
+impl Taken {
+    pub fn of(metas: &[Meta]) -> Taken {
+        let mut t = Taken::default();
+        for m in metas {
+            t.ips.insert(m.guest_ip);
+            t.ports.extend(m.ports.iter().map(|p| p.host));
+        }
+        t
+    }
+}
+
 pub fn allocate(
     cidr: Ipv4Cidr,
     port_range: (u16, u16),
-    existing: &[Meta],
+    taken: &Taken,
     requested: &[PortRequest],
 ) -> Result<(Ipv4Addr, Vec<PortBinding>), AllocError> {
-    let used_ips: HashSet<Ipv4Addr> = existing.iter().map(|m| m.guest_ip).collect();
     let ip = (2u32..)
         .map_while(|n| cidr.host(n))
-        .find(|ip| !used_ips.contains(ip))
+        .find(|ip| !taken.ips.contains(ip))
         .ok_or(AllocError::CidrExhausted(cidr))?;
 
-    let mut used_ports: HashSet<u16> = existing
-        .iter()
-        .flat_map(|m| m.ports.iter().map(|p| p.host))
-        .collect();
+    let mut used_ports = taken.ports.clone();
     let mut bindings = Vec::with_capacity(requested.len());
     // Fixed ports first, so an automatic one never takes a port asked for explicitly.
     for r in requested.iter().filter(|r| r.host != 0) {
@@ -109,7 +124,7 @@ mod tests {
         let (ip, b) = allocate(
             cidr,
             (20000, 20010),
-            &existing,
+            &Taken::of(&existing),
             &[req(80, 0), req(22, 20001), req(443, 0)],
         )
         .unwrap();
@@ -124,22 +139,37 @@ mod tests {
         let cidr: Ipv4Cidr = "10.0.0.0/30".parse().unwrap();
         let existing = [vm([10, 0, 0, 2], &[20000])];
         assert_eq!(
-            allocate(cidr, (20000, 20001), &existing, &[]),
+            allocate(cidr, (20000, 20001), &Taken::of(&existing), &[]),
             Err(AllocError::CidrExhausted(cidr))
         );
         let wide: Ipv4Cidr = "10.0.0.0/24".parse().unwrap();
         assert_eq!(
-            allocate(wide, (20000, 20001), &existing, &[req(1, 20000)]),
+            allocate(
+                wide,
+                (20000, 20001),
+                &Taken::of(&existing),
+                &[req(1, 20000)]
+            ),
             Err(AllocError::PortTaken(20000))
         );
         assert_eq!(
-            allocate(wide, (20000, 20001), &[], &[req(1, 5000), req(2, 5000)]),
+            allocate(
+                wide,
+                (20000, 20001),
+                &Taken::default(),
+                &[req(1, 5000), req(2, 5000)]
+            ),
             Err(AllocError::PortTaken(5000))
         );
         assert_eq!(
-            allocate(wide, (20000, 20001), &existing, &[req(1, 0), req(2, 0)]),
+            allocate(
+                wide,
+                (20000, 20001),
+                &Taken::of(&existing),
+                &[req(1, 0), req(2, 0)]
+            ),
             Err(AllocError::PortRangeExhausted(20000, 20001))
         );
-        assert!(allocate(wide, (65535, 65535), &[], &[req(1, 0)]).is_ok());
+        assert!(allocate(wide, (65535, 65535), &Taken::default(), &[req(1, 0)]).is_ok());
     }
 }

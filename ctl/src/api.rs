@@ -292,7 +292,7 @@ impl App {
     }
 
     fn vm_hooks(&self, meta: &Meta) -> Option<Hooks> {
-        match self.store.load_hooks(meta) {
+        match crate::hooks::read_hook_file(meta.paths.hooks_path.as_ref()) {
             Ok(h) => h,
             Err(e) => {
                 log::warn!(id = meta.id, error:% = e; "cannot read the VM's hooks.json");
@@ -345,12 +345,12 @@ impl App {
             .store
             .alloc_lock()
             .map_err(Error::io("allocation lock"))?;
-        let existing = self.store.list().map_err(Error::io("listing VMs"))?;
+        let taken = self.store.taken().map_err(Error::Unreadable)?;
         let cidr = self.config.runtime.guest_cidr;
         let (guest_ip, ports) = allocate(
             cidr,
             (self.config.port_start, self.config.port_end),
-            &existing,
+            &taken,
             &req.ports,
         )?;
         let paths = self.store.roots().paths(id);

@@ -109,11 +109,9 @@ impl HookRunner {
         };
         files.sort();
         for f in files {
-            let parsed = fs::read(&f)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Hooks>(&b).map_err(|e| e.to_string()));
-            match parsed {
-                Ok(mut h) => out.extend(h.remove(event).unwrap_or_default()),
+            match read_hook_file(&f) {
+                Ok(Some(mut h)) => out.extend(h.remove(event).unwrap_or_default()),
+                Ok(None) => {}
                 Err(e) => {
                     log::warn!(file:? = f, error = e; "skipping unreadable global hook file")
                 }
@@ -148,6 +146,24 @@ impl HookRunner {
         }
         Ok(())
     }
+}
+
+/// A hook file (global, or a VM's hooks.json) read as the original read it: unknown
+/// events and keys, and hooks that cannot be read, are ignored with a warning naming
+/// the file. `None` when the file does not exist; an error when it is not JSON.
+pub fn read_hook_file(path: &std::path::Path) -> Result<Option<Hooks>, String> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let read = mergen_model::read_hooks(v);
+    for w in &read.warnings {
+        log::warn!(file:? = path, warning = w; "hook file: ignored");
+    }
+    Ok(Some(read.hooks))
 }
 
 fn run_counted(metrics: &Metrics, hook: &HookSpec, ctx: &HookContext) -> Result<(), String> {

@@ -5,16 +5,15 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use mergen_model::{HookType, Hooks, ProcessSpec, Protocol};
+use mergen_model::{HookType, Hooks, ProcessSpec, Protocol, HOOK_EVENTS};
 use serde::Deserialize;
 
 use crate::alloc::PortRequest;
 use crate::error::Error;
 
-pub const HOOK_EVENTS: [&str; 4] = ["onCreate", "onDelete", "onStart", "onStop"];
-
+/// Unknown keys anywhere in the body are refused (see `parse_create`).
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct RawCreate {
     rootfs: Option<String>,
     kernel: Option<String>,
@@ -33,7 +32,6 @@ struct RawCreate {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPort {
     guest: i64,
     /// Absent or null is 0 (allocate), as Go decoded it into an int.
@@ -69,17 +67,26 @@ pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateReques
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let raw: RawCreate = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            Error::BadRequest(format!("invalid request body: {inner}"))
-        } else {
-            Error::BadRequest(format!("invalid field {path}: {inner}"))
-        }
-    })?;
+    // The model's types ignore unknown keys (files of other versions must load); a
+    // request is strict, so every key they would ignore is collected and refused.
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path| unknown.push(path.to_string());
+    let raw: RawCreate =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." || path.is_empty() {
+                    Error::BadRequest(format!("invalid request body: {inner}"))
+                } else {
+                    Error::BadRequest(format!("invalid field {path}: {inner}"))
+                }
+            })?;
     de.end()
         .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+    if let Some(path) = unknown.first() {
+        return Err(Error::BadRequest(format!("unknown field {path}")));
+    }
     validate(raw, image_roots)
 }
 
@@ -137,12 +144,13 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Er
                 "ports[{i}].host must be 0..65535 (got {requested_host})"
             ))
         })?;
-        let protocol = match p.protocol.as_deref() {
-            None | Some("") | Some("tcp") => Protocol::Tcp,
-            Some("udp") => Protocol::Udp,
-            Some(other) => {
+        let protocol = match p.protocol.as_deref().map(Protocol::parse) {
+            None => Protocol::Tcp,
+            Some(Some(proto)) => proto,
+            Some(None) => {
                 return Err(bad(format!(
-                    "ports[{i}].protocol must be tcp or udp (got {other:?})"
+                    "ports[{i}].protocol must be tcp or udp (got {:?})",
+                    p.protocol.unwrap_or_default()
                 )))
             }
         };

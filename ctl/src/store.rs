@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use mergen_model::atomic::{
@@ -16,6 +17,7 @@ use mergen_model::atomic::{
 use mergen_model::names::is_valid_id;
 use mergen_model::{Hooks, Meta, Roots, VmConfig};
 
+use crate::alloc::Taken;
 use crate::lock::FileLock;
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -129,21 +131,54 @@ impl Store {
         Ok(out)
     }
 
+    /// The guest IPs and host ports every VM dir holds, including those whose
+    /// meta.json the model cannot read: their `guestIP` and `ports[].host` are picked
+    /// out leniently, so a damaged file never lets its addresses be handed out twice.
+    /// A meta.json that is not even JSON with a guest IP is an error naming the file
+    /// (creates are refused until it is fixed, as the original did).
+    pub fn taken(&self) -> Result<Taken, String> {
+        let mut metas = Vec::new();
+        let mut taken = Taken::default();
+        for entry in fs::read_dir(&self.roots.config)
+            .map_err(|e| format!("listing {}: {e}", self.roots.config.display()))?
+        {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|n| is_valid_id(n)) else {
+                continue;
+            };
+            let path = self.roots.config.join(id).join("meta.json");
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                // No meta.json (not a VM mergend made): nothing to reserve.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
+            match Meta::from_slice(&bytes) {
+                Ok(m) => metas.push(m),
+                Err(e) => {
+                    let (ip, ports) = scan_reservations(&bytes).map_err(|why| {
+                        format!(
+                            "{} cannot be read ({why}; {e}), so the guest IP and host ports it holds are unknown: fix or remove it before creating VMs",
+                            path.display()
+                        )
+                    })?;
+                    log::warn!(file:? = path, error:% = e, guest_ip:% = ip; "meta.json unreadable: its guest IP and ports stay reserved");
+                    taken.ips.insert(ip);
+                    taken.ports.extend(ports);
+                }
+            }
+        }
+        let listed = Taken::of(&metas);
+        taken.ips.extend(listed.ips);
+        taken.ports.extend(listed.ports);
+        Ok(taken)
+    }
+
     /// The VM `id`, or None when it does not exist.
     pub fn load(&self, id: &str) -> io::Result<Option<Meta>> {
         match self.read_meta(id) {
             Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The VM's own hooks.json, if it has one.
-    pub fn load_hooks(&self, meta: &Meta) -> io::Result<Option<Hooks>> {
-        match fs::read(&meta.paths.hooks_path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| io::Error::other(format!("{}: {e}", meta.paths.hooks_path))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -199,6 +234,28 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// `guestIP` and every `ports[].host` of a meta.json the model cannot read.
+fn scan_reservations(bytes: &[u8]) -> Result<(Ipv4Addr, Vec<u16>), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let ip = v
+        .get("guestIP")
+        .and_then(|ip| ip.as_str())
+        .and_then(|ip| ip.trim().parse::<Ipv4Addr>().ok())
+        .ok_or("no readable guestIP")?;
+    let ports = v
+        .get("ports")
+        .and_then(|p| p.as_array())
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| p.get("host")?.as_u64())
+                .filter_map(|h| u16::try_from(h).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((ip, ports))
 }
 
 fn remove_if_present(dir: &str) -> io::Result<()> {

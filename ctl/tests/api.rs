@@ -585,3 +585,68 @@ fn files_are_0640_and_dirs_0750_whatever_the_umask() {
         }
     }
 }
+
+/// A meta.json the model cannot read still reserves its guest IP and host ports; one
+/// that is not even JSON refuses creates with a 500 naming the file. A meta.json
+/// written by the Go version (hook type in other case, unknown keys) keeps its VM
+/// visible.
+#[test]
+fn damaged_or_foreign_meta_json_never_lets_addresses_collide() {
+    let roots = Roots::new("damaged");
+    let m = Mergend::start(&roots, &[]);
+    let (_, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":0}]"#));
+    let a = id_of(&v);
+    let meta_a = roots.config().join(&a).join("meta.json");
+    let text = std::fs::read_to_string(&meta_a).unwrap();
+    // Damaged so that the model refuses it: a creation time that is no time.
+    let damaged = text.replacen("\"createdAt\": \"", "\"createdAt\": \"yesterday ", 1);
+    assert_ne!(damaged, text);
+    std::fs::write(&meta_a, &damaged).unwrap();
+
+    let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":0}]"#));
+    assert_eq!(code, 201, "{v}");
+    let b = id_of(&v);
+    let meta_b: Value =
+        serde_json::from_slice(&std::fs::read(roots.config().join(&b).join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta_b["guestIP"], "172.30.0.3", "A's IP stays reserved");
+    assert_eq!(meta_b["ports"][0]["host"], 20001, "A's port stays reserved");
+    // An explicit request for A's port is a conflict too.
+    let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":20000}]"#));
+    assert_eq!(code, 409, "{v}");
+
+    // Not even JSON: creates are refused, naming the file, and nothing is written.
+    std::fs::write(&meta_a, &text[..text.len() / 2]).unwrap();
+    let before = roots.vm_dirs();
+    let (code, v) = m.create(&roots.body());
+    assert_eq!(code, 500, "{v}");
+    assert_eq!(v["error"], "internal_error");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains(&meta_a.display().to_string()), "{msg}");
+    assert_eq!(roots.vm_dirs(), before);
+
+    // Written by the Go version: hook type "HTTP", keys this version does not know.
+    let go = text
+        .replacen("\"id\":", "\"goOnlyField\": {\"x\": 1},\n  \"id\":", 1)
+        .replacen(
+            "\"paths\":",
+            "\"hooks\": {\n    \"onStop\": [\n      {\n        \"type\": \"HTTP\",\n        \"url\": \"http://127.0.0.1:9/\",\n        \"retries\": 3\n      }\n    ]\n  },\n  \"paths\":",
+            1,
+        );
+    std::fs::write(&meta_a, &go).unwrap();
+    let (code, s) = m.get_json(&format!("/v1/vms/{a}"));
+    assert_eq!(code, 200, "{s}");
+    let (_, list) = m.get_json("/v1/vms");
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&a.as_str()) && ids.contains(&b.as_str()),
+        "{ids:?}"
+    );
+    let (code, v) = m.create(&roots.body());
+    assert_eq!(code, 201, "{v}");
+}
