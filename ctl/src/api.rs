@@ -20,10 +20,11 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::alloc::allocate;
+use crate::alloc::{allocate, Pool};
 use crate::config::Config;
 use crate::error::Error;
 use crate::hooks::HookRunner;
+use crate::hostports::HostPorts;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
 use crate::request::{parse_create, CreateRequest};
@@ -345,14 +346,17 @@ impl App {
             .store
             .alloc_lock()
             .map_err(Error::io("allocation lock"))?;
-        let taken = self.store.taken().map_err(Error::Unreadable)?;
+        let mut taken = self.store.taken().map_err(Error::Unreadable)?;
+        if !req.ports.is_empty() {
+            taken.host = HostPorts::read().map_err(Error::io("reading the host's sockets"))?;
+        }
         let cidr = self.config.runtime.guest_cidr;
-        let (guest_ip, ports) = allocate(
+        let pool = Pool {
             cidr,
-            (self.config.port_start, self.config.port_end),
-            &taken,
-            &req.ports,
-        )?;
+            ports: (self.config.port_start, self.config.port_end),
+            allow_outside_range: self.config.allow_ports_outside_range,
+        };
+        let (guest_ip, ports) = allocate(&pool, &taken, &req.ports)?;
         let paths = self.store.roots().paths(id);
         let meta = Meta {
             id: id.to_string(),

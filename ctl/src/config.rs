@@ -72,6 +72,11 @@ pub const VARIABLES: &[Var] = &[
         "40000",
         "last host port handed out for `host: 0`",
     ),
+    Var::new(
+        "MGR_ALLOW_PORTS_OUTSIDE_RANGE",
+        "0",
+        "1 = a create may ask for host ports outside MGR_PORT_START..=MGR_PORT_END (never one a host process listens on)",
+    ),
 ];
 
 /// mergend's variables followed by the runtime's: the order of `--help` and the README.
@@ -94,6 +99,7 @@ pub struct Config {
     pub hook_workers: usize,
     pub port_start: u16,
     pub port_end: u16,
+    pub allow_ports_outside_range: bool,
     pub log_level: String,
     pub log_format: String,
     pub runtime: RuntimeConfig,
@@ -159,6 +165,7 @@ impl Config {
             hook_workers: count("MGR_HOOK_WORKERS")?,
             port_start,
             port_end,
+            allow_ports_outside_range: env.bool("MGR_ALLOW_PORTS_OUTSIDE_RANGE")?,
             log_level: env.string("MGR_LOG_LEVEL"),
             log_format: env.string("MGR_LOG_FORMAT"),
             runtime,

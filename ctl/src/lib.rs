@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod hooks;
+pub mod hostports;
 pub mod http;
 pub mod lock;
 pub mod metrics;

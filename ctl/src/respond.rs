@@ -5,6 +5,7 @@
 use mergen_runtime::RuntimeError;
 use serde_json::json;
 
+use crate::alloc::AllocError;
 use crate::api::{Items, Outcome};
 use crate::error::{ApiError, Error};
 use crate::http::Response;
@@ -30,6 +31,8 @@ pub fn outcome(o: Outcome) -> Response {
 fn status(e: &Error) -> (u16, &'static str) {
     match e {
         Error::BadRequest(_) | Error::InvalidId(_) => (400, "bad_request"),
+        // A requested port this host does not publish: the request is wrong here.
+        Error::Alloc(AllocError::OutsideRange { .. }) => (400, "bad_request"),
         Error::Unauthorized => (401, "unauthorized"),
         Error::VmNotFound(_) | Error::NoRoute(_) => (404, "not_found"),
         Error::MethodNotAllowed(_) => (405, "method_not_allowed"),
@@ -60,7 +63,7 @@ pub fn error(e: &Error) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::AllocError;
+    use mergen_model::Protocol;
 
     /// Every variant's status and code, as the API contract (and the original) says.
     #[test]
@@ -75,6 +78,23 @@ mod tests {
             (Error::MethodNotAllowed("GET"), 405, "method_not_allowed"),
             (Error::Busy("x".into()), 409, "conflict"),
             (Error::Alloc(AllocError::PortTaken(1)), 409, "conflict"),
+            (
+                Error::Alloc(AllocError::HostPortInUse {
+                    port: 22,
+                    protocol: Protocol::Tcp,
+                }),
+                409,
+                "conflict",
+            ),
+            (
+                Error::Alloc(AllocError::OutsideRange {
+                    port: 22,
+                    start: 1,
+                    end: 2,
+                }),
+                400,
+                "bad_request",
+            ),
             (Error::HookFailed("x".into()), 502, "hook_failed"),
             (
                 Error::Runtime(RuntimeError::Unavailable("no systemd".into())),

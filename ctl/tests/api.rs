@@ -650,3 +650,84 @@ fn damaged_or_foreign_meta_json_never_lets_addresses_collide() {
     let (code, v) = m.create(&roots.body());
     assert_eq!(code, 201, "{v}");
 }
+
+/// A published port cannot capture a host service: a requested port outside
+/// MGR_PORT_START..=MGR_PORT_END is 400 unless MGR_ALLOW_PORTS_OUTSIDE_RANGE=1, and a
+/// port a host process listens on (TCP or UDP, any address, IPv4 or IPv6) is 409 with
+/// the reason, asked for or not.
+#[test]
+fn published_ports_never_capture_host_services() {
+    use std::net::{TcpListener, UdpSocket};
+    let roots = Roots::new("hostports");
+    // A real TCP listener on IPv6 loopback and a UDP socket on IPv4 loopback, inside
+    // the range given to mergend.
+    let tcp = TcpListener::bind("[::1]:0")
+        .or_else(|_| TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let tport = tcp.local_addr().unwrap().port();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uport = udp.local_addr().unwrap().port();
+    let (lo, hi) = (tport.min(uport), tport.max(uport));
+    let (start, end) = (lo.to_string(), hi.max(lo + 1).to_string());
+    let m = Mergend::start(
+        &roots,
+        &[("MGR_PORT_START", &start), ("MGR_PORT_END", &end)],
+    );
+
+    let ask = |host: u16, proto: &str| {
+        m.create(&roots.body_with(&format!(
+            r#","ports":[{{"guest":80,"host":{host},"protocol":"{proto}"}}]"#
+        )))
+    };
+    let (code, v) = ask(tport, "tcp");
+    assert_eq!((code, v["error"].as_str()), (409, Some("conflict")), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("{tport}/tcp")) && msg.contains("host process"),
+        "{msg}"
+    );
+    let (code, v) = ask(uport, "udp");
+    assert_eq!(code, 409, "{v}");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{uport}/udp")));
+    // Mergend's own API port is outside the range: refused as such.
+    let (code, v) = ask(m.addr.port(), "tcp");
+    assert_eq!(
+        (code, v["error"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
+    assert!(roots.vm_dirs().is_empty());
+    // host: 0 skips the host's ports: with the listener on one end of the range, the
+    // automatic port is a free one.
+    if tport != uport {
+        let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":0}]"#));
+        assert_eq!(code, 201, "{v}");
+        let meta: Value = serde_json::from_slice(
+            &std::fs::read(roots.config().join(id_of(&v)).join("meta.json")).unwrap(),
+        )
+        .unwrap();
+        assert_ne!(meta["ports"][0]["host"], tport);
+    }
+    drop(m);
+
+    // Outside the range when allowed: still never a listener's port.
+    let roots = Roots::new("hostports-open");
+    let m = Mergend::start(&roots, &[("MGR_ALLOW_PORTS_OUTSIDE_RANGE", "1")]);
+    let (code, v) =
+        m.create(&roots.body_with(&format!(r#","ports":[{{"guest":80,"host":{tport}}}]"#)));
+    assert_eq!((code, v["error"].as_str()), (409, Some("conflict")), "{v}");
+    let (code, v) = m.create(&roots.body_with(&format!(
+        r#","ports":[{{"guest":80,"host":{}}}]"#,
+        m.addr.port()
+    )));
+    assert_eq!(code, 409, "mergend's own port: {v}");
+    drop(tcp);
+    drop(udp);
+    let free = mergen_testkit::free_port();
+    let (code, v) =
+        m.create(&roots.body_with(&format!(r#","ports":[{{"guest":80,"host":{free}}}]"#)));
+    assert_eq!(code, 201, "{v}");
+}
