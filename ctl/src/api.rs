@@ -27,14 +27,14 @@ use crate::hooks::HookRunner;
 use crate::hostports::HostPorts;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
-use crate::request::{parse_create, CreateRequest};
+use crate::request::{parse_create, CreateRequest, Images};
 use crate::store::{NewVm, Store};
 
 pub struct App {
     pub config: Config,
     pub store: Store,
-    /// Canonical image roots (symlinks resolved at start-up).
-    image_roots: Vec<PathBuf>,
+    /// Where images may come from, canonical (symlinks resolved at start-up).
+    images: Images,
     supervisor: Result<Arc<dyn Supervisor>, RuntimeError>,
     pub hooks: HookRunner,
     pub metrics: Arc<Metrics>,
@@ -191,13 +191,20 @@ impl App {
                 log::warn!(dir:? = p; "VM dir without a valid meta.json: not listed");
             }
         }
-        let mut image_roots = Vec::new();
-        for r in &config.image_roots {
-            match fs::canonicalize(r) {
-                Ok(c) => image_roots.push(c),
-                Err(e) => log::warn!(root:? = r, error:% = e; "image root not usable"),
+        let canonical = |list: &[PathBuf], what: &str| -> Vec<PathBuf> {
+            let mut out = Vec::new();
+            for p in list {
+                match fs::canonicalize(p) {
+                    Ok(c) => out.push(c),
+                    Err(e) => log::warn!(path:? = p, error:% = e; "{what} not usable"),
+                }
             }
-        }
+            out
+        };
+        let images = Images {
+            roots: canonical(&config.image_roots, "image root"),
+            devices: canonical(&config.image_devices, "image device"),
+        };
         let supervisor = select_supervisor(&config.runtime);
         match &supervisor {
             Ok(s) => log::info!(kind:? = s.kind(); "supervisor ready"),
@@ -212,7 +219,7 @@ impl App {
         Ok(App {
             config,
             store,
-            image_roots,
+            images,
             supervisor,
             hooks,
             metrics,
@@ -303,7 +310,7 @@ impl App {
     }
 
     pub fn create(&self, body: &[u8]) -> Result<Outcome, Error> {
-        let req = parse_create(body, &self.image_roots)?;
+        let req = parse_create(body, &self.images)?;
         let id = uuid::Uuid::new_v4().to_string();
         let paths = self.store.roots().paths(&id);
         let lock_path = PathBuf::from(&paths.lock_path);

@@ -52,6 +52,10 @@ pub const VARIABLES: &[Var] = &[
         "$MGR_DATA_ROOT",
         "colon-separated dirs that rootfs/kernel/dataDisk must be inside",
     ),
+    Var::unset(
+        "MGR_IMAGE_DEVICES",
+        "colon-separated block devices (e.g. LVM volumes) allowed as rootfs/dataDisk wherever they are",
+    ),
     Var::new(
         "MGR_GLOBAL_HOOKS_DIR",
         "/etc/mergen/hooks.d",
@@ -95,6 +99,7 @@ pub struct Config {
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
     pub image_roots: Vec<PathBuf>,
+    pub image_devices: Vec<PathBuf>,
     pub global_hooks_dir: PathBuf,
     pub hook_workers: usize,
     pub port_start: u16,
@@ -148,6 +153,15 @@ impl Config {
                 .collect(),
             None => vec![runtime.roots.data.clone()],
         };
+        let image_devices = env
+            .opt("MGR_IMAGE_DEVICES")
+            .map(|v| {
+                v.split(':')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| PathBuf::from(s.trim()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let count = |k: &str| -> Result<usize, mergen_envtable::Error> {
             Ok(usize::try_from(env.positive(k)?).unwrap_or(usize::MAX))
         };
@@ -161,6 +175,7 @@ impl Config {
             read_timeout: env.seconds("MGR_HTTP_READ_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds("MGR_HTTP_IDLE_TIMEOUT_SECONDS")?,
             image_roots,
+            image_devices,
             global_hooks_dir: env.string("MGR_GLOBAL_HOOKS_DIR").into(),
             hook_workers: count("MGR_HOOK_WORKERS")?,
             port_start,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use mergen_model::{HookType, Hooks, ProcessSpec, Protocol, HOOK_EVENTS};
@@ -42,7 +43,7 @@ struct RawPort {
 /// A validated create request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateRequest {
-    /// Canonical paths, inside the image roots.
+    /// As given; checked against the image roots and devices.
     pub rootfs: String,
     pub kernel: String,
     pub data_disk: String,
@@ -58,8 +59,17 @@ pub struct CreateRequest {
     pub process: Option<ProcessSpec>,
 }
 
-/// Parse and validate a create body. `image_roots` must be canonical paths.
-pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, Error> {
+/// Where a VM's images may come from, canonical (symlinks resolved at start-up).
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    /// `MGR_IMAGE_ROOTS`: files and block devices inside these dirs.
+    pub roots: Vec<PathBuf>,
+    /// `MGR_IMAGE_DEVICES`: block devices allowed wherever they are (LVM volumes).
+    pub devices: Vec<PathBuf>,
+}
+
+/// Parse and validate a create body.
+pub fn parse_create(body: &[u8], images: &Images) -> Result<CreateRequest, Error> {
     // Derived structs also accept a JSON array of field values; only an object is valid.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Error::BadRequest(
@@ -87,30 +97,29 @@ pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateReques
     if let Some(path) = unknown.first() {
         return Err(Error::BadRequest(format!("unknown field {path}")));
     }
-    validate(raw, image_roots)
+    validate(raw, images)
 }
 
 fn bad(m: String) -> Error {
     Error::BadRequest(m)
 }
 
-fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Error> {
+fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
     let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     let process = match raw.process {
         Some(p) => Some(validate_process(p)?),
         None => None,
     };
-    let image = |field: &str, v: Option<String>, required: bool| -> Result<String, Error> {
-        match nonempty(v) {
-            Some(p) => image_file(field, &p, image_roots),
-            None if required => Err(bad(format!("{field} is required"))),
-            None => Ok(String::new()),
-        }
+    let image = |field: &str, v: Option<String>, required: bool, devices_ok: bool| match nonempty(v)
+    {
+        Some(p) => image_path(field, &p, images, devices_ok),
+        None if required => Err(bad(format!("{field} is required"))),
+        None => Ok(String::new()),
     };
     let needs_images = process.is_none();
-    let rootfs = image("rootfs", raw.rootfs, needs_images)?;
-    let kernel = image("kernel", raw.kernel, needs_images)?;
-    let data_disk = image("dataDisk", raw.data_disk, false)?;
+    let rootfs = image("rootfs", raw.rootfs, needs_images, true)?;
+    let kernel = image("kernel", raw.kernel, needs_images, false)?;
+    let data_disk = image("dataDisk", raw.data_disk, false, true)?;
     if rootfs.is_empty() != kernel.is_empty() {
         return Err(bad(
             "rootfs and kernel go together: give both or neither".into()
@@ -214,26 +223,44 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Er
     })
 }
 
-/// A path the VM will get: an existing regular file inside an image root, after
-/// resolving symlinks, so the API cannot hand an arbitrary host file to a guest.
-fn image_file(field: &str, path: &str, roots: &[PathBuf]) -> Result<String, Error> {
+/// A path the VM will get: an existing regular file (or, for disks, a block device)
+/// inside an image root after resolving symlinks, or a block device listed in
+/// `MGR_IMAGE_DEVICES`, so the API cannot hand an arbitrary host file to a guest. The
+/// path is stored as given (as the original did): an LVM volume's `/dev/vg/lv` stays
+/// valid when its `/dev/dm-N` target is renumbered at the next boot.
+fn image_path(field: &str, path: &str, images: &Images, devices_ok: bool) -> Result<String, Error> {
     if !Path::new(path).is_absolute() {
         return Err(bad(format!("{field}: {path:?} is not an absolute path")));
     }
     let canon = fs::canonicalize(path).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
     let md = fs::metadata(&canon).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
-    if !md.is_file() {
-        return Err(bad(format!("{field}: {path:?} is not a regular file")));
-    }
-    if !roots.iter().any(|r| canon.starts_with(r)) {
+    let device = md.file_type().is_block_device();
+    if device && !devices_ok {
         return Err(bad(format!(
-            "{field}: {path:?} is outside the allowed image roots (MGR_IMAGE_ROOTS)"
+            "{field}: {path:?} is a block device, not a regular file"
         )));
     }
-    canon
-        .into_os_string()
-        .into_string()
-        .map_err(|_| bad(format!("{field}: path is not UTF-8")))
+    if !md.is_file() && !device {
+        let want = if devices_ok {
+            "a regular file or a block device"
+        } else {
+            "a regular file"
+        };
+        return Err(bad(format!("{field}: {path:?} is not {want}")));
+    }
+    let inside_roots = images.roots.iter().any(|r| canon.starts_with(r));
+    let listed_device = device && images.devices.contains(&canon);
+    if !inside_roots && !listed_device {
+        let also = if device {
+            " nor listed in MGR_IMAGE_DEVICES"
+        } else {
+            ""
+        };
+        return Err(bad(format!(
+            "{field}: {path:?} is outside the allowed image roots (MGR_IMAGE_ROOTS){also}"
+        )));
+    }
+    Ok(path.to_string())
 }
 
 fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
