@@ -90,6 +90,7 @@ impl VmView {
                 tap_name: &meta.tap_name,
                 netns: &meta.netns,
             },
+            http_port: meta.http_port,
             paths: &meta.paths,
             metadata: &meta.metadata,
             tags: &meta.tags,
@@ -143,9 +144,16 @@ struct Summary<'a> {
     systemd: &'a SystemdInfo,
     firecracker: Firecracker<'a>,
     network: Network<'a>,
+    /// The later original's per-VM HTTP port; omitted when 0, as in meta.json.
+    #[serde(skip_serializing_if = "is_zero")]
+    http_port: u16,
     paths: &'a Paths,
     metadata: &'a serde_json::Map<String, Value>,
     tags: &'a BTreeMap<String, String>,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -372,6 +380,7 @@ impl App {
             kernel: req.kernel.clone(),
             data_disk: req.data_disk.clone(),
             ports,
+            http_port: req.http_port,
             guest_ip,
             tap_name: tap_name(id),
             netns: netns_name(id),
@@ -563,7 +572,8 @@ fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmCo
 /// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`.
 /// As in the original, every key lives in one map: one `MGN_PUBLISH_<guest>` per
 /// guest port (a later binding, in host-port order, replaces an earlier one on the
-/// same guest port), and the request's extraEnv (blank keys skipped) is applied last.
+/// same guest port), `MGN_HTTP_PORT` when the VM has one (the later original), and
+/// the request's extraEnv (blank keys skipped) is applied last.
 pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
     let p = &meta.paths;
     let mut env: BTreeMap<String, String> = [
@@ -588,6 +598,9 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
             format!("MGN_PUBLISH_{}", b.guest),
             format!("{}/{}", b.host, b.protocol.as_str()),
         );
+    }
+    if meta.http_port != 0 {
+        env.insert("MGN_HTTP_PORT".into(), meta.http_port.to_string());
     }
     for (k, v) in extra.iter().filter(|(k, _)| !k.trim().is_empty()) {
         env.insert(k.clone(), v.clone());
@@ -630,6 +643,7 @@ mod tests {
                     protocol,
                 })
                 .collect(),
+            http_port: 0,
             guest_ip: "172.30.0.2".parse().unwrap(),
             tap_name: tap_name(ID),
             netns: netns_name(ID),
@@ -649,6 +663,7 @@ mod tests {
             vcpu: 2,
             mem_mib: 256,
             ports: Vec::new(),
+            http_port: 0,
             metadata: Default::default(),
             auto_start: false,
             boot_args: None,
@@ -695,6 +710,19 @@ MGN_VM_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/vm.json'
 ZED='last'
 ";
         assert_eq!(render_env(&m, &extra), want);
+    }
+
+    /// The later original exports the VM's HTTP port; none when it has none.
+    #[test]
+    fn env_file_carries_the_http_port_when_set() {
+        let mut m = meta(&[]);
+        assert!(!render_env(&m, &BTreeMap::new()).contains("MGN_HTTP_PORT"));
+        m.http_port = 8080;
+        let env = render_env(&m, &BTreeMap::new());
+        assert!(
+            env.contains("MGN_GUEST_IP='172.30.0.2'\nMGN_HOOKS_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/hooks.json'\nMGN_HTTP_PORT='8080'\nMGN_LOG_DIR="),
+            "sorted with the rest: {env}"
+        );
     }
 
     #[test]

@@ -367,6 +367,7 @@ mod tests {
                     protocol: mergen_model::Protocol::Udp,
                 },
             ],
+            http_port: 0,
             guest_ip: "172.30.0.2".parse().unwrap(),
             tap_name: String::new(),
             netns: String::new(),

@@ -23,6 +23,7 @@ struct RawCreate {
     #[serde(rename = "memMiB")]
     mem_mib: Option<u64>,
     ports: Option<Vec<RawPort>>,
+    http_port: Option<i64>,
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     auto_start: Option<bool>,
     boot_args: Option<String>,
@@ -50,6 +51,8 @@ pub struct CreateRequest {
     pub vcpu: u32,
     pub mem_mib: u32,
     pub ports: Vec<PortRequest>,
+    /// The guest port the forwarder's HTTPS listener dials; 0 = none.
+    pub http_port: u16,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub auto_start: bool,
     pub boot_args: Option<String>,
@@ -174,6 +177,12 @@ fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
             protocol,
         });
     }
+    let http_port = match raw.http_port {
+        None => 0,
+        Some(p) => {
+            u16::try_from(p).map_err(|_| bad(format!("httpPort must be 0..65535 (got {p})")))?
+        }
+    };
     let extra_env = raw.extra_env.unwrap_or_default();
     for (k, v) in &extra_env {
         // Blank keys are accepted and skipped when the env file is written, as the
@@ -213,6 +222,7 @@ fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
         vcpu,
         mem_mib,
         ports,
+        http_port,
         metadata: raw.metadata.unwrap_or_default(),
         auto_start: raw.auto_start.unwrap_or(false),
         boot_args: nonempty(raw.boot_args),

@@ -835,3 +835,39 @@ fn block_devices_as_disks_inside_roots_or_listed() {
         assert_eq!(vmj["drives"][1]["path_on_host"], data);
     }
 }
+
+/// The later original's `httpPort`: stored in meta.json (omitted when 0), exported as
+/// MGN_HTTP_PORT, shown in the summary; outside 0..65535 is 400.
+#[test]
+fn http_port_is_stored_exported_and_shown() {
+    let roots = Roots::new("httpport");
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&roots.body_with(r#","httpPort":8080"#));
+    assert_eq!(code, 201, "{v}");
+    let id = id_of(&v);
+    let cfg = roots.config().join(&id);
+    let raw = std::fs::read_to_string(cfg.join("meta.json")).unwrap();
+    assert!(
+        raw.contains("\n  \"httpPort\": 8080,\n  \"guestIP\""),
+        "{raw}"
+    );
+    let env = std::fs::read_to_string(cfg.join("env")).unwrap();
+    assert!(env.contains("MGN_HTTP_PORT='8080'\n"), "{env}");
+    let (_, s) = m.get_json(&format!("/v1/vms/{id}"));
+    assert_eq!(s["httpPort"], 8080);
+
+    let (code, v) = m.create(&roots.body_with(r#","httpPort":0"#));
+    assert_eq!(code, 201, "{v}");
+    let cfg = roots.config().join(id_of(&v));
+    assert!(!std::fs::read_to_string(cfg.join("meta.json"))
+        .unwrap()
+        .contains("httpPort"));
+    assert!(!std::fs::read_to_string(cfg.join("env"))
+        .unwrap()
+        .contains("MGN_HTTP_PORT"));
+    for bad in ["70000", "-1", "\"80\""] {
+        let (code, v) = m.create(&roots.body_with(&format!(r#","httpPort":{bad}"#)));
+        assert_eq!(code, 400, "{bad}: {v}");
+        assert!(v["message"].as_str().unwrap().contains("httpPort"), "{v}");
+    }
+}

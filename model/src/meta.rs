@@ -33,6 +33,15 @@ pub struct Meta {
     pub data_disk: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub ports: Vec<PortBinding>,
+    /// The guest port the forwarder's HTTPS listener dials (the original's later
+    /// version); 0 = none, omitted.
+    #[serde(
+        default,
+        rename = "httpPort",
+        deserialize_with = "lenient_port",
+        skip_serializing_if = "is_zero"
+    )]
+    pub http_port: u16,
     #[serde(rename = "guestIP")]
     pub guest_ip: Ipv4Addr,
     #[serde(default)]
@@ -88,6 +97,9 @@ pub struct RouteMeta {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub tags: BTreeMap<String, String>,
+    /// The guest port HTTPS is forwarded to; 0 = not set (the listener's own port).
+    #[serde(default, rename = "httpPort", deserialize_with = "lenient_port")]
+    pub http_port: u16,
 }
 
 impl RouteMeta {
@@ -178,6 +190,17 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Array(_) => "a list",
         serde_json::Value::Object(_) => "an object",
     }
+}
+
+/// A port number as written by any version: anything that is not 0..=65535 (or
+/// `null`) reads as 0, "not set", rather than hiding the VM.
+fn lenient_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(v.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(0))
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 /// Go's encoding/json writes a nil slice or map as `null`: read it as empty.
@@ -332,7 +355,9 @@ mod tests {
         let doc = br#"{"id":"a","createdAt":"2025-01-02T03:04:05Z","guestIP":"172.30.0.2"}"#;
         let m = Meta::from_slice(doc).unwrap();
         let v = serde_json::to_value(&m).unwrap();
-        for absent in ["dataDisk", "metadata", "tags", "hooks", "process"] {
+        for absent in [
+            "dataDisk", "metadata", "tags", "hooks", "process", "httpPort",
+        ] {
             assert!(v.get(absent).is_none(), "{absent} should be omitted");
         }
         assert_eq!(v["createdAt"], "2025-01-02T03:04:05Z");
@@ -364,6 +389,7 @@ mod tests {
                 host: 20000,
                 protocol: Protocol::Tcp,
             }],
+            http_port: 8080,
             guest_ip: Ipv4Addr::new(172, 30, 0, 2),
             tap_name: crate::names::tap_name(id),
             netns: crate::names::netns_name(id),
@@ -398,6 +424,7 @@ mod tests {
       "protocol": "tcp"
     }
   ],
+  "httpPort": 8080,
   "guestIP": "172.30.0.2",
   "tapName": "tap-084604f6",
   "netns": "mergen-084604f6",
@@ -446,6 +473,7 @@ mod tests {
         m.metadata.clear();
         m.tags.clear();
         m.hooks.clear();
+        m.http_port = 0;
         let v = serde_json::to_value(&m).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         let mut want = vec![
@@ -543,5 +571,40 @@ mod tests {
             assert!(w.contains(needle), "{needle} in {w}");
         }
         assert_eq!(read_hooks(serde_json::json!([1])).warnings.len(), 1);
+    }
+
+    /// The later original's `httpPort`: read by both views, and a value no port can
+    /// have reads as "not set" instead of hiding the VM.
+    #[test]
+    fn http_port_is_read_leniently() {
+        let doc = |p: &str| {
+            format!(
+                r#"{{"id":"a","createdAt":"2025-01-02T03:04:05Z","guestIP":"172.30.0.2","httpPort":{p}}}"#
+            )
+        };
+        assert_eq!(
+            Meta::from_slice(doc("8080").as_bytes()).unwrap().http_port,
+            8080
+        );
+        assert_eq!(
+            RouteMeta::from_slice(doc("8080").as_bytes())
+                .unwrap()
+                .http_port,
+            8080
+        );
+        for bad in ["70000", "-1", "null", "\"80\""] {
+            assert_eq!(
+                RouteMeta::from_slice(doc(bad).as_bytes())
+                    .unwrap()
+                    .http_port,
+                0,
+                "{bad}"
+            );
+            assert_eq!(
+                Meta::from_slice(doc(bad).as_bytes()).unwrap().http_port,
+                0,
+                "{bad}"
+            );
+        }
     }
 }
