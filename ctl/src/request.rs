@@ -6,11 +6,12 @@ use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use mergen_model::{HookType, Hooks, ProcessSpec, Protocol, HOOK_EVENTS};
+use mergen_model::{Hooks, ProcessSpec, Protocol, HOOK_EVENTS};
 use serde::Deserialize;
 
 use crate::alloc::PortRequest;
 use crate::error::Error;
+use crate::hooks::check_hook;
 
 /// Unknown keys anywhere in the body are refused (see `parse_create`).
 #[derive(Debug, Deserialize)]
@@ -303,23 +304,4 @@ fn validate_hooks(hooks: &Hooks) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-/// The rules one hook entry must meet (also applied to global hook files).
-pub fn check_hook(h: &mergen_model::HookSpec) -> Result<(), String> {
-    match h.kind {
-        HookType::Http => {
-            if h.url.starts_with("https://") {
-                Err("https hooks are not supported; use an http:// URL (e.g. a local relay) or an exec hook".into())
-            } else if !h.url.starts_with("http://") {
-                Err(format!("url {:?} must start with http://", h.url))
-            } else {
-                Ok(())
-            }
-        }
-        HookType::Exec if h.cmd.first().is_none_or(|c| c.is_empty()) => {
-            Err("exec hooks need a non-empty cmd".into())
-        }
-        HookType::Exec => Ok(()),
-    }
 }

@@ -235,8 +235,25 @@ fn validation_errors_name_the_field() {
         ),
         (roots.body_with(r#","hooks":{"onBoot":[]}"#), "onBoot"),
         (
-            roots.body_with(r#","hooks":{"onCreate":[{"type":"http","url":"https://x/"}]}"#),
-            "https",
+            roots.body_with(r#","hooks":{"onCreate":[{"type":"http","url":"ftp://x/"}]}"#),
+            "http:// or https://",
+        ),
+        (
+            roots.body_with(r#","hooks":{"onCreate":[{"type":"exec","cmd":["echo","{{.ID"]}]}"#),
+            "template",
+        ),
+        (
+            roots
+                .body_with(r#","hooks":{"onCreate":[{"type":"exec","cmd":["echo","{{.Nope}}"]}]}"#),
+            "can't evaluate field Nope",
+        ),
+        (
+            roots.body_with(r#","hooks":{"onCreate":[{"type":"exec","cmd":["{{if .ID}}x"]}]}"#),
+            "hooks.onCreate[0]",
+        ),
+        (
+            roots.body_with(r#","hooks":{"onCreate":[{"type":"smtp"}]}"#),
+            "hook type",
         ),
         (roots.body_with(r#","extraEnv":{"A B":"x"}"#), "extraEnv"),
         (roots.body_with(r#","process":{"cmd":[]}"#), "process.cmd"),

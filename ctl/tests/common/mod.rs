@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mergen_testkit::{poll, TempDir};
 
+pub mod hookserver;
 pub mod vms;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mergend");
