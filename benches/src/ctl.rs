@@ -241,11 +241,12 @@ impl Daemon {
             .env("MGR_LOG_FORMAT", "json")
             .env("MGR_LOG_LEVEL", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
+        // mergend logs to stdout, as the original.
+        let stderr = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = mpsc::channel();
         // Keep draining the log so the daemon never blocks on a full pipe.
         std::thread::spawn(move || {

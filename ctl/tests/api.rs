@@ -888,3 +888,66 @@ fn http_port_is_stored_exported_and_shown() {
         assert!(v["message"].as_str().unwrap().contains("httpPort"), "{v}");
     }
 }
+
+/// The log is the original's: on stdout, JSON as Go's slog writes it (`time` in local
+/// time with nanoseconds, upper-case `level`, `msg`, `component`, then attributes), and
+/// the text and console formats likewise.
+#[test]
+fn logs_have_the_originals_shape_on_stdout() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let roots = Roots::new("logs");
+    for format in ["json", "text", "console"] {
+        let mut env = common::env_for(&roots);
+        env.retain(|(k, _)| k != "MGR_LOG_FORMAT");
+        let mut child = mergen_testkit::ChildGuard::spawn(
+            Command::new(common::BIN)
+                .env_clear()
+                .envs(env)
+                .env("MGR_LOG_FORMAT", format)
+                // A zone with a half-hour offset and no daylight saving: local time
+                // is visible in the offset.
+                .env("TZ", "IST-5:30")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let stdout = child.0.stdout.take().unwrap();
+        let line = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("mergend listening"))
+            .expect("a listening line on stdout");
+        match format {
+            "json" => {
+                let keys: Vec<&str> = line
+                    .trim_start_matches('{')
+                    .split(",\"")
+                    .map(|kv| kv.trim_start_matches('"').split('"').next().unwrap())
+                    .take(4)
+                    .collect();
+                assert_eq!(keys, ["time", "level", "msg", "component"], "{line}");
+                let v: Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(v["level"], "INFO");
+                assert_eq!(v["component"], "mergend");
+                let time = v["time"].as_str().unwrap();
+                assert!(time.ends_with("+05:30"), "{time}");
+                assert!(v["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+            }
+            "text" => {
+                assert!(line.starts_with("time="), "{line}");
+                assert!(
+                    line.contains("+05:30 level=INFO msg=\"mergend listening\" component=mergend addr=127.0.0.1:"),
+                    "{line}"
+                );
+            }
+            _ => {
+                assert!(line.starts_with("\x1b[34m[INFO]\x1b[0m "), "{line:?}");
+                assert!(
+                    line.contains("+05:30 mergend listening component=mergend"),
+                    "{line:?}"
+                );
+            }
+        }
+    }
+}

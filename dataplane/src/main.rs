@@ -101,7 +101,7 @@ fn gen_cert(args: &[String]) -> Result<(), String> {
 
 fn serve() -> Result<(), String> {
     let config = Config::from_env()?;
-    mergen_log::init(&config.log_level, &config.log_format)?;
+    mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)?;
 
     let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
     store

@@ -141,25 +141,37 @@ impl Mergend {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn mergend");
+        // The log goes to stdout, as the original's; stderr holds only a fatal
+        // error. Both are kept, in the order each stream gives them.
+        let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
+                for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["msg"] == "mergend listening" {
                             let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
                         }
                     }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
                     log.lock().unwrap().push(line);
                 }
             });
