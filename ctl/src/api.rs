@@ -198,6 +198,12 @@ impl App {
             for p in &rec.invalid {
                 log::warn!(dir:? = p; "VM dir without a valid meta.json: not listed");
             }
+            for p in &rec.stale {
+                log::info!(path:? = p; "removed the lock or run dir of a VM that does not exist");
+            }
+            for (from, to) in &rec.orphaned {
+                log::warn!(from:? = from, to:? = to; "data dir without a VM moved aside (never deleted): look at it, then remove it or move it back");
+            }
         }
         let canonical = |list: &[PathBuf], what: &str| -> Vec<PathBuf> {
             let mut out = Vec::new();
@@ -340,7 +346,11 @@ impl App {
         if let Err(e) = self.hooks.run("onCreate", &meta, hooks) {
             // A failed strict onCreate leaves no VM behind; removing the dir also
             // frees its IP and ports.
-            if let Err(re) = self.store.remove(&meta, false) {
+            let removed = self
+                .store
+                .alloc_lock()
+                .and_then(|_alloc| self.store.remove(&meta, false));
+            if let Err(re) = removed {
                 log::error!(id = id, error:% = re; "cannot remove the VM after its onCreate hook failed");
             }
             let _ = fs::remove_file(&lock_path);
@@ -466,7 +476,8 @@ impl App {
             .run("onDelete", &meta, hooks.as_ref())
             .map_err(|e| Error::HookFailed(format!("{e}; the VM was not deleted")))?;
         self.store
-            .remove(&meta, retain_data)
+            .alloc_lock()
+            .and_then(|_alloc| self.store.remove(&meta, retain_data))
             .map_err(Error::io("removing the VM"))?;
         let _ = fs::remove_file(&meta.paths.lock_path);
         drop(lock);
@@ -520,7 +531,9 @@ impl App {
             };
             *by_state.entry(name).or_default() += 1;
         }
-        Ok(Outcome::Metrics(self.metrics.render(&by_state)))
+        Ok(Outcome::Metrics(
+            self.metrics.render(&by_state, &self.store.orphaned()),
+        ))
     }
 }
 

@@ -23,6 +23,11 @@ pub const VARIABLES: &[Var] = &[
         "require `Authorization: Bearer <token>` on /v1",
     ),
     Var::new(
+        "MGR_METRICS_REQUIRE_TOKEN",
+        "0",
+        "1 = /metrics needs the bearer token too (MGR_API_TOKEN must be set)",
+    ),
+    Var::new(
         "MGR_ALLOW_INSECURE",
         "0",
         "1 = allow a non-loopback address without a token",
@@ -93,6 +98,7 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub http_socket: Option<PathBuf>,
     pub api_token: Option<String>,
+    pub metrics_require_token: bool,
     pub allow_insecure: bool,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
@@ -169,6 +175,7 @@ impl Config {
             http_addr,
             http_socket: env.opt("MGR_HTTP_SOCKET").map(PathBuf::from),
             api_token: env.opt("MGR_API_TOKEN"),
+            metrics_require_token: env.bool("MGR_METRICS_REQUIRE_TOKEN")?,
             allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
             shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
             max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
@@ -188,8 +195,12 @@ impl Config {
     }
 
     /// The original listened on every interface with no authentication; mergend
-    /// refuses that unless the operator says so explicitly.
+    /// refuses that unless the operator says so explicitly. A metrics token with no
+    /// token to require is a mistake, not an open endpoint.
     pub fn check_exposure(&self) -> Result<(), String> {
+        if self.metrics_require_token && self.api_token.is_none() {
+            return Err("MGR_METRICS_REQUIRE_TOKEN=1 needs MGR_API_TOKEN".into());
+        }
         if !self.http_addr.ip().is_loopback() && self.api_token.is_none() && !self.allow_insecure {
             return Err(format!(
                 "refusing to listen on non-loopback {} without MGR_API_TOKEN (set MGR_ALLOW_INSECURE=1 to override)",

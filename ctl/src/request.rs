@@ -13,6 +13,14 @@ use crate::alloc::PortRequest;
 use crate::error::Error;
 use crate::hooks::check_hook;
 
+/// What one VM may store of its own: every list response carries its tags and
+/// metadata, and the forwarder keeps its tags and metadata in memory.
+pub const MAX_STORED_BYTES: usize = 64 * 1024;
+/// Entries in `tags`, in `metadata` (top level), in `extraEnv`.
+pub const MAX_ENTRIES: usize = 256;
+/// Hooks over all events.
+pub const MAX_HOOKS: usize = 64;
+
 /// Unknown keys anywhere in the body are refused (see `parse_create`).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -211,6 +219,9 @@ fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
     }
     let hooks = raw.hooks.unwrap_or_default();
     validate_hooks(&hooks)?;
+    let tags = raw.tags.unwrap_or_default();
+    let metadata = raw.metadata.unwrap_or_default();
+    check_bounds(&tags, &metadata, &hooks, &extra_env)?;
     if let Some(b) = &raw.boot_args {
         if b.contains(['\n', '\0']) {
             return Err(bad("bootArgs cannot hold line breaks or NUL".into()));
@@ -224,11 +235,11 @@ fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
         mem_mib,
         ports,
         http_port,
-        metadata: raw.metadata.unwrap_or_default(),
+        metadata,
         auto_start: raw.auto_start.unwrap_or(false),
         boot_args: nonempty(raw.boot_args),
         extra_env,
-        tags: raw.tags.unwrap_or_default(),
+        tags,
         hooks,
         process,
     })
@@ -289,6 +300,52 @@ fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
         }
     }
     Ok(p)
+}
+
+/// The bounds on what a create may store, each error naming its limit.
+fn check_bounds(
+    tags: &BTreeMap<String, String>,
+    metadata: &serde_json::Map<String, serde_json::Value>,
+    hooks: &Hooks,
+    extra_env: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    for (field, n) in [
+        ("tags", tags.len()),
+        ("metadata", metadata.len()),
+        ("extraEnv", extra_env.len()),
+    ] {
+        if n > MAX_ENTRIES {
+            return Err(bad(format!("{field}: {n} entries, at most {MAX_ENTRIES}")));
+        }
+    }
+    let n_hooks: usize = hooks.values().map(Vec::len).sum();
+    if n_hooks > MAX_HOOKS {
+        return Err(bad(format!("hooks: {n_hooks} hooks, at most {MAX_HOOKS}")));
+    }
+    let total = json_len(tags) + json_len(metadata) + json_len(hooks);
+    if total > MAX_STORED_BYTES {
+        return Err(bad(format!(
+            "tags, metadata and hooks: {total} bytes of JSON, at most {MAX_STORED_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// The length of a value's JSON, counted without building the text.
+fn json_len<T: serde::Serialize>(v: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 fn validate_hooks(hooks: &Hooks) -> Result<(), Error> {

@@ -87,7 +87,9 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) 
         ["v1", "vms", _, "stop"] => "/v1/vms/:id/stop",
         _ => "other",
     };
-    if segs.first() == Some(&"v1") {
+    let guarded =
+        segs.first() == Some(&"v1") || (route == "/metrics" && app.config.metrics_require_token);
+    if guarded {
         if let Err(e) = authorize(app, req) {
             return (route, Err(e));
         }

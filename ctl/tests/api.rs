@@ -951,3 +951,77 @@ fn logs_have_the_originals_shape_on_stdout() {
         }
     }
 }
+
+/// MGR_METRICS_REQUIRE_TOKEN=1 puts /metrics behind the bearer token (and needs one).
+#[test]
+fn metrics_can_require_the_token() {
+    let roots = Roots::new("metricstoken");
+    let open = Mergend::start(&roots, &[("MGR_API_TOKEN", "s3cret")]);
+    assert_eq!(open.curl("GET", "/metrics", &[]).0, 200);
+    drop(open);
+    let m = Mergend::start(
+        &roots,
+        &[
+            ("MGR_API_TOKEN", "s3cret"),
+            ("MGR_METRICS_REQUIRE_TOKEN", "1"),
+        ],
+    );
+    let (code, body) = m.curl("GET", "/metrics", &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("unauthorized"));
+    let (code, body) = m.curl("GET", "/metrics", &["-H", "Authorization: Bearer s3cret"]);
+    assert_eq!(code, 200);
+    assert!(body.contains("mergend_vms"));
+    assert_eq!(m.curl("GET", "/healthz", &[]).0, 200);
+    drop(m);
+    let mut env = common::env_for(&roots);
+    env.push(("MGR_METRICS_REQUIRE_TOKEN".into(), "1".into()));
+    let out = std::process::Command::new(common::BIN)
+        .env_clear()
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MGR_METRICS_REQUIRE_TOKEN"));
+}
+
+/// A create cannot store without bound: 60,000 tags, too many metadata keys or hooks,
+/// or too many bytes are each a 400 naming the limit, and nothing is written.
+#[test]
+fn create_bounds_name_the_limit() {
+    let roots = Roots::new("bounds");
+    let m = Mergend::start(&roots, &[]);
+    let tags: serde_json::Map<String, Value> = (0..60_000)
+        .map(|i| (format!("t{i}"), Value::from("v")))
+        .collect();
+    let meta: serde_json::Map<String, Value> = (0..300)
+        .map(|i| (format!("k{i}"), Value::from(i)))
+        .collect();
+    let hook = serde_json::json!({"type": "exec", "cmd": ["true"]});
+    let cases = [
+        (
+            format!(r#","tags":{}"#, Value::Object(tags)),
+            "tags: 60000 entries, at most 256",
+        ),
+        (
+            format!(r#","metadata":{}"#, Value::Object(meta)),
+            "metadata: 300 entries, at most 256",
+        ),
+        (
+            format!(r#","hooks":{{"onStart":{}}}"#, Value::from(vec![hook; 65])),
+            "hooks: 65 hooks, at most 64",
+        ),
+        (
+            format!(r#","metadata":{{"blob":"{}"}}"#, "x".repeat(70_000)),
+            "at most 65536",
+        ),
+    ];
+    for (extra, needle) in &cases {
+        let (code, v) = m.create(&roots.body_with(extra));
+        assert_eq!(code, 400, "{needle}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+    assert!(roots.vm_dirs().is_empty());
+    let (code, v) = m.create(&roots.body_with(r#","tags":{"a":"b"},"metadata":{"k":"v"}"#));
+    assert_eq!(code, 201, "{v}");
+}

@@ -213,6 +213,16 @@ impl Mergend {
     }
 
     pub fn create(&self, body: &str) -> (u16, serde_json::Value) {
+        // A large body goes through a file: the argument list has a limit.
+        let file = (body.len() > 64 * 1024).then(|| {
+            let f = TempDir::new("body");
+            std::fs::write(f.join("body.json"), body).unwrap();
+            f
+        });
+        let arg = match &file {
+            Some(f) => format!("@{}", f.join("body.json").display()),
+            None => body.to_string(),
+        };
         let (code, out) = self.curl(
             "POST",
             "/v1/vms",
@@ -220,7 +230,7 @@ impl Mergend {
                 "-H",
                 "content-type: application/json",
                 "--data-binary",
-                body,
+                &arg,
             ],
         );
         (
