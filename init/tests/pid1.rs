@@ -1,0 +1,226 @@
+//! mergen-init as PID 1 of new PID, mount, UTS and network namespaces, chrooted into
+//! a small rootfs (busybox-static): the image's command runs with its environment,
+//! working directory and user, gets the signal init receives, an orphaned grandchild
+//! is reaped, the network and hostname come from the boot arguments, and init exits
+//! with the command's code. Also as a plain process (not PID 1).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mergen_testkit::{require_root, ChildGuard, TempDir};
+use rustix::process::Signal;
+
+/// The static mergen-init, built by init/build-static.sh (once per test binary).
+fn static_init() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static.sh");
+        let out = Command::new(&script)
+            .output()
+            .expect("running build-static.sh");
+        assert!(
+            out.status.success(),
+            "build-static.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+const SCRIPT: &str = r#"
+trap 'echo got-TERM; exit 42' TERM
+echo "env=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) groups=$(id -G) home=$HOME host=$(hostname)"
+ip -4 addr show eth0 | grep -q '10.9.0.2/24' && echo net-ok
+ip route | grep -q 'default via 10.9.0.1' && echo route-ok
+orphan=$(sh -c 'sleep 0.3 >/dev/null & echo $!')
+i=0
+while [ $i -lt 100 ] && [ -e /proc/$orphan ]; do sleep 0.05; i=$((i+1)); done
+[ $i -lt 100 ] && echo reaped || echo "zombie $(cat /proc/$orphan/stat)"
+echo ready
+while :; do sleep 0.05; done
+"#;
+
+/// A rootfs with busybox, users and groups, mergen-init and its metadata.
+fn rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "sbin", "etc/mergen", "work"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "id", "pwd", "sleep", "grep", "hostname", "ip", "true",
+    ] {
+        symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::copy(static_init(), root.join("sbin/init")).unwrap();
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(
+        root.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nwww:x:33:app\n",
+    )
+    .unwrap();
+    let meta = serde_json::json!({
+        "image": "test", "entrypoint": ["/bin/sh", "-c"], "cmd": [SCRIPT],
+        "env": ["GREETING=hello", "PATH=/bin"], "workingDir": "/work", "user": "app"
+    });
+    fs::write(root.join("etc/mergen/image-meta.json"), meta.to_string()).unwrap();
+    root
+}
+
+/// The host pid of unshare's child (the namespace's PID 1).
+fn child_of(pid: i32) -> Option<i32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
+    require_root!();
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+        return;
+    }
+    let tmp = TempDir::new("init-pid1");
+    let root = rootfs(tmp.path());
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount", "--uts", "--net", "--", "sh", "-c"])
+        .arg(r#"ip link add eth0 type veth peer name peer0 && ip link set peer0 up && mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
+        .arg("sh")
+        .arg(&root)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("MERGEN_INIT_CMDLINE", "console=ttyS0 ip=10.9.0.2::10.9.0.1:255.255.255.0:guest1:eth0:off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = ChildGuard::spawn(&mut cmd);
+    let stdout = guard.0.stdout.take().unwrap();
+    let stderr = guard.0.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let err_reader =
+        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l == "ready") {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("no `ready` from the command; got {lines:?}"),
+        }
+    }
+    let unshare_pid = guard.pid();
+    let init_pid = mergen_testkit::wait_for("init's pid", Duration::from_secs(5), || {
+        child_of(unshare_pid)
+    });
+    // SIGTERM to PID 1, from outside its namespace: init must pass it on.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(init_pid).unwrap(),
+        Signal::TERM,
+    )
+    .unwrap();
+    let status = mergen_testkit::wait_for("the namespace to end", Duration::from_secs(20), || {
+        guard.0.try_wait().unwrap()
+    });
+    lines.extend(rx.try_iter());
+    let err = err_reader.join().unwrap();
+    let all = lines.join("\n");
+    assert_eq!(status.code(), Some(42), "stdout:\n{all}\nstderr:\n{err}");
+    assert!(all.contains("env=hello pwd=/work id=1000:1000"), "{all}");
+    let groups = all
+        .split("groups=")
+        .nth(1)
+        .and_then(|g| g.split(" home=").next())
+        .unwrap_or_default();
+    let mut groups: Vec<&str> = groups.split_whitespace().collect();
+    groups.sort();
+    assert_eq!(groups, ["1000", "33"], "{all}");
+    assert!(all.contains("home=/home/app host=guest1"), "{all}");
+    assert!(
+        all.contains("net-ok") && all.contains("route-ok"),
+        "network from ip=: {all}\n{err}"
+    );
+    assert!(all.contains("reaped"), "orphan not reaped: {all}");
+    assert!(all.contains("got-TERM"), "signal not forwarded: {all}");
+    assert!(err.contains("exited with code 42"), "{err}");
+}
+
+#[test]
+fn not_pid1_runs_the_command_as_a_subreaper_and_touches_nothing_else() {
+    let tmp = TempDir::new("init-proc");
+    let meta = tmp.join("meta.json");
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    // The orphan is ours to reap (child subreaper); it then exits with 3.
+    let script = "o=$(sh -c 'sleep 0.2 >/dev/null & echo $!'); i=0; while [ $i -lt 100 ] && [ -e /proc/$o ]; do sleep 0.05; i=$((i+1)); done; [ $i -lt 100 ] && echo reaped; echo \"cwd=$(pwd)\"; exit 3";
+    fs::write(
+        &meta,
+        serde_json::json!({"startCmd": ["/bin/sh", "-c", script], "workingDir": tmp.path(), "user": format!("{uid}:{gid}")}).to_string(),
+    )
+    .unwrap();
+    let hostname_before = rustix::system::uname().nodename().to_owned();
+    let out = Command::new(env!("CARGO_BIN_EXE_mergen-init"))
+        .env(
+            "MERGEN_INIT_CMDLINE",
+            format!(
+                "mergen.meta={} mergen.hostname=must-not-change",
+                meta.display()
+            ),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("reaped"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("cwd={}", tmp.path().display())),
+        "{stdout}"
+    );
+    assert_eq!(
+        rustix::system::uname().nodename(),
+        hostname_before.as_c_str()
+    );
+}
+
+#[test]
+fn a_missing_command_exits_127_and_a_bad_user_fails() {
+    let tmp = TempDir::new("init-bad");
+    let run = |meta: serde_json::Value| {
+        let p = tmp.join("meta.json");
+        fs::write(&p, meta.to_string()).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_mergen-init"))
+            .env(
+                "MERGEN_INIT_CMDLINE",
+                format!("mergen.meta={}", p.display()),
+            )
+            .output()
+            .unwrap()
+    };
+    let uid = rustix::process::geteuid().as_raw();
+    let out = run(serde_json::json!({"startCmd": ["/nonexistent/cmd"], "user": uid.to_string()}));
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(serde_json::json!({"startCmd": ["/bin/true"], "user": "no-such-user-here"}));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-user-here"));
+}
