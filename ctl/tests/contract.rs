@@ -460,3 +460,25 @@ fn create_rules_and_allocation_range() {
         .unwrap()
         .contains("MGR_ALLOW_PORTS_OUTSIDE_RANGE"));
 }
+
+/// `ports[].protocol` is trimmed and case-insensitive and stored lowercase; `vcpu` and
+/// `memMiB`, when absent, are 1 and 512 (the original's README example).
+#[test]
+fn protocol_any_case_and_machine_defaults() {
+    let roots = Roots::new("protocase");
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&roots.body_with(
+        r#","ports":[{"guest":80,"host":0,"protocol":" TCP "},{"guest":53,"host":0,"protocol":"Udp"}]"#,
+    ));
+    assert_eq!(code, 201, "{v}");
+    let id = id_of(&v);
+    let meta: Value =
+        serde_json::from_str(&read(roots.config().join(&id).join("meta.json"))).unwrap();
+    assert_eq!(meta["ports"][0]["protocol"], "tcp");
+    assert_eq!(meta["ports"][1]["protocol"], "udp");
+    let vm: Value = serde_json::from_str(&read(roots.config().join(&id).join("vm.json"))).unwrap();
+    assert_eq!(vm["machine-config"]["vcpu_count"], 1);
+    assert_eq!(vm["machine-config"]["mem_size_mib"], 512);
+    let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"protocol":"sctp"}]"#));
+    assert_eq!(code, 400, "{v}");
+}

@@ -563,3 +563,31 @@ fn templates_render_as_go() {
     );
     assert_eq!(got, want);
 }
+
+/// An exec hook gets mergend's environment without its API token (a difference from
+/// the original, which passed everything on).
+#[test]
+fn exec_hooks_do_not_inherit_the_api_token() {
+    let roots = Roots::new("hookenv");
+    let out = roots.dir.join("env.txt");
+    let m = Mergend::start(&roots, &[("MGR_API_TOKEN", "s3cret")]);
+    let hooks = format!(
+        r#"{{"onCreate":[{{"type":"exec","strict":true,"cmd":["/bin/sh","-c","echo token=${{MGR_API_TOKEN:-none}} path=${{PATH:+set}} > {}"]}}]}}"#,
+        out.display()
+    );
+    let (code, v) = m.curl(
+        "POST",
+        "/v1/vms",
+        &[
+            "-H",
+            "Authorization: Bearer s3cret",
+            "--data-binary",
+            &hooks_body(&roots, &hooks),
+        ],
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "token=none path=set\n"
+    );
+}
