@@ -2,6 +2,8 @@
 //! reported as a ratio against a baseline measured in the same run, because this
 //! machine is shared and noisy.
 
+#![deny(unsafe_code)]
+
 mod ctl;
 mod forwarder;
 mod netns;

@@ -7,10 +7,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mergen_model::names::{guest_mac, is_valid_id, netns_name, tap_name};
-use mergen_model::vmconfig::{
-    BootSource, Drive, MachineConfig, NetworkInterface, DEFAULT_BOOT_ARGS,
-};
+use mergen_model::names::{is_valid_id, netns_name, tap_name};
+use mergen_model::vmconfig::{MachineConfig, DEFAULT_BOOT_ARGS};
 use mergen_model::{Hooks, Meta, Paths, PortBinding, VmConfig};
 use mergen_runtime::{
     select_supervisor, RuntimeError, Supervisor, SupervisorInfo, SystemdInfo, VmState, VmStatus,
@@ -241,7 +239,13 @@ impl App {
     }
 
     fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, Error> {
-        self.supervisor.as_ref().map_err(|e| e.clone().into())
+        self.supervisor.as_ref().map_err(|e| {
+            if e.is_unavailable() {
+                Error::Unavailable(e.to_string())
+            } else {
+                Error::Internal(e.to_string())
+            }
+        })
     }
 
     /// What a VM looks like when no supervisor can be asked: nothing runs it, so it is
@@ -465,7 +469,7 @@ impl App {
                 Ok(st) if st.state == VmState::Stopped => {}
                 Ok(_) => sup.stop(&meta)?,
                 Err(RuntimeError::Unavailable(m)) => {
-                    log::warn!(id = id, error = m; "supervisor unavailable, deleting without a stop")
+                    log::warn!(id = id, error:% = m; "supervisor unavailable, deleting without a stop")
                 }
                 Err(e) => return Err(e.into()),
             },
@@ -549,37 +553,19 @@ fn boot_args(requested: Option<&str>, ip_arg: &str) -> String {
 }
 
 fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmConfig {
-    let mut drives = vec![Drive {
-        drive_id: "rootfs".into(),
-        path_on_host: req.rootfs.clone(),
-        is_root_device: true,
-        is_read_only: false,
-    }];
-    if !req.data_disk.is_empty() {
-        drives.push(Drive {
-            drive_id: "data".into(),
-            path_on_host: req.data_disk.clone(),
-            is_root_device: false,
-            is_read_only: false,
-        });
-    }
-    VmConfig {
-        boot_source: BootSource {
-            kernel_image_path: req.kernel.clone(),
-            boot_args,
-        },
-        drives,
-        machine_config: MachineConfig {
-            vcpu_count: req.vcpu,
-            mem_size_mib: req.mem_mib,
-            smt: false,
-        },
-        network_interfaces: vec![NetworkInterface {
-            iface_id: "eth0".into(),
-            host_dev_name: meta.tap_name.clone(),
-            guest_mac: guest_mac(&meta.id),
-        }],
-    }
+    let machine = MachineConfig {
+        vcpu_count: req.vcpu,
+        mem_size_mib: req.mem_mib,
+        smt: false,
+    };
+    VmConfig::new(
+        &meta.id,
+        &req.kernel,
+        boot_args,
+        &req.rootfs,
+        Some(&req.data_disk),
+        machine,
+    )
 }
 
 /// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`.

@@ -46,6 +46,10 @@ pub enum Error {
     /// The supervisor or a runtime step.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// Something this host lacks for running VMs (no systemd, the unit template not
+    /// installed), as chosen when mergend started.
+    #[error("{0}")]
+    Unavailable(String),
     /// Reading or writing the VM store.
     #[error("{what}: {source}")]
     Io {

@@ -1,6 +1,8 @@
 //! mergend, the control-plane daemon: a hand-rolled HTTP/1.1 API over the VM store,
 //! race-free allocation, per-VM locks, lifecycle hooks and the runtime's supervisor.
 
+#![deny(unsafe_code)]
+
 pub mod alloc;
 pub mod api;
 pub mod config;

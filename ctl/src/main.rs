@@ -1,3 +1,5 @@
+#![deny(unsafe_code)]
+
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;

@@ -2,7 +2,6 @@
 //! [`Outcome`] or [`Error`] becomes a response here and nowhere else (as Firecracker's
 //! API server maps its typed results in one module).
 
-use mergen_runtime::RuntimeError;
 use serde_json::json;
 
 use crate::alloc::AllocError;
@@ -39,11 +38,11 @@ fn status(e: &Error) -> (u16, &'static str) {
         Error::Busy(_) | Error::Alloc(_) => (409, "conflict"),
         // The hook's endpoint or command is the failing upstream.
         Error::HookFailed(_) => (502, "hook_failed"),
-        Error::Runtime(RuntimeError::Unavailable(_)) => (503, "dependency_unavailable"),
-        Error::Runtime(RuntimeError::Failed(_))
-        | Error::Io { .. }
-        | Error::Unreadable(_)
-        | Error::Internal(_) => (500, "internal_error"),
+        Error::Runtime(e) if e.is_unavailable() => (503, "dependency_unavailable"),
+        Error::Unavailable(_) => (503, "dependency_unavailable"),
+        Error::Runtime(_) | Error::Io { .. } | Error::Unreadable(_) | Error::Internal(_) => {
+            (500, "internal_error")
+        }
         Error::Context { source, .. } => status(source),
     }
 }
@@ -64,6 +63,7 @@ pub fn error(e: &Error) -> ApiError {
 mod tests {
     use super::*;
     use mergen_model::Protocol;
+    use mergen_runtime::{RuntimeError, Unavailable};
 
     /// Every variant's status and code, as the API contract (and the original) says.
     #[test]
@@ -97,12 +97,30 @@ mod tests {
             ),
             (Error::HookFailed("x".into()), 502, "hook_failed"),
             (
-                Error::Runtime(RuntimeError::Unavailable("no systemd".into())),
+                Error::Runtime(RuntimeError::Unavailable(Unavailable::NoSetsid)),
                 503,
                 "dependency_unavailable",
             ),
             (
-                Error::Runtime(RuntimeError::Failed("x".into())),
+                // A missing unit, reported from inside a step, is still unavailable.
+                Error::Runtime(RuntimeError::Step {
+                    step: "start",
+                    id: "x".into(),
+                    source: Box::new(RuntimeError::Unavailable(Unavailable::UnitMissing {
+                        unit: "mergen@x.service".into(),
+                        detail: "not found".into(),
+                    })),
+                }),
+                503,
+                "dependency_unavailable",
+            ),
+            (
+                Error::Unavailable("no systemd".into()),
+                503,
+                "dependency_unavailable",
+            ),
+            (
+                Error::Runtime(RuntimeError::Invalid("x".into())),
                 500,
                 "internal_error",
             ),

@@ -1025,3 +1025,41 @@ fn create_bounds_name_the_limit() {
     let (code, v) = m.create(&roots.body_with(r#","tags":{"a":"b"},"metadata":{"k":"v"}"#));
     assert_eq!(code, 201, "{v}");
 }
+
+#[test]
+fn a_missing_systemd_unit_is_503_dependency_unavailable() {
+    // A systemctl that talks to a systemd without the mergen@ template, as on a host
+    // where deploy/install.sh never ran: the original answered 503, not 500.
+    let roots = Roots::new("nounit");
+    let systemctl = roots.dir.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        "#!/bin/sh\ncase \"$1\" in\n\
+         start|stop) echo \"Failed to $1 $2: Unit $2 not found.\" >&2; exit 5;;\n\
+         show) shift; shift; for u in \"$@\"; do printf 'Id=%s\\nActiveState=inactive\\nSubState=dead\\nMainPID=0\\n\\n' \"$u\"; done;;\n\
+         esac\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&systemctl)
+        .status()
+        .unwrap();
+    let m = Mergend::start(
+        &roots,
+        &[
+            ("MGR_SUPERVISOR", "systemd"),
+            ("MGR_SYSTEMCTL_PATH", &systemctl.to_string_lossy()),
+        ],
+    );
+    let (_, v) = m.create(&roots.body());
+    let id = id_of(&v);
+    let (code, body) = m.curl("POST", &format!("/v1/vms/{id}/start"), &[]);
+    assert_eq!(code, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "dependency_unavailable", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("not installed"),
+        "{v}"
+    );
+}

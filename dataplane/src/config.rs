@@ -1,13 +1,102 @@
 //! The forwarder's settings, read from the same `FWD_*` variables as the original plus
-//! the new ones of the io_uring dataplane. An unset or empty variable takes its default
-//! (as Go's `os.Getenv` did), except `FWD_ADMIN_ADDR` where empty turns the admin
-//! listener off. A value that does not parse is a startup error naming the variable.
+//! the new ones of the io_uring dataplane, through one table ([`VARS`]) that also
+//! drives `--help` and the README's table. An unset or empty variable takes its default
+//! (as Go's `os.Getenv` did), except `FWD_ADMIN_ADDR` and `FWD_NETNS_ROOT` where empty
+//! turns the setting off. A value that does not parse is a startup error naming the
+//! variable and the value.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use mergen_envtable::{Env, Var};
+use mergen_model::domain;
+
+/// A refused setting: names the variable, its value and what was expected.
+pub type ConfigError = mergen_envtable::Error;
+
+pub const DEFAULT_LISTENERS: &str = ":443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092";
+/// The guest port served in raw mode (no TLS, no SNI), as in the original.
+pub const RAW_GUEST_PORT: u16 = 22;
+/// `FWD_ALPN_<guestPort>`: one variable per guest port, so read by name outside the table.
+const ALPN_PREFIX: &str = "FWD_ALPN_";
+
+/// Every variable the forwarder reads, its default and its line of `--help`.
+pub const VARS: &[Var] = &[
+    Var::new("FWD_CONFIG_ROOT", "/etc/mergen/vm.d", "VM directories with meta.json"),
+    Var::new(
+        "FWD_NETNS_ROOT",
+        "/run/netns",
+        "where namespace files are looked up first",
+    ),
+    Var::new(
+        "FWD_TLS_CERT_FILE",
+        "/etc/mergen/certs/wildcard.localhost.crt",
+        "PEM certificate chain",
+    ),
+    Var::new(
+        "FWD_TLS_KEY_FILE",
+        "/etc/mergen/certs/wildcard.localhost.key",
+        "PEM key, RSA or ECDSA",
+    ),
+    Var::new(
+        "FWD_DOMAIN_PREFIX",
+        "",
+        "SNI is <label>.<prefix>.<suffix> when set",
+    ),
+    Var::new("FWD_DOMAIN_SUFFIX", "localhost", "SNI suffix"),
+    Var::new(
+        "FWD_LISTENERS",
+        DEFAULT_LISTENERS,
+        "addr=guestPort,... (guest port 22 is raw TCP to the oldest VM, no TLS)",
+    ),
+    Var::new(
+        "FWD_ALLOWED_GUEST_PORTS",
+        "22,443,5432,6379,9092",
+        "guest ports listeners may target",
+    ),
+    Var::computed(
+        "FWD_ALPN_<guestPort>",
+        "http/1.1 on 443, postgresql on 5432",
+        "ALPN protocols offered by the listeners to that guest port, comma-separated; empty offers none",
+    ),
+    Var::new("FWD_DIAL_TIMEOUT_SECONDS", "5", "backend connect timeout"),
+    Var::new(
+        "FWD_HANDSHAKE_TIMEOUT_SECONDS",
+        "10",
+        "ClientHello plus TLS handshake timeout",
+    ),
+    Var::new(
+        "FWD_IDLE_TIMEOUT_SECONDS",
+        "300",
+        "close a connection idle this long",
+    ),
+    Var::new(
+        "FWD_RESOLVER_CACHE_TTL_SECONDS",
+        "5",
+        "full rescan period of FWD_CONFIG_ROOT",
+    ),
+    Var::new(
+        "FWD_SHUTDOWN_TIMEOUT_SECONDS",
+        "15",
+        "drain time on SIGINT/SIGTERM",
+    ),
+    Var::new(
+        "FWD_MAX_CONNECTIONS",
+        "65536",
+        "open connections before refusing",
+    ),
+    Var::computed("FWD_WORKERS", "number of CPUs", "io_uring worker threads"),
+    Var::new(
+        "FWD_ADMIN_ADDR",
+        "127.0.0.1:9901",
+        "/healthz and /metrics; empty disables",
+    ),
+    Var::new("FWD_LOG_LEVEL", "debug", "debug|info|warn|error"),
+    Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
+];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -35,7 +124,60 @@ pub struct Config {
 pub struct ListenerSpec {
     pub addr: ListenAddr,
     pub guest_port: u16,
-    pub mode: ListenerMode,
+    pub kind: ListenerKind,
+    /// What a TLS listener offers in ALPN, in preference order (empty for raw).
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// What a listener speaks to its clients, and so what the engine does before it
+/// streams. Inferred from the guest port as the original did: 22 raw, 443 HTTPS,
+/// 5432 PostgreSQL, anything else generic TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// TLS routed by SNI; ALPN `http/1.1`; a client whose VM cannot be reached gets a
+    /// 502 page after its handshake.
+    Https,
+    /// TLS routed by SNI, after an optional SSLRequest/GSSENCRequest preamble
+    /// (see [`crate::sni::postgres_preamble`]); ALPN `postgresql`.
+    Postgres,
+    /// TLS routed by SNI; a failed dial closes the connection after the handshake.
+    Tls,
+    /// Plain TCP, no sniffing (SSH is server-first), routed to the oldest VM.
+    Raw,
+}
+
+impl ListenerKind {
+    fn infer(guest_port: u16) -> ListenerKind {
+        match guest_port {
+            RAW_GUEST_PORT => ListenerKind::Raw,
+            443 => ListenerKind::Https,
+            5432 => ListenerKind::Postgres,
+            _ => ListenerKind::Tls,
+        }
+    }
+
+    pub fn is_tls(self) -> bool {
+        self != ListenerKind::Raw
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Https => "https",
+            ListenerKind::Postgres => "postgres",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Raw => "raw",
+        }
+    }
+
+    fn default_alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            ListenerKind::Https => vec![b"http/1.1".to_vec()],
+            // libpq 17 offers `postgresql` and, with `sslnegotiation=direct`, refuses a
+            // server that does not select it; older clients send no ALPN at all.
+            ListenerKind::Postgres => vec![b"postgresql".to_vec()],
+            ListenerKind::Tls | ListenerKind::Raw => Vec::new(),
+        }
+    }
 }
 
 /// Where a listener listens.
@@ -73,37 +215,6 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum ListenerMode {
-    /// TLS terminated here, routed by SNI; `alpn` is what the server offers.
-    Tls {
-        alpn: Vec<Vec<u8>>,
-        protocol: Protocol,
-    },
-    /// Plain TCP, no sniffing (SSH is server-first), routed to the first VM by createdAt.
-    Raw,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Https,
-    /// The client may send an 8-byte SSLRequest (or GSSENCRequest) before the
-    /// ClientHello; see [`crate::sni::postgres_preamble`].
-    Postgres,
-    Generic,
-}
-
-pub const DEFAULT_CONFIG_ROOT: &str = "/etc/mergen/vm.d";
-pub const DEFAULT_NETNS_ROOT: &str = "/run/netns";
-pub const DEFAULT_TLS_CERT_FILE: &str = "/etc/mergen/certs/wildcard.localhost.crt";
-pub const DEFAULT_TLS_KEY_FILE: &str = "/etc/mergen/certs/wildcard.localhost.key";
-pub const DEFAULT_DOMAIN_SUFFIX: &str = "localhost";
-pub const DEFAULT_LISTENERS: &str = ":443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092";
-pub const DEFAULT_ALLOWED_GUEST_PORTS: &str = "22,443,5432,6379,9092";
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9901";
-/// The guest port served in raw mode (no TLS, no SNI), as in the original.
-pub const RAW_GUEST_PORT: u16 = 22;
-
 impl ListenerSpec {
     /// The listener's name in logs and in the `listener` label of the metrics: its
     /// address as configured, e.g. `:443` or `127.0.0.1:8443`, unique because two
@@ -114,105 +225,83 @@ impl ListenerSpec {
 }
 
 impl Config {
-    pub fn from_env() -> Result<Config, String> {
+    pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|key| std::env::var(key).ok())
     }
 
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
-        // Unset and empty are the same, except where noted.
-        let var = |key: &str| get(key).filter(|v| !v.trim().is_empty());
-        let string = |key: &str, default: &str| var(key).unwrap_or_else(|| default.to_string());
-        let seconds = |key: &str, default: u64| -> Result<Duration, String> {
-            match var(key) {
-                None => Ok(Duration::from_secs(default)),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-                    _ => Err(format!(
-                        "{key}={v:?}: expected a positive whole number of seconds"
-                    )),
-                },
-            }
-        };
-        let count = |key: &str, default: usize| -> Result<usize, String> {
-            match var(key) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<usize>() {
-                    Ok(n) if n > 0 => Ok(n),
-                    _ => Err(format!("{key}={v:?}: expected a positive whole number")),
-                },
-            }
-        };
-
-        let allowed_raw = string("FWD_ALLOWED_GUEST_PORTS", DEFAULT_ALLOWED_GUEST_PORTS);
-        let allowed_guest_ports = parse_port_list(&allowed_raw)
-            .map_err(|e| format!("FWD_ALLOWED_GUEST_PORTS={allowed_raw:?}: {e}"))?;
-
-        let listeners_raw = string("FWD_LISTENERS", DEFAULT_LISTENERS);
-        let mut listeners = parse_listeners(&listeners_raw)
-            .map_err(|e| format!("FWD_LISTENERS={listeners_raw:?}: {e}"))?;
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = Env::new(VARS, &get);
+        let allowed_guest_ports = env
+            .with("FWD_ALLOWED_GUEST_PORTS", parse_port_list)?
+            .unwrap_or_default();
+        let mut listeners = env
+            .with("FWD_LISTENERS", parse_listeners)?
+            .unwrap_or_default();
         for l in &mut listeners {
             if !allowed_guest_ports.contains(&l.guest_port) {
-                return Err(format!(
-                    "FWD_LISTENERS={listeners_raw:?}: guest port {} of listener {} is not in FWD_ALLOWED_GUEST_PORTS={allowed_raw:?}",
-                    l.guest_port, l.addr
-                ));
+                return Err(ConfigError {
+                    name: "FWD_LISTENERS".into(),
+                    value: env.string("FWD_LISTENERS"),
+                    expected: format!(
+                        "guest ports in FWD_ALLOWED_GUEST_PORTS={:?} (listener {} targets guest port {})",
+                        env.string("FWD_ALLOWED_GUEST_PORTS"),
+                        l.addr,
+                        l.guest_port
+                    ),
+                });
             }
-            let alpn_key = format!("FWD_ALPN_{}", l.guest_port);
-            if let (ListenerMode::Tls { alpn, .. }, Some(v)) = (&mut l.mode, get(&alpn_key)) {
-                *alpn = parse_alpn(&v).map_err(|e| format!("{alpn_key}={v:?}: {e}"))?;
+            let alpn_var = format!("{ALPN_PREFIX}{}", l.guest_port);
+            if let (true, Some(v)) = (l.kind.is_tls(), get(&alpn_var)) {
+                l.alpn = parse_alpn(&v).map_err(|expected| ConfigError {
+                    name: alpn_var,
+                    value: v.clone(),
+                    expected,
+                })?;
             }
         }
 
-        let admin_addr = match get("FWD_ADMIN_ADDR") {
-            None => Some(parse_addr(DEFAULT_ADMIN_ADDR).expect("default admin address parses")),
-            Some(v) if v.trim().is_empty() => None,
-            Some(v) => Some(parse_addr(&v).map_err(|e| format!("FWD_ADMIN_ADDR={v:?}: {e}"))?),
+        // Empty turns these two off; unset takes the default.
+        let off = |name: &str| env.present(name) && env.set(name).is_none();
+        let admin_addr = match off("FWD_ADMIN_ADDR") {
+            true => None,
+            false => env.with("FWD_ADMIN_ADDR", parse_addr)?,
+        };
+        let netns_root = match off("FWD_NETNS_ROOT") {
+            true => None,
+            false => env.opt("FWD_NETNS_ROOT").map(PathBuf::from),
         };
 
-        let netns_root = match get("FWD_NETNS_ROOT") {
-            None => Some(PathBuf::from(DEFAULT_NETNS_ROOT)),
-            Some(v) if v.trim().is_empty() => None,
-            Some(v) => Some(PathBuf::from(v.trim())),
+        let log_level = env.string("FWD_LOG_LEVEL").to_ascii_lowercase();
+        env.with("FWD_LOG_LEVEL", mergen_log::parse_level)?;
+        let log_format = env.string("FWD_LOG_FORMAT").to_ascii_lowercase();
+        env.with("FWD_LOG_FORMAT", mergen_log::Format::from_str)?;
+
+        let workers = match env.set("FWD_WORKERS") {
+            Some(_) => env.positive("FWD_WORKERS")? as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-
-        let log_level = string("FWD_LOG_LEVEL", "debug").trim().to_ascii_lowercase();
-        mergen_log::parse_level(&log_level)
-            .map_err(|e| format!("FWD_LOG_LEVEL={log_level:?}: {e}"))?;
-        let log_format = string("FWD_LOG_FORMAT", "console")
-            .trim()
-            .to_ascii_lowercase();
-        mergen_log::Format::from_str(&log_format)
-            .map_err(|e| format!("FWD_LOG_FORMAT={log_format:?}: {e}"))?;
-
-        let default_workers = std::thread::available_parallelism().map_or(1, |n| n.get());
 
         Ok(Config {
-            config_root: PathBuf::from(string("FWD_CONFIG_ROOT", DEFAULT_CONFIG_ROOT)),
+            config_root: PathBuf::from(env.string("FWD_CONFIG_ROOT")),
             netns_root,
-            tls_cert_file: PathBuf::from(string("FWD_TLS_CERT_FILE", DEFAULT_TLS_CERT_FILE)),
-            tls_key_file: PathBuf::from(string("FWD_TLS_KEY_FILE", DEFAULT_TLS_KEY_FILE)),
-            domain_prefix: normalize_domain(&get("FWD_DOMAIN_PREFIX").unwrap_or_default()),
-            domain_suffix: normalize_domain(&string("FWD_DOMAIN_SUFFIX", DEFAULT_DOMAIN_SUFFIX)),
+            tls_cert_file: PathBuf::from(env.string("FWD_TLS_CERT_FILE")),
+            tls_key_file: PathBuf::from(env.string("FWD_TLS_KEY_FILE")),
+            domain_prefix: domain::normalize(&env.string("FWD_DOMAIN_PREFIX")),
+            domain_suffix: domain::normalize(&env.string("FWD_DOMAIN_SUFFIX")),
             listeners,
             allowed_guest_ports,
-            dial_timeout: seconds("FWD_DIAL_TIMEOUT_SECONDS", 5)?,
-            handshake_timeout: seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS", 10)?,
-            idle_timeout: seconds("FWD_IDLE_TIMEOUT_SECONDS", 300)?,
-            resolver_ttl: seconds("FWD_RESOLVER_CACHE_TTL_SECONDS", 5)?,
-            shutdown_timeout: seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS", 15)?,
-            max_connections: count("FWD_MAX_CONNECTIONS", 65536)?,
-            workers: count("FWD_WORKERS", default_workers)?,
+            dial_timeout: env.seconds("FWD_DIAL_TIMEOUT_SECONDS")?,
+            handshake_timeout: env.seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS")?,
+            idle_timeout: env.seconds("FWD_IDLE_TIMEOUT_SECONDS")?,
+            resolver_ttl: env.seconds("FWD_RESOLVER_CACHE_TTL_SECONDS")?,
+            shutdown_timeout: env.seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS")?,
+            max_connections: env.positive("FWD_MAX_CONNECTIONS")? as usize,
+            workers,
             admin_addr,
             log_level,
             log_format,
         })
     }
-}
-
-/// Domain parts are compared lowercase and without surrounding dots, so
-/// `FWD_DOMAIN_SUFFIX=.Example.COM.` means `example.com`.
-fn normalize_domain(s: &str) -> String {
-    s.trim().trim_matches('.').to_ascii_lowercase()
 }
 
 /// `:443` means every IPv4 address; an address without `:` is a bare port.
@@ -228,7 +317,7 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         None => with_colon,
     };
     SocketAddr::from_str(&full)
-        .map_err(|_| format!("{s:?} is not an address like :443 or 127.0.0.1:443"))
+        .map_err(|_| format!("an address like :443 or 127.0.0.1:443, not {s:?}"))
 }
 
 /// Like [`parse_addr`], but an empty host means every IPv4 and IPv6 address.
@@ -245,7 +334,7 @@ fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("{:?} is not a port (1-65535)", s.trim())),
+        _ => Err(format!("ports (1-65535), not {:?}", s.trim())),
     }
 }
 
@@ -265,45 +354,27 @@ fn parse_listeners(s: &str) -> Result<Vec<ListenerSpec>, String> {
     for item in s.split(',').filter(|i| !i.trim().is_empty()) {
         let (addr, guest) = item
             .split_once('=')
-            .ok_or_else(|| format!("{:?} is not addr=guestPort", item.trim()))?;
+            .ok_or_else(|| format!("addr=guestPort items, not {:?}", item.trim()))?;
         let addr = parse_listen_addr(addr)?;
         let guest_port = parse_port(guest)?;
         if let Some(other) = out.iter().find(|l| l.addr.overlaps(addr)) {
             return Err(format!(
-                "listener addresses {} and {addr} overlap",
+                "listener addresses that do not overlap ({} and {addr} do)",
                 other.addr
             ));
         }
+        let kind = ListenerKind::infer(guest_port);
         out.push(ListenerSpec {
             addr,
             guest_port,
-            mode: default_mode(guest_port),
+            kind,
+            alpn: kind.default_alpn(),
         });
     }
     if out.is_empty() {
-        return Err("no listeners".to_string());
+        return Err("at least one listener".to_string());
     }
     Ok(out)
-}
-
-fn default_mode(guest_port: u16) -> ListenerMode {
-    match guest_port {
-        RAW_GUEST_PORT => ListenerMode::Raw,
-        443 => ListenerMode::Tls {
-            alpn: vec![b"http/1.1".to_vec()],
-            protocol: Protocol::Https,
-        },
-        // libpq 17 offers `postgresql` and, with `sslnegotiation=direct`, refuses a
-        // server that does not select it; older clients send no ALPN at all.
-        5432 => ListenerMode::Tls {
-            alpn: vec![b"postgresql".to_vec()],
-            protocol: Protocol::Postgres,
-        },
-        _ => ListenerMode::Tls {
-            alpn: Vec::new(),
-            protocol: Protocol::Generic,
-        },
-    }
 }
 
 /// `FWD_ALPN_<guestPort>=h2,http/1.1`: the protocols offered, in preference order;
@@ -312,7 +383,7 @@ fn parse_alpn(s: &str) -> Result<Vec<Vec<u8>>, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         if item.len() > 255 || !item.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!("{item:?} is not a protocol name"));
+            return Err(format!("protocol names, not {item:?}"));
         }
         out.push(item.as_bytes().to_vec());
     }
@@ -326,7 +397,7 @@ mod tests {
 
     use super::*;
 
-    fn with(vars: &[(&str, &str)]) -> Result<Config, String> {
+    fn with(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -338,17 +409,12 @@ mod tests {
         ListenAddr::AnyHost(port)
     }
 
-    fn https() -> ListenerMode {
-        ListenerMode::Tls {
-            alpn: vec![b"http/1.1".to_vec()],
-            protocol: Protocol::Https,
-        }
-    }
-
-    fn generic() -> ListenerMode {
-        ListenerMode::Tls {
-            alpn: vec![],
-            protocol: Protocol::Generic,
+    fn spec(addr: ListenAddr, guest_port: u16, kind: ListenerKind, alpn: &[&[u8]]) -> ListenerSpec {
+        ListenerSpec {
+            addr,
+            guest_port,
+            kind,
+            alpn: alpn.iter().map(|p| p.to_vec()).collect(),
         }
     }
 
@@ -361,34 +427,11 @@ mod tests {
         assert_eq!(c.domain_suffix, "localhost");
         assert_eq!(c.allowed_guest_ports, vec![22, 443, 5432, 6379, 9092]);
         let want = vec![
-            ListenerSpec {
-                addr: any(443),
-                guest_port: 443,
-                mode: https(),
-            },
-            ListenerSpec {
-                addr: any(2022),
-                guest_port: 22,
-                mode: ListenerMode::Raw,
-            },
-            ListenerSpec {
-                addr: any(5432),
-                guest_port: 5432,
-                mode: ListenerMode::Tls {
-                    alpn: vec![b"postgresql".to_vec()],
-                    protocol: Protocol::Postgres,
-                },
-            },
-            ListenerSpec {
-                addr: any(6379),
-                guest_port: 6379,
-                mode: generic(),
-            },
-            ListenerSpec {
-                addr: any(9092),
-                guest_port: 9092,
-                mode: generic(),
-            },
+            spec(any(443), 443, ListenerKind::Https, &[b"http/1.1"]),
+            spec(any(2022), 22, ListenerKind::Raw, &[]),
+            spec(any(5432), 5432, ListenerKind::Postgres, &[b"postgresql"]),
+            spec(any(6379), 6379, ListenerKind::Tls, &[]),
+            spec(any(9092), 9092, ListenerKind::Tls, &[]),
         ];
         assert_eq!(c.listeners, want);
         assert_eq!(c.dial_timeout, Duration::from_secs(5));
@@ -448,27 +491,19 @@ mod tests {
         assert_eq!(
             c.listeners,
             vec![
-                ListenerSpec {
-                    addr: ListenAddr::Addr("127.0.0.1:8443".parse().unwrap()),
-                    guest_port: 443,
-                    mode: ListenerMode::Tls {
-                        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-                        protocol: Protocol::Https
-                    },
-                },
-                ListenerSpec {
-                    addr: any(2022),
-                    guest_port: 22,
-                    mode: ListenerMode::Raw
-                },
-                ListenerSpec {
-                    addr: ListenAddr::Addr("[::1]:7000".parse().unwrap()),
-                    guest_port: 6379,
-                    mode: ListenerMode::Tls {
-                        alpn: vec![b"redis".to_vec()],
-                        protocol: Protocol::Generic
-                    },
-                },
+                spec(
+                    ListenAddr::Addr("127.0.0.1:8443".parse().unwrap()),
+                    443,
+                    ListenerKind::Https,
+                    &[b"h2", b"http/1.1"]
+                ),
+                spec(any(2022), 22, ListenerKind::Raw, &[]),
+                spec(
+                    ListenAddr::Addr("[::1]:7000".parse().unwrap()),
+                    6379,
+                    ListenerKind::Tls,
+                    &[b"redis"]
+                ),
             ]
         );
         assert_eq!(c.allowed_guest_ports, vec![22, 443, 6379]);
@@ -499,13 +534,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.admin_addr, None);
         assert_eq!(c.netns_root, None);
-        assert_eq!(
-            c.listeners[0].mode,
-            ListenerMode::Tls {
-                alpn: vec![],
-                protocol: Protocol::Https
-            }
-        );
+        assert_eq!(c.listeners[0].kind, ListenerKind::Https);
+        assert!(c.listeners[0].alpn.is_empty());
     }
 
     #[test]
@@ -517,8 +547,10 @@ mod tests {
         .unwrap();
         let addrs: Vec<String> = c.listeners.iter().map(|l| l.name()).collect();
         assert_eq!(addrs, ["127.0.0.1:8443", "[::1]:8443", ":9443"]);
-        let err = with(&[("FWD_LISTENERS", "127.0.0.1:8443=443,8443=443")]).unwrap_err();
-        assert!(err.contains("127.0.0.1:8443 and :8443 overlap"), "{err}");
+        let err = with(&[("FWD_LISTENERS", "127.0.0.1:8443=443,8443=443")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("127.0.0.1:8443 and :8443 do"), "{err}");
     }
 
     #[test]
@@ -549,7 +581,7 @@ mod tests {
         ];
         for &(var, value) in cases {
             let err = match with(&[(var, value)]) {
-                Err(e) => e,
+                Err(e) => e.to_string(),
                 Ok(_) => panic!("{var}={value:?} must be refused"),
             };
             assert!(err.contains(var), "{err:?} should name {var}");
@@ -559,10 +591,25 @@ mod tests {
             );
         }
         // A listener on a guest port the allow-list drops.
-        let err = with(&[("FWD_ALLOWED_GUEST_PORTS", "443")]).unwrap_err();
+        let err = with(&[("FWD_ALLOWED_GUEST_PORTS", "443")])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("guest port 22") && err.contains("FWD_ALLOWED_GUEST_PORTS"),
             "{err}"
+        );
+    }
+
+    /// The README's table is the table `--help` prints: one source, so they cannot
+    /// drift. Regenerate it with `mergen_envtable::markdown(VARS)` when a variable changes.
+    #[test]
+    fn the_readme_table_is_the_variable_table() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let table = mergen_envtable::markdown(VARS);
+        assert!(
+            readme.contains(&table),
+            "README.md's FWD_* table differs from config::VARS; it should read:\n{table}"
         );
     }
 }

@@ -4,6 +4,8 @@
 //! metrics, admin listener) lives in plain modules; the io_uring data path in
 //! [`engine`].
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod config;
 pub mod engine;
@@ -11,3 +13,4 @@ pub mod metrics;
 pub mod resolver;
 pub mod sni;
 pub mod tls;
+pub mod watch;

@@ -1,15 +1,18 @@
 //! `mergen-forwarder`: the TLS edge. Reads `FWD_*` settings, starts the io_uring
 //! workers and waits for a signal.
 
+#![deny(unsafe_code)]
+
+use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
-use mergen_dataplane::config::{Config, ListenerMode};
-use mergen_dataplane::engine::{self, Listener, Shared};
+use mergen_dataplane::config::{self, Config, ListenAddr};
+use mergen_dataplane::engine::{self, ConnLog, Listener, Shared, WorkerExit};
 use mergen_dataplane::metrics::Metrics;
-use mergen_dataplane::resolver::Resolver;
+use mergen_dataplane::resolver::{self, Resolver};
 use mergen_dataplane::{admin, tls};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -27,42 +30,73 @@ usage:
   mergen-forwarder gen-cert --out-dir DIR [--prefix P] [--suffix S]
                                    write a self-signed wildcard.<suffix>.crt/.key
   mergen-forwarder --help          this text
+";
 
-environment (defaults in brackets):
-  FWD_CONFIG_ROOT                  VM directories with meta.json [/etc/mergen/vm.d]
-  FWD_NETNS_ROOT                   where namespace files are looked up first [/run/netns]
-  FWD_TLS_CERT_FILE                PEM certificate chain [/etc/mergen/certs/wildcard.localhost.crt]
-  FWD_TLS_KEY_FILE                 PEM key, RSA or ECDSA [/etc/mergen/certs/wildcard.localhost.key]
-  FWD_DOMAIN_PREFIX                SNI is <label>.<prefix>.<suffix> when set []
-  FWD_DOMAIN_SUFFIX                SNI suffix [localhost]
-  FWD_LISTENERS                    addr=guestPort,... [:443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092]
-                                   (guest port 22 is raw TCP to the oldest VM, no TLS)
-  FWD_ALLOWED_GUEST_PORTS          guest ports listeners may target [22,443,5432,6379,9092]
-  FWD_DIAL_TIMEOUT_SECONDS         backend connect timeout [5]
-  FWD_HANDSHAKE_TIMEOUT_SECONDS    ClientHello plus TLS handshake timeout [10]
-  FWD_IDLE_TIMEOUT_SECONDS         close a connection idle this long [300]
-  FWD_RESOLVER_CACHE_TTL_SECONDS   full rescan period of FWD_CONFIG_ROOT [5]
-  FWD_SHUTDOWN_TIMEOUT_SECONDS     drain time on SIGINT/SIGTERM [15]
-  FWD_MAX_CONNECTIONS              open connections before refusing [65536]
-  FWD_WORKERS                      io_uring worker threads [number of CPUs]
-  FWD_ADMIN_ADDR                   /healthz and /metrics; empty disables [127.0.0.1:9901]
-  FWD_LOG_LEVEL                    debug|info|warn|error [debug]
-  FWD_LOG_FORMAT                   console|json|text [console]
-
+const SIGNALS: &str = "\
 signals: SIGHUP reloads the certificate (so do changes to its files);
 SIGINT/SIGTERM stop accepting and drain.
 ";
+
+fn usage() -> String {
+    format!(
+        "{USAGE}\nenvironment (variable, default, meaning):\n{}\n{SIGNALS}",
+        mergen_envtable::help_text(config::VARS)
+    )
+}
+
+/// Why the forwarder did not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Logging(String),
+    #[error(transparent)]
+    Kernel(#[from] engine::ProbeError),
+    #[error(transparent)]
+    Cert(#[from] tls::CertError),
+    #[error("watching the certificate files: {0}")]
+    WatchCert(#[source] io::Error),
+    #[error("watching {}: {source}", path.display())]
+    WatchRoutes {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: ListenAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the admin listener on {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    #[error("starting workers: {0}")]
+    Workers(#[source] io::Error),
+    #[error("worker {0} panicked; stopped so that the supervisor restarts the forwarder")]
+    WorkerPanicked(usize),
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         None => serve(),
         Some("--help" | "-h" | "help") => {
-            print!("{USAGE}");
+            print!("{}", usage());
             Ok(())
         }
         Some("gen-cert") => gen_cert(&args[1..]),
-        Some(other) => Err(format!("unknown argument {other:?} (see --help)")),
+        Some(other) => Err(Error::Usage(format!(
+            "unknown argument {other:?} (see --help)"
+        ))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,25 +107,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn gen_cert(args: &[String]) -> Result<(), String> {
+fn gen_cert(args: &[String]) -> Result<(), Error> {
     let (mut out_dir, mut prefix, mut suffix) = (None, String::new(), "localhost".to_string());
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
             it.next()
                 .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
+                .ok_or_else(|| Error::Usage(format!("{flag} needs a value")))
         };
         match flag.as_str() {
             "--out-dir" => out_dir = Some(PathBuf::from(value()?)),
             "--prefix" => prefix = value()?,
             "--suffix" => suffix = value()?,
-            other => return Err(format!("gen-cert: unknown option {other:?}")),
+            other => return Err(Error::Usage(format!("gen-cert: unknown option {other:?}"))),
         }
     }
-    let dir = out_dir.ok_or("gen-cert: --out-dir DIR is required")?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let base = format!("wildcard.{}", suffix.trim().trim_matches('.'));
+    let dir = out_dir.ok_or_else(|| Error::Usage("gen-cert: --out-dir DIR is required".into()))?;
+    let base = format!("wildcard.{}", mergen_model::domain::normalize(&suffix));
     let cert = dir.join(format!("{base}.crt"));
     let key = dir.join(format!("{base}.key"));
     tls::generate_self_signed(&prefix, &suffix, &cert, &key)?;
@@ -99,52 +132,78 @@ fn gen_cert(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn serve() -> Result<(), String> {
+/// What ends the main thread's wait.
+enum Stop {
+    Signal(i32),
+    Worker(WorkerExit),
+}
+
+fn serve() -> Result<(), Error> {
     let config = Config::from_env()?;
-    mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)?;
+    mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)
+        .map_err(Error::Logging)?;
+    // Before anything else is set up: an old kernel is one clear line, not a dead worker.
+    engine::probe()?;
 
     let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
-    store
-        .watch(true)
-        .map_err(|e| format!("watching the certificate files: {e}"))?;
+    store.watch(true).map_err(Error::WatchCert)?;
     let mut listeners = Vec::with_capacity(config.listeners.len());
-    for spec in &config.listeners {
-        let tls_config = match &spec.mode {
-            ListenerMode::Tls { alpn, .. } => Some(tls::server_config(&store, alpn)?),
-            ListenerMode::Raw => None,
+    for (index, spec) in config.listeners.iter().enumerate() {
+        let tls_config = match spec.kind.is_tls() {
+            true => Some(tls::server_config(&store, &spec.alpn)?),
+            false => None,
         };
-        listeners.push(Listener::new(spec, tls_config));
+        listeners.push(Listener::new(index, spec, tls_config));
     }
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
 
-    let resolver = Arc::new(Resolver::new(
-        config.config_root.clone(),
-        config.domain_prefix.clone(),
-        config.domain_suffix.clone(),
-    ));
+    let resolver = Arc::new(Resolver::new(resolver::Settings {
+        config_root: config.config_root.clone(),
+        netns_root: config.netns_root.clone(),
+        domain_prefix: config.domain_prefix.clone(),
+        domain_suffix: config.domain_suffix.clone(),
+    }));
     resolver
         .start_watching(config.resolver_ttl)
-        .map_err(|e| format!("watching {}: {e}", config.config_root.display()))?;
+        .map_err(|source| Error::WatchRoutes {
+            path: config.config_root.clone(),
+            source,
+        })?;
 
     // Every worker gets its own socket per listener; binding them all up front turns a
     // port in use into a startup error instead of a dead worker.
     let workers = config.workers.max(1);
     let mut sockets: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
     for spec in &config.listeners {
-        let fds = engine::bind_listeners(spec.addr, workers)
-            .map_err(|e| format!("cannot listen on {}: {e}", spec.addr))?;
+        let fds = engine::bind_listeners(spec.addr, workers).map_err(|source| Error::Listen {
+            addr: spec.addr,
+            source,
+        })?;
         for (worker, fd) in sockets.iter_mut().zip(fds) {
             worker.push(fd);
         }
     }
     if let Some(addr) = config.admin_addr {
         admin::spawn_admin(addr, metrics.clone())
-            .map_err(|e| format!("cannot start the admin listener on {addr}: {e}"))?;
+            .map_err(|source| Error::Admin { addr, source })?;
     }
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let (stop_tx, stop) = mpsc::channel();
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
+    let on_signal = stop_tx.clone();
+    std::thread::Builder::new()
+        .name("fwd-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let _ = on_signal.send(Stop::Signal(signal));
+            }
+        })
+        .map_err(Error::Signals)?;
 
+    for l in &listeners {
+        log::info!(listener = l.name.as_str(), kind = l.kind.as_str(), guest_port = l.guest_port; "listening");
+    }
     log::info!(
         "forwarding {} listener(s) on {} worker(s), {} VM(s) known",
         config.listeners.len(),
@@ -152,6 +211,7 @@ fn serve() -> Result<(), String> {
         resolver.snapshot().len()
     );
     let grace = config.shutdown_timeout;
+    let conn_log = ConnLog::spawn(names).map_err(Error::Workers)?;
     let shared = Arc::new(Shared::new(
         config,
         listeners,
@@ -163,19 +223,47 @@ fn serve() -> Result<(), String> {
             ..PoolConfig::default()
         }),
         metrics,
+        conn_log,
     ));
-    let workers = engine::spawn_workers(shared.clone(), sockets)
-        .map_err(|e| format!("starting workers: {e}"))?;
+    let (exit_tx, exits) = mpsc::channel();
+    let workers =
+        engine::spawn_workers(shared.clone(), sockets, exit_tx).map_err(Error::Workers)?;
+    std::thread::Builder::new()
+        .name("fwd-exits".into())
+        .spawn(move || {
+            for exit in exits {
+                let _ = stop_tx.send(Stop::Worker(exit));
+            }
+        })
+        .map_err(Error::Workers)?;
 
-    if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal}: no longer accepting, draining for up to {grace:?}");
+    let mut result = Ok(());
+    match stop.recv() {
+        Ok(Stop::Signal(signal)) => {
+            log::info!("signal {signal}: no longer accepting, draining for up to {grace:?}");
+        }
+        // A worker ends on its own only by panicking: the others drain, and the
+        // process exits with an error so that its supervisor starts a whole one.
+        Ok(Stop::Worker(exit)) => {
+            log::error!(
+                "worker {} ended ({}): no longer accepting, draining for up to {grace:?}",
+                exit.worker,
+                if exit.panicked {
+                    "panicked"
+                } else {
+                    "returned"
+                }
+            );
+            result = Err(Error::WorkerPanicked(exit.worker));
+        }
+        Err(_) => {}
     }
     shared.begin_shutdown(grace);
-    for worker in workers {
-        if worker.join().is_err() {
-            return Err("a worker thread panicked".into());
+    for (i, worker) in workers.into_iter().enumerate() {
+        if worker.join().is_err() && result.is_ok() {
+            result = Err(Error::WorkerPanicked(i));
         }
     }
     log::info!("stopped");
-    Ok(())
+    result
 }

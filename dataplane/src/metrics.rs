@@ -9,14 +9,24 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// How a connection ended. Each is produced by exactly the case it names (the engine's
+/// tests have one per outcome).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Both directions ended cleanly.
     Ok,
+    /// Refused with an alert: no VM answers to the server name.
     UnknownSni,
+    /// Refused with an alert: the ClientHello names no server.
     NoSni,
+    /// The guest could not be reached (refused, timed out, no namespace or socket).
     DialFailed,
+    /// The TLS handshake did not complete: rustls refused it, the ClientHello was
+    /// malformed or too large, or the client closed first.
     HandshakeFailed,
+    /// A deadline passed: the handshake's, the idle timeout, a last word's.
     Timeout,
+    /// The forwarder's own failure (rustls would not start a session).
     Error,
     /// Refused because `FWD_MAX_CONNECTIONS` were open.
     Refused,
@@ -81,10 +91,12 @@ pub enum HandshakeFailure {
     Malformed,
     Tls,
     Timeout,
+    /// The client closed before its handshake was done.
+    ClientClosed,
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 7] = [
+    pub const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::NoSni,
         HandshakeFailure::UnknownSni,
         HandshakeFailure::NotTls,
@@ -92,6 +104,7 @@ impl HandshakeFailure {
         HandshakeFailure::Malformed,
         HandshakeFailure::Tls,
         HandshakeFailure::Timeout,
+        HandshakeFailure::ClientClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +116,7 @@ impl HandshakeFailure {
             HandshakeFailure::Malformed => "malformed",
             HandshakeFailure::Tls => "tls",
             HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::ClientClosed => "client_closed",
         }
     }
 }
@@ -131,8 +145,7 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        family(out, name, "histogram", help);
         let mut cumulative = 0;
         for (i, bucket) in self.buckets.iter().enumerate() {
             cumulative += bucket.load(Relaxed);
@@ -140,7 +153,12 @@ impl Histogram {
                 Some(&us) => format_seconds(us),
                 None => "+Inf".to_string(),
             };
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            sample(
+                out,
+                &format!("{name}_bucket"),
+                &format!("le=\"{le}\""),
+                cumulative,
+            );
         }
         let _ = writeln!(
             out,
@@ -244,51 +262,49 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP mergen_forwarder_connections_open Connections open now.\n");
-        out.push_str("# TYPE mergen_forwarder_connections_open gauge\n");
-        for (i, l) in self.listeners.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "mergen_forwarder_connections_open{{listener=\"{}\"}} {}",
-                escape(&l.name),
-                self.open_connections(i)
-            );
-        }
-        out.push_str("# HELP mergen_forwarder_connections_total Connections closed, by outcome.\n");
-        out.push_str("# TYPE mergen_forwarder_connections_total counter\n");
-        for l in &self.listeners {
-            for o in Outcome::ALL {
-                let _ = writeln!(
-                    out,
-                    "mergen_forwarder_connections_total{{listener=\"{}\",outcome=\"{}\"}} {}",
-                    escape(&l.name),
-                    o.as_str(),
-                    l.closed[o as usize].load(Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP mergen_forwarder_bytes_total Bytes forwarded, by direction.\n");
-        out.push_str("# TYPE mergen_forwarder_bytes_total counter\n");
-        for l in &self.listeners {
-            for (direction, c) in [("to_backend", &l.to_backend), ("to_client", &l.to_client)] {
-                let _ = writeln!(
-                    out,
-                    "mergen_forwarder_bytes_total{{listener=\"{}\",direction=\"{direction}\"}} {}",
-                    escape(&l.name),
-                    c.load(Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP mergen_forwarder_handshake_failures_total TLS connections refused or failed before the handshake completed, by reason.\n");
-        out.push_str("# TYPE mergen_forwarder_handshake_failures_total counter\n");
-        for r in HandshakeFailure::ALL {
-            let _ = writeln!(
-                out,
-                "mergen_forwarder_handshake_failures_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.handshake_failures[r as usize].load(Relaxed)
-            );
-        }
+        let listener = |l: &ListenerCounters| format!("listener=\"{}\"", escape(&l.name));
+        series(
+            &mut out,
+            ("mergen_forwarder_connections_open", "gauge"),
+            "Connections open now.",
+            self.listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (listener(l), self.open_connections(i))),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_connections_total", "counter"),
+            "Connections closed, by outcome.",
+            self.listeners.iter().flat_map(|l| {
+                Outcome::ALL.map(|o| {
+                    let labels = format!("{},outcome=\"{}\"", listener(l), o.as_str());
+                    (labels, l.closed[o as usize].load(Relaxed))
+                })
+            }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_bytes_total", "counter"),
+            "Bytes forwarded, by direction.",
+            self.listeners.iter().flat_map(|l| {
+                [("to_backend", &l.to_backend), ("to_client", &l.to_client)].map(|(d, c)| {
+                    (
+                        format!("{},direction=\"{d}\"", listener(l)),
+                        c.load(Relaxed),
+                    )
+                })
+            }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_handshake_failures_total", "counter"),
+            "TLS connections refused or failed before the handshake completed, by reason.",
+            HandshakeFailure::ALL.map(|r| {
+                let count = self.handshake_failures[r as usize].load(Relaxed);
+                (format!("reason=\"{}\"", r.as_str()), count)
+            }),
+        );
         self.dial.render(
             &mut out,
             "mergen_forwarder_dial_duration_seconds",
@@ -301,6 +317,30 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family (`name`, `kind`) and its samples, each `(labels, value)`.
+fn series(
+    out: &mut String,
+    (name, kind): (&str, &str),
+    help: &str,
+    samples: impl IntoIterator<Item = (String, u64)>,
+) {
+    family(out, name, kind, help);
+    for (labels, value) in samples {
+        sample(out, name, &labels, value);
+    }
+}
+
+/// One sample line: `name{labels} value`.
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{name}{{{labels}}} {value}");
 }
 
 /// Label values escape backslash, quote and newline.

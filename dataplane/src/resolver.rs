@@ -8,16 +8,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, EventOwned, Inotify, WatchDescriptor, WatchMask, Watches};
 use mergen_model::RouteMeta;
 use time::OffsetDateTime;
+
+use crate::watch::{self, Wake};
 
 pub const META_FILE: &str = "meta.json";
 /// The tag and metadata keys whose string values are aliases, as in the original.
@@ -29,10 +30,56 @@ const PARALLEL_LOAD_MIN: usize = 512;
 pub struct Route {
     pub id: String,
     pub guest_ip: Ipv4Addr,
-    /// As written in meta.json: a namespace name, or an absolute path to its file.
-    /// [`netns_path`] finds the file.
-    pub netns: String,
+    /// Where the guest's sockets are made, resolved once when the route was loaded.
+    pub netns: Namespace,
     pub created_at: OffsetDateTime,
+}
+
+/// A VM's network namespace as the data path dials into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespace {
+    /// meta.json names none: the guest is reached from the host's own namespace (a
+    /// process VM, a benchmark backend).
+    Host,
+    /// The namespace's file. The path is also the key of its socket pool, so dials and
+    /// prewarming cannot disagree on it.
+    File(Arc<str>),
+    /// A name that cannot be a namespace (`..`, `a/b`): every dial to it fails.
+    Invalid(String),
+}
+
+impl Namespace {
+    /// `netns` as written in meta.json: an absolute path is taken as is; a name is the
+    /// first existing of `<netns_root>/<name>`, `/run/netns/<name>`,
+    /// `/var/run/netns/<name>`. A name found nowhere yet (the VM's namespace is made
+    /// when it starts) is where `ip netns add` will put it: the first candidate.
+    pub fn resolve(netns_root: Option<&Path>, netns: &str) -> Namespace {
+        if netns.is_empty() {
+            return Namespace::Host;
+        }
+        let p = Path::new(netns);
+        if p.is_absolute() {
+            return Namespace::File(Arc::from(netns));
+        }
+        if netns.contains('/') || netns == "." || netns == ".." {
+            return Namespace::Invalid(netns.to_string());
+        }
+        let mut candidates = netns_root
+            .into_iter()
+            .chain([Path::new("/run/netns"), Path::new("/var/run/netns")])
+            .map(|root| root.join(netns));
+        let first = candidates.next();
+        let found = first
+            .iter()
+            .cloned()
+            .chain(candidates)
+            .find(|c| c.exists())
+            .or(first);
+        match found {
+            Some(path) => Namespace::File(Arc::from(path.to_string_lossy().as_ref())),
+            None => Namespace::Invalid(netns.to_string()),
+        }
+    }
 }
 
 /// One consistent view of the routing table.
@@ -124,23 +171,6 @@ pub fn sni_label<'a>(sni: &'a str, prefix: &str, suffix: &str) -> Option<Cow<'a,
     })
 }
 
-/// The file of a VM's namespace: an absolute path as is, else the first existing of
-/// `<netns_root>/<name>`, `/run/netns/<name>`, `/var/run/netns/<name>`.
-pub fn netns_path(netns_root: Option<&Path>, netns: &str) -> Option<PathBuf> {
-    let p = Path::new(netns);
-    if p.is_absolute() {
-        return Some(p.to_path_buf());
-    }
-    if netns.is_empty() || netns.contains('/') || netns == "." || netns == ".." {
-        return None;
-    }
-    netns_root
-        .into_iter()
-        .chain([Path::new("/run/netns"), Path::new("/var/run/netns")])
-        .map(|root| root.join(netns))
-        .find(|candidate| candidate.exists())
-}
-
 /// A parsed meta.json and what identifies the file it came from, so a rescan re-reads
 /// only files that changed (an atomic replace always changes the inode).
 #[derive(Debug, Clone)]
@@ -208,7 +238,7 @@ enum Load {
 /// be read or parsed is skipped with a warning; if it routed before, its last good
 /// version keeps routing (an in-place rewrite caught half-way, a transient I/O error)
 /// until it is fixed or removed.
-fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
+fn load_dir(dir: &Path, known: Option<&Entry>, netns_root: Option<&Path>) -> Load {
     let path = dir.join(META_FILE);
     let failed = || match known {
         Some(_) => Load::Unchanged,
@@ -245,7 +275,7 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
             route: Arc::new(Route {
                 id: meta.id,
                 guest_ip: meta.guest_ip,
-                netns: meta.netns,
+                netns: Namespace::resolve(netns_root, &meta.netns),
                 created_at: meta.created_at,
             }),
             stamp,
@@ -257,19 +287,35 @@ fn load_dir(dir: &Path, known: Option<&Entry>) -> Load {
     }
 }
 
+/// Where the routing table comes from and how names map onto it.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// `FWD_CONFIG_ROOT`: one directory per VM, each with a meta.json.
+    pub config_root: PathBuf,
+    /// `FWD_NETNS_ROOT`: where namespace names are looked up first.
+    pub netns_root: Option<PathBuf>,
+    pub domain_prefix: String,
+    pub domain_suffix: String,
+}
+
 struct Shared {
     root: PathBuf,
+    netns_root: Option<PathBuf>,
     prefix: String,
     suffix: String,
     current: ArcSwap<Snapshot>,
     /// Parsed files by directory name. Held only while rescanning, never by lookups.
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Told about every new snapshot (see [`Resolver::subscribe`]).
+    subscribers: Mutex<Vec<mpsc::Sender<Arc<Snapshot>>>>,
 }
 
 impl Shared {
     fn publish(&self, entries: &BTreeMap<String, Entry>) {
-        let snap = Snapshot::build(entries, &self.prefix, &self.suffix);
-        self.current.store(Arc::new(snap));
+        let snap = Arc::new(Snapshot::build(entries, &self.prefix, &self.suffix));
+        self.current.store(Arc::clone(&snap));
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        subscribers.retain(|s| s.send(Arc::clone(&snap)).is_ok());
     }
 
     fn full_rescan(&self) {
@@ -324,7 +370,11 @@ impl Shared {
     /// with thousands of VMs is bound by JSON parsing.
     fn load_all(&self, work: Vec<(String, Option<Entry>)>) -> Vec<(String, Option<Entry>, Load)> {
         let load = |(name, known): (String, Option<Entry>)| {
-            let l = load_dir(&self.root.join(&name), known.as_ref());
+            let l = load_dir(
+                &self.root.join(&name),
+                known.as_ref(),
+                self.netns_root.as_deref(),
+            );
             (name, known, l)
         };
         let threads = std::thread::available_parallelism()
@@ -356,7 +406,7 @@ impl Shared {
         let mut changed = false;
         for name in names {
             let known = entries.get(name);
-            match load_dir(&self.root.join(name), known) {
+            match load_dir(&self.root.join(name), known, self.netns_root.as_deref()) {
                 Load::Unchanged => {}
                 Load::Loaded(e) => {
                     entries.insert(name.to_string(), *e);
@@ -377,13 +427,14 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver over `config_root`, loaded once before returning.
-    pub fn new(config_root: PathBuf, domain_prefix: String, domain_suffix: String) -> Resolver {
-        let norm = |s: String| s.trim().trim_matches('.').to_ascii_lowercase();
-        let prefix = norm(domain_prefix);
-        let suffix = norm(domain_suffix);
+    /// A resolver over `settings.config_root`, loaded once before returning.
+    pub fn new(settings: Settings) -> Resolver {
+        let prefix = mergen_model::domain::normalize(&settings.domain_prefix);
+        let suffix = mergen_model::domain::normalize(&settings.domain_suffix);
         let shared = Arc::new(Shared {
-            root: config_root,
+            root: settings.config_root,
+            netns_root: settings.netns_root,
+            subscribers: Mutex::new(Vec::new()),
             current: ArcSwap::from_pointee(Snapshot {
                 prefix: prefix.clone(),
                 suffix: suffix.clone(),
@@ -402,6 +453,18 @@ impl Resolver {
         self.shared.current.load_full()
     }
 
+    /// Every snapshot published from now on, in order. The channel closes when the
+    /// resolver goes.
+    pub fn subscribe(&self) -> mpsc::Receiver<Arc<Snapshot>> {
+        let (tx, rx) = mpsc::channel();
+        self.shared
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
     /// A synchronous full rescan.
     pub fn reload(&self) {
         self.shared.full_rescan();
@@ -414,26 +477,32 @@ impl Resolver {
         let inotify = Inotify::init()?;
         let weak = Arc::downgrade(&self.shared);
         let mut watcher = Watcher {
-            inotify,
             root_wd: None,
             dirs: HashMap::new(),
             warned_limit: false,
         };
-        watcher.sync_watches(&self.shared);
+        watcher.sync_watches(&mut inotify.watches(), &self.shared);
         // Files may have appeared between the first load and the watches.
         self.shared.full_rescan();
-        std::thread::Builder::new()
-            .name("fwd-resolver".into())
-            .spawn(move || watcher.run(weak, ttl))?;
-        Ok(())
+        let mut next_rescan = Instant::now() + ttl;
+        watch::spawn("fwd-resolver", inotify, None, move |watches, wake| {
+            let shared = weak.upgrade()?;
+            if let Wake::Files { events, lost } = wake {
+                watcher.apply(watches, &shared, events, lost);
+            }
+            let now = Instant::now();
+            if now >= next_rescan {
+                watcher.sync_watches(watches, &shared);
+                shared.full_rescan();
+                next_rescan = Instant::now() + ttl;
+            }
+            Some(next_rescan.saturating_duration_since(now))
+        })
     }
 }
 
-/// How often the watcher thread checks that its resolver still exists.
-const LIVENESS_CHECK: Duration = Duration::from_secs(1);
-
+/// The resolver's side of the inotify watch: which descriptor is which directory.
 struct Watcher {
-    inotify: Inotify,
     root_wd: Option<WatchDescriptor>,
     dirs: HashMap<WatchDescriptor, String>,
     /// The kernel's watch limit was hit: said once, then the rescan covers the rest.
@@ -460,12 +529,8 @@ impl Watcher {
             | WatchMask::ONLYDIR
     }
 
-    fn watch_dir(&mut self, root: &Path, name: &str) {
-        match self
-            .inotify
-            .watches()
-            .add(root.join(name), Self::dir_mask())
-        {
+    fn watch_dir(&mut self, watches: &mut Watches, root: &Path, name: &str) {
+        match watches.add(root.join(name), Self::dir_mask()) {
             Ok(wd) => {
                 self.dirs.insert(wd, name.to_string());
             }
@@ -483,7 +548,7 @@ impl Watcher {
         }
     }
 
-    fn unwatch(&mut self, name: &str) {
+    fn unwatch(&mut self, watches: &mut Watches, name: &str) {
         let wds: Vec<WatchDescriptor> = self
             .dirs
             .iter()
@@ -492,14 +557,14 @@ impl Watcher {
             .collect();
         for wd in wds {
             self.dirs.remove(&wd);
-            let _ = self.inotify.watches().remove(wd);
+            let _ = watches.remove(wd);
         }
     }
 
     /// Watch the root (if it exists now) and every VM directory in it.
-    fn sync_watches(&mut self, shared: &Shared) {
+    fn sync_watches(&mut self, watches: &mut Watches, shared: &Shared) {
         if self.root_wd.is_none() {
-            match self.inotify.watches().add(&shared.root, Self::root_mask()) {
+            match watches.add(&shared.root, Self::root_mask()) {
                 Ok(wd) => self.root_wd = Some(wd),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return,
                 Err(e) => {
@@ -518,97 +583,63 @@ impl Watcher {
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| is_candidate(n) && !watched.contains(n))
         {
-            self.watch_dir(&shared.root, &name);
+            self.watch_dir(watches, &shared.root, &name);
         }
     }
 
-    fn run(mut self, weak: Weak<Shared>, ttl: Duration) {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut next_rescan = Instant::now() + ttl;
-        loop {
-            let now = Instant::now();
-            let wait = next_rescan
-                .saturating_duration_since(now)
-                .min(LIVENESS_CHECK);
-            let ready = wait_readable(&self.inotify, wait);
-            let Some(shared) = weak.upgrade() else {
-                return;
-            };
-            if ready {
-                self.drain(&shared, &mut buf);
-            }
-            if Instant::now() >= next_rescan {
-                self.sync_watches(&shared);
-                shared.full_rescan();
-                next_rescan = Instant::now() + ttl;
-            }
-        }
-    }
-
-    /// Apply every queued event, then publish once.
-    fn drain(&mut self, shared: &Shared, buf: &mut [u8]) {
+    /// Apply a batch of events, then publish once.
+    fn apply(
+        &mut self,
+        watches: &mut Watches,
+        shared: &Shared,
+        events: Vec<EventOwned>,
+        lost: bool,
+    ) {
         let mut dirty: Vec<String> = Vec::new();
-        let mut full = false;
-        loop {
-            let events = match self.inotify.read_events(buf) {
-                Ok(events) => events,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::warn!(error = e.to_string(); "inotify read failed, rescanning");
-                    full = true;
-                    break;
-                }
-            };
-            let mut any = false;
-            let mut new_dirs = Vec::new();
-            for ev in events {
-                any = true;
-                if ev.mask.contains(EventMask::Q_OVERFLOW) {
+        let mut full = lost;
+        let mut new_dirs = Vec::new();
+        for ev in events {
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                continue;
+            }
+            let name = ev.name.and_then(|n| n.into_string().ok());
+            if Some(&ev.wd) == self.root_wd.as_ref() {
+                if ev
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+                {
+                    // The root itself went away: start over when it comes back.
+                    self.root_wd = None;
                     full = true;
                     continue;
                 }
-                let name = ev.name.and_then(|n| n.to_str()).map(str::to_string);
-                if Some(&ev.wd) == self.root_wd.as_ref() {
-                    if ev
-                        .mask
-                        .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-                    {
-                        // The root itself went away: start over when it comes back.
-                        self.root_wd = None;
-                        full = true;
-                        continue;
-                    }
-                    let Some(name) = name.filter(|n| is_candidate(n)) else {
-                        continue;
-                    };
-                    if ev.mask.contains(EventMask::ISDIR) {
-                        if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-                            new_dirs.push(name.clone());
-                        } else if ev.mask.contains(EventMask::MOVED_FROM) {
-                            // Moved elsewhere, it is still watched under its old name.
-                            self.unwatch(&name);
-                        }
-                    }
-                    dirty.push(name);
-                } else if let Some(dir) = self.dirs.get(&ev.wd) {
-                    if ev.mask.contains(EventMask::IGNORED) {
-                        let dir = dir.clone();
-                        self.dirs.remove(&ev.wd);
-                        dirty.push(dir);
-                    } else if name.as_deref() == Some(META_FILE) {
-                        dirty.push(dir.clone());
+                let Some(name) = name.filter(|n| is_candidate(n)) else {
+                    continue;
+                };
+                if ev.mask.contains(EventMask::ISDIR) {
+                    if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                        new_dirs.push(name.clone());
+                    } else if ev.mask.contains(EventMask::MOVED_FROM) {
+                        // Moved elsewhere, it is still watched under its old name.
+                        self.unwatch(watches, &name);
                     }
                 }
-            }
-            for name in new_dirs {
-                self.watch_dir(&shared.root, &name);
-            }
-            if !any {
-                break;
+                dirty.push(name);
+            } else if let Some(dir) = self.dirs.get(&ev.wd) {
+                if ev.mask.contains(EventMask::IGNORED) {
+                    let dir = dir.clone();
+                    self.dirs.remove(&ev.wd);
+                    dirty.push(dir);
+                } else if name.as_deref() == Some(META_FILE) {
+                    dirty.push(dir.clone());
+                }
             }
         }
+        for name in new_dirs {
+            self.watch_dir(watches, &shared.root, &name);
+        }
         if full {
-            self.sync_watches(shared);
+            self.sync_watches(watches, shared);
             shared.full_rescan();
         } else if !dirty.is_empty() {
             dirty.sort();
@@ -616,17 +647,6 @@ impl Watcher {
             shared.rescan_dirs(dirty.iter().map(String::as_str));
         }
     }
-}
-
-/// Wait up to `timeout` for `fd` to become readable.
-fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let ts = Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
 }
 
 #[cfg(test)]
@@ -714,7 +734,12 @@ mod tests {
     }
 
     fn resolver(root: &Path, prefix: &str, suffix: &str) -> Resolver {
-        Resolver::new(root.to_path_buf(), prefix.into(), suffix.into())
+        Resolver::new(Settings {
+            config_root: root.to_path_buf(),
+            netns_root: None,
+            domain_prefix: prefix.into(),
+            domain_suffix: suffix.into(),
+        })
     }
 
     fn routed_id(r: &Resolver, sni: &str) -> Option<String> {
@@ -808,7 +833,9 @@ mod tests {
         }
         let route = snap.resolve_sni("one.localhost").unwrap();
         assert_eq!(route.guest_ip, Ipv4Addr::new(172, 30, 0, 3));
-        assert_eq!(route.netns, format!("mergen-{}", &id(1)[..8]));
+        // Not made yet: where `ip netns add` will put it.
+        let file = format!("/run/netns/mergen-{}", &id(1)[..8]);
+        assert_eq!(route.netns, Namespace::File(Arc::from(file.as_str())));
     }
 
     #[test]
@@ -1085,22 +1112,35 @@ mod tests {
     }
 
     #[test]
-    fn netns_paths() {
+    fn namespaces_resolve_once_to_their_file() {
         let root = temp_dir();
         let name = format!("mgn-test-{}", std::process::id());
         fs::write(root.path().join(&name), b"").unwrap();
+        let file = |p: &Path| Namespace::File(Arc::from(p.to_str().unwrap()));
         assert_eq!(
-            netns_path(Some(root.path()), &name),
-            Some(root.path().join(&name))
+            Namespace::resolve(Some(root.path()), &name),
+            file(&root.path().join(&name))
         );
         assert_eq!(
-            netns_path(Some(root.path()), "/proc/self/ns/net"),
-            Some(PathBuf::from("/proc/self/ns/net"))
+            Namespace::resolve(Some(root.path()), "/proc/self/ns/net"),
+            file(Path::new("/proc/self/ns/net"))
         );
-        assert_eq!(netns_path(Some(root.path()), "absent-ns-xyz"), None);
-        assert_eq!(netns_path(None, "absent-ns-xyz"), None);
-        for bad in ["", ".", "..", "a/b", "../etc"] {
-            assert_eq!(netns_path(Some(root.path()), bad), None, "{bad}");
+        // Not there yet: the first candidate, where it will be looked for.
+        assert_eq!(
+            Namespace::resolve(Some(root.path()), "absent-ns-xyz"),
+            file(&root.path().join("absent-ns-xyz"))
+        );
+        assert_eq!(
+            Namespace::resolve(None, "absent-ns-xyz"),
+            file(Path::new("/run/netns/absent-ns-xyz"))
+        );
+        assert_eq!(Namespace::resolve(Some(root.path()), ""), Namespace::Host);
+        for bad in [".", "..", "a/b", "../etc"] {
+            assert_eq!(
+                Namespace::resolve(Some(root.path()), bad),
+                Namespace::Invalid(bad.to_string()),
+                "{bad}"
+            );
         }
     }
 
@@ -1117,19 +1157,42 @@ mod tests {
                 let _ = fs::remove_file(&self.0);
             }
         }
+        let file = |p: &Path| Namespace::File(Arc::from(p.to_str().unwrap()));
         let root = temp_dir();
         let name = format!("mgn-ord-{}", std::process::id());
         fs::create_dir_all("/run/netns").unwrap();
         let system = Removed(Path::new("/run/netns").join(&name));
         fs::write(&system.0, b"").unwrap();
         // Only in /run/netns: found there, with or without a root.
-        assert_eq!(netns_path(Some(root.path()), &name), Some(system.0.clone()));
-        assert_eq!(netns_path(None, &name), Some(system.0.clone()));
+        assert_eq!(
+            Namespace::resolve(Some(root.path()), &name),
+            file(&system.0)
+        );
+        assert_eq!(Namespace::resolve(None, &name), file(&system.0));
         // In both: the configured root wins.
         fs::write(root.path().join(&name), b"").unwrap();
         assert_eq!(
-            netns_path(Some(root.path()), &name),
-            Some(root.path().join(&name))
+            Namespace::resolve(Some(root.path()), &name),
+            file(&root.path().join(&name))
+        );
+    }
+
+    #[test]
+    fn subscribers_see_every_new_snapshot() {
+        let root = temp_dir();
+        let r = resolver(root.path(), "", "localhost");
+        let rx = r.subscribe();
+        write_vm(root.path(), 1, 0, json!({"app": "one"}), json!({}));
+        r.reload();
+        let snap = rx.recv_timeout(Duration::from_secs(1)).expect("a snapshot");
+        assert!(Arc::ptr_eq(&snap, &r.snapshot()));
+        // Nothing changed: nothing published.
+        r.reload();
+        assert!(rx.try_recv().is_err());
+        drop(r);
+        assert!(
+            rx.recv_timeout(Duration::from_secs(1)).is_err(),
+            "closed with the resolver"
         );
     }
 }

@@ -5,27 +5,29 @@
 //! at once, and open connections keep the key they started with.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use inotify::{Inotify, WatchMask};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
+
+use crate::watch::{self, Wake};
 
 /// TLS 1.2 session ids remembered per listener for resumption (TLS 1.3 uses tickets).
 const SESSION_CACHE_SIZE: usize = 16 * 1024;
 /// Cert tools write the certificate and the key one after the other: wait for this much
 /// quiet before reloading, so the pair is read once, complete.
 const SETTLE: Duration = Duration::from_millis(100);
-/// How often the watcher thread checks that its store still exists.
-const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// A burst of changes longer than this is read anyway.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct CertStore {
@@ -51,8 +53,62 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+/// What went wrong with the certificate, its key, or a configuration built on them.
+/// Every variant about a file names it.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("certificate file {}: {source}", path.display())]
+    CertPem {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("certificate file {}: no CERTIFICATE section", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("key file {}: {source}", path.display())]
+    KeyPem {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("key file {} with certificate file {}: {source}", key.display(), cert.display())]
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+    #[error("the domain suffix is empty")]
+    EmptySuffix,
+    #[error("generating the certificate for {domain}: {source}")]
+    Generate {
+        domain: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {
+    fs::read(path).map_err(|source| CertError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse(
@@ -61,26 +117,33 @@ fn parse(
     provider: &CryptoProvider,
     cert_pem: &[u8],
     key_pem: &[u8],
-) -> Result<CertifiedKey, String> {
-    let (cert_path, key_path) = (cert_file.display(), key_file.display());
+) -> Result<CertifiedKey, CertError> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate file {cert_path}: {e}"))?;
+        .map_err(|source| CertError::CertPem {
+            path: cert_file.to_path_buf(),
+            source,
+        })?;
     if chain.is_empty() {
-        return Err(format!(
-            "certificate file {cert_path}: no CERTIFICATE section"
-        ));
+        return Err(CertError::NoCertificate {
+            path: cert_file.to_path_buf(),
+        });
     }
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key file {key_path}: {e}"))?;
-    CertifiedKey::from_der(chain, key, provider)
-        .map_err(|e| format!("key file {key_path} with certificate file {cert_path}: {e}"))
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| CertError::KeyPem {
+        path: key_file.to_path_buf(),
+        source,
+    })?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|source| CertError::Mismatch {
+        key: key_file.to_path_buf(),
+        cert: cert_file.to_path_buf(),
+        source,
+    })
 }
 
 impl Inner {
     /// Load the files; with `only_if_changed`, skip when they hold what is loaded.
     /// Returns whether a new key was installed.
-    fn reload(&self, only_if_changed: bool) -> Result<bool, String> {
+    fn reload(&self, only_if_changed: bool) -> Result<bool, CertError> {
         let cert_pem = read_file(&self.cert_path, "certificate file")?;
         let key_pem = read_file(&self.key_path, "key file")?;
         let mut loaded = self.loaded_pem.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,7 +166,7 @@ impl Inner {
 impl CertStore {
     /// Load a PEM certificate chain and its key (PKCS#8, SEC1 or PKCS#1; RSA, ECDSA or
     /// Ed25519). Errors name the file at fault.
-    pub fn load(cert: &Path, key: &Path) -> Result<CertStore, String> {
+    pub fn load(cert: &Path, key: &Path) -> Result<CertStore, CertError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert_pem = read_file(cert, "certificate file")?;
         let key_pem = read_file(key, "key file")?;
@@ -121,17 +184,10 @@ impl CertStore {
 
     /// Re-read both files; on success new handshakes use them, on failure the old
     /// certificate stays (and a warning is logged).
-    pub fn reload(&self) -> Result<(), String> {
-        match self.inner.reload(false) {
-            Ok(_) => {
-                log::info!(cert = self.inner.cert_path.display().to_string(); "TLS certificate reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                log::warn!(error = e.as_str(); "TLS certificate reload failed, keeping the old one");
-                Err(e)
-            }
-        }
+    pub fn reload(&self) -> Result<(), CertError> {
+        let result = self.inner.reload(false);
+        report(&self.inner, &result);
+        result.map(drop)
     }
 
     /// The certificate and key new handshakes use.
@@ -157,106 +213,58 @@ impl CertStore {
             };
             inotify.watches().add(dir, mask)?;
         }
-        let sighup = if reload_on_sighup {
+        let (signal, sighup) = if reload_on_sighup {
             let (rx, tx) = UnixStream::pair()?;
-            rx.set_nonblocking(true)?;
             let id = signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, tx)?;
-            Some((rx, id))
+            (Some(rx), Some(id))
         } else {
-            None
+            (None, None)
         };
         let weak = Arc::downgrade(&self.inner);
-        std::thread::Builder::new()
-            .name("fwd-cert-watch".into())
-            .spawn(move || watch_loop(weak, inotify, sighup))?;
-        Ok(())
+        // Since the first file event of a burst still unread: the reload waits for quiet.
+        let mut burst: Option<Instant> = None;
+        watch::spawn("fwd-cert-watch", inotify, signal, move |_, wake| {
+            let Some(inner) = weak.upgrade() else {
+                if let Some(id) = sighup {
+                    signal_hook::low_level::unregister(id);
+                }
+                return None;
+            };
+            match wake {
+                Wake::Signal => {
+                    log::info!("SIGHUP: reloading the TLS certificate");
+                    report(&inner, &inner.reload(false));
+                }
+                Wake::Files { .. } => {
+                    let first = *burst.get_or_insert_with(Instant::now);
+                    // Let the writer finish the pair before reading it, within reason.
+                    if first.elapsed() < MAX_SETTLE {
+                        return Some(SETTLE);
+                    }
+                    burst = None;
+                    report(&inner, &inner.reload(true));
+                }
+                Wake::Timeout => {
+                    if burst.take().is_some() {
+                        report(&inner, &inner.reload(true));
+                    }
+                }
+            }
+            Some(watch::LIVENESS_CHECK)
+        })
     }
 }
 
-fn watch_loop(
-    weak: Weak<Inner>,
-    mut inotify: Inotify,
-    sighup: Option<(UnixStream, signal_hook::SigId)>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let (file_event, signal) = wait(
-            &mut inotify,
-            sighup.as_ref().map(|s| &s.0),
-            LIVENESS_CHECK,
-            &mut buf,
-        );
-        let Some(inner) = weak.upgrade() else {
-            break;
-        };
-        if signal {
-            log::info!("SIGHUP: reloading the TLS certificate");
-            report(&inner, inner.reload(false));
-        } else if file_event {
-            // Let the writer finish the pair before reading it.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && wait(&mut inotify, None, SETTLE, &mut buf).0 {}
-            report(&inner, inner.reload(true));
-        }
-    }
-    if let Some((_, id)) = sighup {
-        signal_hook::low_level::unregister(id);
-    }
-}
-
-fn report(inner: &Inner, result: Result<bool, String>) {
+fn report(inner: &Inner, result: &Result<bool, CertError>) {
     match result {
         Ok(true) => {
             log::info!(cert = inner.cert_path.display().to_string(); "TLS certificate reloaded")
         }
         Ok(false) => {}
         Err(e) => {
-            log::warn!(error = e.as_str(); "TLS certificate reload failed, keeping the old one")
+            log::warn!(error = e.to_string(); "TLS certificate reload failed, keeping the old one")
         }
     }
-}
-
-/// Wait up to `timeout`; returns (some file event was drained, SIGHUP arrived).
-fn wait(
-    inotify: &mut Inotify,
-    sighup: Option<&UnixStream>,
-    timeout: Duration,
-    buf: &mut [u8],
-) -> (bool, bool) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let ts = Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: i64::from(timeout.subsec_nanos()),
-    };
-    let ready = {
-        let mut fds = vec![PollFd::new(inotify, PollFlags::IN)];
-        if let Some(s) = sighup {
-            fds.push(PollFd::new(s, PollFlags::IN));
-        }
-        if !matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
-            return (false, false);
-        }
-        fds.iter()
-            .map(|f| !f.revents().is_empty())
-            .collect::<Vec<_>>()
-    };
-    let mut file_event = false;
-    if ready[0] {
-        while let Ok(mut events) = inotify.read_events(buf) {
-            if events.next().is_none() {
-                break;
-            }
-            file_event = true;
-        }
-    }
-    let mut signal = false;
-    if let Some(mut s) = sighup.filter(|_| ready.get(1) == Some(&true)) {
-        let mut b = [0u8; 64];
-        while matches!(s.read(&mut b), Ok(n) if n > 0) {
-            signal = true;
-        }
-    }
-    (file_event, signal)
 }
 
 #[derive(Debug)]
@@ -274,16 +282,15 @@ impl ResolvesServerCert for StoreResolver {
 pub fn server_config(
     store: &CertStore,
     alpn: &[Vec<u8>],
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&store.inner.provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS configuration: {e}"))?
+        .map_err(CertError::Config)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(StoreResolver(Arc::clone(&store.inner))));
     config.alpn_protocols = alpn.to_vec();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(CertError::Config)?;
     Ok(Arc::new(config))
 }
 
@@ -295,11 +302,11 @@ pub fn generate_self_signed(
     domain_suffix: &str,
     cert_out: &Path,
     key_out: &Path,
-) -> Result<(), String> {
-    let norm = |s: &str| s.trim().trim_matches('.').to_ascii_lowercase();
-    let (prefix, suffix) = (norm(domain_prefix), norm(domain_suffix));
+) -> Result<(), CertError> {
+    let normalize = mergen_model::domain::normalize;
+    let (prefix, suffix) = (normalize(domain_prefix), normalize(domain_suffix));
     if suffix.is_empty() {
-        return Err("the domain suffix is empty".to_string());
+        return Err(CertError::EmptySuffix);
     }
     let domain = if prefix.is_empty() {
         suffix
@@ -307,33 +314,43 @@ pub fn generate_self_signed(
         format!("{prefix}.{suffix}")
     };
     let wildcard = format!("*.{domain}");
-    let mut params = rcgen::CertificateParams::new(vec![wildcard.clone(), domain.clone()])
-        .map_err(|e| format!("certificate names for {domain}: {e}"))?;
+    let generate = |source| CertError::Generate {
+        domain: domain.clone(),
+        source,
+    };
+    let mut params =
+        rcgen::CertificateParams::new(vec![wildcard.clone(), domain.clone()]).map_err(generate)?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, wildcard);
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(3650);
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| format!("certificate signing: {e}"))?;
+    let key = rcgen::KeyPair::generate().map_err(generate)?;
+    let cert = params.self_signed(&key).map_err(generate)?;
     for path in [cert_out, key_out] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(written(dir))?;
         }
     }
     mergen_model::atomic::write_file(key_out, key.serialize_pem().as_bytes(), 0o600)
-        .map_err(|e| format!("key file {}: {e}", key_out.display()))?;
+        .map_err(written(key_out))?;
     mergen_model::atomic::write_file(cert_out, cert.pem().as_bytes(), 0o644)
-        .map_err(|e| format!("certificate file {}: {e}", cert_out.display()))?;
+        .map_err(written(cert_out))?;
     Ok(())
+}
+
+/// The error of writing `path`.
+fn written(path: &Path) -> impl FnOnce(io::Error) -> CertError + '_ {
+    move |source| CertError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
 
@@ -611,7 +628,7 @@ mod tests {
         ];
         for &(c, k, named) in cases {
             let err = match CertStore::load(c, k) {
-                Err(e) => e,
+                Err(e) => e.to_string(),
                 Ok(_) => panic!("{} + {} must fail", c.display(), k.display()),
             };
             assert!(

@@ -92,7 +92,7 @@ fn raw_first_connections_to_a_cold_namespace_succeed() {
     // Plain HTTP behind the raw listener (guest port 22): the forwarder copies bytes.
     let _web = Nginx::start(&ns, 22, "raw-cold");
     let fwd = Forwarder::start_with(&[22], &[("FWD_LOG_LEVEL", "debug")], |root| {
-        write_vm(root, &vm_id(), "2025-01-01T00:00:00Z", &ns, &[]);
+        write_untagged_vm(root, &ns, "2025-01-01T00:00:00Z");
     });
     let url = format!("http://127.0.0.1:{}/", fwd.ports[0]);
     let start = Arc::new(Barrier::new(CLIENTS));

@@ -45,20 +45,8 @@ fn ssh_through_the_raw_listener() {
 
     let fwd = Forwarder::start(&[22], &[]);
     // The oldest VM gets raw connections; a younger one must not.
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[],
-    );
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-06-01T00:00:00Z",
-        &other,
-        &[],
-    );
+    write_untagged_vm(&fwd.config_root(), &ns, "2025-01-01T00:00:00Z");
+    write_untagged_vm(&fwd.config_root(), &other, "2025-06-01T00:00:00Z");
     let port = fwd.ports[0].to_string();
     let ssh = || {
         run(Command::new("ssh")

@@ -209,13 +209,7 @@ fn raw_listener_half_close_and_bulk() {
     let ns = Ns::new();
     let listener = ns.listen(22);
     let fwd = Forwarder::start(&[22], &[]);
-    write_vm(
-        &fwd.config_root(),
-        &vm_id(),
-        "2025-01-01T00:00:00Z",
-        &ns,
-        &[],
-    );
+    write_untagged_vm(&fwd.config_root(), &ns, "2025-01-01T00:00:00Z");
     let server = backend(listener, 7, 8, 64 << 20);
     let mut client = poll(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", fwd.ports[0])).ok()

@@ -13,6 +13,8 @@
 //! - durations are whole seconds; `0` is refused unless the variable documents what
 //!   zero means (see [`Env::seconds_or_off`]).
 
+#![deny(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -295,11 +297,12 @@ pub fn help_text<'v>(vars: impl IntoIterator<Item = &'v Var> + Clone) -> String 
         + 2;
     let mut s = String::new();
     for v in vars {
+        // A default wider than the column still gets its two spaces before the help.
+        let default = v.shown_default();
+        let def_w = def_w.max(default.len() + 2);
         s.push_str(&format!(
-            "  {:<name_w$}{:<def_w$}{}\n",
-            v.name,
-            v.shown_default(),
-            v.help
+            "  {:<name_w$}{default:<def_w$}{}\n",
+            v.name, v.help
         ));
     }
     s
@@ -442,5 +445,12 @@ mod tests {
             assert!(m.contains(&format!("| `{}` | `{}` |", v.name, v.shown_default())));
         }
         assert!(h.contains("(unset)") && h.contains("(number of CPUs)"));
+        let short = [Var::new("T_SHORT", "x", "help")];
+        let wide = [Var::new(
+            "T_WIDE",
+            "a-default-far-wider-than-forty-characters-in-all",
+            "its help",
+        )];
+        assert!(help_text(short.iter().chain(&wide)).contains("in-all  its help"));
     }
 }

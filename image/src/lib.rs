@@ -7,6 +7,8 @@
 //! `rootfs.tar` and `rootfs.ext4`, and only then moves the outputs into place: a
 //! failed build leaves the previous outputs (or none) and no half-written file.
 
+#![deny(unsafe_code)]
+
 pub mod apply;
 pub mod digest;
 pub mod error;

@@ -1,5 +1,7 @@
 //! `mergen-image build`: see README.md.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -10,6 +10,8 @@
 //! of any other PID namespace (a container, a test) exits with the command's code,
 //! and a process that is not PID 1 touches nothing outside its own children.
 
+#![deny(unsafe_code)]
+
 pub mod cmdline;
 pub mod exec_as;
 pub mod spec;

@@ -1,5 +1,7 @@
 //! mergen-init: see the crate documentation (`lib.rs`) and README.md.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use mergen_init::spec::{ImageMeta, StartSpec};

@@ -14,6 +14,8 @@
 //! Local time comes from chrono, which reads TZ and /etc/localtime itself (safe with
 //! threads, and it follows daylight saving changes).
 
+#![deny(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::str::FromStr;

@@ -5,8 +5,11 @@
 //! nowhere else. Field names follow the original Go project (camelCase); see
 //! `shared/spec/compatibility.md`.
 
+#![deny(unsafe_code)]
+
 pub mod atomic;
 pub mod cidr;
+pub mod domain;
 pub mod layout;
 pub mod meta;
 pub mod names;

@@ -1,14 +1,16 @@
 //! `mergend vm <step> <id>` and `mergend supervise <id>`: the per-VM host steps, run by
-//! a systemd unit or by the embedded supervisor.
+//! a systemd unit or by the embedded supervisor; and `mergend vm smoke-test`, the
+//! standalone Firecracker check built from the same steps.
 
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
 use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
 use crate::guest::{self, GuestKind};
-use crate::{state, steps, supervise};
+use crate::{smoke, state, steps, supervise};
 
-const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>";
+const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>\n       mergend vm smoke-test --rootfs FILE --kernel FILE [--keep-run-dir] (--help for more)";
 
 /// Entry point for the runtime subcommands; `args` excludes the program name.
 pub fn main(args: &[String]) -> ExitCode {
@@ -24,6 +26,19 @@ pub fn main(args: &[String]) -> ExitCode {
         Err(e) => return fail(&format!("configuration: {e}")),
     };
     let result = match args.as_slice() {
+        ["vm", "smoke-test", rest @ ..] => {
+            if rest.iter().any(|a| matches!(*a, "-h" | "--help")) {
+                println!("{}", smoke::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            match smoke::Options::parse(rest) {
+                Ok(options) => smoke::run(&config, &options),
+                Err(e) => {
+                    eprintln!("mergend vm smoke-test: {e}\n{}", smoke::USAGE);
+                    return ExitCode::from(2);
+                }
+            }
+        }
         ["supervise", id] => supervise::run(&config, id),
         ["vm", step, id] => vm_step(&config, step, id),
         _ => {
@@ -37,12 +52,12 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
+fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<()> {
     match step {
         // Needs no meta.json: cleanup must work even after the VM's files are gone.
         "net-cleanup" => {
             if !mergen_model::names::is_valid_id(id) {
-                return Err(format!("{id:?} is not a VM id (a lowercase UUID)"));
+                return Err(Error::InvalidId(id.to_string()));
             }
             steps::net_cleanup(config, id)
         }
@@ -53,10 +68,13 @@ fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
             let meta = steps::load_meta(config, id)?;
             let kind = GuestKind::of(&meta, config)?;
             if step == "jailer-start" && kind != GuestKind::Firecracker {
-                return Err(format!("VM {id} is a process VM: use `mergend vm run`"));
+                return Err(Error::Invalid(format!(
+                    "VM {id} is a process VM: use `mergend vm run`"
+                )));
             }
             let mut cmd = guest::command(kind, config, &meta)?;
-            Err(format!("executing {cmd:?}: {}", cmd.exec()))
+            let err = cmd.exec();
+            Err(Error::io(format!("executing {cmd:?}"), err))
         }
         "graceful-stop" => {
             let meta = steps::load_meta(config, id)?;
@@ -71,7 +89,7 @@ fn vm_step(config: &RuntimeConfig, step: &str, id: &str) -> Result<(), String> {
                 None => Ok(()),
             }
         }
-        other => Err(format!("unknown step {other:?}\n{USAGE}")),
+        other => Err(Error::Invalid(format!("unknown step {other:?}\n{USAGE}"))),
     }
 }
 

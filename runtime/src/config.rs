@@ -10,6 +10,8 @@ use std::time::Duration;
 use mergen_envtable::{Env, Var};
 use mergen_model::{Ipv4Cidr, Roots};
 
+use crate::isolation::HostPorts;
+
 /// Every variable the runtime reads, with its default and a line of help.
 pub const VARIABLES: &[Var] = &[
     Var::new(
@@ -27,6 +29,15 @@ pub const VARIABLES: &[Var] = &[
         "MGR_GUEST_CIDR",
         "172.30.0.0/24",
         "guest network; .1 is the gateway, guests from .2",
+    ),
+    Var::new(
+        "MGR_GUEST_ISOLATION",
+        "1",
+        "0 = guests may reach each other and the host's own services",
+    ),
+    Var::unset(
+        "MGR_GUEST_ALLOW_HOST_PORTS",
+        "host ports guests may reach anyway: tcp/53,udp/53, 53 (both), tcp/8000-8010",
     ),
     Var::new("MGR_LOG_LEVEL", "info", "debug|info|warn|error"),
     Var::new(
@@ -112,6 +123,10 @@ pub struct RuntimeConfig {
     pub roots: Roots,
     /// `MGR_GUEST_CIDR` (172.30.0.0/24); its first host is every VM's gateway.
     pub guest_cidr: Ipv4Cidr,
+    /// `MGR_GUEST_ISOLATION` (1): the policy of `isolation`; `MGR_GUEST_ALLOW_HOST_PORTS`
+    /// (none) its holes.
+    pub guest_isolation: bool,
+    pub allow_host_ports: HostPorts,
     /// `MGR_SUPERVISOR` (auto).
     pub supervisor: SupervisorChoice,
     /// `MGR_RUNTIME` (auto = firecracker when its binary and /dev/kvm are present).
@@ -182,6 +197,13 @@ impl RuntimeConfig {
                 run: path("MGR_RUN_ROOT"),
             },
             guest_cidr: guest_cidr.expect("MGR_GUEST_CIDR has a default"),
+            guest_isolation: env.bool("MGR_GUEST_ISOLATION")?,
+            allow_host_ports: env
+                .with("MGR_GUEST_ALLOW_HOST_PORTS", |v| {
+                    v.parse()
+                        .map_err(|e| format!("host ports such as tcp/53,udp/53,8000-8010 ({e})"))
+                })?
+                .unwrap_or_default(),
             supervisor,
             runtime,
             unit_prefix: env.string("MGR_UNIT_PREFIX"),
@@ -209,6 +231,14 @@ impl RuntimeConfig {
             v("MGR_DATA_ROOT", path(&self.roots.data)),
             v("MGR_RUN_ROOT", path(&self.roots.run)),
             v("MGR_GUEST_CIDR", self.guest_cidr.to_string()),
+            v(
+                "MGR_GUEST_ISOLATION",
+                if self.guest_isolation { "1" } else { "0" }.into(),
+            ),
+            v(
+                "MGR_GUEST_ALLOW_HOST_PORTS",
+                self.allow_host_ports.to_string(),
+            ),
             v("MGR_SUPERVISOR", self.supervisor.word().into()),
             v("MGR_RUNTIME", self.runtime.word().into()),
             v("MGR_UNIT_PREFIX", self.unit_prefix.clone()),
@@ -259,11 +289,7 @@ fn kvm_present() -> bool {
 
 /// Whether `bin` names an existing file, directly or through `PATH`.
 pub(crate) fn find_binary(bin: &std::path::Path) -> bool {
-    if bin.components().count() > 1 {
-        return bin.is_file();
-    }
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
+    crate::command::which(bin).is_some()
 }
 
 #[cfg(test)]
@@ -351,6 +377,17 @@ mod tests {
         assert!(from(&[("MGR_GUEST_CIDR", "x")])
             .unwrap_err()
             .contains("MGR_GUEST_CIDR"));
+        let e = from(&[("MGR_GUEST_ALLOW_HOST_PORTS", "dns")]).unwrap_err();
+        assert!(
+            e.contains("MGR_GUEST_ALLOW_HOST_PORTS") && e.contains("tcp/53"),
+            "{e}"
+        );
+        assert!(from(&[("MGR_GUEST_ISOLATION", "maybe")])
+            .unwrap_err()
+            .contains("MGR_GUEST_ISOLATION"));
+        let c = from(&[]).unwrap();
+        assert!(c.guest_isolation, "isolation is on by default");
+        assert!(c.allow_host_ports.0.is_empty());
     }
 
     #[test]
@@ -363,8 +400,12 @@ mod tests {
             ("MGR_JAILER", "0"),
             ("MGR_STOP_TIMEOUT_SECONDS", "3"),
             ("MGR_MERGEND_BIN", "/x/mergend"),
+            ("MGR_GUEST_ISOLATION", "false"),
+            ("MGR_GUEST_ALLOW_HOST_PORTS", "udp/53, 8000-8001"),
         ])
         .unwrap();
+        assert!(!c.guest_isolation);
+        assert_eq!(c.allow_host_ports.to_string(), "udp/53,8000-8001");
         let env: HashMap<String, String> = c.to_env().into_iter().collect();
         let again = RuntimeConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
         assert_eq!(format!("{again:?}"), format!("{c:?}"));

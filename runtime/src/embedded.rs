@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use mergen_model::{Meta, Paths};
 use rustix::process::Signal;
 
+use crate::command;
 use crate::config::RuntimeConfig;
+use crate::error::{Error, Unavailable};
 use crate::state::{self, SupervisorState};
 use crate::status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};
 use crate::supervisor::{RuntimeError, Supervisor};
@@ -22,16 +24,14 @@ pub struct EmbeddedSupervisor {
 
 impl EmbeddedSupervisor {
     pub fn new(config: RuntimeConfig) -> Result<EmbeddedSupervisor, RuntimeError> {
-        if !crate::config::find_binary(Path::new("setsid")) {
-            return Err(RuntimeError::Unavailable(
-                "the embedded supervisor needs util-linux setsid on PATH".into(),
-            ));
+        if command::which(Path::new("setsid")).is_none() {
+            return Err(Unavailable::NoSetsid.into());
         }
         if !config.mergend_exe.is_file() {
-            return Err(RuntimeError::Unavailable(format!(
-                "mergend binary {} not found (set MGR_MERGEND_BIN)",
-                config.mergend_exe.display()
-            )));
+            return Err(Unavailable::NoMergendBinary {
+                path: config.mergend_exe.clone(),
+            }
+            .into());
         }
         Ok(EmbeddedSupervisor { config })
     }
@@ -48,8 +48,7 @@ impl EmbeddedSupervisor {
 
     fn spawn(&self, meta: &Meta, paths: &Paths) -> Result<(), RuntimeError> {
         for dir in [&paths.run_dir, &paths.logs_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| RuntimeError::Failed(format!("creating {dir}: {e}")))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {dir}"), e))?;
         }
         state::remove(&state::state_file(paths));
         let log_path = Path::new(&paths.logs_dir).join("supervisor.log");
@@ -58,25 +57,30 @@ impl EmbeddedSupervisor {
                 .create(true)
                 .append(true)
                 .open(&log_path)
-                .map_err(|e| RuntimeError::Failed(format!("opening {}: {e}", log_path.display())))
+                .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))
         };
         let mut cmd = Command::new("setsid");
         cmd.arg("-f")
             .arg(&self.config.mergend_exe)
             .args(state::supervisor_argv(&meta.id))
-            .envs(self.config.to_env())
+            .env_clear()
+            .envs(supervisor_env(&self.config, |k| std::env::var(k).ok()))
             .stdin(Stdio::null())
             .stdout(open_log()?)
             .stderr(open_log()?);
         // `setsid -f` forks the supervisor into its own session and exits at once.
-        let status = cmd
-            .status()
-            .map_err(|e| RuntimeError::Unavailable(format!("running setsid: {e}")))?;
+        let status = cmd.status().map_err(|source| Unavailable::Program {
+            program: "setsid".into(),
+            source: crate::error::CommandError::Spawn {
+                command: format!("{cmd:?}"),
+                source,
+            },
+        })?;
         if !status.success() {
-            return Err(RuntimeError::Failed(format!(
-                "setsid could not start the supervisor of VM {}: {status}",
-                meta.id
-            )));
+            return Err(Error::CommandFailed {
+                command: format!("setsid (the supervisor of VM {})", meta.id),
+                stderr: status.to_string(),
+            });
         }
         let deadline = Instant::now() + self.start_deadline();
         loop {
@@ -85,20 +89,19 @@ impl EmbeddedSupervisor {
                 Some(s) if matches!(s.state, VmState::Failed | VmState::Stopped) => {
                     // It is on its way out: let it go before reporting.
                     procs::wait_gone(s.supervisor_pid, Duration::from_secs(5));
-                    return Err(RuntimeError::Failed(format!(
-                        "VM {} did not start: {}",
-                        meta.id, s.message
-                    )));
+                    return Err(Error::NotStarted {
+                        id: meta.id.clone(),
+                        message: s.message,
+                    });
                 }
                 _ => {}
             }
             if Instant::now() >= deadline {
-                return Err(RuntimeError::Failed(format!(
-                    "VM {} not running within {:?}; see {}",
-                    meta.id,
-                    self.start_deadline(),
-                    log_path.display()
-                )));
+                return Err(Error::StartTimeout {
+                    id: meta.id.clone(),
+                    waited: self.start_deadline(),
+                    log: log_path,
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -134,7 +137,7 @@ impl Supervisor for EmbeddedSupervisor {
         }
         // A crashed supervisor may have left its guest and network behind; start clean.
         self.kill_orphan_guest(meta, state::read(&paths).as_ref());
-        steps::net_cleanup(&self.config, &meta.id).map_err(RuntimeError::Failed)?;
+        steps::net_cleanup(&self.config, &meta.id)?;
         self.spawn(meta, &paths)
     }
 
@@ -142,22 +145,22 @@ impl Supervisor for EmbeddedSupervisor {
         let paths = self.paths(meta);
         let last = state::read(&paths);
         if let Some(pid) = state::live_supervisor(&paths, &meta.id) {
-            procs::signal(pid, Signal::TERM).map_err(RuntimeError::Failed)?;
+            procs::signal(pid, Signal::TERM)?;
             let grace = self.config.stop_timeout + self.config.command_timeout * 2;
             if !procs::wait_gone(pid, grace) {
                 log::warn!(
                     "VM {}: supervisor {pid} ignored SIGTERM for {grace:?}; killing it",
                     meta.id
                 );
-                procs::signal(pid, Signal::KILL).map_err(RuntimeError::Failed)?;
+                procs::signal(pid, Signal::KILL)?;
                 procs::wait_gone(pid, Duration::from_secs(5));
             }
         }
         self.kill_orphan_guest(meta, last.as_ref());
         let timeout = self.config.command_timeout;
-        let left = net::leftovers(&meta.id, timeout).map_err(RuntimeError::Failed)?;
+        let left = net::leftovers(&meta.id, timeout)?;
         if !left.is_empty() {
-            steps::net_cleanup(&self.config, &meta.id).map_err(RuntimeError::Failed)?;
+            steps::net_cleanup(&self.config, &meta.id)?;
         }
         state::remove(&state::pid_file(&paths));
         state::remove(&state::state_file(&paths));
@@ -171,6 +174,30 @@ impl Supervisor for EmbeddedSupervisor {
     fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
         Ok(metas.iter().map(|m| status_of(&self.config, m)).collect())
     }
+}
+
+/// The supervisor's whole environment, built from nothing: the runtime's configuration
+/// as `MGR_*` variables ([`RuntimeConfig::to_env`]), the rest of the runtime's table
+/// (the log settings) as far as `get` (mergend's environment) sets them, and `PATH`, so
+/// it finds the same `ip`, `nft` and Firecracker as mergend. Nothing else gets
+/// through: not `MGR_API_TOKEN`, not whatever secrets the operator's shell held.
+pub fn supervisor_env(
+    config: &RuntimeConfig,
+    get: impl Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    let mut env = config.to_env();
+    for var in crate::config::VARIABLES {
+        if env.iter().any(|(k, _)| k == var.name) {
+            continue;
+        }
+        if let Some(value) = get(var.name) {
+            env.push((var.name.to_string(), value));
+        }
+    }
+    if let Some(path) = get("PATH") {
+        env.push(("PATH".to_string(), path));
+    }
+    env
 }
 
 /// Read from the supervisor's own files; no process is spawned.
@@ -201,5 +228,46 @@ fn status_of(config: &RuntimeConfig, meta: &Meta) -> VmStatus {
             unit: format!("{}@{}.service", config.unit_prefix, meta.id),
             ..SystemdInfo::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_supervisor_gets_the_runtime_table_and_path_only() {
+        let mergend: HashMap<&str, &str> = [
+            ("MGR_RUN_ROOT", "/tmp/r"),
+            ("MGR_MERGEND_BIN", "/x/mergend"),
+            ("MGR_LOG_LEVEL", "debug"),
+            ("MGR_API_TOKEN", "s3cret"),
+            ("MGR_HTTP_ADDR", "0.0.0.0:8080"),
+            ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("PATH", "/opt/fc/bin:/usr/bin"),
+            ("HOME", "/root"),
+        ]
+        .into();
+        let get = |k: &str| mergend.get(k).map(|v| v.to_string());
+        let config = RuntimeConfig::from_lookup(get).unwrap();
+        let env: HashMap<String, String> = supervisor_env(&config, get).into_iter().collect();
+        assert_eq!(env["MGR_RUN_ROOT"], "/tmp/r");
+        assert_eq!(env["MGR_LOG_LEVEL"], "debug");
+        assert_eq!(env["PATH"], "/opt/fc/bin:/usr/bin");
+        // Not set in mergend's environment: not invented either.
+        assert!(!env.contains_key("MGR_LOG_FORMAT"));
+        let table: Vec<&str> = crate::config::VARIABLES.iter().map(|v| v.name).collect();
+        for k in env.keys() {
+            assert!(table.contains(&k.as_str()) || k == "PATH", "{k} leaked");
+        }
+        for secret in [
+            "MGR_API_TOKEN",
+            "MGR_HTTP_ADDR",
+            "AWS_SECRET_ACCESS_KEY",
+            "HOME",
+        ] {
+            assert!(!env.contains_key(secret), "{secret} leaked");
+        }
     }
 }

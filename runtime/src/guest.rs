@@ -1,12 +1,19 @@
-//! Which guest a VM runs and the command that becomes it.
+//! Which guest a VM runs, the command that becomes it, and the environment it gets.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
 use mergen_model::{names, Meta};
 
 use crate::config::{RuntimeChoice, RuntimeConfig};
+use crate::envfile;
+use crate::error::{Error, Result};
 use crate::firecracker;
 use crate::netplan::GuestLink;
+
+/// The search path a guest gets unless its env file or `process.env` sets one: systemd's
+/// default for services, so a guest sees the same under either supervisor.
+pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestKind {
@@ -18,13 +25,13 @@ pub enum GuestKind {
 impl GuestKind {
     /// A VM created with a `process` spec is a process VM; any other needs Firecracker,
     /// which `MGR_RUNTIME=process` rules out.
-    pub fn of(meta: &Meta, config: &RuntimeConfig) -> Result<GuestKind, String> {
+    pub fn of(meta: &Meta, config: &RuntimeConfig) -> Result<GuestKind> {
         match (&meta.process, config.runtime) {
             (Some(_), _) => Ok(GuestKind::Process),
-            (None, RuntimeChoice::Process) => Err(format!(
+            (None, RuntimeChoice::Process) => Err(Error::Invalid(format!(
                 "VM {} has no \"process\" spec, and MGR_RUNTIME=process cannot run a Firecracker VM",
                 meta.id
-            )),
+            ))),
             (None, _) => Ok(GuestKind::Firecracker),
         }
     }
@@ -39,26 +46,56 @@ impl GuestKind {
 
 /// The guest's command: the jailer/Firecracker, or the process spec entered into the
 /// VM's namespace through `ip netns exec` (which execs it: the pid stays the guest's).
-pub fn command(kind: GuestKind, config: &RuntimeConfig, meta: &Meta) -> Result<Command, String> {
-    match kind {
-        GuestKind::Firecracker => firecracker::launch_command(config, meta),
+/// Either way its environment is [`environment`] and nothing else: whatever the caller
+/// (mergend, a supervisor, a unit) holds, such as `MGR_API_TOKEN`, stays out.
+pub fn command(kind: GuestKind, config: &RuntimeConfig, meta: &Meta) -> Result<Command> {
+    let env = environment(meta)?;
+    let mut cmd = match kind {
+        GuestKind::Firecracker => firecracker::launch_command(config, meta)?,
         GuestKind::Process => {
             let spec = meta
                 .process
                 .as_ref()
-                .ok_or_else(|| format!("VM {} has no process spec", meta.id))?;
+                .ok_or_else(|| Error::Invalid(format!("VM {} has no process spec", meta.id)))?;
             let Some((program, args)) = spec.cmd.split_first() else {
-                return Err(format!("VM {}: process.cmd is empty", meta.id));
+                return Err(Error::Invalid(format!(
+                    "VM {}: process.cmd is empty",
+                    meta.id
+                )));
             };
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &names::netns_name(&meta.id)])
                 .arg(program)
-                .args(args)
-                .envs(&spec.env);
+                .args(args);
             if let Some(dir) = &spec.workdir {
                 cmd.current_dir(dir);
             }
-            Ok(cmd)
+            cmd
         }
+    };
+    cmd.env_clear().envs(&env);
+    Ok(cmd)
+}
+
+/// Everything the guest's environment holds: `PATH` ([`GUEST_PATH`]), then the VM's
+/// env file (the `MGN_*` variables and the request's `extraEnv`), then `process.env`;
+/// a later source wins. A VM without an env file just has none of its variables.
+pub fn environment(meta: &Meta) -> Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::from([("PATH".to_string(), GUEST_PATH.to_string())]);
+    let path = &meta.paths.env_path;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let vars = envfile::parse(&text)
+                .map_err(|e| Error::Invalid(format!("{path} is not a valid env file: {e}")))?;
+            env.extend(vars);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            log::debug!("VM {}: no env file at {path}", meta.id);
+        }
+        Err(e) => return Err(Error::io(format!("reading {path}"), e)),
     }
+    if let Some(spec) = &meta.process {
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(env)
 }

@@ -6,17 +6,23 @@
 //! graceful-stop, net-cleanup), and the guest itself (Firecracker, or a plain process
 //! inside the VM's namespace on hosts without Firecracker).
 
+#![deny(unsafe_code)]
+
 pub mod cli;
 mod command;
 pub mod config;
 pub mod embedded;
+pub mod envfile;
+pub mod error;
 pub mod fc_api;
 pub mod firecracker;
 pub mod guest;
+pub mod isolation;
 pub mod net;
 pub mod netplan;
 pub mod nft;
 pub mod procs;
+pub mod smoke;
 pub mod state;
 pub mod status;
 pub mod steps;
@@ -25,5 +31,6 @@ pub mod supervisor;
 pub mod systemd;
 
 pub use config::{RuntimeChoice, RuntimeConfig, SupervisorChoice};
+pub use error::{Error, Unavailable};
 pub use status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};
 pub use supervisor::{select_supervisor, RuntimeError, Supervisor};

@@ -10,6 +10,8 @@
 //!  route <guestIP>/32 dev vh-<id8>                 firecracker: 169.254.100.2/32,
 //!  nft table ip mergen-<id8>                          proxy_arp, forwarding on,
 //!    (DNAT host ports, masquerade)                    tap-<id8> <gateway>/<prefix>
+//!  nft table inet mergen (shared)
+//!    chains in-<id8>, fwd-<id8> (isolation)
 //! ```
 //!
 //! The transit addresses are the same for every VM: each veth pair is its own link, so
@@ -20,6 +22,9 @@
 use std::net::Ipv4Addr;
 
 use mergen_model::{names, Ipv4Cidr, Meta, PortBinding};
+
+use crate::error::{Error, Result};
+use crate::isolation::HostPorts;
 
 /// The root namespace's end of every VM's veth (source of host-made connections).
 pub const TRANSIT_HOST: Ipv4Addr = Ipv4Addr::new(169, 254, 100, 1);
@@ -38,6 +43,8 @@ pub enum GuestLink {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetPlan {
+    /// The first 8 characters of the VM id, which key every name below.
+    pub id8: String,
     pub netns: String,
     /// Root-namespace end of the veth pair.
     pub host_veth: String,
@@ -54,21 +61,25 @@ pub struct NetPlan {
     pub ports: Vec<PortBinding>,
     /// `mergen-<id8>` in family `ip`: one table per VM, replaced and deleted atomically.
     pub nft_table: String,
+    /// The guest isolation policy with its allowed host ports; `None`: isolation off
+    /// (`MGR_GUEST_ISOLATION=0`). On unless the caller turns it off.
+    pub isolation: Option<HostPorts>,
 }
 
 impl NetPlan {
-    pub fn new(meta: &Meta, guest_cidr: &Ipv4Cidr, link: GuestLink) -> Result<NetPlan, String> {
+    pub fn new(meta: &Meta, guest_cidr: &Ipv4Cidr, link: GuestLink) -> Result<NetPlan> {
         let id8 = names::short_id(&meta.id);
-        let gateway = guest_cidr
-            .gateway()
-            .ok_or_else(|| format!("guest CIDR {guest_cidr} has no gateway address"))?;
+        let gateway = guest_cidr.gateway().ok_or_else(|| {
+            Error::Invalid(format!("guest CIDR {guest_cidr} has no gateway address"))
+        })?;
         if !guest_cidr.contains(meta.guest_ip) || meta.guest_ip == gateway {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "VM {}: guest IP {} is not a guest address of MGR_GUEST_CIDR {guest_cidr}",
                 meta.id, meta.guest_ip
-            ));
+            )));
         }
         Ok(NetPlan {
+            id8: id8.to_string(),
             netns: names::netns_name(&meta.id),
             host_veth: format!("vh-{id8}"),
             ns_veth: format!("vg-{id8}"),
@@ -80,6 +91,7 @@ impl NetPlan {
             tap_owner: None,
             ports: meta.ports.clone(),
             nft_table: format!("mergen-{id8}"),
+            isolation: Some(HostPorts::default()),
         })
     }
 
@@ -135,7 +147,9 @@ mod tests {
     #[test]
     fn guest_ip_outside_the_cidr_or_on_the_gateway_is_refused() {
         let cidr: Ipv4Cidr = "172.30.0.0/24".parse().unwrap();
-        let e = NetPlan::new(&meta("10.0.0.2"), &cidr, GuestLink::Veth).unwrap_err();
+        let e = NetPlan::new(&meta("10.0.0.2"), &cidr, GuestLink::Veth)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10.0.0.2") && e.contains("172.30.0.0/24"), "{e}");
         assert!(NetPlan::new(&meta("172.30.0.1"), &cidr, GuestLink::Veth).is_err());
     }

@@ -1,12 +1,16 @@
-//! The VM's nftables rules: one table `ip mergen-<id8>` per VM, replaced and deleted in
-//! one atomic `nft -f -` transaction, so a rerun never duplicates a rule and a failure
-//! never leaves half a table.
+//! The VM's nftables rules: one table `ip mergen-<id8>` per VM (published ports,
+//! masquerade) and the VM's part of the shared isolation table `inet mergen` (see
+//! `isolation`), installed, replaced and removed together in one atomic `nft -f -`
+//! transaction, so a rerun never duplicates a rule and a failure never leaves half of
+//! them.
 
 use std::fmt::Write;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::command;
+use crate::error::{Error, Result};
+use crate::isolation;
 use crate::netplan::NetPlan;
 
 /// The whole table for a VM. Starting with "create empty, then delete" makes the script
@@ -49,43 +53,125 @@ pub fn render(plan: &NetPlan) -> String {
     )
 }
 
-/// Install (or replace) the VM's table.
-pub fn apply(plan: &NetPlan, timeout: Duration) -> Result<(), String> {
-    nft_script(&render(plan), timeout)
-        .map_err(|e| format!("installing nftables table {}: {e}", plan.nft_table))
-}
-
-/// Remove the VM's table; a missing table is fine.
-pub fn delete(table: &str, timeout: Duration) -> Result<(), String> {
-    nft_script(
-        &format!("table ip {table} {{}}\ndelete table ip {table}\n"),
+/// Install (or replace) the VM's rules: its table, and its isolation part (or, with
+/// isolation off, the removal of one an earlier setup left).
+pub fn apply(plan: &NetPlan, timeout: Duration) -> Result<()> {
+    let mut script = String::new();
+    match &plan.isolation {
+        Some(allow) => {
+            script.push_str(&isolation::skeleton());
+            script.push_str(&isolation::install(&plan.id8, &plan.host_veth, allow));
+        }
+        None if shared_table_exists(timeout)? => {
+            script.push_str(&isolation::remove(&plan.id8, &plan.host_veth));
+        }
+        None => {}
+    }
+    script.push_str(&render(plan));
+    run(
+        &script,
         timeout,
+        &format!("installing the nftables rules of VM {}", plan.id8),
     )
-    .map_err(|e| format!("removing nftables table {table}: {e}"))
 }
 
-/// Whether the table exists (for tests and for stop's leftover check).
-pub fn exists(table: &str, timeout: Duration) -> Result<bool, String> {
+/// Remove the VM's table and its isolation part; what is missing is fine. The shared
+/// table itself stays: other VMs and other mergends use it. `isolation`: whether this
+/// host isolates guests, so the shared table is known to be there (else it is looked
+/// for, and its absence means there is no part to remove).
+pub fn delete(
+    id8: &str,
+    host_veth: &str,
+    table: &str,
+    isolation: bool,
+    timeout: Duration,
+) -> Result<()> {
+    let mut script = String::new();
+    if isolation || shared_table_exists(timeout)? {
+        script.push_str(&isolation::remove(id8, host_veth));
+    }
+    let _ = write!(script, "table ip {table} {{}}\ndelete table ip {table}\n");
+    run(
+        &script,
+        timeout,
+        &format!("removing the nftables rules of VM {id8}"),
+    )
+}
+
+/// Install the isolation table's skeleton (mergend's start-up): idempotent.
+pub fn install_skeleton(timeout: Duration) -> Result<()> {
+    run(
+        &isolation::skeleton(),
+        timeout,
+        &format!("installing nftables table inet {}", isolation::TABLE),
+    )
+}
+
+/// What of VM `id8` is in nftables: its table and its chains in the shared table (one
+/// `nft list chains`, which names every table with its chains).
+pub fn leftovers(id8: &str, table: &str, timeout: Duration) -> Result<Vec<String>> {
+    let listed = list(&["list", "chains"], timeout)?;
+    let mut found = Vec::new();
+    let mut current = "";
+    for line in listed.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix("table ") {
+            current = t.trim_end_matches(" {");
+            if current == format!("ip {table}") {
+                found.push(format!("nftables table {current}"));
+            }
+        } else if current == shared_table() {
+            for chain in isolation::chains(id8) {
+                if line == format!("chain {chain} {{") {
+                    found.push(format!("nftables chain {current} {chain}"));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn shared_table() -> String {
+    format!("inet {}", isolation::TABLE)
+}
+
+fn shared_table_exists(timeout: Duration) -> Result<bool> {
+    Ok(tables(timeout)?.contains(&shared_table()))
+}
+
+/// Every table as `<family> <name>`.
+fn tables(timeout: Duration) -> Result<Vec<String>> {
+    Ok(list(&["list", "tables"], timeout)?
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table "))
+        .map(str::to_string)
+        .collect())
+}
+
+fn list(args: &[&str], timeout: Duration) -> Result<String> {
     let mut cmd = Command::new("nft");
-    cmd.args(["list", "tables", "ip"]);
+    cmd.args(args);
     let out = command::run(cmd, None, timeout)?;
     if !out.success {
-        return Err(format!("nft list tables: {}", out.stderr.trim()));
+        return Err(Error::CommandFailed {
+            command: format!("nft {}", args.join(" ")),
+            stderr: out.stderr.trim().to_string(),
+        });
     }
-    Ok(out
-        .stdout
-        .lines()
-        .any(|l| l.trim() == format!("table ip {table}")))
+    Ok(out.stdout)
 }
 
-fn nft_script(script: &str, timeout: Duration) -> Result<(), String> {
+/// Run `script` as one `nft -f -` transaction; `what` says what it was for.
+fn run(script: &str, timeout: Duration, what: &str) -> Result<()> {
     let mut cmd = Command::new("nft");
     cmd.args(["-f", "-"]);
     let out = command::run(cmd, Some(script.as_bytes()), timeout)?;
     if out.success {
         Ok(())
     } else {
-        Err(out.stderr.trim().to_string())
+        Err(Error::CommandFailed {
+            command: what.to_string(),
+            stderr: out.stderr.trim().to_string(),
+        })
     }
 }
 

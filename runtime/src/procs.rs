@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
+use crate::error::{Error, Result};
+
 /// Whether `pid` is a live process (a zombie has exited: it only waits to be reaped).
 pub fn alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -49,14 +51,17 @@ pub fn runs(pid: u32, tail: &[&str]) -> bool {
 }
 
 /// Send `sig` to `pid`; a process that is already gone is fine.
-pub fn signal(pid: u32, sig: Signal) -> Result<(), String> {
+pub fn signal(pid: u32, sig: Signal) -> Result<()> {
     let target = i32::try_from(pid)
         .ok()
         .and_then(Pid::from_raw)
-        .ok_or_else(|| format!("invalid pid {pid}"))?;
+        .ok_or(Error::Signal {
+            pid,
+            source: rustix::io::Errno::SRCH,
+        })?;
     match kill_process(target, sig) {
         Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
-        Err(e) => Err(format!("signalling pid {pid}: {e}")),
+        Err(source) => Err(Error::Signal { pid, source }),
     }
 }
 
@@ -75,7 +80,7 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL and wait for the end; true when gone.
-pub fn terminate(pid: u32, grace: Duration) -> Result<bool, String> {
+pub fn terminate(pid: u32, grace: Duration) -> Result<bool> {
     signal(pid, Signal::TERM)?;
     if wait_gone(pid, grace) {
         return Ok(true);

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use mergen_model::{atomic, Paths};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::status::VmState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +37,10 @@ pub fn read(paths: &Paths) -> Option<SupervisorState> {
     serde_json::from_slice(&bytes).ok()
 }
 
-pub fn write(paths: &Paths, state: &SupervisorState) -> Result<(), String> {
+pub fn write(paths: &Paths, state: &SupervisorState) -> Result<()> {
     let path = state_file(paths);
-    atomic::write_json(&path, state).map_err(|e| format!("writing {}: {e}", path.display()))
+    atomic::write_json(&path, state)
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// The argv tail that identifies VM `id`'s supervisor in `/proc/<pid>/cmdline`.

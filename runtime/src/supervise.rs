@@ -14,6 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::RuntimeConfig;
+use crate::error::{Error, Result};
 use crate::guest::{self, GuestKind};
 use crate::state::{self, SupervisorState};
 use crate::status::VmState;
@@ -31,15 +32,15 @@ enum Event {
 }
 
 /// Run the supervisor until the VM stops; the error is also left in state.json.
-pub fn run(config: &RuntimeConfig, id: &str) -> Result<(), String> {
+pub fn run(config: &RuntimeConfig, id: &str) -> Result<()> {
     let meta = steps::load_meta(config, id)?;
     let paths = &meta.paths;
     for dir in [&paths.run_dir, &paths.logs_dir] {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {dir}"), e))?;
     }
     let me = std::process::id();
     atomic::write_file(&state::pid_file(paths), format!("{me}\n").as_bytes(), 0o644)
-        .map_err(|e| format!("writing the pid file: {e}"))?;
+        .map_err(|e| Error::io("writing the pid file", e))?;
     let mut sup = Sup {
         config,
         meta: &meta,
@@ -58,7 +59,7 @@ pub fn run(config: &RuntimeConfig, id: &str) -> Result<(), String> {
     match &result {
         Err(e) => {
             log::error!("VM {id} failed: {e}");
-            sup.set(VmState::Failed, e.clone(), None);
+            sup.set(VmState::Failed, e.to_string(), None);
         }
         Ok(()) => sup.set(VmState::Stopped, sup.record.message.clone(), None),
     }
@@ -72,11 +73,11 @@ struct Sup<'a> {
 }
 
 impl Sup<'_> {
-    fn supervise(&mut self) -> Result<(), String> {
+    fn supervise(&mut self) -> Result<()> {
         let id = self.meta.id.clone();
         let (tx, rx) = mpsc::channel();
         let mut signals =
-            Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
+            Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("signal handlers", e))?;
         let stop_tx = tx.clone();
         std::thread::spawn(move || {
             if signals.forever().next().is_some() {
@@ -102,7 +103,7 @@ impl Sup<'_> {
                 }
                 Err(e) => {
                     log(&format!("VM {id}: launching the guest failed: {e}"));
-                    match self.back_off(&rx, &mut backoff, started, &e) {
+                    match self.back_off(&rx, &mut backoff, started, &e.to_string()) {
                         true => continue,
                         false => return self.finish(None, &rx),
                     }
@@ -130,21 +131,23 @@ impl Sup<'_> {
 
     /// Start the guest; a thread reports its exit on `tx`. For Firecracker, the API is
     /// configured before the guest counts as running.
-    fn launch(&mut self, kind: GuestKind, tx: &mpsc::Sender<Event>) -> Result<u32, String> {
+    fn launch(&mut self, kind: GuestKind, tx: &mpsc::Sender<Event>) -> Result<u32> {
         let mut cmd = guest::command(kind, self.config, self.meta)?;
         let log_path = Path::new(&self.meta.paths.logs_dir).join("guest.log");
         let log_file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
-        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+            .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
+        let err_file = log_file
+            .try_clone()
+            .map_err(|e| Error::io(format!("opening {}", log_path.display()), e))?;
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(err_file)
             .spawn()
-            .map_err(|e| format!("starting the guest {cmd:?}: {e}"))?;
+            .map_err(|e| Error::io(format!("starting the guest {cmd:?}"), e))?;
         let pid = child.id();
         let exit_tx = tx.clone();
         std::thread::spawn(move || {
@@ -193,7 +196,7 @@ impl Sup<'_> {
     }
 
     /// Stop requested: graceful-stop of the running guest, then net-cleanup.
-    fn finish(&mut self, guest: Option<u32>, rx: &mpsc::Receiver<Event>) -> Result<(), String> {
+    fn finish(&mut self, guest: Option<u32>, rx: &mpsc::Receiver<Event>) -> Result<()> {
         log(&format!("VM {}: stopping", self.meta.id));
         let mut result = Ok(());
         if let Some(pid) = guest {
@@ -208,7 +211,7 @@ impl Sup<'_> {
 
     fn cleanup(&self) {
         if let Err(e) = steps::net_cleanup(self.config, &self.meta.id) {
-            log(&e);
+            log(&e.to_string());
         }
     }
 
@@ -217,7 +220,7 @@ impl Sup<'_> {
         self.record.message = message;
         self.record.guest_pid = guest_pid;
         if let Err(e) = state::write(&self.meta.paths, &self.record) {
-            log(&e);
+            log(&e.to_string());
         }
     }
 }

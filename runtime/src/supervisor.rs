@@ -1,6 +1,5 @@
 //! The supervisor contract: what mergend asks of whatever keeps VMs alive.
 
-use std::fmt;
 use std::sync::Arc;
 
 use mergen_model::Meta;
@@ -10,24 +9,11 @@ use crate::embedded::EmbeddedSupervisor;
 use crate::status::{SupervisorKind, VmStatus};
 use crate::systemd::SystemdSupervisor;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuntimeError {
-    /// The supervisor (systemd, or what the embedded one needs) is not usable here:
-    /// the API answers 503 `dependency_unavailable`.
-    Unavailable(String),
-    /// A step failed (net-setup, the guest, a stop): the API answers 500 with the text.
-    Failed(String),
-}
-
-impl fmt::Display for RuntimeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RuntimeError::Unavailable(m) | RuntimeError::Failed(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for RuntimeError {}
+/// What supervisor calls fail with: the runtime's [`Error`](crate::Error). Its
+/// [`Unavailable`](crate::Error::Unavailable) variant (no systemd, the VM's unit not
+/// installed, no setsid) is what the API answers with 503 `dependency_unavailable`;
+/// anything else is a failed step (500).
+pub use crate::error::Error as RuntimeError;
 
 /// Keeps VMs running independently of mergend. Every call is idempotent: starting a
 /// running VM or stopping a stopped one succeeds. mergend holds the VM's lock around
@@ -47,7 +33,13 @@ pub trait Supervisor: Send + Sync {
 }
 
 /// The supervisor `MGR_SUPERVISOR` asks for (auto = systemd when PID 1 is systemd).
+/// Also puts the guest isolation policy's skeleton in place, so it holds before the
+/// first VM starts (failing that is logged: each VM's net-setup installs it again and
+/// reports the error there).
 pub fn select_supervisor(config: &RuntimeConfig) -> Result<Arc<dyn Supervisor>, RuntimeError> {
+    if let Err(e) = crate::net::prepare_host(config.guest_isolation, config.command_timeout) {
+        log::warn!("guest isolation policy not installed yet: {e}");
+    }
     let systemd = match config.supervisor {
         SupervisorChoice::Systemd => true,
         SupervisorChoice::Embedded => false,

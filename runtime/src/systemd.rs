@@ -8,6 +8,7 @@ use mergen_model::Meta;
 
 use crate::command;
 use crate::config::RuntimeConfig;
+use crate::error::{Error, Unavailable};
 use crate::status::{SupervisorInfo, SupervisorKind, SystemdInfo, VmState, VmStatus};
 use crate::supervisor::{RuntimeError, Supervisor};
 
@@ -24,23 +25,22 @@ impl SystemdSupervisor {
         format!("{}@{id}.service", self.config.unit_prefix)
     }
 
-    fn systemctl(&self, args: &[&str]) -> Result<String, RuntimeError> {
+    /// Run systemctl; `unit` is the VM unit the call is about, if any.
+    fn systemctl(&self, args: &[&str], unit: Option<&str>) -> Result<String, RuntimeError> {
         let mut cmd = Command::new(&self.config.systemctl_path);
         cmd.args(args);
         let shown = format!("systemctl {}", args.join(" "));
-        let out = command::run(cmd, None, self.config.command_timeout)
-            .map_err(RuntimeError::Unavailable)?;
+        let out = command::run(cmd, None, self.config.command_timeout).map_err(|source| {
+            Unavailable::Program {
+                program: self.config.systemctl_path.display().to_string(),
+                source,
+            }
+        })?;
         if out.success {
             return Ok(out.stdout);
         }
-        let err = out.stderr.trim().to_string();
-        // No systemd to talk to is a missing dependency (503), not a failed step.
-        if err.contains("not been booted with systemd") || err.contains("Failed to connect to bus")
-        {
-            Err(RuntimeError::Unavailable(format!("{shown}: {err}")))
-        } else {
-            Err(RuntimeError::Failed(format!("{shown}: {err}")))
-        }
+        let detail = out.stderr.trim().to_string();
+        Err(classify(shown, detail, unit))
     }
 }
 
@@ -50,17 +50,19 @@ impl Supervisor for SystemdSupervisor {
     }
 
     fn start(&self, meta: &Meta) -> Result<(), RuntimeError> {
-        self.systemctl(&["start", &self.unit(&meta.id)]).map(drop)
+        let unit = self.unit(&meta.id);
+        self.systemctl(&["start", &unit], Some(&unit)).map(drop)
     }
 
     fn stop(&self, meta: &Meta) -> Result<(), RuntimeError> {
-        self.systemctl(&["stop", &self.unit(&meta.id)]).map(drop)
+        let unit = self.unit(&meta.id);
+        self.systemctl(&["stop", &unit], Some(&unit)).map(drop)
     }
 
     fn status(&self, meta: &Meta) -> Result<VmStatus, RuntimeError> {
         let mut all = self.status_all(std::slice::from_ref(meta))?;
         all.pop()
-            .ok_or_else(|| RuntimeError::Failed("systemctl show returned nothing".into()))
+            .ok_or_else(|| Error::Invalid("systemctl show returned nothing".into()))
     }
 
     fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
@@ -70,7 +72,7 @@ impl Supervisor for SystemdSupervisor {
         let units: Vec<String> = metas.iter().map(|m| self.unit(&m.id)).collect();
         let mut args = vec!["show", "--property=Id,ActiveState,SubState,MainPID"];
         args.extend(units.iter().map(String::as_str));
-        let shown = parse_show(&self.systemctl(&args)?);
+        let shown = parse_show(&self.systemctl(&args, None)?);
         Ok(units
             .into_iter()
             .map(|unit| {
@@ -84,6 +86,34 @@ impl Supervisor for SystemdSupervisor {
                 status_from(info)
             })
             .collect())
+    }
+}
+
+/// A failed systemctl call: no systemd to talk to, or no such unit (the template is not
+/// installed), are missing dependencies (503, as the original answered); anything else
+/// is a failure of the unit itself.
+fn classify(command: String, detail: String, unit: Option<&str>) -> Error {
+    if detail.contains("not been booted with systemd")
+        || detail.contains("Failed to connect to bus")
+    {
+        return Unavailable::NoSystemd { command, detail }.into();
+    }
+    // `Unit mergen@<id>.service not found.` (start) / `... not loaded.` (stop).
+    match unit {
+        Some(unit)
+            if detail.contains(&format!("Unit {unit} not found"))
+                || detail.contains(&format!("Unit {unit} not loaded")) =>
+        {
+            Unavailable::UnitMissing {
+                unit: unit.to_string(),
+                detail,
+            }
+            .into()
+        }
+        _ => Error::CommandFailed {
+            command,
+            stderr: detail,
+        },
     }
 }
 
@@ -159,6 +189,53 @@ mod tests {
             status_from(m["mergen@c.service"].clone()).state,
             VmState::Failed
         );
+    }
+
+    #[test]
+    fn a_missing_unit_or_systemd_is_unavailable_and_other_failures_are_not() {
+        let unit = "mergen@084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6.service";
+        let start = || format!("systemctl start {unit}");
+        let missing = classify(
+            start(),
+            format!("Failed to start {unit}: Unit {unit} not found."),
+            Some(unit),
+        );
+        assert!(
+            matches!(&missing, Error::Unavailable(Unavailable::UnitMissing { unit: u, .. }) if u == unit),
+            "{missing:?}"
+        );
+        assert!(
+            missing.to_string().contains("deploy/install.sh"),
+            "{missing}"
+        );
+        let not_loaded = classify(
+            start(),
+            format!("Failed to stop {unit}: Unit {unit} not loaded."),
+            Some(unit),
+        );
+        assert!(matches!(
+            not_loaded,
+            Error::Unavailable(Unavailable::UnitMissing { .. })
+        ));
+        let no_systemd = classify(
+            start(),
+            "System has not been booted with systemd as init system (PID 1). Can't operate.".into(),
+            Some(unit),
+        );
+        assert!(matches!(
+            no_systemd,
+            Error::Unavailable(Unavailable::NoSystemd { .. })
+        ));
+        // The unit exists but its start failed: a failure (500), not a missing dependency.
+        let failed = classify(
+            start(),
+            format!("Job for {unit} failed because the control process exited with error code."),
+            Some(unit),
+        );
+        assert!(matches!(failed, Error::CommandFailed { .. }), "{failed:?}");
+        // Another unit's name in the message does not count.
+        let other = classify(start(), "Unit dbus.service not found.".into(), Some(unit));
+        assert!(!other.is_unavailable());
     }
 
     #[test]

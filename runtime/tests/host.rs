@@ -7,6 +7,7 @@
 //! points at it), dispatching those arguments to `mergen_runtime::cli::main` exactly as
 //! mergend does.
 
+mod security;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,10 +21,17 @@ use mergen_runtime::embedded::EmbeddedSupervisor;
 use mergen_runtime::fc_api::FcClient;
 use mergen_runtime::firecracker::{self, StopOutcome};
 use mergen_runtime::systemd::SystemdSupervisor;
-use mergen_runtime::{net, state, steps, RuntimeConfig, Supervisor, VmState};
+use mergen_runtime::{
+    net, state, steps, RuntimeConfig, RuntimeError, Supervisor, Unavailable, VmState,
+};
 use mergen_testkit::{
     curl_get, free_port, is_root, next, nginx, poll, require_root, run_out, running, wait_for,
     TempDir,
+};
+use security::{
+    guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host,
+    net_setup_changes_sysctls_per_interface_and_records_ip_forward,
+    supervisors_and_guests_get_no_secret_from_mergends_environment,
 };
 use support::firecracker_double::FirecrackerDouble;
 
@@ -42,6 +50,7 @@ const TESTS: &[(&str, TestFn)] = tests![
     a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up,
     configure_start_replays_vm_json_in_order,
     configure_start_reports_firecrackers_fault_message,
+    configure_start_adds_the_guest_network_to_old_vm_json_and_sends_vsock,
     graceful_stop_sends_ctrl_alt_del_then_terminates,
     systemd_backend_issues_the_expected_systemctl_commands,
     install_script_puts_binaries_and_units_in_place,
@@ -50,6 +59,11 @@ const TESTS: &[(&str, TestFn)] = tests![
     jailer_launch_refuses_what_the_jailer_or_firecracker_would,
     firecracker_net_setup_gives_the_tap_to_the_jailer_user_and_loosens_rp_filter,
     step_subcommands_reject_bad_input_with_clear_errors,
+    guests_reach_the_world_and_their_own_traffic_but_not_each_other_nor_the_host,
+    net_setup_changes_sysctls_per_interface_and_records_ip_forward,
+    supervisors_and_guests_get_no_secret_from_mergends_environment,
+    smoke_test_configures_firecracker_as_a_launch_does_reaches_the_guest_and_cleans_up,
+    smoke_test_cleans_up_when_the_guest_never_answers_or_it_is_interrupted,
 ];
 
 fn main() -> ExitCode {
@@ -57,8 +71,17 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("supervise" | "vm") => return mergen_runtime::cli::main(&args),
         Some("udp-echo") => return udp_echo(&args[1]),
+        Some("tcp-hello") => return security::tcp_hello(&args[1]),
+        // Launched as "firecracker" (a symlink to this binary) by the smoke test.
+        Some("--api-sock") => return support::firecracker_double::run_process(&args),
         _ => {}
     }
+    // This process plays mergend, and mergend's environment holds secrets: the API
+    // token, and whatever else the operator's shell exported. No supervisor or guest
+    // started by any test may see them (security::supervisors_and_guests...). Set
+    // before any thread exists.
+    std::env::set_var("MGR_API_TOKEN", security::TOKEN);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", security::AWS_SECRET);
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if args.iter().any(|a| a == "--list") {
         for (name, _) in TESTS {
@@ -163,6 +186,9 @@ impl Host {
             ("MGR_SUPERVISOR", "embedded".into()),
             ("MGR_RUNTIME", "process".into()),
             ("MGR_STOP_TIMEOUT_SECONDS", "5".into()),
+            // The machine is shared and at times very busy: a bound on external
+            // commands (nft, ip) that tolerates it; a hang still fails.
+            ("MGR_COMMAND_TIMEOUT_SECONDS", "30".into()),
             ("MGR_JAILER", "0".into()),
             ("MGR_MERGEND_BIN", exe.to_string_lossy().into_owned()),
         ]
@@ -281,6 +307,17 @@ fn assert_nothing_left(id: &str) {
         !run_out(&["nft", "list", "tables"]).contains(&format!("mergen-{id8}")),
         "nft table left"
     );
+    let shared = run_out(&["nft", "list", "table", "inet", "mergen"]);
+    for chain in [format!("in-{id8}"), format!("fwd-{id8}")] {
+        assert!(
+            !shared.contains(&format!("chain {chain} ")),
+            "isolation chain {chain} left"
+        );
+    }
+    assert!(
+        !shared.contains(&format!("\"vh-{id8}\"")),
+        "isolation map element of vh-{id8} left"
+    );
 }
 
 // ---------------------------------------------------------------- host tests
@@ -330,6 +367,26 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
     );
     let routes = run_out(&["ip", "-4", "route", "show", &format!("{guest}")]);
     assert!(routes.contains(&format!("dev vh-{id8}")), "{routes}");
+    // The VM's part of the shared isolation table, once however often set up.
+    let shared = run_out(&["nft", "list", "table", "inet", "mergen"]);
+    assert_eq!(
+        shared
+            .matches(&format!("\"vh-{id8}\" : jump in-{id8}"))
+            .count(),
+        1,
+        "{shared}"
+    );
+    assert_eq!(shared.matches(&format!("chain in-{id8} {{")).count(), 1);
+    assert_eq!(
+        shared.matches("iifname vmap @guest_input").count(),
+        1,
+        "the shared chains were filled twice: {shared}"
+    );
+    let left = net::leftovers(&meta.id, Duration::from_secs(10)).unwrap();
+    assert!(
+        left.iter().any(|l| l.contains(&format!("in-{id8}"))),
+        "{left:?}"
+    );
     for _ in 0..2 {
         steps::net_cleanup(&host.config, &meta.id).unwrap();
     }
@@ -337,6 +394,8 @@ fn net_setup_and_cleanup_are_idempotent_and_leave_nothing() {
     assert!(net::leftovers(&meta.id, Duration::from_secs(10))
         .unwrap()
         .is_empty());
+    // The shared table stays for the other VMs (and other mergends) on the host.
+    assert!(run_out(&["nft", "list", "tables"]).contains("table inet mergen"));
 }
 
 fn process_vm_serves_on_its_host_port_and_guest_ip_and_stop_leaves_nothing() {
@@ -545,21 +604,27 @@ fn firecracker_host(extra: &[(&str, &str)]) -> (Host, Meta, FirecrackerDouble) {
     (host, meta, double)
 }
 
+/// What configure-start sends for `firecracker_vm`'s vm.json before its vsock (if
+/// any) and InstanceStart, in Firecracker's required order.
+const CONFIGURE_CALLS: [&str; 5] = [
+    "/boot-source",
+    "/machine-config",
+    "/drives/rootfs",
+    "/drives/data",
+    "/network-interfaces/eth0",
+];
+
+fn paths_of(calls: &[support::firecracker_double::Call]) -> Vec<&str> {
+    calls.iter().map(|c| c.path.as_str()).collect()
+}
+
 fn configure_start_replays_vm_json_in_order() {
     let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
     steps::configure_start(&host.config, &meta).unwrap();
     let calls = double.calls();
-    let order: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
     assert_eq!(
-        order,
-        [
-            "/boot-source",
-            "/machine-config",
-            "/drives/rootfs",
-            "/drives/data",
-            "/network-interfaces/eth0",
-            "/actions"
-        ]
+        paths_of(&calls),
+        [&CONFIGURE_CALLS[..], &["/actions"]].concat()
     );
     assert!(calls.iter().all(|c| c.method == "PUT"));
     let vm: serde_json::Value =
@@ -583,10 +648,75 @@ fn configure_start_replays_vm_json_in_order() {
     assert_eq!(calls[8].body["path_on_host"], "/drive-rootfs");
 }
 
+fn configure_start_adds_the_guest_network_to_old_vm_json_and_sends_vsock() {
+    let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
+    // A vm.json as the original wrote it before the guest network went into the boot
+    // args, with the later original's vsock block.
+    let mut vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
+    vm["boot-source"]["boot_args"] = "console=ttyS0 reboot=k panic=1 pci=off".into();
+    let uds = Path::new(&meta.paths.run_dir).join("v.sock");
+    vm["vsock"] = serde_json::json!({"vsock_id": "vsock0", "guest_cid": 3, "uds_path": uds});
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    let on_disk = std::fs::read(&meta.paths.vm_config_path).unwrap();
+
+    steps::configure_start(&host.config, &meta).unwrap();
+    let calls = double.calls();
+    assert_eq!(
+        paths_of(&calls),
+        [&CONFIGURE_CALLS[..], &["/vsock", "/actions"]].concat()
+    );
+    // The guest IP from meta.json, the gateway and mask from MGR_GUEST_CIDR.
+    assert_eq!(
+        calls[0].body["boot_args"],
+        format!(
+            "console=ttyS0 reboot=k panic=1 pci=off ip={}::10.0.0.1:255.255.255.0::eth0:off",
+            meta.guest_ip
+        )
+    );
+    assert_eq!(calls[5].body, vm["vsock"]);
+    // The file itself is left as the user has it.
+    assert_eq!(std::fs::read(&meta.paths.vm_config_path).unwrap(), on_disk);
+
+    // A vm.json that has its own ip= keeps it, and gets no second one.
+    vm["boot-source"]["boot_args"] = "console=ttyS0 ip=dhcp".into();
+    atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
+    steps::configure_start(&host.config, &meta).unwrap();
+    assert_eq!(double.calls()[7].body["boot_args"], "console=ttyS0 ip=dhcp");
+
+    // Under the jailer, Firecracker binds the vsock socket inside its chroot.
+    let api = FcClient::new(Path::new(&meta.paths.socket_path), Duration::from_secs(5));
+    let parsed = firecracker::read_vm_config(&meta).unwrap();
+    firecracker::configure_start(&api, &parsed, true).unwrap();
+    let vsock = double
+        .calls()
+        .into_iter()
+        .rev()
+        .find(|c| c.path == "/vsock")
+        .unwrap();
+    assert_eq!(
+        vsock.body,
+        serde_json::json!({"vsock_id": "vsock0", "guest_cid": 3, "uds_path": firecracker::JAIL_VSOCK})
+    );
+
+    // Firecracker refuses to bind over an existing path: a socket left by a previous
+    // run is removed before the launch (a regular file is not ours to delete).
+    drop(std::os::unix::net::UnixListener::bind(&uds).unwrap());
+    let mut direct = host.config.clone();
+    direct.use_jailer = false;
+    firecracker::launch_command(&direct, &meta).unwrap();
+    assert!(!uds.exists(), "stale vsock socket left");
+    std::fs::write(&uds, "user data").unwrap();
+    firecracker::launch_command(&direct, &meta).unwrap();
+    assert_eq!(std::fs::read(&uds).unwrap(), b"user data");
+}
+
 fn configure_start_reports_firecrackers_fault_message() {
     let (host, meta, double) = firecracker_host(&[("MGR_COMMAND_TIMEOUT_SECONDS", "5")]);
     double.fail("/drives/rootfs", 400, "Invalid block device path");
-    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    let err = steps::configure_start(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("400")
             && err.contains("PUT /drives/rootfs")
@@ -699,9 +829,16 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
     assert!(all[0].systemd.available && all[0].systemd.active);
     assert_eq!(all[1].state, VmState::Stopped);
     assert!(!all[1].supervisor.active);
+    // A unit that does not exist (the template is not installed) is a missing
+    // dependency, which the API answers with 503 as the original did.
     let broken = mk("broken00-0000-4000-8000-000000000003");
-    let err = sup.start(&broken).unwrap_err().to_string();
-    assert!(err.contains("not found"), "{err}");
+    let err = sup.start(&broken).unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::Unavailable(Unavailable::UnitMissing { unit, .. }) if *unit == format!("mgtest@{}.service", broken.id)),
+        "{err:?}"
+    );
+    assert!(err.is_unavailable());
+    assert!(err.to_string().contains("not found"), "{err}");
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         calls.lines().collect::<Vec<_>>(),
@@ -716,6 +853,21 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
 
 // ---------------------------------------------------------------- deploy/
 
+/// Run deploy/install.sh with `env`; (success, stderr).
+fn install(env: &[(&str, &Path)]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.sh");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script).env_remove("MGR_CONFIG_ROOT");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn install_script_puts_binaries_and_units_in_place() {
     let dir = TempDir::new("rt-install");
     let bins = dir.join("bins");
@@ -729,19 +881,12 @@ fn install_script_puts_binaries_and_units_in_place() {
             .status()
             .unwrap();
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install.sh");
-    let out = Command::new("sh")
-        .arg(&script)
-        .env("BIN_DIR", &bins)
-        .env("PREFIX", "/opt/mergen")
-        .env("DESTDIR", &root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("PREFIX", Path::new("/opt/mergen")),
+        ("DESTDIR", &root),
+    ]);
+    assert!(ok, "{err}");
     assert!(root.join("opt/mergen/bin/mergend").is_file());
     assert!(root.join("opt/mergen/bin/mergen-forwarder").is_file());
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/mergen@.service")).unwrap();
@@ -754,6 +899,7 @@ fn install_script_puts_binaries_and_units_in_place() {
         "Restart=on-failure",
         "KillMode=mixed",
         "EnvironmentFile=/etc/mergen/vm.d/%i/env",
+        "UnsetEnvironment=MGR_API_TOKEN",
     ] {
         assert!(
             unit.lines().any(|l| l == step),
@@ -764,22 +910,42 @@ fn install_script_puts_binaries_and_units_in_place() {
     let fwd =
         std::fs::read_to_string(root.join("etc/systemd/system/mergen-forwarder.service")).unwrap();
     assert!(fwd.contains("ExecStart=/opt/mergen/bin/mergen-forwarder"));
-    assert!(root.join("etc/mergen/mergen.env").is_file());
+    assert!(fwd
+        .lines()
+        .any(|l| l == "EnvironmentFile=-/etc/mergen/forwarder.env"));
+    let settings = std::fs::read_to_string(root.join("etc/mergen/mergen.env")).unwrap();
+    assert!(
+        settings.lines().any(|l| l == "MGR_SUPERVISOR=systemd"),
+        "{settings}"
+    );
+    // The forwarder's settings file, as the original installs it.
+    let fwd_env = root.join("etc/mergen/forwarder.env");
+    let text = std::fs::read_to_string(&fwd_env).unwrap();
+    assert!(text.lines().any(|l| l == "FWD_LOG_LEVEL=info"), "{text}");
+    // Secrets live in a file only mergend reads, and only root can.
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = std::fs::metadata(root.join("etc/mergen/mergend.env")).unwrap();
+    assert_eq!(secrets.permissions().mode() & 0o777, 0o600);
     // The control plane: only mergend itself is killed on stop (embedded supervisors
     // share its control group and must outlive it), restarted on failure, and it reads
-    // the same settings file as the VM units.
+    // the same settings file as the VM units plus its own secrets.
     let ctl = std::fs::read_to_string(root.join("etc/systemd/system/mergend.service")).unwrap();
     for line in [
         "ExecStart=/opt/mergen/bin/mergend",
         "KillMode=process",
         "Restart=on-failure",
         "EnvironmentFile=-/etc/mergen/mergen.env",
+        "EnvironmentFile=-/etc/mergen/mergend.env",
     ] {
         assert!(ctl.lines().any(|l| l == line), "missing {line:?} in\n{ctl}");
     }
     assert!(unit
         .lines()
         .any(|l| l == "EnvironmentFile=-/etc/mergen/mergen.env"));
+    assert!(
+        !unit.contains("mergend.env"),
+        "a VM unit reads mergend's secrets"
+    );
     // Every command of every unit is an installed binary (or kill for reload).
     for text in [&unit, &fwd, &ctl] {
         for line in text.lines().filter(|l| l.starts_with("Exec")) {
@@ -793,16 +959,60 @@ fn install_script_puts_binaries_and_units_in_place() {
             assert!(installed || program == "/bin/kill", "{line}");
         }
     }
+
+    // The operator's files are never overwritten by a second install.
+    std::fs::write(&fwd_env, "FWD_LOG_LEVEL=debug\n").unwrap();
+    std::fs::write(
+        root.join("etc/mergen/mergen.env"),
+        "MGR_SUPERVISOR=systemd\nMGR_CONFIG_ROOT='/srv/mergen/vms/'\n",
+    )
+    .unwrap();
+    let (ok, err) = install(&[("BIN_DIR", &bins), ("DESTDIR", &root)]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&fwd_env).unwrap(),
+        "FWD_LOG_LEVEL=debug\n"
+    );
+    // ...and the VM unit follows the MGR_CONFIG_ROOT set there.
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/mergen@.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "EnvironmentFile=/srv/mergen/vms/%i/env"),
+        "{unit}"
+    );
+    assert!(root.join("srv/mergen/vms").is_dir());
+
+    // MGR_CONFIG_ROOT given to the install wins, and lands in a new mergen.env.
+    let fresh = dir.join("fresh");
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("DESTDIR", &fresh),
+        ("MGR_CONFIG_ROOT", Path::new("/data/vm.d")),
+    ]);
+    assert!(ok, "{err}");
+    let unit = std::fs::read_to_string(fresh.join("etc/systemd/system/mergen@.service")).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "EnvironmentFile=/data/vm.d/%i/env"),
+        "{unit}"
+    );
+    let settings = std::fs::read_to_string(fresh.join("etc/mergen/mergen.env")).unwrap();
+    assert!(
+        settings.lines().any(|l| l == "MGR_CONFIG_ROOT=/data/vm.d"),
+        "{settings}"
+    );
+    let (ok, err) = install(&[
+        ("BIN_DIR", &bins),
+        ("DESTDIR", &dir.join("relative")),
+        ("MGR_CONFIG_ROOT", Path::new("vm.d")),
+    ]);
+    assert!(!ok && err.contains("absolute"), "{err}");
+
     // A missing binary is a clear error, not a half install.
     std::fs::remove_file(bins.join("mergen-forwarder")).unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .env("BIN_DIR", &bins)
-        .env("DESTDIR", dir.join("root2"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mergen-forwarder not found"));
+    let (ok, err) = install(&[("BIN_DIR", &bins), ("DESTDIR", &dir.join("root2"))]);
+    assert!(!ok);
+    assert!(err.contains("mergen-forwarder not found"), "{err}");
     assert!(!dir.join("root2").exists());
 }
 
@@ -902,6 +1112,8 @@ fn jailer_command_links_images_into_the_chroot() {
             n => vm["drives"][n - 1]["path_on_host"] = p.to_string_lossy().into(),
         }
     }
+    let vsock_host = Path::new(&meta.paths.run_dir).join("vsock/guest.sock");
+    vm["vsock"] = serde_json::json!({"guest_cid": 7, "uds_path": vsock_host});
     atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
 
     // The jailer names the jail after the resolved binary, not the symlink.
@@ -959,10 +1171,15 @@ fn jailer_command_links_images_into_the_chroot() {
         );
         assert_eq!((linked.uid(), linked.gid()), (123, 456));
     }
-    // The documented socket path leads to Firecracker's socket inside the chroot.
+    // The documented socket path leads to Firecracker's socket inside the chroot, and
+    // vm.json's vsock path to the vsock socket there.
     assert_eq!(
         std::fs::read_link(&meta.paths.socket_path).unwrap(),
         root.join("run/firecracker.socket")
+    );
+    assert_eq!(
+        std::fs::read_link(&vsock_host).unwrap(),
+        root.join("run/vsock.sock")
     );
     // The API calls name what Firecracker sees from inside the chroot.
     std::fs::create_dir_all(root.join("run")).unwrap();
@@ -997,7 +1214,9 @@ fn jailer_command_links_images_into_the_chroot() {
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    assert_eq!(cmd.get_program(), "ip");
+    // iproute2's ip, found on mergend's PATH before the guest's environment replaces it.
+    let ip = Path::new(cmd.get_program());
+    assert!(ip.is_absolute() && ip.ends_with("ip"), "{}", ip.display());
     let link_s = fc_link.to_string_lossy().into_owned();
     assert_eq!(
         argv,
@@ -1036,17 +1255,23 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
     // No such binary.
     let host = host_with("/nonexistent/firecracker");
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("MGR_FIRECRACKER_BIN"), "{err}");
     // A bare name that is not on PATH.
     let host = host_with("firecracker-not-installed-here");
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not found on PATH"), "{err}");
     // The jailer only execs files whose name contains "firecracker".
     let host = host_with(&odd.to_string_lossy());
     let meta = firecracker_vm(&host);
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("\"firecracker\""), "{err}");
     // Drive ids become chroot file names and API paths: Firecracker's rule applies.
     let (fc, _) = fake_firecracker(bin_dir.path(), "firecracker-v1");
@@ -1056,9 +1281,13 @@ fn jailer_launch_refuses_what_the_jailer_or_firecracker_would() {
         serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
     vm["drives"][1]["drive_id"] = "../../etc".into();
     atomic::write_json(Path::new(&meta.paths.vm_config_path), &vm).unwrap();
-    let err = firecracker::launch_command(&host.config, &meta).unwrap_err();
+    let err = firecracker::launch_command(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("../../etc"), "{err}");
-    let err = steps::configure_start(&host.config, &meta).unwrap_err();
+    let err = steps::configure_start(&host.config, &meta)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("letters, digits or underscores"), "{err}");
 }
 
@@ -1179,4 +1408,259 @@ fn a_killed_supervisor_is_reported_failed_and_stop_still_cleans_up() {
     );
     assert_nothing_left(&meta.id);
     assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
+}
+
+// ---------------------------------------------------------------- smoke test
+
+/// A host whose Firecracker is the API double (this binary behind a `firecracker`
+/// symlink), with kernel and rootfs files; `kernel` is the kernel file's content
+/// (`no-network` makes the double's guest never come up).
+struct SmokeHost {
+    host: Host,
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    _bin: TempDir,
+}
+
+impl SmokeHost {
+    fn new(kernel: &str) -> SmokeHost {
+        let bin = TempDir::new("rt-smoke-bin");
+        let fc = bin.join("firecracker");
+        std::os::unix::fs::symlink(std::env::current_exe().unwrap(), &fc).unwrap();
+        let host = Host::new(
+            &unique_cidr(),
+            &[
+                ("MGR_RUNTIME", "process"),
+                ("MGR_JAILER", "0"),
+                ("MGR_FIRECRACKER_BIN", &fc.to_string_lossy()),
+                ("MGR_STOP_TIMEOUT_SECONDS", "2"),
+            ],
+        );
+        let kernel_path = host.dir.join("vmlinux");
+        let rootfs = host.dir.join("rootfs.ext4");
+        std::fs::write(&kernel_path, kernel).unwrap();
+        std::fs::write(&rootfs, "rootfs").unwrap();
+        SmokeHost {
+            host,
+            kernel: kernel_path,
+            rootfs,
+            _bin: bin,
+        }
+    }
+
+    /// `mergend vm smoke-test --kernel .. --rootfs .. <extra>`, started.
+    fn spawn(&self, extra: &[&str]) -> std::process::Child {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["vm", "smoke-test", "--kernel"])
+            .arg(&self.kernel)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .args(extra)
+            .envs(self.host.config.to_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    }
+}
+
+/// Wait (bounded) for a smoke test to end: (success, stdout, stderr).
+fn finish(child: std::process::Child) -> (bool, String, String) {
+    let pid = child.id();
+    let out = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !out.is_finished() {
+        if std::time::Instant::now() > deadline {
+            let _ = mergen_runtime::procs::signal(pid, rustix::process::Signal::KILL);
+            panic!("the smoke test did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = out.join().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The VM id and run dir the smoke test announced.
+fn announced(stdout: &str) -> (String, PathBuf) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("smoke-test: VM "))
+        .unwrap_or_else(|| panic!("no VM line in {stdout}"));
+    let id = line["smoke-test: VM ".len()..][..36].to_string();
+    let dir = line.rsplit("run dir ").next().unwrap().trim().into();
+    (id, dir)
+}
+
+fn smoke_test_configures_firecracker_as_a_launch_does_reaches_the_guest_and_cleans_up() {
+    require_root!();
+    let smoke = SmokeHost::new("a kernel");
+    // MGR_RUNTIME=process: the smoke test is a Firecracker check whatever runtime the
+    // VMs of this host use.
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--keep-run-dir", "--timeout", "20"]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let (id, dir) = announced(&stdout);
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert!(stdout.contains("its network is up"), "{stdout}");
+
+    // Exactly what configure-start sends for a VM, then the graceful stop.
+    let socket = dir.join("mergen.socket");
+    let calls: Vec<serde_json::Value> =
+        std::fs::read_to_string(format!("{}.calls", socket.display()))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let paths: Vec<&str> = calls.iter().map(|c| c["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/boot-source",
+            "/machine-config",
+            "/drives/rootfs",
+            "/network-interfaces/eth0",
+            "/actions",
+            "/actions"
+        ],
+        "{calls:?}"
+    );
+    assert!(calls.iter().all(|c| c["method"] == "PUT"));
+    let cidr = &smoke.host.config.guest_cidr;
+    let guest = cidr.host(254).unwrap(); // the last host of a /24
+    let kernel = smoke.kernel.canonicalize().unwrap();
+    assert_eq!(
+        calls[0]["body"],
+        serde_json::json!({
+            "kernel_image_path": kernel,
+            "boot_args": format!("{} ip={guest}::{}:255.255.255.0::eth0:off",
+                mergen_model::vmconfig::DEFAULT_BOOT_ARGS, cidr.gateway().unwrap()),
+        })
+    );
+    assert_eq!(
+        calls[1]["body"],
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 512, "smt": false})
+    );
+    assert_eq!(
+        calls[2]["body"],
+        serde_json::json!({"drive_id": "rootfs", "path_on_host": smoke.rootfs.canonicalize().unwrap(),
+            "is_root_device": true, "is_read_only": false})
+    );
+    assert_eq!(
+        calls[3]["body"],
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": names::tap_name(&id),
+            "guest_mac": names::guest_mac(&id)})
+    );
+    assert_eq!(calls[4]["body"]["action_type"], "InstanceStart");
+    assert_eq!(calls[5]["body"]["action_type"], "SendCtrlAltDel");
+    // Firecracker is gone, and so is everything net-setup made.
+    let pid: u32 = std::fs::read_to_string(format!("{}.pid", socket.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !running(pid),
+        "Firecracker (the double, pid {pid}) left running"
+    );
+    assert_nothing_left(&id);
+    assert!(
+        dir.join("firecracker.log").is_file(),
+        "--keep-run-dir kept no log"
+    );
+
+    // Without --keep-run-dir nothing at all is left.
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--timeout", "20"]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let (id, dir) = announced(&stdout);
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert!(!dir.exists(), "run dir {} left", dir.display());
+    assert_nothing_left(&id);
+
+    // Bad input: a clear error, usage, nothing made.
+    let (ok, _, stderr) = finish(smoke.spawn(&["--port", "none"]));
+    assert!(
+        !ok && stderr.contains("--port") && stderr.contains("usage"),
+        "{stderr}"
+    );
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let out = cmd
+        .args([
+            "vm",
+            "smoke-test",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--rootfs",
+        ])
+        .arg(&smoke.rootfs)
+        .envs(smoke.host.config.to_env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent/vmlinux"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("smoke-test: VM "));
+}
+
+fn smoke_test_cleans_up_when_the_guest_never_answers_or_it_is_interrupted() {
+    require_root!();
+    let smoke = SmokeHost::new("no-network");
+    let (ok, stdout, stderr) = finish(smoke.spawn(&["--timeout", "2"]));
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("did not answer within 2s"), "{stderr}");
+    let (id, dir) = announced(&stdout);
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    assert_nothing_left(&id);
+    assert!(!dir.exists());
+
+    // Ctrl-C (here SIGINT) while it waits for the guest: it still cleans up.
+    let mut child = smoke.spawn(&["--timeout", "60"]);
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("smoke-test: VM ") {
+                let _ = tx.send(line.clone());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let (id, dir) = announced(&rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let _clean = NetCleanup(&smoke.host.config, id.clone());
+    let calls = dir.join("mergen.socket.calls");
+    wait_for(
+        "InstanceStart to reach Firecracker",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&calls)
+                .ok()
+                .filter(|c| c.contains("InstanceStart"))
+        },
+    );
+    mergen_runtime::procs::signal(pid, rustix::process::Signal::INT).unwrap();
+    let (ok, _, stderr) = finish(child);
+    let stdout = reader.join().unwrap();
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stdout.contains("net-cleanup done"), "{stdout}");
+    assert_nothing_left(&id);
+    assert!(!dir.exists());
 }

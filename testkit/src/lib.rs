@@ -6,6 +6,8 @@
 //! per-process counter, ports come from the kernel, and whatever is created on the
 //! host is removed by a Drop guard, even when the test panics.
 
+#![deny(unsafe_code)]
+
 mod child;
 mod cmd;
 mod names;

@@ -4,11 +4,20 @@
 //! kernel spreads new connections across workers and a connection never leaves the
 //! worker that accepted it. No locks on the data path: routes come from an immutable
 //! resolver snapshot, certificates from rustls' resolver.
+//!
+//! A worker ([`worker`]) is the I/O shell around connections that do no I/O
+//! themselves ([`conn`], see its `LIFECYCLE.md`): it turns ring completions into
+//! events for a connection and the operations a connection asks for into ring
+//! submissions.
 
+mod buffers;
 mod conn;
+mod connlog;
 mod dial;
 mod listen;
 mod prewarm;
+// The only unsafe code of the workspace: the kernel shares memory with us here.
+#[allow(unsafe_code)]
 mod ring;
 mod worker;
 
@@ -21,46 +30,62 @@ use std::time::{Duration, Instant};
 
 use ffi_free_netns::SocketPool;
 
-use crate::config::{Config, ListenerMode, Protocol};
+use crate::config::{Config, ListenerKind, ListenerSpec};
 use crate::metrics::Metrics;
-use crate::resolver::Resolver;
+use crate::resolver::{Resolver, Route};
 
+pub use conn::Timeouts;
+pub use connlog::ConnLog;
+pub use dial::DialError;
 pub use listen::bind_listeners;
+pub use ring::{probe, ProbeError};
 
 /// One configured listener as the workers see it.
 pub struct Listener {
     pub name: String,
+    /// Its place in the configured list (and in the metrics).
+    pub index: usize,
     pub guest_port: u16,
+    pub kind: ListenerKind,
     /// `None` for raw listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub protocol: Option<Protocol>,
 }
 
 impl Listener {
     pub fn new(
-        spec: &crate::config::ListenerSpec,
+        index: usize,
+        spec: &ListenerSpec,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Listener {
-        let protocol = match &spec.mode {
-            ListenerMode::Tls { protocol, .. } => Some(*protocol),
-            ListenerMode::Raw => None,
-        };
         Listener {
             name: spec.name(),
+            index,
             guest_port: spec.guest_port,
-            tls: if protocol.is_some() { tls } else { None },
-            protocol,
+            kind: spec.kind,
+            tls: if spec.kind.is_tls() { tls } else { None },
         }
+    }
+}
+
+impl conn::Routes for Resolver {
+    fn by_sni(&self, name: &str) -> Option<Arc<Route>> {
+        self.snapshot().resolve_sni(name)
+    }
+
+    fn oldest(&self) -> Option<Arc<Route>> {
+        self.snapshot().first()
     }
 }
 
 /// What every worker shares, read-only except for the counters.
 pub struct Shared {
     pub config: Config,
+    pub timeouts: Timeouts,
     pub listeners: Vec<Listener>,
     pub resolver: Arc<Resolver>,
     pub pool: SocketPool,
     pub metrics: Arc<Metrics>,
+    pub log: ConnLog,
     /// Connections open across all workers, for `max_connections`.
     pub open: AtomicUsize,
     stop: AtomicBool,
@@ -74,13 +99,20 @@ impl Shared {
         resolver: Arc<Resolver>,
         pool: SocketPool,
         metrics: Arc<Metrics>,
+        log: ConnLog,
     ) -> Shared {
         Shared {
+            timeouts: Timeouts {
+                dial: config.dial_timeout,
+                handshake: config.handshake_timeout,
+                idle: config.idle_timeout,
+            },
             config,
             listeners,
             resolver,
             pool,
             metrics,
+            log,
             open: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             drain_deadline: std::sync::Mutex::new(None),
@@ -103,21 +135,37 @@ impl Shared {
     }
 }
 
-/// Start `sockets.len()` workers; `sockets[w][l]` is worker `w`'s socket for listener `l`.
+/// Why a worker thread ended.
+#[derive(Debug)]
+pub struct WorkerExit {
+    pub worker: usize,
+    /// It panicked (it unwound: its connections and ring were dropped cleanly).
+    pub panicked: bool,
+}
+
+/// Start `sockets.len()` workers; `sockets[w][l]` is worker `w`'s socket for listener
+/// `l`. Each worker reports its end on `exits`, also when it panics.
 pub fn spawn_workers(
     shared: Arc<Shared>,
     sockets: Vec<Vec<OwnedFd>>,
+    exits: std::sync::mpsc::Sender<WorkerExit>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    prewarm::spawn(shared.clone())?;
+    prewarm::spawn(
+        shared.pool.clone(),
+        &shared.resolver.snapshot(),
+        shared.resolver.subscribe(),
+    )?;
     let mut handles = Vec::with_capacity(sockets.len());
     for (i, listeners) in sockets.into_iter().enumerate() {
         let shared = shared.clone();
+        let exits = exits.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // The ring is created on its thread: it is set up for a single issuer.
         let handle = std::thread::Builder::new()
             .name(format!("fwd-worker-{i}"))
-            .spawn(
-                move || match worker::Worker::new(shared, listeners, worker::POOL_BUFFERS) {
+            .spawn(move || {
+                let _report = ReportExit { worker: i, exits };
+                match worker::Worker::new(i, shared, listeners, worker::POOL_BUFFERS) {
                     Ok(mut worker) => {
                         let _ = ready_tx.send(Ok(()));
                         worker.run();
@@ -125,12 +173,27 @@ pub fn spawn_workers(
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                },
-            )?;
+                }
+            })?;
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("worker thread died while starting"))??;
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// Tells the main thread that a worker ended, however it ended.
+struct ReportExit {
+    worker: usize,
+    exits: std::sync::mpsc::Sender<WorkerExit>,
+}
+
+impl Drop for ReportExit {
+    fn drop(&mut self) {
+        let _ = self.exits.send(WorkerExit {
+            worker: self.worker,
+            panicked: std::thread::panicking(),
+        });
+    }
 }

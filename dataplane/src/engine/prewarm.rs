@@ -1,58 +1,62 @@
 //! Keeps the namespace socket pools ahead of the data path: a VM that appears gets its
 //! pool started before its first connection, so that connection finds a socket ready
 //! instead of parking its dial until the pool's new thread has made one; a VM that
-//! disappears has its pool stopped at once.
+//! disappears has its pool stopped at once. The resolver tells this thread about every
+//! new routing table; it sleeps otherwise.
 //!
 //! VMs present at startup are left to start their pools on first use (the first dial
 //! parks briefly, the worker thread never waits): prewarming thousands at once would
 //! start as many threads for VMs that may see no traffic.
 
 use std::collections::HashSet;
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::Shared;
-use crate::resolver::netns_path;
+use ffi_free_netns::SocketPool;
 
-const POLL: Duration = Duration::from_millis(50);
+use crate::resolver::{Namespace, Snapshot};
 
-pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
+/// Follow `snapshots` from a thread of its own, starting from `initial`; the thread
+/// ends when the resolver goes.
+pub fn spawn(
+    pool: SocketPool,
+    initial: &Snapshot,
+    snapshots: Receiver<Arc<Snapshot>>,
+) -> std::io::Result<()> {
+    let known = namespaces(initial);
     std::thread::Builder::new()
         .name("fwd-prewarm".into())
-        .spawn(move || run(&shared))?;
+        .spawn(move || run(&pool, known, &snapshots))?;
     Ok(())
 }
 
-fn run(shared: &Shared) {
-    let mut snapshot = shared.resolver.snapshot();
-    let mut known = namespaces(shared, &snapshot);
-    while shared.stopping().is_none() {
-        std::thread::sleep(POLL);
-        let current = shared.resolver.snapshot();
-        if Arc::ptr_eq(&current, &snapshot) {
-            continue;
+fn run(pool: &SocketPool, mut known: HashSet<Arc<str>>, snapshots: &Receiver<Arc<Snapshot>>) {
+    while let Ok(mut snapshot) = snapshots.recv() {
+        // A burst of changes: only the latest table matters.
+        while let Ok(newer) = snapshots.try_recv() {
+            snapshot = newer;
         }
-        snapshot = current;
-        let now = namespaces(shared, &snapshot);
+        let now = namespaces(&snapshot);
         for ns in now.difference(&known) {
-            if let Err(e) = shared.pool.prewarm(ns) {
+            if let Err(e) = pool.prewarm(ns) {
                 log::debug!("cannot prewarm sockets for namespace {ns}: {e}");
             }
         }
         for ns in known.difference(&now) {
-            shared.pool.forget(ns);
+            pool.forget(ns);
         }
         known = now;
     }
 }
 
-/// The namespace files of the VMs in `snapshot`, as the data path names them.
-fn namespaces(shared: &Shared, snapshot: &crate::resolver::Snapshot) -> HashSet<String> {
+/// The namespace files of the VMs in `snapshot`: their socket pools' keys.
+fn namespaces(snapshot: &Snapshot) -> HashSet<Arc<str>> {
     snapshot
         .routes()
         .iter()
-        .filter(|r| !r.netns.is_empty())
-        .filter_map(|r| netns_path(shared.config.netns_root.as_deref(), &r.netns))
-        .map(|p| p.to_string_lossy().into_owned())
+        .filter_map(|r| match &r.netns {
+            Namespace::File(key) => Some(Arc::clone(key)),
+            Namespace::Host | Namespace::Invalid(_) => None,
+        })
         .collect()
 }

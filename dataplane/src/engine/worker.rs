@@ -1,7 +1,14 @@
 //! One worker thread: a ring, its listening sockets, and the connections it accepted.
+//!
+//! The worker is the connections' I/O shell. It owns their sockets, turns each ring
+//! completion into an [`Event`] for the connection it belongs to, and carries out the
+//! [`Io`] the connection asks for in return. Dials that find their namespace's socket
+//! pool empty are parked here (never in the connection) and resumed when the pool
+//! signals the worker's eventfd.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +16,13 @@ use std::time::{Duration, Instant};
 use ffi_free_netns::Wake;
 use rustix::event::{eventfd, EventfdFlags};
 
-use super::conn::{Conn, Ctx, Op};
+use super::conn::{Conn, Cx, Event, Io, Op, Side, BUF_LEN};
+use super::connlog::{ConnId, Record};
+use super::dial::{guest_socket, DialError};
 use super::ring::{Completion, Ring};
 use super::Shared;
 use crate::metrics::Outcome;
+use crate::resolver::Route;
 
 /// How often timers and the stop flag are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -27,32 +37,84 @@ const IGNORED_TOKEN: u32 = u32::MAX;
 /// Token of the poll on the worker's eventfd, which the socket pool signals.
 const WAKE_TOKEN: u32 = u32::MAX - 1;
 
+/// A connection token: its slot and the operation.
+fn token(slot: u32, op: Op) -> u32 {
+    (slot << 4) | op as u32
+}
+
+fn from_token(token: u32) -> Option<(u32, Op)> {
+    let op = *Op::ALL.get((token & 0xf) as usize)?;
+    Some((token >> 4, op))
+}
+
+/// A connection and what the worker holds for it.
+struct Slot {
+    conn: Conn,
+    listener: usize,
+    client: OwnedFd,
+    guest: Option<OwnedFd>,
+}
+
+impl Slot {
+    fn fd(&self, side: Side) -> Option<BorrowedFd<'_>> {
+        match side {
+            Side::Client => Some(self.client.as_fd()),
+            Side::Guest => self.guest.as_ref().map(AsFd::as_fd),
+        }
+    }
+}
+
+/// A dial waiting for its namespace's pool to have a socket.
+struct Parked {
+    slot: u32,
+    route: Arc<Route>,
+    port: u16,
+    deadline: Instant,
+}
+
 pub struct Worker {
-    shared: Arc<Shared>,
+    // Dropped in this order: the connections (and their sockets) first, then the ring,
+    // which cancels and reaps whatever is still in flight before freeing its memory.
+    conns: Vec<Option<Slot>>,
     ring: Ring,
+    index: usize,
+    shared: Arc<Shared>,
     /// Indexed like `shared.listeners`; `None` once closed for shutdown.
     listeners: Vec<Option<OwnedFd>>,
-    conns: Vec<Option<Conn>>,
     free_slots: Vec<u32>,
     live: usize,
     accepting: bool,
     last_tick: Instant,
+    /// Connection ids are `<worker>-<seq>`.
+    next_seq: u64,
     reaped: Vec<Completion>,
+    /// What the connection being stepped asked for, and what that led to.
+    ios: Vec<Io>,
+    spare_ios: Vec<Io>,
+    events: Vec<Event>,
     /// Signalled by the socket pool when parked dials should try again.
     wake_fd: Arc<OwnedFd>,
     wake: Wake,
-    /// Slots whose dial is parked (maybe stale: a slot is checked before resuming).
-    parked: Vec<u32>,
+    parked: Vec<Parked>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A worker that unwinds gives its connections' slots back to the global count.
+        self.shared.open.fetch_sub(self.live, Ordering::AcqRel);
+        self.conns.clear();
+    }
 }
 
 impl Worker {
-    /// A worker whose receive pool holds `pool_buffers` buffers (a power of two).
+    /// Worker `index`, whose receive pool holds `pool_buffers` buffers (a power of two).
     pub fn new(
+        index: usize,
         shared: Arc<Shared>,
         listeners: Vec<OwnedFd>,
         pool_buffers: u16,
     ) -> io::Result<Worker> {
-        let mut ring = Ring::new(RING_ENTRIES, pool_buffers, super::conn::BUF_LEN)?;
+        let mut ring = Ring::new(RING_ENTRIES, pool_buffers, BUF_LEN)?;
         for (i, fd) in listeners.iter().enumerate() {
             ring.accept_multi(fd.as_fd(), LISTENER_TOKEN | i as u32);
         }
@@ -64,15 +126,20 @@ impl Worker {
             let _ = rustix::io::write(&*signal, &1u64.to_ne_bytes());
         });
         Ok(Worker {
-            shared,
-            ring,
-            listeners: listeners.into_iter().map(Some).collect(),
             conns: Vec::new(),
+            ring,
+            index,
+            shared,
+            listeners: listeners.into_iter().map(Some).collect(),
             free_slots: Vec::new(),
             live: 0,
             accepting: true,
             last_tick: Instant::now(),
+            next_seq: 0,
             reaped: Vec::new(),
+            ios: Vec::new(),
+            spare_ios: Vec::new(),
+            events: Vec::new(),
             wake_fd,
             wake,
             parked: Vec::new(),
@@ -98,24 +165,26 @@ impl Worker {
     }
 
     fn dispatch(&mut self, c: Completion, now: Instant) {
-        if c.token == IGNORED_TOKEN {
-            return;
-        }
-        if c.token == WAKE_TOKEN {
-            return self.on_wake(&c, now);
-        }
-        if c.token & LISTENER_TOKEN != 0 {
-            return self.on_accept(c, now);
-        }
-        let Some((slot, op)) = Op::from_token(c.token) else {
-            return;
-        };
-        let stepped = self.step(slot, now, |conn, cx| {
-            conn.on_completion(cx, op, c.result, c.received)
-        });
-        if !stepped {
-            if let Some(buf) = c.received {
-                self.ring.release_buf(buf);
+        match c.token {
+            IGNORED_TOKEN => {}
+            WAKE_TOKEN => self.on_wake(&c, now),
+            t if t & LISTENER_TOKEN != 0 => self.on_accept(c, now),
+            t => {
+                let Some((slot, op)) = from_token(t) else {
+                    return;
+                };
+                let done = Event::Done {
+                    op,
+                    result: c.result,
+                    buf: c.received,
+                };
+                if !self.step(slot, now, done) {
+                    // No such connection (cannot happen: a slot is freed only once
+                    // every operation is reaped): do not leak the buffer.
+                    if let Some(buf) = c.received {
+                        super::buffers::Buffers::release(&mut self.ring, buf);
+                    }
+                }
             }
         }
     }
@@ -142,13 +211,7 @@ impl Worker {
         let Some(client) = c.accepted else { return };
         let metrics = &self.shared.metrics;
         metrics.conn_opened(listener);
-        if !self.accepting {
-            metrics.conn_closed(listener, Outcome::Refused);
-            return;
-        }
-        let open = self.shared.open.fetch_add(1, Ordering::AcqRel);
-        if open >= self.shared.config.max_connections {
-            self.shared.open.fetch_sub(1, Ordering::AcqRel);
+        if !admit(self.accepting, &self.shared) {
             metrics.conn_closed(listener, Outcome::Refused);
             return;
         }
@@ -159,22 +222,25 @@ impl Worker {
                 (self.conns.len() - 1) as u32
             }
         };
-        let shared = self.shared.clone();
-        let mut cx = Ctx {
-            ring: &mut self.ring,
-            shared: &shared,
-            now,
-            wake: &self.wake,
-            parked: &mut self.parked,
+        self.next_seq += 1;
+        let id = ConnId {
+            worker: self.index as u16,
+            seq: self.next_seq,
         };
-        let mut conn = Conn::new(&mut cx, slot, listener, client);
-        conn.start(&mut cx);
-        self.conns[slot as usize] = Some(conn);
+        let mut cx = context(&mut self.ring, &mut self.ios, &self.shared, listener, now);
+        let conn = Conn::accept(id, &mut cx);
+        self.conns[slot as usize] = Some(Slot {
+            conn,
+            listener,
+            client,
+            guest: None,
+        });
         self.live += 1;
+        self.carry_out(slot, now);
         self.reap(slot);
     }
 
-    /// The pool signalled: resume every parked dial (those still without a socket park
+    /// The pool signalled: retry every parked dial (those still without a socket park
     /// again and are signalled again).
     fn on_wake(&mut self, c: &Completion, now: Instant) {
         let mut count = [0u8; 8];
@@ -190,44 +256,170 @@ impl Worker {
             self.ring
                 .poll_readable_multi(self.wake_fd.as_fd(), WAKE_TOKEN);
         }
-        let mut parked = std::mem::take(&mut self.parked);
-        parked.sort_unstable();
-        parked.dedup();
-        for &slot in &parked {
-            self.step(slot, now, Conn::resume_dial);
+        for parked in std::mem::take(&mut self.parked) {
+            let slot = parked.slot;
+            let wanted = self
+                .conns
+                .get(slot as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.conn.awaits_dial());
+            if wanted {
+                if let Some(event) = self.dial(parked, now) {
+                    self.step(slot, now, event);
+                }
+            }
         }
     }
 
-    /// Free a connection whose operations are all reaped.
-    /// Run one step of the live connection in `slot`, then free it if that finished it.
-    /// Returns false when the slot holds no connection (a stale completion or wake).
-    fn step(&mut self, slot: u32, now: Instant, f: impl FnOnce(&mut Conn, &mut Ctx<'_>)) -> bool {
-        let shared = self.shared.clone();
-        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+    /// Feed `event` to the connection in `slot`, carry out what it asks for, and free
+    /// it if that finished it. False when the slot holds no connection.
+    fn step(&mut self, slot: u32, now: Instant, event: Event) -> bool {
+        if self
+            .conns
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .is_none()
+        {
             return false;
-        };
-        let mut cx = Ctx {
-            ring: &mut self.ring,
-            shared: &shared,
-            now,
-            wake: &self.wake,
-            parked: &mut self.parked,
-        };
-        f(conn, &mut cx);
+        }
+        self.events.push(event);
+        self.carry_out(slot, now);
         self.reap(slot);
         true
     }
 
+    /// Alternate between the connection in `slot` and the ring: events in, the
+    /// operations it asks for out, and what those answer at once (a dial's outcome)
+    /// back in, until it asks for nothing more.
+    fn carry_out(&mut self, slot: u32, now: Instant) {
+        // Three lists, kept with their capacity from one step to the next: a step on the
+        // data path allocates nothing here.
+        let mut events = std::mem::take(&mut self.events);
+        let mut ios = std::mem::take(&mut self.spare_ios);
+        loop {
+            if let Some(s) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) {
+                for event in events.drain(..) {
+                    let mut cx =
+                        context(&mut self.ring, &mut self.ios, &self.shared, s.listener, now);
+                    s.conn.handle(event, &mut cx);
+                }
+            }
+            events.clear();
+            std::mem::swap(&mut ios, &mut self.ios);
+            for io in ios.drain(..) {
+                if let Some(event) = self.submit(slot, io, now) {
+                    events.push(event);
+                }
+            }
+            if events.is_empty() {
+                break;
+            }
+        }
+        self.events = events;
+        self.spare_ios = ios;
+    }
+
+    /// Hand one operation to the ring. An operation the ring cannot take (the socket
+    /// it names is missing) completes at once with an error, so the connection's
+    /// account of what is in flight stays true.
+    fn submit(&mut self, slot: u32, io: Io, now: Instant) -> Option<Event> {
+        let s = self.conns.get_mut(slot as usize).and_then(Option::as_mut)?;
+        let op = io.op();
+        let submitted = match io {
+            Io::Dial {
+                route,
+                port,
+                timeout,
+            } => {
+                let parked = Parked {
+                    slot,
+                    route,
+                    port,
+                    deadline: now + timeout,
+                };
+                return self.dial(parked, now);
+            }
+            Io::Recv { side, into } => s.fd(side).is_some_and(|fd| {
+                let t = token(slot, Op::recv(side));
+                match into {
+                    None => {
+                        self.ring.recv_pooled(fd, t);
+                        true
+                    }
+                    Some(buf) => self.ring.recv(fd, buf, t),
+                }
+            }),
+            Io::Send { side, buf } => s
+                .fd(side)
+                .is_some_and(|fd| self.ring.send(fd, buf, token(slot, Op::send(side)))),
+            Io::Shutdown(side) => s.fd(side).is_some_and(|fd| {
+                let t = token(slot, Op::shutdown(side));
+                self.ring.shutdown(fd, libc::SHUT_WR, t);
+                true
+            }),
+            Io::Cancel(side) => s.fd(side).is_some_and(|fd| {
+                let t = token(slot, Op::cancel(side));
+                self.ring.cancel_fd(fd.as_raw_fd(), t);
+                true
+            }),
+        };
+        match (submitted, op) {
+            (false, Some(op)) => Some(Event::Done {
+                op,
+                result: -libc::EBADF,
+                buf: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Connect if the namespace's pool has a socket now; park otherwise.
+    fn dial(&mut self, parked: Parked, now: Instant) -> Option<Event> {
+        let Some(left) = parked
+            .deadline
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())
+        else {
+            return Some(Event::DialFailed(DialError::PoolTimeout));
+        };
+        let s = self
+            .conns
+            .get_mut(parked.slot as usize)
+            .and_then(Option::as_mut)?;
+        match guest_socket(&self.shared.pool, &parked.route.netns, &self.wake) {
+            Ok(Some(fd)) => {
+                let addr = SocketAddrV4::new(parked.route.guest_ip, parked.port);
+                // Parked time counts against the dial timeout.
+                let t = token(parked.slot, Op::Connect);
+                self.ring.connect(fd.as_fd(), addr, left, t);
+                s.guest = Some(fd);
+                Some(Event::Dialing)
+            }
+            Ok(None) => {
+                if self.shared.log.debug_enabled() {
+                    let record = Record::DialParked {
+                        vm: Arc::clone(&parked.route),
+                    };
+                    self.shared.log.record(s.conn.id(), s.listener, record);
+                }
+                self.parked.push(parked);
+                None
+            }
+            Err(e) => Some(Event::DialFailed(e)),
+        }
+    }
+
     fn reap(&mut self, slot: u32) {
         let entry = &mut self.conns[slot as usize];
-        if !entry.as_ref().is_some_and(Conn::finished) {
+        let Some(outcome) = entry.as_ref().and_then(|s| s.conn.finished()) else {
             return;
-        }
-        if let Some(conn) = entry.take() {
-            self.shared
-                .metrics
-                .conn_closed(conn.listener(), conn.outcome());
-            conn.free(&mut self.ring);
+        };
+        if let Some(s) = entry.take() {
+            self.shared.metrics.conn_closed(s.listener, outcome);
+            for buf in s.conn.buffers() {
+                super::buffers::Buffers::release(&mut self.ring, buf);
+            }
+            self.parked.retain(|p| p.slot != slot);
             self.free_slots.push(slot);
             self.live -= 1;
             self.shared.open.fetch_sub(1, Ordering::AcqRel);
@@ -236,26 +428,66 @@ impl Worker {
 
     /// Timers and shutdown; returns true when the worker is done.
     fn tick(&mut self, now: Instant) -> bool {
-        let shared = self.shared.clone();
-        let stopping = shared.stopping();
+        let stopping = self.shared.stopping();
         if stopping.is_some() && self.accepting {
             self.accepting = false;
             for fd in self.listeners.iter().flatten() {
                 self.ring.cancel_fd(fd.as_raw_fd(), IGNORED_TOKEN);
             }
         }
+        // Parked dials past their deadline fail.
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| now >= p.deadline);
+        self.parked = waiting;
+        for p in expired {
+            self.step(p.slot, now, Event::DialFailed(DialError::PoolTimeout));
+        }
         let drain_over = stopping.is_some_and(|deadline| now >= deadline);
         for slot in 0..self.conns.len() as u32 {
-            self.step(slot, now, |conn, cx| {
-                if drain_over {
-                    conn.abort(cx);
-                } else {
-                    conn.check_timers(cx);
-                }
-            });
+            let event = if drain_over {
+                Event::Abort
+            } else {
+                Event::Tick
+            };
+            self.step(slot, now, event);
         }
         stopping.is_some() && self.live == 0
     }
+}
+
+/// What a connection on `listener` works with for one event.
+fn context<'a>(
+    ring: &'a mut Ring,
+    ios: &'a mut Vec<Io>,
+    shared: &'a Shared,
+    listener: usize,
+    now: Instant,
+) -> Cx<'a, Ring> {
+    Cx {
+        bufs: ring,
+        io: ios,
+        now,
+        listener: &shared.listeners[listener],
+        timeouts: &shared.timeouts,
+        routes: &*shared.resolver,
+        metrics: &shared.metrics,
+        log: &shared.log,
+    }
+}
+
+/// Whether a new connection may stay: not while stopping, not past
+/// `FWD_MAX_CONNECTIONS` (counted across workers). Takes its place in the count.
+fn admit(accepting: bool, shared: &Shared) -> bool {
+    if !accepting {
+        return false;
+    }
+    let open = shared.open.fetch_add(1, Ordering::AcqRel);
+    if open >= shared.config.max_connections {
+        shared.open.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -265,54 +497,124 @@ mod tests {
     use std::os::fd::OwnedFd;
 
     use super::*;
-    use crate::config::Config;
-    use crate::engine::Listener;
+    use crate::config::{Config, ListenerKind};
+    use crate::engine::{ConnLog, Listener};
     use crate::metrics::Metrics;
-    use crate::resolver::Resolver;
+    use crate::resolver::{Resolver, Settings};
     use ffi_free_netns::{PoolConfig, SocketPool};
+    use mergen_testkit::TempDir;
+
+    #[test]
+    fn tokens_round_trip_and_reject_unknown_ops() {
+        for op in Op::ALL {
+            assert_eq!(from_token(token(12345, op)), Some((12345, op)));
+        }
+        assert_eq!(from_token(0xf), None);
+    }
+
+    /// A worker on a raw listener in front of `backend_port` on 127.0.0.1, routing to a
+    /// VM in the host's namespace (no root needed); `vms` says whether there is one.
+    struct Harness {
+        shared: Arc<Shared>,
+        front: std::net::SocketAddr,
+        worker: Option<std::thread::JoinHandle<()>>,
+        _dir: TempDir,
+    }
+
+    impl Harness {
+        fn start(backend_port: u16, vms: bool, env: &[(&str, &str)], pool: u16) -> Harness {
+            let dir = TempDir::new("dp-worker");
+            if vms {
+                let vm = dir.join("0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6");
+                std::fs::create_dir_all(&vm).expect("vm dir");
+                std::fs::write(
+                    vm.join("meta.json"),
+                    r#"{"id":"0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6","createdAt":"2025-01-01T00:00:00Z","guestIP":"127.0.0.1","netns":""}"#,
+                )
+                .expect("meta.json");
+            }
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let config =
+                Config::from_lookup(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+                    .expect("config");
+            let listener = Listener {
+                name: "raw-test".into(),
+                index: 0,
+                guest_port: backend_port,
+                kind: ListenerKind::Raw,
+                tls: None,
+            };
+            let shared = Arc::new(Shared::new(
+                config,
+                vec![listener],
+                Arc::new(Resolver::new(Settings {
+                    config_root: dir.path().to_path_buf(),
+                    domain_suffix: "localhost".into(),
+                    ..Default::default()
+                })),
+                SocketPool::new(PoolConfig::default()),
+                Arc::new(Metrics::new(&["raw-test".to_string()])),
+                ConnLog::off(),
+            ));
+            let front = TcpListener::bind("127.0.0.1:0").expect("front");
+            let front_addr = front.local_addr().expect("addr");
+            let front: OwnedFd = front.into();
+            let worker_shared = shared.clone();
+            let worker = std::thread::spawn(move || {
+                Worker::new(0, worker_shared, vec![front], pool)
+                    .expect("worker")
+                    .run()
+            });
+            Harness {
+                shared,
+                front: front_addr,
+                worker: Some(worker),
+                _dir: dir,
+            }
+        }
+
+        fn closed(&self, outcome: Outcome) -> u64 {
+            let series = format!(
+                "mergen_forwarder_connections_total{{listener=\"raw-test\",outcome=\"{}\"}} ",
+                outcome.as_str()
+            );
+            self.shared
+                .metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+                .unwrap_or(0)
+        }
+
+        fn wait_closed(&self, outcome: Outcome, n: u64) {
+            let counted = mergen_testkit::poll(Duration::from_secs(5), || {
+                (self.closed(outcome) >= n).then_some(())
+            });
+            assert!(counted.is_some(), "{}", self.shared.metrics.render());
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.shared.begin_shutdown(Duration::from_millis(100));
+            if let Some(w) = self.worker.take() {
+                w.join().expect("worker thread");
+            }
+        }
+    }
 
     /// More connections hold received data than the pool has buffers (the backend
     /// does not read yet), so receives fall back to buffers of their own; every byte
     /// still arrives.
     #[test]
     fn an_empty_pool_falls_back_to_private_buffers() {
-        let dir = std::env::temp_dir().join(format!("mergen-dp-worker-{}", std::process::id()));
-        let vm = dir.join("0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6");
-        std::fs::create_dir_all(&vm).expect("vm dir");
-        std::fs::write(
-            vm.join("meta.json"),
-            r#"{"id":"0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6","createdAt":"2025-01-01T00:00:00Z","guestIP":"127.0.0.1","netns":""}"#,
-        )
-        .expect("meta.json");
         let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
         let backend_port = backend.local_addr().expect("addr").port();
-        let config = Config::from_lookup(|_| None).expect("default config");
-        let listener = Listener {
-            name: "raw-test".into(),
-            guest_port: backend_port,
-            tls: None,
-            protocol: None,
-        };
-        let shared = Arc::new(Shared::new(
-            config,
-            vec![listener],
-            Arc::new(Resolver::new(
-                dir.clone(),
-                String::new(),
-                "localhost".into(),
-            )),
-            SocketPool::new(PoolConfig::default()),
-            Arc::new(Metrics::new(&["raw-test".to_string()])),
-        ));
-        let front = TcpListener::bind("127.0.0.1:0").expect("front");
-        let front_addr = front.local_addr().expect("addr");
-        let front: OwnedFd = front.into();
-        let worker_shared = shared.clone();
-        let worker = std::thread::spawn(move || {
-            Worker::new(worker_shared, vec![front], 2)
-                .expect("worker")
-                .run()
-        });
+        let h = Harness::start(backend_port, true, &[], 2);
+        let front_addr = h.front;
 
         const CONNS: usize = 4;
         const BYTES: usize = 32 << 20;
@@ -334,21 +636,13 @@ mod tests {
         let accepted: Vec<TcpStream> = (0..CONNS)
             .map(|_| backend.accept().expect("accept").0)
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !accepted
-            .iter()
-            .all(|s| rustix::io::ioctl_fionread(s).unwrap_or(0) >= 64 << 10)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the uploads never backed up: {:?}",
-                accepted
-                    .iter()
-                    .map(|s| rustix::io::ioctl_fionread(s).unwrap_or(0))
-                    .collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let backed_up = mergen_testkit::poll(Duration::from_secs(5), || {
+            accepted
+                .iter()
+                .all(|s| rustix::io::ioctl_fionread(s).unwrap_or(0) >= 64 << 10)
+                .then_some(())
+        });
+        assert!(backed_up.is_some(), "the uploads never backed up");
         let readers: Vec<_> = accepted
             .into_iter()
             .map(|mut s| {
@@ -366,8 +660,71 @@ mod tests {
         for c in clients {
             assert_eq!(c.join().expect("client").len(), 2);
         }
-        shared.begin_shutdown(Duration::from_secs(1));
-        worker.join().expect("worker thread");
-        let _ = std::fs::remove_dir_all(&dir);
+        h.wait_closed(Outcome::Ok, CONNS as u64);
+    }
+
+    /// `refused`: over `FWD_MAX_CONNECTIONS` a connection is closed at once.
+    #[test]
+    fn over_the_cap_is_refused() {
+        let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
+        let port = backend.local_addr().expect("addr").port();
+        let h = Harness::start(port, true, &[("FWD_MAX_CONNECTIONS", "1")], 4);
+        let _first = TcpStream::connect(h.front).expect("first");
+        let _held = backend.accept().expect("the first reaches the backend");
+        let mut second = TcpStream::connect(h.front).expect("second");
+        second
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(second.read(&mut [0u8; 8]).unwrap_or(0), 0);
+        h.wait_closed(Outcome::Refused, 1);
+    }
+
+    /// `no_route`: a raw listener with no VM at all.
+    #[test]
+    fn a_raw_listener_without_vms_counts_no_route() {
+        let h = Harness::start(9, false, &[], 4);
+        let mut c = TcpStream::connect(h.front).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(c.read(&mut [0u8; 8]).unwrap_or(0), 0);
+        h.wait_closed(Outcome::NoRoute, 1);
+        assert_eq!(h.closed(Outcome::DialFailed), 0);
+    }
+
+    /// `dial_failed`: the guest refuses the connection.
+    #[test]
+    fn a_refused_guest_counts_dial_failed() {
+        let closed_port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let h = Harness::start(closed_port, true, &[], 4);
+        let mut c = TcpStream::connect(h.front).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(c.read(&mut [0u8; 8]).unwrap_or(0), 0);
+        h.wait_closed(Outcome::DialFailed, 1);
+    }
+
+    /// `shutdown`: the drain time ran out on an open connection.
+    #[test]
+    fn the_drain_deadline_counts_shutdown() {
+        let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
+        let port = backend.local_addr().expect("addr").port();
+        let mut h = Harness::start(port, true, &[], 4);
+        let mut c = TcpStream::connect(h.front).expect("connect");
+        let _held = backend.accept().expect("accept");
+        h.shared.begin_shutdown(Duration::from_millis(200));
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(c.read(&mut [0u8; 8]).unwrap_or(0), 0);
+        h.worker
+            .take()
+            .expect("worker")
+            .join()
+            .expect("worker ends");
+        assert_eq!(h.closed(Outcome::Shutdown), 1);
+        assert_eq!(h.closed(Outcome::Error), 0);
     }
 }

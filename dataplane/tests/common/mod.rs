@@ -147,6 +147,12 @@ pub fn write_vm(config_root: &Path, id: &str, created_at: &str, ns: &Ns, tags: &
     mergen_model::atomic::write_json(&dir.join("meta.json"), &meta).expect("writing meta.json");
 }
 
+/// A VM without aliases (a fresh id) created at `created_at`, its guest in `ns`: what a
+/// raw listener routes to when it is the oldest.
+pub fn write_untagged_vm(config_root: &Path, ns: &Ns, created_at: &str) {
+    write_vm(config_root, &vm_id(), created_at, ns, &[]);
+}
+
 /// A VM (a fresh id, one fixed creation time) tagged `app=<app>`, its guest in `ns`.
 pub fn write_app_vm(config_root: &Path, ns: &Ns, app: &str) {
     write_vm(

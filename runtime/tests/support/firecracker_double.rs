@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
@@ -37,17 +38,25 @@ impl FirecrackerDouble {
     pub fn listen(socket: &Path) -> FirecrackerDouble {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket).expect("bind the double's socket");
+        // Non-blocking accepts, so the loop sees `done` even when the code under test
+        // has removed the socket file (a launch clears stale sockets) and no connection
+        // can wake it.
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let calls = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let done = Arc::new(AtomicBool::new(false));
         let (c, b, d) = (calls.clone(), behaviour.clone(), done.clone());
         let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if d.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(stream) = stream {
-                    serve(stream, &c, &b);
+            while !d.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if stream.set_nonblocking(false).is_ok() {
+                            serve(stream, &c, &b);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
@@ -77,8 +86,6 @@ impl FirecrackerDouble {
 impl Drop for FirecrackerDouble {
     fn drop(&mut self) {
         self.done.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees `done`.
-        let _ = UnixStream::connect(&self.socket);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -86,12 +93,13 @@ impl Drop for FirecrackerDouble {
     }
 }
 
-fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Behaviour>) {
+/// Read one request (method, path, JSON body); `None` when the client went away first.
+fn read_request(stream: &mut UnixStream) -> Option<Call> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let (method, path, body) = loop {
+    loop {
         let n = match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
@@ -105,28 +113,34 @@ fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Beh
                 .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
                 .unwrap_or(0);
             if buf.len() >= head + len {
-                break (
-                    req.method.unwrap_or("").to_string(),
-                    req.path.unwrap_or("").to_string(),
-                    serde_json::from_slice(&buf[head..head + len])
+                return Some(Call {
+                    method: req.method.unwrap_or("").to_string(),
+                    path: req.path.unwrap_or("").to_string(),
+                    body: serde_json::from_slice(&buf[head..head + len])
                         .unwrap_or(serde_json::Value::Null),
-                );
+                });
             }
         }
+    }
+}
+
+fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Behaviour>) {
+    let Some(call) = read_request(&mut stream) else {
+        return;
     };
     let b = behaviour.lock().unwrap();
     let answer = match &b.fail {
-        Some((p, status, fault)) if *p == path => {
+        Some((p, status, fault)) if *p == call.path => {
             let body = serde_json::json!({ "fault_message": fault }).to_string();
             format!(
                 "HTTP/1.1 {status} Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
         }
-        _ => "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_string(),
+        _ => NO_CONTENT.to_string(),
     };
-    let ctrl_alt_del = body["action_type"] == "SendCtrlAltDel";
-    calls.lock().unwrap().push(Call { method, path, body });
+    let ctrl_alt_del = call.body["action_type"] == "SendCtrlAltDel";
+    calls.lock().unwrap().push(call);
     let _ = stream.write_all(answer.as_bytes());
     if ctrl_alt_del {
         if let Some(pid) = b.exit_on_ctrl_alt_del {
@@ -136,5 +150,77 @@ fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Beh
                     .status();
             }
         }
+    }
+}
+
+const NO_CONTENT: &str = "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+
+/// The double as a process, standing in for the Firecracker binary the runtime launches
+/// (`firecracker --api-sock PATH --id ID`, inside the VM's namespace). It records every
+/// call as a JSON line in `PATH.calls` (and its pid in `PATH.pid`), and behaves like a
+/// booting guest: on InstanceStart it takes the guest address from the `ip=` boot
+/// argument it was sent (the guest's network coming up, as seen from the namespace),
+/// unless the kernel file it was given holds `no-network`; on SendCtrlAltDel it exits,
+/// as a guest powering off does.
+pub fn run_process(args: &[String]) -> std::process::ExitCode {
+    let Some(socket) = args
+        .iter()
+        .position(|a| a == "--api-sock")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+    else {
+        eprintln!("firecracker double: no --api-sock in {args:?}");
+        return std::process::ExitCode::from(2);
+    };
+    let record = |ext: &str| PathBuf::from(format!("{}.{ext}", socket.display()));
+    let _ = std::fs::write(record("pid"), std::process::id().to_string());
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("firecracker double: binding {}: {e}", socket.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut boot = serde_json::Value::Null;
+    for mut stream in listener.incoming().flatten() {
+        let Some(call) = read_request(&mut stream) else {
+            continue;
+        };
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(record("calls"))
+        {
+            let line =
+                serde_json::json!({"method": call.method, "path": call.path, "body": call.body});
+            let _ = writeln!(f, "{line}");
+        }
+        let _ = stream.write_all(NO_CONTENT.as_bytes());
+        match (call.path.as_str(), call.body["action_type"].as_str()) {
+            ("/boot-source", _) => boot = call.body,
+            ("/actions", Some("InstanceStart")) => play_booted_guest(&boot),
+            ("/actions", Some("SendCtrlAltDel")) => return std::process::ExitCode::SUCCESS,
+            _ => {}
+        }
+    }
+    std::process::ExitCode::FAILURE
+}
+
+fn play_booted_guest(boot: &serde_json::Value) {
+    let kernel = boot["kernel_image_path"].as_str().unwrap_or_default();
+    if std::fs::read_to_string(kernel).is_ok_and(|k| k.contains("no-network")) {
+        return;
+    }
+    let guest = boot["boot_args"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("ip="))
+        .and_then(|ip| ip.split(':').next());
+    if let Some(ip) = guest {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .status();
     }
 }

@@ -1,53 +1,64 @@
-//! One proxied connection as an explicit state machine.
+//! One proxied connection, as a state machine that does no I/O. `LIFECYCLE.md` beside
+//! this file draws it.
 //!
-//! ```text
-//! accept ─► Peek ─► (Postgres: PgReply ─► Peek) ─► Handshake ─► Stream ─► Closing
-//!             │                                      │  dial runs alongside
-//!             └─► refused: alert, no crypto ─► Linger ◄┘  (502 / close_notify)
-//! raw: accept ─► Dial ─► Stream ─► Closing
-//! ```
+//! The worker feeds a [`Conn`] [`Event`]s (an operation completed, a dial got its
+//! socket or failed, time passed) and carries out the [`Io`] it asks for. The core
+//! never touches a socket or the ring: it sees buffers through [`Buffers`] and routes
+//! through [`Routes`], and says what it wants submitted. Its tests (`tests.rs`) run it
+//! against `Vec`s and a rustls client in memory, with no sockets and no root.
 //!
-//! A dial whose namespace has no ready socket parks (`Dial::Parked`) instead of waiting
-//! for the pool's thread: the pool signals the worker's eventfd, and the worker resumes
-//! its parked connections ([`Conn::resume_dial`]). The dial timeout runs from the start
-//! of the dial, parked time included.
+//! A connection is in one [`Stage`]; each stage holds only what it needs, so that a
+//! combination that cannot happen (a TLS phase on a raw listener, a dial before the
+//! ClientHello was read) cannot be written either:
 //!
-//! Every completion lands in [`Conn::on_completion`], which records what happened;
-//! [`Conn::advance`] then looks at the whole state and submits whatever can run next.
-//! The phases before any crypto live in `hello`, the byte pumps in `stream`.
-//! Memory per connection is bounded: at most four buffers plus rustls' own bounded
-//! buffers, and an idle connection holds none of ours: receives take a buffer from the
-//! ring's pool only when data arrives, and outgoing buffers are allocated while they
-//! hold bytes. Flow control falls out of the buffers: a side is read only when the data
-//! last read from it has been passed on.
+//! * [`Peek`]: TLS listeners read the ClientHello (after a PostgreSQL preamble) and
+//!   route it by SNI, or refuse it without any crypto.
+//! * [`Proxy`]: the guest is dialed while (TLS) rustls handshakes; then bytes stream.
+//!   Each direction has its own [`Flow`]; the dial its own [`Dial`]; TLS its own phase.
+//! * [`Linger`]: a last word (an alert, a 502, close_notify) is flushed, then the
+//!   client is read until it closes, so unread input does not turn our close into a
+//!   reset.
+//! * Closing: whatever is in flight is cancelled; once all of it is reaped the worker
+//!   frees the connection and counts its [`Outcome`].
+//!
+//! Memory per connection is bounded: at most four ring buffers (one per direction and
+//! end) plus rustls' own bounded buffers. A connection waiting for input holds none of
+//! ours: receives take a pool buffer only when bytes arrive, outgoing buffers are held
+//! only while they hold bytes, and a ClientHello that arrives in pieces waits in a
+//! `Vec` sized to what came. Flow control falls out of the buffers: a side is read only
+//! once what was last read from it has been passed on.
 
-use std::io;
-use std::net::SocketAddrV4;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+mod linger;
+mod peek;
+mod relay;
+mod tls;
+
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ffi_free_netns::Wake;
-use rustls::ServerConnection;
-
-mod hello;
-mod stream;
-
-use super::dial::backend_socket;
-use super::ring::{BufId, Ring};
-use super::Shared;
-use crate::metrics::{HandshakeFailure, Outcome};
+pub use super::buffers::{BufId, Buffers};
+use super::connlog::{ConnId, ConnLog, Record};
+use super::dial::DialError;
+use super::Listener;
+use crate::metrics::{HandshakeFailure, Metrics, Outcome};
 use crate::resolver::Route;
-use crate::sni;
+
+use linger::Linger;
+use peek::Peek;
+use tls::Tls;
 
 /// Size of each data buffer: one maximal TLS record with its overhead.
 pub const BUF_LEN: usize = 16 * 1024 + 512;
-/// The client buffer also holds a whole ClientHello (after a Postgres preamble).
-const CLIENT_BUF_LEN: usize = if sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN > BUF_LEN {
-    sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN
-} else {
-    BUF_LEN
-};
+
+/// Which socket of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Guest,
+}
 
 /// The operations a connection can have in flight, at most one of each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,549 +66,689 @@ const CLIENT_BUF_LEN: usize = if sni::MAX_CLIENT_HELLO + sni::PG_PREAMBLE_LEN > 
 pub enum Op {
     ClientRecv = 0,
     ClientSend = 1,
-    BackendRecv = 2,
-    BackendSend = 3,
-    Connect = 4,
-    ClientShutdown = 5,
-    BackendShutdown = 6,
-    CancelClient = 7,
-    CancelBackend = 8,
+    ClientShutdown = 2,
+    ClientCancel = 3,
+    GuestRecv = 4,
+    GuestSend = 5,
+    GuestShutdown = 6,
+    GuestCancel = 7,
+    Connect = 8,
 }
 
 impl Op {
-    const ALL: [Op; 9] = [
+    pub const ALL: [Op; 9] = [
         Op::ClientRecv,
         Op::ClientSend,
-        Op::BackendRecv,
-        Op::BackendSend,
-        Op::Connect,
         Op::ClientShutdown,
-        Op::BackendShutdown,
-        Op::CancelClient,
-        Op::CancelBackend,
+        Op::ClientCancel,
+        Op::GuestRecv,
+        Op::GuestSend,
+        Op::GuestShutdown,
+        Op::GuestCancel,
+        Op::Connect,
     ];
+
+    pub fn recv(side: Side) -> Op {
+        match side {
+            Side::Client => Op::ClientRecv,
+            Side::Guest => Op::GuestRecv,
+        }
+    }
+
+    pub fn send(side: Side) -> Op {
+        match side {
+            Side::Client => Op::ClientSend,
+            Side::Guest => Op::GuestSend,
+        }
+    }
+
+    pub fn shutdown(side: Side) -> Op {
+        match side {
+            Side::Client => Op::ClientShutdown,
+            Side::Guest => Op::GuestShutdown,
+        }
+    }
+
+    pub fn cancel(side: Side) -> Op {
+        match side {
+            Side::Client => Op::ClientCancel,
+            Side::Guest => Op::GuestCancel,
+        }
+    }
+
+    pub fn side(self) -> Side {
+        match self {
+            Op::ClientRecv | Op::ClientSend | Op::ClientShutdown | Op::ClientCancel => Side::Client,
+            _ => Side::Guest,
+        }
+    }
 
     fn bit(self) -> u16 {
         1 << (self as u8)
     }
+}
 
-    pub fn token(self, slot: u32) -> u32 {
-        (slot << 4) | self as u32
+/// The set of operations in flight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct InFlight(u16);
+
+impl InFlight {
+    fn has(self, op: Op) -> bool {
+        self.0 & op.bit() != 0
     }
 
-    /// Split a connection token into its slot and operation.
-    pub fn from_token(token: u32) -> Option<(u32, Op)> {
-        let op = *Op::ALL.get((token & 0xf) as usize)?;
-        Some((token >> 4, op))
+    fn any(self, ops: &[Op]) -> bool {
+        ops.iter().any(|&op| self.has(op))
+    }
+
+    fn add(&mut self, op: Op) {
+        self.0 |= op.bit();
+    }
+
+    fn remove(&mut self, op: Op) {
+        self.0 &= !op.bit();
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Reading the ClientHello (TLS listeners only).
-    Peek,
-    /// Sending the one-byte answer to a Postgres SSLRequest / GSSENCRequest.
-    PgReply,
-    /// Raw listener: waiting for the backend connect.
-    Dial,
-    /// rustls handshaking while the backend connect runs.
-    Handshake,
-    /// Both ways open (or half-closed).
-    Stream,
-    /// Flushing a last word (alert, 502, close_notify), then reading the client until
-    /// it closes, so unread input does not turn our close into a reset.
-    Linger,
-    /// Waiting for in-flight operations to finish before freeing.
-    Closing,
+/// What the core asks its worker to do. Every variant but `Dial` starts the one
+/// [`Op`] it names, whose completion comes back as [`Event::Done`].
+#[derive(Debug)]
+pub enum Io {
+    /// Receive on `side`: into a buffer the ring takes from its pool when bytes arrive
+    /// (`into: None`), or into the free tail of `into` when the pool ran dry.
+    Recv {
+        side: Side,
+        into: Option<BufId>,
+    },
+    Send {
+        side: Side,
+        buf: BufId,
+    },
+    /// Half-close: FIN once everything queued is sent.
+    Shutdown(Side),
+    /// Cancel everything in flight on that side's socket.
+    Cancel(Side),
+    /// Take a socket in the route's namespace and connect it to the guest within
+    /// `timeout`. The worker answers [`Event::Dialing`] once the connect is submitted
+    /// (at once, or when the namespace's pool has a socket), or [`Event::DialFailed`].
+    Dial {
+        route: Arc<Route>,
+        port: u16,
+        timeout: Duration,
+    },
 }
 
+impl Io {
+    /// The operation this starts.
+    pub fn op(&self) -> Option<Op> {
+        match *self {
+            Io::Recv { side, .. } => Some(Op::recv(side)),
+            Io::Send { side, .. } => Some(Op::send(side)),
+            Io::Shutdown(side) => Some(Op::shutdown(side)),
+            Io::Cancel(side) => Some(Op::cancel(side)),
+            Io::Dial { .. } => None,
+        }
+    }
+}
+
+/// What happened to a connection.
+#[derive(Debug)]
+pub enum Event {
+    /// `op` completed with the kernel's `result` (bytes, 0, or a negative errno); a
+    /// receive into a pool buffer hands that buffer over in `buf`.
+    Done {
+        op: Op,
+        result: i32,
+        buf: Option<BufId>,
+    },
+    /// The guest connect of an [`Io::Dial`] is submitted.
+    Dialing,
+    /// The dial failed before its connect was submitted (no namespace, no socket in
+    /// time).
+    DialFailed(DialError),
+    /// Time passed: deadlines are checked.
+    Tick,
+    /// The shutdown drain time ran out.
+    Abort,
+}
+
+/// Where connections go.
+pub trait Routes {
+    /// The VM a server name routes to.
+    fn by_sni(&self, name: &str) -> Option<Arc<Route>>;
+    /// Where a raw listener sends its connections: the oldest VM.
+    fn oldest(&self) -> Option<Arc<Route>>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub dial: Duration,
+    /// ClientHello plus handshake; also how long a last word may take.
+    pub handshake: Duration,
+    pub idle: Duration,
+}
+
+/// What a connection works with for one event, borrowed from its worker.
+pub struct Cx<'a, B> {
+    pub bufs: &'a mut B,
+    /// Where the core puts the operations it wants submitted, in order.
+    pub io: &'a mut Vec<Io>,
+    pub now: Instant,
+    pub listener: &'a Listener,
+    pub timeouts: &'a Timeouts,
+    pub routes: &'a dyn Routes,
+    pub metrics: &'a Metrics,
+    pub log: &'a ConnLog,
+}
+
+/// One direction of the stream (client → guest, or guest → client), as sozu's pipes
+/// have it: its source can end before its sink, and either before the other direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dial {
-    Idle,
-    /// Waiting for the namespace's pool to have a socket.
-    Parked,
-    Pending,
+pub enum Flow {
+    /// Reading the source, writing the sink.
+    Open,
+    /// The source ended; what was read is still being written.
+    ReadClosed,
+    /// The sink is gone or shut; the source is still read, and its bytes dropped.
+    WriteClosed,
+    /// Nothing more moves this way (the sink got its FIN).
+    Closed,
+}
+
+/// A direction whose source just ended.
+fn read_closed(flow: Flow) -> Flow {
+    match flow {
+        Flow::Open => Flow::ReadClosed,
+        Flow::WriteClosed => Flow::Closed,
+        other => other,
+    }
+}
+
+/// The guest connection.
+#[derive(Debug)]
+pub enum Dial {
+    /// Asked the worker for a socket and a connect; `since` counts against timeouts.
+    Pending {
+        since: Instant,
+    },
     Up,
+    /// The guest cannot be reached; a TLS client learns it once its handshake is done.
     Failed,
 }
 
-pub struct Conn {
-    slot: u32,
-    listener: usize,
-    client: OwnedFd,
-    backend: Option<OwnedFd>,
-    /// Bytes from the client (ciphertext on TLS listeners). While peeking, an owned
-    /// buffer that accumulates the ClientHello; afterwards whatever a receive returned.
-    cin: Option<BufId>,
-    /// Bytes from the backend (plaintext).
-    bin: Option<BufId>,
-    /// TLS listeners: ciphertext to the client, plaintext to the backend.
-    cout: Option<BufId>,
-    bout: Option<BufId>,
-    tls: Option<Box<ServerConnection>>,
-    phase: Phase,
+/// What a connection does with its bytes once routed.
+pub enum Mode {
+    /// Copied as they come (raw listeners).
+    Relay,
+    /// TLS terminated here.
+    Tls(Box<Tls>),
+}
+
+/// Routed: dialing, handshaking (TLS), streaming.
+pub struct Proxy {
+    route: Arc<Route>,
     dial: Dial,
-    /// Where the dial goes, kept while it is parked.
-    route: Option<Arc<Route>>,
-    outcome: Outcome,
-    inflight: u16,
-    cancelled: bool,
-    client_eof: bool,
-    backend_eof: bool,
-    client_shut: bool,
-    backend_shut: bool,
-    close_notify_sent: bool,
-    /// TLS: the client's plaintext stream ended (close_notify, or TCP EOF after it).
-    client_done: bool,
-    /// TLS: rustls was told about the client's TCP EOF.
-    eof_fed: bool,
-    /// Handshake (or linger) deadline; `None` once streaming, where the idle timeout rules.
-    deadline: Option<Instant>,
-    last_active: Instant,
-    accepted_at: Instant,
-    dial_started: Instant,
+    mode: Mode,
+    /// Client → guest.
+    up: Flow,
+    /// Guest → client.
+    down: Flow,
 }
 
-/// Borrowed worker state a connection works with.
-pub struct Ctx<'a> {
-    pub ring: &'a mut Ring,
-    pub shared: &'a Shared,
-    pub now: Instant,
-    /// The worker's waker, handed to the pool by parked dials.
-    pub wake: &'a Wake,
-    /// Slots of connections that parked their dial; the worker resumes them on a wake.
-    pub parked: &'a mut Vec<u32>,
+impl Proxy {
+    fn new(route: Arc<Route>, mode: Mode, now: Instant) -> Proxy {
+        Proxy {
+            route,
+            dial: Dial::Pending { since: now },
+            mode,
+            up: Flow::Open,
+            down: Flow::Open,
+        }
+    }
+
+    /// Until when this may go on without progress: the handshake's deadline, a raw
+    /// dial's, or `None` once streaming (the idle timeout rules).
+    fn deadline(&self, timeouts: &Timeouts) -> Option<Instant> {
+        match (&self.mode, &self.dial) {
+            (Mode::Tls(tls), _) => tls.handshake_deadline(),
+            (Mode::Relay, Dial::Pending { since }) => Some(*since + timeouts.handshake),
+            (Mode::Relay, _) => None,
+        }
+    }
+
+    fn handshaking(&self) -> bool {
+        matches!(&self.mode, Mode::Tls(tls) if tls.handshake_deadline().is_some())
+    }
 }
 
-impl Conn {
-    pub fn new(cx: &mut Ctx<'_>, slot: u32, listener: usize, client: OwnedFd) -> Conn {
-        let tls_listener = cx.shared.listeners[listener].tls.is_some();
-        let now = cx.now;
-        let cin = tls_listener.then(|| cx.ring.alloc_buf(CLIENT_BUF_LEN));
-        Conn {
-            slot,
-            listener,
-            client,
-            backend: None,
-            cin,
-            bin: None,
-            cout: None,
-            bout: None,
-            tls: None,
-            phase: if tls_listener {
-                Phase::Peek
-            } else {
-                Phase::Dial
+pub enum Stage {
+    Peek(Peek),
+    Proxy(Proxy),
+    Linger(Linger),
+    Closing(Outcome),
+}
+
+/// Where a stage's step leads.
+enum Next {
+    Stay,
+    Proxy(Proxy),
+    /// Flush the last word already queued (and rustls' own, if any), then close with
+    /// this outcome.
+    Linger(Outcome),
+    Close(Outcome),
+}
+
+/// The connection's buffers and the operations in flight on its sockets.
+#[derive(Default)]
+struct Ends {
+    /// Bytes received from the client (ciphertext on TLS listeners).
+    from_client: Option<BufId>,
+    /// Bytes for the client: rustls' records, or our own few words.
+    to_client: Option<BufId>,
+    /// Bytes received from the guest.
+    from_guest: Option<BufId>,
+    /// TLS: plaintext for the guest (raw sends straight from `from_client`).
+    to_guest: Option<BufId>,
+    in_flight: InFlight,
+}
+
+impl Ends {
+    fn busy(&self, op: Op) -> bool {
+        self.in_flight.has(op)
+    }
+
+    fn submit<B>(&mut self, cx: &mut Cx<'_, B>, io: Io) {
+        if let Some(op) = io.op() {
+            self.in_flight.add(op);
+        }
+        cx.io.push(io);
+    }
+
+    fn inbox(&mut self, side: Side) -> &mut Option<BufId> {
+        match side {
+            Side::Client => &mut self.from_client,
+            Side::Guest => &mut self.from_guest,
+        }
+    }
+
+    /// Receive on `side` into a pool buffer, unless a receive is in flight or bytes
+    /// read earlier are still pending there (flow control). The emptied buffer of the
+    /// last receive is given back first, so a side waiting for input holds none.
+    fn recv<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        if self.busy(Op::recv(side)) {
+            return;
+        }
+        let inbox = self.inbox(side);
+        if inbox.is_some_and(|b| !cx.bufs.is_empty(b)) {
+            return;
+        }
+        if let Some(b) = inbox.take() {
+            cx.bufs.release(b);
+        }
+        self.submit(cx, Io::Recv { side, into: None });
+    }
+
+    /// The pool was empty: receive into a buffer of the connection's own.
+    fn recv_fallback<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        let into = *self
+            .inbox(side)
+            .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        self.submit(
+            cx,
+            Io::Recv {
+                side,
+                into: Some(into),
             },
-            dial: Dial::Idle,
-            route: None,
-            outcome: Outcome::Ok,
-            inflight: 0,
-            cancelled: false,
-            client_eof: false,
-            backend_eof: false,
-            client_shut: false,
-            backend_shut: false,
-            close_notify_sent: false,
-            client_done: false,
-            eof_fed: false,
-            deadline: Some(now + cx.shared.config.handshake_timeout),
-            last_active: now,
-            accepted_at: now,
-            dial_started: now,
-        }
-    }
-
-    pub fn listener(&self) -> usize {
-        self.listener
-    }
-
-    /// Start a freshly accepted connection.
-    pub fn start(&mut self, cx: &mut Ctx<'_>) {
-        if self.phase == Phase::Dial {
-            match cx.shared.resolver.snapshot().first() {
-                Some(route) => self.start_dial(cx, &route),
-                None => {
-                    log::debug!("raw connection refused: no VM to route to");
-                    self.close(Outcome::DialFailed);
-                }
-            }
-        }
-        self.advance(cx);
-    }
-
-    /// All operations reaped after a close: the slot can be freed.
-    pub fn finished(&self) -> bool {
-        self.phase == Phase::Closing && self.inflight == 0
-    }
-
-    pub fn outcome(&self) -> Outcome {
-        self.outcome
-    }
-
-    /// Give the buffers back to the ring; the sockets close when `self` drops.
-    pub fn free(self, ring: &mut Ring) {
-        for id in [self.cin, self.bin, self.cout, self.bout]
-            .into_iter()
-            .flatten()
-        {
-            ring.release_buf(id);
-        }
-    }
-
-    /// Retry a parked dial: the pool has signalled that sockets are ready (or that its
-    /// worker stopped, which the retry turns into a dial failure).
-    pub fn resume_dial(&mut self, cx: &mut Ctx<'_>) {
-        // A connection already refused or lingering has no use for the backend.
-        let wants = matches!(self.phase, Phase::Dial | Phase::Handshake | Phase::Stream);
-        if wants && self.dial == Dial::Parked {
-            self.dial_now(cx);
-            self.advance(cx);
-        }
-    }
-
-    /// Enforce the handshake, linger, idle and (while parked) dial deadlines.
-    pub fn check_timers(&mut self, cx: &mut Ctx<'_>) {
-        if self.phase == Phase::Closing {
-            return;
-        }
-        if self.dial == Dial::Parked
-            && cx.now.duration_since(self.dial_started) >= cx.shared.config.dial_timeout
-        {
-            log::debug!("backend dial failed: timed out waiting for a namespace socket");
-            self.dial_failed();
-            self.advance(cx);
-            if self.phase == Phase::Closing {
-                return;
-            }
-        }
-        let expired = match self.deadline {
-            Some(d) => cx.now >= d,
-            None => cx.now.duration_since(self.last_active) >= cx.shared.config.idle_timeout,
-        };
-        if expired {
-            if matches!(self.phase, Phase::Peek | Phase::PgReply | Phase::Handshake) {
-                cx.shared
-                    .metrics
-                    .handshake_failed(HandshakeFailure::Timeout);
-            }
-            let outcome = if self.phase == Phase::Linger {
-                self.outcome
-            } else {
-                Outcome::Timeout
-            };
-            self.close(outcome);
-            self.advance(cx);
-        }
-    }
-
-    /// Shutdown drain is over: close whatever is still open.
-    pub fn abort(&mut self, cx: &mut Ctx<'_>) {
-        if self.phase != Phase::Closing {
-            self.close(Outcome::Error);
-            self.advance(cx);
-        }
-    }
-
-    // ---- completions ---------------------------------------------------------------
-
-    pub fn on_completion(&mut self, cx: &mut Ctx<'_>, op: Op, res: i32, received: Option<BufId>) {
-        self.inflight &= !op.bit();
-        if let Some(id) = received {
-            let slot = if op == Op::BackendRecv {
-                &mut self.bin
-            } else {
-                &mut self.cin
-            };
-            if let Some(old) = slot.replace(id) {
-                cx.ring.release_buf(old);
-            }
-        }
-        if res > 0
-            && matches!(
-                op,
-                Op::ClientRecv | Op::ClientSend | Op::BackendRecv | Op::BackendSend
-            )
-        {
-            self.last_active = cx.now;
-            match op {
-                Op::BackendSend => cx.shared.metrics.bytes(self.listener, res as u64, 0),
-                Op::ClientSend => cx.shared.metrics.bytes(self.listener, 0, res as u64),
-                _ => {}
-            }
-        }
-        if self.phase == Phase::Closing {
-            return;
-        }
-        if res == -libc::ENOBUFS {
-            // The pool ran dry: this receive gets a buffer of its own.
-            return self.recv_fallback(cx, op);
-        }
-        match op {
-            Op::ClientRecv => match res {
-                0 => self.on_client_eof(),
-                n if n < 0 => self.close(Outcome::Error),
-                _ => {}
-            },
-            Op::BackendRecv => match res {
-                0 => self.backend_eof = true,
-                n if n < 0 => self.close(Outcome::Error),
-                _ => {}
-            },
-            Op::ClientSend if res < 0 => self.close(Outcome::Error),
-            Op::BackendSend if res < 0 => self.close(Outcome::Error),
-            Op::Connect => self.on_connected(cx, res),
-            _ => {}
-        }
-        self.advance(cx);
-    }
-
-    fn on_client_eof(&mut self) {
-        self.client_eof = true;
-        match self.phase {
-            Phase::Peek | Phase::PgReply | Phase::Handshake => self.close(Outcome::Error),
-            Phase::Linger => self.close(self.outcome),
-            // Raw: `pump_raw` shuts the backend's write side; TLS: rustls is told
-            // once it has consumed what came before the EOF.
-            _ => {}
-        }
-    }
-
-    fn on_connected(&mut self, cx: &mut Ctx<'_>, res: i32) {
-        if res == 0 {
-            self.dial = Dial::Up;
-            cx.shared
-                .metrics
-                .dial_latency(cx.now.duration_since(self.dial_started));
-            if self.phase == Phase::Dial {
-                self.phase = Phase::Stream;
-                self.deadline = None;
-            }
-            return;
-        }
-        let err = if res == -libc::ECANCELED {
-            "timed out".to_string()
-        } else {
-            io::Error::from_raw_os_error(-res).to_string()
-        };
-        log::debug!("backend dial failed: {err}");
-        self.dial_failed();
-    }
-
-    fn dial_failed(&mut self) {
-        self.dial = Dial::Failed;
-        self.backend = None;
-        self.route = None;
-        if self.tls.is_none() {
-            self.close(Outcome::DialFailed);
-        }
-        // A TLS connection learns of it when its handshake completes.
-    }
-
-    // ---- the state machine ---------------------------------------------------------
-
-    fn close(&mut self, outcome: Outcome) {
-        if self.phase != Phase::Closing {
-            self.outcome = outcome;
-            self.phase = Phase::Closing;
-        }
-    }
-
-    fn is_in_flight(&self, op: Op) -> bool {
-        self.inflight & op.bit() != 0
-    }
-
-    fn submitted(&mut self, op: Op) {
-        self.inflight |= op.bit();
-    }
-
-    /// Half-close towards the client (FIN after everything queued), once.
-    fn shut_client_write(&mut self, ring: &mut Ring) {
-        if self.client_shut {
-            return;
-        }
-        self.client_shut = true;
-        ring.shutdown(
-            self.client.as_fd(),
-            libc::SHUT_WR,
-            Op::ClientShutdown.token(self.slot),
         );
-        self.submitted(Op::ClientShutdown);
     }
 
-    pub fn advance(&mut self, cx: &mut Ctx<'_>) {
-        loop {
-            let before = self.phase;
-            match self.phase {
-                Phase::Peek => self.peek(cx),
-                Phase::PgReply => self.pg_reply(cx),
-                Phase::Dial => {}
-                Phase::Handshake | Phase::Stream if self.tls.is_some() => self.pump_tls(cx),
-                Phase::Handshake | Phase::Stream => self.pump_raw(cx),
-                Phase::Linger => self.linger(cx),
-                Phase::Closing => self.closing(cx),
+    /// Send what `buf` holds to `side`; false when a send is in flight or it is empty.
+    fn send<B: Buffers>(&mut self, side: Side, buf: Option<BufId>, cx: &mut Cx<'_, B>) -> bool {
+        match buf {
+            Some(buf) if !self.busy(Op::send(side)) && !cx.bufs.is_empty(buf) => {
+                self.submit(cx, Io::Send { side, buf });
+                true
             }
-            if self.phase == before {
-                return;
-            }
+            _ => false,
         }
     }
 
-    /// While peeking: receive more into the accumulating ClientHello buffer.
-    fn recv_more_hello(&mut self, cx: &mut Ctx<'_>) {
-        if let Some(cin) = self.cin {
-            if !self.is_in_flight(Op::ClientRecv)
-                && cx
-                    .ring
-                    .recv(self.client.as_fd(), cin, Op::ClientRecv.token(self.slot))
-            {
-                self.submitted(Op::ClientRecv);
-            }
-        }
+    fn shutdown<B>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        self.submit(cx, Io::Shutdown(side));
     }
 
-    fn recv_fallback(&mut self, cx: &mut Ctx<'_>, op: Op) {
-        let (fd, slot) = match op {
-            Op::ClientRecv => (self.client.as_fd(), &mut self.cin),
-            Op::BackendRecv => match self.backend.as_ref() {
-                Some(fd) => (fd.as_fd(), &mut self.bin),
-                None => return self.close(Outcome::Error),
-            },
-            _ => return,
+    /// Cancel the receives, sends and connect in flight on `side`, unless a cancel
+    /// already is.
+    fn cancel<B>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        let ops: &[Op] = match side {
+            Side::Client => &[Op::ClientRecv, Op::ClientSend],
+            Side::Guest => &[Op::GuestRecv, Op::GuestSend, Op::Connect],
         };
-        let buf = buffer(cx.ring, slot);
-        if cx.ring.recv(fd, buf, op.token(self.slot)) {
-            self.inflight |= op.bit();
+        if self.in_flight.any(ops) && !self.busy(Op::cancel(side)) {
+            self.submit(cx, Io::Cancel(side));
         }
     }
 
-    fn send_client(&mut self, cx: &mut Ctx<'_>) {
-        if let Some(cout) = self.cout {
-            if !self.is_in_flight(Op::ClientSend)
-                && cx
-                    .ring
-                    .send(self.client.as_fd(), cout, Op::ClientSend.token(self.slot))
-            {
-                self.submitted(Op::ClientSend);
-            }
-        }
+    /// Queue a few bytes of our own for the client (a PostgreSQL answer, an alert).
+    fn say<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        let buf = *self.to_client.get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        let _ = cx.bufs.fill(buf, |tail| {
+            let n = bytes.len().min(tail.len());
+            tail[..n].copy_from_slice(&bytes[..n]);
+            Ok::<_, ()>(n)
+        });
+        self.send(Side::Client, self.to_client, cx);
     }
 
-    fn start_dial(&mut self, cx: &mut Ctx<'_>, route: &Arc<Route>) {
-        self.dial_started = cx.now;
-        self.route = Some(Arc::clone(route));
-        self.dial_now(cx);
-    }
-
-    /// Connect if the pool has a socket now, park otherwise.
-    fn dial_now(&mut self, cx: &mut Ctx<'_>) {
-        let Some(route) = self.route.clone() else {
-            return self.dial_failed();
-        };
-        match backend_socket(cx.shared, &route, cx.wake) {
-            Ok(Some(fd)) => {
-                let port = cx.shared.listeners[self.listener].guest_port;
-                // Parked time counts against the dial timeout.
-                let left = cx
-                    .shared
-                    .config
-                    .dial_timeout
-                    .saturating_sub(cx.now.duration_since(self.dial_started));
-                cx.ring.connect(
-                    fd.as_fd(),
-                    SocketAddrV4::new(route.guest_ip, port),
-                    left,
-                    Op::Connect.token(self.slot),
-                );
-                self.submitted(Op::Connect);
-                self.backend = Some(fd);
-                self.route = None;
-                self.dial = Dial::Pending;
-            }
-            Ok(None) => {
-                if self.dial != Dial::Parked {
-                    log::debug!(
-                        "dial to VM {} waiting for a socket from its namespace",
-                        route.id
-                    );
+    /// Give back outgoing buffers that hold nothing.
+    fn trim<B: Buffers>(&mut self, cx: &mut Cx<'_, B>) {
+        for (slot, op) in [
+            (&mut self.to_client, Op::ClientSend),
+            (&mut self.to_guest, Op::GuestSend),
+        ] {
+            if !self.in_flight.has(op) && slot.is_some_and(|b| cx.bufs.is_empty(b)) {
+                if let Some(b) = slot.take() {
+                    cx.bufs.release(b);
                 }
-                self.dial = Dial::Parked;
-                cx.parked.push(self.slot);
-            }
-            Err(e) => {
-                log::warn!("no backend socket for VM {}: {e}", route.id);
-                self.dial_failed();
             }
         }
     }
+}
 
-    fn closing(&mut self, cx: &mut Ctx<'_>) {
-        if self.cancelled {
-            return;
-        }
-        self.cancelled = true;
-        let client_ops = Op::ClientRecv.bit() | Op::ClientSend.bit() | Op::ClientShutdown.bit();
-        let backend_ops = Op::BackendRecv.bit()
-            | Op::BackendSend.bit()
-            | Op::BackendShutdown.bit()
-            | Op::Connect.bit();
-        if self.inflight & client_ops != 0 {
-            cx.ring
-                .cancel_fd(self.client.as_raw_fd(), Op::CancelClient.token(self.slot));
-            self.submitted(Op::CancelClient);
-        }
-        if let Some(backend) = self.backend.as_ref() {
-            if self.inflight & backend_ops != 0 {
-                cx.ring
-                    .cancel_fd(backend.as_raw_fd(), Op::CancelBackend.token(self.slot));
-                self.submitted(Op::CancelBackend);
-            }
-        }
-    }
+/// Ask the worker to connect to `route`'s guest on the listener's guest port.
+fn request_dial<B>(route: &Arc<Route>, cx: &mut Cx<'_, B>) {
+    cx.io.push(Io::Dial {
+        route: Arc::clone(route),
+        port: cx.listener.guest_port,
+        timeout: cx.timeouts.dial,
+    });
 }
 
 /// True when `buf` holds bytes not yet passed on.
-fn has_data(ring: &Ring, buf: Option<BufId>) -> bool {
-    buf.is_some_and(|id| !ring.is_empty(id))
+fn has_data<B: Buffers>(bufs: &B, buf: Option<BufId>) -> bool {
+    buf.is_some_and(|b| !bufs.is_empty(b))
 }
 
-/// The buffer in `slot`, allocated on first use.
-fn buffer(ring: &mut Ring, slot: &mut Option<BufId>) -> BufId {
-    *slot.get_or_insert_with(|| ring.alloc_buf(BUF_LEN))
+pub struct Conn {
+    id: ConnId,
+    stage: Stage,
+    ends: Ends,
+    last_active: Instant,
 }
 
-/// Free the buffer in `slot` if it is empty and no operation uses it.
-fn trim(ring: &mut Ring, slot: &mut Option<BufId>, busy: bool) {
-    if !busy && !has_data(ring, *slot) {
-        if let Some(id) = slot.take() {
-            ring.release_buf(id);
+impl Conn {
+    /// A connection just accepted on `cx.listener`: a TLS listener starts reading the
+    /// ClientHello, a raw one dials the oldest VM.
+    pub fn accept<B: Buffers>(id: ConnId, cx: &mut Cx<'_, B>) -> Conn {
+        let stage = if cx.listener.kind.is_tls() {
+            Stage::Peek(Peek::new(cx.now, cx.now + cx.timeouts.handshake))
+        } else {
+            match cx.routes.oldest() {
+                Some(route) => {
+                    request_dial(&route, cx);
+                    Stage::Proxy(Proxy::new(route, Mode::Relay, cx.now))
+                }
+                None => {
+                    cx.log.record(id, cx.listener.index, Record::NoRoute);
+                    Stage::Closing(Outcome::NoRoute)
+                }
+            }
+        };
+        let mut conn = Conn {
+            id,
+            stage,
+            ends: Ends::default(),
+            last_active: cx.now,
+        };
+        conn.advance(cx);
+        conn
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Once closed and every operation is reaped: how it ended. The worker then frees
+    /// the connection ([`Conn::buffers`] go back to the ring, the sockets close).
+    pub fn finished(&self) -> Option<Outcome> {
+        match self.stage {
+            Stage::Closing(outcome) if self.ends.in_flight.is_empty() => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// The buffers it holds, for the worker to release when freeing it.
+    pub fn buffers(&self) -> impl Iterator<Item = BufId> {
+        let e = &self.ends;
+        [e.from_client, e.to_client, e.from_guest, e.to_guest]
+            .into_iter()
+            .flatten()
+    }
+
+    /// Whether a dial parked by the worker should still be resumed.
+    pub fn awaits_dial(&self) -> bool {
+        matches!(
+            &self.stage,
+            Stage::Proxy(Proxy {
+                dial: Dial::Pending { .. },
+                ..
+            })
+        ) && !self.ends.busy(Op::Connect)
+    }
+
+    /// Take one event; the operations it leads to are appended to `cx.io`.
+    pub fn handle<B: Buffers>(&mut self, event: Event, cx: &mut Cx<'_, B>) {
+        match event {
+            Event::Done { op, result, buf } => self.done(op, result, buf, cx),
+            Event::Dialing => {
+                self.ends.in_flight.add(Op::Connect);
+                if !matches!(self.stage, Stage::Proxy(_)) {
+                    // Closed while the dial was on its way: the connect is not wanted.
+                    self.ends.cancel(Side::Guest, cx);
+                }
+            }
+            Event::DialFailed(error) => self.dial_failed(error, cx),
+            Event::Tick => self.tick(cx),
+            Event::Abort => self.close(Outcome::Shutdown, cx),
+        }
+        self.advance(cx);
+    }
+
+    fn done<B: Buffers>(&mut self, op: Op, result: i32, buf: Option<BufId>, cx: &mut Cx<'_, B>) {
+        self.ends.in_flight.remove(op);
+        if let Some(b) = buf {
+            // A pool receive completed: its buffer is the side's input now.
+            if let Some(old) = self.ends.inbox(op.side()).replace(b) {
+                cx.bufs.release(old);
+            }
+        }
+        if result > 0 {
+            self.last_active = cx.now;
+            let n = result as u64;
+            match op {
+                Op::GuestSend => cx.metrics.bytes(cx.listener.index, n, 0),
+                Op::ClientSend => cx.metrics.bytes(cx.listener.index, 0, n),
+                _ => {}
+            }
+        }
+        match (op, &self.stage) {
+            // Nothing to learn from a FIN's completion.
+            (Op::ClientShutdown | Op::GuestShutdown, _) => return,
+            // Whatever a cancel missed (it raced with a submission) is cancelled again.
+            (_, Stage::Closing(_)) => return self.ends.cancel(op.side(), cx),
+            (Op::ClientCancel | Op::GuestCancel, Stage::Linger(_)) => {
+                return self.ends.cancel(Side::Guest, cx)
+            }
+            (Op::ClientCancel | Op::GuestCancel, _) => return,
+            _ => {}
+        }
+        if result == -libc::ENOBUFS && matches!(op, Op::ClientRecv | Op::GuestRecv) {
+            return self.ends.recv_fallback(op.side(), cx);
+        }
+        let next = match &mut self.stage {
+            Stage::Peek(_) => peek::done(op, result, cx),
+            Stage::Proxy(p) => p.done(op, result, self.id, cx),
+            Stage::Linger(l) => l.done(op, result),
+            Stage::Closing(_) => Next::Stay,
+        };
+        self.enter(next, cx);
+    }
+
+    fn dial_failed<B: Buffers>(&mut self, error: DialError, cx: &mut Cx<'_, B>) {
+        if let Stage::Proxy(p) = &mut self.stage {
+            p.fail_dial(error, self.id, cx);
+        }
+    }
+
+    fn tick<B: Buffers>(&mut self, cx: &mut Cx<'_, B>) {
+        let now = cx.now;
+        let next = match &self.stage {
+            Stage::Peek(p) if now >= p.deadline() => {
+                cx.metrics.handshake_failed(HandshakeFailure::Timeout);
+                Next::Close(Outcome::Timeout)
+            }
+            Stage::Proxy(p) => match p.deadline(cx.timeouts) {
+                Some(deadline) if now >= deadline => {
+                    if p.handshaking() {
+                        cx.metrics.handshake_failed(HandshakeFailure::Timeout);
+                    }
+                    Next::Close(Outcome::Timeout)
+                }
+                None if now.duration_since(self.last_active) >= cx.timeouts.idle => {
+                    Next::Close(Outcome::Timeout)
+                }
+                _ => Next::Stay,
+            },
+            Stage::Linger(l) if now >= l.deadline() => Next::Close(l.outcome()),
+            _ => Next::Stay,
+        };
+        self.enter(next, cx);
+    }
+
+    fn close<B>(&mut self, outcome: Outcome, cx: &mut Cx<'_, B>) {
+        self.enter(Next::Close(outcome), cx);
+    }
+
+    /// Run the current stage until it waits for a completion.
+    fn advance<B: Buffers>(&mut self, cx: &mut Cx<'_, B>) {
+        loop {
+            let next = match &mut self.stage {
+                Stage::Peek(p) => p.step(&mut self.ends, self.id, cx),
+                Stage::Proxy(p) => p.step(&mut self.ends, self.id, cx),
+                Stage::Linger(l) => l.step(&mut self.ends, cx),
+                Stage::Closing(_) => return,
+            };
+            if let Next::Stay = next {
+                return;
+            }
+            self.enter(next, cx);
+        }
+    }
+
+    /// Leave the current stage for `next`, doing what entering it takes.
+    fn enter<B>(&mut self, next: Next, cx: &mut Cx<'_, B>) {
+        if let Stage::Closing(_) = self.stage {
+            return; // The first outcome stands.
+        }
+        match next {
+            Next::Stay => {}
+            Next::Proxy(proxy) => {
+                request_dial(&proxy.route, cx);
+                self.stage = Stage::Proxy(proxy);
+            }
+            Next::Linger(outcome) => {
+                let tls = match std::mem::replace(&mut self.stage, Stage::Closing(outcome)) {
+                    Stage::Proxy(Proxy {
+                        mode: Mode::Tls(tls),
+                        ..
+                    }) => Some(tls),
+                    _ => None,
+                };
+                let deadline = cx.now + cx.timeouts.handshake;
+                self.stage = Stage::Linger(Linger::new(outcome, deadline, tls));
+                // The guest has no part in a last word.
+                self.ends.cancel(Side::Guest, cx);
+            }
+            Next::Close(outcome) => {
+                self.stage = Stage::Closing(outcome);
+                self.ends.cancel(Side::Client, cx);
+                self.ends.cancel(Side::Guest, cx);
+            }
         }
     }
 }
 
-/// Receive from `fd` into a pool buffer, unless bytes read earlier are still pending in
-/// `slot` (flow control). The emptied buffer of the last receive is given back first,
-/// so a connection waiting for input holds no buffer.
-fn post_recv(ring: &mut Ring, fd: BorrowedFd<'_>, slot: &mut Option<BufId>, token: u32) -> bool {
-    if has_data(ring, *slot) {
-        return false;
-    }
-    if let Some(id) = slot.take() {
-        ring.release_buf(id);
-    }
-    ring.recv_pooled(fd, token);
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_reject_unknown_ops() {
-        for op in Op::ALL {
-            assert_eq!(Op::from_token(op.token(12345)), Some((12345, op)));
+impl Proxy {
+    /// A completion while routed.
+    fn done<B: Buffers>(&mut self, op: Op, result: i32, id: ConnId, cx: &mut Cx<'_, B>) -> Next {
+        match (op, result) {
+            (Op::Connect, 0) => {
+                if let Dial::Pending { since } = self.dial {
+                    cx.metrics.dial_latency(cx.now.duration_since(since));
+                }
+                self.dial = Dial::Up;
+                Next::Stay
+            }
+            (Op::Connect, err) => {
+                self.fail_dial(DialError::from_connect(err), id, cx);
+                Next::Stay
+            }
+            (Op::ClientRecv, 0) => match &mut self.mode {
+                Mode::Tls(tls) if tls.handshake_deadline().is_some() => {
+                    cx.metrics.handshake_failed(HandshakeFailure::ClientClosed);
+                    Next::Close(Outcome::HandshakeFailed)
+                }
+                Mode::Tls(tls) => {
+                    tls.client_eof();
+                    self.up = read_closed(self.up);
+                    Next::Stay
+                }
+                Mode::Relay => {
+                    self.up = read_closed(self.up);
+                    Next::Stay
+                }
+            },
+            (Op::GuestRecv, 0) => {
+                self.down = read_closed(self.down);
+                Next::Stay
+            }
+            (op, err) if err < 0 => match op.side() {
+                Side::Client => Next::Close(Outcome::ClientError),
+                Side::Guest => Next::Close(Outcome::BackendError),
+            },
+            _ => Next::Stay,
         }
-        assert_eq!(Op::from_token(0xf), None);
+    }
+
+    fn fail_dial<B>(&mut self, error: DialError, id: ConnId, cx: &mut Cx<'_, B>) {
+        if !matches!(self.dial, Dial::Pending { .. }) {
+            return;
+        }
+        self.dial = Dial::Failed;
+        cx.log.record(
+            id,
+            cx.listener.index,
+            Record::DialFailed {
+                vm: Arc::clone(&self.route),
+                error,
+            },
+        );
+    }
+
+    fn step<B: Buffers>(&mut self, ends: &mut Ends, id: ConnId, cx: &mut Cx<'_, B>) -> Next {
+        let next = match &mut self.mode {
+            Mode::Relay => relay::pump(self, ends, cx),
+            Mode::Tls(_) => tls::pump(self, ends, id, cx),
+        };
+        if let Next::Stay = next {
+            if self.up == Flow::Closed && self.down == Flow::Closed {
+                return Next::Close(Outcome::Ok);
+            }
+        }
+        next
     }
 }

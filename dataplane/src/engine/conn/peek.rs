@@ -1,0 +1,220 @@
+//! Before any crypto: reading the ClientHello (after a PostgreSQL SSLRequest), and
+//! routing it by SNI or refusing it with a plaintext alert.
+
+use std::time::Instant;
+
+use rustls::ServerConnection;
+
+use std::sync::Arc;
+
+use super::{Buffers, ConnId, Cx, Ends, Mode, Next, Op, Proxy, Routes, Side, Tls};
+use crate::config::ListenerKind;
+use crate::engine::connlog::{ConnLog, Record};
+use crate::engine::Listener;
+use crate::metrics::{HandshakeFailure, Outcome};
+use crate::resolver::Route;
+use crate::sni::{self, PgPreamble};
+
+/// A client may say GSSENCRequest, then SSLRequest: more preambles than that is not
+/// a PostgreSQL client.
+const MAX_PG_PREAMBLES: u8 = 2;
+
+pub struct Peek {
+    /// When the connection was accepted: the handshake's latency counts from here.
+    accepted: Instant,
+    /// The ClientHello and the handshake must be done by then.
+    deadline: Instant,
+    /// Bytes of a ClientHello (or preamble) that came in pieces. Empty, with nothing
+    /// allocated, until a piece arrives: a whole hello in one receive is read where it
+    /// landed, and a client that sends nothing holds no buffer at all.
+    partial: Vec<u8>,
+    /// PostgreSQL preambles answered so far.
+    pg_answers: u8,
+}
+
+/// What the bytes so far say.
+enum Verdict {
+    NeedMore,
+    /// A PostgreSQL preamble, to be answered with this byte.
+    Preamble(u8),
+    NotTls,
+    /// Refused before any crypto: a fatal alert, then linger.
+    Refuse(HandshakeFailure, u8),
+    /// Our side failed (rustls refused our configuration).
+    Failed,
+    Routed(Arc<Route>, Box<Tls>),
+}
+
+impl Peek {
+    pub fn new(accepted: Instant, deadline: Instant) -> Peek {
+        Peek {
+            accepted,
+            deadline,
+            partial: Vec::new(),
+            pg_answers: 0,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub(super) fn step<B: Buffers>(
+        &mut self,
+        ends: &mut Ends,
+        id: ConnId,
+        cx: &mut Cx<'_, B>,
+    ) -> Next {
+        if ends.busy(Op::ClientRecv) {
+            return Next::Stay;
+        }
+        loop {
+            // A piece after earlier pieces joins them.
+            if let Some(b) = ends.from_client.filter(|_| !self.partial.is_empty()) {
+                let n = cx.bufs.data(b).len();
+                self.partial.extend_from_slice(cx.bufs.data(b));
+                cx.bufs.consume(b, n);
+            }
+            let in_buffer = self.partial.is_empty();
+            let verdict = {
+                let data = match ends.from_client {
+                    Some(b) if in_buffer => cx.bufs.data(b),
+                    _ => &self.partial[..],
+                };
+                if data.is_empty() {
+                    None
+                } else {
+                    let clock = (self.accepted, self.deadline);
+                    Some(judge(data, id, clock, cx.listener, cx.routes, cx.log))
+                }
+            };
+            let Some(verdict) = verdict else {
+                ends.recv(Side::Client, cx);
+                return Next::Stay;
+            };
+            match verdict {
+                Verdict::NeedMore => {
+                    if let Some(b) = ends.from_client.filter(|_| in_buffer) {
+                        // Keep the piece, give the pool buffer back.
+                        let piece = cx.bufs.data(b);
+                        let n = piece.len();
+                        self.partial.extend_from_slice(piece);
+                        cx.bufs.consume(b, n);
+                    }
+                    ends.recv(Side::Client, cx);
+                    return Next::Stay;
+                }
+                Verdict::Preamble(answer) => {
+                    self.pg_answers += 1;
+                    if self.pg_answers > MAX_PG_PREAMBLES {
+                        cx.metrics.handshake_failed(HandshakeFailure::NotTls);
+                        return Next::Close(Outcome::BadRequest);
+                    }
+                    match ends.from_client {
+                        Some(b) if in_buffer => cx.bufs.consume(b, sni::PG_PREAMBLE_LEN),
+                        _ => drop(self.partial.drain(..sni::PG_PREAMBLE_LEN)),
+                    }
+                    ends.say(&[answer], cx);
+                }
+                Verdict::NotTls => {
+                    cx.metrics.handshake_failed(HandshakeFailure::NotTls);
+                    return Next::Close(Outcome::BadRequest);
+                }
+                Verdict::Refuse(why, alert) => {
+                    cx.metrics.handshake_failed(why);
+                    ends.say(&sni::alert_record(alert), cx);
+                    return Next::Linger(match why {
+                        HandshakeFailure::NoSni => Outcome::NoSni,
+                        HandshakeFailure::UnknownSni => Outcome::UnknownSni,
+                        _ => Outcome::HandshakeFailed,
+                    });
+                }
+                Verdict::Failed => return Next::Close(Outcome::Error),
+                Verdict::Routed(route, mut tls) => {
+                    // rustls reads the hello from where it is: still in the receive
+                    // buffer, or joined here.
+                    tls.hello = std::mem::take(&mut self.partial);
+                    return Next::Proxy(Proxy::new(route, Mode::Tls(tls), cx.now));
+                }
+            }
+        }
+    }
+}
+
+/// Read `data`, everything received so far; `clock` is when the connection was
+/// accepted and when its handshake must be done.
+fn judge(
+    data: &[u8],
+    id: ConnId,
+    clock: (Instant, Instant),
+    listener: &Listener,
+    routes: &dyn Routes,
+    log: &ConnLog,
+) -> Verdict {
+    let (accepted, deadline) = clock;
+    if listener.kind == ListenerKind::Postgres && data[0] != 0x16 {
+        return match sni::postgres_preamble(data) {
+            PgPreamble::NeedMore => Verdict::NeedMore,
+            PgPreamble::SslRequest => Verdict::Preamble(b'S'),
+            // No GSS encryption here: the client goes on with an SSLRequest.
+            PgPreamble::GssEncRequest => Verdict::Preamble(b'N'),
+            PgPreamble::Other => Verdict::NotTls,
+        };
+    }
+    let refuse = |why: HandshakeFailure, name: Option<&str>| {
+        let alert = match why {
+            HandshakeFailure::NoSni | HandshakeFailure::UnknownSni => sni::ALERT_UNRECOGNIZED_NAME,
+            _ => sni::ALERT_DECODE_ERROR,
+        };
+        if log.debug_enabled() {
+            let record = Record::Refused {
+                why: why.as_str(),
+                sni: name.map(Box::from),
+            };
+            log.record(id, listener.index, record);
+        }
+        Verdict::Refuse(why, alert)
+    };
+    let name = match sni::peek_client_hello(data) {
+        sni::Peek::NeedMore => return Verdict::NeedMore,
+        sni::Peek::NotTls => return Verdict::NotTls,
+        sni::Peek::TooLarge => return refuse(HandshakeFailure::TooLarge, None),
+        sni::Peek::Malformed(_) => return refuse(HandshakeFailure::Malformed, None),
+        sni::Peek::Hello { sni: None } => return refuse(HandshakeFailure::NoSni, None),
+        sni::Peek::Hello { sni: Some(name) } => name,
+    };
+    let Some(route) = routes.by_sni(&name) else {
+        return refuse(HandshakeFailure::UnknownSni, Some(&name));
+    };
+    let Some(config) = listener.tls.clone() else {
+        return Verdict::Failed; // a TLS kind always has a configuration
+    };
+    let session = match ServerConnection::new(config) {
+        Ok(session) => session,
+        Err(error) => {
+            log.record(id, listener.index, Record::Tls { error });
+            return Verdict::Failed;
+        }
+    };
+    if log.debug_enabled() {
+        let record = Record::Routed {
+            sni: Box::from(&*name),
+            vm: Arc::clone(&route),
+            port: listener.guest_port,
+        };
+        log.record(id, listener.index, record);
+    }
+    Verdict::Routed(route, Box::new(Tls::new(session, accepted, deadline)))
+}
+
+/// A completion while peeking.
+pub(super) fn done<B>(op: Op, result: i32, cx: &mut Cx<'_, B>) -> Next {
+    match (op, result) {
+        (Op::ClientRecv, 0) => {
+            cx.metrics.handshake_failed(HandshakeFailure::ClientClosed);
+            Next::Close(Outcome::HandshakeFailed)
+        }
+        (_, err) if err < 0 => Next::Close(Outcome::ClientError),
+        _ => Next::Stay,
+    }
+}

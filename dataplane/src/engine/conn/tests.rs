@@ -1,0 +1,1082 @@
+//! The connection core against a stand-in for the kernel: buffers are `Vec`s, the
+//! operations a connection asks for wait in a list until a test completes them, and
+//! TLS clients are rustls in memory. No sockets, no root.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, ServerConfig};
+
+use super::*;
+use crate::config::ListenerKind;
+use crate::engine::buffers::Window;
+use crate::engine::connlog::Entry;
+use crate::engine::Listener;
+use crate::metrics::{HandshakeFailure, Metrics, Outcome};
+use crate::resolver::{Namespace, Route};
+use crate::sni;
+
+// ---- the stand-in kernel ----------------------------------------------------------
+
+struct FakeBuf {
+    mem: Vec<u8>,
+    window: Window,
+    busy: bool,
+    release_when_idle: bool,
+}
+
+/// Buffers with the ring's rules: a busy buffer cannot be read or filled, and
+/// releasing it waits for its operation.
+#[derive(Default)]
+struct FakeBufs {
+    bufs: Vec<Option<FakeBuf>>,
+}
+
+impl FakeBufs {
+    fn get(&self, id: BufId) -> &FakeBuf {
+        self.bufs[id.0 as usize].as_ref().expect("a live buffer")
+    }
+
+    fn get_mut(&mut self, id: BufId) -> &mut FakeBuf {
+        self.bufs[id.0 as usize].as_mut().expect("a live buffer")
+    }
+
+    fn held(&self) -> usize {
+        self.bufs.iter().flatten().count()
+    }
+
+    /// The kernel is done with `id`.
+    fn kernel_done(&mut self, id: BufId) {
+        let b = self.get_mut(id);
+        b.busy = false;
+        if b.release_when_idle {
+            self.bufs[id.0 as usize] = None;
+        }
+    }
+}
+
+impl Buffers for FakeBufs {
+    fn alloc(&mut self, len: usize) -> BufId {
+        self.bufs.push(Some(FakeBuf {
+            mem: vec![0; len],
+            window: Window::new(len, 0),
+            busy: false,
+            release_when_idle: false,
+        }));
+        BufId((self.bufs.len() - 1) as u32)
+    }
+
+    fn release(&mut self, id: BufId) {
+        let b = self.get_mut(id);
+        if b.busy {
+            b.release_when_idle = true;
+        } else {
+            self.bufs[id.0 as usize] = None;
+        }
+    }
+
+    fn idle(&self, id: BufId) -> Option<(&[u8], &Window)> {
+        let b = self.get(id);
+        (!b.busy).then_some((&b.mem[..], &b.window))
+    }
+
+    fn idle_mut(&mut self, id: BufId) -> Option<(&mut [u8], &mut Window)> {
+        let b = self.get_mut(id);
+        (!b.busy).then_some((&mut b.mem[..], &mut b.window))
+    }
+
+    fn is_empty(&self, id: BufId) -> bool {
+        self.get(id).window.is_empty()
+    }
+}
+
+struct FakeRoutes(HashMap<String, Arc<Route>>);
+
+impl Routes for FakeRoutes {
+    fn by_sni(&self, name: &str) -> Option<Arc<Route>> {
+        self.0.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    fn oldest(&self) -> Option<Arc<Route>> {
+        self.0.get("app.localhost").cloned()
+    }
+}
+
+fn route() -> Arc<Route> {
+    Arc::new(Route {
+        id: "0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6".into(),
+        guest_ip: std::net::Ipv4Addr::new(172, 30, 0, 2),
+        netns: Namespace::Host,
+        created_at: time::OffsetDateTime::UNIX_EPOCH,
+    })
+}
+
+/// A server configuration on a fresh self-signed certificate for `*.localhost`.
+fn server_config() -> Arc<ServerConfig> {
+    static CONFIG: OnceLock<Arc<ServerConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let dir = mergen_testkit::TempDir::new("dp-core");
+            let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+            crate::tls::generate_self_signed("", "localhost", &cert, &key).expect("certificate");
+            let store = crate::tls::CertStore::load(&cert, &key).expect("store");
+            crate::tls::server_config(&store, &[b"http/1.1".to_vec()]).expect("config")
+        })
+        .clone()
+}
+
+fn tls_client(name: &str) -> ClientConnection {
+    let config = Arc::new(mergen_testkit::tls::accept_any_client_config());
+    let name = ServerName::try_from(name.to_string()).expect("a name");
+    ClientConnection::new(config, name).expect("a client")
+}
+
+/// A connection, the stand-in kernel around it, and what reached each end.
+struct T {
+    conn: Option<Conn>,
+    bufs: FakeBufs,
+    /// Operations asked for and not completed yet.
+    pending: Vec<Io>,
+    /// Dials asked for.
+    dials: Vec<Io>,
+    /// A connect is in flight.
+    connecting: bool,
+    listener: Listener,
+    timeouts: Timeouts,
+    routes: FakeRoutes,
+    metrics: Metrics,
+    log: ConnLog,
+    log_rx: std::sync::mpsc::Receiver<(log::Level, Entry)>,
+    now: Instant,
+    /// Bytes the client received, and whether it got a FIN.
+    client_got: Vec<u8>,
+    client_fin: bool,
+    guest_got: Vec<u8>,
+    guest_fin: bool,
+}
+
+impl T {
+    fn new(kind: ListenerKind) -> T {
+        let (log, log_rx) = ConnLog::channel(64, log::LevelFilter::Debug);
+        let mut routes = HashMap::new();
+        routes.insert("app.localhost".to_string(), route());
+        T {
+            conn: None,
+            bufs: FakeBufs::default(),
+            pending: Vec::new(),
+            dials: Vec::new(),
+            connecting: false,
+            listener: Listener {
+                name: ":443".into(),
+                index: 0,
+                guest_port: 8080,
+                kind,
+                tls: kind.is_tls().then(server_config),
+            },
+            timeouts: Timeouts {
+                dial: Duration::from_secs(5),
+                handshake: Duration::from_secs(10),
+                idle: Duration::from_secs(300),
+            },
+            routes: FakeRoutes(routes),
+            metrics: Metrics::new(&[":443".into()]),
+            log,
+            log_rx,
+            now: Instant::now(),
+            client_got: Vec::new(),
+            client_fin: false,
+            guest_got: Vec::new(),
+            guest_fin: false,
+        }
+    }
+
+    fn without_vms(mut self) -> T {
+        self.routes.0.clear();
+        self
+    }
+
+    /// Accept the connection.
+    fn accept(mut self) -> T {
+        let id = ConnId { worker: 0, seq: 1 };
+        self.run(|conn, cx| *conn = Some(Conn::accept(id, cx)));
+        self
+    }
+
+    /// Run `f` with the connection and what it works with, then hand what it asked
+    /// for to the stand-in kernel.
+    fn run(&mut self, f: impl FnOnce(&mut Option<Conn>, &mut Cx<'_, FakeBufs>)) {
+        let mut io = Vec::new();
+        let mut cx = Cx {
+            bufs: &mut self.bufs,
+            io: &mut io,
+            now: self.now,
+            listener: &self.listener,
+            timeouts: &self.timeouts,
+            routes: &self.routes,
+            metrics: &self.metrics,
+            log: &self.log,
+        };
+        f(&mut self.conn, &mut cx);
+        self.take(io);
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("accepted")
+    }
+
+    fn event(&mut self, event: Event) {
+        self.run(|conn, cx| conn.as_mut().expect("accepted").handle(event, cx));
+    }
+
+    /// What the connection asked for goes to the kernel (buffers it names turn busy).
+    fn take(&mut self, io: Vec<Io>) {
+        for io in io {
+            let busy = match &io {
+                Io::Send { buf, .. } => Some(*buf),
+                Io::Recv { into, .. } => *into,
+                _ => None,
+            };
+            if let Some(b) = busy {
+                assert!(!self.bufs.get(b).busy, "{io:?} on a busy buffer");
+                self.bufs.get_mut(b).busy = true;
+            }
+            if let Some(op) = io.op() {
+                assert!(
+                    !self.pending.iter().any(|p| p.op() == Some(op)),
+                    "{op:?} submitted twice"
+                );
+            }
+            match io {
+                Io::Dial { .. } => self.dials.push(io),
+                io => self.pending.push(io),
+            }
+        }
+    }
+
+    fn pending(&self, op: Op) -> bool {
+        self.pending.iter().any(|p| p.op() == Some(op))
+    }
+
+    fn take_pending(&mut self, op: Op) -> Io {
+        let i = self
+            .pending
+            .iter()
+            .position(|p| p.op() == Some(op))
+            .unwrap_or_else(|| panic!("no {op:?} pending: {:?}", self.pending));
+        self.pending.remove(i)
+    }
+
+    /// `side` sends `bytes`, received by the pending receive.
+    fn arrive(&mut self, side: Side, bytes: &[u8]) {
+        let op = Op::recv(side);
+        let Io::Recv { into, .. } = self.take_pending(op) else {
+            unreachable!()
+        };
+        let (n, buf) = match into {
+            // A pool receive: the kernel picks a buffer.
+            None => {
+                let b = self.bufs.alloc(BUF_LEN);
+                let n = self.bufs.fill(b, |tail| {
+                    let n = bytes.len().min(tail.len());
+                    tail[..n].copy_from_slice(&bytes[..n]);
+                    Ok::<_, ()>(n)
+                });
+                (n.expect("fill"), Some(b))
+            }
+            Some(b) => {
+                self.bufs.kernel_done(b);
+                let n = self.bufs.fill(b, |tail| {
+                    let n = bytes.len().min(tail.len());
+                    tail[..n].copy_from_slice(&bytes[..n]);
+                    Ok::<_, ()>(n)
+                });
+                (n.expect("fill"), None)
+            }
+        };
+        assert_eq!(n, bytes.len(), "a test sends at most one buffer at a time");
+        self.event(Event::Done {
+            op,
+            result: n as i32,
+            buf,
+        });
+    }
+
+    /// The pending receive on `side` ends with `result` (0: EOF, or an errno).
+    fn end_recv(&mut self, side: Side, result: i32) {
+        let op = Op::recv(side);
+        if let Io::Recv { into: Some(b), .. } = self.take_pending(op) {
+            self.bufs.kernel_done(b);
+        }
+        self.event(Event::Done {
+            op,
+            result,
+            buf: None,
+        });
+    }
+
+    /// Complete the pending send to `side`, up to `max` bytes of it.
+    fn deliver(&mut self, side: Side, max: usize) -> usize {
+        let op = Op::send(side);
+        let Io::Send { buf, .. } = self.take_pending(op) else {
+            unreachable!()
+        };
+        self.bufs.kernel_done(buf);
+        let data = self.bufs.data(buf);
+        let n = data.len().min(max);
+        let got = match side {
+            Side::Client => &mut self.client_got,
+            Side::Guest => &mut self.guest_got,
+        };
+        got.extend_from_slice(&data[..n]);
+        self.bufs.consume(buf, n);
+        // The ring keeps a buffer busy from submission to completion; so does this.
+        self.event(Event::Done {
+            op,
+            result: n as i32,
+            buf: None,
+        });
+        n
+    }
+
+    fn fail_send(&mut self, side: Side, errno: i32) {
+        let op = Op::send(side);
+        let Io::Send { buf, .. } = self.take_pending(op) else {
+            unreachable!()
+        };
+        self.bufs.kernel_done(buf);
+        self.event(Event::Done {
+            op,
+            result: -errno,
+            buf: None,
+        });
+    }
+
+    /// Complete every pending FIN.
+    fn shutdowns(&mut self) {
+        for side in [Side::Client, Side::Guest] {
+            let op = Op::shutdown(side);
+            if self.pending(op) {
+                self.take_pending(op);
+                match side {
+                    Side::Client => self.client_fin = true,
+                    Side::Guest => self.guest_fin = true,
+                }
+                self.event(Event::Done {
+                    op,
+                    result: 0,
+                    buf: None,
+                });
+            }
+        }
+    }
+
+    /// Cancels take effect: what they cancel completes with ECANCELED, then they do.
+    fn cancels(&mut self) {
+        for side in [Side::Client, Side::Guest] {
+            if !self.pending(Op::cancel(side)) {
+                continue;
+            }
+            if side == Side::Guest && std::mem::take(&mut self.connecting) {
+                self.event(Event::Done {
+                    op: Op::Connect,
+                    result: -libc::ECANCELED,
+                    buf: None,
+                });
+            }
+            let victims: Vec<Op> = [Op::recv(side), Op::send(side)]
+                .into_iter()
+                .filter(|&op| self.pending(op))
+                .collect();
+            for op in victims {
+                match self.take_pending(op) {
+                    Io::Recv { into: Some(b), .. } | Io::Send { buf: b, .. } => {
+                        self.bufs.kernel_done(b)
+                    }
+                    _ => {}
+                }
+                self.event(Event::Done {
+                    op,
+                    result: -libc::ECANCELED,
+                    buf: None,
+                });
+            }
+            self.take_pending(Op::cancel(side));
+            self.event(Event::Done {
+                op: Op::cancel(side),
+                result: 0,
+                buf: None,
+            });
+        }
+    }
+
+    /// The dial asked for gets its socket; its connect is in flight.
+    fn dialing(&mut self) {
+        let dial = self.dials.pop().expect("a dial was asked for");
+        assert!(matches!(dial, Io::Dial { port: 8080, .. }), "{dial:?}");
+        self.connecting = true;
+        self.event(Event::Dialing);
+    }
+
+    /// The dial asked for gets its socket and connects with `result`.
+    fn connect(&mut self, result: i32) {
+        self.dialing();
+        self.connecting = false;
+        self.event(Event::Done {
+            op: Op::Connect,
+            result,
+            buf: None,
+        });
+    }
+
+    fn tick_after(&mut self, d: Duration) {
+        self.now += d;
+        self.event(Event::Tick);
+    }
+
+    fn finished(&self) -> Option<Outcome> {
+        self.conn().finished()
+    }
+
+    fn failures(&self, why: HandshakeFailure) -> u64 {
+        let series = format!(
+            "mergen_forwarder_handshake_failures_total{{reason=\"{}\"}} ",
+            why.as_str()
+        );
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn logged(&self) -> Vec<String> {
+        self.log_rx
+            .try_iter()
+            .map(|(_, e)| format!("{} {}", e.conn, e.record.message(":443")))
+            .collect()
+    }
+
+    /// Cancels and FINs done, the connection must be over with `outcome`; then it is
+    /// freed as the worker does, and every buffer must come back.
+    fn ends_as(mut self, outcome: Outcome) {
+        self.cancels();
+        self.shutdowns();
+        assert_eq!(self.finished(), Some(outcome));
+        self.free();
+    }
+
+    /// Lingering: our last word reaches the client, which then closes; the connection
+    /// ends as `outcome`.
+    fn client_leaves(mut self, outcome: Outcome) {
+        self.cancels();
+        while self.pending(Op::ClientSend) {
+            self.deliver(Side::Client, usize::MAX);
+        }
+        self.shutdowns();
+        assert!(self.client_fin, "no FIN after the last word");
+        assert_eq!(
+            self.finished(),
+            None,
+            "closed without reading the client out"
+        );
+        self.end_recv(Side::Client, 0);
+        self.ends_as(outcome);
+    }
+
+    /// A TLS listener of `kind` with a client for `name` that said its first flight.
+    fn tls(kind: ListenerKind, name: &str) -> (T, ClientConnection) {
+        let mut t = T::new(kind).accept();
+        let mut client = tls_client(name);
+        t.converse(&mut client);
+        (t, client)
+    }
+
+    /// Free the connection as the worker does; every buffer must come back.
+    fn free(mut self) {
+        let conn = self.conn.take().expect("accepted");
+        assert!(conn.finished().is_some(), "freed before it finished");
+        assert!(
+            self.pending.is_empty() && !self.connecting,
+            "freed with {:?} in flight",
+            self.pending
+        );
+        for b in conn.buffers() {
+            self.bufs.release(b);
+        }
+        assert_eq!(self.bufs.held(), 0, "buffers leaked");
+    }
+
+    // ---- TLS clients ---------------------------------------------------------------
+
+    /// Move bytes between `client` and the connection until neither moves: the client
+    /// writes whenever a client receive is pending, reads whatever was sent to it.
+    fn converse(&mut self, client: &mut ClientConnection) {
+        for _ in 0..64 {
+            let mut moved = false;
+            if client.wants_write() && self.pending(Op::ClientRecv) {
+                let mut out = Vec::new();
+                client.write_tls(&mut out).expect("client write");
+                for chunk in out.chunks(BUF_LEN) {
+                    if !self.pending(Op::ClientRecv) {
+                        break;
+                    }
+                    self.arrive(Side::Client, chunk);
+                }
+                moved = true;
+            }
+            while self.pending(Op::ClientSend) {
+                self.deliver(Side::Client, usize::MAX);
+                moved = true;
+            }
+            if !self.client_got.is_empty() {
+                let got = std::mem::take(&mut self.client_got);
+                let mut rd = &got[..];
+                while !rd.is_empty() {
+                    client.read_tls(&mut rd).expect("client read");
+                    if client.process_new_packets().is_err() {
+                        return;
+                    }
+                }
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the conversation did not settle");
+    }
+
+    /// Accept and run a handshake for `name` with the guest connected.
+    fn tls_established(name: &str) -> (T, ClientConnection) {
+        let mut t = T::new(ListenerKind::Https).accept();
+        let mut client = tls_client(name);
+        t.converse(&mut client);
+        t.connect(0);
+        t.converse(&mut client);
+        assert!(!client.is_handshaking(), "handshake incomplete");
+        (t, client)
+    }
+}
+
+/// The guest side of a TLS connection: everything the guest received so far.
+fn plaintext_of(client: &mut ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = client.reader().read_to_end(&mut out);
+    out
+}
+
+// ---- raw listeners -----------------------------------------------------------------
+
+#[test]
+fn raw_streams_both_ways_and_half_closes_client_first() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    // Nothing is read before the guest is connected.
+    assert!(!t.pending(Op::ClientRecv));
+    t.connect(0);
+    t.arrive(Side::Client, b"hello");
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"hello");
+    // The client is done sending: the guest gets a FIN, the other way stays open.
+    t.end_recv(Side::Client, 0);
+    t.shutdowns();
+    assert!(t.guest_fin && !t.client_fin);
+    t.arrive(Side::Guest, b"reply");
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(t.client_got, b"reply");
+    assert!(t.finished().is_none());
+    t.end_recv(Side::Guest, 0);
+    t.shutdowns();
+    assert!(t.client_fin);
+    t.ends_as(Outcome::Ok);
+}
+
+#[test]
+fn raw_half_closes_guest_first() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Guest, b"SSH-2.0-test\r\n");
+    t.deliver(Side::Client, usize::MAX);
+    t.end_recv(Side::Guest, 0);
+    t.shutdowns();
+    assert!(t.client_fin && !t.guest_fin);
+    // The client may still talk.
+    t.arrive(Side::Client, b"bye");
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"bye");
+    t.end_recv(Side::Client, 0);
+    t.ends_as(Outcome::Ok);
+}
+
+/// A client that never reads: what the guest sends waits in one buffer and the guest
+/// is not read again until it is passed on. Memory stays bounded.
+#[test]
+fn backpressure_from_a_client_that_never_reads() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Guest, &[7u8; 4096]);
+    // The send to the client is in flight, and the kernel takes only a little of it.
+    assert!(t.pending(Op::ClientSend));
+    assert!(
+        !t.pending(Op::GuestRecv),
+        "read more while the client is stuck"
+    );
+    for _ in 0..100 {
+        assert_eq!(t.deliver(Side::Client, 0), 0);
+        assert!(!t.pending(Op::GuestRecv));
+        assert!(t.bufs.held() <= 2, "{} buffers held", t.bufs.held());
+    }
+    // The client reads: the rest goes, and only then is the guest read again.
+    t.deliver(Side::Client, usize::MAX);
+    assert!(t.pending(Op::GuestRecv));
+    assert_eq!(t.client_got.len(), 4096);
+}
+
+#[test]
+fn raw_without_vms_is_no_route_not_a_dial_failure() {
+    let t = T::new(ListenerKind::Raw).without_vms().accept();
+    assert!(t.dials.is_empty());
+    assert_eq!(
+        t.logged(),
+        ["0-1 raw connection on :443 refused: no VM to route to"]
+    );
+    t.ends_as(Outcome::NoRoute);
+}
+
+#[test]
+fn raw_dial_failures() {
+    // Refused.
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(-libc::ECONNREFUSED);
+    let lines = t.logged();
+    assert!(lines[0].starts_with("0-1 dial to VM"), "{lines:?}");
+    assert!(lines[0].contains("Connection refused"), "{lines:?}");
+    t.ends_as(Outcome::DialFailed);
+    // No socket from the namespace in time.
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.dials.clear();
+    t.event(Event::DialFailed(DialError::PoolTimeout));
+    t.ends_as(Outcome::DialFailed);
+}
+
+#[test]
+fn socket_errors_name_their_side() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.end_recv(Side::Client, -libc::ECONNRESET);
+    assert_eq!(t.finished(), None, "the guest receive is still in flight");
+    t.ends_as(Outcome::ClientError);
+
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Client, b"x");
+    t.fail_send(Side::Guest, libc::EPIPE);
+    t.ends_as(Outcome::BackendError);
+}
+
+/// Closing while a receive on each side is in flight: both are cancelled, and the
+/// connection is finished only once every completion is in.
+#[test]
+fn close_while_operations_are_in_flight() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    assert!(t.pending(Op::ClientRecv) && t.pending(Op::GuestRecv));
+    t.event(Event::Abort);
+    assert!(t.pending(Op::ClientCancel) && t.pending(Op::GuestCancel));
+    assert_eq!(t.finished(), None);
+    // A late completion before the cancels: still not finished.
+    t.arrive(Side::Client, b"late");
+    assert_eq!(t.finished(), None);
+    t.ends_as(Outcome::Shutdown);
+}
+
+/// A dial that completes after the connection closed is cancelled, not leaked.
+#[test]
+fn a_dial_that_lands_after_the_close_is_cancelled() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.event(Event::Abort);
+    assert_eq!(t.finished(), Some(Outcome::Shutdown));
+    t.dialing();
+    assert_eq!(t.finished(), None, "the connect is in flight");
+    assert!(t.pending(Op::GuestCancel));
+    t.ends_as(Outcome::Shutdown);
+}
+
+#[test]
+fn idle_timeout() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.tick_after(Duration::from_secs(299));
+    assert_eq!(t.finished(), None);
+    t.arrive(Side::Client, b"x"); // activity resets the clock
+    t.deliver(Side::Guest, usize::MAX);
+    t.tick_after(Duration::from_secs(299));
+    assert_eq!(t.finished(), None);
+    t.tick_after(Duration::from_secs(2));
+    t.ends_as(Outcome::Timeout);
+}
+
+#[test]
+fn an_empty_pool_falls_back_to_a_buffer_of_its_own() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.end_recv(Side::Client, -libc::ENOBUFS);
+    let own = t
+        .pending
+        .iter()
+        .find_map(|p| match p {
+            Io::Recv {
+                side: Side::Client,
+                into: Some(b),
+            } => Some(*b),
+            _ => None,
+        })
+        .expect("a receive into a buffer of its own");
+    assert!(t.bufs.get(own).busy);
+    t.arrive(Side::Client, b"data");
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"data");
+}
+
+// ---- peek, resolve, refuse ---------------------------------------------------------
+
+fn hello(name: &str) -> Vec<u8> {
+    let mut client = tls_client(name);
+    let mut out = Vec::new();
+    client.write_tls(&mut out).expect("hello");
+    out
+}
+
+#[test]
+fn a_connection_that_sends_nothing_holds_no_buffer() {
+    let t = T::new(ListenerKind::Https).accept();
+    assert!(t.pending(Op::ClientRecv));
+    assert!(matches!(
+        t.pending[0],
+        Io::Recv {
+            side: Side::Client,
+            into: None
+        }
+    ));
+    assert_eq!(t.bufs.held(), 0);
+    assert!(t.dials.is_empty(), "no dial before the ClientHello");
+}
+
+#[test]
+fn a_known_name_is_routed_and_dialed() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    t.arrive(Side::Client, &hello("app.localhost"));
+    assert_eq!(t.dials.len(), 1);
+    assert!(matches!(t.conn().stage, Stage::Proxy(_)));
+    let lines = t.logged();
+    assert_eq!(
+        lines,
+        ["0-1 app.localhost on :443 -> VM 0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6 at 172.30.0.2:8080"]
+    );
+}
+
+/// A ClientHello that trickles in a byte at a time is kept in a buffer sized to what
+/// came, and each pool buffer goes straight back.
+#[test]
+fn a_hello_in_pieces_is_joined_without_holding_pool_buffers() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    let mut client = tls_client("app.localhost");
+    let mut bytes = Vec::new();
+    client.write_tls(&mut bytes).expect("hello");
+    for b in &bytes[..bytes.len() - 1] {
+        t.arrive(Side::Client, std::slice::from_ref(b));
+        assert_eq!(t.bufs.held(), 0, "a pool buffer kept");
+        assert!(t.dials.is_empty());
+    }
+    t.arrive(Side::Client, &bytes[bytes.len() - 1..]);
+    assert_eq!(t.dials.len(), 1);
+    // rustls got the joined hello: the handshake completes.
+    t.converse(&mut client);
+    t.connect(0);
+    t.converse(&mut client);
+    assert!(!client.is_handshaking());
+    client.writer().write_all(b"after").expect("write");
+    t.converse(&mut client);
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"after");
+}
+
+#[test]
+fn unknown_and_missing_names_get_an_alert_and_a_linger() {
+    for (name, why, outcome) in [
+        (
+            "nope.localhost",
+            HandshakeFailure::UnknownSni,
+            Outcome::UnknownSni,
+        ),
+        ("127.0.0.1", HandshakeFailure::NoSni, Outcome::NoSni),
+    ] {
+        let mut t = T::new(ListenerKind::Https).accept();
+        t.arrive(Side::Client, &hello(name));
+        assert!(t.dials.is_empty(), "{name}: dialed");
+        t.deliver(Side::Client, usize::MAX);
+        assert_eq!(
+            t.client_got,
+            sni::alert_record(sni::ALERT_UNRECOGNIZED_NAME)
+        );
+        assert_eq!(t.failures(why), 1);
+        // Lingering: reads and drops what the client still says, until it closes.
+        t.arrive(Side::Client, b"more");
+        t.client_leaves(outcome);
+    }
+}
+
+#[test]
+fn not_tls_is_a_bad_request() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    t.arrive(Side::Client, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
+    t.ends_as(Outcome::BadRequest);
+}
+
+#[test]
+fn malformed_and_oversized_hellos_get_decode_error() {
+    let mut malformed = hello("app.localhost");
+    malformed[5] = 2; // a ServerHello
+    let oversized = [0x16, 3, 1, 0x40, 0, 1, 0, 0x40, 0];
+    for (bytes, why) in [
+        (&malformed[..], HandshakeFailure::Malformed),
+        (&oversized[..], HandshakeFailure::TooLarge),
+    ] {
+        let mut t = T::new(ListenerKind::Https).accept();
+        t.arrive(Side::Client, bytes);
+        t.deliver(Side::Client, usize::MAX);
+        assert_eq!(t.client_got, sni::alert_record(sni::ALERT_DECODE_ERROR));
+        assert_eq!(t.failures(why), 1);
+        t.client_leaves(Outcome::HandshakeFailed);
+    }
+}
+
+#[test]
+fn postgres_ssl_request_is_answered_then_the_hello_routed() {
+    let mut t = T::new(ListenerKind::Postgres).accept();
+    t.arrive(Side::Client, &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(t.client_got, b"S");
+    t.arrive(Side::Client, &hello("app.localhost"));
+    assert_eq!(t.dials.len(), 1);
+    assert!(matches!(t.conn().stage, Stage::Proxy(_)));
+}
+
+#[test]
+fn postgres_gssenc_then_ssl_then_hello() {
+    let mut t = T::new(ListenerKind::Postgres).accept();
+    t.arrive(Side::Client, &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]);
+    t.deliver(Side::Client, usize::MAX);
+    t.arrive(Side::Client, &[0, 0, 0, 8, 0x04]); // split in two
+    t.arrive(Side::Client, &[0xd2, 0x16, 0x2f]);
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(t.client_got, b"NS");
+    t.arrive(Side::Client, &hello("app.localhost"));
+    assert_eq!(t.dials.len(), 1);
+}
+
+#[test]
+fn a_plaintext_postgres_startup_is_a_bad_request() {
+    let mut t = T::new(ListenerKind::Postgres).accept();
+    t.arrive(Side::Client, &[0, 0, 0, 40, 0, 3, 0, 0]);
+    assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
+    t.ends_as(Outcome::BadRequest);
+}
+
+#[test]
+fn a_silent_client_times_out_in_the_handshake() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    t.tick_after(Duration::from_secs(9));
+    assert_eq!(t.finished(), None);
+    t.tick_after(Duration::from_secs(1));
+    assert_eq!(t.failures(HandshakeFailure::Timeout), 1);
+    t.ends_as(Outcome::Timeout);
+}
+
+#[test]
+fn a_client_that_leaves_before_its_handshake_is_a_failed_handshake() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    t.end_recv(Side::Client, 0);
+    assert_eq!(t.failures(HandshakeFailure::ClientClosed), 1);
+    t.ends_as(Outcome::HandshakeFailed);
+}
+
+// ---- TLS ---------------------------------------------------------------------------
+
+#[test]
+fn tls_streams_both_ways_and_half_closes_with_close_notify() {
+    let (mut t, mut client) = T::tls_established("app.localhost");
+    client.writer().write_all(b"ping").expect("write");
+    t.converse(&mut client);
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"ping");
+    // The client closes its side cleanly: the guest gets a FIN, replies still flow.
+    client.send_close_notify();
+    t.converse(&mut client);
+    t.shutdowns();
+    assert!(t.guest_fin && !t.client_fin);
+    t.arrive(Side::Guest, b"pong");
+    t.converse(&mut client);
+    assert_eq!(plaintext_of(&mut client), b"pong");
+    // The guest closes: close_notify, then a FIN to the client.
+    t.end_recv(Side::Guest, 0);
+    t.converse(&mut client);
+    t.shutdowns();
+    assert!(t.client_fin);
+    t.ends_as(Outcome::Ok);
+}
+
+#[test]
+fn tls_half_close_guest_first_then_a_bare_fin() {
+    let (mut t, mut client) = T::tls_established("app.localhost");
+    t.arrive(Side::Guest, b"banner");
+    t.end_recv(Side::Guest, 0);
+    t.converse(&mut client);
+    t.shutdowns();
+    assert!(t.client_fin && !t.guest_fin);
+    assert_eq!(plaintext_of(&mut client), b"banner");
+    // The client still sends, then closes without close_notify.
+    client.writer().write_all(b"last words").expect("write");
+    t.converse(&mut client);
+    t.end_recv(Side::Client, 0);
+    t.deliver(Side::Guest, usize::MAX);
+    t.shutdowns();
+    assert_eq!(t.guest_got, b"last words");
+    assert!(t.guest_fin);
+    t.ends_as(Outcome::Ok);
+}
+
+/// The dial fails after the handshake: an HTTPS client gets a 502 page.
+#[test]
+fn dial_failure_after_the_handshake_gives_https_a_502() {
+    let (mut t, mut client) = T::tls(ListenerKind::Https, "app.localhost");
+    assert!(!client.is_handshaking());
+    t.connect(-libc::ECONNREFUSED);
+    t.converse(&mut client);
+    let page = String::from_utf8(plaintext_of(&mut client)).expect("text");
+    assert!(page.starts_with("HTTP/1.1 502 Bad Gateway"), "{page}");
+    t.client_leaves(Outcome::DialFailed);
+}
+
+/// The dial fails while the client is still handshaking: it finishes, then learns.
+#[test]
+fn dial_failure_before_the_handshake_waits_for_it() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    let mut client = tls_client("app.localhost");
+    t.arrive(Side::Client, &{
+        let mut out = Vec::new();
+        client.write_tls(&mut out).expect("hello");
+        out
+    });
+    t.connect(-libc::ETIMEDOUT);
+    assert!(
+        matches!(t.conn().stage, Stage::Proxy(_)),
+        "not before the handshake"
+    );
+    t.converse(&mut client);
+    assert!(!client.is_handshaking());
+    let page = String::from_utf8(plaintext_of(&mut client)).expect("text");
+    assert!(page.contains("502"), "{page}");
+}
+
+/// Not HTTPS: a failed dial closes with close_notify, no 502 page.
+#[test]
+fn dial_failure_on_a_generic_tls_listener_has_no_502() {
+    let (mut t, mut client) = T::tls(ListenerKind::Tls, "app.localhost");
+    t.connect(-libc::ECONNREFUSED);
+    t.converse(&mut client);
+    assert!(plaintext_of(&mut client).is_empty());
+    assert!(client
+        .process_new_packets()
+        .expect("clean")
+        .peer_has_closed());
+    t.client_leaves(Outcome::DialFailed);
+}
+
+#[test]
+fn garbage_during_the_handshake_is_a_failed_handshake() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    let mut bytes = hello("app.localhost");
+    bytes.extend_from_slice(&[0x17, 3, 3, 0, 4, 1, 2, 3, 4]);
+    t.arrive(Side::Client, &bytes);
+    assert!(matches!(t.conn().stage, Stage::Linger(_)));
+    assert_eq!(t.failures(HandshakeFailure::Tls), 1);
+    t.client_leaves(Outcome::HandshakeFailed);
+}
+
+#[test]
+fn garbage_after_the_handshake_is_a_tls_error() {
+    let (mut t, _client) = T::tls_established("app.localhost");
+    t.arrive(Side::Client, &[0x17, 3, 3, 0, 4, 1, 2, 3, 4]);
+    assert!(matches!(t.conn().stage, Stage::Linger(_)));
+    assert_eq!(t.failures(HandshakeFailure::Tls), 0);
+    t.client_leaves(Outcome::TlsError);
+}
+
+/// A handshake that never completes times out even when the dial is done.
+#[test]
+fn a_stalled_handshake_times_out() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    t.arrive(Side::Client, &hello("app.localhost"));
+    t.connect(0);
+    while t.pending(Op::ClientSend) {
+        t.deliver(Side::Client, usize::MAX);
+    }
+    t.tick_after(Duration::from_secs(11));
+    assert_eq!(t.failures(HandshakeFailure::Timeout), 1);
+    t.ends_as(Outcome::Timeout);
+}
+
+/// rustls will not start a session (our configuration is at fault): `error`.
+#[test]
+fn a_session_rustls_refuses_to_start_is_an_internal_error() {
+    let mut t = T::new(ListenerKind::Https);
+    let mut config = (*server_config()).clone();
+    config.max_fragment_size = Some(1);
+    t.listener.tls = Some(Arc::new(config));
+    let mut t = t.accept();
+    t.arrive(Side::Client, &hello("app.localhost"));
+    assert!(t.dials.is_empty());
+    t.ends_as(Outcome::Error);
+}
+
+/// A TLS client that never reads while its guest talks: rustls' queue and our
+/// buffers stay bounded, and the guest is not read while they are full.
+#[test]
+fn tls_backpressure_from_a_client_that_never_reads() {
+    let (mut t, _client) = T::tls_established("app.localhost");
+    let mut guest_reads = 0;
+    for _ in 0..64 {
+        if !t.pending(Op::GuestRecv) {
+            break;
+        }
+        t.arrive(Side::Guest, &[1u8; 16 * 1024]);
+        guest_reads += 1;
+        // The client takes nothing.
+        if t.pending(Op::ClientSend) {
+            t.deliver(Side::Client, 0);
+        }
+    }
+    assert!(
+        guest_reads <= 3,
+        "read {guest_reads} buffers from the guest"
+    );
+    assert!(t.bufs.held() <= 4, "{} buffers held", t.bufs.held());
+}
+
+#[test]
+fn handshake_and_dial_latencies_are_observed() {
+    let (t, _client) = T::tls_established("app.localhost");
+    let text = t.metrics.render();
+    assert!(
+        text.contains("mergen_forwarder_handshake_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mergen_forwarder_dial_duration_seconds_count 1"),
+        "{text}"
+    );
+}
