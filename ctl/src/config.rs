@@ -69,7 +69,7 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HOOK_WORKERS",
         "8",
-        "background (non-strict) hooks run at most this many at once",
+        "threads running background (non-strict) hooks; one VM event's hooks run in order on one",
     ),
     Var::new(
         "MGR_PORT_START",
