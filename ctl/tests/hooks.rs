@@ -287,9 +287,7 @@ fn strict(url: &str, extra: &str) -> String {
 fn https_hooks_follow_redirects_like_go() {
     use common::hookserver::{HookServer, TestCa};
     let roots = Roots::new("hookhttps");
-    let ca = TestCa::new();
-    let ca_file = roots.dir.join("ca.pem");
-    ca.write(&ca_file);
+    let (ca, ca_file) = TestCa::in_dir(&roots.dir);
     let plain = HookServer::start(None, |_| (200, vec![]));
     let plain_addr = plain.addr;
     let tls = HookServer::start(Some(ca.server.clone()), move |req| {
@@ -408,9 +406,7 @@ fn https_hooks_follow_redirects_like_go() {
 fn http_hooks_honour_the_proxy_variables() {
     use common::hookserver::{ConnectProxy, HookServer, TestCa};
     let roots = Roots::new("hookproxy");
-    let ca = TestCa::new();
-    let ca_file = roots.dir.join("ca.pem");
-    ca.write(&ca_file);
+    let (ca, ca_file) = TestCa::in_dir(&roots.dir);
     let tls = HookServer::start(Some(ca.server.clone()), |_| (200, vec![]));
     let port = tls.addr.port();
     let proxy = ConnectProxy::start();

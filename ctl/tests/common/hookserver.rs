@@ -73,9 +73,12 @@ impl TestCa {
         }
     }
 
-    /// Write the CA for SSL_CERT_FILE.
-    pub fn write(&self, path: &Path) {
-        std::fs::write(path, &self.ca_pem).unwrap();
+    /// A new CA whose PEM is written to `dir/ca.pem`, the file for SSL_CERT_FILE.
+    pub fn in_dir(dir: &Path) -> (TestCa, std::path::PathBuf) {
+        let ca = TestCa::new();
+        let file = dir.join("ca.pem");
+        std::fs::write(&file, &ca.ca_pem).unwrap();
+        (ca, file)
     }
 }
 
