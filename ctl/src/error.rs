@@ -13,7 +13,7 @@ use std::io;
 use mergen_runtime::RuntimeError;
 
 use crate::alloc::AllocError;
-use crate::http::Response;
+use mergen_http::Response;
 
 /// Why a call failed. Messages are the ones users read (they name the field, the
 /// file, the port); the variant decides the status code in `crate::respond`.
@@ -115,10 +115,7 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response {
-        let mut r = Response::json(
-            self.status,
-            &serde_json::json!({"error": self.code, "message": self.message}),
-        );
+        let mut r = Response::error(self.status, self.code, &self.message);
         r.headers = self.headers;
         r
     }

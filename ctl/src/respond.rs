@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::alloc::AllocError;
 use crate::api::{Items, Outcome};
 use crate::error::{ApiError, Error};
-use crate::http::Response;
+use mergen_http::Response;
 
 /// The answer to a call that succeeded.
 pub fn outcome(o: Outcome) -> Response {

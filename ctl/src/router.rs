@@ -2,8 +2,8 @@
 
 use crate::api::{App, Outcome};
 use crate::error::Error;
-use crate::http::{Request, Response};
 use crate::respond;
+use mergen_http::{Request, Response};
 
 /// Answer one request and count it under its route.
 pub fn handle(app: &App, req: &Request) -> Response {
