@@ -10,6 +10,7 @@
 
 mod child;
 mod cmd;
+pub mod etcd;
 mod names;
 mod net;
 pub mod nginx;
@@ -22,7 +23,7 @@ pub mod tls;
 mod wait;
 
 pub use child::ChildGuard;
-pub use cmd::{curl_get, run_out};
+pub use cmd::{curl_get, run_out, sibling_bin};
 pub use names::{next, unique_name};
 pub use net::{connect_from, free_port};
 pub use process::running;
