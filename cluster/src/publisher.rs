@@ -14,7 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -680,8 +680,14 @@ fn renew_until_lost(
         match answer {
             Ok(Some(r)) if r.ttl() > 0 => {
                 last_ok = Instant::now();
-                let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
                 inner.status.connected.store(true, Ordering::Relaxed);
+                // A lifecycle call may hold the lock for a while (a slow disk): the
+                // renewal never waits for it, and a dirty state waits for the next.
+                let mut state = match inner.state.try_lock() {
+                    Ok(s) => s,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => continue,
+                };
                 if state.dirty {
                     match inner.republish(&mut state, lease) {
                         Ok(n) => {

@@ -110,7 +110,9 @@ fn an_alias_raced_by_three_hosts_has_exactly_one_winner() {
         assert_eq!(owner.trim(), winner);
         // The winner's own host may claim it again for another VM (one host's VMs may
         // share an alias, the oldest answering, as on a single host).
-        let again = hosts[winners[0]].lock().claim("another", std::slice::from_ref(&alias));
+        let again = hosts[winners[0]]
+            .lock()
+            .claim("another", std::slice::from_ref(&alias));
         assert!(again.is_ok(), "{again:?}");
     }
 }
