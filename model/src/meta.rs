@@ -84,6 +84,9 @@ pub struct RouteMeta {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub tags: BTreeMap<String, String>,
+    /// The guest port HTTPS is forwarded to; 0 = not set (the listener's own port).
+    #[serde(default, rename = "httpPort", deserialize_with = "lenient_port")]
+    pub http_port: u16,
 }
 
 impl RouteMeta {
@@ -91,6 +94,13 @@ impl RouteMeta {
     pub fn from_slice(bytes: &[u8]) -> serde_json::Result<RouteMeta> {
         serde_json::from_slice(bytes)
     }
+}
+
+/// A port number as written by any version: anything that is not 0..=65535 (or
+/// `null`) reads as 0, "not set", rather than hiding the VM.
+fn lenient_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(v.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(0))
 }
 
 /// Go's encoding/json writes a nil slice or map as `null`: read it as empty.

@@ -234,7 +234,9 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `listeners`: guest ports; each gets a free 127.0.0.1 port.
+    /// `listeners`: guest ports; each gets a free 127.0.0.1 port and the kind the
+    /// guest port implies, except that guest port 22 is `raw` (the listen port is not
+    /// 2022, which alone implies it).
     pub fn start(listeners: &[u16], extra_env: &[(&str, &str)]) -> Forwarder {
         Forwarder::start_with(listeners, extra_env, |_| {})
     }
@@ -246,16 +248,34 @@ impl Forwarder {
         extra_env: &[(&str, &str)],
         setup: impl FnOnce(&Path),
     ) -> Forwarder {
+        let targets: Vec<String> = listeners
+            .iter()
+            .map(|&guest| match guest {
+                22 => "22/raw".to_string(),
+                guest => guest.to_string(),
+            })
+            .collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        Forwarder::start_targets(&targets, extra_env, setup)
+    }
+
+    /// `targets`: what follows `=` in `FWD_LISTENERS` (`443`, `8080/https+proxy-v2`);
+    /// each gets a free 127.0.0.1 port.
+    pub fn start_targets(
+        targets: &[&str],
+        extra_env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+    ) -> Forwarder {
         let dir = TempDir::new("fwd");
         let vms = dir.path().join("vm.d");
         std::fs::create_dir_all(&vms).expect("creating the config root");
         setup(&vms);
         let (cert, key) = gen_cert(&dir.path().join("certs"), extra_env);
-        let ports: Vec<u16> = listeners.iter().map(|_| free_port()).collect();
-        let spec: Vec<String> = listeners
+        let ports: Vec<u16> = targets.iter().map(|_| free_port()).collect();
+        let spec: Vec<String> = targets
             .iter()
             .zip(&ports)
-            .map(|(guest, port)| format!("127.0.0.1:{port}={guest}"))
+            .map(|(target, port)| format!("127.0.0.1:{port}={target}"))
             .collect();
         let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log =
@@ -323,21 +343,24 @@ impl Forwarder {
     }
 }
 
-/// `mergen-forwarder gen-cert` into `dir`, honouring FWD_DOMAIN_PREFIX/SUFFIX in `env`.
+/// `mergen-forwarder gen-cert` into `dir`, honouring FWD_DOMAIN_PREFIX/SUFFIX in `env`;
+/// the certificate and key files, as it printed them.
 pub fn gen_cert(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
     let prefix = get("FWD_DOMAIN_PREFIX").unwrap_or("");
     let suffix = get("FWD_DOMAIN_SUFFIX").unwrap_or("localhost");
-    run_ok(
+    let out = run_ok(
         Command::new(FORWARDER)
             .args(["gen-cert", "--out-dir"])
             .arg(dir)
             .args(["--prefix", prefix, "--suffix", suffix]),
     );
-    (
-        dir.join(format!("wildcard.{suffix}.crt")),
-        dir.join(format!("wildcard.{suffix}.key")),
-    )
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut files = text.lines().map(PathBuf::from);
+    match (files.next(), files.next()) {
+        (Some(cert), Some(key)) => (cert, key),
+        _ => panic!("gen-cert printed {text:?}"),
+    }
 }
 
 /// A minimal HTTP/1.0 GET returning the status and body.
