@@ -6,7 +6,7 @@
 //! variable and the value.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -244,41 +244,10 @@ impl FromStr for ListenerKind {
 /// The one listener option: `+proxy-v2`.
 const PROXY_V2: &str = "proxy-v2";
 
-/// Where a listener listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// An empty host (`:443`): every IPv4 and IPv6 address, as Go's
-    /// `net.Listen("tcp", ":443")` in the original.
-    AnyHost(u16),
-    /// An address, written as one or resolved from a host name at start.
-    Addr(SocketAddr),
-}
-
-impl ListenAddr {
-    pub fn port(self) -> u16 {
-        match self {
-            ListenAddr::AnyHost(port) => port,
-            ListenAddr::Addr(addr) => addr.port(),
-        }
-    }
-
-    /// Both cannot be bound at once: an any-host listener takes its port on every address.
-    fn overlaps(self, other: ListenAddr) -> bool {
-        self == other
-            || (self.port() == other.port()
-                && (matches!(self, ListenAddr::AnyHost(_))
-                    || matches!(other, ListenAddr::AnyHost(_))))
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::AnyHost(port) => write!(f, ":{port}"),
-            ListenAddr::Addr(addr) => addr.fmt(f),
-        }
-    }
-}
+/// Where a listener listens: an empty host (`:443`) is every IPv4 and IPv6 address,
+/// as Go's `net.Listen("tcp", ":443")` in the original (the type mergend's
+/// `MGR_HTTP_ADDR` uses too).
+pub use mergen_http::ListenAddr;
 
 impl ListenerSpec {
     /// A listener as the original's `addr=guestPort` wrote it: the kind inferred.
@@ -463,42 +432,20 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// A listener's address: `:443` or a bare `443` (every address), an IP address with
-/// its port, or a host name with its port, resolved now. A name that resolves to
-/// several addresses listens on the first IPv4 one, as Go's `net.Listen` did.
+/// its port, or a host name with its port, resolved now (see [`ListenAddr`]'s
+/// `FromStr`). Port 0 is refused: nobody could find such a listener.
 fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
     let s = s.trim();
-    let expected = || format!("an address like :443, 127.0.0.1:443 or localhost:443, not {s:?}");
-    let port_of = |p: &str| parse_port(p).map_err(|_| expected());
-    if !s.contains(':') {
-        return Ok(ListenAddr::AnyHost(port_of(s)?));
+    let addr = match s.contains(':') {
+        true => s.parse::<ListenAddr>()?,
+        false => ListenAddr::AnyHost(s.parse().map_err(|_| {
+            format!("{s:?} is not an address like :443, 127.0.0.1:443 or localhost:443")
+        })?),
+    };
+    match addr.port() {
+        0 => Err(format!("a listen port above 0, not {s:?}")),
+        _ => Ok(addr),
     }
-    if let Some(port) = s.strip_prefix(':') {
-        return Ok(ListenAddr::AnyHost(port_of(port)?));
-    }
-    if let Ok(addr) = SocketAddr::from_str(s) {
-        return match addr.port() {
-            0 => Err(expected()),
-            _ => Ok(ListenAddr::Addr(addr)),
-        };
-    }
-    let (host, port) = s.rsplit_once(':').ok_or_else(expected)?;
-    let port = port_of(port)?;
-    let is_name = host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if host.is_empty() || !is_name {
-        return Err(expected());
-    }
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("a host name that resolves ({host}: {e})"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .map(|&a| ListenAddr::Addr(a))
-        .ok_or_else(|| format!("a host name that resolves ({host}: no address)"))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
