@@ -126,6 +126,8 @@ listeners (FWD_LISTENERS=ADDR=GUESTPORT[/KIND][+OPTION...],...):
                        address, and for TLS kinds the SNI (PP2_TYPE_AUTHORITY)
   no KIND    as the original: guest port 443 https, 5432 postgres, listen port 2022
              to guest 22 raw, anything else tls
+  default    :443=443/https,:2022=22/raw,:5432=5432/postgres,:6379=6379/tls,
+             :9092=9092/tls
 ";
 
 #[derive(Clone, Debug, PartialEq)]
@@ -736,6 +738,24 @@ mod tests {
         );
         // Raw only where the original had it: listen port 2022 to guest 22.
         assert_eq!(kinds("127.0.0.1:2022=22,127.0.0.2:2022=443"), [Raw, Https]);
+    }
+
+    /// The help text spells out the default listeners as they are parsed.
+    #[test]
+    fn the_help_shows_the_default_listeners_kinds() {
+        let shown: Vec<String> = with(&[])
+            .unwrap()
+            .listeners
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let help: String = LISTENERS_HELP
+            .split_once("  default    ")
+            .expect("a default line")
+            .1
+            .split_whitespace()
+            .collect();
+        assert_eq!(help, shown.join(","));
     }
 
     #[test]

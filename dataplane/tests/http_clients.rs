@@ -35,17 +35,14 @@ fn count(text: &str, after: &str) -> Option<u64> {
 fn h2load_h1_through_the_https_listener() {
     require_root!();
     let (_ns, _web, fwd) = web_vm();
-    let out = run(std::process::Command::new("h2load")
-        .args(["--h1", "-n", "400", "-c", "4", "-t", "1", "-m", "4"])
-        .args(["--connect-to", &format!("127.0.0.1:{}", fwd.ports[0])])
-        .arg(format!("https://app.localhost:{}/", fwd.ports[0]))
-        .stdin(Stdio::null()));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new("h2load")
+            .args(["--h1", "-n", "400", "-c", "4", "-t", "1", "-m", "4"])
+            .args(["--connect-to", &format!("127.0.0.1:{}", fwd.ports[0])])
+            .arg(format!("https://app.localhost:{}/", fwd.ports[0]))
+            .stdin(Stdio::null()),
     );
+    let text = String::from_utf8_lossy(&out.stdout);
     // "requests: 400 total, 400 started, 400 done, 400 succeeded, 0 failed, 0 errored"
     assert_eq!(count(&text, "done,"), Some(400), "{text}");
     assert_eq!(count(&text, "started,"), Some(400), "{text}");
@@ -62,17 +59,14 @@ fn wrk_through_the_https_listener() {
     require_root!();
     let (_ns, _web, fwd) = web_vm();
     let hosts = HostsFile::new(&[("app.localhost", "127.0.0.1")]);
-    let out = run(hosts
-        .command("wrk")
-        .args(["-t", "1", "-c", "4", "-d", "2s", "--timeout", "5s"])
-        .arg(format!("https://app.localhost:{}/", fwd.ports[0]))
-        .stdin(Stdio::null()));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        hosts
+            .command("wrk")
+            .args(["-t", "1", "-c", "4", "-d", "2s", "--timeout", "5s"])
+            .arg(format!("https://app.localhost:{}/", fwd.ports[0]))
+            .stdin(Stdio::null()),
     );
+    let text = String::from_utf8_lossy(&out.stdout);
     // "N requests in 2.00s, ..."; errors would add "Socket errors" and non-2xx lines.
     let requests = text
         .lines()
