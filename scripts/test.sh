@@ -12,7 +12,8 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 PKGS=(iproute2 nftables curl openssl procps nginx-light redis-server redis-tools
       openssh-server openssh-client postgresql postgresql-client haproxy wrk
       etcd-server etcd-client protobuf-compiler libprotobuf-dev
-      docker-registry skopeo busybox-static apache2-utils e2fsprogs util-linux)
+      docker-registry skopeo busybox-static apache2-utils e2fsprogs util-linux
+      kcat nghttp2-client)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
