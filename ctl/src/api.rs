@@ -22,11 +22,11 @@ use crate::alloc::allocate;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::hooks::HookRunner;
-use crate::http::Response;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
 use crate::request::{parse_create, CreateRequest};
 use crate::store::{NewVm, Store};
+use mergen_http::Response;
 
 pub struct App {
     pub config: Config,

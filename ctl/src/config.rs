@@ -2,11 +2,11 @@
 //! table, read layered over the runtime's (`mergen_runtime::config::VARIABLES`), so one
 //! pair of tables drives parsing, defaults, `mergend --help` and the README's table.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mergen_envtable::{Env, Var};
+use mergen_http::ListenAddr;
 use mergen_runtime::config::VARIABLES as RUNTIME_VARIABLES;
 use mergen_runtime::RuntimeConfig;
 
@@ -15,7 +15,7 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HTTP_ADDR",
         "127.0.0.1:8080",
-        "TCP listen address (\":8080\" means every interface)",
+        "TCP listen address (\":8080\" means every IPv4 and IPv6 address)",
     ),
     Var::unset("MGR_HTTP_SOCKET", "also listen on this unix socket"),
     Var::unset(
@@ -35,7 +35,17 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HTTP_MAX_CONNECTIONS",
         "256",
-        "concurrent connections; more are answered 503",
+        "open connections; at the cap the oldest idle one is closed, else 503",
+    ),
+    Var::new(
+        "MGR_HTTP_MAX_CONNECTIONS_PER_IP",
+        "64",
+        "open connections per client address (IPv4, or IPv6 /64)",
+    ),
+    Var::new(
+        "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
+        "5",
+        "a connection without a whole request head by then is dropped",
     ),
     Var::new(
         "MGR_HTTP_READ_TIMEOUT_SECONDS",
@@ -46,6 +56,11 @@ pub const VARIABLES: &[Var] = &[
         "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
         "60",
         "idle keep-alive connections are closed after this",
+    ),
+    Var::new(
+        "MGR_HTTP_WORKERS",
+        "64",
+        "most requests handled at once (threads start as needed; more wait their turn)",
     ),
     Var::computed(
         "MGR_IMAGE_ROOTS",
@@ -81,14 +96,17 @@ pub fn all_variables() -> impl Iterator<Item = &'static Var> + Clone {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub http_addr: SocketAddr,
+    pub http_addr: ListenAddr,
     pub http_socket: Option<PathBuf>,
     pub api_token: Option<String>,
     pub allow_insecure: bool,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub header_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub http_workers: usize,
     pub image_roots: Vec<PathBuf>,
     pub global_hooks_dir: PathBuf,
     pub hook_workers: usize,
@@ -114,15 +132,9 @@ impl Config {
         let runtime = RuntimeConfig::from_vars(env)?;
         let http_addr = env
             .with("MGR_HTTP_ADDR", |text| {
-                // The original's ":8080" form binds every interface.
-                let full = match text.strip_prefix(':') {
-                    Some(port) => format!("0.0.0.0:{port}"),
-                    None => text.to_string(),
-                };
-                full.to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| "a host:port address (or :port)".to_string())
+                // The original's ":8080" form: every IPv4 and IPv6 address.
+                text.parse::<ListenAddr>()
+                    .map_err(|_| "a host:port address (or :port)".to_string())
             })?
             .expect("MGR_HTTP_ADDR has a default");
         let port_start = env.port("MGR_PORT_START")?;
@@ -152,8 +164,11 @@ impl Config {
             allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
             shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
             max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
+            max_connections_per_ip: count("MGR_HTTP_MAX_CONNECTIONS_PER_IP")?,
+            header_timeout: env.seconds("MGR_HTTP_HEADER_TIMEOUT_SECONDS")?,
             read_timeout: env.seconds("MGR_HTTP_READ_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds("MGR_HTTP_IDLE_TIMEOUT_SECONDS")?,
+            http_workers: count("MGR_HTTP_WORKERS")?,
             image_roots,
             global_hooks_dir: env.string("MGR_GLOBAL_HOOKS_DIR").into(),
             hook_workers: count("MGR_HOOK_WORKERS")?,
@@ -168,7 +183,7 @@ impl Config {
     /// The original listened on every interface with no authentication; mergend
     /// refuses that unless the operator says so explicitly.
     pub fn check_exposure(&self) -> Result<(), String> {
-        if !self.http_addr.ip().is_loopback() && self.api_token.is_none() && !self.allow_insecure {
+        if !self.http_addr.is_loopback() && self.api_token.is_none() && !self.allow_insecure {
             return Err(format!(
                 "refusing to listen on non-loopback {} without MGR_API_TOKEN (set MGR_ALLOW_INSECURE=1 to override)",
                 self.http_addr
@@ -210,6 +225,8 @@ mod tests {
         assert_eq!(c.image_roots, vec![PathBuf::from("/var/lib/mergen")]);
         assert!(c.check_exposure().is_ok());
         let open = from(&[("MGR_HTTP_ADDR", ":8080")]).unwrap();
+        // The original's empty host: every IPv4 and IPv6 address.
+        assert_eq!(open.http_addr, ListenAddr::AnyHost(8080));
         assert!(open.check_exposure().unwrap_err().contains("MGR_API_TOKEN"));
         assert!(from(&[("MGR_HTTP_ADDR", ":8080"), ("MGR_API_TOKEN", "t")])
             .unwrap()
@@ -231,6 +248,9 @@ mod tests {
             ("MGR_HTTP_ADDR", "nowhere"),
             ("MGR_ALLOW_INSECURE", "maybe"),
             ("MGR_HTTP_MAX_CONNECTIONS", "0"),
+            ("MGR_HTTP_MAX_CONNECTIONS_PER_IP", "0"),
+            ("MGR_HTTP_HEADER_TIMEOUT_SECONDS", "x"),
+            ("MGR_HTTP_WORKERS", "0"),
         ] {
             assert!(from(&[(k, v)]).unwrap_err().contains(k), "{k}");
         }
@@ -278,6 +298,7 @@ mod tests {
             "MGR_SHUTDOWN_TIMEOUT_SECONDS",
             "MGR_HTTP_READ_TIMEOUT_SECONDS",
             "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
+            "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
             "MGR_COMMAND_TIMEOUT_SECONDS",
         ] {
             assert!(from(&[(k, "0")]).unwrap_err().contains(k), "{k}");

@@ -3,7 +3,7 @@
 
 use mergen_runtime::RuntimeError;
 
-use crate::http::Response;
+use mergen_http::Response;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -53,10 +53,7 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response {
-        let mut r = Response::json(
-            self.status,
-            &serde_json::json!({"error": self.code, "message": self.message}),
-        );
+        let mut r = Response::error(self.status, self.code, &self.message);
         r.headers = self.headers;
         r
     }

@@ -2,7 +2,7 @@
 
 use crate::api::App;
 use crate::error::ApiError;
-use crate::http::{Request, Response};
+use mergen_http::{Request, Response};
 
 /// Answer one request and count it under its route.
 pub fn handle(app: &App, req: &Request) -> Response {
