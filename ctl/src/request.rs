@@ -62,8 +62,7 @@ pub struct CreateRequest {
 
 /// Parse and validate a create body. `image_roots` must be canonical paths.
 pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
-    // Derived structs also accept a JSON array of field values; only an object is valid.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if !mergen_model::meta::opens_an_object(body) {
         return Err(ApiError::bad_request(
             "invalid request body: want a JSON object",
         ));
