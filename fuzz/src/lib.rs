@@ -5,5 +5,6 @@
 
 pub mod client_hello;
 pub mod ctl_create;
+pub mod http_request;
 pub mod meta_json;
 pub mod pg_preamble;
