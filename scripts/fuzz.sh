@@ -28,8 +28,11 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-# Overflow checks and debug assertions on: a parser's arithmetic is part of what is fuzzed.
-flags=(--debug-assertions)
+# Overflow checks and debug assertions on: a parser's arithmetic is part of what is
+# fuzzed. No sanitizer by default: the code under test has no unsafe (the ring, which has,
+# is not fuzzed here) and ASan would cost half the executions; FUZZ_SANITIZER=address
+# turns it back on.
+flags=(--debug-assertions --sanitizer "${FUZZ_SANITIZER:-none}")
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo +nightly fuzz list)
