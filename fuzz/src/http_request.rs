@@ -135,7 +135,8 @@ fn check_request(request: &Request, limits: Limits) {
 
     // Written out again with a Content-Length body, it reads back the same.
     let mut out = format!("{} {}", head.method, head.path);
-    if !head.query.is_empty() {
+    // An empty path came from a target that starts with `?`.
+    if !head.query.is_empty() || head.path.is_empty() {
         out.push('?');
         out.push_str(&head.query);
     }
