@@ -5,6 +5,7 @@
 
 pub mod client_hello;
 pub mod ctl_create;
+pub mod hook_template;
 pub mod http_request;
 pub mod meta_json;
 pub mod pg_preamble;
