@@ -356,8 +356,16 @@ mod tests {
             ),
             ("%x", vec![s("hi")], "6869"),
             // Go's limit on widths and precisions (fuzz/regressions/hook_template).
-            ("%99999999d|", vec![Value::Int(1)], "%!(NOVERB)%!(EXTRA int=1)"),
-            ("%.99999999f|", vec![Value::Float(1.0)], "%!(NOVERB)%!(EXTRA float64=1)"),
+            (
+                "%99999999d|",
+                vec![Value::Int(1)],
+                "%!(NOVERB)%!(EXTRA int=1)",
+            ),
+            (
+                "%.99999999f|",
+                vec![Value::Float(1.0)],
+                "%!(NOVERB)%!(EXTRA float64=1)",
+            ),
         ];
         for (f, args, want) in cases {
             assert_eq!(sprintf(f, &args), want, "{f}");
