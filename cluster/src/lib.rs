@@ -69,6 +69,14 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The kernel's host name (what `hostname` prints): a host's name in the cluster
+/// unless `MGR_HOST_NAME` / `FWD_HOST_NAME` say otherwise.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Why a cluster operation did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -290,7 +290,7 @@ fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::E
         })?;
     let host_name = match env.opt("MGR_HOST_NAME") {
         Some(n) => n,
-        None => hostname(),
+        None => mergen_cluster::hostname(),
     };
     if host_name.is_empty() || host_name.contains('/') {
         return Err(mergen_envtable::Error {
@@ -309,13 +309,6 @@ fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::E
         host_addr,
         lease_ttl: env.seconds("MGR_ETCD_LEASE_TTL_SECONDS")?,
     }))
-}
-
-/// The kernel's host name (what `hostname` prints).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// `mergend --help`.

@@ -108,6 +108,25 @@ pub const VARS: &[Var] = &[
     ),
     Var::new("FWD_LOG_LEVEL", "debug", "debug|info|warn|error"),
     Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
+    Var::unset(
+        "FWD_ETCD_ENDPOINTS",
+        "etcd members (host:port or http://host:port, comma-separated): other hosts' VMs are learned there and their connections passed through to those hosts (docs/cluster.md)",
+    ),
+    Var::new(
+        "FWD_ETCD_PREFIX",
+        "/mergen",
+        "key prefix in etcd (as MGR_ETCD_PREFIX)",
+    ),
+    Var::new(
+        "FWD_ETCD_TIMEOUT_SECONDS",
+        "3",
+        "bound on each etcd request; a watch silent this long is checked",
+    ),
+    Var::computed(
+        "FWD_HOST_NAME",
+        "the hostname",
+        "this host's name in the cluster (as MGR_HOST_NAME): its own VMs come from meta.json only",
+    ),
 ];
 
 /// `--help`'s and the README's account of `FWD_LISTENERS`.
@@ -151,6 +170,15 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: String,
+    /// `None` unless `FWD_ETCD_ENDPOINTS` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where the cluster's routes are, and which host this is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    pub etcd: mergen_cluster::Settings,
+    pub host_name: String,
 }
 
 impl Config {
@@ -380,8 +408,36 @@ impl Config {
             admin_addr,
             log_level,
             log_format,
+            cluster: cluster_config(&env)?,
         })
     }
+}
+
+fn cluster_config(env: &Env<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
+    let endpoints = env
+        .with("FWD_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)?
+        .unwrap_or_default();
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let host_name = env
+        .opt("FWD_HOST_NAME")
+        .unwrap_or_else(mergen_cluster::hostname);
+    if host_name.is_empty() || host_name.contains('/') {
+        return Err(ConfigError {
+            name: "FWD_HOST_NAME".into(),
+            value: host_name,
+            expected: "a name without '/' (the hostname is used when unset)".into(),
+        });
+    }
+    Ok(Some(ClusterConfig {
+        etcd: mergen_cluster::Settings {
+            endpoints,
+            prefix: env.string("FWD_ETCD_PREFIX"),
+            timeout: env.seconds("FWD_ETCD_TIMEOUT_SECONDS")?,
+        },
+        host_name,
+    }))
 }
 
 /// `FWD_LISTENERS`, with the `FWD_HTTPS_ADDR` listener of the later original: it takes

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod cluster_routes;
 pub mod config;
 pub mod engine;
 pub mod metrics;

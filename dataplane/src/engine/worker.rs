@@ -212,9 +212,11 @@ impl Worker {
         let Some(client) = c.accepted else { return };
         let metrics = &self.shared.metrics;
         metrics.conn_opened(listener);
-        // A PROXY header needs both addresses; a client gone before they could be read
-        // (ENOTCONN) is closed.
-        let addrs = match self.shared.listeners[listener].proxy_v2 {
+        // A PROXY header needs both addresses (so does telling a peer forwarder's
+        // connection in a cluster); a client gone before they could be read (ENOTCONN)
+        // is closed.
+        let in_cluster = self.shared.routing.in_cluster();
+        let addrs = match self.shared.listeners[listener].proxy_v2 || in_cluster {
             true => match client_addrs(&client) {
                 Ok(addrs) => Some(addrs),
                 Err(_) => return metrics.conn_closed(listener, Outcome::ClientError),
@@ -480,7 +482,7 @@ fn context<'a>(
         now,
         listener: &shared.listeners[listener],
         timeouts: &shared.timeouts,
-        routes: &*shared.resolver,
+        routes: &shared.routing,
         metrics: &shared.metrics,
         log: &shared.log,
     }
@@ -564,6 +566,7 @@ mod tests {
             let listener = Listener {
                 name: "raw-test".into(),
                 index: 0,
+                port: 0,
                 guest_port: backend_port,
                 kind: ListenerKind::Raw,
                 proxy_v2,
