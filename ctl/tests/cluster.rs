@@ -1,15 +1,19 @@
 //! mergend in a cluster: two hosts' mergends (on one machine, each with its own roots
 //! and host name) publish to a real etcd on loopback. Aliases are unique across hosts,
 //! calls for another host's VM are sent there, and a mergend that dies takes its routes
-//! out of etcd after the lease TTL and brings them back when it returns.
+//! out of etcd after the lease TTL and brings them back when it returns. With each
+//! host's forwarder too (host A on 127.0.0.1, host B on 127.0.0.2), curl through host
+//! A reaches a process VM that runs on host B.
 
 mod common;
 
 use std::time::Duration;
 
+use common::forwarder::{self, through_at};
+use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
 use mergen_testkit::etcd::EtcdCluster;
-use mergen_testkit::{eventually, wait_for};
+use mergen_testkit::{eventually, free_port, nginx, require_root, wait_for};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -229,4 +233,110 @@ fn a_cluster_needs_the_hosts_address() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MGR_HOST_ADDR"), "{err}");
+}
+
+/// The whole path across hosts: host B's mergend runs a VM (nginx as a process guest)
+/// and publishes its route; curl through host A's forwarder reaches it, host A passing
+/// the connection through to host B's forwarder. Host B's mergend killed: the VM goes
+/// on serving on host B, host A stops routing to it after the TTL; back, and host A
+/// routes to it again.
+#[test]
+fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
+    require_root!();
+    let etcd = EtcdCluster::loopback(1);
+    let ep = etcd.endpoints();
+    let prefix = format!("/e2e{}", std::process::id());
+    let pid = std::process::id();
+    let cidr = format!("10.{}.{}.0/24", 50 + pid % 50, 100 + pid % 50);
+    let (ra, rb) = (Roots::new("cl-e2e-a"), Roots::new("cl-e2e-b"));
+    let mut env_b = host_env(&ep, "b", "127.0.0.2", &prefix);
+    env_b.extend(process_env(&cidr));
+    let mut guard = VmsGuard::new(&rb, &env_b);
+    let _a = Mergend::start(&ra, &host_env(&ep, "a", "127.0.0.1", &prefix));
+    let mut b = Mergend::start(&rb, &env_b);
+
+    // Both forwarders on one port, each on its host's address.
+    let port = free_port();
+    let fwd_env = |host: &'static str| {
+        [
+            ("FWD_ETCD_ENDPOINTS", ep.as_str()),
+            ("FWD_ETCD_PREFIX", prefix.as_str()),
+            ("FWD_ETCD_TIMEOUT_SECONDS", "1"),
+            ("FWD_HOST_NAME", host),
+        ]
+    };
+    let dirs = (
+        mergen_testkit::TempDir::new("cl-e2e-fwd-a"),
+        mergen_testkit::TempDir::new("cl-e2e-fwd-b"),
+    );
+    let at = |ip: [u8; 4]| [((ip, port).into(), 8080)];
+    let (_fa, _) = forwarder::start(
+        &ra.config(),
+        dirs.0.path(),
+        &at([127, 0, 0, 1]),
+        &fwd_env("a"),
+    );
+    let (_fb, _) = forwarder::start(
+        &rb.config(),
+        dirs.1.path(),
+        &at([127, 0, 0, 2]),
+        &fwd_env("b"),
+    );
+
+    // A VM on host B: nginx on guest port 8080.
+    let www = rb.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "a page on host b\n").unwrap();
+    let argv = nginx::guest_argv(&rb.dir.join("nginx"), "8080", &www);
+    let body = serde_json::json!({"process": {"cmd": argv}, "tags": {"app": "far"}});
+    let (code, v) = b.create(&body.to_string());
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    guard.ids.push(id.clone());
+    let (code, out) = b.curl("POST", &format!("/v1/vms/{id}/start"), &[]);
+    assert_eq!(code, 200, "{out}\n{}", b.log_text());
+
+    let page = Some("a page on host b\n".to_string());
+    let fwd_logs = || {
+        let log = |d: &mergen_testkit::TempDir| {
+            std::fs::read_to_string(d.path().join("forwarder.log")).unwrap_or_default()
+        };
+        format!("A:\n{}\nB:\n{}", log(&dirs.0), log(&dirs.1))
+    };
+    // On host B itself, then through host A (by alias and by short id).
+    let on_b = eventually(LONG, || {
+        through_at("far.localhost", "127.0.0.2", port) == page
+    });
+    assert!(on_b, "{}", fwd_logs());
+    for name in [
+        "far.localhost".to_string(),
+        format!("{}.localhost", &id[..8]),
+    ] {
+        let via_a = eventually(LONG, || through_at(&name, "127.0.0.1", port) == page);
+        assert!(
+            via_a,
+            "{name}: {:?}\n{}",
+            through_at(&name, "127.0.0.1", port),
+            fwd_logs()
+        );
+    }
+
+    // Host B's mergend killed: its VM keeps serving on host B; host A lets go of it
+    // once the lease is gone.
+    b.signal(rustix::process::Signal::KILL);
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(
+        eventually(LONG, || through_at("far.localhost", "127.0.0.1", port)
+            .is_none()),
+        "host A still routes to a host whose mergend is gone: {}",
+        fwd_logs()
+    );
+    assert_eq!(through_at("far.localhost", "127.0.0.2", port), page);
+
+    // Back: re-published, and host A routes to it again.
+    let _b = Mergend::start(&rb, &env_b);
+    let back = eventually(LONG, || {
+        through_at("far.localhost", "127.0.0.1", port) == page
+    });
+    assert!(back, "{}", fwd_logs());
 }
