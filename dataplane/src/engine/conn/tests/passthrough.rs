@@ -23,6 +23,16 @@ impl T {
     }
 }
 
+/// A connection on a `kind` listener for a name only another host has, accepted, and
+/// the first flight of a client for it.
+fn passing(kind: ListenerKind) -> (T, Vec<u8>) {
+    let t = T::new(kind)
+        .with_remote("far.localhost")
+        .dials_to(443)
+        .accept();
+    (t, hello_of(&mut tls_client("far.localhost")))
+}
+
 /// The client's first flight.
 fn hello_of(client: &mut ClientConnection) -> Vec<u8> {
     let mut out = Vec::new();
@@ -32,12 +42,7 @@ fn hello_of(client: &mut ClientConnection) -> Vec<u8> {
 
 #[test]
 fn passed_through_unread_to_the_owner_on_the_listener_port() {
-    let mut t = T::new(ListenerKind::Https)
-        .with_remote("far.localhost")
-        .dials_to(443)
-        .accept();
-    let mut client = tls_client("far.localhost");
-    let hello = hello_of(&mut client);
+    let (mut t, hello) = passing(ListenerKind::Https);
     t.arrive(Side::Client, &hello);
     // No TLS here: nothing goes back to the client, nothing more is read from it
     // before the peer is there to take it.
@@ -71,12 +76,7 @@ fn passed_through_unread_to_the_owner_on_the_listener_port() {
 
 #[test]
 fn a_hello_in_pieces_reaches_the_owner_whole_and_first() {
-    let mut t = T::new(ListenerKind::Tls)
-        .with_remote("far.localhost")
-        .dials_to(443)
-        .accept();
-    let mut client = tls_client("far.localhost");
-    let hello = hello_of(&mut client);
+    let (mut t, hello) = passing(ListenerKind::Tls);
     let (a, b) = hello.split_at(7);
     t.arrive(Side::Client, a);
     assert!(t.dials.is_empty(), "routed before the name was read");
@@ -127,12 +127,7 @@ fn a_postgres_client_is_answered_here_then_passed_through() {
 
 #[test]
 fn an_owner_out_of_reach_is_a_dial_failure() {
-    let mut t = T::new(ListenerKind::Https)
-        .with_remote("far.localhost")
-        .dials_to(443)
-        .accept();
-    let mut client = tls_client("far.localhost");
-    let hello = hello_of(&mut client);
+    let (mut t, hello) = passing(ListenerKind::Https);
     t.arrive(Side::Client, &hello);
     t.connect(-libc::ECONNREFUSED);
     assert!(
