@@ -225,3 +225,32 @@ fn a_vm_on_another_host_is_reached_through_its_forwarder() {
         "content-of-a-vm-on-host-a"
     );
 }
+
+/// A forwarder whose etcd is nowhere still starts and serves its own VMs; it says the
+/// cluster is down, and stays healthy.
+#[test]
+fn without_etcd_local_vms_are_served_as_ever() {
+    require_root!();
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let ns = Ns::new();
+    echo_server(ns.listen(443));
+    let env = [
+        ("FWD_ETCD_ENDPOINTS", nowhere.as_str()),
+        ("FWD_ETCD_TIMEOUT_SECONDS", "1"),
+        ("FWD_HOST_NAME", "host-a"),
+    ];
+    let fwd = Forwarder::start_with(&[443], &env, |root| write_app_vm(root, &ns, "echo"));
+    let mut stream = tls_connect("echo.localhost", fwd.ports[0]);
+    assert_eq!(round_trip(&mut stream, b"ping").unwrap(), b"ping");
+    let (status, health) = http_get(fwd.admin, "/healthz").expect("healthz");
+    assert_eq!(status, 200);
+    assert!(health.contains(r#""watch":"down""#), "{health}");
+    assert_eq!(fwd.metric("mergen_forwarder_cluster_watch_connected"), 0.0);
+    assert!(
+        eventually(LONG, || fwd
+            .metric("mergen_forwarder_cluster_stale_seconds")
+            > 0.0),
+        "{}",
+        fwd.metrics()
+    );
+}

@@ -91,10 +91,13 @@ impl Peek {
         }
     }
 
-    /// Whether the bytes so far may start with a peer forwarder's PROXY header: once
-    /// per connection, and only from the address of another host of the cluster.
-    fn peer_header_due(&self, routes: &dyn Routes) -> bool {
-        !self.peer_checked && self.addrs.is_some_and(|a| routes.peer(a.client.ip()))
+    /// Whether the bytes so far may start with a peer forwarder's PROXY header: only
+    /// from the address of another host of the cluster (asked once), until read.
+    fn peer_header_due(&mut self, routes: &dyn Routes) -> bool {
+        if !self.peer_checked && !self.addrs.is_some_and(|a| routes.peer(a.client.ip())) {
+            self.peer_checked = true;
+        }
+        !self.peer_checked
     }
 
     pub fn deadline(&self) -> Instant {
@@ -118,6 +121,7 @@ impl Peek {
                 cx.bufs.consume(b, n);
             }
             let in_buffer = self.partial.is_empty();
+            let header_due = self.peer_header_due(cx.routes);
             let verdict = {
                 let data = match ends.from_client {
                     Some(b) if in_buffer => cx.bufs.data(b),
@@ -125,7 +129,7 @@ impl Peek {
                 };
                 if data.is_empty() {
                     None
-                } else if self.peer_header_due(cx.routes) {
+                } else if header_due {
                     Some(peer_header(data))
                 } else {
                     let clock = (self.accepted, self.deadline);
