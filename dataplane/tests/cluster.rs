@@ -155,6 +155,24 @@ fn a_vm_on_another_host_is_reached_through_its_forwarder() {
     assert_eq!(a.metric("mergen_forwarder_cluster_watch_connected"), 1.0);
     let (_, health) = http_get(a.admin, "/healthz").expect("healthz");
     assert!(health.contains(r#""watch":"up""#), "{health}");
+    // Counted on both sides (each listener is named after its address).
+    let crossed = |f: &Forwarder, ip: &str, d: &str| {
+        let listener = format!("listener=\"{ip}:{port}\"");
+        f.metric(&format!(
+            "mergen_forwarder_cluster_connections_total{{{listener},direction=\"{d}\"}}"
+        ))
+    };
+    assert!(
+        crossed(&a, "127.0.0.1", "to_peer") >= 3.0,
+        "{}",
+        a.metrics()
+    );
+    assert!(
+        crossed(&b, "127.0.0.2", "from_peer") >= 3.0,
+        "{}",
+        b.metrics()
+    );
+    assert_eq!(crossed(&a, "127.0.0.1", "from_peer"), 0.0);
     // Host B's own VMs never come back to it through etcd.
     assert_eq!(b.metric("mergen_forwarder_cluster_remote_vms"), 0.0);
 

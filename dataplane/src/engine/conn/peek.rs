@@ -12,7 +12,7 @@ use super::{Addrs, Buffers, ConnId, Cx, Ends, Mode, Next, Op, Proxy, Routes, Sid
 use crate::config::ListenerKind;
 use crate::engine::connlog::{ConnLog, Record};
 use crate::engine::Listener;
-use crate::metrics::{HandshakeFailure, Outcome};
+use crate::metrics::{HandshakeFailure, Outcome, PeerDirection};
 use crate::proxy_protocol::{self, Header};
 use crate::resolver::Route;
 use crate::sni::{self, PgPreamble};
@@ -206,11 +206,15 @@ impl Peek {
                         return Next::Close(Outcome::HandshakeFailed);
                     }
                     preface.append(&mut self.partial);
+                    cx.metrics
+                        .peer_connection(cx.listener.index, PeerDirection::ToPeer);
                     return Next::Proxy(Proxy::to_peer(route, preface, cx.now));
                 }
                 Verdict::PeerHeader { len, client } => {
                     self.peer_checked = true;
                     self.from_peer = true;
+                    cx.metrics
+                        .peer_connection(cx.listener.index, PeerDirection::FromPeer);
                     match ends.from_client {
                         Some(b) if in_buffer => cx.bufs.consume(b, len),
                         _ => drop(self.partial.drain(..len)),

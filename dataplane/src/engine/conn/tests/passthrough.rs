@@ -71,6 +71,9 @@ fn passed_through_unread_to_the_owner_on_the_listener_port() {
         0,
         "not refused here"
     );
+    assert!(t.metrics.render().contains(
+        "mergen_forwarder_cluster_connections_total{listener=\":443\",direction=\"to_peer\"} 1"
+    ));
     t.ends_as(Outcome::Ok);
 }
 
@@ -214,6 +217,9 @@ fn a_peers_header_names_the_client_to_the_guest() {
     let mut want = super::proxy_header(Some("app.localhost"));
     want.extend_from_slice(b"GET /");
     assert_eq!(t.guest_got, want, "the relayed client, not the peer");
+    assert!(t.metrics.render().contains(
+        "mergen_forwarder_cluster_connections_total{listener=\":443\",direction=\"from_peer\"} 1"
+    ));
 }
 
 #[test]
