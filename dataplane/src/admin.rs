@@ -1,17 +1,24 @@
-//! The admin listener: plain HTTP on one std thread, `GET /healthz` and `GET /metrics`.
-//! It serves one short request per connection, one connection at a time, with small
-//! size and time limits, so a misbehaving client can delay it but never exhaust it.
+//! The admin listener: plain HTTP, `GET /healthz` and `GET /metrics`. It serves one
+//! short request per connection, each connection on a thread of its own (up to
+//! [`MAX_CONCURRENT`] at once) with small size and time limits, so idle or slow
+//! clients neither delay a health check nor exhaust the listener; when the process is
+//! out of descriptors it backs off instead of failing to accept in a loop.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::backoff::{self, Backoff, Throttle};
 use crate::metrics::Metrics;
 
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once. Past that a new one is closed at once: a health checker
+/// retries, and no client can make the listener hold more threads than this.
+pub const MAX_CONCURRENT: usize = 64;
 
 /// Bind `addr` and serve from a new thread. Returns the bound address (useful with
 /// port 0) and the thread, which runs for the life of the process.
@@ -23,19 +30,75 @@ pub fn spawn_admin(
     let bound = listener.local_addr()?;
     let handle = std::thread::Builder::new()
         .name("fwd-admin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        if let Err(e) = serve(stream, &metrics) {
-                            log::debug!(error = e.to_string(); "admin request failed");
-                        }
-                    }
-                    Err(e) => log::warn!(error = e.to_string(); "admin accept failed"),
-                }
-            }
-        })?;
+        .spawn(move || accept_loop(&listener, &metrics))?;
     Ok((bound, handle))
+}
+
+fn accept_loop(listener: &TcpListener, metrics: &Arc<Metrics>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut backoff = Backoff::accept();
+    let mut warning = Throttle::new(backoff::WARN_INTERVAL);
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                // Out of descriptors or memory, the next accept would fail at once too.
+                let exhausted = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                let wait = exhausted.then(|| backoff.failed());
+                if let Some(more) = warning.hit(Instant::now()) {
+                    log::warn!("admin accept failed: {e}{}", backoff::more(more));
+                }
+                if let Some(wait) = wait {
+                    std::thread::sleep(wait);
+                }
+                continue;
+            }
+        };
+        if active.load(Ordering::Acquire) >= MAX_CONCURRENT {
+            log::debug!("admin listener busy ({MAX_CONCURRENT} connections): one closed");
+            continue;
+        }
+        let served = Served::new(&active);
+        let metrics = Arc::clone(metrics);
+        let spawned = std::thread::Builder::new()
+            .name("fwd-admin-conn".into())
+            .spawn(move || {
+                let _served = served;
+                if let Err(e) = serve(stream, &metrics) {
+                    log::debug!(error = e.to_string(); "admin request failed");
+                }
+            });
+        if let Err(e) = spawned {
+            if let Some(more) = warning.hit(Instant::now()) {
+                log::warn!(
+                    "admin connection dropped: no thread for it ({e}){}",
+                    backoff::more(more)
+                );
+            }
+        }
+    }
+}
+
+/// One connection counted as served until it is dropped (also when serving panics).
+struct Served(Arc<AtomicUsize>);
+
+impl Served {
+    fn new(active: &Arc<AtomicUsize>) -> Served {
+        active.fetch_add(1, Ordering::AcqRel);
+        Served(Arc::clone(active))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn serve(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
@@ -244,11 +307,59 @@ mod tests {
         assert!(raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
     }
 
+    /// Silent clients hold connections (each up to its 2 s limit), and a health check
+    /// is answered while they still do: they cost a thread each, never a turn.
     #[test]
-    fn a_silent_client_delays_but_does_not_block() {
+    fn silent_clients_do_not_delay_a_health_check() {
         let (addr, _) = start();
-        let _silent = TcpStream::connect(addr).unwrap();
-        // Served once the silent connection times out.
+        let silent: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert!(raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+        for s in &silent {
+            s.set_nonblocking(true).unwrap();
+            let still_open = matches!(
+                (&*s).read(&mut [0u8; 64]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            );
+            assert!(
+                still_open,
+                "a silent client was timed out before the health check was answered"
+            );
+        }
+        // Each is still closed by its own time limit.
+        for mut s in silent {
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).expect("closed by the listener");
+        }
+    }
+
+    /// Past `MAX_CONCURRENT` connections a new one is closed at once, and the listener
+    /// serves again as soon as they go.
+    #[test]
+    fn connections_past_the_cap_are_closed() {
+        let (addr, _) = start();
+        let held: Vec<TcpStream> = (0..MAX_CONCURRENT)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // The listener has counted every held one once this is closed unanswered.
+        let refused = mergen_testkit::poll(Duration::from_secs(5), || {
+            let mut s = TcpStream::connect(addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).ok()?;
+            out.is_empty().then_some(())
+        });
+        assert!(refused.is_some(), "a connection past the cap was served");
+        drop(held);
+        let served = mergen_testkit::poll(Duration::from_secs(10), || {
+            let mut s = TcpStream::connect(addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.starts_with("HTTP/1.1 200").then_some(())
+        });
+        assert!(served.is_some());
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc};
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
 use mergen_dataplane::config::{self, Config, ListenAddr};
 use mergen_dataplane::engine::{self, ConnLog, Listener, Shared, WorkerExit};
+use mergen_dataplane::limits::{self, Caps};
 use mergen_dataplane::metrics::Metrics;
 use mergen_dataplane::resolver::{self, Resolver};
 use mergen_dataplane::{admin, tls};
@@ -132,6 +133,54 @@ fn gen_cert(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Raise the open-files limit to its hard limit and fit the connection caps to it,
+/// saying so: a forwarder started from a plain shell (`ulimit -n` 1,024) must refuse
+/// the connections it cannot carry, not fail to accept them in a loop.
+fn connection_caps(config: &Config) -> Caps {
+    let nofile = match limits::raise_nofile() {
+        Ok(n) => {
+            if n.now > n.before {
+                log::info!(
+                    "open-files limit raised from {} to {} (the hard limit)",
+                    n.before,
+                    n.now
+                );
+            }
+            n.now
+        }
+        Err(e) => {
+            let now = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX);
+            log::warn!("cannot raise the open-files limit ({e}); it stays at {now}");
+            now
+        }
+    };
+    let (caps, lowered) = Caps::fit(
+        config.max_connections,
+        config.max_connections_per_ip,
+        nofile,
+    );
+    if let Some(asked) = lowered {
+        log::warn!(
+            "FWD_MAX_CONNECTIONS={asked} lowered to {}: the open-files limit is {nofile} and each connection takes {} (raise the hard limit, e.g. LimitNOFILE=, to allow more)",
+            caps.total,
+            limits::FDS_PER_CONNECTION
+        );
+    }
+    match caps.per_ip {
+        Some(per_ip) => log::info!(
+            "connection caps: {} in total, {per_ip} per client address",
+            caps.total
+        ),
+        None => log::info!(
+            "connection caps: {} in total, none per client address",
+            caps.total
+        ),
+    }
+    caps
+}
+
 /// What ends the main thread's wait.
 enum Stop {
     Signal(i32),
@@ -143,6 +192,7 @@ fn serve() -> Result<(), Error> {
     mergen_log::init(&config.log_level, &config.log_format).map_err(Error::Logging)?;
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
+    let caps = connection_caps(&config);
 
     let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
     store.watch(true).map_err(Error::WatchCert)?;
@@ -213,6 +263,7 @@ fn serve() -> Result<(), Error> {
     let conn_log = ConnLog::spawn(names).map_err(Error::Workers)?;
     let shared = Arc::new(Shared::new(
         config,
+        caps,
         listeners,
         resolver,
         SocketPool::new(PoolConfig {
