@@ -239,12 +239,27 @@ impl Forwarder {
         Forwarder::start_with(listeners, extra_env, |_| {})
     }
 
+    /// Like `start`, with the open-files limit of the forwarder set to `nofile` (soft
+    /// and hard) before it starts, as `ulimit -n` in the shell that runs it would.
+    pub fn start_limited(listeners: &[u16], extra_env: &[(&str, &str)], nofile: u64) -> Forwarder {
+        Forwarder::launch(listeners, extra_env, |_| {}, Some(nofile))
+    }
+
     /// Like `start`, with `setup` given the config root before the forwarder starts
     /// (VMs written there are known at start-up, so their socket pools start cold).
     pub fn start_with(
         listeners: &[u16],
         extra_env: &[(&str, &str)],
         setup: impl FnOnce(&Path),
+    ) -> Forwarder {
+        Forwarder::launch(listeners, extra_env, setup, None)
+    }
+
+    fn launch(
+        listeners: &[u16],
+        extra_env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+        nofile: Option<u64>,
     ) -> Forwarder {
         let dir = TempDir::new("fwd");
         let vms = dir.path().join("vm.d");
@@ -260,7 +275,17 @@ impl Forwarder {
         let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log =
             std::fs::File::create(dir.path().join("forwarder.log")).expect("creating the log");
-        let mut cmd = Command::new(FORWARDER);
+        // prlimit sets the limit on itself, then execs the forwarder (same pid).
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(FORWARDER);
+                cmd
+            }
+            None => Command::new(FORWARDER),
+        };
         cmd.env("FWD_CONFIG_ROOT", &vms)
             .env("FWD_TLS_CERT_FILE", &cert)
             .env("FWD_TLS_KEY_FILE", &key)
@@ -475,4 +500,102 @@ impl Pattern {
             out += n;
         }
     }
+}
+
+// ---- what a process uses, from /proc -------------------------------------------------
+
+/// CPU time (user + system, all threads) `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat(5), so 11 and 12 after the name.
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = run_ok(Command::new("getconf").arg("CLK_TCK"));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK")
+    })
+}
+
+/// Resident memory of `pid` in bytes (VmRSS).
+pub fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// The names of `pid`'s threads.
+pub fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// Descriptors `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Let this test process open `n` descriptors (root may raise its hard limit).
+pub fn allow_open_files(n: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_some_and(|c| c >= n) || now.current.is_none() {
+        return;
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(n),
+            maximum: Some(now.maximum.map_or(n, |m| m.max(n))),
+        },
+    )
+    .expect("raising this test's open-files limit");
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the address `from` (any 127/8 address).
+pub fn connect_from(from: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddr::from((from, 0)))?;
+    rustix::net::connect(&fd, &SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    Ok(TcpStream::from(std::os::fd::OwnedFd::from(fd)))
+}
+
+/// A TLS client from the address `from` to the forwarder's `port`, handshake done.
+pub fn tls_connect_from(from: Ipv4Addr, host: &str, port: u16) -> io::Result<TlsStream> {
+    let name = ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
+    let conn = ClientConnection::new(client_config(), name).map_err(io::Error::other)?;
+    let sock = connect_from(from, port)?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut stream = StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+/// Lines of the forwarder's log containing `needle`.
+pub fn log_lines(fwd: &Forwarder, needle: &str) -> usize {
+    fwd.log().lines().filter(|l| l.contains(needle)).count()
 }
