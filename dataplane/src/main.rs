@@ -17,6 +17,14 @@ use mergen_dataplane::resolver::{self, Resolver};
 use mergen_dataplane::{admin, tls};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+/// jemalloc, with background threads that return freed memory to the system (its
+/// default 10 s decay): after a flood of connections ends, the forwarder's memory goes
+/// back near where it was. glibc's malloc kept what its worker-thread arenas had held
+/// (+38 MiB after 5,000 TLS connections closed, never returned) and so did mimalloc;
+/// docs/architecture.md has the figures.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Ready sockets kept per namespace and address family; deeper than the pool's default
 /// because a dial that finds its namespace's queue empty parks until the pool's thread
 /// gets the CPU, which under load can take milliseconds (`mergen-bench forwarder`: at
@@ -190,6 +198,11 @@ enum Stop {
 fn serve() -> Result<(), Error> {
     let config = Config::from_env()?;
     mergen_log::init(&config.log_level, &config.log_format).map_err(Error::Logging)?;
+    // Without it, freed memory is returned only by threads that allocate again, and
+    // workers idle after a flood do not.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        log::warn!("cannot start the allocator's background thread (memory freed after a flood stays with the process): {e}");
+    }
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
     let caps = connection_caps(&config);

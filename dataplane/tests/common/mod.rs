@@ -555,21 +555,26 @@ pub fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Let this test process open `n` descriptors (root may raise its hard limit).
+/// Let this test process open `n` descriptors: its soft limit is raised up to its hard
+/// limit (raising the hard limit needs CAP_SYS_RESOURCE, which a container may lack).
 pub fn allow_open_files(n: u64) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let now = getrlimit(Resource::Nofile);
-    if now.current.is_some_and(|c| c >= n) || now.current.is_none() {
-        return;
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    assert!(
+        hard >= n,
+        "this test needs {n} open files; the hard limit is {hard}"
+    );
+    if now.current.is_some_and(|c| c < n) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(n),
+                maximum: now.maximum,
+            },
+        )
+        .expect("raising this test's open-files limit");
     }
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(n),
-            maximum: Some(now.maximum.map_or(n, |m| m.max(n))),
-        },
-    )
-    .expect("raising this test's open-files limit");
 }
 
 /// A TCP connection to 127.0.0.1:`port` from the address `from` (any 127/8 address).
