@@ -583,7 +583,7 @@ pub fn connect_from(from: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
     let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
     rustix::net::bind(&fd, &SocketAddr::from((from, 0)))?;
     rustix::net::connect(&fd, &SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-    Ok(TcpStream::from(std::os::fd::OwnedFd::from(fd)))
+    Ok(TcpStream::from(fd))
 }
 
 /// A TLS client from the address `from` to the forwarder's `port`, handshake done.
