@@ -497,8 +497,13 @@ impl Worker {
         match guest_socket(&self.shared.pool, &parked.route.netns, &self.wake) {
             Ok(Some(fd)) => {
                 // What the namespace file names now is what this socket was made in
-                // (the pool checks its file before each refill).
+                // (the pool checks its file before each refill, and at least every
+                // second). No file any more: the socket is from a namespace that was
+                // deleted since, whose guest is gone or going.
                 s.netns = parked.route.netns.identity();
+                if s.netns.is_none() && matches!(parked.route.netns, Namespace::File(_)) {
+                    return Some(Event::DialFailed(DialError::VmGone));
+                }
                 let addr = SocketAddrV4::new(parked.route.guest_ip, parked.port);
                 // Parked time counts against the dial timeout.
                 let t = token(parked.slot, Op::Connect);
@@ -652,7 +657,7 @@ fn vm_gone(
     if now.guest_ip != route.guest_ip || now.netns != route.netns {
         return true;
     }
-    let (Namespace::File(path), Some(dialed)) = (&route.netns, dialed) else {
+    let Namespace::File(path) = &route.netns else {
         return false;
     };
     let current = match names.iter().find(|(p, _)| p == path) {
@@ -663,7 +668,12 @@ fn vm_gone(
             identity
         }
     };
-    current != Some(dialed)
+    // `dialed` is `None` only before the guest socket was taken (a dial still parked):
+    // its namespace is gone when its file is.
+    match dialed {
+        Some(dialed) => current != Some(dialed),
+        None => current.is_none(),
+    }
 }
 
 #[cfg(test)]

@@ -81,8 +81,10 @@ impl Ns {
 
 impl Drop for Ns {
     fn drop(&mut self) {
+        // Quiet: a test may have deleted it already, as a VM's stop does.
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
+            .stderr(Stdio::null())
             .status();
     }
 }
