@@ -4,9 +4,14 @@
 
 #![deny(unsafe_code)]
 
+mod certs;
 mod ctl;
 mod forwarder;
+mod interrupt;
 mod netns;
+mod procfs;
+mod spawn;
+mod tlsclient;
 
 use std::process::ExitCode;
 

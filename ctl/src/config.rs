@@ -2,11 +2,11 @@
 //! table, read layered over the runtime's (`mergen_runtime::config::VARIABLES`), so one
 //! pair of tables drives parsing, defaults, `mergend --help` and the README's table.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use mergen_envtable::{Env, Var};
+use mergen_http::ListenAddr;
 use mergen_runtime::config::VARIABLES as RUNTIME_VARIABLES;
 use mergen_runtime::RuntimeConfig;
 
@@ -15,12 +15,17 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HTTP_ADDR",
         "127.0.0.1:8080",
-        "TCP listen address (\":8080\" means every interface)",
+        "TCP listen address (\":8080\" means every IPv4 and IPv6 address)",
     ),
     Var::unset("MGR_HTTP_SOCKET", "also listen on this unix socket"),
     Var::unset(
         "MGR_API_TOKEN",
         "require `Authorization: Bearer <token>` on /v1",
+    ),
+    Var::new(
+        "MGR_METRICS_REQUIRE_TOKEN",
+        "0",
+        "1 = /metrics needs the bearer token too (MGR_API_TOKEN must be set)",
     ),
     Var::new(
         "MGR_ALLOW_INSECURE",
@@ -35,7 +40,17 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HTTP_MAX_CONNECTIONS",
         "256",
-        "concurrent connections; more are answered 503",
+        "open connections; at the cap the oldest idle one is closed, else 503",
+    ),
+    Var::new(
+        "MGR_HTTP_MAX_CONNECTIONS_PER_IP",
+        "64",
+        "open connections per client address (IPv4, or IPv6 /64)",
+    ),
+    Var::new(
+        "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
+        "5",
+        "a connection without a whole request head by then is dropped",
     ),
     Var::new(
         "MGR_HTTP_READ_TIMEOUT_SECONDS",
@@ -47,10 +62,19 @@ pub const VARIABLES: &[Var] = &[
         "60",
         "idle keep-alive connections are closed after this",
     ),
+    Var::new(
+        "MGR_HTTP_WORKERS",
+        "64",
+        "most requests handled at once (threads start as needed; more wait their turn)",
+    ),
     Var::computed(
         "MGR_IMAGE_ROOTS",
         "$MGR_DATA_ROOT",
         "colon-separated dirs that rootfs/kernel/dataDisk must be inside",
+    ),
+    Var::unset(
+        "MGR_IMAGE_DEVICES",
+        "colon-separated block devices (e.g. LVM volumes) allowed as rootfs/dataDisk wherever they are",
     ),
     Var::new(
         "MGR_GLOBAL_HOOKS_DIR",
@@ -60,7 +84,7 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HOOK_WORKERS",
         "8",
-        "background (non-strict) hooks run at most this many at once",
+        "threads running background (non-strict) hooks; one VM event's hooks run in order on one",
     ),
     Var::new(
         "MGR_PORT_START",
@@ -72,6 +96,11 @@ pub const VARIABLES: &[Var] = &[
         "40000",
         "last host port handed out for `host: 0`",
     ),
+    Var::new(
+        "MGR_ALLOW_PORTS_OUTSIDE_RANGE",
+        "0",
+        "1 = a create may ask for host ports outside MGR_PORT_START..=MGR_PORT_END (never one a host process listens on)",
+    ),
 ];
 
 /// mergend's variables followed by the runtime's: the order of `--help` and the README.
@@ -81,19 +110,25 @@ pub fn all_variables() -> impl Iterator<Item = &'static Var> + Clone {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub http_addr: SocketAddr,
+    pub http_addr: ListenAddr,
     pub http_socket: Option<PathBuf>,
     pub api_token: Option<String>,
+    pub metrics_require_token: bool,
     pub allow_insecure: bool,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub header_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub http_workers: usize,
     pub image_roots: Vec<PathBuf>,
+    pub image_devices: Vec<PathBuf>,
     pub global_hooks_dir: PathBuf,
     pub hook_workers: usize,
     pub port_start: u16,
     pub port_end: u16,
+    pub allow_ports_outside_range: bool,
     pub log_level: String,
     pub log_format: String,
     pub runtime: RuntimeConfig,
@@ -114,15 +149,9 @@ impl Config {
         let runtime = RuntimeConfig::from_vars(env)?;
         let http_addr = env
             .with("MGR_HTTP_ADDR", |text| {
-                // The original's ":8080" form binds every interface.
-                let full = match text.strip_prefix(':') {
-                    Some(port) => format!("0.0.0.0:{port}"),
-                    None => text.to_string(),
-                };
-                full.to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| "a host:port address (or :port)".to_string())
+                // The original's ":8080" form: every IPv4 and IPv6 address.
+                text.parse::<ListenAddr>()
+                    .map_err(|_| "a host:port address (or :port)".to_string())
             })?
             .expect("MGR_HTTP_ADDR has a default");
         let port_start = env.port("MGR_PORT_START")?;
@@ -142,6 +171,15 @@ impl Config {
                 .collect(),
             None => vec![runtime.roots.data.clone()],
         };
+        let image_devices = env
+            .opt("MGR_IMAGE_DEVICES")
+            .map(|v| {
+                v.split(':')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| PathBuf::from(s.trim()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let count = |k: &str| -> Result<usize, mergen_envtable::Error> {
             Ok(usize::try_from(env.positive(k)?).unwrap_or(usize::MAX))
         };
@@ -149,16 +187,22 @@ impl Config {
             http_addr,
             http_socket: env.opt("MGR_HTTP_SOCKET").map(PathBuf::from),
             api_token: env.opt("MGR_API_TOKEN"),
+            metrics_require_token: env.bool("MGR_METRICS_REQUIRE_TOKEN")?,
             allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
             shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
             max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
+            max_connections_per_ip: count("MGR_HTTP_MAX_CONNECTIONS_PER_IP")?,
+            header_timeout: env.seconds("MGR_HTTP_HEADER_TIMEOUT_SECONDS")?,
             read_timeout: env.seconds("MGR_HTTP_READ_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds("MGR_HTTP_IDLE_TIMEOUT_SECONDS")?,
+            http_workers: count("MGR_HTTP_WORKERS")?,
             image_roots,
+            image_devices,
             global_hooks_dir: env.string("MGR_GLOBAL_HOOKS_DIR").into(),
             hook_workers: count("MGR_HOOK_WORKERS")?,
             port_start,
             port_end,
+            allow_ports_outside_range: env.bool("MGR_ALLOW_PORTS_OUTSIDE_RANGE")?,
             log_level: env.string("MGR_LOG_LEVEL"),
             log_format: env.string("MGR_LOG_FORMAT"),
             runtime,
@@ -166,9 +210,13 @@ impl Config {
     }
 
     /// The original listened on every interface with no authentication; mergend
-    /// refuses that unless the operator says so explicitly.
+    /// refuses that unless the operator says so explicitly. A metrics token with no
+    /// token to require is a mistake, not an open endpoint.
     pub fn check_exposure(&self) -> Result<(), String> {
-        if !self.http_addr.ip().is_loopback() && self.api_token.is_none() && !self.allow_insecure {
+        if self.metrics_require_token && self.api_token.is_none() {
+            return Err("MGR_METRICS_REQUIRE_TOKEN=1 needs MGR_API_TOKEN".into());
+        }
+        if !self.http_addr.is_loopback() && self.api_token.is_none() && !self.allow_insecure {
             return Err(format!(
                 "refusing to listen on non-loopback {} without MGR_API_TOKEN (set MGR_ALLOW_INSECURE=1 to override)",
                 self.http_addr
@@ -210,6 +258,8 @@ mod tests {
         assert_eq!(c.image_roots, vec![PathBuf::from("/var/lib/mergen")]);
         assert!(c.check_exposure().is_ok());
         let open = from(&[("MGR_HTTP_ADDR", ":8080")]).unwrap();
+        // The original's empty host: every IPv4 and IPv6 address.
+        assert_eq!(open.http_addr, ListenAddr::AnyHost(8080));
         assert!(open.check_exposure().unwrap_err().contains("MGR_API_TOKEN"));
         assert!(from(&[("MGR_HTTP_ADDR", ":8080"), ("MGR_API_TOKEN", "t")])
             .unwrap()
@@ -231,6 +281,9 @@ mod tests {
             ("MGR_HTTP_ADDR", "nowhere"),
             ("MGR_ALLOW_INSECURE", "maybe"),
             ("MGR_HTTP_MAX_CONNECTIONS", "0"),
+            ("MGR_HTTP_MAX_CONNECTIONS_PER_IP", "0"),
+            ("MGR_HTTP_HEADER_TIMEOUT_SECONDS", "x"),
+            ("MGR_HTTP_WORKERS", "0"),
         ] {
             assert!(from(&[(k, v)]).unwrap_err().contains(k), "{k}");
         }
@@ -278,6 +331,7 @@ mod tests {
             "MGR_SHUTDOWN_TIMEOUT_SECONDS",
             "MGR_HTTP_READ_TIMEOUT_SECONDS",
             "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
+            "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
             "MGR_COMMAND_TIMEOUT_SECONDS",
         ] {
             assert!(from(&[(k, "0")]).unwrap_err().contains(k), "{k}");

@@ -1,4 +1,4 @@
-//! mergend, the control-plane daemon: a hand-rolled HTTP/1.1 API over the VM store,
+//! mergend, the control-plane daemon: an HTTP/1.1 API (on mergen-http) over the VM store,
 //! race-free allocation, per-VM locks, lifecycle hooks and the runtime's supervisor.
 
 #![deny(unsafe_code)]
@@ -7,12 +7,12 @@ pub mod alloc;
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod gotmpl;
 pub mod hooks;
-pub mod http;
+pub mod hostports;
 pub mod lock;
 pub mod metrics;
 pub mod request;
+pub mod respond;
 pub mod router;
-pub mod server;
 pub mod store;
-pub mod template;

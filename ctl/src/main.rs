@@ -1,6 +1,5 @@
 #![deny(unsafe_code)]
 
-use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
@@ -8,9 +7,8 @@ use std::sync::Arc;
 
 use mergen_ctl::api::App;
 use mergen_ctl::config::{help, Config};
-use mergen_ctl::http::Limits;
 use mergen_ctl::router;
-use mergen_ctl::server::{Handler, Server, ServerOptions};
+use mergen_http::{Handler, Limits, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -42,32 +40,37 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_env()?;
-    mergen_log::init(&config.log_level, &config.log_format)?;
+    mergen_log::init("mergend", &config.log_level, &config.log_format)?;
     config.check_exposure()?;
     // Registered before anything is served, so an early signal is not lost.
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
-    let limits = Limits {
-        read_timeout: config.read_timeout,
+    let server_config = ServerConfig {
+        name: "mergend".into(),
+        limits: Limits::default(),
+        header_timeout: config.header_timeout,
+        request_timeout: config.read_timeout,
         idle_timeout: config.idle_timeout,
-        ..Limits::default()
+        max_connections: config.max_connections,
+        max_connections_per_ip: config.max_connections_per_ip,
+        workers: config.http_workers,
     };
     let shutdown_timeout = config.shutdown_timeout;
     let addr = config.http_addr;
     let socket = config.http_socket.clone();
-    let opts = ServerOptions {
-        limits,
-        max_connections: config.max_connections,
-    };
     let app = Arc::new(App::new(config)?);
     let handler: Arc<Handler> = {
         let app = Arc::clone(&app);
         Arc::new(move |req| router::handle(&app, req))
     };
-    let mut server = Server::new(&opts);
-    let tcp = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let mut server = Server::new(server_config, handler);
+    let tcp = addr
+        .bind()
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = tcp.local_addr().map_err(|e| e.to_string())?;
-    server.serve_tcp(tcp, limits, Arc::clone(&handler));
+    server
+        .listen_tcp(tcp)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     if let Some(path) = &socket {
         // A socket left by a previous run would make bind fail; anything else at that
         // path is not ours to remove.
@@ -76,8 +79,13 @@ fn run() -> Result<(), String> {
         }
         let ul = UnixListener::bind(path)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        server.serve_unix(ul, limits, Arc::clone(&handler));
+        server
+            .listen_unix(ul)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     }
+    let server = server
+        .start()
+        .map_err(|e| format!("cannot start the HTTP server: {e}"))?;
     log::info!(addr:% = bound, socket:? = socket; "mergend listening");
     if let Some(sig) = signals.forever().next() {
         log::info!(signal = sig; "shutting down");

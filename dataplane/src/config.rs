@@ -5,7 +5,6 @@
 //! turns the setting off. A value that does not parse is a startup error naming the
 //! variable and the value.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -188,40 +187,10 @@ impl ListenerKind {
     }
 }
 
-/// Where a listener listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// An empty host (`:443`): every IPv4 and IPv6 address, as Go's
-    /// `net.Listen("tcp", ":443")` in the original.
-    AnyHost(u16),
-    Addr(SocketAddr),
-}
-
-impl ListenAddr {
-    pub fn port(self) -> u16 {
-        match self {
-            ListenAddr::AnyHost(port) => port,
-            ListenAddr::Addr(addr) => addr.port(),
-        }
-    }
-
-    /// Both cannot be bound at once: an any-host listener takes its port on every address.
-    fn overlaps(self, other: ListenAddr) -> bool {
-        self == other
-            || (self.port() == other.port()
-                && (matches!(self, ListenAddr::AnyHost(_))
-                    || matches!(other, ListenAddr::AnyHost(_))))
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::AnyHost(port) => write!(f, ":{port}"),
-            ListenAddr::Addr(addr) => addr.fmt(f),
-        }
-    }
-}
+/// Where a listener listens: an empty host (`:443`) is every IPv4 and IPv6 address,
+/// as Go's `net.Listen("tcp", ":443")` in the original (the type mergend's
+/// `MGR_HTTP_ADDR` uses too).
+pub use mergen_http::ListenAddr;
 
 impl ListenerSpec {
     /// The listener's name in logs and in the `listener` label of the metrics: its

@@ -197,7 +197,8 @@ enum Stop {
 
 fn serve() -> Result<(), Error> {
     let config = Config::from_env()?;
-    mergen_log::init(&config.log_level, &config.log_format).map_err(Error::Logging)?;
+    mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)
+        .map_err(Error::Logging)?;
     // Without it, freed memory is returned only by threads that allocate again, and
     // workers idle after a flood do not.
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {

@@ -627,6 +627,8 @@ fn configure_start_replays_vm_json_in_order() {
         [&CONFIGURE_CALLS[..], &["/actions"]].concat()
     );
     assert!(calls.iter().all(|c| c.method == "PUT"));
+    // The readiness check's connection carried all six calls.
+    assert_eq!(double.connections(), 1);
     let vm: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&meta.paths.vm_config_path).unwrap()).unwrap();
     assert_eq!(calls[0].body, vm["boot-source"]);

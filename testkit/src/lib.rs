@@ -24,7 +24,7 @@ mod wait;
 pub use child::ChildGuard;
 pub use cmd::{curl_get, run_out};
 pub use names::{next, unique_name};
-pub use net::free_port;
+pub use net::{connect_from, free_port};
 pub use process::running;
 pub use rng::XorShift;
 pub use root::{is_root, skip_unless_root};

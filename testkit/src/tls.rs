@@ -11,17 +11,34 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 /// certificate; handshake signatures are still checked. It keeps session tickets, so a
 /// second connection made with the same configuration can resume.
 pub fn accept_any_client_config() -> ClientConfig {
+    config(true)
+}
+
+/// Like [`accept_any_client_config`], without checking the handshake signatures either:
+/// for load generators, which spare themselves a signature verification per handshake
+/// (the server still signs; check it once with the verifying configuration).
+pub fn unverified_client_config() -> ClientConfig {
+    config(false)
+}
+
+fn config(check_signatures: bool) -> ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("rustls' default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_custom_certificate_verifier(Arc::new(AcceptAny {
+            provider,
+            check_signatures,
+        }))
         .with_no_client_auth()
 }
 
 #[derive(Debug)]
-struct AcceptAny(Arc<CryptoProvider>);
+struct AcceptAny {
+    provider: Arc<CryptoProvider>,
+    check_signatures: bool,
+}
 
 impl ServerCertVerifier for AcceptAny {
     fn verify_server_cert(
@@ -41,12 +58,11 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        if !self.check_signatures {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -55,15 +71,16 @@ impl ServerCertVerifier for AcceptAny {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        if !self.check_signatures {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

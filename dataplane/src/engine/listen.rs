@@ -1,11 +1,11 @@
 //! Listening sockets: one per worker and listener, sharing the port with SO_REUSEPORT.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
-use rustix::io::Errno;
-use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+use mergen_http::listen::{any_host, tcp_socket};
+use rustix::net::sockopt;
 
 use crate::config::ListenAddr;
 
@@ -14,28 +14,13 @@ const BACKLOG: i32 = 4096;
 /// `count` sockets listening on `addr`, one per worker. An any-host address listens on
 /// `[::]` for IPv4 and IPv6 alike, or on `0.0.0.0` when the host has no IPv6.
 pub fn bind_listeners(addr: ListenAddr, count: usize) -> io::Result<Vec<OwnedFd>> {
-    let port = match addr {
+    match addr {
         // An explicit address keeps the system's default (net.ipv6.bindv6only for `[::]`).
-        ListenAddr::Addr(addr) => return bind_all(addr, false, count),
-        ListenAddr::AnyHost(port) => port,
-    };
-    match bind_all(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true, count) {
-        Err(e) if no_ipv6(&e) => {
-            log::info!("no IPv6 on this host ({e}): listening on 0.0.0.0:{port} only");
-            bind_all(
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                false,
-                count,
-            )
+        ListenAddr::Addr(addr) => bind_all(addr, false, count),
+        ListenAddr::AnyHost(port) => {
+            any_host(port, |addr, dual_stack| bind_all(addr, dual_stack, count))
         }
-        bound => bound,
     }
-}
-
-fn no_ipv6(e: &io::Error) -> bool {
-    [Errno::AFNOSUPPORT, Errno::ADDRNOTAVAIL]
-        .iter()
-        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 /// SO_REUSEPORT would let us share a port with another process of the same user (a
@@ -49,16 +34,7 @@ fn bind_all(addr: SocketAddr, dual_stack: bool, count: usize) -> io::Result<Vec<
 }
 
 fn socket(addr: SocketAddr, dual_stack: bool, reuse_port: bool) -> io::Result<OwnedFd> {
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::INET,
-        SocketAddr::V6(_) => AddressFamily::INET6,
-    };
-    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
-    if dual_stack {
-        // Whatever net.ipv6.bindv6only says: IPv4 clients arrive as ::ffff:a.b.c.d.
-        sockopt::set_ipv6_v6only(&fd, false)?;
-    }
-    sockopt::set_socket_reuseaddr(&fd, true)?;
+    let fd = tcp_socket(addr, dual_stack)?;
     sockopt::set_socket_reuseport(&fd, reuse_port)?;
     // Accepted sockets inherit it: TLS records and small requests must not wait.
     sockopt::set_tcp_nodelay(&fd, true)?;

@@ -1,15 +1,18 @@
 //! Firecracker API test double: an HTTP/1.1 server on a unix socket that records every
 //! request (method, path, JSON body) in order and answers 204, or an error with a
-//! `fault_message` for a chosen path. It can play the guest shutting down on
-//! Ctrl-Alt-Del by killing a given pid.
+//! `fault_message` for a chosen path, keeping connections alive as Firecracker's own
+//! server does (each on a thread of its own, which ends when the client closes). It
+//! can play the guest shutting down on Ctrl-Alt-Del by killing a given pid.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use mergen_http::{Limits, Progress, RequestReader};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
@@ -31,6 +34,7 @@ pub struct FirecrackerDouble {
     calls: Arc<Mutex<Vec<Call>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     done: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,13 +51,21 @@ impl FirecrackerDouble {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let done = Arc::new(AtomicBool::new(false));
-        let (c, b, d) = (calls.clone(), behaviour.clone(), done.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (c, b, d, n) = (
+            calls.clone(),
+            behaviour.clone(),
+            done.clone(),
+            connections.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !d.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         if stream.set_nonblocking(false).is_ok() {
-                            serve(stream, &c, &b);
+                            n.fetch_add(1, Ordering::SeqCst);
+                            let (c, b) = (c.clone(), b.clone());
+                            std::thread::spawn(move || serve(stream, &c, &b));
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -65,6 +77,7 @@ impl FirecrackerDouble {
             calls,
             behaviour,
             done,
+            connections,
             thread: Some(thread),
         }
     }
@@ -76,6 +89,11 @@ impl FirecrackerDouble {
     /// On SendCtrlAltDel, kill `pid` (the guest shuts down); `None`: ignore it.
     pub fn exit_on_ctrl_alt_del(&self, pid: Option<u32>) {
         self.behaviour.lock().unwrap().exit_on_ctrl_alt_del = pid;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -93,41 +111,61 @@ impl Drop for FirecrackerDouble {
     }
 }
 
-/// Read one request (method, path, JSON body); `None` when the client went away first.
-fn read_request(stream: &mut UnixStream) -> Option<Call> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
-            let len: usize = req
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= head + len {
-                return Some(Call {
-                    method: req.method.unwrap_or("").to_string(),
-                    path: req.path.unwrap_or("").to_string(),
-                    body: serde_json::from_slice(&buf[head..head + len])
-                        .unwrap_or(serde_json::Value::Null),
-                });
+/// The requests of one connection, one after the other (mergen-http's reader).
+struct Requests {
+    reader: RequestReader,
+    buf: Vec<u8>,
+}
+
+impl Requests {
+    fn new() -> Requests {
+        Requests {
+            reader: RequestReader::new(Limits::default()),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next request (method, path, JSON body); `None` when the client went away
+    /// first, or sent something that is not HTTP.
+    fn next(&mut self, stream: &mut UnixStream) -> Option<Call> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.reader.advance(&mut self.buf).ok()? {
+                Progress::Done(req) => {
+                    return Some(Call {
+                        method: req.head.method,
+                        path: req.head.path,
+                        body: serde_json::from_slice(&req.body).unwrap_or(serde_json::Value::Null),
+                    })
+                }
+                Progress::SendContinue | Progress::NeedMore => match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                },
             }
         }
     }
 }
 
+/// Read one request (method, path, JSON body); `None` when the client went away first.
+fn read_request(stream: &mut UnixStream) -> Option<Call> {
+    Requests::new().next(stream)
+}
+
+/// Answer the requests of one connection until the client closes it.
 fn serve(mut stream: UnixStream, calls: &Mutex<Vec<Call>>, behaviour: &Mutex<Behaviour>) {
-    let Some(call) = read_request(&mut stream) else {
-        return;
-    };
+    let mut requests = Requests::new();
+    while let Some(call) = requests.next(&mut stream) {
+        answer(&mut stream, call, calls, behaviour);
+    }
+}
+
+fn answer(
+    stream: &mut UnixStream,
+    call: Call,
+    calls: &Mutex<Vec<Call>>,
+    behaviour: &Mutex<Behaviour>,
+) {
     let b = behaviour.lock().unwrap();
     let answer = match &b.fail {
         Some((p, status, fault)) if *p == call.path => {
