@@ -159,15 +159,6 @@ fn tls10_hello(name: &str) -> Vec<u8> {
     record(0x16, 0x0301, &handshake(1, &body))
 }
 
-/// The first flight of a real TLS client for `name`.
-fn real_hello(name: &str) -> Vec<u8> {
-    let name = ServerName::try_from(name.to_string()).expect("a name");
-    let mut client = ClientConnection::new(client_config(), name).expect("a client");
-    let mut hello = Vec::new();
-    client.write_tls(&mut hello).expect("a hello");
-    hello
-}
-
 /// A ticketer that makes none, so a server resumes from its session cache.
 #[derive(Debug)]
 struct StatefulOnly;
@@ -217,7 +208,7 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
     // Malformed: a hello too short for its own fields, a ServerHello, a bad record
     // version inside the hello, a zero-length record.
     let before = (fwd.metric(&failed), fwd.metric(&reason_series("malformed")));
-    let mut full = real_hello("echo.localhost");
+    let mut full = client_hello("echo.localhost");
     full[9..12].copy_from_slice(&[0, 0, 9]); // the hello's length: 9 bytes
     let mut second_record_bad = record(0x16, 0x0301, &full[5..40]);
     second_record_bad.extend(record(0x16, 0x0200, &full[40..]));
@@ -247,7 +238,7 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
         fwd.metric(&failed),
         fwd.metric(&reason_series("client_closed")),
     );
-    let hello = real_hello("echo.localhost");
+    let hello = client_hello("echo.localhost");
     assert_eq!(
         exchange(port, &hello[..hello.len() / 2], true),
         End::Closed(Vec::new())

@@ -451,6 +451,15 @@ fn tls_client_with(config: Arc<ClientConfig>, host: &str, port: u16) -> io::Resu
     Ok(StreamOwned::new(conn, sock))
 }
 
+/// The first flight of a TLS client for `host`: its ClientHello.
+pub fn client_hello(host: &str) -> Vec<u8> {
+    let name = ServerName::try_from(host.to_string()).expect("a name");
+    let mut client = ClientConnection::new(client_config(), name).expect("a client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("a hello");
+    hello
+}
+
 /// The DER of the certificate the server presented.
 pub fn peer_cert(stream: &TlsStream) -> Vec<u8> {
     stream
