@@ -141,11 +141,11 @@ fn gen_cert(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Raise the open-files limit to its hard limit and fit the connection caps to it,
-/// saying so: a forwarder started from a plain shell (`ulimit -n` 1,024) must refuse
-/// the connections it cannot carry, not fail to accept them in a loop.
-fn connection_caps(config: &Config) -> Caps {
-    let nofile = match limits::raise_nofile() {
+/// Fit the connection caps to the open-files limit as `raised`, saying so: a forwarder
+/// started from a plain shell (`ulimit -n` 1,024) must refuse the connections it cannot
+/// carry, not fail to accept them in a loop.
+fn connection_caps(config: &Config, raised: std::io::Result<limits::NoFile>) -> Caps {
+    let nofile = match raised {
         Ok(n) => {
             if n.now > n.before {
                 log::info!(
@@ -206,7 +206,9 @@ fn serve() -> Result<(), Error> {
     }
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
-    let caps = connection_caps(&config);
+    // Raised first, for everything below; said once start-up can no longer fail, so
+    // that a start-up error stays one line.
+    let nofile = limits::raise_nofile();
 
     let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
     store.watch(true).map_err(Error::WatchCert)?;
@@ -264,6 +266,7 @@ fn serve() -> Result<(), Error> {
         })
         .map_err(Error::Signals)?;
 
+    let caps = connection_caps(&config, nofile);
     for l in &listeners {
         log::info!(listener = l.name.as_str(), kind = l.kind.as_str(), guest_port = l.guest_port; "listening");
     }

@@ -27,7 +27,7 @@ const NOFILE: u64 = 16_384;
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn open_now(fwd: &Forwarder) -> f64 {
-    fwd.metric(&format!(
+    fwd.metric_answered(&format!(
         r#"mergen_forwarder_connections_open{{listener="127.0.0.1:{}"}}"#,
         fwd.ports[0]
     ))
@@ -146,7 +146,8 @@ fn slowloris_is_cut_at_the_handshake_timeout_and_does_not_starve_others() {
     );
     assert_eq!(cut_after.len(), SLOW, "slow clients still connected");
     let timeouts = poll(Duration::from_secs(5), || {
-        let n = fwd.metric(r#"mergen_forwarder_handshake_failures_total{reason="timeout"}"#);
+        let n =
+            fwd.metric_answered(r#"mergen_forwarder_handshake_failures_total{reason="timeout"}"#);
         (n >= SLOW as f64).then_some(n)
     });
     assert!(timeouts.is_some(), "{}", fwd.metrics());
@@ -169,22 +170,20 @@ fn idle_floods_cost_little_and_their_memory_is_given_back() {
     allow_open_files(NOFILE);
     const IDLE: usize = 10_000;
     const ESTABLISHED: usize = 5_000;
-    let (_echo, fwd) = echo_vm(&[("FWD_HANDSHAKE_TIMEOUT_SECONDS", "120")]);
-    let hold = Ns::new();
+    let (echo, hold) = (Ns::new(), Ns::new());
+    echo_server(echo.listen(443));
     let held = hold_server(hold.listen(443));
-    write_app_vm(&fwd.config_root(), &hold, "hold");
+    // Both known at start-up: no probe needs to reach the guest that never closes.
+    let env = [("FWD_HANDSHAKE_TIMEOUT_SECONDS", "120")];
+    let fwd = Forwarder::start_with(&[443], &env, |root| {
+        write_app_vm(root, &echo, "echo");
+        write_app_vm(root, &hold, "hold");
+    });
     let port = fwd.ports[0];
     let pid = fwd.child.pid();
-    let routed = poll(Duration::from_secs(5), || {
-        try_tls_connect("hold.localhost", port).ok().map(drop)
-    });
-    assert!(routed.is_some(), "{}", fwd.log());
-    let connected = poll(Duration::from_secs(5), || {
-        (held.load(Ordering::Relaxed) >= 1).then_some(())
-    });
-    assert!(connected.is_some());
-    let total = fwd.metric(r#"mergen_forwarder_connection_limit{scope="total"}"#) as usize;
-    let per_ip = fwd.metric(r#"mergen_forwarder_connection_limit{scope="per_ip"}"#) as usize;
+    let total = fwd.metric_answered(r#"mergen_forwarder_connection_limit{scope="total"}"#) as usize;
+    let per_ip =
+        fwd.metric_answered(r#"mergen_forwarder_connection_limit{scope="per_ip"}"#) as usize;
     let fresh = rss_bytes(pid);
     // Warm up as a forwarder in service is: its receive pools have been cycled through.
     handshake_median(port, 2_000, Duration::ZERO);
@@ -240,7 +239,7 @@ fn idle_floods_cost_little_and_their_memory_is_given_back() {
             .collect()
     });
     let guests = poll(Duration::from_secs(30), || {
-        (held.load(Ordering::Relaxed) > ESTABLISHED as u64).then_some(())
+        (held.load(Ordering::Relaxed) >= ESTABLISHED as u64).then_some(())
     });
     assert!(
         guests.is_some(),
@@ -258,9 +257,11 @@ fn idle_floods_cost_little_and_their_memory_is_given_back() {
     drop(clients);
     wait_open(&fwd, 0, Duration::from_secs(30));
 
+    // jemalloc returns what was freed over its 10 s decay: wait for most of it.
     let closed = Instant::now();
-    let given_back = poll(Duration::from_secs(30), || {
-        near_start(rss_bytes(pid)).then_some(())
+    let settled = |rss: u64| (rss as f64) < start as f64 + 8.0 * MIB;
+    poll(Duration::from_secs(30), || {
+        settled(rss_bytes(pid)).then_some(())
     });
     let returned_in = closed.elapsed();
     let end = rss_bytes(pid);
@@ -286,7 +287,7 @@ fn idle_floods_cost_little_and_their_memory_is_given_back() {
     assert!(per_idle <= 1024.0, "{per_idle} bytes per idle connection");
     // Memory given back: within 16 MiB of where it started, after both floods.
     assert!(
-        given_back.is_some(),
+        near_start(end),
         "{:.1} MiB kept after the floods",
         (end as f64 - start as f64) / MIB
     );

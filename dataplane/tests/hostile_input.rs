@@ -56,7 +56,7 @@ fn setup() -> Setup {
     write_app_vm(&fwd.config_root(), &ns, "echo");
     let routed = poll(Duration::from_secs(5), || {
         let mut s = try_tls_connect("echo.localhost", fwd.ports[0]).ok()?;
-        round_trip(&mut s, b"up").ok()
+        round_trip(&mut s, b"up").ok().filter(|got| got == b"up")
     });
     assert!(routed.is_some(), "{}", fwd.log());
     Setup {
@@ -101,7 +101,7 @@ fn exchange(port: u16, bytes: &[u8], fin: bool) -> End {
 /// Wait until the series `series` has counted `n` more than `before`.
 fn counted(fwd: &Forwarder, series: &str, before: f64, n: f64) {
     let done = poll(Duration::from_secs(10), || {
-        (fwd.metric(series) >= before + n).then_some(())
+        (fwd.metric_answered(series) >= before + n).then_some(())
     });
     assert!(
         done.is_some(),
@@ -186,13 +186,17 @@ const DECODE_ERROR: [u8; 7] = [0x15, 3, 3, 0, 2, 2, 50];
 #[test]
 fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
     require_root!();
-    let Setup { mut fwd, .. } = setup();
+    // `_ns` is bound, not `..`: the namespace must outlive the test.
+    let Setup { _ns, mut fwd, .. } = setup();
     let port = fwd.ports[0];
     let failed = outcome_series(&fwd, "handshake_failed");
     let bad_request = outcome_series(&fwd, "bad_request");
 
     // 64 KiB of ClientHello, over four records: refused by its declared length.
-    let before = (fwd.metric(&failed), fwd.metric(&reason_series("too_large")));
+    let before = (
+        fwd.metric_answered(&failed),
+        fwd.metric_answered(&reason_series("too_large")),
+    );
     let mut big = handshake(1, &vec![0u8; 64 * 1024 - 4]);
     big = big
         .chunks(16 * 1024)
@@ -207,7 +211,10 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
 
     // Malformed: a hello too short for its own fields, a ServerHello, a bad record
     // version inside the hello, a zero-length record.
-    let before = (fwd.metric(&failed), fwd.metric(&reason_series("malformed")));
+    let before = (
+        fwd.metric_answered(&failed),
+        fwd.metric_answered(&reason_series("malformed")),
+    );
     let mut full = client_hello("echo.localhost");
     full[9..12].copy_from_slice(&[0, 0, 9]); // the hello's length: 9 bytes
     let mut second_record_bad = record(0x16, 0x0301, &full[5..40]);
@@ -235,8 +242,8 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
 
     // Truncated: half a hello, then the client leaves.
     let before = (
-        fwd.metric(&failed),
-        fwd.metric(&reason_series("client_closed")),
+        fwd.metric_answered(&failed),
+        fwd.metric_answered(&reason_series("client_closed")),
     );
     let hello = client_hello("echo.localhost");
     assert_eq!(
@@ -248,7 +255,10 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
 
     // Wrong versions: TLS 1.0 only (rustls answers protocol_version), and an SSLv2
     // hello (not TLS to us).
-    let before = (fwd.metric(&failed), fwd.metric(&reason_series("tls")));
+    let before = (
+        fwd.metric_answered(&failed),
+        fwd.metric_answered(&reason_series("tls")),
+    );
     match exchange(port, &tls10_hello("echo.localhost"), true) {
         End::Closed(alert) => assert_eq!(alert[..2], [0x15, 3], "{alert:?}"),
         broken => panic!("TLS 1.0: {broken:?}"),
@@ -256,8 +266,8 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
     counted(&fwd, &failed, before.0, 1.0);
     counted(&fwd, &reason_series("tls"), before.1, 1.0);
     let before = (
-        fwd.metric(&bad_request),
-        fwd.metric(&reason_series("not_tls")),
+        fwd.metric_answered(&bad_request),
+        fwd.metric_answered(&reason_series("not_tls")),
     );
     let sslv2 = [
         0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10,
@@ -279,9 +289,9 @@ fn hostile_client_hellos_get_an_alert_or_a_clean_close() {
 #[test]
 fn garbage_after_the_handshake_is_a_tls_error() {
     require_root!();
-    let Setup { fwd, received, .. } = setup();
+    let Setup { _ns, fwd, received } = setup();
     let errors = outcome_series(&fwd, "tls_error");
-    let before = fwd.metric(&errors);
+    let before = fwd.metric_answered(&errors);
     let mut s = tls_connect("echo.localhost", fwd.ports[0]);
     assert_eq!(round_trip(&mut s, b"fine").expect("echo"), b"fine");
     let garbage = record(0x17, 0x0303, &[0xa5; 64]);
@@ -315,9 +325,9 @@ fn garbage_after_the_handshake_is_a_tls_error() {
 #[test]
 fn a_0rtt_attempt_is_rejected_and_its_data_never_reaches_the_guest() {
     require_root!();
-    let Setup { fwd, received, .. } = setup();
+    let Setup { _ns, fwd, received } = setup();
     let ok = outcome_series(&fwd, "ok");
-    let before = fwd.metric(&ok);
+    let before = fwd.metric_answered(&ok);
 
     // A server that issues tickets allowing 16 KiB of early data, for the same name.
     let dir = TempDir::new("early");

@@ -130,7 +130,7 @@ fn pool_threads(fwd: &Forwarder) -> usize {
 }
 
 fn vm_gone(fwd: &Forwarder, port: u16) -> f64 {
-    fwd.metric(&format!(
+    fwd.metric_answered(&format!(
         r#"mergen_forwarder_connections_total{{listener="127.0.0.1:{port}",outcome="vm_gone"}}"#
     ))
 }

@@ -337,16 +337,26 @@ impl Forwarder {
 
     /// The value of one metric line (`name{labels}` exactly as rendered), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        self.try_metric(series).unwrap_or(0.0)
+    }
+
+    /// The value of one metric line; `None` when it is absent, or when the admin
+    /// listener did not answer in time (a loaded machine).
+    pub fn try_metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// The value of one metric line, asked again (for up to 10 s) until the admin
+    /// listener answers with it: never a 0 that only means "no answer".
+    pub fn metric_answered(&self, series: &str) -> f64 {
+        poll(Duration::from_secs(10), || self.try_metric(series))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{}", self.metrics()))
     }
 }
 
