@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod limits;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod resolver;
 pub mod sni;
 pub mod tls;
