@@ -35,11 +35,16 @@ fn open_now(fwd: &Forwarder) -> f64 {
 
 fn wait_open(fwd: &Forwarder, n: usize, limit: Duration) {
     let reached = poll(limit, || (open_now(fwd) == n as f64).then_some(()));
-    assert!(
-        reached.is_some(),
-        "{} connections open, waited for {n}",
-        open_now(fwd)
-    );
+    if reached.is_none() {
+        let log = fwd.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "{} connections open, waited for {n}; /metrics:\n{}\nthe forwarder's last log lines:\n{}",
+            open_now(fwd),
+            fwd.metrics(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
 }
 
 /// Source addresses for floods, so the per-address cap is not what is tested.
