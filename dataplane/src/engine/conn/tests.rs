@@ -1191,6 +1191,25 @@ fn a_vm_gone_while_dialing_is_a_failed_dial() {
     t.client_leaves(Outcome::DialFailed);
 }
 
+/// A PROXY header still on its way to a guest that goes away: the guest is told
+/// nothing more, the client gets its FIN, and every buffer comes back.
+#[test]
+fn a_vm_gone_while_its_proxy_header_is_sent_ends_the_connection() {
+    let mut t = T::new(ListenerKind::Raw)
+        .with_proxy_v2("192.0.2.7:51000", "127.0.0.1:2022")
+        .accept();
+    t.connect(0);
+    assert!(t.pending(Op::GuestSend), "the header is being sent");
+    t.deliver(Side::Guest, 4);
+    let sent = t.guest_got.len();
+    t.event(Event::VmGone);
+    assert!(matches!(t.conn().stage, Stage::Linger(_)));
+    t.arrive(Side::Client, b"SSH-2.0-client\r\n");
+    assert_eq!(t.guest_got.len(), sent, "the guest was told more");
+    assert!(!t.pending(Op::GuestShutdown));
+    t.client_leaves(Outcome::VmGone);
+}
+
 /// Before routing and once ending, there is no VM to lose.
 #[test]
 fn a_vm_gone_before_routing_changes_nothing() {
