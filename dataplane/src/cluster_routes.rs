@@ -36,6 +36,11 @@ impl Routing {
     pub fn in_cluster(&self) -> bool {
         self.remote.is_some()
     }
+
+    /// Whether `ip` is another host of the cluster.
+    pub fn is_peer(&self, ip: IpAddr) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.is_peer(ip))
+    }
 }
 
 /// Other hosts' VMs by alias, as last read from etcd.

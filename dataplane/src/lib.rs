@@ -7,9 +7,11 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod cluster_routes;
 pub mod config;
 pub mod engine;
+pub mod limits;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod resolver;

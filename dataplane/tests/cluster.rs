@@ -100,6 +100,8 @@ fn a_vm_on_another_host_is_reached_through_its_forwarder() {
         "FWD_LISTENERS".into(),
         format!("127.0.0.2:{port}=443/https+proxy-v2"),
     ));
+    // Host A speaks for many clients: it is not held to the per-address cap.
+    env_b.push(("FWD_MAX_CONNECTIONS_PER_IP".into(), "1".into()));
     let b = Forwarder::start_with(&[443], &as_refs(&env_b), |root| {
         let at = "2025-01-01T00:00:00Z";
         write_vm(root, &web_id, at, &web_ns, &[("app", "web")]);
@@ -224,12 +226,28 @@ fn a_vm_on_another_host_is_reached_through_its_forwarder() {
     );
     assert_eq!(served_by("web.localhost", port), Some(cert_b.clone()));
 
+    // A connection passed through stays up while the local routes change (it has no
+    // local VM to lose), and more come in beside it from the same peer.
+    let mut held = try_tls_connect("late0.localhost", port).expect("passed through");
+    let get = |stream: &mut TlsStream| {
+        write!(stream, "GET / HTTP/1.1\r\nHost: late0.localhost\r\n\r\n").unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("content-of-a-vm-on-host-b") {
+            let n = stream.read(&mut buf).expect("the held connection still up");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    get(&mut held);
+
     // A local VM with the same alias wins over host B's.
     let local_ns = Ns::new();
     let _local_web = Nginx::start(&local_ns, 443, "content-of-a-vm-on-host-a");
+    let local_id = vm_id();
     write_vm(
         &a.config_root(),
-        &vm_id(),
+        &local_id,
         "2025-01-01T00:00:00Z",
         &local_ns,
         &[("app", "web")],
@@ -242,6 +260,18 @@ fn a_vm_on_another_host_is_reached_through_its_forwarder() {
         curl("web.localhost", port).1.trim(),
         "content-of-a-vm-on-host-a"
     );
+    assert_eq!(served_by("late1.localhost", port), Some(cert_b.clone()));
+    // The local VM gone, host B's answers again; connections to the local VM end,
+    // not the one passed through.
+    std::fs::remove_dir_all(a.config_root().join(&local_id)).unwrap();
+    wait_for("host B's VM back", LONG, || {
+        served_by("web.localhost", port).filter(|c| *c == cert_b)
+    });
+    get(&mut held);
+    let refused = format!(
+        "mergen_forwarder_connections_total{{listener=\"127.0.0.2:{port}\",outcome=\"refused_per_ip\"}}"
+    );
+    assert_eq!(b.metric(&refused), 0.0, "{}", b.metrics());
 }
 
 /// A forwarder whose etcd is nowhere still starts and serves its own VMs; it says the
