@@ -127,7 +127,7 @@ pub const VARIABLES: &[Var] = &[
     ),
     Var::unset(
         "MGR_HOST_ADDR",
-        "IP address other hosts' forwarders dial for this host's VMs (required with MGR_ETCD_ENDPOINTS)",
+        "IPv4 address other hosts' forwarders dial for this host's VMs (required with MGR_ETCD_ENDPOINTS)",
     ),
 ];
 
@@ -279,13 +279,15 @@ fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::E
     }
     let host_addr = env
         .with("MGR_HOST_ADDR", |t| {
-            t.parse::<std::net::IpAddr>()
-                .map_err(|_| "an IP address".to_string())
+            // Forwarders dial their peers over IPv4, as they dial guests.
+            t.parse::<std::net::Ipv4Addr>()
+                .map(std::net::IpAddr::V4)
+                .map_err(|_| "an IPv4 address".to_string())
         })?
         .ok_or_else(|| mergen_envtable::Error {
             name: "MGR_HOST_ADDR".into(),
             value: String::new(),
-            expected: "the IP address other hosts' forwarders dial (MGR_ETCD_ENDPOINTS is set)"
+            expected: "the IPv4 address other hosts' forwarders dial (MGR_ETCD_ENDPOINTS is set)"
                 .into(),
         })?;
     let host_name = match env.opt("MGR_HOST_NAME") {
@@ -334,6 +336,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_cluster_host_has_an_ipv4_address() {
+        let etcd = ("MGR_ETCD_ENDPOINTS", "127.0.0.1:2379");
+        let c = from(&[etcd, ("MGR_HOST_ADDR", "10.0.0.1"), ("MGR_HOST_NAME", "a")]).unwrap();
+        let cluster = c.cluster.expect("in a cluster");
+        assert_eq!(cluster.host_addr.to_string(), "10.0.0.1");
+        assert_eq!(cluster.host_name, "a");
+        for bad in ["::1", "host-a", ""] {
+            let err = from(&[etcd, ("MGR_HOST_ADDR", bad)]).unwrap_err();
+            assert!(err.contains("MGR_HOST_ADDR"), "{bad}: {err}");
+        }
+        assert!(from(&[]).unwrap().cluster.is_none());
     }
 
     #[test]

@@ -607,6 +607,43 @@ mod tests {
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
+    #[test]
+    fn in_a_cluster_only_with_endpoints() {
+        assert_eq!(with(&[]).unwrap().cluster, None);
+        assert_eq!(with(&[("FWD_ETCD_ENDPOINTS", " ")]).unwrap().cluster, None);
+        let c = with(&[
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379,http://etcd-2:2379"),
+            ("FWD_HOST_NAME", "host-a"),
+        ])
+        .unwrap()
+        .cluster
+        .expect("in a cluster");
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://10.0.0.1:2379", "http://etcd-2:2379"]
+        );
+        assert_eq!(
+            (c.etcd.prefix.as_str(), c.etcd.timeout, c.host_name.as_str()),
+            ("/mergen", Duration::from_secs(3), "host-a")
+        );
+        let defaulted = with(&[("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379")]).unwrap();
+        assert_eq!(
+            defaulted.cluster.unwrap().host_name,
+            mergen_cluster::hostname()
+        );
+        for (name, value) in [
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1"),
+            ("FWD_ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+            ("FWD_HOST_NAME", "a/b"),
+            ("FWD_ETCD_TIMEOUT_SECONDS", "0"),
+        ] {
+            // The later of two settings of one variable wins.
+            let vars = [("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379"), (name, value)];
+            let err = with(&vars).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+
     fn any(port: u16) -> ListenAddr {
         ListenAddr::AnyHost(port)
     }
