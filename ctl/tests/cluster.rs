@@ -331,6 +331,15 @@ fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
         "host A still routes to a host whose mergend is gone: {}",
         fwd_logs()
     );
+    // As any name it does not know: a TLS unrecognized_name alert.
+    let refused = std::process::Command::new("curl")
+        .args(["-sSk", "--max-time", "5", "--resolve"])
+        .arg(format!("far.localhost:{port}:127.0.0.1"))
+        .arg(format!("https://far.localhost:{port}/"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("unrecognized name"), "{said}");
     assert_eq!(through_at("far.localhost", "127.0.0.2", port), page);
 
     // Back: re-published, and host A routes to it again.
