@@ -264,6 +264,7 @@ fn process(cmd: &[&str]) -> ProcessSpec {
         cmd: cmd.iter().map(|a| a.to_string()).collect(),
         env: BTreeMap::new(),
         workdir: None,
+        root: None,
     }
 }
 
@@ -281,6 +282,7 @@ fn http_server(ip: &str, port: u16, dir: &Path, www: &Path) -> ProcessSpec {
         cmd: nginx::guest_argv(dir, &format!("{ip}:{port}"), www),
         env: BTreeMap::new(),
         workdir: Some(dir.to_string_lossy().into_owned()),
+        root: None,
     }
 }
 
