@@ -12,26 +12,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mergen_testkit::{require_root, ChildGuard, TempDir};
+use mergen_testkit::{require_root, static_init, ChildGuard, TempDir};
 use rustix::process::Signal;
-
-/// The static mergen-init, built by init/build-static.sh (once per test binary).
-fn static_init() -> PathBuf {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static.sh");
-        let out = Command::new(&script)
-            .output()
-            .expect("running build-static.sh");
-        assert!(
-            out.status.success(),
-            "build-static.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
-}
 
 const SCRIPT: &str = r#"
 trap 'echo got-TERM; exit 42' TERM
