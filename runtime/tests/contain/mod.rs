@@ -1,0 +1,272 @@
+//! Process VMs made from an image (`process.root`): `mergend vm contain` boots the
+//! image's own mergen-init as PID 1 of new namespaces, chrooted into a small busybox
+//! rootfs built here, inside the VM's network namespace. The image's command gets the
+//! image's env, user and working dir and none of mergend's; SIGTERM reaches it however
+//! early it is sent; the launcher exits with the command's code; and when the supervisor
+//! has to SIGKILL the launcher, nothing of the guest survives.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use mergen_model::{names, Meta, ProcessSpec};
+use mergen_runtime::embedded::EmbeddedSupervisor;
+use mergen_runtime::guest::{self, GuestKind};
+use mergen_runtime::{procs, state, steps, Supervisor, VmState};
+use mergen_testkit::{require_root, static_init, wait_for, ChildGuard, TempDir};
+use rustix::process::Signal;
+
+use crate::{assert_nothing_left, unique_cidr, Host, NetCleanup};
+
+/// A rootfs as mergen-image makes one: busybox, users, mergen-init at /sbin/init, and
+/// `/etc/mergen/image-meta.json` starting `script` as user `app` in `/work`.
+fn rootfs(dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "sbin", "etc/mergen", "work"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "echo", "env", "id", "pwd", "sleep", "hostname", "cat", "true",
+    ] {
+        symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::copy(static_init(), root.join("sbin/init")).unwrap();
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    std::os::unix::fs::chown(root.join("work"), Some(1000), Some(1000)).unwrap();
+    set_script(&root, script);
+    root
+}
+
+fn set_script(root: &Path, script: &str) {
+    let meta = serde_json::json!({
+        "image": "test", "entrypoint": ["/bin/sh", "-c"], "cmd": [script],
+        "env": ["GREETING=hello", "PATH=/bin"], "workingDir": "/work", "user": "app"
+    });
+    fs::write(root.join("etc/mergen/image-meta.json"), meta.to_string()).unwrap();
+}
+
+fn have_busybox() -> bool {
+    let ok = Path::new("/bin/busybox").exists();
+    if !ok {
+        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+    }
+    ok
+}
+
+fn image_spec(root: &Path) -> ProcessSpec {
+    ProcessSpec {
+        root: Some(root.to_string_lossy().into_owned()),
+        ..ProcessSpec::default()
+    }
+}
+
+/// The guest command of `meta` (what `vm run` and the supervisor start), its output in
+/// `log`, started in the VM's namespace after net-setup.
+fn launch(host: &Host, meta: &Meta, log: &Path) -> ChildGuard {
+    let mut cmd = guest::command(GuestKind::Process, &host.config, meta).unwrap();
+    let out = fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    ChildGuard::spawn(&mut cmd)
+}
+
+/// Wait for the launcher's exit; the guest's log goes to stderr (shown when an
+/// assertion after it fails).
+fn wait_exit(guard: &mut ChildGuard, log: &Path) -> ExitStatus {
+    let status = wait_for("the launcher to exit", Duration::from_secs(30), || {
+        guard.0.try_wait().unwrap()
+    });
+    eprintln!(
+        "--- guest log ({status}):\n{}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
+    status
+}
+
+/// The first child of `pid` (the launcher's is init; init's is the command).
+fn child_of(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn ns_ino(pid: &str, ns: &str) -> u64 {
+    fs::metadata(format!("/proc/{pid}/ns/{ns}")).unwrap().ino()
+}
+
+/// Whether `pid` blocks `sig` (from `SigBlk` in /proc/<pid>/status).
+fn blocks(pid: u32, sig: Signal) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .is_some_and(|m| m & (1 << (sig.as_raw() - 1)) != 0)
+}
+
+fn kill(pid: u32, sig: Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
+        .unwrap();
+}
+
+/// Lines of the host's mountinfo that name `root`.
+fn mounts_of(root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(root.as_ref()))
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code() {
+    require_root!();
+    if !have_busybox() {
+        return;
+    }
+    let tmp = TempDir::new("contain-run");
+    let script = r#"
+        { echo "id=$(id -u):$(id -g) pwd=$(pwd) host=$(hostname)"; env; } > /work/out
+        echo "pid1=$(cat /proc/1/comm) me=$$" >> /work/out
+        exit 7
+    "#;
+    let root = rootfs(tmp.path(), script);
+    let host = Host::new(&unique_cidr(), &[]);
+    let meta = host.vm(2, vec![], Some(image_spec(&root)));
+    let _net = NetCleanup(&host.config, meta.id.clone());
+    steps::net_setup(&host.config, &meta).unwrap();
+    let log = tmp.join("guest.log");
+    let mut launcher = launch(&host, &meta, &log);
+    let status = wait_exit(&mut launcher, &log);
+    assert_eq!(status.code(), Some(7), "the command's exit code");
+    let out = fs::read_to_string(root.join("work/out")).unwrap();
+    let id8 = names::short_id(&meta.id);
+    assert!(
+        out.contains(&format!("id=1000:1000 pwd=/work host=mergen-{id8}")),
+        "{out}"
+    );
+    assert!(out.contains("GREETING=hello"), "the image's env: {out}");
+    assert!(
+        out.contains("pid1=init me=2"),
+        "init is PID 1 of its namespace, the command its child: {out}"
+    );
+    // Neither mergend's settings and secrets nor the VM's MGN_* variables: a VM's
+    // command sees the image's env only.
+    for leak in ["MGR_", "MGN_", "AWS_", "MERGEN_INIT"] {
+        assert!(!out.contains(leak), "{leak}* reached the command: {out}");
+    }
+    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+}
+
+pub fn an_image_guest_gets_sigterm_however_early_it_comes() {
+    require_root!();
+    if !have_busybox() {
+        return;
+    }
+    let tmp = TempDir::new("contain-term");
+    let root = rootfs(tmp.path(), "exec sleep 60");
+    let host = Host::new(&unique_cidr(), &[]);
+    let meta = host.vm(2, vec![], Some(image_spec(&root)));
+    let _net = NetCleanup(&host.config, meta.id.clone());
+    steps::net_setup(&host.config, &meta).unwrap();
+    let log = tmp.join("guest.log");
+
+    // SIGTERM the moment the launcher can take it, before it has even started init:
+    // the launcher must hold it until init can take it (PID 1 of a namespace drops
+    // signals it does not handle), and init passes it on. Lost, `sleep 60` would run
+    // on and exit 0.
+    let mut launcher = launch(&host, &meta, &log);
+    let pid = launcher.pid() as u32;
+    wait_for(
+        "the launcher to block SIGTERM",
+        Duration::from_secs(20),
+        || blocks(pid, Signal::TERM).then_some(()),
+    );
+    kill(pid, Signal::TERM);
+    let status = wait_exit(&mut launcher, &log);
+    assert_eq!(status.code(), Some(128 + 15), "sleep killed by SIGTERM");
+
+    // Once running: the command's trap gets SIGTERM, writes its marker, and its exit
+    // code is the launcher's. Meanwhile init is PID 1 of its own PID namespace, in the
+    // VM's network namespace, chrooted into the image.
+    set_script(
+        &root,
+        "trap 'echo term > /work/got-term; exit 42' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
+    );
+    let mut launcher = launch(&host, &meta, &log);
+    let pid = launcher.pid() as u32;
+    wait_for("the command to be ready", Duration::from_secs(20), || {
+        root.join("work/ready").exists().then_some(())
+    });
+    let init = child_of(pid)
+        .expect("init is the launcher's child")
+        .to_string();
+    assert_ne!(ns_ino(&init, "pid"), ns_ino("self", "pid"));
+    assert_ne!(ns_ino(&init, "mnt"), ns_ino("self", "mnt"));
+    assert_eq!(
+        ns_ino(&init, "net"),
+        fs::metadata(format!("/run/netns/{}", meta.netns))
+            .unwrap()
+            .ino()
+    );
+    assert_eq!(
+        fs::read_link(format!("/proc/{init}/root")).unwrap(),
+        root.canonicalize().unwrap()
+    );
+    kill(pid, Signal::TERM);
+    let status = wait_exit(&mut launcher, &log);
+    assert_eq!(status.code(), Some(42), "the trap's exit code");
+    assert_eq!(
+        fs::read_to_string(root.join("work/got-term")).unwrap(),
+        "term\n"
+    );
+    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+}
+
+pub fn a_killed_launcher_takes_the_whole_image_guest_with_it() {
+    require_root!();
+    if !have_busybox() {
+        return;
+    }
+    let tmp = TempDir::new("contain-kill");
+    // A command that ignores SIGTERM: the supervisor's stop ends with SIGKILL to the
+    // launcher, which the kernel turns into SIGKILL to init, and so to the namespace.
+    let root = rootfs(
+        tmp.path(),
+        "trap '' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
+    );
+    let host = Host::new(&unique_cidr(), &[("MGR_STOP_TIMEOUT_SECONDS", "1")]);
+    let meta = host.vm(2, vec![], Some(image_spec(&root)));
+    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
+    let _guard = host.guard(&sup, &meta);
+    sup.start(&meta).unwrap();
+    wait_for("the command to be ready", Duration::from_secs(20), || {
+        root.join("work/ready").exists().then_some(())
+    });
+    let launcher = state::read(&meta.paths).unwrap().guest_pid.unwrap();
+    let init = child_of(launcher).expect("init");
+    let command = wait_for("the command", Duration::from_secs(10), || child_of(init));
+    sup.stop(&meta).unwrap();
+    assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
+    for (what, pid) in [("launcher", launcher), ("init", init), ("command", command)] {
+        assert!(
+            procs::wait_gone(pid, Duration::from_secs(10)),
+            "the {what} (pid {pid}) outlived the stop"
+        );
+    }
+    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+    assert_nothing_left(&meta.id);
+    let log = fs::read_to_string(Path::new(&meta.paths.logs_dir).join("guest.log")).unwrap();
+    assert!(log.contains("booting"), "{log}");
+}
