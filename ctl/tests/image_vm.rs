@@ -20,7 +20,8 @@ use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
 use mergen_testkit::oci::{self, layer_tar, Layer, E};
 use mergen_testkit::{
-    curl_get, free_port, poll, require_root, run_out, running, static_init, wait_for, TempDir,
+    curl_get, first_child, free_port, mounts_naming, poll, require_root, run_out, running,
+    static_init, wait_for, TempDir,
 };
 use serde_json::json;
 
@@ -102,12 +103,6 @@ fn convert(layout: &Path, out: &Path) {
     );
 }
 
-/// The first child of `pid`.
-fn child_of(pid: u32) -> Option<u32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
-}
-
 fn ns(pid: &str, kind: &str) -> u64 {
     fs::metadata(format!("/proc/{pid}/ns/{kind}"))
         .unwrap()
@@ -124,17 +119,6 @@ fn uid_of(pid: u32) -> Option<u32> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-/// Lines of this (the host's) mount table naming `root`.
-fn mounts_of(root: &Path) -> Vec<String> {
-    let root = root.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(root.as_ref()))
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -229,9 +213,9 @@ fn an_image_boots_as_a_vm_behind_the_forwarder_and_leaves_nothing() {
         serde_json::from_slice(&fs::read(roots.run().join(&id).join("state.json")).unwrap())
             .unwrap();
     let launcher = state["guestPid"].as_u64().unwrap() as u32;
-    let init = child_of(launcher).expect("init");
-    let shell = child_of(init).expect("the start command");
-    let httpd = child_of(shell).expect("httpd");
+    let init = first_child(launcher).expect("init");
+    let shell = first_child(init).expect("the start command");
+    let httpd = first_child(shell).expect("httpd");
     let vm_net = fs::metadata(format!("/run/netns/mergen-{id8}"))
         .unwrap()
         .ino();
@@ -270,7 +254,11 @@ fn an_image_boots_as_a_vm_behind_the_forwarder_and_leaves_nothing() {
     for pid in [launcher, init, shell, httpd] {
         assert!(!running(pid), "pid {pid} outlived the VM");
     }
-    assert!(mounts_of(&rootfs).is_empty(), "{:?}", mounts_of(&rootfs));
+    assert!(
+        mounts_naming(&rootfs).is_empty(),
+        "{:?}",
+        mounts_naming(&rootfs)
+    );
     assert!(!run_out(&["ip", "netns", "list"]).contains(&format!("mergen-{id8}")));
     assert!(!run_out(&["ip", "-o", "link"]).contains(&format!("vh-{id8}")));
     assert!(!roots.config().join(&id).exists());

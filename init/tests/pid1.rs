@@ -6,13 +6,12 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mergen_testkit::{require_root, static_init, ChildGuard, TempDir};
+use mergen_testkit::{busybox_rootfs, first_child, require_root, ChildGuard, TempDir};
 use rustix::process::Signal;
 
 const SCRIPT: &str = r#"
@@ -31,38 +30,20 @@ while :; do sleep 0.05; done
 /// A rootfs with busybox, users and groups, mergen-init and its metadata.
 fn rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
-    for d in ["bin", "sbin", "etc/mergen", "work"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "id", "pwd", "sleep", "grep", "hostname", "ip", "true",
-    ] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::copy(static_init(), root.join("sbin/init")).unwrap();
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-    )
-    .unwrap();
-    fs::write(
-        root.join("etc/group"),
-        "root:x:0:\napp:x:1000:\nwww:x:33:app\n",
-    )
-    .unwrap();
     let meta = serde_json::json!({
         "image": "test", "entrypoint": ["/bin/sh", "-c"], "cmd": [SCRIPT],
         "env": ["GREETING=hello", "PATH=/bin"], "workingDir": "/work", "user": "app"
     });
-    fs::write(root.join("etc/mergen/image-meta.json"), meta.to_string()).unwrap();
+    busybox_rootfs(
+        &root,
+        &[
+            "sh", "echo", "id", "pwd", "sleep", "grep", "hostname", "ip", "true",
+        ],
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        "root:x:0:\napp:x:1000:\nwww:x:33:app\n",
+        &meta.to_string(),
+    );
     root
-}
-
-/// The host pid of unshare's child (the namespace's PID 1).
-fn child_of(pid: i32) -> Option<i32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
 }
 
 #[test]
@@ -104,7 +85,7 @@ fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     }
     let unshare_pid = guard.pid();
     let init_pid = mergen_testkit::wait_for("init's pid", Duration::from_secs(5), || {
-        child_of(unshare_pid)
+        first_child(unshare_pid as u32).map(|p| p as i32)
     });
     // SIGTERM to PID 1, from outside its namespace: init must pass it on.
     rustix::process::kill_process(

@@ -22,3 +22,22 @@ pub fn static_init() -> PathBuf {
     })
     .clone()
 }
+
+/// A root filesystem as mergen-image makes one, for tests that boot it: busybox-static
+/// (`/bin/busybox`, which scripts/test.sh installs) with `applets` linked to it in
+/// `/bin`, mergen-init at `/sbin/init`, `passwd` and `group` in `/etc`, `meta` as
+/// `/etc/mergen/image-meta.json`, and an empty `/work`.
+pub fn busybox_rootfs(root: &Path, applets: &[&str], passwd: &str, group: &str, meta: &str) {
+    use std::fs;
+    for d in ["bin", "sbin", "etc/mergen", "work"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::copy(static_init(), root.join("sbin/init")).unwrap();
+    fs::write(root.join("etc/passwd"), passwd).unwrap();
+    fs::write(root.join("etc/group"), group).unwrap();
+    fs::write(root.join("etc/mergen/image-meta.json"), meta).unwrap();
+}

@@ -26,10 +26,10 @@ mod wait;
 
 pub use child::ChildGuard;
 pub use cmd::{curl_get, run_out};
-pub use guest_init::static_init;
+pub use guest_init::{busybox_rootfs, static_init};
 pub use names::{next, unique_name};
 pub use net::{connect_from, free_port};
-pub use process::running;
+pub use process::{first_child, mounts_naming, running};
 pub use rng::XorShift;
 pub use root::{is_root, skip_unless_root};
 pub use tempdir::TempDir;

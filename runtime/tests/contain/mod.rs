@@ -6,7 +6,7 @@
 //! has to SIGKILL the launcher, nothing of the guest survives.
 
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -15,31 +15,25 @@ use mergen_model::{names, Meta, ProcessSpec};
 use mergen_runtime::embedded::EmbeddedSupervisor;
 use mergen_runtime::guest::{self, GuestKind};
 use mergen_runtime::{procs, state, steps, Supervisor, VmState};
-use mergen_testkit::{require_root, static_init, wait_for, ChildGuard, TempDir};
+use mergen_testkit::{
+    busybox_rootfs, first_child, mounts_naming, require_root, wait_for, ChildGuard, TempDir,
+};
 use rustix::process::Signal;
 
-use crate::{assert_nothing_left, unique_cidr, Host, NetCleanup};
+use crate::{assert_nothing_left, unique_cidr, Host};
 
-/// A rootfs as mergen-image makes one: busybox, users, mergen-init at /sbin/init, and
-/// `/etc/mergen/image-meta.json` starting `script` as user `app` in `/work`.
+/// A rootfs as mergen-image makes one, starting `script` as user `app` in `/work`.
 fn rootfs(dir: &Path, script: &str) -> PathBuf {
     let root = dir.join("rootfs");
-    for d in ["bin", "sbin", "etc/mergen", "work"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "env", "id", "pwd", "sleep", "hostname", "cat", "true",
-    ] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::copy(static_init(), root.join("sbin/init")).unwrap();
-    fs::write(
-        root.join("etc/passwd"),
+    busybox_rootfs(
+        &root,
+        &[
+            "sh", "echo", "env", "id", "pwd", "sleep", "hostname", "cat", "true",
+        ],
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-    )
-    .unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+        "root:x:0:\napp:x:1000:\n",
+        "",
+    );
     std::os::unix::fs::chown(root.join("work"), Some(1000), Some(1000)).unwrap();
     set_script(&root, script);
     root
@@ -53,49 +47,72 @@ fn set_script(root: &Path, script: &str) {
     fs::write(root.join("etc/mergen/image-meta.json"), meta.to_string()).unwrap();
 }
 
-fn have_busybox() -> bool {
-    let ok = Path::new("/bin/busybox").exists();
-    if !ok {
-        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+/// A VM booting a rootfs of its own (in a temp dir) on a host of its own; its network
+/// is removed on drop.
+struct ImageVm {
+    tmp: TempDir,
+    root: PathBuf,
+    host: Host,
+    meta: Meta,
+}
+
+impl ImageVm {
+    /// None (after a loud SKIP) without busybox-static.
+    fn new(name: &str, script: &str, extra: &[(&str, &str)]) -> Option<ImageVm> {
+        if !Path::new("/bin/busybox").exists() {
+            eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+            return None;
+        }
+        let tmp = TempDir::new(name);
+        let root = rootfs(tmp.path(), script);
+        let host = Host::new(&unique_cidr(), extra);
+        let spec = ProcessSpec {
+            root: Some(root.to_string_lossy().into_owned()),
+            ..ProcessSpec::default()
+        };
+        let meta = host.vm(2, vec![], Some(spec));
+        Some(ImageVm {
+            tmp,
+            root,
+            host,
+            meta,
+        })
     }
-    ok
-}
 
-fn image_spec(root: &Path) -> ProcessSpec {
-    ProcessSpec {
-        root: Some(root.to_string_lossy().into_owned()),
-        ..ProcessSpec::default()
+    fn log(&self) -> PathBuf {
+        self.tmp.join("guest.log")
+    }
+
+    /// The guest command (what `vm run` and the supervisor start) after net-setup,
+    /// its output in [`Self::log`].
+    fn launch(&self) -> ChildGuard {
+        steps::net_setup(&self.host.config, &self.meta).unwrap();
+        let mut cmd = guest::command(GuestKind::Process, &self.host.config, &self.meta).unwrap();
+        let out = fs::File::create(self.log()).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        ChildGuard::spawn(&mut cmd)
+    }
+
+    /// Wait for the launcher's exit; the guest's log goes to stderr (shown when an
+    /// assertion after it fails).
+    fn wait_exit(&self, guard: &mut ChildGuard) -> ExitStatus {
+        let status = wait_for("the launcher to exit", Duration::from_secs(30), || {
+            guard.0.try_wait().unwrap()
+        });
+        eprintln!(
+            "--- guest log ({status}):\n{}",
+            fs::read_to_string(self.log()).unwrap_or_default()
+        );
+        status
     }
 }
 
-/// The guest command of `meta` (what `vm run` and the supervisor start), its output in
-/// `log`, started in the VM's namespace after net-setup.
-fn launch(host: &Host, meta: &Meta, log: &Path) -> ChildGuard {
-    let mut cmd = guest::command(GuestKind::Process, &host.config, meta).unwrap();
-    let out = fs::File::create(log).unwrap();
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    ChildGuard::spawn(&mut cmd)
-}
-
-/// Wait for the launcher's exit; the guest's log goes to stderr (shown when an
-/// assertion after it fails).
-fn wait_exit(guard: &mut ChildGuard, log: &Path) -> ExitStatus {
-    let status = wait_for("the launcher to exit", Duration::from_secs(30), || {
-        guard.0.try_wait().unwrap()
-    });
-    eprintln!(
-        "--- guest log ({status}):\n{}",
-        fs::read_to_string(log).unwrap_or_default()
-    );
-    status
-}
-
-/// The first child of `pid` (the launcher's is init; init's is the command).
-fn child_of(pid: u32) -> Option<u32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+impl Drop for ImageVm {
+    fn drop(&mut self) {
+        let _ = steps::net_cleanup(&self.host.config, &self.meta.id);
+    }
 }
 
 fn ns_ino(pid: &str, ns: &str) -> u64 {
@@ -119,39 +136,21 @@ fn kill(pid: u32, sig: Signal) {
         .unwrap();
 }
 
-/// Lines of the host's mountinfo that name `root`.
-fn mounts_of(root: &Path) -> Vec<String> {
-    let root = root.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(root.as_ref()))
-        .map(str::to_string)
-        .collect()
-}
-
 pub fn an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code() {
     require_root!();
-    if !have_busybox() {
-        return;
-    }
-    let tmp = TempDir::new("contain-run");
     let script = r#"
         { echo "id=$(id -u):$(id -g) pwd=$(pwd) host=$(hostname)"; env; } > /work/out
         echo "pid1=$(cat /proc/1/comm) me=$$" >> /work/out
         exit 7
     "#;
-    let root = rootfs(tmp.path(), script);
-    let host = Host::new(&unique_cidr(), &[]);
-    let meta = host.vm(2, vec![], Some(image_spec(&root)));
-    let _net = NetCleanup(&host.config, meta.id.clone());
-    steps::net_setup(&host.config, &meta).unwrap();
-    let log = tmp.join("guest.log");
-    let mut launcher = launch(&host, &meta, &log);
-    let status = wait_exit(&mut launcher, &log);
+    let Some(vm) = ImageVm::new("contain-run", script, &[]) else {
+        return;
+    };
+    let mut launcher = vm.launch();
+    let status = vm.wait_exit(&mut launcher);
     assert_eq!(status.code(), Some(7), "the command's exit code");
-    let out = fs::read_to_string(root.join("work/out")).unwrap();
-    let id8 = names::short_id(&meta.id);
+    let out = fs::read_to_string(vm.root.join("work/out")).unwrap();
+    let id8 = names::short_id(&vm.meta.id);
     assert!(
         out.contains(&format!("id=1000:1000 pwd=/work host=mergen-{id8}")),
         "{out}"
@@ -166,27 +165,23 @@ pub fn an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code() {
     for leak in ["MGR_", "MGN_", "AWS_", "MERGEN_INIT"] {
         assert!(!out.contains(leak), "{leak}* reached the command: {out}");
     }
-    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+    assert!(
+        mounts_naming(&vm.root).is_empty(),
+        "{:?}",
+        mounts_naming(&vm.root)
+    );
 }
 
 pub fn an_image_guest_gets_sigterm_however_early_it_comes() {
     require_root!();
-    if !have_busybox() {
+    let Some(vm) = ImageVm::new("contain-term", "exec sleep 60", &[]) else {
         return;
-    }
-    let tmp = TempDir::new("contain-term");
-    let root = rootfs(tmp.path(), "exec sleep 60");
-    let host = Host::new(&unique_cidr(), &[]);
-    let meta = host.vm(2, vec![], Some(image_spec(&root)));
-    let _net = NetCleanup(&host.config, meta.id.clone());
-    steps::net_setup(&host.config, &meta).unwrap();
-    let log = tmp.join("guest.log");
-
+    };
     // SIGTERM the moment the launcher can take it, before it has even started init:
     // the launcher must hold it until init can take it (PID 1 of a namespace drops
     // signals it does not handle), and init passes it on. Lost, `sleep 60` would run
     // on and exit 0.
-    let mut launcher = launch(&host, &meta, &log);
+    let mut launcher = vm.launch();
     let pid = launcher.pid() as u32;
     wait_for(
         "the launcher to block SIGTERM",
@@ -194,78 +189,78 @@ pub fn an_image_guest_gets_sigterm_however_early_it_comes() {
         || blocks(pid, Signal::TERM).then_some(()),
     );
     kill(pid, Signal::TERM);
-    let status = wait_exit(&mut launcher, &log);
+    let status = vm.wait_exit(&mut launcher);
     assert_eq!(status.code(), Some(128 + 15), "sleep killed by SIGTERM");
 
     // Once running: the command's trap gets SIGTERM, writes its marker, and its exit
     // code is the launcher's. Meanwhile init is PID 1 of its own PID namespace, in the
     // VM's network namespace, chrooted into the image.
     set_script(
-        &root,
+        &vm.root,
         "trap 'echo term > /work/got-term; exit 42' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
     );
-    let mut launcher = launch(&host, &meta, &log);
+    let mut launcher = vm.launch();
     let pid = launcher.pid() as u32;
     wait_for("the command to be ready", Duration::from_secs(20), || {
-        root.join("work/ready").exists().then_some(())
+        vm.root.join("work/ready").exists().then_some(())
     });
-    let init = child_of(pid)
+    let init = first_child(pid)
         .expect("init is the launcher's child")
         .to_string();
     assert_ne!(ns_ino(&init, "pid"), ns_ino("self", "pid"));
     assert_ne!(ns_ino(&init, "mnt"), ns_ino("self", "mnt"));
     assert_eq!(
         ns_ino(&init, "net"),
-        fs::metadata(format!("/run/netns/{}", meta.netns))
+        fs::metadata(format!("/run/netns/{}", vm.meta.netns))
             .unwrap()
             .ino()
     );
     assert_eq!(
         fs::read_link(format!("/proc/{init}/root")).unwrap(),
-        root.canonicalize().unwrap()
+        vm.root.canonicalize().unwrap()
     );
     kill(pid, Signal::TERM);
-    let status = wait_exit(&mut launcher, &log);
+    let status = vm.wait_exit(&mut launcher);
     assert_eq!(status.code(), Some(42), "the trap's exit code");
     assert_eq!(
-        fs::read_to_string(root.join("work/got-term")).unwrap(),
+        fs::read_to_string(vm.root.join("work/got-term")).unwrap(),
         "term\n"
     );
-    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+    assert!(
+        mounts_naming(&vm.root).is_empty(),
+        "{:?}",
+        mounts_naming(&vm.root)
+    );
 }
 
 pub fn a_killed_launcher_takes_the_whole_image_guest_with_it() {
     require_root!();
-    if !have_busybox() {
-        return;
-    }
-    let tmp = TempDir::new("contain-kill");
     // A command that ignores SIGTERM: the supervisor's stop ends with SIGKILL to the
     // launcher, which the kernel turns into SIGKILL to init, and so to the namespace.
-    let root = rootfs(
-        tmp.path(),
-        "trap '' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
-    );
-    let host = Host::new(&unique_cidr(), &[("MGR_STOP_TIMEOUT_SECONDS", "1")]);
-    let meta = host.vm(2, vec![], Some(image_spec(&root)));
-    let sup = EmbeddedSupervisor::new(host.config.clone()).unwrap();
-    let _guard = host.guard(&sup, &meta);
-    sup.start(&meta).unwrap();
+    let script = "trap '' TERM; echo ready > /work/ready; while :; do sleep 0.05; done";
+    let stop_soon = [("MGR_STOP_TIMEOUT_SECONDS", "1")];
+    let Some(vm) = ImageVm::new("contain-kill", script, &stop_soon) else {
+        return;
+    };
+    let (meta, root) = (&vm.meta, &vm.root);
+    let sup = EmbeddedSupervisor::new(vm.host.config.clone()).unwrap();
+    let _guard = vm.host.guard(&sup, meta);
+    sup.start(meta).unwrap();
     wait_for("the command to be ready", Duration::from_secs(20), || {
         root.join("work/ready").exists().then_some(())
     });
     let launcher = state::read(&meta.paths).unwrap().guest_pid.unwrap();
-    let init = child_of(launcher).expect("init");
-    let command = wait_for("the command", Duration::from_secs(10), || child_of(init));
-    sup.stop(&meta).unwrap();
-    assert_eq!(sup.status(&meta).unwrap().state, VmState::Stopped);
+    let init = first_child(launcher).expect("init");
+    let command = wait_for("the command", Duration::from_secs(10), || first_child(init));
+    sup.stop(meta).unwrap();
+    assert_eq!(sup.status(meta).unwrap().state, VmState::Stopped);
     for (what, pid) in [("launcher", launcher), ("init", init), ("command", command)] {
         assert!(
             procs::wait_gone(pid, Duration::from_secs(10)),
             "the {what} (pid {pid}) outlived the stop"
         );
     }
-    assert!(mounts_of(&root).is_empty(), "{:?}", mounts_of(&root));
+    assert!(mounts_naming(root).is_empty(), "{:?}", mounts_naming(root));
     assert_nothing_left(&meta.id);
     let log = fs::read_to_string(Path::new(&meta.paths.logs_dir).join("guest.log")).unwrap();
     assert!(log.contains("booting"), "{log}");
