@@ -55,8 +55,20 @@ fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     }
     let tmp = TempDir::new("init-pid1");
     let root = rootfs(tmp.path());
+    // --kill-child: when the guard SIGKILLs unshare (a failed test), the kernel kills
+    // init, the namespace's PID 1, and with it everything inside.
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount", "--uts", "--net", "--", "sh", "-c"])
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--uts",
+        "--net",
+        "--",
+        "sh",
+        "-c",
+    ])
         .arg(r#"ip link add eth0 type veth peer name peer0 && ip link set peer0 up && mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
         .arg("sh")
         .arg(&root)
