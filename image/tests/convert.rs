@@ -7,12 +7,13 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::registry::{Auth, Registry};
 use common::*;
-use mergen_testkit::{require_root, TempDir};
+use mergen_testkit::{require_root, wait_for, ChildGuard, TempDir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -685,23 +686,35 @@ fn converted_rootfs_runs_its_command_under_mergen_init() {
     let root = out.join("rootfs");
     // New PID, mount, UTS and network namespaces; the rootfs bind-mounted onto itself so
     // it is a mount point init can make private, then chroot + /sbin/init as PID 1.
-    let run = Command::new("unshare")
-        .args([
-            "--pid", "--fork", "--mount", "--uts", "--net", "--", "sh", "-c",
-        ])
-        .arg(r#"mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
-        .args(["sh", s(&root)])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(
-        run.status.code(),
-        Some(7),
-        "stdout: {stdout}\nstderr: {stderr}"
+    // --kill-child and the guard: a hung or failed boot takes the namespace with it.
+    let (out_file, err_file) = (tmp.join("boot.out"), tmp.join("boot.err"));
+    let mut boot = ChildGuard::spawn(
+        Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--uts",
+                "--net",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(r#"mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
+            .args(["sh", s(&root)])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_file).unwrap())
+            .stderr(fs::File::create(&err_file).unwrap()),
     );
+    let status = wait_for("the booted rootfs to exit", Duration::from_secs(30), || {
+        boot.0.try_wait().unwrap()
+    });
+    let stdout = fs::read_to_string(&out_file).unwrap_or_default();
+    let stderr = fs::read_to_string(&err_file).unwrap_or_default();
+    assert_eq!(status.code(), Some(7), "stdout: {stdout}\nstderr: {stderr}");
     assert!(
         stdout.contains("hello from /data as 1000:1000 groups"),
         "{stdout}\n{stderr}"
