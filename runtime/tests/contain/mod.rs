@@ -28,7 +28,7 @@ fn rootfs(dir: &Path, script: &str) -> PathBuf {
     busybox_rootfs(
         &root,
         &[
-            "sh", "echo", "env", "id", "pwd", "sleep", "hostname", "cat", "true",
+            "sh", "echo", "env", "id", "pwd", "sleep", "hostname", "cat", "cut", "true",
         ],
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
         "root:x:0:\napp:x:1000:\n",
@@ -140,7 +140,8 @@ pub fn an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code() {
     require_root!();
     let script = r#"
         { echo "id=$(id -u):$(id -g) pwd=$(pwd) host=$(hostname)"; env; } > /work/out
-        echo "pid1=$(cat /proc/1/comm) me=$$" >> /work/out
+        echo "pid1=$(cat /proc/1/comm) me=$$ pgid=$(cut -d' ' -f5 /proc/$$/stat)" >> /work/out
+        cat /proc/mounts > /work/mounts
         exit 7
     "#;
     let Some(vm) = ImageVm::new("contain-run", script, &[]) else {
@@ -157,9 +158,27 @@ pub fn an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code() {
     );
     assert!(out.contains("GREETING=hello"), "the image's env: {out}");
     assert!(
-        out.contains("pid1=init me=2"),
-        "init is PID 1 of its namespace, the command its child: {out}"
+        out.contains("pid1=init me=2 pgid=2"),
+        "init is PID 1 of its namespace, the command its child in a process group of its own: {out}"
     );
+    // What mergen-init mounts in a VM, it mounts here, in the guest's own mount table.
+    let mounts = fs::read_to_string(vm.root.join("work/mounts")).unwrap();
+    for (target, fstype) in [
+        ("/proc", "proc"),
+        ("/sys", "sysfs"),
+        ("/dev", "devtmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/run", "tmpfs"),
+        ("/tmp", "tmpfs"),
+    ] {
+        assert!(
+            mounts.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&target) && f.get(2) == Some(&fstype)
+            }),
+            "no {fstype} on {target} in the guest:\n{mounts}"
+        );
+    }
     // Neither mergend's settings and secrets nor the VM's MGN_* variables: a VM's
     // command sees the image's env only.
     for leak in ["MGR_", "MGN_", "AWS_", "MERGEN_INIT"] {
@@ -192,12 +211,12 @@ pub fn an_image_guest_gets_sigterm_however_early_it_comes() {
     let status = vm.wait_exit(&mut launcher);
     assert_eq!(status.code(), Some(128 + 15), "sleep killed by SIGTERM");
 
-    // Once running: the command's trap gets SIGTERM, writes its marker, and its exit
-    // code is the launcher's. Meanwhile init is PID 1 of its own PID namespace, in the
+    // Once running: the command's traps get SIGHUP and SIGINT (and it runs on), then
+    // SIGTERM, each sent to the launcher; the last trap's exit code is the launcher's. Meanwhile init is PID 1 of its own PID namespace, in the
     // VM's network namespace, chrooted into the image.
     set_script(
         &vm.root,
-        "trap 'echo term > /work/got-term; exit 42' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
+        "trap 'echo hup >> /work/got' HUP; trap 'echo int >> /work/got' INT; trap 'echo term >> /work/got; exit 42' TERM; echo ready > /work/ready; while :; do sleep 0.05; done",
     );
     let mut launcher = vm.launch();
     let pid = launcher.pid() as u32;
@@ -219,13 +238,17 @@ pub fn an_image_guest_gets_sigterm_however_early_it_comes() {
         fs::read_link(format!("/proc/{init}/root")).unwrap(),
         vm.root.canonicalize().unwrap()
     );
+    let got = || fs::read_to_string(vm.root.join("work/got")).unwrap_or_default();
+    for (sig, seen) in [(Signal::HUP, "hup\n"), (Signal::INT, "hup\nint\n")] {
+        kill(pid, sig);
+        wait_for(seen.trim_end(), Duration::from_secs(10), || {
+            (got() == seen).then_some(())
+        });
+    }
     kill(pid, Signal::TERM);
     let status = vm.wait_exit(&mut launcher);
     assert_eq!(status.code(), Some(42), "the trap's exit code");
-    assert_eq!(
-        fs::read_to_string(vm.root.join("work/got-term")).unwrap(),
-        "term\n"
-    );
+    assert_eq!(got(), "hup\nint\nterm\n");
     assert!(
         mounts_naming(&vm.root).is_empty(),
         "{:?}",
