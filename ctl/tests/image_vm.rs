@@ -20,8 +20,8 @@ use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
 use mergen_testkit::oci::{self, layer_tar, Layer, E};
 use mergen_testkit::{
-    curl_get, first_child, free_port, mounts_naming, poll, require_root, run_out, running,
-    static_init, wait_for, TempDir,
+    curl_get, first_child, free_port, have_busybox, mounts_naming, poll, require_root, run_out,
+    running, static_init, wait_for, TempDir,
 };
 use serde_json::json;
 
@@ -124,8 +124,7 @@ fn uid_of(pid: u32) -> Option<u32> {
 #[test]
 fn an_image_boots_as_a_vm_behind_the_forwarder_and_leaves_nothing() {
     require_root!();
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+    if !have_busybox() {
         return;
     }
     let roots = Roots::new("image-vm");

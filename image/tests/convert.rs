@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::registry::{Auth, Registry};
 use common::*;
-use mergen_testkit::{require_root, wait_for, ChildGuard, TempDir};
+use mergen_testkit::{init_in_namespaces, require_root, wait_for, ChildGuard, TempDir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -684,27 +684,11 @@ fn converted_rootfs_runs_its_command_under_mergen_init() {
         s(&out),
     ]));
     let root = out.join("rootfs");
-    // New PID, mount, UTS and network namespaces; the rootfs bind-mounted onto itself so
-    // it is a mount point init can make private, then chroot + /sbin/init as PID 1.
-    // --kill-child and the guard: a hung or failed boot takes the namespace with it.
+    // Init as PID 1 of its own namespaces; guarded with a deadline: a hung or failed
+    // boot fails and takes the namespace with it.
     let (out_file, err_file) = (tmp.join("boot.out"), tmp.join("boot.err"));
     let mut boot = ChildGuard::spawn(
-        Command::new("unshare")
-            .args([
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount",
-                "--uts",
-                "--net",
-                "--",
-                "sh",
-                "-c",
-            ])
-            .arg(r#"mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
-            .args(["sh", s(&root)])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        init_in_namespaces(&root, "")
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out_file).unwrap())
             .stderr(fs::File::create(&err_file).unwrap()),

@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mergen_testkit::{busybox_rootfs, first_child, require_root, ChildGuard, TempDir};
+use mergen_testkit::{
+    busybox_rootfs, first_child, have_busybox, init_in_namespaces, require_root, ChildGuard,
+    TempDir,
+};
 use rustix::process::Signal;
 
 const SCRIPT: &str = r#"
@@ -49,34 +52,22 @@ fn rootfs(dir: &Path) -> PathBuf {
 #[test]
 fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     require_root!();
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+    if !have_busybox() {
         return;
     }
     let tmp = TempDir::new("init-pid1");
     let root = rootfs(tmp.path());
-    // --kill-child: when the guard SIGKILLs unshare (a failed test), the kernel kills
-    // init, the namespace's PID 1, and with it everything inside.
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--mount",
-        "--uts",
-        "--net",
-        "--",
-        "sh",
-        "-c",
-    ])
-        .arg(r#"ip link add eth0 type veth peer name peer0 && ip link set peer0 up && mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
-        .arg("sh")
-        .arg(&root)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("MERGEN_INIT_CMDLINE", "console=ttyS0 ip=10.9.0.2::10.9.0.1:255.255.255.0:guest1:eth0:off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // Guarded: a failing test's SIGKILL to unshare takes the namespace with it.
+    let mut cmd = init_in_namespaces(
+        &root,
+        "ip link add eth0 type veth peer name peer0 && ip link set peer0 up",
+    );
+    cmd.env(
+        "MERGEN_INIT_CMDLINE",
+        "console=ttyS0 ip=10.9.0.2::10.9.0.1:255.255.255.0:guest1:eth0:off",
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut guard = ChildGuard::spawn(&mut cmd);
     let stdout = guard.0.stdout.take().unwrap();
     let stderr = guard.0.stderr.take().unwrap();

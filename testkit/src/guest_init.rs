@@ -23,6 +23,16 @@ pub fn static_init() -> PathBuf {
     .clone()
 }
 
+/// Whether busybox-static is at `/bin/busybox` (scripts/test.sh installs it), which
+/// the image tests copy into their rootfs; says SKIP on stderr when it is not.
+pub fn have_busybox() -> bool {
+    let ok = Path::new("/bin/busybox").is_file();
+    if !ok {
+        eprintln!("SKIP: needs busybox-static at /bin/busybox (scripts/test.sh installs it)");
+    }
+    ok
+}
+
 /// A root filesystem as mergen-image makes one, for tests that boot it: busybox-static
 /// (`/bin/busybox`, which scripts/test.sh installs) with `applets` linked to it in
 /// `/bin`, mergen-init at `/sbin/init`, `passwd` and `group` in `/etc`, `meta` as
@@ -40,4 +50,37 @@ pub fn busybox_rootfs(root: &Path, applets: &[&str], passwd: &str, group: &str, 
     fs::write(root.join("etc/passwd"), passwd).unwrap();
     fs::write(root.join("etc/group"), group).unwrap();
     fs::write(root.join("etc/mergen/image-meta.json"), meta).unwrap();
+}
+
+/// `unshare` starting `root`'s `/sbin/init` as PID 1 of new PID, mount, UTS and network
+/// namespaces, as a VM would: `setup` (shell, may be empty) runs in the namespaces
+/// first, then the rootfs is bind-mounted onto itself (a mount point init can make
+/// private) and chrooted into. `--kill-child`: SIGKILL to unshare (a [`crate::ChildGuard`]
+/// dropped by a failing test) kills init, and with it the namespace. The environment
+/// is PATH only.
+pub fn init_in_namespaces(root: &Path, setup: &str) -> Command {
+    let boot = r#"mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#;
+    let script = if setup.is_empty() {
+        boot.to_string()
+    } else {
+        format!("{setup} && {boot}")
+    };
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--uts",
+        "--net",
+        "--",
+        "sh",
+        "-c",
+    ])
+    .arg(script)
+    .arg("sh")
+    .arg(root)
+    .env_clear()
+    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    cmd
 }

@@ -26,7 +26,7 @@ mod wait;
 
 pub use child::ChildGuard;
 pub use cmd::{curl_get, run_out};
-pub use guest_init::{busybox_rootfs, static_init};
+pub use guest_init::{busybox_rootfs, have_busybox, init_in_namespaces, static_init};
 pub use names::{next, unique_name};
 pub use net::{connect_from, free_port};
 pub use process::{first_child, mounts_naming, running};

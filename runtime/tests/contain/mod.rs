@@ -16,7 +16,8 @@ use mergen_runtime::embedded::EmbeddedSupervisor;
 use mergen_runtime::guest::{self, GuestKind};
 use mergen_runtime::{procs, state, steps, Supervisor, VmState};
 use mergen_testkit::{
-    busybox_rootfs, first_child, mounts_naming, require_root, wait_for, ChildGuard, TempDir,
+    busybox_rootfs, first_child, have_busybox, mounts_naming, require_root, wait_for, ChildGuard,
+    TempDir,
 };
 use rustix::process::Signal;
 
@@ -59,8 +60,7 @@ struct ImageVm {
 impl ImageVm {
     /// None (after a loud SKIP) without busybox-static.
     fn new(name: &str, script: &str, extra: &[(&str, &str)]) -> Option<ImageVm> {
-        if !Path::new("/bin/busybox").exists() {
-            eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+        if !have_busybox() {
             return None;
         }
         let tmp = TempDir::new(name);
