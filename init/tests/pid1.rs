@@ -22,6 +22,7 @@ trap 'echo got-TERM; exit 42' TERM
 echo "env=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) groups=$(id -G) home=$HOME host=$(hostname)"
 ip -4 addr show eth0 | grep -q '10.9.0.2/24' && echo net-ok
 ip route | grep -q 'default via 10.9.0.1' && echo route-ok
+ip link show lo | grep -q 'LOOPBACK,UP' && echo lo-ok
 orphan=$(sh -c 'sleep 0.3 >/dev/null & echo $!')
 i=0
 while [ $i -lt 100 ] && [ -e /proc/$orphan ]; do sleep 0.05; i=$((i+1)); done
@@ -114,7 +115,7 @@ fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     assert_eq!(groups, ["1000", "33"], "{all}");
     assert!(all.contains("home=/home/app host=guest1"), "{all}");
     assert!(
-        all.contains("net-ok") && all.contains("route-ok"),
+        all.contains("net-ok") && all.contains("route-ok") && all.contains("lo-ok"),
         "network from ip=: {all}\n{err}"
     );
     assert!(all.contains("reaped"), "orphan not reaped: {all}");
