@@ -1,7 +1,8 @@
 //! From an OCI image to a VM reached through the forwarder, with every real component
 //! and no Firecracker: a small image (busybox-static's httpd serving a page and a CGI as
 //! a user of the image, from its working dir) is written as an OCI layout, converted by
-//! the real `mergen-image`, created as a process VM with `process.root` through a real
+//! the real `mergen-image` (whose suggested request creates a Firecracker VM of it as
+//! is), created as a process VM with `process.root` through a real
 //! mergend's API, started (the image's own mergen-init boots it inside the VM's
 //! namespaces), reached with curl through the real `mergen-forwarder` by SNI and through
 //! its published host port, stopped (the command's trap gets SIGTERM), and deleted with
@@ -150,6 +151,43 @@ fn an_image_boots_as_a_vm_behind_the_forwarder_and_leaves_nothing() {
     let mut guard = VmsGuard::new(&roots, &env);
     let m = Mergend::start(&roots, &env);
     let auth = ["-H", "authorization: Bearer image-vm-secret-token"];
+
+    // The converter's suggested request is a valid create for a Firecracker VM of the
+    // image (with a kernel of the operator's, here a stand-in inside the image roots):
+    // the VM's config boots the image's rootfs.ext4 with its init.
+    let kernel = roots.img().join("vmlinux");
+    fs::write(&kernel, b"a kernel").unwrap();
+    let mut suggested = suggested.clone();
+    suggested["kernel"] = json!(kernel);
+    let fc_body = suggested.to_string();
+    let mut args = auth.to_vec();
+    args.extend([
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        &fc_body,
+    ]);
+    let (code, created) = m.curl("POST", "/v1/vms", &args);
+    assert_eq!(code, 201, "{created}\n{}", m.log_text());
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let fc_id = created["id"].as_str().unwrap().to_string();
+    guard.ids.push(fc_id.clone());
+    let vm_json: serde_json::Value =
+        serde_json::from_slice(&fs::read(roots.config().join(&fc_id).join("vm.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        vm_json["drives"][0]["path_on_host"],
+        json!(out.join("rootfs.ext4").canonicalize().unwrap()),
+        "{vm_json}"
+    );
+    assert_eq!(vm_json["boot-source"]["kernel_image_path"], json!(kernel));
+    let boot_args = vm_json["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains("init=/sbin/init mergen.meta=/etc/mergen/image-meta.json"),
+        "{boot_args}"
+    );
+    let (code, out_delete) = m.curl("DELETE", &format!("/v1/vms/{fc_id}"), &auth);
+    assert_eq!(code, 200, "{out_delete}\n{}", m.log_text());
 
     let host_port = free_port();
     let body = json!({
