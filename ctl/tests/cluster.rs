@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::forwarder::{self, through_at};
+use common::forwarder::{forwarder_on, through_at};
 use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
 use mergen_testkit::etcd::EtcdCluster;
@@ -270,13 +270,13 @@ fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
         mergen_testkit::TempDir::new("cl-e2e-fwd-b"),
     );
     let at = |ip: [u8; 4]| [((ip, port).into(), 8080)];
-    let (_fa, _) = forwarder::start(
+    let _fa = forwarder_on(
         &ra.config(),
         dirs.0.path(),
         &at([127, 0, 0, 1]),
         &fwd_env("a"),
     );
-    let (_fb, _) = forwarder::start(
+    let _fb = forwarder_on(
         &rb.config(),
         dirs.1.path(),
         &at([127, 0, 0, 2]),
@@ -305,18 +305,18 @@ fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
     };
     // On host B itself, then through host A (by alias and by short id).
     let on_b = eventually(LONG, || {
-        through_at("far.localhost", "127.0.0.2", port) == page
+        through_at("far.localhost", "127.0.0.2", port, "/") == page
     });
     assert!(on_b, "{}", fwd_logs());
     for name in [
         "far.localhost".to_string(),
         format!("{}.localhost", &id[..8]),
     ] {
-        let via_a = eventually(LONG, || through_at(&name, "127.0.0.1", port) == page);
+        let via_a = eventually(LONG, || through_at(&name, "127.0.0.1", port, "/") == page);
         assert!(
             via_a,
             "{name}: {:?}\n{}",
-            through_at(&name, "127.0.0.1", port),
+            through_at(&name, "127.0.0.1", port, "/"),
             fwd_logs()
         );
     }
@@ -326,7 +326,7 @@ fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
     b.signal(rustix::process::Signal::KILL);
     assert!(b.wait_exit(Duration::from_secs(10)).is_some());
     assert!(
-        eventually(LONG, || through_at("far.localhost", "127.0.0.1", port)
+        eventually(LONG, || through_at("far.localhost", "127.0.0.1", port, "/")
             .is_none()),
         "host A still routes to a host whose mergend is gone: {}",
         fwd_logs()
@@ -340,12 +340,12 @@ fn curl_through_one_hosts_forwarder_reaches_a_vm_on_another() {
         .unwrap();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("unrecognized name"), "{said}");
-    assert_eq!(through_at("far.localhost", "127.0.0.2", port), page);
+    assert_eq!(through_at("far.localhost", "127.0.0.2", port, "/"), page);
 
     // Back: re-published, and host A routes to it again.
     let _b = Mergend::start(&rb, &env_b);
     let back = eventually(LONG, || {
-        through_at("far.localhost", "127.0.0.1", port) == page
+        through_at("far.localhost", "127.0.0.1", port, "/") == page
     });
     assert!(back, "{}", fwd_logs());
 }

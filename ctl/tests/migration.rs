@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use common::forwarder::{self, through};
+use common::forwarder::{forwarder, through};
 use common::vms::VmsGuard;
 use common::{Mergend, Roots};
 use mergen_testkit::{free_port, poll, TempDir};
@@ -344,12 +344,7 @@ fn go_vm_directories_are_started_listed_routed_and_deleted() {
 
     // Routed by the forwarder, by tag alias and by the id's first 8 characters.
     let fwd_dir = TempDir::new("migration-fwd");
-    let ports = [free_port(), free_port()];
-    let listeners = [
-        (([127, 0, 0, 1], ports[0]).into(), 443),
-        (([127, 0, 0, 1], ports[1]).into(), 8080),
-    ];
-    let (_fwd, _) = forwarder::start(&roots.config(), fwd_dir.path(), &listeners, &[]);
+    let (_fwd, ports) = forwarder(&roots.config(), fwd_dir.path(), &[443, 8080]);
     for (vm, port) in [(&original, ports[0]), (&later, ports[1])] {
         let want = format!("guest {} port {}\n", vm.id, vm.guest_port);
         for name in [
@@ -357,12 +352,12 @@ fn go_vm_directories_are_started_listed_routed_and_deleted() {
             format!("{}.localhost", vm.id8()),
         ] {
             let got = poll(Duration::from_secs(20), || {
-                through(&name, port).filter(|b| *b == want)
+                through(&name, port, "/").filter(|b| *b == want)
             });
             assert!(
                 got.is_some(),
                 "{name} via :{port}: {:?}\n{}",
-                through(&name, port),
+                through(&name, port, "/"),
                 std::fs::read_to_string(fwd_dir.path().join("forwarder.log")).unwrap_or_default()
             );
         }
@@ -395,7 +390,7 @@ fn go_vm_directories_are_started_listed_routed_and_deleted() {
         Some(format!("deleted {} team-legacy\n", original.id).as_str())
     );
     let gone = poll(Duration::from_secs(10), || {
-        through("legacy.localhost", ports[0])
+        through("legacy.localhost", ports[0], "/")
             .is_none()
             .then_some(())
     });

@@ -93,7 +93,7 @@ pub const VARS: &[Var] = &[
     Var::new(
         "FWD_SHUTDOWN_TIMEOUT_SECONDS",
         "15",
-        "drain time on SIGINT/SIGTERM",
+        "drain time on SIGINT/SIGTERM (0 = close at once, as the original)",
     ),
     Var::new(
         "FWD_MAX_CONNECTIONS",
@@ -410,7 +410,10 @@ impl Config {
             handshake_timeout: env.seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds_or_off("FWD_IDLE_TIMEOUT_SECONDS")?,
             resolver_ttl: env.seconds("FWD_RESOLVER_CACHE_TTL_SECONDS")?,
-            shutdown_timeout: env.seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS")?,
+            // The original took 0 as "close at once"; an env file that says so still works.
+            shutdown_timeout: env
+                .seconds_or_off("FWD_SHUTDOWN_TIMEOUT_SECONDS")?
+                .unwrap_or(Duration::ZERO),
             max_connections: env.positive("FWD_MAX_CONNECTIONS")? as usize,
             max_connections_per_ip: env
                 .parse::<usize>("FWD_MAX_CONNECTIONS_PER_IP", "a whole number (0 = no cap)")?,
@@ -770,6 +773,8 @@ mod tests {
             [1, 2, 4, 6].map(Duration::from_secs)
         );
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3)));
+        let now = with(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "0")]).unwrap();
+        assert_eq!(now.shutdown_timeout, Duration::ZERO, "0 closes at once");
         assert_eq!((c.max_connections, c.workers), (10, 3));
         assert_eq!(c.max_connections_per_ip, Some(4));
         // The admin listener keeps `:PORT` as IPv4 only.

@@ -31,20 +31,3 @@ pub fn curl_get(netns: Option<&str>, url: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
-
-/// A binary of another package of this workspace, built beside the running test's own
-/// (`cargo test --workspace` builds every binary before it runs any test).
-pub fn sibling_bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} missing: build it first (cargo build --workspace --bins)",
-        bin.display()
-    );
-    bin
-}

@@ -1,4 +1,4 @@
-//! The real `mergen-forwarder` of this build in front of a test mergend's VMs.
+//! The real `mergen-forwarder` in front of a test mergend's VMs, and curl through it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,33 +6,41 @@ use std::process::{Command, Stdio};
 
 use mergen_testkit::{free_port, ChildGuard};
 
-/// The forwarder binary of this build (cargo builds every workspace binary before
-/// it runs the tests of `cargo test --workspace`).
-pub fn bin() -> PathBuf {
+/// A binary of this build next to the test binaries' directory (`target/<profile>/`):
+/// cargo builds every workspace binary before it runs the tests of
+/// `cargo test --workspace`; `package` says what to build otherwise.
+pub fn sibling_bin(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("mergen-forwarder");
+    let bin = exe.parent().and_then(Path::parent).unwrap().join(name);
     assert!(
         bin.is_file(),
-        "{} missing: build it (cargo build -p mergen-dataplane)",
+        "{} missing: build it (cargo build -p {package})",
         bin.display()
     );
     bin
 }
 
-/// The forwarder on `config_root` with one HTTPS listener per (address, guest port),
-/// its certificate and log in `dir`, and the `extra` settings; returns its guard and
-/// its admin address.
-pub fn start(
+/// The forwarder on `config_root`, with an HTTPS listener per (guest port) on a free
+/// 127.0.0.1 port; returns its guard and the ports. Its log is `dir/forwarder.log`.
+pub fn forwarder(config_root: &Path, dir: &Path, guest_ports: &[u16]) -> (ChildGuard, Vec<u16>) {
+    let ports: Vec<u16> = guest_ports.iter().map(|_| free_port()).collect();
+    let listeners: Vec<(SocketAddr, u16)> = guest_ports
+        .iter()
+        .zip(&ports)
+        .map(|(&g, &p)| (SocketAddr::from(([127, 0, 0, 1], p)), g))
+        .collect();
+    (forwarder_on(config_root, dir, &listeners, &[]), ports)
+}
+
+/// The forwarder on `config_root` with an HTTPS listener per (address, guest port) and
+/// the `extra` settings (a cluster's, say). Its log is `dir/forwarder.log`.
+pub fn forwarder_on(
     config_root: &Path,
     dir: &Path,
     listeners: &[(SocketAddr, u16)],
     extra: &[(&str, &str)],
-) -> (ChildGuard, SocketAddr) {
-    let bin = bin();
+) -> ChildGuard {
+    let bin = sibling_bin("mergen-forwarder", "mergen-dataplane");
     let certs = dir.join("certs");
     let out = Command::new(&bin)
         .args(["gen-cert", "--out-dir"])
@@ -52,7 +60,7 @@ pub fn start(
         .map(|(addr, guest)| format!("{addr}={guest}"))
         .collect();
     let allowed: Vec<String> = listeners.iter().map(|(_, g)| g.to_string()).collect();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
     let log = std::fs::File::create(dir.join("forwarder.log")).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.env("FWD_CONFIG_ROOT", config_root)
@@ -60,7 +68,7 @@ pub fn start(
         .env("FWD_TLS_KEY_FILE", find("key"))
         .env("FWD_LISTENERS", spec.join(","))
         .env("FWD_ALLOWED_GUEST_PORTS", allowed.join(","))
-        .env("FWD_ADMIN_ADDR", admin.to_string())
+        .env("FWD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("FWD_WORKERS", "1")
         .env("FWD_LOG_LEVEL", "info")
         .env("FWD_RESOLVER_CACHE_TTL_SECONDS", "1")
@@ -70,23 +78,24 @@ pub fn start(
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    (ChildGuard::spawn(&mut cmd), admin)
+    ChildGuard::spawn(&mut cmd)
 }
 
-/// `curl -k` with SNI `name` to `ip:port` (a forwarder); the body of any HTTP answer.
-pub fn through_at(name: &str, ip: &str, port: u16) -> Option<String> {
+/// `curl -k https://<name>:<port><path>` through the forwarder on 127.0.0.1 (SNI
+/// `name`): the body of a successful answer.
+pub fn through(name: &str, port: u16, path: &str) -> Option<String> {
+    through_at(name, "127.0.0.1", port, path)
+}
+
+/// [`through`] the forwarder listening on `ip`.
+pub fn through_at(name: &str, ip: &str, port: u16, path: &str) -> Option<String> {
     let out = Command::new("curl")
-        .args(["-sk", "--max-time", "5", "--resolve"])
+        .args(["-sk", "--fail", "--max-time", "5", "--resolve"])
         .arg(format!("{name}:{port}:{ip}"))
-        .arg(format!("https://{name}:{port}/"))
+        .arg(format!("https://{name}:{port}{path}"))
         .output()
         .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// [`through_at`] the forwarder on 127.0.0.1.
-pub fn through(name: &str, port: u16) -> Option<String> {
-    through_at(name, "127.0.0.1", port)
 }
