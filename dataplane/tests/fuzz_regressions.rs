@@ -9,6 +9,8 @@
 mod client_hello;
 #[path = "../../fuzz/src/pg_preamble.rs"]
 mod pg_preamble;
+#[path = "../../fuzz/src/proxy_header.rs"]
+mod proxy_header;
 #[path = "../../fuzz/src/replay.rs"]
 mod replay;
 
@@ -32,6 +34,11 @@ fn client_hello_kept_inputs() {
 #[test]
 fn pg_preamble_kept_inputs() {
     replay::replay("pg_preamble", pg_preamble::check);
+}
+
+#[test]
+fn proxy_header_kept_inputs() {
+    replay::replay("proxy_header", proxy_header::check);
 }
 
 /// Regenerates the seeds from real clients: rustls, `openssl s_client` (TLS 1.3 and

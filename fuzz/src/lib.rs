@@ -9,3 +9,4 @@ pub mod hook_template;
 pub mod http_request;
 pub mod meta_json;
 pub mod pg_preamble;
+pub mod proxy_header;
