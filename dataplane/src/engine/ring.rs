@@ -480,13 +480,14 @@ impl Ring {
         self.push(&entry);
     }
 
-    /// Receive into the free tail of an idle buffer. Returns false if the buffer is busy or full.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
+    /// Receive at most `max` bytes into the free tail of an idle buffer. Returns false
+    /// if the buffer is busy or full.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, max: usize, token: u32) -> bool {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
         let free = b.window.free();
-        if free.is_empty() {
+        if free.is_empty() || max == 0 {
             return false;
         }
         b.busy = true;
@@ -495,7 +496,7 @@ impl Ring {
             types::Fd(fd.as_raw_fd()),
             tail.as_mut_ptr(),
             // A shorter length than the slice is always safe to hand over.
-            u32::try_from(tail.len()).unwrap_or(u32::MAX),
+            u32::try_from(tail.len().min(max)).unwrap_or(u32::MAX),
         )
         .build()
         .user_data(user_data(token, KIND_RECV, Some(id.0)));
@@ -503,18 +504,17 @@ impl Ring {
         true
     }
 
-    /// Receive into a buffer the kernel takes from the pool when data arrives; the
-    /// completion carries it in `received`.
-    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, token: u32) {
-        let entry = opcode::Recv::new(
-            types::Fd(fd.as_raw_fd()),
-            std::ptr::null_mut(),
-            self.pool.size as u32, // fits: checked in `Pool::new`
-        )
-        .buf_group(POOL_GROUP)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT)
-        .user_data(user_data(token, KIND_RECV_POOLED, None));
+    /// Receive at most `max` bytes into a buffer the kernel takes from the pool when
+    /// data arrives; the completion carries it in `received`.
+    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, max: usize, token: u32) {
+        // The kernel reads at most this many bytes into the pool buffer it picks, so
+        // a `max` below the pool's buffer size leaves the rest of that buffer unused.
+        let len = self.pool.size.min(max.max(1)) as u32; // fits: checked in `Pool::new`
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), len)
+            .buf_group(POOL_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data(token, KIND_RECV_POOLED, None));
         self.push(&entry);
     }
 
@@ -900,7 +900,7 @@ mod tests {
         assert_eq!(&got, b"hello");
 
         b.write_all(b"world!").expect("write");
-        assert!(ring.recv(a.as_fd(), buf, 8));
+        assert!(ring.recv(a.as_fd(), buf, usize::MAX, 8));
         let done = wait(&mut ring);
         assert_eq!((done[0].token, done[0].result), (8, 6));
         assert_eq!(ring.data(buf), b"world!");
@@ -913,7 +913,7 @@ mod tests {
         let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let busy = ring.alloc(16);
-        assert!(ring.recv(a.as_fd(), busy, 1));
+        assert!(ring.recv(a.as_fd(), busy, usize::MAX, 1));
         ring.release(busy);
         let other = ring.alloc(16);
         assert_ne!(other, busy, "the kernel still owns the released buffer");
@@ -987,7 +987,7 @@ mod tests {
         for (i, (a, b)) in pairs.iter().take(2).enumerate() {
             let mut writer = b;
             writer.write_all(b"data").expect("write");
-            ring.recv_pooled(a.as_fd(), i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
             let done = wait(&mut ring);
             assert_eq!(done[0].result, 4);
             let buf = done[0].received.expect("a pool buffer");
@@ -996,7 +996,7 @@ mod tests {
         }
         // Both pool buffers are held: the next receive finds the pool empty.
         (&pairs[2].1).write_all(b"more").expect("write");
-        ring.recv_pooled(pairs[2].0.as_fd(), 7);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 7);
         let done = wait(&mut ring);
         assert_eq!(
             (done[0].result, done[0].received.is_none()),
@@ -1004,10 +1004,27 @@ mod tests {
         );
         // Giving one back makes it available again.
         ring.release(held.pop().expect("held"));
-        ring.recv_pooled(pairs[2].0.as_fd(), 8);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 8);
         let done = wait(&mut ring);
         let buf = done[0].received.expect("a recycled pool buffer");
         assert_eq!(ring.data(buf), b"more");
+    }
+
+    #[test]
+    fn receives_take_at_most_what_they_ask_for() {
+        let mut ring = Ring::new(8, 2, 64).expect("io_uring");
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        (&b).write_all(&[5u8; 40]).expect("write");
+        ring.recv_pooled(a.as_fd(), 16, 1);
+        let done = wait(&mut ring);
+        assert_eq!(done[0].result, 16);
+        let pooled = done[0].received.expect("a pool buffer");
+        assert_eq!(ring.data(pooled), &[5u8; 16]);
+        let own = ring.alloc(64);
+        assert!(ring.recv(a.as_fd(), own, 10, 2));
+        let done = wait(&mut ring);
+        assert_eq!(done[0].result, 10);
+        assert_eq!(ring.data(own), &[5u8; 10]);
     }
 
     #[test]
@@ -1033,8 +1050,8 @@ mod tests {
             .map(|_| UnixStream::pair().expect("socketpair"))
             .collect();
         let owned = ring.alloc(16);
-        assert!(ring.recv(pairs[0].0.as_fd(), owned, 1));
-        ring.recv_pooled(pairs[1].0.as_fd(), 2);
+        assert!(ring.recv(pairs[0].0.as_fd(), owned, usize::MAX, 1));
+        ring.recv_pooled(pairs[1].0.as_fd(), usize::MAX, 2);
         ring.poll_readable_multi(pairs[2].0.as_fd(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         ring.accept_multi(listener.as_fd(), 4);
@@ -1067,7 +1084,7 @@ mod tests {
         let died = std::thread::spawn(move || {
             let mut ring = Ring::new(8, 4, 64).expect("io_uring");
             for (i, fd) in fds.iter().enumerate() {
-                ring.recv_pooled(fd.as_fd(), i as u32);
+                ring.recv_pooled(fd.as_fd(), usize::MAX, i as u32);
             }
             let mut out = Vec::new();
             ring.run_once(Duration::from_millis(10), &mut out);
@@ -1096,7 +1113,7 @@ mod tests {
             .collect();
         for (i, (a, b)) in pairs.iter().enumerate() {
             (&*b).write_all(&[i as u8; 3]).expect("write");
-            ring.recv_pooled(a.as_fd(), i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
         }
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -339,14 +339,14 @@ impl Worker {
                 };
                 return self.dial(parked, now);
             }
-            Io::Recv { side, into } => s.fd(side).is_some_and(|fd| {
+            Io::Recv { side, into, max } => s.fd(side).is_some_and(|fd| {
                 let t = token(slot, Op::recv(side));
                 match into {
                     None => {
-                        self.ring.recv_pooled(fd, t);
+                        self.ring.recv_pooled(fd, max, t);
                         true
                     }
-                    Some(buf) => self.ring.recv(fd, buf, t),
+                    Some(buf) => self.ring.recv(fd, buf, max, t),
                 }
             }),
             Io::Send { side, buf } => s

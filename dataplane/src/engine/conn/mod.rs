@@ -53,11 +53,17 @@ use tls::Tls;
 /// Size of each data buffer: one maximal TLS record with its overhead.
 pub const BUF_LEN: usize = 16 * 1024 + 512;
 
+/// The most plaintext rustls puts in one TLS record.
+pub const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
+/// Receive as much as a buffer holds.
+pub const RECV_ALL: usize = usize::MAX;
+
 /// Which socket of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
-    Client,
-    Guest,
+    Client = 0,
+    Guest = 1,
 }
 
 /// The operations a connection can have in flight, at most one of each.
@@ -158,11 +164,13 @@ impl InFlight {
 /// [`Op`] it names, whose completion comes back as [`Event::Done`].
 #[derive(Debug)]
 pub enum Io {
-    /// Receive on `side`: into a buffer the ring takes from its pool when bytes arrive
-    /// (`into: None`), or into the free tail of `into` when the pool ran dry.
+    /// Receive on `side`, at most `max` bytes: into a buffer the ring takes from its
+    /// pool when bytes arrive (`into: None`), or into the free tail of `into` when the
+    /// pool ran dry.
     Recv {
         side: Side,
         into: Option<BufId>,
+        max: usize,
     },
     Send {
         side: Side,
@@ -354,6 +362,8 @@ struct Ends {
     /// TLS: plaintext for the guest (raw sends straight from `from_client`).
     to_guest: Option<BufId>,
     in_flight: InFlight,
+    /// How much the receive in flight on each side (by `Side as usize`) asked for.
+    recv_max: [usize; 2],
 }
 
 impl Ends {
@@ -375,10 +385,11 @@ impl Ends {
         }
     }
 
-    /// Receive on `side` into a pool buffer, unless a receive is in flight or bytes
-    /// read earlier are still pending there (flow control). The emptied buffer of the
-    /// last receive is given back first, so a side waiting for input holds none.
-    fn recv<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+    /// Receive up to `max` bytes on `side` into a pool buffer, unless a receive is in
+    /// flight or bytes read earlier are still pending there (flow control). The
+    /// emptied buffer of the last receive is given back first, so a side waiting for
+    /// input holds none.
+    fn recv<B: Buffers>(&mut self, side: Side, max: usize, cx: &mut Cx<'_, B>) {
         if self.busy(Op::recv(side)) {
             return;
         }
@@ -389,19 +400,30 @@ impl Ends {
         if let Some(b) = inbox.take() {
             cx.bufs.release(b);
         }
-        self.submit(cx, Io::Recv { side, into: None });
+        self.recv_max[side as usize] = max;
+        self.submit(
+            cx,
+            Io::Recv {
+                side,
+                into: None,
+                max,
+            },
+        );
     }
 
-    /// The pool was empty: receive into a buffer of the connection's own.
+    /// The pool was empty: receive into a buffer of the connection's own, as much as
+    /// the receive it replaces asked for.
     fn recv_fallback<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
         let into = *self
             .inbox(side)
             .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        let max = self.recv_max[side as usize];
         self.submit(
             cx,
             Io::Recv {
                 side,
                 into: Some(into),
+                max,
             },
         );
     }

@@ -36,7 +36,7 @@ fn direction<B: Buffers>(
     }
     match flow {
         Flow::Open => {
-            ends.recv(from, cx);
+            ends.recv(from, super::RECV_ALL, cx);
             Flow::Open
         }
         Flow::ReadClosed => {

@@ -272,9 +272,14 @@ impl T {
     /// `side` sends `bytes`, received by the pending receive.
     fn arrive(&mut self, side: Side, bytes: &[u8]) {
         let op = Op::recv(side);
-        let Io::Recv { into, .. } = self.take_pending(op) else {
+        let Io::Recv { into, max, .. } = self.take_pending(op) else {
             unreachable!()
         };
+        assert!(
+            bytes.len() <= max,
+            "{} bytes arrive for a receive of at most {max}",
+            bytes.len()
+        );
         let (n, buf) = match into {
             // A pool receive: the kernel picks a buffer.
             None => {
@@ -730,6 +735,7 @@ fn an_empty_pool_falls_back_to_a_buffer_of_its_own() {
             Io::Recv {
                 side: Side::Client,
                 into: Some(b),
+                ..
             } => Some(*b),
             _ => None,
         })
@@ -757,7 +763,8 @@ fn a_connection_that_sends_nothing_holds_no_buffer() {
         t.pending[0],
         Io::Recv {
             side: Side::Client,
-            into: None
+            into: None,
+            ..
         }
     ));
     assert_eq!(t.bufs.held(), 0);
@@ -1079,4 +1086,54 @@ fn handshake_and_dial_latencies_are_observed() {
         text.contains("mergen_forwarder_dial_duration_seconds_count 1"),
         "{text}"
     );
+}
+
+/// The lengths of the TLS records in `bytes` (whole records only).
+fn record_lengths(mut bytes: &[u8]) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    while bytes.len() >= 5 {
+        let len = usize::from(u16::from_be_bytes([bytes[3], bytes[4]]));
+        lengths.push(len);
+        bytes = &bytes[(5 + len).min(bytes.len())..];
+    }
+    lengths
+}
+
+/// The guest is read in whole records' worth of plaintext: a stream goes out to the
+/// client in full records, not in a full record and a short one per read.
+#[test]
+fn guest_plaintext_is_read_in_whole_records() {
+    let (mut t, mut client) = T::tls_established("app.localhost");
+    let max = match t.pending.iter().find(|p| p.op() == Some(Op::GuestRecv)) {
+        Some(Io::Recv { max, .. }) => *max,
+        other => panic!("no guest receive: {other:?}"),
+    };
+    assert!(
+        max >= MAX_RECORD_PLAINTEXT && max % MAX_RECORD_PLAINTEXT == 0,
+        "{max}"
+    );
+    let reads = 3;
+    for i in 0..reads {
+        t.arrive(Side::Guest, &vec![i as u8; max]);
+        while t.pending(Op::ClientSend) {
+            t.deliver(Side::Client, usize::MAX);
+        }
+    }
+    let records = record_lengths(&t.client_got);
+    // TLS 1.3 with AES-GCM: the content type and a 16-byte tag come on top.
+    let full = MAX_RECORD_PLAINTEXT + 1 + 16;
+    assert_eq!(
+        records.len(),
+        reads * max / MAX_RECORD_PLAINTEXT,
+        "{records:?}"
+    );
+    assert!(records.iter().all(|&l| l == full), "{records:?}");
+    let mut plaintext = 0;
+    let mut rd = &t.client_got[..];
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).expect("client read");
+        client.process_new_packets().expect("records");
+        plaintext += plaintext_of(&mut client).len();
+    }
+    assert_eq!(plaintext, reads * max);
 }

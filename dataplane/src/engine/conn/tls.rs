@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use rustls::ServerConnection;
 
-use super::{Buffers, ConnId, Cx, Dial, Ends, Flow, Mode, Next, Op, Proxy, Side, BUF_LEN};
+use super::{
+    Buffers, ConnId, Cx, Dial, Ends, Flow, Mode, Next, Op, Proxy, Side, BUF_LEN,
+    MAX_RECORD_PLAINTEXT,
+};
 use crate::config::ListenerKind;
 use crate::engine::connlog::Record;
 use crate::metrics::{HandshakeFailure, Outcome};
@@ -83,11 +86,13 @@ pub(super) fn pump<B: Buffers>(
     if dial_up {
         ends.send(Side::Guest, ends.to_guest, cx);
         if *down == Flow::Open {
-            ends.recv(Side::Guest, cx);
+            // Whole records: rustls cuts plaintext into records of at most 16 KiB, so a
+            // read of 16 KiB + 512 would go out as a full record and a 512-byte one.
+            ends.recv(Side::Guest, MAX_RECORD_PLAINTEXT, cx);
         }
     }
     if *up == Flow::Open && tls.hello.is_empty() {
-        ends.recv(Side::Client, cx);
+        ends.recv(Side::Client, super::RECV_ALL, cx);
     }
     ends.trim(cx);
     Next::Stay
