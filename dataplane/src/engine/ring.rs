@@ -210,6 +210,9 @@ const KIND_RECV_POOLED: u64 = 6;
 /// The cancel-everything entry of `Ring::drop`.
 const KIND_CANCEL_ALL: u64 = 7;
 
+/// Released buffers of our own kept for reuse, in bytes: what a few dozen connections
+/// in bulk hold at once, reused rather than allocated and zeroed again.
+const SPARE_BYTES: usize = 4 << 20;
 /// Attempts to queue one entry before it is failed instead (see `Ring::push`).
 const PUSH_ATTEMPTS: usize = 64;
 /// How long `Ring::drop` waits for cancelled operations to come back before it gives up
@@ -246,6 +249,8 @@ pub struct Ring {
     free_bufs: Vec<u32>,
     /// Released buffers kept for reuse, by size (the engine uses few sizes).
     spare: Vec<Box<[u8]>>,
+    /// Their total size, at most `SPARE_BYTES`.
+    spare_bytes: usize,
     connects: ManuallyDrop<Vec<Option<Box<ConnectArgs>>>>,
     free_connects: Vec<u32>,
     reaped: Vec<cqueue::Entry>,
@@ -334,6 +339,7 @@ impl Ring {
             bufs: ManuallyDrop::new(Vec::new()),
             free_bufs: Vec::new(),
             spare: Vec::new(),
+            spare_bytes: 0,
             connects: ManuallyDrop::new(Vec::new()),
             free_connects: Vec::new(),
             reaped: Vec::new(),
@@ -366,8 +372,11 @@ impl Ring {
     fn drop_buf(&mut self, i: u32) {
         if let Some(buf) = self.bufs[i as usize].take() {
             match buf.mem {
-                // Keep a bounded number of buffers around for the next connections.
-                Mem::Owned(mem) if self.spare.len() < 256 => self.spare.push(mem),
+                // Keep a bounded amount of memory around for the next buffers.
+                Mem::Owned(mem) if self.spare_bytes + mem.len() <= SPARE_BYTES => {
+                    self.spare_bytes += mem.len();
+                    self.spare.push(mem);
+                }
                 Mem::Owned(_) => {}
                 Mem::Pooled(bid) => self.pool.give_back(bid),
             }
@@ -712,7 +721,11 @@ impl Ring {
 impl Buffers for Ring {
     fn alloc(&mut self, len: usize) -> BufId {
         let mem = match self.spare.iter().position(|m| m.len() == len) {
-            Some(i) => self.spare.swap_remove(i),
+            Some(i) => {
+                let mem = self.spare.swap_remove(i);
+                self.spare_bytes -= mem.len();
+                mem
+            }
             None => vec![0u8; len].into_boxed_slice(),
         };
         self.insert(Mem::Owned(mem), len, 0)
@@ -741,6 +754,10 @@ impl Buffers for Ring {
 
     fn is_empty(&self, id: BufId) -> bool {
         self.buf(id).is_none_or(|b| b.window.is_empty())
+    }
+
+    fn capacity(&self, id: BufId) -> usize {
+        self.buf(id).map_or(0, |b| b.window.capacity())
     }
 }
 

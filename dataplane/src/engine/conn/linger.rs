@@ -62,7 +62,7 @@ impl Linger {
                 let n = cx.bufs.data(b).len();
                 cx.bufs.consume(b, n);
             }
-            ends.recv(Side::Client, super::RECV_ALL, cx);
+            ends.recv(Side::Client, super::RecvKind::Pooled, cx);
         }
         if self.up == Flow::Closed && self.down == Flow::Closed {
             return Next::Close(self.outcome);

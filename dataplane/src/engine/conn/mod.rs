@@ -56,8 +56,37 @@ pub const BUF_LEN: usize = 16 * 1024 + 512;
 /// The most plaintext rustls puts in one TLS record.
 pub const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
 
-/// Receive as much as a buffer holds.
-pub const RECV_ALL: usize = usize::MAX;
+/// What a side in bulk reads at once: four records' worth, which leave as four full
+/// records in one send. Fewer, larger receives and sends cost less per byte (system
+/// calls, wake-ups, TCP segments and ACKs) on both legs and for the client.
+pub const BULK_READ: usize = 4 * MAX_RECORD_PLAINTEXT;
+
+/// A buffer of a side in bulk: a bulk read, or the records it becomes (a record adds
+/// at most 256 bytes to its plaintext).
+pub const BULK_BUF_LEN: usize = BULK_READ + 4 * 256;
+
+/// How much a receive may bring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecvKind {
+    /// What a pool buffer holds, never more (a ClientHello, input only drained).
+    #[default]
+    Pooled,
+    /// Any amount: a pool buffer's worth, or a bulk buffer's while the side is in bulk.
+    Stream,
+    /// Plaintext for TLS records, in whole records: 16 KiB, or `BULK_READ` in bulk.
+    Records,
+}
+
+impl RecvKind {
+    /// The most a receive of this kind takes, into a pool buffer or a bulk buffer.
+    fn max(self, bulk: bool) -> usize {
+        match (self, bulk) {
+            (RecvKind::Records, false) => MAX_RECORD_PLAINTEXT,
+            (RecvKind::Records, true) => BULK_READ,
+            _ => usize::MAX,
+        }
+    }
+}
 
 /// Which socket of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,8 +391,12 @@ struct Ends {
     /// TLS: plaintext for the guest (raw sends straight from `from_client`).
     to_guest: Option<BufId>,
     in_flight: InFlight,
-    /// How much the receive in flight on each side (by `Side as usize`) asked for.
-    recv_max: [usize; 2],
+    /// What the last receive on each side (by `Side as usize`) asked for.
+    reads: [RecvKind; 2],
+    /// Each side's bulk mode: on while its receives come back with at least a full
+    /// record's worth, when it is read into buffers of the connection's own, a
+    /// `BULK_READ` at a time; off (back to the pool) after a shorter one.
+    bulk: [bool; 2],
 }
 
 impl Ends {
@@ -385,11 +418,12 @@ impl Ends {
         }
     }
 
-    /// Receive up to `max` bytes on `side` into a pool buffer, unless a receive is in
-    /// flight or bytes read earlier are still pending there (flow control). The
-    /// emptied buffer of the last receive is given back first, so a side waiting for
-    /// input holds none.
-    fn recv<B: Buffers>(&mut self, side: Side, max: usize, cx: &mut Cx<'_, B>) {
+    /// Receive on `side` as `read` says, unless a receive is in flight or bytes read
+    /// earlier are still pending there (flow control). Outside bulk the emptied buffer
+    /// of the last receive is given back first and the ring takes a pool buffer when
+    /// bytes arrive, so a side waiting for input holds none; in bulk the side keeps
+    /// its own large buffer and receives into it again.
+    fn recv<B: Buffers>(&mut self, side: Side, read: RecvKind, cx: &mut Cx<'_, B>) {
         if self.busy(Op::recv(side)) {
             return;
         }
@@ -397,18 +431,48 @@ impl Ends {
         if inbox.is_some_and(|b| !cx.bufs.is_empty(b)) {
             return;
         }
-        if let Some(b) = inbox.take() {
-            cx.bufs.release(b);
-        }
-        self.recv_max[side as usize] = max;
+        let held = inbox.take();
+        let bulk = read != RecvKind::Pooled && self.bulk[side as usize];
+        let own = match held {
+            Some(b) if bulk && cx.bufs.capacity(b) == BULK_BUF_LEN => Some(b),
+            Some(b) => {
+                cx.bufs.release(b);
+                None
+            }
+            None => None,
+        };
+        let into = bulk.then(|| own.unwrap_or_else(|| cx.bufs.alloc(BULK_BUF_LEN)));
+        *self.inbox(side) = into;
+        self.reads[side as usize] = read;
         self.submit(
             cx,
             Io::Recv {
                 side,
-                into: None,
-                max,
+                into,
+                max: read.max(bulk),
             },
         );
+    }
+
+    /// A receive on `side` brought `n` bytes: a full record's worth or more keeps (or
+    /// puts) the side in bulk, less takes it out.
+    fn received(&mut self, side: Side, n: usize) {
+        self.bulk[side as usize] =
+            self.reads[side as usize] != RecvKind::Pooled && n >= MAX_RECORD_PLAINTEXT;
+    }
+
+    /// Whether `side` is read in bulk: what comes from it goes on in bulk buffers too.
+    fn in_bulk(&self, side: Side) -> bool {
+        self.bulk[side as usize]
+    }
+
+    /// A buffer for what goes out towards `to`, sized for what comes from `from`.
+    fn outbox_len(&self, from: Side) -> usize {
+        if self.in_bulk(from) {
+            BULK_BUF_LEN
+        } else {
+            BUF_LEN
+        }
     }
 
     /// The pool was empty: receive into a buffer of the connection's own, as much as
@@ -417,7 +481,7 @@ impl Ends {
         let into = *self
             .inbox(side)
             .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
-        let max = self.recv_max[side as usize];
+        let max = self.reads[side as usize].max(false);
         self.submit(
             cx,
             Io::Recv {
@@ -594,6 +658,7 @@ impl Conn {
             match op {
                 Op::GuestSend => cx.metrics.bytes(cx.listener.index, n, 0),
                 Op::ClientSend => cx.metrics.bytes(cx.listener.index, 0, n),
+                Op::ClientRecv | Op::GuestRecv => self.ends.received(op.side(), n as usize),
                 _ => {}
             }
         }

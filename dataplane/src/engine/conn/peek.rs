@@ -89,7 +89,7 @@ impl Peek {
                 }
             };
             let Some(verdict) = verdict else {
-                ends.recv(Side::Client, super::RECV_ALL, cx);
+                ends.recv(Side::Client, super::RecvKind::Pooled, cx);
                 return Next::Stay;
             };
             match verdict {
@@ -101,7 +101,7 @@ impl Peek {
                         self.partial.extend_from_slice(piece);
                         cx.bufs.consume(b, n);
                     }
-                    ends.recv(Side::Client, super::RECV_ALL, cx);
+                    ends.recv(Side::Client, super::RecvKind::Pooled, cx);
                     return Next::Stay;
                 }
                 Verdict::Preamble(answer) => {

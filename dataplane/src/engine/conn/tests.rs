@@ -91,6 +91,10 @@ impl Buffers for FakeBufs {
     fn is_empty(&self, id: BufId) -> bool {
         self.get(id).window.is_empty()
     }
+
+    fn capacity(&self, id: BufId) -> usize {
+        self.get(id).window.capacity()
+    }
 }
 
 struct FakeRoutes(HashMap<String, Arc<Route>>);
@@ -1136,4 +1140,72 @@ fn guest_plaintext_is_read_in_whole_records() {
         plaintext += plaintext_of(&mut client).len();
     }
     assert_eq!(plaintext, reads * max);
+}
+
+/// The pending guest receive: into which buffer (`None`: the pool's), and how much.
+fn guest_recv(t: &T) -> (Option<BufId>, usize) {
+    match t.pending.iter().find(|p| p.op() == Some(Op::GuestRecv)) {
+        Some(Io::Recv { into, max, .. }) => (*into, *max),
+        other => panic!("no guest receive: {other:?}"),
+    }
+}
+
+/// A guest whose reads come back full is read in bulk, into a buffer of the
+/// connection's own, `BULK_READ` at a time, which goes to the client as full records
+/// in one send; a short read puts it back on the pool and gives that buffer back.
+#[test]
+fn a_guest_that_fills_its_reads_is_read_in_bulk() {
+    let (mut t, _client) = T::tls_established("app.localhost");
+    let idle = t.bufs.held();
+    assert_eq!(guest_recv(&t), (None, MAX_RECORD_PLAINTEXT));
+    t.arrive(Side::Guest, &[1u8; MAX_RECORD_PLAINTEXT]);
+    t.deliver(Side::Client, usize::MAX);
+    let (own, max) = guest_recv(&t);
+    let own = own.expect("a bulk buffer of its own");
+    assert_eq!((t.bufs.get(own).mem.len(), max), (BULK_BUF_LEN, BULK_READ));
+    t.client_got.clear();
+    t.arrive(Side::Guest, &vec![2u8; BULK_READ]);
+    t.deliver(Side::Client, usize::MAX);
+    let full = MAX_RECORD_PLAINTEXT + 1 + 16;
+    assert_eq!(
+        record_lengths(&t.client_got),
+        vec![full; 4],
+        "one send, four records"
+    );
+    assert_eq!(
+        guest_recv(&t),
+        (Some(own), BULK_READ),
+        "the same buffer again"
+    );
+    t.arrive(Side::Guest, b"the end of it");
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(
+        guest_recv(&t),
+        (None, MAX_RECORD_PLAINTEXT),
+        "back on the pool"
+    );
+    assert_eq!(t.bufs.held(), idle, "the bulk buffers are given back");
+}
+
+/// The same on a raw listener: a full pool buffer's worth puts the direction in bulk.
+#[test]
+fn raw_directions_go_bulk_and_back() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Client, &vec![3u8; MAX_RECORD_PLAINTEXT]);
+    t.deliver(Side::Guest, usize::MAX);
+    let own = match t.pending.iter().find(|p| p.op() == Some(Op::ClientRecv)) {
+        Some(Io::Recv { into: Some(b), .. }) => *b,
+        other => panic!("no bulk receive: {other:?}"),
+    };
+    assert_eq!(t.bufs.get(own).mem.len(), BULK_BUF_LEN);
+    t.arrive(Side::Client, &vec![4u8; BULK_BUF_LEN]);
+    assert_eq!(t.deliver(Side::Guest, usize::MAX), BULK_BUF_LEN, "one send");
+    t.arrive(Side::Client, b"x");
+    t.deliver(Side::Guest, usize::MAX);
+    assert!(matches!(
+        t.pending.iter().find(|p| p.op() == Some(Op::ClientRecv)),
+        Some(Io::Recv { into: None, .. })
+    ));
+    assert_eq!(t.guest_got.len(), MAX_RECORD_PLAINTEXT + BULK_BUF_LEN + 1);
 }
