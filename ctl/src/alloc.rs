@@ -2,13 +2,20 @@
 //! upward in the guest CIDR, requested host ports must be free and unrepeated, `host: 0`
 //! takes the first free port of the range, bindings sorted by host port.
 //!
+//! Unlike the original, a published port cannot capture a host service: requested
+//! ports must lie in the range (unless the operator allows others), and a port a host
+//! process listens on is never given, asked for or not.
+//!
 //! This module is pure; the caller makes it race-free by holding the host-wide
-//! allocation lock around reading the existing VMs, allocating and writing the new VM.
+//! allocation lock around reading what the existing VMs hold ([`Taken`]), allocating
+//! and writing the new VM.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use mergen_model::{Ipv4Cidr, Meta, PortBinding, Protocol};
+
+use crate::hostports::HostPorts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRequest {
@@ -18,49 +25,84 @@ pub struct PortRequest {
     pub protocol: Protocol,
 }
 
-/// Why an allocation is impossible; every case is answered 409 `conflict`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why an allocation is impossible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
+    #[error("no free guest IP left in {0}")]
     CidrExhausted(Ipv4Cidr),
+    #[error("host port {0} is already published by another VM")]
     PortTaken(u16),
+    #[error("no free host port left in {0}..={1}")]
     PortRangeExhausted(u16, u16),
+    /// A requested port outside the range, which mergen owns (the request is wrong
+    /// for this host, not in conflict).
+    #[error("host port {port} is outside MGR_PORT_START..=MGR_PORT_END ({start}..={end}); set MGR_ALLOW_PORTS_OUTSIDE_RANGE=1 to publish others")]
+    OutsideRange { port: u16, start: u16, end: u16 },
+    #[error("host port {port}/{} is in use by a host process: publishing it would capture that service", .protocol.as_str())]
+    HostPortInUse { port: u16, protocol: Protocol },
 }
 
-impl std::fmt::Display for AllocError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AllocError::CidrExhausted(c) => write!(f, "no free guest IP left in {c}"),
-            AllocError::PortTaken(p) => {
-                write!(f, "host port {p} is already published by another VM")
-            }
-            AllocError::PortRangeExhausted(a, b) => {
-                write!(f, "no free host port left in {a}..={b}")
-            }
+/// Where addresses come from.
+#[derive(Debug, Clone, Copy)]
+pub struct Pool {
+    pub cidr: Ipv4Cidr,
+    /// `MGR_PORT_START..=MGR_PORT_END`.
+    pub ports: (u16, u16),
+    /// `MGR_ALLOW_PORTS_OUTSIDE_RANGE`.
+    pub allow_outside_range: bool,
+}
+
+/// The guest IPs and host ports the existing VMs hold, and the ports host processes
+/// listen on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub ips: HashSet<Ipv4Addr>,
+    pub ports: HashSet<u16>,
+    pub host: HostPorts,
+}
+
+impl Taken {
+    pub fn of(metas: &[Meta]) -> Taken {
+        let mut t = Taken::default();
+        for m in metas {
+            t.ips.insert(m.guest_ip);
+            t.ports.extend(m.ports.iter().map(|p| p.host));
         }
+        t
     }
 }
 
 pub fn allocate(
-    cidr: Ipv4Cidr,
-    port_range: (u16, u16),
-    existing: &[Meta],
+    pool: &Pool,
+    taken: &Taken,
     requested: &[PortRequest],
 ) -> Result<(Ipv4Addr, Vec<PortBinding>), AllocError> {
-    let used_ips: HashSet<Ipv4Addr> = existing.iter().map(|m| m.guest_ip).collect();
+    let cidr = pool.cidr;
     let ip = (2u32..)
         .map_while(|n| cidr.host(n))
-        .find(|ip| !used_ips.contains(ip))
+        .find(|ip| !taken.ips.contains(ip))
         .ok_or(AllocError::CidrExhausted(cidr))?;
 
-    let mut used_ports: HashSet<u16> = existing
-        .iter()
-        .flat_map(|m| m.ports.iter().map(|p| p.host))
-        .collect();
+    let (start, end) = pool.ports;
+    let mut used_ports = taken.ports.clone();
     let mut bindings = Vec::with_capacity(requested.len());
     // Fixed ports first, so an automatic one never takes a port asked for explicitly.
     for r in requested.iter().filter(|r| r.host != 0) {
+        if !pool.allow_outside_range && !(start..=end).contains(&r.host) {
+            return Err(AllocError::OutsideRange {
+                port: r.host,
+                start,
+                end,
+            });
+        }
         if !used_ports.insert(r.host) {
             return Err(AllocError::PortTaken(r.host));
+        }
+        if taken.host.holds(r.host, r.protocol) {
+            return Err(AllocError::HostPortInUse {
+                port: r.host,
+                protocol: r.protocol,
+            });
         }
         bindings.push(PortBinding {
             guest: r.guest,
@@ -68,10 +110,9 @@ pub fn allocate(
             protocol: r.protocol,
         });
     }
-    let (start, end) = port_range;
     for r in requested.iter().filter(|r| r.host == 0) {
         let host = (start..=end)
-            .find(|p| !used_ports.contains(p))
+            .find(|p| !used_ports.contains(p) && !taken.host.holds(*p, r.protocol))
             .ok_or(AllocError::PortRangeExhausted(start, end))?;
         used_ports.insert(host);
         bindings.push(PortBinding {
@@ -113,14 +154,20 @@ mod tests {
         }
     }
 
+    fn pool(cidr: &str, ports: (u16, u16)) -> Pool {
+        Pool {
+            cidr: cidr.parse().unwrap(),
+            ports,
+            allow_outside_range: false,
+        }
+    }
+
     #[test]
     fn first_free_ip_and_ports_sorted() {
-        let cidr: Ipv4Cidr = "172.30.0.0/24".parse().unwrap();
         let existing = [vm([172, 30, 0, 2], &[20000]), vm([172, 30, 0, 4], &[20002])];
         let (ip, b) = allocate(
-            cidr,
-            (20000, 20010),
-            &existing,
+            &pool("172.30.0.0/24", (20000, 20010)),
+            &Taken::of(&existing),
             &[req(80, 0), req(22, 20001), req(443, 0)],
         )
         .unwrap();
@@ -132,25 +179,75 @@ mod tests {
 
     #[test]
     fn conflicts_and_exhaustion() {
-        let cidr: Ipv4Cidr = "10.0.0.0/30".parse().unwrap();
-        let existing = [vm([10, 0, 0, 2], &[20000])];
+        let small = pool("10.0.0.0/30", (20000, 20001));
+        let existing = Taken::of(&[vm([10, 0, 0, 2], &[20000])]);
         assert_eq!(
-            allocate(cidr, (20000, 20001), &existing, &[]),
-            Err(AllocError::CidrExhausted(cidr))
+            allocate(&small, &existing, &[]),
+            Err(AllocError::CidrExhausted(small.cidr))
         );
-        let wide: Ipv4Cidr = "10.0.0.0/24".parse().unwrap();
+        let wide = pool("10.0.0.0/24", (20000, 20001));
         assert_eq!(
-            allocate(wide, (20000, 20001), &existing, &[req(1, 20000)]),
+            allocate(&wide, &existing, &[req(1, 20000)]),
             Err(AllocError::PortTaken(20000))
         );
         assert_eq!(
-            allocate(wide, (20000, 20001), &[], &[req(1, 5000), req(2, 5000)]),
-            Err(AllocError::PortTaken(5000))
+            allocate(&wide, &Taken::default(), &[req(1, 20001), req(2, 20001)]),
+            Err(AllocError::PortTaken(20001))
         );
         assert_eq!(
-            allocate(wide, (20000, 20001), &existing, &[req(1, 0), req(2, 0)]),
+            allocate(&wide, &existing, &[req(1, 0), req(2, 0)]),
             Err(AllocError::PortRangeExhausted(20000, 20001))
         );
-        assert!(allocate(wide, (65535, 65535), &[], &[req(1, 0)]).is_ok());
+        let top = pool("10.0.0.0/24", (65535, 65535));
+        assert!(allocate(&top, &Taken::default(), &[req(1, 0)]).is_ok());
+    }
+
+    #[test]
+    fn host_services_are_never_captured() {
+        let mut taken = Taken::default();
+        taken.host.tcp.insert(20000);
+        taken.host.udp.insert(20001);
+        taken.host.tcp.insert(22);
+        let p = pool("10.0.0.0/24", (20000, 20003));
+        // Outside the range: refused unless allowed, and then still not a listener's.
+        assert_eq!(
+            allocate(&p, &taken, &[req(80, 22)]),
+            Err(AllocError::OutsideRange {
+                port: 22,
+                start: 20000,
+                end: 20003
+            })
+        );
+        let open = Pool {
+            allow_outside_range: true,
+            ..p
+        };
+        assert_eq!(
+            allocate(&open, &taken, &[req(80, 22)]),
+            Err(AllocError::HostPortInUse {
+                port: 22,
+                protocol: Protocol::Tcp
+            })
+        );
+        assert!(allocate(&open, &taken, &[req(80, 2222)]).is_ok());
+        // Per protocol: 20001 is held for udp only.
+        assert_eq!(
+            allocate(&p, &taken, &[req(80, 20000)]),
+            Err(AllocError::HostPortInUse {
+                port: 20000,
+                protocol: Protocol::Tcp
+            })
+        );
+        assert!(allocate(&p, &taken, &[req(80, 20001)]).is_ok());
+        let udp = PortRequest {
+            protocol: Protocol::Udp,
+            ..req(53, 0)
+        };
+        // Automatic ports skip the host's.
+        let (_, b) = allocate(&p, &taken, &[req(80, 0), udp]).unwrap();
+        assert_eq!(
+            b.iter().map(|b| (b.host, b.protocol)).collect::<Vec<_>>(),
+            vec![(20000, Protocol::Udp), (20001, Protocol::Tcp)]
+        );
     }
 }

@@ -14,36 +14,92 @@ use mergen_runtime::{
     select_supervisor, RuntimeError, Supervisor, SupervisorInfo, SystemdInfo, VmState, VmStatus,
 };
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::alloc::allocate;
+use crate::alloc::{allocate, Pool};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::Error;
 use crate::hooks::HookRunner;
+use crate::hostports::HostPorts;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
-use crate::request::{parse_create, CreateRequest};
+use crate::request::{parse_create, CreateRequest, Images};
 use crate::store::{NewVm, Store};
-use mergen_http::Response;
 
 pub struct App {
     pub config: Config,
     pub store: Store,
-    /// Canonical image roots (symlinks resolved at start-up).
-    image_roots: Vec<PathBuf>,
+    /// Where images may come from, canonical (symlinks resolved at start-up).
+    images: Images,
     supervisor: Result<Arc<dyn Supervisor>, RuntimeError>,
     pub hooks: HookRunner,
     pub metrics: Arc<Metrics>,
 }
 
-fn io500(what: &str) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
-    move |e| ApiError::internal(format!("{what}: {e}"))
+/// What a successful call produced; `crate::respond` turns it into a response.
+pub enum Outcome {
+    Healthy,
+    Created(String),
+    Started(String),
+    Stopped(String),
+    Deleted(String),
+    Vm(Box<VmView>),
+    List(Vec<VmView>),
+    Metrics(String),
 }
 
-fn ok(status: u16, id: &str, word: &str) -> Response {
-    Response::json(status, &json!({"id": id, "status": word}))
+/// A VM as `GET /v1/vms[/:id]` shows it: its record and what its supervisor says.
+/// Serialized as the summary.
+pub struct VmView {
+    meta: Meta,
+    status: StatusView,
+    socket_present: bool,
+}
+
+impl VmView {
+    fn new(meta: Meta, status: StatusView) -> VmView {
+        // Under the jailer the socket path is a symlink into the chroot: follow it.
+        let socket_present =
+            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
+        VmView {
+            meta,
+            status,
+            socket_present,
+        }
+    }
+
+    fn summary(&self) -> Summary<'_> {
+        let (meta, st) = (&self.meta, &self.status);
+        Summary {
+            id: &meta.id,
+            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
+            state: st.state,
+            supervisor: &st.supervisor,
+            systemd: &st.systemd,
+            firecracker: Firecracker {
+                socket_path: &meta.paths.socket_path,
+                socket_present: self.socket_present,
+            },
+            network: Network {
+                guest_ip: meta.guest_ip,
+                ports: &meta.ports,
+                tap_name: &meta.tap_name,
+                netns: &meta.netns,
+            },
+            http_port: meta.http_port,
+            paths: &meta.paths,
+            metadata: &meta.metadata,
+            tags: &meta.tags,
+        }
+    }
+}
+
+impl Serialize for VmView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.summary().serialize(s)
+    }
 }
 
 /// A VM's state and supervisor blocks as shown in its summary.
@@ -82,13 +138,20 @@ struct Summary<'a> {
     id: &'a str,
     created_at: String,
     state: VmState,
-    supervisor: SupervisorView,
-    systemd: SystemdInfo,
+    supervisor: &'a SupervisorView,
+    systemd: &'a SystemdInfo,
     firecracker: Firecracker<'a>,
     network: Network<'a>,
+    /// The later original's per-VM HTTP port; omitted when 0, as in meta.json.
+    #[serde(skip_serializing_if = "is_zero")]
+    http_port: u16,
     paths: &'a Paths,
     metadata: &'a serde_json::Map<String, Value>,
     tags: &'a BTreeMap<String, String>,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -108,9 +171,10 @@ struct Network<'a> {
     netns: &'a str,
 }
 
+/// The body of `GET /v1/vms`.
 #[derive(Serialize)]
-struct Items<'a> {
-    items: Vec<Summary<'a>>,
+pub struct Items<'a> {
+    pub items: &'a [VmView],
 }
 
 impl App {
@@ -132,14 +196,27 @@ impl App {
             for p in &rec.invalid {
                 log::warn!(dir:? = p; "VM dir without a valid meta.json: not listed");
             }
-        }
-        let mut image_roots = Vec::new();
-        for r in &config.image_roots {
-            match fs::canonicalize(r) {
-                Ok(c) => image_roots.push(c),
-                Err(e) => log::warn!(root:? = r, error:% = e; "image root not usable"),
+            for p in &rec.stale {
+                log::info!(path:? = p; "removed the lock or run dir of a VM that does not exist");
+            }
+            for (from, to) in &rec.orphaned {
+                log::warn!(from:? = from, to:? = to; "data dir without a VM moved aside (never deleted): look at it, then remove it or move it back");
             }
         }
+        let canonical = |list: &[PathBuf], what: &str| -> Vec<PathBuf> {
+            let mut out = Vec::new();
+            for p in list {
+                match fs::canonicalize(p) {
+                    Ok(c) => out.push(c),
+                    Err(e) => log::warn!(path:? = p, error:% = e; "{what} not usable"),
+                }
+            }
+            out
+        };
+        let images = Images {
+            roots: canonical(&config.image_roots, "image root"),
+            devices: canonical(&config.image_devices, "image device"),
+        };
         let supervisor = select_supervisor(&config.runtime);
         match &supervisor {
             Ok(s) => log::info!(kind:? = s.kind(); "supervisor ready"),
@@ -154,15 +231,21 @@ impl App {
         Ok(App {
             config,
             store,
-            image_roots,
+            images,
             supervisor,
             hooks,
             metrics,
         })
     }
 
-    fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, ApiError> {
-        self.supervisor.as_ref().map_err(ApiError::from)
+    fn supervisor(&self) -> Result<&Arc<dyn Supervisor>, Error> {
+        self.supervisor.as_ref().map_err(|e| {
+            if e.is_unavailable() {
+                Error::Unavailable(e.to_string())
+            } else {
+                Error::Internal(e.to_string())
+            }
+        })
     }
 
     /// What a VM looks like when no supervisor can be asked: nothing runs it, so it is
@@ -184,7 +267,7 @@ impl App {
     }
 
     /// Status of many VMs with one supervisor query.
-    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, ApiError> {
+    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, Error> {
         let sup = match &self.supervisor {
             Ok(s) => s,
             Err(_) => return Ok(metas.iter().map(|m| self.unavailable_status(m)).collect()),
@@ -193,7 +276,7 @@ impl App {
             Ok(list) if list.len() == metas.len() => {
                 Ok(list.into_iter().map(StatusView::from).collect())
             }
-            Ok(list) => Err(ApiError::internal(format!(
+            Ok(list) => Err(Error::Internal(format!(
                 "supervisor returned {} statuses for {} VMs",
                 list.len(),
                 metas.len()
@@ -205,69 +288,37 @@ impl App {
         }
     }
 
-    fn summary(meta: &Meta, st: StatusView) -> Summary<'_> {
-        // Under the jailer the socket path is a symlink into the chroot: follow it.
-        let socket_present =
-            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
-        Summary {
-            id: &meta.id,
-            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            state: st.state,
-            supervisor: st.supervisor,
-            systemd: st.systemd,
-            firecracker: Firecracker {
-                socket_path: &meta.paths.socket_path,
-                socket_present,
-            },
-            network: Network {
-                guest_ip: meta.guest_ip,
-                ports: &meta.ports,
-                tap_name: &meta.tap_name,
-                netns: &meta.netns,
-            },
-            paths: &meta.paths,
-            metadata: &meta.metadata,
-            tags: &meta.tags,
-        }
-    }
-
-    fn check_id(id: &str) -> Result<(), ApiError> {
+    fn check_id(id: &str) -> Result<(), Error> {
         if is_valid_id(id) {
             Ok(())
         } else {
-            Err(ApiError::bad_request(format!(
-                "invalid VM id {id:?}: want a lowercase UUID"
-            )))
+            Err(Error::InvalidId(id.to_string()))
         }
     }
 
-    fn load(&self, id: &str) -> Result<Meta, ApiError> {
+    fn load(&self, id: &str) -> Result<Meta, Error> {
         Self::check_id(id)?;
         self.store
             .load(id)
-            .map_err(io500("reading the VM"))?
-            .ok_or_else(|| ApiError::not_found(format!("VM {id} not found")))
+            .map_err(Error::io("reading the VM"))?
+            .ok_or_else(|| Error::VmNotFound(id.to_string()))
     }
 
     /// Take the VM's lifecycle lock (409 when another call holds it) and re-read the
     /// VM under it, since a delete may have finished meanwhile.
-    fn lock_existing(&self, id: &str) -> Result<(FileLock, Meta), ApiError> {
+    fn lock_existing(&self, id: &str) -> Result<(FileLock, Meta), Error> {
         let meta = self.load(id)?;
         let lock = match FileLock::try_acquire(meta.paths.lock_path.as_ref()) {
             Ok(TryLock::Acquired(l)) => l,
-            Ok(TryLock::Held) => {
-                return Err(ApiError::conflict(format!(
-                    "VM {id} is busy: another lifecycle call holds its lock"
-                )))
-            }
-            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+            Ok(TryLock::Held) => return Err(Error::Busy(id.to_string())),
+            Err(e) => return Err(Error::io("VM lock")(e)),
         };
         let meta = self.load(id)?;
         Ok((lock, meta))
     }
 
     fn vm_hooks(&self, meta: &Meta) -> Option<Hooks> {
-        match self.store.load_hooks(meta) {
+        match crate::hooks::read_hook_file(meta.paths.hooks_path.as_ref()) {
             Ok(h) => h,
             Err(e) => {
                 log::warn!(id = meta.id, error:% = e; "cannot read the VM's hooks.json");
@@ -276,15 +327,15 @@ impl App {
         }
     }
 
-    pub fn create(&self, body: &[u8]) -> Result<Response, ApiError> {
-        let req = parse_create(body, &self.image_roots)?;
+    pub fn create(&self, body: &[u8]) -> Result<Outcome, Error> {
+        let req = parse_create(body, &self.images)?;
         let id = uuid::Uuid::new_v4().to_string();
         let paths = self.store.roots().paths(&id);
         let lock_path = PathBuf::from(&paths.lock_path);
         let lock = match FileLock::try_acquire(&lock_path) {
             Ok(TryLock::Acquired(l)) => l,
-            Ok(TryLock::Held) => return Err(ApiError::conflict("VM id collision")),
-            Err(e) => return Err(ApiError::internal(format!("VM lock: {e}"))),
+            Ok(TryLock::Held) => return Err(Error::Busy(id)),
+            Err(e) => return Err(Error::io("VM lock")(e)),
         };
         let written = self.write_new(&id, &req);
         let meta = match written {
@@ -299,37 +350,42 @@ impl App {
         if let Err(e) = self.hooks.run("onCreate", &meta, hooks) {
             // A failed strict onCreate leaves no VM behind; removing the dir also
             // frees its IP and ports.
-            if let Err(re) = self.store.remove(&meta, false) {
+            let removed = self
+                .store
+                .alloc_lock()
+                .and_then(|_alloc| self.store.remove(&meta, false));
+            if let Err(re) = removed {
                 log::error!(id = id, error:% = re; "cannot remove the VM after its onCreate hook failed");
             }
             let _ = fs::remove_file(&lock_path);
             log::warn!(id = id, error = e; "strict onCreate hook failed, VM removed");
-            return Err(ApiError::hook_failed(format!(
-                "{e}; the VM was not created"
-            )));
+            return Err(Error::HookFailed(format!("{e}; the VM was not created")));
         }
         if req.auto_start {
-            self.start_locked(&meta).map_err(|mut e| {
-                e.message = format!("VM {id} was created but not started: {}", e.message);
-                e
-            })?;
+            self.start_locked(&meta)
+                .map_err(|e| e.context(format!("VM {id} was created but not started")))?;
         }
         drop(lock);
-        Ok(ok(201, &id, "created"))
+        Ok(Outcome::Created(id))
     }
 
     /// Allocate and write the VM under the host-wide allocation lock.
-    fn write_new(&self, id: &str, req: &CreateRequest) -> Result<Meta, ApiError> {
-        let _alloc = self.store.alloc_lock().map_err(io500("allocation lock"))?;
-        let existing = self.store.list().map_err(io500("listing VMs"))?;
+    fn write_new(&self, id: &str, req: &CreateRequest) -> Result<Meta, Error> {
+        let _alloc = self
+            .store
+            .alloc_lock()
+            .map_err(Error::io("allocation lock"))?;
+        let mut taken = self.store.taken().map_err(Error::Unreadable)?;
+        if !req.ports.is_empty() {
+            taken.host = HostPorts::read().map_err(Error::io("reading the host's sockets"))?;
+        }
         let cidr = self.config.runtime.guest_cidr;
-        let (guest_ip, ports) = allocate(
+        let pool = Pool {
             cidr,
-            (self.config.port_start, self.config.port_end),
-            &existing,
-            &req.ports,
-        )
-        .map_err(|e| ApiError::conflict(e.to_string()))?;
+            ports: (self.config.port_start, self.config.port_end),
+            allow_outside_range: self.config.allow_ports_outside_range,
+        };
+        let (guest_ip, ports) = allocate(&pool, &taken, &req.ports)?;
         let paths = self.store.roots().paths(id);
         let meta = Meta {
             id: id.to_string(),
@@ -338,6 +394,7 @@ impl App {
             kernel: req.kernel.clone(),
             data_disk: req.data_disk.clone(),
             ports,
+            http_port: req.http_port,
             guest_ip,
             tap_name: tap_name(id),
             netns: netns_name(id),
@@ -358,12 +415,14 @@ impl App {
             hooks: (!req.hooks.is_empty()).then(|| req.hooks.clone()),
             meta,
         };
-        self.store.create(&vm).map_err(io500("writing the VM"))?;
+        self.store
+            .create(&vm)
+            .map_err(Error::io("writing the VM"))?;
         Ok(vm.meta)
     }
 
     /// Start under the VM's lock (held by the caller); runs onStart hooks.
-    fn start_locked(&self, meta: &Meta) -> Result<bool, ApiError> {
+    fn start_locked(&self, meta: &Meta) -> Result<bool, Error> {
         let sup = self.supervisor()?;
         if sup.status(meta)?.state == VmState::Running {
             return Ok(false);
@@ -378,34 +437,32 @@ impl App {
             if let Err(se) = sup.stop(meta) {
                 log::error!(id = meta.id, error:% = se; "cannot stop the VM after its onStart hook failed");
             }
-            return Err(ApiError::hook_failed(format!(
-                "{e}; the VM was stopped again"
-            )));
+            return Err(Error::HookFailed(format!("{e}; the VM was stopped again")));
         }
         Ok(true)
     }
 
-    pub fn start(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn start(&self, id: &str) -> Result<Outcome, Error> {
         let (_lock, meta) = self.lock_existing(id)?;
         self.start_locked(&meta)?;
-        Ok(ok(200, id, "started"))
+        Ok(Outcome::Started(meta.id))
     }
 
-    pub fn stop(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn stop(&self, id: &str) -> Result<Outcome, Error> {
         let (_lock, meta) = self.lock_existing(id)?;
         let sup = self.supervisor()?;
         if sup.status(&meta)?.state == VmState::Stopped {
-            return Ok(ok(200, id, "stopped"));
+            return Ok(Outcome::Stopped(meta.id));
         }
         sup.stop(&meta)?;
         log::info!(id = id; "vm stopped");
         self.hooks
             .run("onStop", &meta, self.vm_hooks(&meta).as_ref())
-            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM is stopped")))?;
-        Ok(ok(200, id, "stopped"))
+            .map_err(|e| Error::HookFailed(format!("{e}; the VM is stopped")))?;
+        Ok(Outcome::Stopped(meta.id))
     }
 
-    pub fn delete(&self, id: &str, retain_data: bool) -> Result<Response, ApiError> {
+    pub fn delete(&self, id: &str, retain_data: bool) -> Result<Outcome, Error> {
         let (lock, meta) = self.lock_existing(id)?;
         match &self.supervisor {
             Ok(sup) => match sup.status(&meta) {
@@ -421,17 +478,18 @@ impl App {
         let hooks = self.vm_hooks(&meta);
         self.hooks
             .run("onDelete", &meta, hooks.as_ref())
-            .map_err(|e| ApiError::hook_failed(format!("{e}; the VM was not deleted")))?;
+            .map_err(|e| Error::HookFailed(format!("{e}; the VM was not deleted")))?;
         self.store
-            .remove(&meta, retain_data)
-            .map_err(io500("removing the VM"))?;
+            .alloc_lock()
+            .and_then(|_alloc| self.store.remove(&meta, retain_data))
+            .map_err(Error::io("removing the VM"))?;
         let _ = fs::remove_file(&meta.paths.lock_path);
         drop(lock);
         log::info!(id = id, retain_data = retain_data; "vm deleted");
-        Ok(ok(200, id, "deleted"))
+        Ok(Outcome::Deleted(meta.id))
     }
 
-    pub fn get(&self, id: &str) -> Result<Response, ApiError> {
+    pub fn get(&self, id: &str) -> Result<Outcome, Error> {
         let meta = self.load(id)?;
         let st = match &self.supervisor {
             Ok(sup) => match sup.status(&meta) {
@@ -441,11 +499,11 @@ impl App {
             },
             Err(_) => self.unavailable_status(&meta),
         };
-        Ok(Response::json(200, &Self::summary(&meta, st)))
+        Ok(Outcome::Vm(Box::new(VmView::new(meta, st))))
     }
 
-    fn sorted_vms(&self) -> Result<Vec<Meta>, ApiError> {
-        let mut metas = self.store.list().map_err(io500("listing VMs"))?;
+    fn sorted_vms(&self) -> Result<Vec<Meta>, Error> {
+        let mut metas = self.store.list().map_err(Error::io("listing VMs"))?;
         metas.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -454,18 +512,18 @@ impl App {
         Ok(metas)
     }
 
-    pub fn list(&self) -> Result<Response, ApiError> {
+    pub fn list(&self) -> Result<Outcome, Error> {
         let metas = self.sorted_vms()?;
         let statuses = self.statuses(&metas)?;
         let items = metas
-            .iter()
+            .into_iter()
             .zip(statuses)
-            .map(|(m, s)| Self::summary(m, s))
+            .map(|(m, s)| VmView::new(m, s))
             .collect();
-        Ok(Response::json(200, &Items { items }))
+        Ok(Outcome::List(items))
     }
 
-    pub fn metrics_text(&self) -> Result<Response, ApiError> {
+    pub fn metrics_text(&self) -> Result<Outcome, Error> {
         let metas = self.sorted_vms()?;
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for s in self.statuses(&metas)? {
@@ -477,10 +535,8 @@ impl App {
             };
             *by_state.entry(name).or_default() += 1;
         }
-        Ok(Response::text(
-            200,
-            "text/plain; version=0.0.4",
-            self.metrics.render(&by_state),
+        Ok(Outcome::Metrics(
+            self.metrics.render(&by_state, &self.store.orphaned()),
         ))
     }
 }
@@ -515,7 +571,8 @@ fn render_vm_config(meta: &Meta, req: &CreateRequest, boot_args: String) -> VmCo
 /// The systemd env file: `KEY='value'` lines sorted by key, `'` escaped as `'\''`.
 /// As in the original, every key lives in one map: one `MGN_PUBLISH_<guest>` per
 /// guest port (a later binding, in host-port order, replaces an earlier one on the
-/// same guest port), and the request's extraEnv (blank keys skipped) is applied last.
+/// same guest port), `MGN_HTTP_PORT` when the VM has one (the later original), and
+/// the request's extraEnv (blank keys skipped) is applied last.
 pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
     let p = &meta.paths;
     let mut env: BTreeMap<String, String> = [
@@ -541,6 +598,9 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
             format!("{}/{}", b.host, b.protocol.as_str()),
         );
     }
+    if meta.http_port != 0 {
+        env.insert("MGN_HTTP_PORT".into(), meta.http_port.to_string());
+    }
     for (k, v) in extra.iter().filter(|(k, _)| !k.trim().is_empty()) {
         env.insert(k.clone(), v.clone());
     }
@@ -558,6 +618,7 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
     use mergen_model::{Protocol, Roots};
+    use serde_json::json;
 
     const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
 
@@ -581,6 +642,7 @@ mod tests {
                     protocol,
                 })
                 .collect(),
+            http_port: 0,
             guest_ip: "172.30.0.2".parse().unwrap(),
             tap_name: tap_name(ID),
             netns: netns_name(ID),
@@ -600,6 +662,7 @@ mod tests {
             vcpu: 2,
             mem_mib: 256,
             ports: Vec::new(),
+            http_port: 0,
             metadata: Default::default(),
             auto_start: false,
             boot_args: None,
@@ -646,6 +709,19 @@ MGN_VM_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/vm.json'
 ZED='last'
 ";
         assert_eq!(render_env(&m, &extra), want);
+    }
+
+    /// The later original exports the VM's HTTP port; none when it has none.
+    #[test]
+    fn env_file_carries_the_http_port_when_set() {
+        let mut m = meta(&[]);
+        assert!(!render_env(&m, &BTreeMap::new()).contains("MGN_HTTP_PORT"));
+        m.http_port = 8080;
+        let env = render_env(&m, &BTreeMap::new());
+        assert!(
+            env.contains("MGN_GUEST_IP='172.30.0.2'\nMGN_HOOKS_JSON='/etc/mergen/vm.d/084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6/hooks.json'\nMGN_HTTP_PORT='8080'\nMGN_LOG_DIR="),
+            "sorted with the rest: {env}"
+        );
     }
 
     #[test]

@@ -23,6 +23,11 @@ pub const VARIABLES: &[Var] = &[
         "require `Authorization: Bearer <token>` on /v1",
     ),
     Var::new(
+        "MGR_METRICS_REQUIRE_TOKEN",
+        "0",
+        "1 = /metrics needs the bearer token too (MGR_API_TOKEN must be set)",
+    ),
+    Var::new(
         "MGR_ALLOW_INSECURE",
         "0",
         "1 = allow a non-loopback address without a token",
@@ -67,6 +72,10 @@ pub const VARIABLES: &[Var] = &[
         "$MGR_DATA_ROOT",
         "colon-separated dirs that rootfs/kernel/dataDisk must be inside",
     ),
+    Var::unset(
+        "MGR_IMAGE_DEVICES",
+        "colon-separated block devices (e.g. LVM volumes) allowed as rootfs/dataDisk wherever they are",
+    ),
     Var::new(
         "MGR_GLOBAL_HOOKS_DIR",
         "/etc/mergen/hooks.d",
@@ -75,7 +84,7 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_HOOK_WORKERS",
         "8",
-        "background (non-strict) hooks run at most this many at once",
+        "threads running background (non-strict) hooks; one VM event's hooks run in order on one",
     ),
     Var::new(
         "MGR_PORT_START",
@@ -86,6 +95,11 @@ pub const VARIABLES: &[Var] = &[
         "MGR_PORT_END",
         "40000",
         "last host port handed out for `host: 0`",
+    ),
+    Var::new(
+        "MGR_ALLOW_PORTS_OUTSIDE_RANGE",
+        "0",
+        "1 = a create may ask for host ports outside MGR_PORT_START..=MGR_PORT_END (never one a host process listens on)",
     ),
 ];
 
@@ -99,6 +113,7 @@ pub struct Config {
     pub http_addr: ListenAddr,
     pub http_socket: Option<PathBuf>,
     pub api_token: Option<String>,
+    pub metrics_require_token: bool,
     pub allow_insecure: bool,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
@@ -108,10 +123,12 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub http_workers: usize,
     pub image_roots: Vec<PathBuf>,
+    pub image_devices: Vec<PathBuf>,
     pub global_hooks_dir: PathBuf,
     pub hook_workers: usize,
     pub port_start: u16,
     pub port_end: u16,
+    pub allow_ports_outside_range: bool,
     pub log_level: String,
     pub log_format: String,
     pub runtime: RuntimeConfig,
@@ -154,6 +171,15 @@ impl Config {
                 .collect(),
             None => vec![runtime.roots.data.clone()],
         };
+        let image_devices = env
+            .opt("MGR_IMAGE_DEVICES")
+            .map(|v| {
+                v.split(':')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| PathBuf::from(s.trim()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let count = |k: &str| -> Result<usize, mergen_envtable::Error> {
             Ok(usize::try_from(env.positive(k)?).unwrap_or(usize::MAX))
         };
@@ -161,6 +187,7 @@ impl Config {
             http_addr,
             http_socket: env.opt("MGR_HTTP_SOCKET").map(PathBuf::from),
             api_token: env.opt("MGR_API_TOKEN"),
+            metrics_require_token: env.bool("MGR_METRICS_REQUIRE_TOKEN")?,
             allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
             shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
             max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
@@ -170,10 +197,12 @@ impl Config {
             idle_timeout: env.seconds("MGR_HTTP_IDLE_TIMEOUT_SECONDS")?,
             http_workers: count("MGR_HTTP_WORKERS")?,
             image_roots,
+            image_devices,
             global_hooks_dir: env.string("MGR_GLOBAL_HOOKS_DIR").into(),
             hook_workers: count("MGR_HOOK_WORKERS")?,
             port_start,
             port_end,
+            allow_ports_outside_range: env.bool("MGR_ALLOW_PORTS_OUTSIDE_RANGE")?,
             log_level: env.string("MGR_LOG_LEVEL"),
             log_format: env.string("MGR_LOG_FORMAT"),
             runtime,
@@ -181,8 +210,12 @@ impl Config {
     }
 
     /// The original listened on every interface with no authentication; mergend
-    /// refuses that unless the operator says so explicitly.
+    /// refuses that unless the operator says so explicitly. A metrics token with no
+    /// token to require is a mistake, not an open endpoint.
     pub fn check_exposure(&self) -> Result<(), String> {
+        if self.metrics_require_token && self.api_token.is_none() {
+            return Err("MGR_METRICS_REQUIRE_TOKEN=1 needs MGR_API_TOKEN".into());
+        }
         if !self.http_addr.is_loopback() && self.api_token.is_none() && !self.allow_insecure {
             return Err(format!(
                 "refusing to listen on non-loopback {} without MGR_API_TOKEN (set MGR_ALLOW_INSECURE=1 to override)",

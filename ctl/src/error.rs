@@ -1,10 +1,94 @@
-//! API errors: a status code, a stable machine-readable code and a human message,
-//! always answered as `{"error": CODE, "message": TEXT}`.
+//! Errors of the control API, in two layers:
+//!
+//! - [`Error`]: what went wrong, as the domain (`App`) and the router say it. It knows
+//!   nothing about HTTP;
+//! - [`ApiError`]: the answer on the wire, a status code, a stable machine-readable
+//!   code, a human message and extra headers, always sent as
+//!   `{"error": CODE, "message": TEXT}`.
+//!
+//! The one mapping from the first to the second is `crate::respond`.
+
+use std::io;
 
 use mergen_runtime::RuntimeError;
 
+use crate::alloc::AllocError;
 use mergen_http::Response;
 
+/// Why a call failed. Messages are the ones users read (they name the field, the
+/// file, the port); the variant decides the status code in `crate::respond`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or names something it may not (the message says
+    /// what, naming the field).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("invalid VM id {0:?}: want a lowercase UUID")]
+    InvalidId(String),
+    #[error("VM {0} not found")]
+    VmNotFound(String),
+    #[error("no such path {0}")]
+    NoRoute(String),
+    /// The path exists but not with this method; the value lists the allowed ones.
+    #[error("method not allowed; allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// Another lifecycle call holds the VM's lock.
+    #[error("VM {0} is busy: another lifecycle call holds its lock")]
+    Busy(String),
+    /// No guest IP or host port can be given.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// A strict hook failed; the message says what became of the VM.
+    #[error("{0}")]
+    HookFailed(String),
+    /// The supervisor or a runtime step.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Something this host lacks for running VMs (no systemd, the unit template not
+    /// installed), as chosen when mergend started.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Reading or writing the VM store.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// A meta.json so broken that the VM's guest IP and ports cannot be known: creating
+    /// another VM could hand them out twice.
+    #[error("{0}")]
+    Unreadable(String),
+    /// A bug or an impossible state; the message is for the log.
+    #[error("{0}")]
+    Internal(String),
+    /// An error with what was already done before it (`VM x was created but not
+    /// started: ...`); answered as the inner error.
+    #[error("{context}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    pub fn io(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io { what, source }
+    }
+
+    /// Prefix the message with what was done before the failure.
+    pub fn context(self, context: impl Into<String>) -> Error {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+}
+
+/// An answer on the wire: status, code, message, extra headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
@@ -26,51 +110,13 @@ impl ApiError {
     pub fn bad_request(m: impl Into<String>) -> ApiError {
         ApiError::new(400, "bad_request", m)
     }
-    pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError::new(404, "not_found", m)
-    }
-    pub fn conflict(m: impl Into<String>) -> ApiError {
-        ApiError::new(409, "conflict", m)
-    }
     pub fn internal(m: impl Into<String>) -> ApiError {
         ApiError::new(500, "internal_error", m)
-    }
-    /// A strict hook failed: the hook's endpoint or command is the failing upstream.
-    pub fn hook_failed(m: impl Into<String>) -> ApiError {
-        ApiError::new(502, "hook_failed", m)
-    }
-    pub fn unavailable(m: impl Into<String>) -> ApiError {
-        ApiError::new(503, "dependency_unavailable", m)
-    }
-    pub fn method_not_allowed(allow: &'static str) -> ApiError {
-        let mut e = ApiError::new(
-            405,
-            "method_not_allowed",
-            format!("method not allowed; allowed: {allow}"),
-        );
-        e.headers.push(("Allow", allow.to_string()));
-        e
     }
 
     pub fn into_response(self) -> Response {
         let mut r = Response::error(self.status, self.code, &self.message);
         r.headers = self.headers;
         r
-    }
-}
-
-impl From<&RuntimeError> for ApiError {
-    fn from(e: &RuntimeError) -> ApiError {
-        if e.is_unavailable() {
-            ApiError::unavailable(e.to_string())
-        } else {
-            ApiError::internal(e.to_string())
-        }
-    }
-}
-
-impl From<RuntimeError> for ApiError {
-    fn from(e: RuntimeError) -> ApiError {
-        ApiError::from(&e)
     }
 }

@@ -4,9 +4,12 @@
 //! Both are `flock`s on an open file: the kernel drops them when the file is closed,
 //! so they are released on every path, including errors, panics and a killed process.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+
+use mergen_model::atomic::FILE_MODE;
 
 use rustix::fs::{flock, FlockOperation};
 
@@ -21,13 +24,17 @@ pub enum TryLock {
     Held,
 }
 
+/// Lock files are the VM's files too: 0640 whatever the umask.
 fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
 }
 
 impl FileLock {

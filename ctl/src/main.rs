@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_env()?;
-    mergen_log::init(&config.log_level, &config.log_format)?;
+    mergen_log::init("mergend", &config.log_level, &config.log_format)?;
     config.check_exposure()?;
     // Registered before anything is served, so an early signal is not lost.
     let mut signals =

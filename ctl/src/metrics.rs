@@ -31,8 +31,9 @@ impl Metrics {
         }
     }
 
-    /// The exposition text; `vms` counts VMs by state, read at scrape time.
-    pub fn render(&self, vms: &BTreeMap<&'static str, u64>) -> String {
+    /// The exposition text; `vms` counts VMs by state and `orphaned` names the data
+    /// dirs under `.orphaned/`, both read at scrape time.
+    pub fn render(&self, vms: &BTreeMap<&'static str, u64>, orphaned: &[String]) -> String {
         let mut s = String::new();
         s.push_str(
             "# HELP mergend_http_requests_total HTTP requests answered, by route and status.\n",
@@ -55,6 +56,16 @@ impl Metrics {
                 s,
                 "mergend_vms{{state=\"{state}\"}} {}",
                 vms.get(state).copied().unwrap_or(0)
+            );
+        }
+        s.push_str("# HELP mergend_orphaned_data_dirs Data dirs without a VM, moved under $MGR_DATA_ROOT/.orphaned/ at start-up.\n# TYPE mergend_orphaned_data_dirs gauge\n");
+        let _ = writeln!(s, "mergend_orphaned_data_dirs {}", orphaned.len());
+        s.push_str("# HELP mergend_orphaned_data_dir One series per dir under $MGR_DATA_ROOT/.orphaned/.\n# TYPE mergend_orphaned_data_dir gauge\n");
+        for name in orphaned {
+            let _ = writeln!(
+                s,
+                "mergend_orphaned_data_dir{{name=\"{}\"}} 1",
+                name.replace('\\', "\\\\").replace('"', "\\\"")
             );
         }
         let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());

@@ -3,18 +3,27 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use mergen_model::{HookType, Hooks, ProcessSpec, Protocol};
+use mergen_model::{Hooks, ProcessSpec, Protocol, HOOK_EVENTS};
 use serde::Deserialize;
 
 use crate::alloc::PortRequest;
-use crate::error::ApiError;
+use crate::error::Error;
+use crate::hooks::check_hook;
 
-pub const HOOK_EVENTS: [&str; 4] = ["onCreate", "onDelete", "onStart", "onStop"];
+/// What one VM may store of its own: every list response carries its tags and
+/// metadata, and the forwarder keeps its tags and metadata in memory.
+pub const MAX_STORED_BYTES: usize = 64 * 1024;
+/// Entries in `tags`, in `metadata` (top level), in `extraEnv`.
+pub const MAX_ENTRIES: usize = 256;
+/// Hooks over all events.
+pub const MAX_HOOKS: usize = 64;
 
+/// Unknown keys anywhere in the body are refused (see `parse_create`).
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct RawCreate {
     rootfs: Option<String>,
     kernel: Option<String>,
@@ -23,6 +32,7 @@ struct RawCreate {
     #[serde(rename = "memMiB")]
     mem_mib: Option<u64>,
     ports: Option<Vec<RawPort>>,
+    http_port: Option<i64>,
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     auto_start: Option<bool>,
     boot_args: Option<String>,
@@ -33,7 +43,6 @@ struct RawCreate {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawPort {
     guest: i64,
     /// Absent or null is 0 (allocate), as Go decoded it into an int.
@@ -44,13 +53,15 @@ struct RawPort {
 /// A validated create request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateRequest {
-    /// Canonical paths, inside the image roots.
+    /// As given; checked against the image roots and devices.
     pub rootfs: String,
     pub kernel: String,
     pub data_disk: String,
     pub vcpu: u32,
     pub mem_mib: u32,
     pub ports: Vec<PortRequest>,
+    /// The guest port the forwarder's HTTPS listener dials; 0 = none.
+    pub http_port: u16,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub auto_start: bool,
     pub boot_args: Option<String>,
@@ -60,50 +71,67 @@ pub struct CreateRequest {
     pub process: Option<ProcessSpec>,
 }
 
-/// Parse and validate a create body. `image_roots` must be canonical paths.
-pub fn parse_create(body: &[u8], image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
+/// Where a VM's images may come from, canonical (symlinks resolved at start-up).
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    /// `MGR_IMAGE_ROOTS`: files and block devices inside these dirs.
+    pub roots: Vec<PathBuf>,
+    /// `MGR_IMAGE_DEVICES`: block devices allowed wherever they are (LVM volumes).
+    pub devices: Vec<PathBuf>,
+}
+
+/// Parse and validate a create body.
+pub fn parse_create(body: &[u8], images: &Images) -> Result<CreateRequest, Error> {
     // Derived structs also accept a JSON array of field values; only an object is valid.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid request body: want a JSON object",
+        return Err(Error::BadRequest(
+            "invalid request body: want a JSON object".into(),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let raw: RawCreate = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            ApiError::bad_request(format!("invalid request body: {inner}"))
-        } else {
-            ApiError::bad_request(format!("invalid field {path}: {inner}"))
-        }
-    })?;
+    // The model's types ignore unknown keys (files of other versions must load); a
+    // request is strict, so every key they would ignore is collected and refused.
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path| unknown.push(path.to_string());
+    let raw: RawCreate =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." || path.is_empty() {
+                    Error::BadRequest(format!("invalid request body: {inner}"))
+                } else {
+                    Error::BadRequest(format!("invalid field {path}: {inner}"))
+                }
+            })?;
     de.end()
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
-    validate(raw, image_roots)
+        .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+    if let Some(path) = unknown.first() {
+        return Err(Error::BadRequest(format!("unknown field {path}")));
+    }
+    validate(raw, images)
 }
 
-fn bad(m: String) -> ApiError {
-    ApiError::bad_request(m)
+fn bad(m: String) -> Error {
+    Error::BadRequest(m)
 }
 
-fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, ApiError> {
+fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
     let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     let process = match raw.process {
         Some(p) => Some(validate_process(p)?),
         None => None,
     };
-    let image = |field: &str, v: Option<String>, required: bool| -> Result<String, ApiError> {
-        match nonempty(v) {
-            Some(p) => image_file(field, &p, image_roots),
-            None if required => Err(bad(format!("{field} is required"))),
-            None => Ok(String::new()),
-        }
+    let image = |field: &str, v: Option<String>, required: bool, devices_ok: bool| match nonempty(v)
+    {
+        Some(p) => image_path(field, &p, images, devices_ok),
+        None if required => Err(bad(format!("{field} is required"))),
+        None => Ok(String::new()),
     };
     let needs_images = process.is_none();
-    let rootfs = image("rootfs", raw.rootfs, needs_images)?;
-    let kernel = image("kernel", raw.kernel, needs_images)?;
-    let data_disk = image("dataDisk", raw.data_disk, false)?;
+    let rootfs = image("rootfs", raw.rootfs, needs_images, true)?;
+    let kernel = image("kernel", raw.kernel, needs_images, false)?;
+    let data_disk = image("dataDisk", raw.data_disk, false, true)?;
     if rootfs.is_empty() != kernel.is_empty() {
         return Err(bad(
             "rootfs and kernel go together: give both or neither".into()
@@ -137,12 +165,13 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
                 "ports[{i}].host must be 0..65535 (got {requested_host})"
             ))
         })?;
-        let protocol = match p.protocol.as_deref() {
-            None | Some("") | Some("tcp") => Protocol::Tcp,
-            Some("udp") => Protocol::Udp,
-            Some(other) => {
+        let protocol = match p.protocol.as_deref().map(Protocol::parse) {
+            None => Protocol::Tcp,
+            Some(Some(proto)) => proto,
+            Some(None) => {
                 return Err(bad(format!(
-                    "ports[{i}].protocol must be tcp or udp (got {other:?})"
+                    "ports[{i}].protocol must be tcp or udp (got {:?})",
+                    p.protocol.unwrap_or_default()
                 )))
             }
         };
@@ -157,6 +186,12 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
             protocol,
         });
     }
+    let http_port = match raw.http_port {
+        None => 0,
+        Some(p) => {
+            u16::try_from(p).map_err(|_| bad(format!("httpPort must be 0..65535 (got {p})")))?
+        }
+    };
     let extra_env = raw.extra_env.unwrap_or_default();
     for (k, v) in &extra_env {
         // Blank keys are accepted and skipped when the env file is written, as the
@@ -184,6 +219,9 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
     }
     let hooks = raw.hooks.unwrap_or_default();
     validate_hooks(&hooks)?;
+    let tags = raw.tags.unwrap_or_default();
+    let metadata = raw.metadata.unwrap_or_default();
+    check_bounds(&tags, &metadata, &hooks, &extra_env)?;
     if let Some(b) = &raw.boot_args {
         if b.contains(['\n', '\0']) {
             return Err(bad("bootArgs cannot hold line breaks or NUL".into()));
@@ -196,39 +234,58 @@ fn validate(raw: RawCreate, image_roots: &[PathBuf]) -> Result<CreateRequest, Ap
         vcpu,
         mem_mib,
         ports,
-        metadata: raw.metadata.unwrap_or_default(),
+        http_port,
+        metadata,
         auto_start: raw.auto_start.unwrap_or(false),
         boot_args: nonempty(raw.boot_args),
         extra_env,
-        tags: raw.tags.unwrap_or_default(),
+        tags,
         hooks,
         process,
     })
 }
 
-/// A path the VM will get: an existing regular file inside an image root, after
-/// resolving symlinks, so the API cannot hand an arbitrary host file to a guest.
-fn image_file(field: &str, path: &str, roots: &[PathBuf]) -> Result<String, ApiError> {
+/// A path the VM will get: an existing regular file (or, for disks, a block device)
+/// inside an image root after resolving symlinks, or a block device listed in
+/// `MGR_IMAGE_DEVICES`, so the API cannot hand an arbitrary host file to a guest. The
+/// path is stored as given (as the original did): an LVM volume's `/dev/vg/lv` stays
+/// valid when its `/dev/dm-N` target is renumbered at the next boot.
+fn image_path(field: &str, path: &str, images: &Images, devices_ok: bool) -> Result<String, Error> {
     if !Path::new(path).is_absolute() {
         return Err(bad(format!("{field}: {path:?} is not an absolute path")));
     }
     let canon = fs::canonicalize(path).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
     let md = fs::metadata(&canon).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
-    if !md.is_file() {
-        return Err(bad(format!("{field}: {path:?} is not a regular file")));
-    }
-    if !roots.iter().any(|r| canon.starts_with(r)) {
+    let device = md.file_type().is_block_device();
+    if device && !devices_ok {
         return Err(bad(format!(
-            "{field}: {path:?} is outside the allowed image roots (MGR_IMAGE_ROOTS)"
+            "{field}: {path:?} is a block device, not a regular file"
         )));
     }
-    canon
-        .into_os_string()
-        .into_string()
-        .map_err(|_| bad(format!("{field}: path is not UTF-8")))
+    if !md.is_file() && !device {
+        let want = if devices_ok {
+            "a regular file or a block device"
+        } else {
+            "a regular file"
+        };
+        return Err(bad(format!("{field}: {path:?} is not {want}")));
+    }
+    let inside_roots = images.roots.iter().any(|r| canon.starts_with(r));
+    let listed_device = device && images.devices.contains(&canon);
+    if !inside_roots && !listed_device {
+        let also = if device {
+            " nor listed in MGR_IMAGE_DEVICES"
+        } else {
+            ""
+        };
+        return Err(bad(format!(
+            "{field}: {path:?} is outside the allowed image roots (MGR_IMAGE_ROOTS){also}"
+        )));
+    }
+    Ok(path.to_string())
 }
 
-fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, ApiError> {
+fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
     if p.cmd.first().is_none_or(|c| c.is_empty()) {
         return Err(bad("process.cmd must be a non-empty argv".into()));
     }
@@ -245,7 +302,53 @@ fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, ApiError> {
     Ok(p)
 }
 
-fn validate_hooks(hooks: &Hooks) -> Result<(), ApiError> {
+/// The bounds on what a create may store, each error naming its limit.
+fn check_bounds(
+    tags: &BTreeMap<String, String>,
+    metadata: &serde_json::Map<String, serde_json::Value>,
+    hooks: &Hooks,
+    extra_env: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    for (field, n) in [
+        ("tags", tags.len()),
+        ("metadata", metadata.len()),
+        ("extraEnv", extra_env.len()),
+    ] {
+        if n > MAX_ENTRIES {
+            return Err(bad(format!("{field}: {n} entries, at most {MAX_ENTRIES}")));
+        }
+    }
+    let n_hooks: usize = hooks.values().map(Vec::len).sum();
+    if n_hooks > MAX_HOOKS {
+        return Err(bad(format!("hooks: {n_hooks} hooks, at most {MAX_HOOKS}")));
+    }
+    let total = json_len(tags) + json_len(metadata) + json_len(hooks);
+    if total > MAX_STORED_BYTES {
+        return Err(bad(format!(
+            "tags, metadata and hooks: {total} bytes of JSON, at most {MAX_STORED_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// The length of a value's JSON, counted without building the text.
+fn json_len<T: serde::Serialize>(v: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+fn validate_hooks(hooks: &Hooks) -> Result<(), Error> {
     for (event, list) in hooks {
         if !HOOK_EVENTS.contains(&event.as_str()) {
             return Err(bad(format!(
@@ -258,23 +361,4 @@ fn validate_hooks(hooks: &Hooks) -> Result<(), ApiError> {
         }
     }
     Ok(())
-}
-
-/// The rules one hook entry must meet (also applied to global hook files).
-pub fn check_hook(h: &mergen_model::HookSpec) -> Result<(), String> {
-    match h.kind {
-        HookType::Http => {
-            if h.url.starts_with("https://") {
-                Err("https hooks are not supported; use an http:// URL (e.g. a local relay) or an exec hook".into())
-            } else if !h.url.starts_with("http://") {
-                Err(format!("url {:?} must start with http://", h.url))
-            } else {
-                Ok(())
-            }
-        }
-        HookType::Exec if h.cmd.first().is_none_or(|c| c.is_empty()) => {
-            Err("exec hooks need a non-empty cmd".into())
-        }
-        HookType::Exec => Ok(()),
-    }
 }

@@ -1,19 +1,24 @@
 //! Routing, authentication and request metrics in front of the API.
 
-use crate::api::App;
-use crate::error::ApiError;
+use crate::api::{App, Outcome};
+use crate::error::Error;
+use crate::respond;
 use mergen_http::{Request, Response};
 
 /// Answer one request and count it under its route.
 pub fn handle(app: &App, req: &Request) -> Response {
     let started = std::time::Instant::now();
     let (route, result) = dispatch(app, req);
-    let resp = result.unwrap_or_else(|e| {
-        if e.status >= 500 {
-            log::warn!(route = route, status = e.status, error = e.message; "request failed");
+    let resp = match result {
+        Ok(o) => respond::outcome(o),
+        Err(e) => {
+            let answer = respond::error(&e);
+            if answer.status >= 500 {
+                log::warn!(route = route, status = answer.status, error:% = e; "request failed");
+            }
+            answer.into_response()
         }
-        e.into_response()
-    });
+    };
     app.metrics.request(route, resp.status);
     log::debug!(
         method = req.head.method,
@@ -30,7 +35,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(app: &App, req: &Request) -> Result<(), ApiError> {
+fn authorize(app: &App, req: &Request) -> Result<(), Error> {
     let Some(token) = &app.config.api_token else {
         return Ok(());
     };
@@ -42,21 +47,37 @@ fn authorize(app: &App, req: &Request) -> Result<(), ApiError> {
     if given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
         return Ok(());
     }
-    let mut e = ApiError::new(401, "unauthorized", "missing or wrong bearer token");
-    e.headers.push(("WWW-Authenticate", "Bearer".into()));
-    Err(e)
+    Err(Error::Unauthorized)
 }
 
-fn retain_data(query: &str) -> bool {
-    query
-        .split('&')
-        .any(|kv| matches!(kv.split_once('='), Some(("retainData", "true" | "1"))))
+/// `?retainData=` as the original read it: the first value, percent-decoded, parsed
+/// with Go's `strconv.ParseBool`; absent or empty is false. Anything else is refused
+/// before anything is deleted, so a typo never costs the data.
+fn retain_data(query: &str) -> Result<bool, Error> {
+    let value = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "retainData")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if value.is_empty() {
+        return Ok(false);
+    }
+    mergen_envtable::go_bool(&value).ok_or_else(|| {
+        Error::BadRequest(format!(
+            "retainData={value:?}: want a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)"
+        ))
+    })
 }
 
-fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Response, ApiError>) {
+fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) {
     let method = req.head.method.as_str();
     let path = req.head.path.as_str();
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // One trailing slash names the same resource, as in the original's router
+    // (`POST /v1/vms/` creates).
+    let trimmed = match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    };
+    let segs: Vec<&str> = trimmed.trim_start_matches('/').split('/').collect();
     let route: &'static str = match segs.as_slice() {
         ["healthz"] => "/healthz",
         ["metrics"] => "/metrics",
@@ -66,25 +87,63 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Response, ApiErro
         ["v1", "vms", _, "stop"] => "/v1/vms/:id/stop",
         _ => "other",
     };
-    if segs.first() == Some(&"v1") {
+    let guarded =
+        segs.first() == Some(&"v1") || (route == "/metrics" && app.config.metrics_require_token);
+    if guarded {
         if let Err(e) = authorize(app, req) {
             return (route, Err(e));
         }
     }
     let result = match (route, method) {
-        ("/healthz", "GET") => Ok(Response::json(200, &serde_json::json!({"status": "ok"}))),
+        ("/healthz", "GET") => Ok(Outcome::Healthy),
         ("/metrics", "GET") => app.metrics_text(),
-        ("/healthz" | "/metrics", _) => Err(ApiError::method_not_allowed("GET")),
+        ("/healthz" | "/metrics", _) => Err(Error::MethodNotAllowed("GET")),
         ("/v1/vms", "GET") => app.list(),
         ("/v1/vms", "POST") => app.create(&req.body),
-        ("/v1/vms", _) => Err(ApiError::method_not_allowed("GET, POST")),
+        ("/v1/vms", _) => Err(Error::MethodNotAllowed("GET, POST")),
         ("/v1/vms/:id", "GET") => app.get(segs[2]),
-        ("/v1/vms/:id", "DELETE") => app.delete(segs[2], retain_data(&req.head.query)),
-        ("/v1/vms/:id", _) => Err(ApiError::method_not_allowed("GET, DELETE")),
+        ("/v1/vms/:id", "DELETE") => {
+            retain_data(&req.head.query).and_then(|retain| app.delete(segs[2], retain))
+        }
+        ("/v1/vms/:id", _) => Err(Error::MethodNotAllowed("GET, DELETE")),
         ("/v1/vms/:id/start", "POST") => app.start(segs[2]),
         ("/v1/vms/:id/stop", "POST") => app.stop(segs[2]),
-        ("/v1/vms/:id/start" | "/v1/vms/:id/stop", _) => Err(ApiError::method_not_allowed("POST")),
-        _ => Err(ApiError::not_found(format!("no such path {path}"))),
+        ("/v1/vms/:id/start" | "/v1/vms/:id/stop", _) => Err(Error::MethodNotAllowed("POST")),
+        _ => Err(Error::NoRoute(path.to_string())),
     };
     (route, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_data_is_gos_parse_bool() {
+        for q in [
+            "retainData=1",
+            "retainData=t",
+            "retainData=T",
+            "retainData=TRUE",
+            "retainData=true",
+            "retainData=True",
+            "retainData=%54rue",
+            "x=1&retainData=true&retainData=false",
+        ] {
+            assert!(retain_data(q).unwrap(), "{q}");
+        }
+        for q in ["", "retainData=", "retainData=0", "retainData=False", "x=1"] {
+            assert!(!retain_data(q).unwrap(), "{q}");
+        }
+        for q in [
+            "retainData=yes",
+            "retainData=ture",
+            "retainData=tRUE",
+            "retainData=2",
+        ] {
+            let e = retain_data(q).unwrap_err();
+            assert!(matches!(e, Error::BadRequest(_)), "{q}");
+            assert!(e.to_string().contains("retainData"), "{q}");
+        }
+    }
 }

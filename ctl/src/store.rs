@@ -1,24 +1,38 @@
 //! The VM store on disk, in the original's layout.
 //!
 //! A VM exists exactly when `$MGR_CONFIG_ROOT/<id>/` exists. Creation builds the whole
-//! config dir under a temporary name (`.tmp-<id>`), fsyncs it, and renames it into
-//! place; deletion renames it away (`.del-<id>`) before removing anything. So a crash
-//! at any moment leaves either no VM or a whole one, and start-up only has to sweep
-//! the temporary names.
+//! config dir under a temporary name (`.tmp-<id>`), fsyncs it, makes the data and run
+//! dirs, and renames it into place; deletion renames it away first (`.del-<id>`, or
+//! `.del-retain-<id>` when the data is kept: the name carries the intent), then
+//! removes the run and data dirs, then the renamed dir. So a crash at any moment
+//! leaves either no VM or a whole one, and start-up ([`Store::recover`]) rolls back an
+//! unfinished create and finishes an unfinished delete.
+//!
+//! A data dir kept by `retainData` holds a `.mergen-retained` marker. Any other data
+//! dir without a VM (left by an older version, or by hand) is never deleted: start-up
+//! moves it under `$MGR_DATA_ROOT/.orphaned/` and says so.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use mergen_model::atomic::sync_dir;
+use mergen_model::atomic::{
+    create_dir, create_dir_all, create_file, pretty_json, sync_dir, write_file, DIR_MODE, FILE_MODE,
+};
 use mergen_model::names::is_valid_id;
 use mergen_model::{Hooks, Meta, Roots, VmConfig};
 
-use crate::lock::FileLock;
+use crate::alloc::Taken;
+use crate::lock::{FileLock, TryLock};
 
 const TMP_PREFIX: &str = ".tmp-";
 const DEL_PREFIX: &str = ".del-";
+const DEL_RETAIN_PREFIX: &str = ".del-retain-";
+/// Marks a data dir kept by `DELETE ?retainData=true`.
+pub const RETAINED_MARKER: &str = ".mergen-retained";
+/// Where data dirs without a VM are moved, under the data root.
+pub const ORPHANED_DIR: &str = ".orphaned";
 
 /// Everything written for a new VM.
 pub struct NewVm {
@@ -33,10 +47,14 @@ pub struct NewVm {
 /// What start-up found and did.
 #[derive(Debug, Default)]
 pub struct Recovery {
-    /// Half-written or half-deleted dirs that were removed.
+    /// Half-written or half-deleted config dirs that were rolled back or finished.
     pub removed: Vec<PathBuf>,
     /// Dirs named like a VM without a valid meta.json: left alone, never listed.
     pub invalid: Vec<PathBuf>,
+    /// Lock files and run dirs of VMs that do not exist, removed.
+    pub stale: Vec<PathBuf>,
+    /// Data dirs without a VM, moved: (from, to).
+    pub orphaned: Vec<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +73,7 @@ impl Store {
 
     pub fn ensure_roots(&self) -> io::Result<()> {
         for d in [&self.roots.config, &self.roots.data, &self.roots.run] {
-            fs::create_dir_all(d)?;
+            create_dir_all(d, DIR_MODE)?;
         }
         Ok(())
     }
@@ -66,9 +84,12 @@ impl Store {
         FileLock::acquire(&self.roots.config.join(".alloc.lock"))
     }
 
-    /// Sweep what a crash left behind. The caller holds the allocation lock.
+    /// Roll back or finish what a crash interrupted, then tidy what no VM owns. The
+    /// caller holds the allocation lock (creates and deletes take it too, so none is
+    /// in flight).
     pub fn recover(&self) -> io::Result<Recovery> {
         let mut rec = Recovery::default();
+        let mut live = std::collections::HashSet::new();
         for entry in fs::read_dir(&self.roots.config)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -76,26 +97,119 @@ impl Store {
             if !entry.file_type()?.is_dir() {
                 continue;
             }
-            if name.starts_with(TMP_PREFIX) || name.starts_with(DEL_PREFIX) {
-                if let Some(id) = name.get(TMP_PREFIX.len()..).filter(|id| is_valid_id(id)) {
-                    // A create that never committed: its data and run dirs go too,
-                    // unless a committed VM of that id exists (it cannot, ids are new).
-                    if name.starts_with(TMP_PREFIX) && !self.roots.config.join(id).exists() {
-                        let p = self.roots.paths(id);
-                        let _ = fs::remove_dir_all(&p.data_dir);
-                        let _ = fs::remove_dir_all(&p.run_dir);
-                    }
+            if let Some(id) = name.strip_prefix(TMP_PREFIX) {
+                // A create that never committed: its data and run dirs go with it.
+                if is_valid_id(id) && !self.roots.config.join(id).exists() {
+                    let p = self.roots.paths(id);
+                    remove_if_present(&p.data_dir)?;
+                    remove_if_present(&p.run_dir)?;
                 }
                 fs::remove_dir_all(&path)?;
                 rec.removed.push(path);
-            } else if is_valid_id(&name) && self.read_meta(&name).is_err() {
-                rec.invalid.push(path);
+            } else if let Some(rest) = name.strip_prefix(DEL_PREFIX) {
+                // A delete that committed: finish it as it was asked.
+                let (id, retain) = match rest.strip_prefix("retain-") {
+                    Some(id) => (id, true),
+                    None => (rest, false),
+                };
+                if is_valid_id(id) && !self.roots.config.join(id).exists() {
+                    self.finish_delete(id, retain)?;
+                }
+                fs::remove_dir_all(&path)?;
+                rec.removed.push(path);
+            } else if is_valid_id(&name) {
+                live.insert(name.clone());
+                if self.read_meta(&name).is_err() {
+                    rec.invalid.push(path);
+                }
             }
         }
         if !rec.removed.is_empty() {
             sync_dir(&self.roots.config)?;
         }
+        self.sweep_run_root(&live, &mut rec)?;
+        self.sweep_data_root(&live, &mut rec)?;
         Ok(rec)
+    }
+
+    /// Lock files and run dirs of VMs that do not exist. A lock someone holds (a
+    /// create of another mergend on these roots, before its VM exists) is left.
+    fn sweep_run_root(
+        &self,
+        live: &std::collections::HashSet<String>,
+        rec: &mut Recovery,
+    ) -> io::Result<()> {
+        for entry in fs::read_dir(&self.roots.run)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let (id, is_lock) = match name.strip_suffix(".lock") {
+                Some(id) => (id, true),
+                None => (name.as_str(), false),
+            };
+            if !is_valid_id(id) || live.contains(id) {
+                continue;
+            }
+            if is_lock {
+                match FileLock::try_acquire(&path)? {
+                    TryLock::Acquired(_held) => fs::remove_file(&path)?,
+                    TryLock::Held => continue,
+                }
+            } else if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else {
+                continue;
+            }
+            rec.stale.push(path);
+        }
+        Ok(())
+    }
+
+    /// Data dirs without a VM and without the retained marker go under `.orphaned/`.
+    fn sweep_data_root(
+        &self,
+        live: &std::collections::HashSet<String>,
+        rec: &mut Recovery,
+    ) -> io::Result<()> {
+        let orphanage = self.roots.data.join(ORPHANED_DIR);
+        for entry in fs::read_dir(&self.roots.data)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_valid_id(&name) || live.contains(&name) || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let path = entry.path();
+            if path.join(RETAINED_MARKER).exists() {
+                continue;
+            }
+            create_dir_all(&orphanage, DIR_MODE)?;
+            let mut to = orphanage.join(&name);
+            let mut n = 1;
+            while to.exists() {
+                to = orphanage.join(format!("{name}-{n}"));
+                n += 1;
+            }
+            fs::rename(&path, &to)?;
+            rec.orphaned.push((path, to));
+        }
+        if !rec.orphaned.is_empty() {
+            sync_dir(&orphanage)?;
+            sync_dir(&self.roots.data)?;
+        }
+        Ok(())
+    }
+
+    /// The names under `$MGR_DATA_ROOT/.orphaned/`, for `/metrics`.
+    pub fn orphaned(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.roots.data.join(ORPHANED_DIR))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     fn read_meta(&self, id: &str) -> io::Result<Meta> {
@@ -128,21 +242,54 @@ impl Store {
         Ok(out)
     }
 
+    /// The guest IPs and host ports every VM dir holds, including those whose
+    /// meta.json the model cannot read: their `guestIP` and `ports[].host` are picked
+    /// out leniently, so a damaged file never lets its addresses be handed out twice.
+    /// A meta.json that is not even JSON with a guest IP is an error naming the file
+    /// (creates are refused until it is fixed, as the original did).
+    pub fn taken(&self) -> Result<Taken, String> {
+        let mut metas = Vec::new();
+        let mut taken = Taken::default();
+        for entry in fs::read_dir(&self.roots.config)
+            .map_err(|e| format!("listing {}: {e}", self.roots.config.display()))?
+        {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|n| is_valid_id(n)) else {
+                continue;
+            };
+            let path = self.roots.config.join(id).join("meta.json");
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                // No meta.json (not a VM mergend made): nothing to reserve.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
+            match Meta::from_slice(&bytes) {
+                Ok(m) => metas.push(m),
+                Err(e) => {
+                    let (ip, ports) = scan_reservations(&bytes).map_err(|why| {
+                        format!(
+                            "{} cannot be read ({why}; {e}), so the guest IP and host ports it holds are unknown: fix or remove it before creating VMs",
+                            path.display()
+                        )
+                    })?;
+                    log::warn!(file:? = path, error:% = e, guest_ip:% = ip; "meta.json unreadable: its guest IP and ports stay reserved");
+                    taken.ips.insert(ip);
+                    taken.ports.extend(ports);
+                }
+            }
+        }
+        let listed = Taken::of(&metas);
+        taken.ips.extend(listed.ips);
+        taken.ports.extend(listed.ports);
+        Ok(taken)
+    }
+
     /// The VM `id`, or None when it does not exist.
     pub fn load(&self, id: &str) -> io::Result<Option<Meta>> {
         match self.read_meta(id) {
             Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The VM's own hooks.json, if it has one.
-    pub fn load_hooks(&self, meta: &Meta) -> io::Result<Option<Hooks>> {
-        match fs::read(&meta.paths.hooks_path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| io::Error::other(format!("{}: {e}", meta.paths.hooks_path))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -155,7 +302,7 @@ impl Store {
         let result = self.write_tmp(&tmp, vm).and_then(|()| {
             let p = &vm.meta.paths;
             for d in [&p.logs_dir, &p.run_dir] {
-                fs::create_dir_all(d)?;
+                create_dir_all(Path::new(d), DIR_MODE)?;
             }
             sync_dir(&self.roots.data)?;
             sync_dir(&self.roots.run)?;
@@ -174,30 +321,80 @@ impl Store {
     }
 
     fn write_tmp(&self, tmp: &Path, vm: &NewVm) -> io::Result<()> {
-        fs::create_dir(tmp)?;
+        create_dir(tmp, DIR_MODE)?;
         if let Some(c) = &vm.vm_config {
-            write_synced(&tmp.join("vm.json"), &pretty(c)?, 0o644)?;
+            write_synced(&tmp.join("vm.json"), &pretty_json(c)?)?;
         }
         if let Some(h) = &vm.hooks {
-            write_synced(&tmp.join("hooks.json"), &pretty(h)?, 0o644)?;
+            write_synced(&tmp.join("hooks.json"), &pretty_json(h)?)?;
         }
-        write_synced(&tmp.join("env"), vm.env.as_bytes(), 0o640)?;
-        write_synced(&tmp.join("meta.json"), &pretty(&vm.meta)?, 0o644)?;
+        write_synced(&tmp.join("env"), vm.env.as_bytes())?;
+        write_synced(&tmp.join("meta.json"), &pretty_json(&vm.meta)?)?;
         sync_dir(tmp)
     }
 
-    /// Remove a VM: it disappears atomically first, then its files go.
+    /// Remove a VM: it disappears atomically first (the renamed dir says whether its
+    /// data is kept), then its run and data dirs go, then the renamed dir. The caller
+    /// holds the allocation lock.
     pub fn remove(&self, meta: &Meta, retain_data: bool) -> io::Result<()> {
-        let gone = self.roots.config.join(format!("{DEL_PREFIX}{}", meta.id));
+        let prefix = if retain_data {
+            DEL_RETAIN_PREFIX
+        } else {
+            DEL_PREFIX
+        };
+        let gone = self.roots.config.join(format!("{prefix}{}", meta.id));
         fs::rename(&meta.paths.config_dir, &gone)?;
         sync_dir(&self.roots.config)?;
+        self.finish_delete(&meta.id, retain_data)?;
         fs::remove_dir_all(&gone)?;
-        remove_if_present(&meta.paths.run_dir)?;
-        if !retain_data {
-            remove_if_present(&meta.paths.data_dir)?;
+        sync_dir(&self.roots.config)
+    }
+
+    /// The part of a delete after its commit point; safe to repeat.
+    fn finish_delete(&self, id: &str, retain_data: bool) -> io::Result<()> {
+        let p = self.roots.paths(id);
+        remove_if_present(&p.run_dir)?;
+        if retain_data {
+            if Path::new(&p.data_dir).is_dir() {
+                let marker = serde_json::json!({
+                    "id": id,
+                    "deletedAt": time::OffsetDateTime::now_utc()
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                });
+                write_file(
+                    &Path::new(&p.data_dir).join(RETAINED_MARKER),
+                    &pretty_json(&marker)?,
+                    FILE_MODE,
+                )?;
+            }
+        } else {
+            remove_if_present(&p.data_dir)?;
         }
         Ok(())
     }
+}
+
+/// `guestIP` and every `ports[].host` of a meta.json the model cannot read.
+fn scan_reservations(bytes: &[u8]) -> Result<(Ipv4Addr, Vec<u16>), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let ip = v
+        .get("guestIP")
+        .and_then(|ip| ip.as_str())
+        .and_then(|ip| ip.trim().parse::<Ipv4Addr>().ok())
+        .ok_or("no readable guestIP")?;
+    let ports = v
+        .get("ports")
+        .and_then(|p| p.as_array())
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| p.get("host")?.as_u64())
+                .filter_map(|h| u16::try_from(h).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((ip, ports))
 }
 
 fn remove_if_present(dir: &str) -> io::Result<()> {
@@ -207,19 +404,10 @@ fn remove_if_present(dir: &str) -> io::Result<()> {
     }
 }
 
-/// Pretty JSON with two-space indent and a trailing newline, as the original wrote it.
-fn pretty<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    let mut b = serde_json::to_vec_pretty(v).map_err(io::Error::other)?;
-    b.push(b'\n');
-    Ok(b)
-}
-
-fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut f: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+/// A new file of the VM's dir being built (no temp file needed: the dir itself is
+/// renamed into place), mode 0640.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = create_file(path, FILE_MODE)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

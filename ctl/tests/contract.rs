@@ -442,14 +442,43 @@ fn create_rules_and_allocation_range() {
     );
     assert_eq!(meta["guestIP"], "172.30.0.2");
 
-    // The range is used up: conflict. A port outside the range can still be asked for.
+    // The range is used up: conflict. A port outside the range is refused (a
+    // deliberate difference: the original published any port, host services included;
+    // see api::published_ports_never_capture_host_services).
     let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":0}]"#));
     assert_eq!((code, v["error"].as_str()), (409, Some("conflict")), "{v}");
     let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":31002}]"#));
     assert_eq!((code, v["error"].as_str()), (409, Some("conflict")), "{v}");
     let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"host":45000}]"#));
+    assert_eq!(
+        (code, v["error"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("MGR_ALLOW_PORTS_OUTSIDE_RANGE"));
+}
+
+/// `ports[].protocol` is trimmed and case-insensitive and stored lowercase; `vcpu` and
+/// `memMiB`, when absent, are 1 and 512 (the original's README example).
+#[test]
+fn protocol_any_case_and_machine_defaults() {
+    let roots = Roots::new("protocase");
+    let m = Mergend::start(&roots, &[]);
+    let (code, v) = m.create(&roots.body_with(
+        r#","ports":[{"guest":80,"host":0,"protocol":" TCP "},{"guest":53,"host":0,"protocol":"Udp"}]"#,
+    ));
     assert_eq!(code, 201, "{v}");
-    let (_, s) = m.get_json(&format!("/v1/vms/{}", id_of(&v)));
-    assert_eq!(s["network"]["guestIP"], "172.30.0.3");
-    assert_eq!(s["network"]["ports"][0]["host"], 45000);
+    let id = id_of(&v);
+    let meta: Value =
+        serde_json::from_str(&read(roots.config().join(&id).join("meta.json"))).unwrap();
+    assert_eq!(meta["ports"][0]["protocol"], "tcp");
+    assert_eq!(meta["ports"][1]["protocol"], "udp");
+    let vm: Value = serde_json::from_str(&read(roots.config().join(&id).join("vm.json"))).unwrap();
+    assert_eq!(vm["machine-config"]["vcpu_count"], 1);
+    assert_eq!(vm["machine-config"]["mem_size_mib"], 512);
+    let (code, v) = m.create(&roots.body_with(r#","ports":[{"guest":80,"protocol":"sctp"}]"#));
+    assert_eq!(code, 400, "{v}");
 }

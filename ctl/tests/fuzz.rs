@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Mergend, Roots};
-use mergen_ctl::request::parse_create;
+use mergen_ctl::request::{parse_create, Images};
 use mergen_http::request::parse_head;
 use mergen_http::{Limits, Progress, RequestReader};
 use mergen_testkit::XorShift;
@@ -215,7 +215,10 @@ fn request_reader_survives_garbage() {
 #[test]
 fn create_parser_survives_garbage() {
     let roots = Roots::new("fuzzparse");
-    let image_roots = vec![std::fs::canonicalize(roots.img()).unwrap()];
+    let images = Images {
+        roots: vec![std::fs::canonicalize(roots.img()).unwrap()],
+        devices: Vec::new(),
+    };
     let seed = roots.body_with(
         r#","vcpu":2,"memMiB":256,"ports":[{"guest":80,"host":0,"protocol":"udp"}],"metadata":{"a":[1,{"b":null}]},"tags":{"app":"x"},"extraEnv":{"K":"v"},"hooks":{"onCreate":[{"type":"exec","cmd":["true"],"timeoutMs":5,"strict":true}]},"process":{"cmd":["sleep","1"],"env":{"A":"b"}}"#,
     );
@@ -230,7 +233,7 @@ fn create_parser_survives_garbage() {
         } else {
             mutate(&mut rng, seed.as_bytes())
         };
-        let _ = parse_create(&body, &image_roots);
+        let _ = parse_create(&body, &images);
     }
     assert_eq!(walk(&roots.dir), before, "parsing wrote files");
 }

@@ -140,7 +140,8 @@ enum Stop {
 
 fn serve() -> Result<(), Error> {
     let config = Config::from_env()?;
-    mergen_log::init(&config.log_level, &config.log_format).map_err(Error::Logging)?;
+    mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)
+        .map_err(Error::Logging)?;
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
 

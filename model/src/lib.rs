@@ -18,6 +18,7 @@ pub mod vmconfig;
 pub use cidr::Ipv4Cidr;
 pub use layout::Roots;
 pub use meta::{
-    HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol, RouteMeta,
+    read_hooks, HookSpec, HookType, Hooks, Meta, Paths, PortBinding, ProcessSpec, Protocol,
+    ReadHooks, RouteMeta, HOOK_EVENTS,
 };
 pub use vmconfig::VmConfig;

@@ -18,7 +18,7 @@ pub fn main(args: &[String]) -> ExitCode {
     // Same logging settings as mergend: a supervisor's lines land in its supervisor.log,
     // a unit's in the journal.
     let (level, format) = crate::config::step_log_settings(|k| std::env::var(k).ok());
-    if let Err(e) = mergen_log::init(&level, &format) {
+    if let Err(e) = mergen_log::init("mergend", &level, &format) {
         eprintln!("mergend: logging: {e}");
     }
     let config = match RuntimeConfig::from_env() {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mergen_testkit::{poll, TempDir};
 
+pub mod hookserver;
 pub mod vms;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mergend");
@@ -121,29 +122,56 @@ impl Mergend {
     }
 
     pub fn start_env(env: &[(String, String)]) -> Mergend {
-        let mut cmd = Command::new(BIN);
+        Self::spawn(Command::new(BIN), env)
+    }
+
+    /// Started under `umask` (an octal text such as "077") through `sh`.
+    pub fn start_umask(roots: &Roots, extra: &[(&str, &str)], umask: &str) -> Mergend {
+        let mut env = env_for(roots);
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("umask {umask} && exec \"$0\""), BIN]);
+        Self::spawn(cmd, &env)
+    }
+
+    fn spawn(mut cmd: Command, env: &[(String, String)]) -> Mergend {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn mergend");
+        // The log goes to stdout, as the original's; stderr holds only a fatal
+        // error. Both are kept, in the order each stream gives them.
+        let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
         {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
+                for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["msg"] == "mergend listening" {
                             let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
                         }
                     }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
                     log.lock().unwrap().push(line);
                 }
             });
@@ -185,6 +213,16 @@ impl Mergend {
     }
 
     pub fn create(&self, body: &str) -> (u16, serde_json::Value) {
+        // A large body goes through a file: the argument list has a limit.
+        let file = (body.len() > 64 * 1024).then(|| {
+            let f = TempDir::new("body");
+            std::fs::write(f.join("body.json"), body).unwrap();
+            f
+        });
+        let arg = match &file {
+            Some(f) => format!("@{}", f.join("body.json").display()),
+            None => body.to_string(),
+        };
         let (code, out) = self.curl(
             "POST",
             "/v1/vms",
@@ -192,7 +230,7 @@ impl Mergend {
                 "-H",
                 "content-type: application/json",
                 "--data-binary",
-                body,
+                &arg,
             ],
         );
         (

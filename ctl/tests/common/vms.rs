@@ -8,13 +8,16 @@ use mergen_runtime::{steps, RuntimeConfig, Supervisor};
 use super::{env_for, Roots, BIN};
 
 /// The settings (besides the roots) of a mergend running process guests under the
-/// embedded supervisor on `cidr`, a guest network of the test's own.
-pub fn process_env(cidr: &str) -> [(&'static str, &str); 4] {
+/// embedded supervisor on `cidr`, a guest network of the test's own. Tests publish
+/// free ports picked by the kernel (tests running in parallel must not DNAT the same
+/// host port), so ports outside the range are allowed.
+pub fn process_env(cidr: &str) -> [(&'static str, &str); 5] {
     [
         ("MGR_RUNTIME", "process"),
         ("MGR_SUPERVISOR", "embedded"),
         ("MGR_GUEST_CIDR", cidr),
         ("MGR_STOP_TIMEOUT_SECONDS", "5"),
+        ("MGR_ALLOW_PORTS_OUTSIDE_RANGE", "1"),
     ]
 }
 

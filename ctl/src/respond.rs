@@ -1,0 +1,163 @@
+//! The one place where HTTP status codes and headers are chosen: a domain
+//! [`Outcome`] or [`Error`] becomes a response here and nowhere else (as Firecracker's
+//! API server maps its typed results in one module).
+
+use serde_json::json;
+
+use crate::alloc::AllocError;
+use crate::api::{Items, Outcome};
+use crate::error::{ApiError, Error};
+use mergen_http::Response;
+
+/// The answer to a call that succeeded.
+pub fn outcome(o: Outcome) -> Response {
+    let done = |status: u16, id: String, word: &str| {
+        Response::json(status, &json!({"id": id, "status": word}))
+    };
+    match o {
+        Outcome::Healthy => Response::json(200, &json!({"status": "ok"})),
+        Outcome::Created(id) => done(201, id, "created"),
+        Outcome::Started(id) => done(200, id, "started"),
+        Outcome::Stopped(id) => done(200, id, "stopped"),
+        Outcome::Deleted(id) => done(200, id, "deleted"),
+        Outcome::Vm(vm) => Response::json(200, &vm),
+        Outcome::List(items) => Response::json(200, &Items { items: &items }),
+        Outcome::Metrics(text) => Response::text(200, "text/plain; version=0.0.4", text),
+    }
+}
+
+/// Status and code of an error, as the original answered them.
+fn status(e: &Error) -> (u16, &'static str) {
+    match e {
+        Error::BadRequest(_) | Error::InvalidId(_) => (400, "bad_request"),
+        // A requested port this host does not publish: the request is wrong here.
+        Error::Alloc(AllocError::OutsideRange { .. }) => (400, "bad_request"),
+        Error::Unauthorized => (401, "unauthorized"),
+        Error::VmNotFound(_) | Error::NoRoute(_) => (404, "not_found"),
+        Error::MethodNotAllowed(_) => (405, "method_not_allowed"),
+        Error::Busy(_) | Error::Alloc(_) => (409, "conflict"),
+        // The hook's endpoint or command is the failing upstream.
+        Error::HookFailed(_) => (502, "hook_failed"),
+        Error::Runtime(e) if e.is_unavailable() => (503, "dependency_unavailable"),
+        Error::Unavailable(_) => (503, "dependency_unavailable"),
+        Error::Runtime(_) | Error::Io { .. } | Error::Unreadable(_) | Error::Internal(_) => {
+            (500, "internal_error")
+        }
+        Error::Context { source, .. } => status(source),
+    }
+}
+
+/// The answer to a call that failed.
+pub fn error(e: &Error) -> ApiError {
+    let (code, word) = status(e);
+    let mut out = ApiError::new(code, word, e.to_string());
+    match e {
+        Error::MethodNotAllowed(allow) => out.headers.push(("Allow", (*allow).to_string())),
+        Error::Unauthorized => out.headers.push(("WWW-Authenticate", "Bearer".into())),
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mergen_model::Protocol;
+    use mergen_runtime::{RuntimeError, Unavailable};
+
+    /// Every variant's status and code, as the API contract (and the original) says.
+    #[test]
+    fn every_error_has_its_status() {
+        let io = || std::io::Error::other("disk");
+        let cases: Vec<(Error, u16, &str)> = vec![
+            (Error::BadRequest("x".into()), 400, "bad_request"),
+            (Error::InvalidId("x".into()), 400, "bad_request"),
+            (Error::Unauthorized, 401, "unauthorized"),
+            (Error::VmNotFound("x".into()), 404, "not_found"),
+            (Error::NoRoute("/x".into()), 404, "not_found"),
+            (Error::MethodNotAllowed("GET"), 405, "method_not_allowed"),
+            (Error::Busy("x".into()), 409, "conflict"),
+            (Error::Alloc(AllocError::PortTaken(1)), 409, "conflict"),
+            (
+                Error::Alloc(AllocError::HostPortInUse {
+                    port: 22,
+                    protocol: Protocol::Tcp,
+                }),
+                409,
+                "conflict",
+            ),
+            (
+                Error::Alloc(AllocError::OutsideRange {
+                    port: 22,
+                    start: 1,
+                    end: 2,
+                }),
+                400,
+                "bad_request",
+            ),
+            (Error::HookFailed("x".into()), 502, "hook_failed"),
+            (
+                Error::Runtime(RuntimeError::Unavailable(Unavailable::NoSetsid)),
+                503,
+                "dependency_unavailable",
+            ),
+            (
+                // A missing unit, reported from inside a step, is still unavailable.
+                Error::Runtime(RuntimeError::Step {
+                    step: "start",
+                    id: "x".into(),
+                    source: Box::new(RuntimeError::Unavailable(Unavailable::UnitMissing {
+                        unit: "mergen@x.service".into(),
+                        detail: "not found".into(),
+                    })),
+                }),
+                503,
+                "dependency_unavailable",
+            ),
+            (
+                Error::Unavailable("no systemd".into()),
+                503,
+                "dependency_unavailable",
+            ),
+            (
+                Error::Runtime(RuntimeError::Invalid("x".into())),
+                500,
+                "internal_error",
+            ),
+            (
+                Error::Io {
+                    what: "w",
+                    source: io(),
+                },
+                500,
+                "internal_error",
+            ),
+            (Error::Unreadable("x".into()), 500, "internal_error"),
+            (Error::Internal("x".into()), 500, "internal_error"),
+            (
+                Error::Busy("x".into()).context("VM y was created but not started"),
+                409,
+                "conflict",
+            ),
+        ];
+        for (e, want_status, want_code) in cases {
+            let a = error(&e);
+            assert_eq!((a.status, a.code), (want_status, want_code), "{e:?}");
+            assert_eq!(a.message, e.to_string());
+        }
+        let ctx = error(&Error::HookFailed("h".into()).context("VM y was created"));
+        assert_eq!(ctx.message, "VM y was created: h");
+    }
+
+    #[test]
+    fn headers_of_405_and_401() {
+        assert_eq!(
+            error(&Error::MethodNotAllowed("GET, POST")).headers,
+            vec![("Allow", "GET, POST".to_string())]
+        );
+        assert_eq!(
+            error(&Error::Unauthorized).headers,
+            vec![("WWW-Authenticate", "Bearer".to_string())]
+        );
+    }
+}
