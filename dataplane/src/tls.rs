@@ -167,7 +167,7 @@ impl CertStore {
     /// Load a PEM certificate chain and its key (PKCS#8, SEC1 or PKCS#1; RSA, ECDSA or
     /// Ed25519). Errors name the file at fault.
     pub fn load(cert: &Path, key: &Path) -> Result<CertStore, CertError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let cert_pem = read_file(cert, "certificate file")?;
         let key_pem = read_file(key, "key file")?;
         let ck = parse(cert, key, &provider, &cert_pem, &key_pem)?;
@@ -264,6 +264,30 @@ fn report(inner: &Inner, result: &Result<bool, CertError>) {
         Err(e) => {
             log::warn!(error = e.to_string(); "TLS certificate reload failed, keeping the old one")
         }
+    }
+}
+
+/// The crypto behind every handshake and record, each part from the library that does
+/// it faster on the machines we measured (`docs/benchmarks.md`, x86-64 with AES and
+/// AVX-512): record protection (AES-GCM, ChaCha20-Poly1305, and the hashes of their
+/// suites) and P-256/P-384 key exchange from ring, whose AES-GCM runs about twice as
+/// fast as aws-lc-rs's; X25519 key exchange (1.7x) and signing (RSA-2048 2x, ECDSA
+/// level) from aws-lc-rs. Both are complete providers that rustls tests; mixing them
+/// per operation is what `CryptoProvider`'s fields are for.
+pub fn provider() -> CryptoProvider {
+    use rustls::crypto::{aws_lc_rs, ring};
+    let ring = ring::default_provider();
+    let aws = aws_lc_rs::default_provider();
+    CryptoProvider {
+        cipher_suites: ring.cipher_suites,
+        kx_groups: vec![
+            aws_lc_rs::kx_group::X25519,
+            ring::kx_group::SECP256R1,
+            ring::kx_group::SECP384R1,
+        ],
+        signature_verification_algorithms: ring.signature_verification_algorithms,
+        secure_random: ring.secure_random,
+        key_provider: aws.key_provider,
     }
 }
 
