@@ -546,6 +546,7 @@ mod tests {
                 guest_port: backend_port,
                 kind: ListenerKind::Raw,
                 tls: None,
+                tls_client_order: None,
             };
             let shared = Arc::new(Shared::new(
                 config,

@@ -186,7 +186,7 @@ fn judge(
     let Some(route) = routes.by_sni(&name) else {
         return refuse(HandshakeFailure::UnknownSni, Some(&name));
     };
-    let Some(config) = listener.tls.clone() else {
+    let Some(config) = listener.tls_for(data) else {
         return Verdict::Failed; // a TLS kind always has a configuration
     };
     let session = match ServerConnection::new(config) {

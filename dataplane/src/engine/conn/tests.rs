@@ -179,6 +179,9 @@ impl T {
                 guest_port: 8080,
                 kind,
                 tls: kind.is_tls().then(server_config),
+                tls_client_order: kind
+                    .is_tls()
+                    .then(|| crate::tls::client_order(&server_config())),
             },
             timeouts: Timeouts {
                 dial: Duration::from_secs(5),
@@ -1208,4 +1211,15 @@ fn raw_directions_go_bulk_and_back() {
         Some(Io::Recv { into: None, .. })
     ));
     assert_eq!(t.guest_got.len(), MAX_RECORD_PLAINTEXT + BULK_BUF_LEN + 1);
+}
+
+/// The listener's configuration picks the cipher suite: AES-128-GCM for a client that
+/// prefers AES-256-GCM (rustls' default order), as for any client with AES hardware.
+#[test]
+fn the_server_picks_aes_128_gcm() {
+    let (_t, client) = T::tls_established("app.localhost");
+    assert_eq!(
+        client.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
 }
