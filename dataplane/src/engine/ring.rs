@@ -597,14 +597,6 @@ impl Ring {
         self.push_linked(&[connect, timeout]);
     }
 
-    /// `shutdown(2)` through the ring.
-    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32, token: u32) {
-        let entry = opcode::Shutdown::new(types::Fd(fd.as_raw_fd()), how)
-            .build()
-            .user_data(user_data(token, KIND_PLAIN, None));
-        self.push(&entry);
-    }
-
     /// Cancel every operation in flight on `fd`; its completions still arrive (with `-ECANCELED`).
     pub fn cancel_fd(&mut self, fd: RawFd, token: u32) {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
@@ -796,7 +788,6 @@ pub fn probe() -> Result<(), ProbeError> {
             (opcode::Send::CODE, "send"),
             (opcode::Connect::CODE, "connect"),
             (opcode::LinkTimeout::CODE, "linked timeouts"),
-            (opcode::Shutdown::CODE, "shutdown"),
             (opcode::AsyncCancel::CODE, "async cancel"),
         ];
         for (code, name) in used {

@@ -205,7 +205,8 @@ pub enum Io {
         side: Side,
         buf: BufId,
     },
-    /// Half-close: FIN once everything queued is sent.
+    /// Half-close: FIN after everything sent (asked only with no send in flight; the
+    /// worker does it at once and answers with its [`Event::Done`] right away).
     Shutdown(Side),
     /// Cancel everything in flight on that side's socket.
     Cancel(Side),
@@ -503,7 +504,10 @@ impl Ends {
         }
     }
 
+    /// FIN to `side`, asked only once no send is in flight there: the worker shuts the
+    /// socket at once, so the FIN follows whatever was sent before.
     fn shutdown<B>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        debug_assert!(!self.busy(Op::send(side)), "FIN while a send is in flight");
         self.submit(cx, Io::Shutdown(side));
     }
 
