@@ -28,8 +28,11 @@ use crate::resolver::Route;
 const TICK: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 4096;
 /// Receive buffers shared by a worker's connections (a power of two), each holding one
-/// maximal TLS record. Past that, receives fall back to buffers of their own.
-pub const POOL_BUFFERS: u16 = 1024;
+/// maximal TLS record. Past that, receives fall back to buffers of their own. The kernel
+/// takes them in turn, so over time every one gets written (a page at least): fewer
+/// buffers, less memory that stays resident; sides in bulk read into buffers of their
+/// own, so the pool serves small receives and the ClientHello.
+pub const POOL_BUFFERS: u16 = 512;
 /// Tokens with this bit set belong to listeners, the rest to connections.
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
