@@ -527,8 +527,10 @@ impl Ring {
         self.push(&entry);
     }
 
-    /// Send the pending bytes of an idle buffer. Returns false if it is busy or empty.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
+    /// Send the pending bytes of an idle buffer; with `more`, the kernel may hold them
+    /// until more follows (`MSG_MORE`: a FIN, which then rides in the same segment).
+    /// Returns false if it is busy or empty.
+    pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, more: bool, token: u32) -> bool {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
@@ -542,7 +544,7 @@ impl Ring {
             pending.as_ptr(),
             u32::try_from(pending.len()).unwrap_or(u32::MAX),
         )
-        .flags(libc::MSG_NOSIGNAL)
+        .flags(libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 })
         .build()
         .user_data(user_data(token, KIND_SEND, Some(id.0)));
         self.push(&entry);
@@ -895,7 +897,7 @@ mod tests {
             Ok::<_, ()>(5)
         })
         .expect("fill");
-        assert!(ring.send(a.as_fd(), buf, 7));
+        assert!(ring.send(a.as_fd(), buf, false, 7));
         assert!(
             ring.data(buf).is_empty(),
             "a busy buffer must not be readable"

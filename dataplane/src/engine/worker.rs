@@ -352,9 +352,14 @@ impl Worker {
                     Some(buf) => self.ring.recv(fd, buf, max, t),
                 }
             }),
-            Io::Send { side, buf } => s
-                .fd(side)
-                .is_some_and(|fd| self.ring.send(fd, buf, token(slot, Op::send(side)))),
+            Io::Send {
+                side,
+                buf,
+                fin_follows,
+            } => s.fd(side).is_some_and(|fd| {
+                let t = token(slot, Op::send(side));
+                self.ring.send(fd, buf, fin_follows, t)
+            }),
             Io::Shutdown(side) => {
                 // Not through the ring: io_uring cannot shut a socket down without
                 // (as it sees it) blocking, so it hands every shutdown to a thread of

@@ -51,7 +51,7 @@ impl Linger {
                         .fill(buf, |tail| session.write_tls(&mut &mut tail[..]));
                 }
             }
-            if !ends.send(Side::Client, ends.to_client, cx) {
+            if !ends.send_last(ends.to_client, cx) {
                 ends.shutdown(Side::Client, cx);
                 self.down = Flow::Closed;
                 self.tls = None;

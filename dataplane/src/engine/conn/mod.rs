@@ -204,6 +204,10 @@ pub enum Io {
     Send {
         side: Side,
         buf: BufId,
+        /// Our last word: a FIN follows as soon as it is sent, so the kernel may hold
+        /// it back for the FIN to ride in the same segment (`MSG_MORE`) rather than
+        /// send two, each of which the peer must take in and acknowledge.
+        fin_follows: bool,
     },
     /// Half-close: FIN after everything sent (asked only with no send in flight; the
     /// worker does it at once and answers with its [`Event::Done`] right away).
@@ -495,9 +499,29 @@ impl Ends {
 
     /// Send what `buf` holds to `side`; false when a send is in flight or it is empty.
     fn send<B: Buffers>(&mut self, side: Side, buf: Option<BufId>, cx: &mut Cx<'_, B>) -> bool {
+        self.send_as(side, buf, false, cx)
+    }
+
+    /// Send our last word to the client: only a FIN comes after it (Linger).
+    fn send_last<B: Buffers>(&mut self, buf: Option<BufId>, cx: &mut Cx<'_, B>) -> bool {
+        self.send_as(Side::Client, buf, true, cx)
+    }
+
+    fn send_as<B: Buffers>(
+        &mut self,
+        side: Side,
+        buf: Option<BufId>,
+        fin_follows: bool,
+        cx: &mut Cx<'_, B>,
+    ) -> bool {
         match buf {
             Some(buf) if !self.busy(Op::send(side)) && !cx.bufs.is_empty(buf) => {
-                self.submit(cx, Io::Send { side, buf });
+                let io = Io::Send {
+                    side,
+                    buf,
+                    fin_follows,
+                };
+                self.submit(cx, io);
                 true
             }
             _ => false,
@@ -523,15 +547,25 @@ impl Ends {
         }
     }
 
-    /// Queue a few bytes of our own for the client (a PostgreSQL answer, an alert).
+    /// Queue a few bytes of our own for the client (a PostgreSQL answer) and send them.
     fn say<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        self.queue_words(bytes, cx);
+        self.send(Side::Client, self.to_client, cx);
+    }
+
+    /// Our last word to the client (a refusal's alert): a FIN follows it.
+    fn say_last<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        self.queue_words(bytes, cx);
+        self.send_last(self.to_client, cx);
+    }
+
+    fn queue_words<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
         let buf = *self.to_client.get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
         let _ = cx.bufs.fill(buf, |tail| {
             let n = bytes.len().min(tail.len());
             tail[..n].copy_from_slice(&bytes[..n]);
             Ok::<_, ()>(n)
         });
-        self.send(Side::Client, self.to_client, cx);
     }
 
     /// Give back outgoing buffers that hold nothing.

@@ -122,7 +122,7 @@ impl Peek {
                 }
                 Verdict::Refuse(why, alert) => {
                     cx.metrics.handshake_failed(why);
-                    ends.say(&sni::alert_record(alert), cx);
+                    ends.say_last(&sni::alert_record(alert), cx);
                     return Next::Linger(match why {
                         HandshakeFailure::NoSni => Outcome::NoSni,
                         HandshakeFailure::UnknownSni => Outcome::UnknownSni,

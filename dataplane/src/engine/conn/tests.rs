@@ -830,7 +830,21 @@ fn unknown_and_missing_names_get_an_alert_and_a_linger() {
         let mut t = T::new(ListenerKind::Https).accept();
         t.arrive(Side::Client, &hello(name));
         assert!(t.dials.is_empty(), "{name}: dialed");
+        // The alert is the last word: the kernel may keep it for the FIN that follows
+        // at once, so both leave in one segment.
+        assert!(t.pending.iter().any(|p| matches!(
+            p,
+            Io::Send {
+                side: Side::Client,
+                fin_follows: true,
+                ..
+            }
+        )));
         t.deliver(Side::Client, usize::MAX);
+        assert!(
+            t.pending(Op::ClientShutdown),
+            "the FIN right after the alert"
+        );
         assert_eq!(
             t.client_got,
             sni::alert_record(sni::ALERT_UNRECOGNIZED_NAME)
@@ -872,6 +886,16 @@ fn malformed_and_oversized_hellos_get_decode_error() {
 fn postgres_ssl_request_is_answered_then_the_hello_routed() {
     let mut t = T::new(ListenerKind::Postgres).accept();
     t.arrive(Side::Client, &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    assert!(
+        t.pending.iter().any(|p| matches!(
+            p,
+            Io::Send {
+                fin_follows: false,
+                ..
+            }
+        )),
+        "the answer is not a last word"
+    );
     t.deliver(Side::Client, usize::MAX);
     assert_eq!(t.client_got, b"S");
     t.arrive(Side::Client, &hello("app.localhost"));
@@ -935,8 +959,17 @@ fn tls_streams_both_ways_and_half_closes_with_close_notify() {
     t.arrive(Side::Guest, b"pong");
     t.converse(&mut client);
     assert_eq!(plaintext_of(&mut client), b"pong");
-    // The guest closes: close_notify, then a FIN to the client.
+    // The guest closes: close_notify, then a FIN to the client, which may ride with
+    // it (the send says a FIN follows).
     t.end_recv(Side::Guest, 0);
+    assert!(t.pending.iter().any(|p| matches!(
+        p,
+        Io::Send {
+            side: Side::Client,
+            fin_follows: true,
+            ..
+        }
+    )));
     t.converse(&mut client);
     t.shutdowns();
     assert!(t.client_fin);

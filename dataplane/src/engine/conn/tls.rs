@@ -218,12 +218,15 @@ fn flush_to_client<B: Buffers>(
             .bufs
             .fill(buf, |tail| tls.session.write_tls(&mut &mut tail[..]));
     }
-    if ends.send(Side::Client, ends.to_client, cx) {
-        return;
-    }
     let notified = *down == Flow::ReadClosed
         && !tls.session.is_handshaking()
         && !super::has_data(cx.bufs, ends.from_guest);
+    // With close_notify queued and nothing left in rustls, only the FIN comes after
+    // this send.
+    let last = notified && !tls.session.wants_write();
+    if ends.send_as(Side::Client, ends.to_client, last, cx) {
+        return;
+    }
     if notified && !tls.session.wants_write() {
         ends.shutdown(Side::Client, cx);
         *down = Flow::Closed;
