@@ -334,6 +334,10 @@ pub fn server_config(
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(CertError::Config)?;
     config.ignore_client_order = true;
+    // One TLS 1.3 ticket per handshake, as the original (Go's crypto/tls) sends: a
+    // client resumes with it, and each resumption brings the next. rustls' default of
+    // two cost a second ticket's sealing and record per full handshake.
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 
