@@ -1,6 +1,7 @@
 //! What a PostgreSQL client sends first on a `postgres` listener
 //! (`mergen_dataplane::sni::postgres_preamble`): SSLRequest, GSSENCRequest, a
-//! plaintext StartupMessage or CancelRequest, or a ClientHello (direct TLS).
+//! plaintext StartupMessage (answered with an ErrorResponse) or CancelRequest, or a
+//! ClientHello (direct TLS).
 //!
 //! Beyond "no panic", each input checks the answer against a reference written from
 //! the protocol's own numbers (an Int32 length of 8, then the request code 80877103
@@ -12,6 +13,8 @@ use mergen_dataplane::sni::{peek_client_hello, postgres_preamble, PgPreamble, PG
 
 const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+/// PostgreSQL's MAX_STARTUP_PACKET_LENGTH: a longer startup packet is refused.
+const MAX_STARTUP_PACKET_LENGTH: u32 = 10_000;
 
 pub fn check(data: &[u8]) {
     let answer = postgres_preamble(data);
@@ -57,8 +60,17 @@ fn reference(data: &[u8]) -> PgPreamble {
     match head.len() {
         8 if head == ssl => PgPreamble::SslRequest,
         8 if head == gss => PgPreamble::GssEncRequest,
+        // A protocol 3 StartupMessage in plaintext: an Int32 length, then major 3.
+        8 if head[4..6] == [0, 3]
+            && (8..=MAX_STARTUP_PACKET_LENGTH)
+                .contains(&u32::from_be_bytes([head[0], head[1], head[2], head[3]])) =>
+        {
+            PgPreamble::Startup
+        }
         8 => PgPreamble::Other,
         _ if ssl.starts_with(head) || gss.starts_with(head) => PgPreamble::NeedMore,
+        // Any length this side of 16 MiB starts with a zero byte: it may be a startup.
+        _ if head.first() == Some(&0) => PgPreamble::NeedMore,
         _ => PgPreamble::Other,
     }
 }
