@@ -291,9 +291,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .iter()
         .filter(|s| s.id != COMPARE_ID || o.compare.is_some())
         .filter(|s| {
-            o.terminators
-                .as_ref()
-                .is_none_or(|only| only.iter().any(|t| t == s.id))
+            // `--compare` asks for its column whatever `--terminators` lists.
+            s.id == COMPARE_ID
+                || o.terminators
+                    .as_ref()
+                    .is_none_or(|only| only.iter().any(|t| t == s.id))
         })
         .collect();
     if specs.is_empty() {
