@@ -4,12 +4,13 @@
 //! milliseconds, and a periodic full rescan covers anything inotify missed.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,10 +86,28 @@ impl Namespace {
     }
 }
 
+/// Which namespace a namespace file names: the device and inode of the nsfs file bound
+/// there. It changes when the namespace is deleted (no file) or replaced by another.
+pub type NsIdentity = (u64, u64);
+
+impl Namespace {
+    /// What the namespace file names now; `None` for no file (or no namespace file).
+    pub fn identity(&self) -> Option<NsIdentity> {
+        match self {
+            Namespace::File(path) => {
+                let st = rustix::fs::stat(&**path).ok()?;
+                Some((st.st_dev, st.st_ino))
+            }
+            Namespace::Host | Namespace::Invalid(_) => None,
+        }
+    }
+}
+
 /// One consistent view of the routing table.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     aliases: HashMap<Arc<str>, Arc<Route>>,
+    by_id: HashMap<String, Arc<Route>>,
     /// Oldest first (ties broken by id), as the raw listener wants.
     ordered: Vec<Arc<Route>>,
     prefix: String,
@@ -110,6 +129,11 @@ impl Snapshot {
 
     pub fn len(&self) -> usize {
         self.ordered.len()
+    }
+
+    /// The VM with this id, as it routes now.
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Route>> {
+        self.by_id.get(id)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,8 +159,13 @@ impl Snapshot {
                     .or_insert_with(|| Arc::clone(&entry.route));
             }
         }
+        let by_id = ordered
+            .iter()
+            .map(|e| (e.route.id.clone(), Arc::clone(&e.route)))
+            .collect();
         Snapshot {
             aliases,
+            by_id,
             ordered: ordered.into_iter().map(|e| Arc::clone(&e.route)).collect(),
             prefix: prefix.to_string(),
             suffix: suffix.to_string(),
@@ -312,14 +341,35 @@ struct Shared {
     entries: Mutex<BTreeMap<String, Entry>>,
     /// Told about every new snapshot (see [`Resolver::subscribe`]).
     subscribers: Mutex<Vec<mpsc::Sender<Arc<Snapshot>>>>,
+    /// Bumped whenever a VM may have gone away: a new snapshot, an event in a directory
+    /// of namespace files, a full rescan (see [`Resolver::generation`]).
+    generation: AtomicU64,
 }
 
 impl Shared {
     fn publish(&self, entries: &BTreeMap<String, Entry>) {
         let snap = Arc::new(Snapshot::build(entries, &self.prefix, &self.suffix));
         self.current.store(Arc::clone(&snap));
+        self.changed();
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subscribers.retain(|s| s.send(Arc::clone(&snap)).is_ok());
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The directories holding the namespace files of the VMs known now.
+    fn namespace_dirs(&self) -> HashSet<PathBuf> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .values()
+            .filter_map(|e| match &e.route.netns {
+                Namespace::File(path) => Path::new(&**path).parent().map(Path::to_path_buf),
+                Namespace::Host | Namespace::Invalid(_) => None,
+            })
+            .filter(|dir| dir != &self.root)
+            .collect()
     }
 
     fn full_rescan(&self) {
@@ -367,6 +417,10 @@ impl Shared {
         *entries = next;
         if changed {
             self.publish(&entries);
+        } else {
+            // Nothing the files say changed; what the namespace files name may have,
+            // unseen by inotify (a namespace mounted over another): look again.
+            self.changed();
         }
     }
 
@@ -447,6 +501,7 @@ impl Resolver {
             prefix,
             suffix,
             entries: Mutex::new(BTreeMap::new()),
+            generation: AtomicU64::new(0),
         });
         shared.full_rescan();
         Resolver { shared }
@@ -469,6 +524,15 @@ impl Resolver {
         rx
     }
 
+    /// A number that changes whenever a VM may have gone away: a new routing table,
+    /// a namespace file created, removed or renamed, the periodic rescan. Whoever holds
+    /// connections to VMs compares it to the last one it saw (one atomic load), and on
+    /// a change checks that each connection's VM still routes the same way and that
+    /// its namespace file still names the namespace it was dialed in.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
     /// A synchronous full rescan.
     pub fn reload(&self) {
         self.shared.full_rescan();
@@ -483,6 +547,7 @@ impl Resolver {
         let mut watcher = Watcher {
             root_wd: None,
             dirs: HashMap::new(),
+            ns_dirs: HashMap::new(),
             warned_limit: false,
         };
         watcher.sync_watches(&mut inotify.watches(), &self.shared);
@@ -509,6 +574,9 @@ impl Resolver {
 struct Watcher {
     root_wd: Option<WatchDescriptor>,
     dirs: HashMap<WatchDescriptor, String>,
+    /// Directories of namespace files (`/run/netns`): a namespace deleted or made
+    /// there may end connections to its VM.
+    ns_dirs: HashMap<WatchDescriptor, PathBuf>,
     /// The kernel's watch limit was hit: said once, then the rescan covers the rest.
     warned_limit: bool,
 }
@@ -531,6 +599,34 @@ impl Watcher {
             | WatchMask::DELETE
             | WatchMask::CREATE
             | WatchMask::ONLYDIR
+    }
+
+    fn ns_dir_mask() -> WatchMask {
+        WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::ONLYDIR
+    }
+
+    /// Watch the directories of the known VMs' namespace files not watched yet. One
+    /// that does not exist yet (no namespace was ever made) is tried again later; the
+    /// periodic rescan covers the meantime.
+    fn watch_ns_dirs(&mut self, watches: &mut Watches, shared: &Shared) {
+        for dir in shared.namespace_dirs() {
+            if self.ns_dirs.values().any(|d| d == &dir) {
+                continue;
+            }
+            match watches.add(&dir, Self::ns_dir_mask()) {
+                Ok(wd) => {
+                    self.ns_dirs.insert(wd, dir);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    log::debug!(dir = dir.display().to_string(), error = e.to_string(); "cannot watch a namespace directory")
+                }
+            }
+        }
     }
 
     fn watch_dir(&mut self, watches: &mut Watches, root: &Path, name: &str) {
@@ -589,6 +685,7 @@ impl Watcher {
         {
             self.watch_dir(watches, &shared.root, &name);
         }
+        self.watch_ns_dirs(watches, shared);
     }
 
     /// Apply a batch of events, then publish once.
@@ -602,8 +699,16 @@ impl Watcher {
         let mut dirty: Vec<String> = Vec::new();
         let mut full = lost;
         let mut new_dirs = Vec::new();
+        let mut namespaces = false;
         for ev in events {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                continue;
+            }
+            if self.ns_dirs.contains_key(&ev.wd) {
+                namespaces = true;
+                if ev.mask.contains(EventMask::IGNORED) {
+                    self.ns_dirs.remove(&ev.wd);
+                }
                 continue;
             }
             let name = ev.name.and_then(|n| n.into_string().ok());
@@ -649,6 +754,11 @@ impl Watcher {
             dirty.sort();
             dirty.dedup();
             shared.rescan_dirs(dirty.iter().map(String::as_str));
+            // A new VM may keep its namespace somewhere not watched yet.
+            self.watch_ns_dirs(watches, shared);
+        }
+        if namespaces {
+            shared.changed();
         }
     }
 }
@@ -1229,5 +1339,48 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(1)).is_err(),
             "closed with the resolver"
         );
+    }
+
+    /// A namespace file created or removed where the VMs keep theirs changes the
+    /// generation at once (the workers then check their connections); so does a new
+    /// routing table. `by_id` finds each VM as it routes now.
+    #[test]
+    fn namespace_events_and_new_tables_change_the_generation() {
+        let root = temp_dir();
+        let ns_dir = temp_dir();
+        let ns_file = ns_dir.path().join("vm-one");
+        fs::write(&ns_file, b"").unwrap();
+        let dir = root.path().join(id(1));
+        fs::create_dir_all(&dir).unwrap();
+        let mut meta = meta_json(1, 0, json!({"app": "one"}), json!({}));
+        meta["netns"] = json!(ns_file.to_str().unwrap());
+        mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
+        let r = resolver(root.path(), "", "localhost");
+        r.start_watching(Duration::from_secs(3600)).unwrap();
+        let route = Arc::clone(r.snapshot().by_id(&id(1)).expect("by id"));
+        assert!(route.netns.identity().is_some());
+        assert!(r.snapshot().by_id(&id(2)).is_none());
+
+        let g = r.generation();
+        fs::remove_file(&ns_file).unwrap();
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a namespace removed"
+        );
+        assert_eq!(route.netns.identity(), None);
+        let g = r.generation();
+        fs::write(&ns_file, b"").unwrap();
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a namespace made"
+        );
+        assert!(route.netns.identity().is_some());
+        let g = r.generation();
+        write_vm(root.path(), 2, 1, json!({"app": "two"}), json!({}));
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a new table"
+        );
+        assert!(r.snapshot().by_id(&id(2)).is_some());
     }
 }
