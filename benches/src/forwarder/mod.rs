@@ -267,13 +267,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     interrupt::install()?;
     // A terminator holds two descriptors per idle connection (client and backend).
     let files = procfs::raise_nofile()?;
-    let fit = (files.saturating_sub(FILES_SPARE) / 2) as usize;
+    // The forwarder also keeps an eighth of its descriptors out of its connection cap
+    // (`mergen_dataplane::limits`): the count must fit that cap too, or the forwarder
+    // would refuse the rest.
+    let spare = FILES_SPARE.max(files / 8);
+    let fit = (files.saturating_sub(spare) / 2) as usize;
     if o.idle > fit {
         if o.idle_set {
             return Err(format!(
                 "--idle {} needs {} open files per terminator; the hard limit here is {files}",
                 o.idle,
-                o.idle * 2 + FILES_SPARE as usize
+                o.idle * 2 + spare as usize
             ));
         }
         o.idle = fit / 500 * 500;
