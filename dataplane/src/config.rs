@@ -93,7 +93,7 @@ pub const VARS: &[Var] = &[
     Var::new(
         "FWD_SHUTDOWN_TIMEOUT_SECONDS",
         "15",
-        "drain time on SIGINT/SIGTERM",
+        "drain time on SIGINT/SIGTERM (0 = close at once, as the original)",
     ),
     Var::new(
         "FWD_MAX_CONNECTIONS",
@@ -113,6 +113,25 @@ pub const VARS: &[Var] = &[
     ),
     Var::new("FWD_LOG_LEVEL", "debug", "debug|info|warn|error"),
     Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
+    Var::unset(
+        "FWD_ETCD_ENDPOINTS",
+        "etcd members (host:port or http://host:port, comma-separated): other hosts' VMs are learned there and their connections passed through to those hosts (docs/cluster.md)",
+    ),
+    Var::new(
+        "FWD_ETCD_PREFIX",
+        "/mergen",
+        "key prefix in etcd (as MGR_ETCD_PREFIX)",
+    ),
+    Var::new(
+        "FWD_ETCD_TIMEOUT_SECONDS",
+        "3",
+        "bound on each etcd request; a watch silent this long is checked",
+    ),
+    Var::computed(
+        "FWD_HOST_NAME",
+        "the hostname",
+        "this host's name in the cluster (as MGR_HOST_NAME): its own VMs come from meta.json only",
+    ),
 ];
 
 /// `--help`'s and the README's account of `FWD_LISTENERS`.
@@ -159,6 +178,15 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: String,
+    /// `None` unless `FWD_ETCD_ENDPOINTS` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where the cluster's routes are, and which host this is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    pub etcd: mergen_cluster::Settings,
+    pub host_name: String,
 }
 
 impl Config {
@@ -382,7 +410,10 @@ impl Config {
             handshake_timeout: env.seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds_or_off("FWD_IDLE_TIMEOUT_SECONDS")?,
             resolver_ttl: env.seconds("FWD_RESOLVER_CACHE_TTL_SECONDS")?,
-            shutdown_timeout: env.seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS")?,
+            // The original took 0 as "close at once"; an env file that says so still works.
+            shutdown_timeout: env
+                .seconds_or_off("FWD_SHUTDOWN_TIMEOUT_SECONDS")?
+                .unwrap_or(Duration::ZERO),
             max_connections: env.positive("FWD_MAX_CONNECTIONS")? as usize,
             max_connections_per_ip: env
                 .parse::<usize>("FWD_MAX_CONNECTIONS_PER_IP", "a whole number (0 = no cap)")?,
@@ -390,8 +421,36 @@ impl Config {
             admin_addr,
             log_level,
             log_format,
+            cluster: cluster_config(&env)?,
         })
     }
+}
+
+fn cluster_config(env: &Env<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
+    let endpoints = env
+        .with("FWD_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)?
+        .unwrap_or_default();
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let host_name = env
+        .opt("FWD_HOST_NAME")
+        .unwrap_or_else(mergen_cluster::hostname);
+    if host_name.is_empty() || host_name.contains('/') {
+        return Err(ConfigError {
+            name: "FWD_HOST_NAME".into(),
+            value: host_name,
+            expected: "a name without '/' (the hostname is used when unset)".into(),
+        });
+    }
+    Ok(Some(ClusterConfig {
+        etcd: mergen_cluster::Settings {
+            endpoints,
+            prefix: env.string("FWD_ETCD_PREFIX"),
+            timeout: env.seconds("FWD_ETCD_TIMEOUT_SECONDS")?,
+        },
+        host_name,
+    }))
 }
 
 /// `FWD_LISTENERS`, with the `FWD_HTTPS_ADDR` listener of the later original: it takes
@@ -551,6 +610,43 @@ mod tests {
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
+    #[test]
+    fn in_a_cluster_only_with_endpoints() {
+        assert_eq!(with(&[]).unwrap().cluster, None);
+        assert_eq!(with(&[("FWD_ETCD_ENDPOINTS", " ")]).unwrap().cluster, None);
+        let c = with(&[
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379,http://etcd-2:2379"),
+            ("FWD_HOST_NAME", "host-a"),
+        ])
+        .unwrap()
+        .cluster
+        .expect("in a cluster");
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://10.0.0.1:2379", "http://etcd-2:2379"]
+        );
+        assert_eq!(
+            (c.etcd.prefix.as_str(), c.etcd.timeout, c.host_name.as_str()),
+            ("/mergen", Duration::from_secs(3), "host-a")
+        );
+        let defaulted = with(&[("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379")]).unwrap();
+        assert_eq!(
+            defaulted.cluster.unwrap().host_name,
+            mergen_cluster::hostname()
+        );
+        for (name, value) in [
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1"),
+            ("FWD_ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+            ("FWD_HOST_NAME", "a/b"),
+            ("FWD_ETCD_TIMEOUT_SECONDS", "0"),
+        ] {
+            // The later of two settings of one variable wins.
+            let vars = [("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379"), (name, value)];
+            let err = with(&vars).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+
     fn any(port: u16) -> ListenAddr {
         ListenAddr::AnyHost(port)
     }
@@ -677,6 +773,8 @@ mod tests {
             [1, 2, 4, 6].map(Duration::from_secs)
         );
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3)));
+        let now = with(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "0")]).unwrap();
+        assert_eq!(now.shutdown_timeout, Duration::ZERO, "0 closes at once");
         assert_eq!((c.max_connections, c.workers), (10, 3));
         assert_eq!(c.max_connections_per_ip, Some(4));
         // The admin listener keeps `:PORT` as IPv4 only.
