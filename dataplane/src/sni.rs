@@ -114,6 +114,31 @@ pub fn peek_client_hello(buf: &[u8]) -> Peek<'_> {
     }
 }
 
+/// Whether the ClientHello record at the start of `buf` names a ChaCha20-Poly1305
+/// suite as its first choice (GREASE values skipped): clients without AES hardware do
+/// so, and should get it. Reads only the first record, which
+/// [`peek_client_hello`] has found whole; anything it cannot read is a no.
+pub fn prefers_chacha(buf: &[u8]) -> bool {
+    const CHACHA: [u16; 3] = [0x1303, 0xcca8, 0xcca9];
+    let first_choice = || -> Result<Option<u16>, &'static str> {
+        let mut record = Reader { buf };
+        let header = record.take(RECORD_HEADER, "record header")?;
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let mut r = Reader {
+            buf: record.take(len, "record")?,
+        };
+        r.take(4 + 2 + 32, "handshake header, version, random")?;
+        r.vec8("session id")?;
+        let suites = r.vec16("cipher suites")?;
+        Ok(suites
+            .chunks_exact(2)
+            .map(|s| u16::from_be_bytes([s[0], s[1]]))
+            // GREASE (RFC 8701): 0x?a?a with both bytes equal.
+            .find(|&s| !(s & 0x0f0f == 0x0a0a && s >> 8 == s & 0xff)))
+    };
+    matches!(first_choice(), Ok(Some(suite)) if CHACHA.contains(&suite))
+}
+
 fn need_more(buf: &[u8]) -> Peek<'static> {
     if buf.len() >= MAX_CLIENT_HELLO {
         Peek::TooLarge
@@ -791,6 +816,54 @@ mod tests {
             postgres_preamble(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2e]),
             PgPreamble::Other
         );
+    }
+
+    /// A rustls client's first flight offering `suites` in that order.
+    fn hello_with_suites(suites: Vec<rustls::SupportedCipherSuite>) -> Vec<u8> {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..rustls::crypto::ring::default_provider()
+        };
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let name = ServerName::try_from("app.localhost").unwrap();
+        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_clients_first_choice_of_chacha_is_seen() {
+        use rustls::crypto::ring::cipher_suite as suite;
+        let aes_first = hello_with_suites(vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ]);
+        assert!(!prefers_chacha(&aes_first));
+        let chacha_first = hello_with_suites(vec![
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite::TLS13_AES_128_GCM_SHA256,
+        ]);
+        assert!(prefers_chacha(&chacha_first));
+        // A GREASE value first (as browsers send) does not count.
+        let mut greased = hello_with_suites(vec![
+            suite::TLS13_AES_128_GCM_SHA256,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ]);
+        let sid_len = usize::from(greased[5 + 4 + 2 + 32]);
+        let first_suite = 5 + 4 + 2 + 32 + 1 + sid_len + 2;
+        assert_eq!(&greased[first_suite..first_suite + 2], &[0x13, 0x01]);
+        greased[first_suite..first_suite + 2].copy_from_slice(&[0x3a, 0x3a]);
+        assert!(prefers_chacha(&greased));
+        // Cut short anywhere, or not a hello: no.
+        for n in 0..first_suite + 2 {
+            assert!(!prefers_chacha(&chacha_first[..n]), "{n}");
+        }
+        assert!(!prefers_chacha(b"GET / HTTP/1.1\r\n\r\n"));
     }
 
     #[test]

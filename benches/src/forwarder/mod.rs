@@ -41,7 +41,7 @@ const UNKNOWN_NAME: &str = "unknown.example.net";
 const FILES_SPARE: u64 = 1500;
 const USAGE: &str = "usage: mergen-bench forwarder [--quick] [--reps N] [--duration SECS] \
 [--idle N] [--bulk-mib M] [--scenarios a,b,…] [--terminators a,b,…] [--forwarder PATH] \
-[--json PATH] [--svg PATH] [--markdown PATH]";
+[--compare PATH] [--json PATH] [--svg PATH] [--markdown PATH]";
 
 struct Options {
     reps: usize,
@@ -53,6 +53,8 @@ struct Options {
     scenarios: Vec<Scenario>,
     terminators: Option<Vec<String>>,
     forwarder: PathBuf,
+    /// Another build of the forwarder, measured as an extra column beside the first.
+    compare: Option<PathBuf>,
     json: Option<PathBuf>,
     svg: Option<PathBuf>,
     markdown: Option<PathBuf>,
@@ -70,6 +72,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         forwarder: std::env::current_exe()
             .map_err(|e| e.to_string())?
             .with_file_name("mergen-forwarder"),
+        compare: None,
         json: None,
         svg: None,
         markdown: None,
@@ -117,6 +120,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.terminators = Some(value.split(',').map(|t| t.trim().to_string()).collect())
             }
             "--forwarder" => o.forwarder = PathBuf::from(value),
+            "--compare" => o.compare = Some(PathBuf::from(value)),
             "--json" => o.json = Some(PathBuf::from(value)),
             "--svg" => o.svg = Some(PathBuf::from(value)),
             "--markdown" => o.markdown = Some(PathBuf::from(value)),
@@ -132,6 +136,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
             o.forwarder.display()
         ));
     }
+    if let Some(other) = o.compare.as_ref().filter(|p| !p.is_file()) {
+        return Err(format!("--compare {}: no such file", other.display()));
+    }
     Ok(o)
 }
 
@@ -143,6 +150,8 @@ struct Term {
     rsa: Option<(Endpoint, Proc)>,
     proc: Proc,
     backend_port: u16,
+    /// The forwarder build it runs (forwarder columns only).
+    forwarder: PathBuf,
 }
 
 const ALL_SCENARIOS: &[Scenario] = &Scenario::ALL;
@@ -160,6 +169,9 @@ const LOG_LEVEL_SCENARIOS: &[Scenario] = &[
     Scenario::NewConn1,
     Scenario::UnknownName,
 ];
+
+/// The column of `--compare`: the other build, set up as the main forwarder is.
+const COMPARE_ID: &str = "mergen-forwarder-compare";
 
 struct Spec {
     id: &'static str,
@@ -228,6 +240,15 @@ const SPECS: &[Spec] = &[
         scenarios: REQUEST_SCENARIOS,
     },
     Spec {
+        id: COMPARE_ID,
+        label: "fwd, other build",
+        role: Role::Extra,
+        family: "mergen",
+        kind: Kind::Forwarder,
+        log_level: "info",
+        scenarios: ALL_SCENARIOS,
+    },
+    Spec {
         id: "nginx-http",
         label: "nginx HTTP proxy",
         role: Role::Extra,
@@ -246,13 +267,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     interrupt::install()?;
     // A terminator holds two descriptors per idle connection (client and backend).
     let files = procfs::raise_nofile()?;
-    let fit = (files.saturating_sub(FILES_SPARE) / 2) as usize;
+    // The forwarder also keeps an eighth of its descriptors out of its connection cap
+    // (`mergen_dataplane::limits`): the count must fit that cap too, or the forwarder
+    // would refuse the rest.
+    let spare = FILES_SPARE.max(files / 8);
+    let fit = (files.saturating_sub(spare) / 2) as usize;
     if o.idle > fit {
         if o.idle_set {
             return Err(format!(
                 "--idle {} needs {} open files per terminator; the hard limit here is {files}",
                 o.idle,
-                o.idle * 2 + FILES_SPARE as usize
+                o.idle * 2 + spare as usize
             ));
         }
         o.idle = fit / 500 * 500;
@@ -268,10 +293,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let net = servers::Net::create()?;
     let specs: Vec<&Spec> = SPECS
         .iter()
+        .filter(|s| s.id != COMPARE_ID || o.compare.is_some())
         .filter(|s| {
-            o.terminators
-                .as_ref()
-                .is_none_or(|only| only.iter().any(|t| t == s.id))
+            // `--compare` asks for its column whatever `--terminators` lists.
+            s.id == COMPARE_ID
+                || o.terminators
+                    .as_ref()
+                    .is_none_or(|only| only.iter().any(|t| t == s.id))
         })
         .collect();
     if specs.is_empty() {
@@ -309,7 +337,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             continue;
         }
         let mut backend_port = backend_ports[i];
-        let plan = &base.with_backend(backend_port);
+        let forwarder = match (spec.id, &o.compare) {
+            (COMPARE_ID, Some(other)) => other.clone(),
+            _ => o.forwarder.clone(),
+        };
+        let plan = &servers::Plan {
+            forwarder: &forwarder,
+            ..base.with_backend(backend_port)
+        };
         let (ecdsa, rsa, proc, version) = if spec.id == "mergen-forwarder-netns" {
             // The main forwarder's second VM, whose backend is reached from inside the
             // namespace; started here if the main column was left out.
@@ -337,6 +372,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let mut rsa = started.rsa;
             if spec.id == "mergen-forwarder" {
                 main_forwarder = Some((started.ecdsa, started.proc));
+            }
+            // The forwarder takes one certificate per process: RSA is a second one.
+            if spec.kind == Kind::Forwarder && spec.scenarios.contains(&Scenario::Rsa) {
                 let (ep, server, log) = servers::start_forwarder_rsa(plan)?;
                 rsa = Some((ep, server.proc()));
                 running.push(server);
@@ -347,6 +385,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         terms.push(Term {
             spec,
             backend_port,
+            forwarder,
             column: Column {
                 id: spec.id,
                 label: spec.label,
@@ -581,11 +620,11 @@ fn measure(s: Scenario, t: &Term, ctx: &Ctx<'_>) -> Result<Vec<f64>, String> {
             // A process that never held connections: one that has would hand the new
             // ones memory it kept from the earlier loads (allocator caches, HAProxy's
             // pools) and look cheaper than a connection is.
-            let mut fresh = servers::start(
-                t.spec.kind,
-                &ctx.plan.with_backend(t.backend_port),
-                t.spec.log_level,
-            )?;
+            let plan = servers::Plan {
+                forwarder: &t.forwarder,
+                ..ctx.plan.with_backend(t.backend_port)
+            };
+            let mut fresh = servers::start(t.spec.kind, &plan, t.spec.log_level)?;
             servers::wait_ready(
                 t.column.id,
                 fresh.ecdsa,

@@ -36,6 +36,11 @@ impl Window {
         self.start == self.end
     }
 
+    /// The buffer's size.
+    pub fn capacity(&self) -> usize {
+        self.len
+    }
+
     /// `n` more bytes are pending (at most up to the end).
     pub fn extend(&mut self, n: usize) {
         self.end = (self.end + n).min(self.len);
@@ -68,6 +73,8 @@ pub trait Buffers {
     fn idle_mut(&mut self, id: BufId) -> Option<(&mut [u8], &mut Window)>;
     /// No bytes pending, whether or not an operation uses the buffer.
     fn is_empty(&self, id: BufId) -> bool;
+    /// The buffer's size, whether or not an operation uses it.
+    fn capacity(&self, id: BufId) -> usize;
 
     /// The pending bytes, or nothing while an operation uses the buffer.
     fn data(&self, id: BufId) -> &[u8] {

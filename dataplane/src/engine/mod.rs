@@ -59,6 +59,9 @@ pub struct Listener {
     pub proxy_v2: bool,
     /// `None` for raw listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The same, choosing the cipher suite in the client's order: for clients that put
+    /// ChaCha20 first (see [`Listener::tls_for`]).
+    pub tls_client_order: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Listener {
@@ -73,8 +76,22 @@ impl Listener {
             port: spec.addr.port(),
             guest_port: spec.guest_port,
             kind: spec.kind,
+            tls_client_order: tls
+                .as_deref()
+                .filter(|_| spec.kind.is_tls())
+                .map(crate::tls::client_order),
             proxy_v2: spec.proxy_v2,
             tls: if spec.kind.is_tls() { tls } else { None },
+        }
+    }
+
+    /// The configuration for the ClientHello in `hello`: ours, which picks the cipher
+    /// suite in our order (AES-128-GCM first), or for a client whose first choice is
+    /// ChaCha20-Poly1305 (one without AES hardware) the one that follows the client.
+    pub fn tls_for(&self, hello: &[u8]) -> Option<Arc<rustls::ServerConfig>> {
+        match &self.tls_client_order {
+            Some(config) if crate::sni::prefers_chacha(hello) => Some(Arc::clone(config)),
+            _ => self.tls.clone(),
         }
     }
 

@@ -210,6 +210,9 @@ const KIND_RECV_POOLED: u64 = 6;
 /// The cancel-everything entry of `Ring::drop`.
 const KIND_CANCEL_ALL: u64 = 7;
 
+/// Released buffers of our own kept for reuse, in bytes: what a few dozen connections
+/// in bulk hold at once, reused rather than allocated and zeroed again.
+const SPARE_BYTES: usize = 4 << 20;
 /// Attempts to queue one entry before it is failed instead (see `Ring::push`).
 const PUSH_ATTEMPTS: usize = 64;
 /// How long `Ring::drop` waits for cancelled operations to come back before it gives up
@@ -246,6 +249,8 @@ pub struct Ring {
     free_bufs: Vec<u32>,
     /// Released buffers kept for reuse, by size (the engine uses few sizes).
     spare: Vec<Box<[u8]>>,
+    /// Their total size, at most `SPARE_BYTES`.
+    spare_bytes: usize,
     connects: ManuallyDrop<Vec<Option<Box<ConnectArgs>>>>,
     free_connects: Vec<u32>,
     reaped: Vec<cqueue::Entry>,
@@ -334,6 +339,7 @@ impl Ring {
             bufs: ManuallyDrop::new(Vec::new()),
             free_bufs: Vec::new(),
             spare: Vec::new(),
+            spare_bytes: 0,
             connects: ManuallyDrop::new(Vec::new()),
             free_connects: Vec::new(),
             reaped: Vec::new(),
@@ -366,8 +372,11 @@ impl Ring {
     fn drop_buf(&mut self, i: u32) {
         if let Some(buf) = self.bufs[i as usize].take() {
             match buf.mem {
-                // Keep a bounded number of buffers around for the next connections.
-                Mem::Owned(mem) if self.spare.len() < 256 => self.spare.push(mem),
+                // Keep a bounded amount of memory around for the next buffers.
+                Mem::Owned(mem) if self.spare_bytes + mem.len() <= SPARE_BYTES => {
+                    self.spare_bytes += mem.len();
+                    self.spare.push(mem);
+                }
                 Mem::Owned(_) => {}
                 Mem::Pooled(bid) => self.pool.give_back(bid),
             }
@@ -480,13 +489,14 @@ impl Ring {
         self.push(&entry);
     }
 
-    /// Receive into the free tail of an idle buffer. Returns false if the buffer is busy or full.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
+    /// Receive at most `max` bytes into the free tail of an idle buffer. Returns false
+    /// if the buffer is busy or full.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, max: usize, token: u32) -> bool {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
         let free = b.window.free();
-        if free.is_empty() {
+        if free.is_empty() || max == 0 {
             return false;
         }
         b.busy = true;
@@ -495,7 +505,7 @@ impl Ring {
             types::Fd(fd.as_raw_fd()),
             tail.as_mut_ptr(),
             // A shorter length than the slice is always safe to hand over.
-            u32::try_from(tail.len()).unwrap_or(u32::MAX),
+            u32::try_from(tail.len().min(max)).unwrap_or(u32::MAX),
         )
         .build()
         .user_data(user_data(token, KIND_RECV, Some(id.0)));
@@ -503,23 +513,24 @@ impl Ring {
         true
     }
 
-    /// Receive into a buffer the kernel takes from the pool when data arrives; the
-    /// completion carries it in `received`.
-    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, token: u32) {
-        let entry = opcode::Recv::new(
-            types::Fd(fd.as_raw_fd()),
-            std::ptr::null_mut(),
-            self.pool.size as u32, // fits: checked in `Pool::new`
-        )
-        .buf_group(POOL_GROUP)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT)
-        .user_data(user_data(token, KIND_RECV_POOLED, None));
+    /// Receive at most `max` bytes into a buffer the kernel takes from the pool when
+    /// data arrives; the completion carries it in `received`.
+    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, max: usize, token: u32) {
+        // The kernel reads at most this many bytes into the pool buffer it picks, so
+        // a `max` below the pool's buffer size leaves the rest of that buffer unused.
+        let len = self.pool.size.min(max.max(1)) as u32; // fits: checked in `Pool::new`
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), len)
+            .buf_group(POOL_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data(token, KIND_RECV_POOLED, None));
         self.push(&entry);
     }
 
-    /// Send the pending bytes of an idle buffer. Returns false if it is busy or empty.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, token: u32) -> bool {
+    /// Send the pending bytes of an idle buffer; with `more`, the kernel may hold them
+    /// until more follows (`MSG_MORE`: a FIN, which then rides in the same segment).
+    /// Returns false if it is busy or empty.
+    pub fn send(&mut self, fd: BorrowedFd<'_>, id: BufId, more: bool, token: u32) -> bool {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
@@ -533,7 +544,7 @@ impl Ring {
             pending.as_ptr(),
             u32::try_from(pending.len()).unwrap_or(u32::MAX),
         )
-        .flags(libc::MSG_NOSIGNAL)
+        .flags(libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 })
         .build()
         .user_data(user_data(token, KIND_SEND, Some(id.0)));
         self.push(&entry);
@@ -586,14 +597,6 @@ impl Ring {
             .build()
             .user_data(user_data(token, KIND_LINK_TIMEOUT, Some(slot)));
         self.push_linked(&[connect, timeout]);
-    }
-
-    /// `shutdown(2)` through the ring.
-    pub fn shutdown(&mut self, fd: BorrowedFd<'_>, how: i32, token: u32) {
-        let entry = opcode::Shutdown::new(types::Fd(fd.as_raw_fd()), how)
-            .build()
-            .user_data(user_data(token, KIND_PLAIN, None));
-        self.push(&entry);
     }
 
     /// Cancel every operation in flight on `fd`; its completions still arrive (with `-ECANCELED`).
@@ -712,7 +715,11 @@ impl Ring {
 impl Buffers for Ring {
     fn alloc(&mut self, len: usize) -> BufId {
         let mem = match self.spare.iter().position(|m| m.len() == len) {
-            Some(i) => self.spare.swap_remove(i),
+            Some(i) => {
+                let mem = self.spare.swap_remove(i);
+                self.spare_bytes -= mem.len();
+                mem
+            }
             None => vec![0u8; len].into_boxed_slice(),
         };
         self.insert(Mem::Owned(mem), len, 0)
@@ -741,6 +748,10 @@ impl Buffers for Ring {
 
     fn is_empty(&self, id: BufId) -> bool {
         self.buf(id).is_none_or(|b| b.window.is_empty())
+    }
+
+    fn capacity(&self, id: BufId) -> usize {
+        self.buf(id).map_or(0, |b| b.window.capacity())
     }
 }
 
@@ -779,7 +790,6 @@ pub fn probe() -> Result<(), ProbeError> {
             (opcode::Send::CODE, "send"),
             (opcode::Connect::CODE, "connect"),
             (opcode::LinkTimeout::CODE, "linked timeouts"),
-            (opcode::Shutdown::CODE, "shutdown"),
             (opcode::AsyncCancel::CODE, "async cancel"),
         ];
         for (code, name) in used {
@@ -887,7 +897,7 @@ mod tests {
             Ok::<_, ()>(5)
         })
         .expect("fill");
-        assert!(ring.send(a.as_fd(), buf, 7));
+        assert!(ring.send(a.as_fd(), buf, false, 7));
         assert!(
             ring.data(buf).is_empty(),
             "a busy buffer must not be readable"
@@ -900,7 +910,7 @@ mod tests {
         assert_eq!(&got, b"hello");
 
         b.write_all(b"world!").expect("write");
-        assert!(ring.recv(a.as_fd(), buf, 8));
+        assert!(ring.recv(a.as_fd(), buf, usize::MAX, 8));
         let done = wait(&mut ring);
         assert_eq!((done[0].token, done[0].result), (8, 6));
         assert_eq!(ring.data(buf), b"world!");
@@ -913,7 +923,7 @@ mod tests {
         let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let busy = ring.alloc(16);
-        assert!(ring.recv(a.as_fd(), busy, 1));
+        assert!(ring.recv(a.as_fd(), busy, usize::MAX, 1));
         ring.release(busy);
         let other = ring.alloc(16);
         assert_ne!(other, busy, "the kernel still owns the released buffer");
@@ -987,7 +997,7 @@ mod tests {
         for (i, (a, b)) in pairs.iter().take(2).enumerate() {
             let mut writer = b;
             writer.write_all(b"data").expect("write");
-            ring.recv_pooled(a.as_fd(), i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
             let done = wait(&mut ring);
             assert_eq!(done[0].result, 4);
             let buf = done[0].received.expect("a pool buffer");
@@ -996,7 +1006,7 @@ mod tests {
         }
         // Both pool buffers are held: the next receive finds the pool empty.
         (&pairs[2].1).write_all(b"more").expect("write");
-        ring.recv_pooled(pairs[2].0.as_fd(), 7);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 7);
         let done = wait(&mut ring);
         assert_eq!(
             (done[0].result, done[0].received.is_none()),
@@ -1004,10 +1014,27 @@ mod tests {
         );
         // Giving one back makes it available again.
         ring.release(held.pop().expect("held"));
-        ring.recv_pooled(pairs[2].0.as_fd(), 8);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 8);
         let done = wait(&mut ring);
         let buf = done[0].received.expect("a recycled pool buffer");
         assert_eq!(ring.data(buf), b"more");
+    }
+
+    #[test]
+    fn receives_take_at_most_what_they_ask_for() {
+        let mut ring = Ring::new(8, 2, 64).expect("io_uring");
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        (&b).write_all(&[5u8; 40]).expect("write");
+        ring.recv_pooled(a.as_fd(), 16, 1);
+        let done = wait(&mut ring);
+        assert_eq!(done[0].result, 16);
+        let pooled = done[0].received.expect("a pool buffer");
+        assert_eq!(ring.data(pooled), &[5u8; 16]);
+        let own = ring.alloc(64);
+        assert!(ring.recv(a.as_fd(), own, 10, 2));
+        let done = wait(&mut ring);
+        assert_eq!(done[0].result, 10);
+        assert_eq!(ring.data(own), &[5u8; 10]);
     }
 
     #[test]
@@ -1033,8 +1060,8 @@ mod tests {
             .map(|_| UnixStream::pair().expect("socketpair"))
             .collect();
         let owned = ring.alloc(16);
-        assert!(ring.recv(pairs[0].0.as_fd(), owned, 1));
-        ring.recv_pooled(pairs[1].0.as_fd(), 2);
+        assert!(ring.recv(pairs[0].0.as_fd(), owned, usize::MAX, 1));
+        ring.recv_pooled(pairs[1].0.as_fd(), usize::MAX, 2);
         ring.poll_readable_multi(pairs[2].0.as_fd(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         ring.accept_multi(listener.as_fd(), 4);
@@ -1067,7 +1094,7 @@ mod tests {
         let died = std::thread::spawn(move || {
             let mut ring = Ring::new(8, 4, 64).expect("io_uring");
             for (i, fd) in fds.iter().enumerate() {
-                ring.recv_pooled(fd.as_fd(), i as u32);
+                ring.recv_pooled(fd.as_fd(), usize::MAX, i as u32);
             }
             let mut out = Vec::new();
             ring.run_once(Duration::from_millis(10), &mut out);
@@ -1096,7 +1123,7 @@ mod tests {
             .collect();
         for (i, (a, b)) in pairs.iter().enumerate() {
             (&*b).write_all(&[i as u8; 3]).expect("write");
-            ring.recv_pooled(a.as_fd(), i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
         }
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

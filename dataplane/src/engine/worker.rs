@@ -36,8 +36,11 @@ use crate::resolver::{Namespace, NsIdentity, Route, Snapshot};
 const TICK: Duration = Duration::from_millis(100);
 const RING_ENTRIES: u32 = 4096;
 /// Receive buffers shared by a worker's connections (a power of two), each holding one
-/// maximal TLS record. Past that, receives fall back to buffers of their own.
-pub const POOL_BUFFERS: u16 = 1024;
+/// maximal TLS record. Past that, receives fall back to buffers of their own. The kernel
+/// takes them in turn, so over time every one gets written (a page at least): fewer
+/// buffers, less memory that stays resident; sides in bulk read into buffers of their
+/// own, so the pool serves small receives and the ClientHello.
+pub const POOL_BUFFERS: u16 = 512;
 /// Tokens with this bit set belong to listeners, the rest to connections.
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
@@ -459,24 +462,43 @@ impl Worker {
                 };
                 return self.dial(parked, now);
             }
-            Io::Recv { side, into } => s.fd(side).is_some_and(|fd| {
+            Io::Recv { side, into, max } => s.fd(side).is_some_and(|fd| {
                 let t = token(slot, Op::recv(side));
                 match into {
                     None => {
-                        self.ring.recv_pooled(fd, t);
+                        self.ring.recv_pooled(fd, max, t);
                         true
                     }
-                    Some(buf) => self.ring.recv(fd, buf, t),
+                    Some(buf) => self.ring.recv(fd, buf, max, t),
                 }
             }),
-            Io::Send { side, buf } => s
-                .fd(side)
-                .is_some_and(|fd| self.ring.send(fd, buf, token(slot, Op::send(side)))),
-            Io::Shutdown(side) => s.fd(side).is_some_and(|fd| {
-                let t = token(slot, Op::shutdown(side));
-                self.ring.shutdown(fd, libc::SHUT_WR, t);
-                true
+            Io::Send {
+                side,
+                buf,
+                fin_follows,
+            } => s.fd(side).is_some_and(|fd| {
+                let t = token(slot, Op::send(side));
+                self.ring.send(fd, buf, fin_follows, t)
             }),
+            Io::Shutdown(side) => {
+                // Not through the ring: io_uring cannot shut a socket down without
+                // (as it sees it) blocking, so it hands every shutdown to a thread of
+                // its own, a wake-up and two context switches per FIN. Here it is one
+                // short system call; the core asks for it only once no send is in
+                // flight on that socket, so the FIN still follows every byte sent.
+                let result = match s.fd(side) {
+                    Some(fd) => match rustix::net::shutdown(fd, rustix::net::Shutdown::Write) {
+                        Ok(()) => 0,
+                        Err(e) => -e.raw_os_error(),
+                    },
+                    None => -libc::EBADF,
+                };
+                return Some(Event::Done {
+                    op: Op::shutdown(side),
+                    result,
+                    buf: None,
+                });
+            }
             Io::Cancel(side) => s.fd(side).is_some_and(|fd| {
                 let t = token(slot, Op::cancel(side));
                 self.ring.cancel_fd(fd.as_raw_fd(), t);
@@ -765,6 +787,7 @@ mod tests {
                 kind: ListenerKind::Raw,
                 proxy_v2,
                 tls: None,
+                tls_client_order: None,
             };
             let (caps, _) = crate::limits::Caps::fit(
                 config.max_connections,

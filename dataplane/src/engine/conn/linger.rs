@@ -51,7 +51,7 @@ impl Linger {
                         .fill(buf, |tail| session.write_tls(&mut &mut tail[..]));
                 }
             }
-            if !ends.send(Side::Client, ends.to_client, cx) {
+            if !ends.send_last(ends.to_client, cx) {
                 ends.shutdown(Side::Client, cx);
                 self.down = Flow::Closed;
                 self.tls = None;
@@ -62,7 +62,7 @@ impl Linger {
                 let n = cx.bufs.data(b).len();
                 cx.bufs.consume(b, n);
             }
-            ends.recv(Side::Client, cx);
+            ends.recv(Side::Client, super::RecvKind::Pooled, cx);
         }
         if self.up == Flow::Closed && self.down == Flow::Closed {
             return Next::Close(self.outcome);

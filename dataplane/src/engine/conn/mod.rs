@@ -55,11 +55,46 @@ use tls::Tls;
 /// Size of each data buffer: one maximal TLS record with its overhead.
 pub const BUF_LEN: usize = 16 * 1024 + 512;
 
+/// The most plaintext rustls puts in one TLS record.
+pub const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
+/// What a side in bulk reads at once: four records' worth, which leave as four full
+/// records in one send. Fewer, larger receives and sends cost less per byte (system
+/// calls, wake-ups, TCP segments and ACKs) on both legs and for the client.
+pub const BULK_READ: usize = 4 * MAX_RECORD_PLAINTEXT;
+
+/// A buffer of a side in bulk: a bulk read, or the records it becomes (a record adds
+/// at most 256 bytes to its plaintext).
+pub const BULK_BUF_LEN: usize = BULK_READ + 4 * 256;
+
+/// How much a receive may bring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecvKind {
+    /// What a pool buffer holds, never more (a ClientHello, input only drained).
+    #[default]
+    Pooled,
+    /// Any amount: a pool buffer's worth, or a bulk buffer's while the side is in bulk.
+    Stream,
+    /// Plaintext for TLS records, in whole records: 16 KiB, or `BULK_READ` in bulk.
+    Records,
+}
+
+impl RecvKind {
+    /// The most a receive of this kind takes, into a pool buffer or a bulk buffer.
+    fn max(self, bulk: bool) -> usize {
+        match (self, bulk) {
+            (RecvKind::Records, false) => MAX_RECORD_PLAINTEXT,
+            (RecvKind::Records, true) => BULK_READ,
+            _ => usize::MAX,
+        }
+    }
+}
+
 /// Which socket of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
-    Client,
-    Guest,
+    Client = 0,
+    Guest = 1,
 }
 
 /// The operations a connection can have in flight, at most one of each.
@@ -160,17 +195,24 @@ impl InFlight {
 /// [`Op`] it names, whose completion comes back as [`Event::Done`].
 #[derive(Debug)]
 pub enum Io {
-    /// Receive on `side`: into a buffer the ring takes from its pool when bytes arrive
-    /// (`into: None`), or into the free tail of `into` when the pool ran dry.
+    /// Receive on `side`, at most `max` bytes: into a buffer the ring takes from its
+    /// pool when bytes arrive (`into: None`), or into the free tail of `into` when the
+    /// pool ran dry.
     Recv {
         side: Side,
         into: Option<BufId>,
+        max: usize,
     },
     Send {
         side: Side,
         buf: BufId,
+        /// Our last word: a FIN follows as soon as it is sent, so the kernel may hold
+        /// it back for the FIN to ride in the same segment (`MSG_MORE`) rather than
+        /// send two, each of which the peer must take in and acknowledge.
+        fin_follows: bool,
     },
-    /// Half-close: FIN once everything queued is sent.
+    /// Half-close: FIN after everything sent (asked only with no send in flight; the
+    /// worker does it at once and answers with its [`Event::Done`] right away).
     Shutdown(Side),
     /// Cancel everything in flight on that side's socket.
     Cancel(Side),
@@ -402,6 +444,12 @@ struct Ends {
     /// TLS: plaintext for the guest (raw sends straight from `from_client`).
     to_guest: Option<BufId>,
     in_flight: InFlight,
+    /// What the last receive on each side (by `Side as usize`) asked for.
+    reads: [RecvKind; 2],
+    /// Each side's bulk mode: on while its receives come back with at least a full
+    /// record's worth, when it is read into buffers of the connection's own, a
+    /// `BULK_READ` at a time; off (back to the pool) after a shorter one.
+    bulk: [bool; 2],
 }
 
 impl Ends {
@@ -430,10 +478,12 @@ impl Ends {
         }
     }
 
-    /// Receive on `side` into a pool buffer, unless a receive is in flight or bytes
-    /// read earlier are still pending there (flow control). The emptied buffer of the
-    /// last receive is given back first, so a side waiting for input holds none.
-    fn recv<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+    /// Receive on `side` as `read` says, unless a receive is in flight or bytes read
+    /// earlier are still pending there (flow control). Outside bulk the emptied buffer
+    /// of the last receive is given back first and the ring takes a pool buffer when
+    /// bytes arrive, so a side waiting for input holds none; in bulk the side keeps
+    /// its own large buffer and receives into it again.
+    fn recv<B: Buffers>(&mut self, side: Side, read: RecvKind, cx: &mut Cx<'_, B>) {
         if self.busy(Op::recv(side)) {
             return;
         }
@@ -441,38 +491,102 @@ impl Ends {
         if inbox.is_some_and(|b| !cx.bufs.is_empty(b)) {
             return;
         }
-        if let Some(b) = inbox.take() {
-            cx.bufs.release(b);
-        }
-        self.submit(cx, Io::Recv { side, into: None });
+        let held = inbox.take();
+        let bulk = read != RecvKind::Pooled && self.bulk[side as usize];
+        let own = match held {
+            Some(b) if bulk && cx.bufs.capacity(b) == BULK_BUF_LEN => Some(b),
+            Some(b) => {
+                cx.bufs.release(b);
+                None
+            }
+            None => None,
+        };
+        let into = bulk.then(|| own.unwrap_or_else(|| cx.bufs.alloc(BULK_BUF_LEN)));
+        *self.inbox(side) = into;
+        self.reads[side as usize] = read;
+        self.submit(
+            cx,
+            Io::Recv {
+                side,
+                into,
+                max: read.max(bulk),
+            },
+        );
     }
 
-    /// The pool was empty: receive into a buffer of the connection's own.
+    /// A receive on `side` brought `n` bytes: a full record's worth or more keeps (or
+    /// puts) the side in bulk, less takes it out.
+    fn received(&mut self, side: Side, n: usize) {
+        self.bulk[side as usize] =
+            self.reads[side as usize] != RecvKind::Pooled && n >= MAX_RECORD_PLAINTEXT;
+    }
+
+    /// Whether `side` is read in bulk: what comes from it goes on in bulk buffers too.
+    fn in_bulk(&self, side: Side) -> bool {
+        self.bulk[side as usize]
+    }
+
+    /// A buffer for what goes out towards `to`, sized for what comes from `from`.
+    fn outbox_len(&self, from: Side) -> usize {
+        if self.in_bulk(from) {
+            BULK_BUF_LEN
+        } else {
+            BUF_LEN
+        }
+    }
+
+    /// The pool was empty: receive into a buffer of the connection's own, as much as
+    /// the receive it replaces asked for.
     fn recv_fallback<B: Buffers>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
         let into = *self
             .inbox(side)
             .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        let max = self.reads[side as usize].max(false);
         self.submit(
             cx,
             Io::Recv {
                 side,
                 into: Some(into),
+                max,
             },
         );
     }
 
     /// Send what `buf` holds to `side`; false when a send is in flight or it is empty.
     fn send<B: Buffers>(&mut self, side: Side, buf: Option<BufId>, cx: &mut Cx<'_, B>) -> bool {
+        self.send_as(side, buf, false, cx)
+    }
+
+    /// Send our last word to the client: only a FIN comes after it (Linger).
+    fn send_last<B: Buffers>(&mut self, buf: Option<BufId>, cx: &mut Cx<'_, B>) -> bool {
+        self.send_as(Side::Client, buf, true, cx)
+    }
+
+    fn send_as<B: Buffers>(
+        &mut self,
+        side: Side,
+        buf: Option<BufId>,
+        fin_follows: bool,
+        cx: &mut Cx<'_, B>,
+    ) -> bool {
         match buf {
             Some(buf) if !self.busy(Op::send(side)) && !cx.bufs.is_empty(buf) => {
-                self.submit(cx, Io::Send { side, buf });
+                let io = Io::Send {
+                    side,
+                    buf,
+                    fin_follows,
+                };
+                self.submit(cx, io);
                 true
             }
             _ => false,
         }
     }
 
+    /// FIN to `side`, asked only once no send is in flight there: the worker shuts the
+    /// socket at once, so the FIN follows whatever was sent before.
     fn shutdown<B>(&mut self, side: Side, cx: &mut Cx<'_, B>) {
+        debug_assert!(!self.busy(Op::send(side)), "FIN while a send is in flight");
         self.submit(cx, Io::Shutdown(side));
     }
 
@@ -488,14 +602,26 @@ impl Ends {
         }
     }
 
-    /// Queue a few bytes of our own for the client (a PostgreSQL answer, an alert).
+    /// Queue a few bytes of our own for the client (a PostgreSQL answer) and send them.
     fn say<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
         self.queue(Side::Client, bytes, cx);
+    }
+
+    /// Our last word to the client (a refusal's alert): a FIN follows it.
+    fn say_last<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        self.fill_outbox(Side::Client, bytes, cx);
+        self.send_last(self.to_client, cx);
     }
 
     /// Queue bytes of our own for `side` (at most one buffer's worth) and send them
     /// unless a send is in flight.
     fn queue<B: Buffers>(&mut self, side: Side, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        self.fill_outbox(side, bytes, cx);
+        let out = *self.outbox(side);
+        self.send(side, out, cx);
+    }
+
+    fn fill_outbox<B: Buffers>(&mut self, side: Side, bytes: &[u8], cx: &mut Cx<'_, B>) {
         let buf = *self
             .outbox(side)
             .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
@@ -504,8 +630,6 @@ impl Ends {
             tail[..n].copy_from_slice(&bytes[..n]);
             Ok::<_, ()>(n)
         });
-        let out = *self.outbox(side);
-        self.send(side, out, cx);
     }
 
     /// Give back outgoing buffers that hold nothing.
@@ -670,6 +794,7 @@ impl Conn {
             match op {
                 Op::GuestSend => cx.metrics.bytes(cx.listener.index, n, 0),
                 Op::ClientSend => cx.metrics.bytes(cx.listener.index, 0, n),
+                Op::ClientRecv | Op::GuestRecv => self.ends.received(op.side(), n as usize),
                 _ => {}
             }
         }

@@ -139,7 +139,7 @@ impl Peek {
                 }
             };
             let Some(verdict) = verdict else {
-                ends.recv(Side::Client, cx);
+                ends.recv(Side::Client, super::RecvKind::Pooled, cx);
                 return Next::Stay;
             };
             match verdict {
@@ -151,7 +151,7 @@ impl Peek {
                         self.partial.extend_from_slice(piece);
                         cx.bufs.consume(b, n);
                     }
-                    ends.recv(Side::Client, cx);
+                    ends.recv(Side::Client, super::RecvKind::Pooled, cx);
                     return Next::Stay;
                 }
                 Verdict::Preamble(answer) => {
@@ -173,12 +173,12 @@ impl Peek {
                 Verdict::PlaintextStartup => {
                     cx.metrics.handshake_failed(HandshakeFailure::NotTls);
                     let answer = sni::pg_error_response(PG_TLS_REQUIRED_STATE, PG_TLS_REQUIRED);
-                    ends.say(&answer, cx);
+                    ends.say_last(&answer, cx);
                     return Next::Linger(Outcome::BadRequest);
                 }
                 Verdict::Refuse(why, alert) => {
                     cx.metrics.handshake_failed(why);
-                    ends.say(&sni::alert_record(alert), cx);
+                    ends.say_last(&sni::alert_record(alert), cx);
                     return Next::Linger(match why {
                         HandshakeFailure::NoSni => Outcome::NoSni,
                         HandshakeFailure::UnknownSni => Outcome::UnknownSni,
@@ -307,7 +307,7 @@ fn judge(
         }
         return Verdict::PassThrough(route, header);
     };
-    let Some(config) = listener.tls.clone() else {
+    let Some(config) = listener.tls_for(data) else {
         return Verdict::Failed; // a TLS kind always has a configuration
     };
     let session = match ServerConnection::new(config) {

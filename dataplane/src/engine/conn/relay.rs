@@ -1,7 +1,7 @@
 //! Raw listeners: bytes copied both ways as they come, each direction closed on its
 //! own (a FIN one way shuts only that way down).
 
-use super::{Buffers, Cx, Dial, Ends, Flow, Next, Op, Proxy, Side};
+use super::{Buffers, Cx, Dial, Ends, Flow, Next, Op, Proxy, RecvKind, Side};
 use crate::metrics::Outcome;
 
 /// Move whatever can move without waiting for a completion.
@@ -42,7 +42,7 @@ fn direction<B: Buffers>(
     }
     match flow {
         Flow::Open => {
-            ends.recv(from, cx);
+            ends.recv(from, RecvKind::Stream, cx);
             Flow::Open
         }
         Flow::ReadClosed => {

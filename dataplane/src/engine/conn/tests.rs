@@ -94,6 +94,10 @@ impl Buffers for FakeBufs {
     fn is_empty(&self, id: BufId) -> bool {
         self.get(id).window.is_empty()
     }
+
+    fn capacity(&self, id: BufId) -> usize {
+        self.get(id).window.capacity()
+    }
 }
 
 struct FakeRoutes(HashMap<String, Arc<Route>>);
@@ -198,6 +202,9 @@ impl T {
                 kind,
                 proxy_v2: false,
                 tls: kind.is_tls().then(server_config),
+                tls_client_order: kind
+                    .is_tls()
+                    .then(|| crate::tls::client_order(&server_config())),
             },
             timeouts: Timeouts {
                 dial: Duration::from_secs(5),
@@ -320,9 +327,14 @@ impl T {
     /// `side` sends `bytes`, received by the pending receive.
     fn arrive(&mut self, side: Side, bytes: &[u8]) {
         let op = Op::recv(side);
-        let Io::Recv { into, .. } = self.take_pending(op) else {
+        let Io::Recv { into, max, .. } = self.take_pending(op) else {
             unreachable!()
         };
+        assert!(
+            bytes.len() <= max,
+            "{} bytes arrive for a receive of at most {max}",
+            bytes.len()
+        );
         let (n, buf) = match into {
             // A pool receive: the kernel picks a buffer.
             None => {
@@ -795,6 +807,7 @@ fn an_empty_pool_falls_back_to_a_buffer_of_its_own() {
             Io::Recv {
                 side: Side::Client,
                 into: Some(b),
+                ..
             } => Some(*b),
             _ => None,
         })
@@ -822,7 +835,8 @@ fn a_connection_that_sends_nothing_holds_no_buffer() {
         t.pending[0],
         Io::Recv {
             side: Side::Client,
-            into: None
+            into: None,
+            ..
         }
     ));
     assert_eq!(t.bufs.held(), 0);
@@ -881,7 +895,21 @@ fn unknown_and_missing_names_get_an_alert_and_a_linger() {
         let mut t = T::new(ListenerKind::Https).accept();
         t.arrive(Side::Client, &hello(name));
         assert!(t.dials.is_empty(), "{name}: dialed");
+        // The alert is the last word: the kernel may keep it for the FIN that follows
+        // at once, so both leave in one segment.
+        assert!(t.pending.iter().any(|p| matches!(
+            p,
+            Io::Send {
+                side: Side::Client,
+                fin_follows: true,
+                ..
+            }
+        )));
         t.deliver(Side::Client, usize::MAX);
+        assert!(
+            t.pending(Op::ClientShutdown),
+            "the FIN right after the alert"
+        );
         assert_eq!(
             t.client_got,
             sni::alert_record(sni::ALERT_UNRECOGNIZED_NAME)
@@ -923,6 +951,16 @@ fn malformed_and_oversized_hellos_get_decode_error() {
 fn postgres_ssl_request_is_answered_then_the_hello_routed() {
     let mut t = T::new(ListenerKind::Postgres).accept();
     t.arrive(Side::Client, &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    assert!(
+        t.pending.iter().any(|p| matches!(
+            p,
+            Io::Send {
+                fin_follows: false,
+                ..
+            }
+        )),
+        "the answer is not a last word"
+    );
     t.deliver(Side::Client, usize::MAX);
     assert_eq!(t.client_got, b"S");
     t.arrive(Side::Client, &hello("app.localhost"));
@@ -978,8 +1016,17 @@ fn tls_streams_both_ways_and_half_closes_with_close_notify() {
     t.arrive(Side::Guest, b"pong");
     t.converse(&mut client);
     assert_eq!(plaintext_of(&mut client), b"pong");
-    // The guest closes: close_notify, then a FIN to the client.
+    // The guest closes: close_notify, then a FIN to the client, which may ride with
+    // it (the send says a FIN follows).
     t.end_recv(Side::Guest, 0);
+    assert!(t.pending.iter().any(|p| matches!(
+        p,
+        Io::Send {
+            side: Side::Client,
+            fin_follows: true,
+            ..
+        }
+    )));
     t.converse(&mut client);
     t.shutdowns();
     assert!(t.client_fin);
@@ -1132,6 +1179,135 @@ fn handshake_and_dial_latencies_are_observed() {
     assert!(
         text.contains("mergen_forwarder_dial_duration_seconds_count 1"),
         "{text}"
+    );
+}
+
+/// The lengths of the TLS records in `bytes` (whole records only).
+fn record_lengths(mut bytes: &[u8]) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    while bytes.len() >= 5 {
+        let len = usize::from(u16::from_be_bytes([bytes[3], bytes[4]]));
+        lengths.push(len);
+        bytes = &bytes[(5 + len).min(bytes.len())..];
+    }
+    lengths
+}
+
+/// The guest is read in whole records' worth of plaintext: a stream goes out to the
+/// client in full records, not in a full record and a short one per read.
+#[test]
+fn guest_plaintext_is_read_in_whole_records() {
+    let (mut t, mut client) = T::tls_established("app.localhost");
+    let max = match t.pending.iter().find(|p| p.op() == Some(Op::GuestRecv)) {
+        Some(Io::Recv { max, .. }) => *max,
+        other => panic!("no guest receive: {other:?}"),
+    };
+    assert!(
+        max >= MAX_RECORD_PLAINTEXT && max % MAX_RECORD_PLAINTEXT == 0,
+        "{max}"
+    );
+    let reads = 3;
+    for i in 0..reads {
+        t.arrive(Side::Guest, &vec![i as u8; max]);
+        while t.pending(Op::ClientSend) {
+            t.deliver(Side::Client, usize::MAX);
+        }
+    }
+    let records = record_lengths(&t.client_got);
+    // TLS 1.3 with AES-GCM: the content type and a 16-byte tag come on top.
+    let full = MAX_RECORD_PLAINTEXT + 1 + 16;
+    assert_eq!(
+        records.len(),
+        reads * max / MAX_RECORD_PLAINTEXT,
+        "{records:?}"
+    );
+    assert!(records.iter().all(|&l| l == full), "{records:?}");
+    let mut plaintext = 0;
+    let mut rd = &t.client_got[..];
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).expect("client read");
+        client.process_new_packets().expect("records");
+        plaintext += plaintext_of(&mut client).len();
+    }
+    assert_eq!(plaintext, reads * max);
+}
+
+/// The pending guest receive: into which buffer (`None`: the pool's), and how much.
+fn guest_recv(t: &T) -> (Option<BufId>, usize) {
+    match t.pending.iter().find(|p| p.op() == Some(Op::GuestRecv)) {
+        Some(Io::Recv { into, max, .. }) => (*into, *max),
+        other => panic!("no guest receive: {other:?}"),
+    }
+}
+
+/// A guest whose reads come back full is read in bulk, into a buffer of the
+/// connection's own, `BULK_READ` at a time, which goes to the client as full records
+/// in one send; a short read puts it back on the pool and gives that buffer back.
+#[test]
+fn a_guest_that_fills_its_reads_is_read_in_bulk() {
+    let (mut t, _client) = T::tls_established("app.localhost");
+    let idle = t.bufs.held();
+    assert_eq!(guest_recv(&t), (None, MAX_RECORD_PLAINTEXT));
+    t.arrive(Side::Guest, &[1u8; MAX_RECORD_PLAINTEXT]);
+    t.deliver(Side::Client, usize::MAX);
+    let (own, max) = guest_recv(&t);
+    let own = own.expect("a bulk buffer of its own");
+    assert_eq!((t.bufs.get(own).mem.len(), max), (BULK_BUF_LEN, BULK_READ));
+    t.client_got.clear();
+    t.arrive(Side::Guest, &vec![2u8; BULK_READ]);
+    t.deliver(Side::Client, usize::MAX);
+    let full = MAX_RECORD_PLAINTEXT + 1 + 16;
+    assert_eq!(
+        record_lengths(&t.client_got),
+        vec![full; 4],
+        "one send, four records"
+    );
+    assert_eq!(
+        guest_recv(&t),
+        (Some(own), BULK_READ),
+        "the same buffer again"
+    );
+    t.arrive(Side::Guest, b"the end of it");
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(
+        guest_recv(&t),
+        (None, MAX_RECORD_PLAINTEXT),
+        "back on the pool"
+    );
+    assert_eq!(t.bufs.held(), idle, "the bulk buffers are given back");
+}
+
+/// The same on a raw listener: a full pool buffer's worth puts the direction in bulk.
+#[test]
+fn raw_directions_go_bulk_and_back() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Client, &vec![3u8; MAX_RECORD_PLAINTEXT]);
+    t.deliver(Side::Guest, usize::MAX);
+    let own = match t.pending.iter().find(|p| p.op() == Some(Op::ClientRecv)) {
+        Some(Io::Recv { into: Some(b), .. }) => *b,
+        other => panic!("no bulk receive: {other:?}"),
+    };
+    assert_eq!(t.bufs.get(own).mem.len(), BULK_BUF_LEN);
+    t.arrive(Side::Client, &vec![4u8; BULK_BUF_LEN]);
+    assert_eq!(t.deliver(Side::Guest, usize::MAX), BULK_BUF_LEN, "one send");
+    t.arrive(Side::Client, b"x");
+    t.deliver(Side::Guest, usize::MAX);
+    assert!(matches!(
+        t.pending.iter().find(|p| p.op() == Some(Op::ClientRecv)),
+        Some(Io::Recv { into: None, .. })
+    ));
+    assert_eq!(t.guest_got.len(), MAX_RECORD_PLAINTEXT + BULK_BUF_LEN + 1);
+}
+
+/// The listener's configuration picks the cipher suite: AES-128-GCM for a client that
+/// prefers AES-256-GCM (rustls' default order), as for any client with AES hardware.
+#[test]
+fn the_server_picks_aes_128_gcm() {
+    let (_t, client) = T::tls_established("app.localhost");
+    assert_eq!(
+        client.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
     );
 }
 

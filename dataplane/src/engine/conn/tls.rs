@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use rustls::ServerConnection;
 
-use super::{Buffers, ConnId, Cx, Dial, Ends, Flow, Mode, Next, Op, Proxy, Side, BUF_LEN};
+use super::{Buffers, ConnId, Cx, Dial, Ends, Flow, Mode, Next, Op, Proxy, RecvKind, Side};
 use crate::config::ListenerKind;
 use crate::engine::connlog::Record;
 use crate::metrics::{HandshakeFailure, Outcome};
@@ -83,11 +83,13 @@ pub(super) fn pump<B: Buffers>(
     if dial_up {
         ends.send(Side::Guest, ends.to_guest, cx);
         if *down == Flow::Open {
-            ends.recv(Side::Guest, cx);
+            // Whole records: rustls cuts plaintext into records of at most 16 KiB, so a
+            // read of 16 KiB + 512 would go out as a full record and a 512-byte one.
+            ends.recv(Side::Guest, RecvKind::Records, cx);
         }
     }
     if *up == Flow::Open && tls.hello.is_empty() {
-        ends.recv(Side::Client, cx);
+        ends.recv(Side::Client, RecvKind::Stream, cx);
     }
     ends.trim(cx);
     Next::Stay
@@ -131,7 +133,8 @@ fn decrypt<B: Buffers>(
             && !ends.busy(Op::GuestSend)
             && !super::has_data(cx.bufs, ends.to_guest);
         if readable && ready {
-            let buf = *ends.to_guest.get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+            let len = ends.outbox_len(Side::Client);
+            let buf = *ends.to_guest.get_or_insert_with(|| cx.bufs.alloc(len));
             match cx.bufs.fill(buf, |tail| tls.session.reader().read(tail)) {
                 Ok(0) => end_of_plaintext(up, ends, cx), // close_notify
                 Ok(_) => progress = true,
@@ -209,17 +212,21 @@ fn flush_to_client<B: Buffers>(
         return;
     }
     if !super::has_data(cx.bufs, ends.to_client) && tls.session.wants_write() {
-        let buf = *ends.to_client.get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        let len = ends.outbox_len(Side::Guest);
+        let buf = *ends.to_client.get_or_insert_with(|| cx.bufs.alloc(len));
         let _ = cx
             .bufs
             .fill(buf, |tail| tls.session.write_tls(&mut &mut tail[..]));
     }
-    if ends.send(Side::Client, ends.to_client, cx) {
-        return;
-    }
     let notified = *down == Flow::ReadClosed
         && !tls.session.is_handshaking()
         && !super::has_data(cx.bufs, ends.from_guest);
+    // With close_notify queued and nothing left in rustls, only the FIN comes after
+    // this send.
+    let last = notified && !tls.session.wants_write();
+    if ends.send_as(Side::Client, ends.to_client, last, cx) {
+        return;
+    }
     if notified && !tls.session.wants_write() {
         ends.shutdown(Side::Client, cx);
         *down = Flow::Closed;
