@@ -100,6 +100,13 @@ fn a_1024_open_files_limit_caps_connections_and_keeps_serving() {
     // One address first, up to its cap and far past it; then four more, past the
     // total cap.
     let mut flood = silent_clients(&fwd, Ipv4Addr::new(127, 0, 0, 10), 600);
+    // Each worker accepts from its own socket: settle the first address before the
+    // others, or a slower worker's share of it may meet the total cap first.
+    let first = poll(Duration::from_secs(20), || {
+        (closed_as(&fwd, "refused_per_ip") == 600.0 - 112.0 && open_now(&fwd) == 112.0)
+            .then_some(())
+    });
+    assert!(first.is_some(), "{}", fwd.metrics());
     for i in 0..900 {
         let from = Ipv4Addr::new(127, 0, 0, 11 + (i % 4) as u8);
         flood.push(connect_from(from, fwd.ports[0]).expect("TCP connect"));
