@@ -158,18 +158,20 @@ fn serve() -> Result<(), Error> {
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
 
-    let resolver = Arc::new(Resolver::new(resolver::Settings {
-        config_root: config.config_root.clone(),
-        netns_root: config.netns_root.clone(),
-        domain_prefix: config.domain_prefix.clone(),
-        domain_suffix: config.domain_suffix.clone(),
-    }));
-    resolver
-        .start_watching(config.resolver_ttl)
-        .map_err(|source| Error::WatchRoutes {
-            path: config.config_root.clone(),
-            source,
-        })?;
+    let resolver = Resolver::watching(
+        resolver::Settings {
+            config_root: config.config_root.clone(),
+            netns_root: config.netns_root.clone(),
+            domain_prefix: config.domain_prefix.clone(),
+            domain_suffix: config.domain_suffix.clone(),
+        },
+        config.resolver_ttl,
+    )
+    .map(Arc::new)
+    .map_err(|source| Error::WatchRoutes {
+        path: config.config_root.clone(),
+        source,
+    })?;
 
     // Every worker gets its own socket per listener; binding them all up front turns a
     // port in use into a startup error instead of a dead worker.
