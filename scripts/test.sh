@@ -10,7 +10,8 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # and clients that the forwarder and runtime tests put in namespaces.
 PKGS=(iproute2 nftables curl openssl procps nginx-light redis-server redis-tools
       openssh-server openssh-client postgresql postgresql-client haproxy wrk
-      docker-registry skopeo busybox-static apache2-utils e2fsprogs util-linux)
+      docker-registry skopeo busybox-static apache2-utils e2fsprogs util-linux
+      kcat nghttp2-client)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -35,7 +35,7 @@ pub const VARIABLES: &[Var] = &[
     Var::new(
         "MGR_SHUTDOWN_TIMEOUT_SECONDS",
         "15",
-        "grace period for in-flight requests on SIGINT/SIGTERM",
+        "grace period for in-flight requests on SIGINT/SIGTERM (0 = none, as the original)",
     ),
     Var::new(
         "MGR_HTTP_MAX_CONNECTIONS",
@@ -189,7 +189,10 @@ impl Config {
             api_token: env.opt("MGR_API_TOKEN"),
             metrics_require_token: env.bool("MGR_METRICS_REQUIRE_TOKEN")?,
             allow_insecure: env.bool("MGR_ALLOW_INSECURE")?,
-            shutdown_timeout: env.seconds("MGR_SHUTDOWN_TIMEOUT_SECONDS")?,
+            // The original took 0 as "close at once"; an env file that says so still works.
+            shutdown_timeout: env
+                .seconds_or_off("MGR_SHUTDOWN_TIMEOUT_SECONDS")?
+                .unwrap_or(Duration::ZERO),
             max_connections: count("MGR_HTTP_MAX_CONNECTIONS")?,
             max_connections_per_ip: count("MGR_HTTP_MAX_CONNECTIONS_PER_IP")?,
             header_timeout: env.seconds("MGR_HTTP_HEADER_TIMEOUT_SECONDS")?,
@@ -323,12 +326,12 @@ mod tests {
 
     #[test]
     fn shared_rules() {
-        // Blank is unset; values are trimmed; Go's ParseBool; zero seconds refused.
+        // Blank is unset; values are trimmed; Go's ParseBool; zero seconds refused where
+        // zero has no meaning (MGR_SHUTDOWN_TIMEOUT_SECONDS=0 means "none", as in Go).
         let c = from(&[("MGR_PORT_START", "  "), ("MGR_ALLOW_INSECURE", " True ")]).unwrap();
         assert_eq!(c.port_start, 20000);
         assert!(c.allow_insecure);
         for k in [
-            "MGR_SHUTDOWN_TIMEOUT_SECONDS",
             "MGR_HTTP_READ_TIMEOUT_SECONDS",
             "MGR_HTTP_IDLE_TIMEOUT_SECONDS",
             "MGR_HTTP_HEADER_TIMEOUT_SECONDS",
@@ -411,6 +414,8 @@ mod tests {
         assert_eq!(c.runtime.unit_prefix, "vm");
         assert_eq!(c.runtime.command_timeout, Duration::from_secs(3));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
+        let now = from(&[("MGR_SHUTDOWN_TIMEOUT_SECONDS", "0")]).unwrap();
+        assert_eq!(now.shutdown_timeout, Duration::ZERO);
         assert_eq!((c.port_start, c.port_end), (100, 200));
         assert_eq!(c.runtime.guest_cidr.to_string(), "10.1.0.0/16");
         assert_eq!(

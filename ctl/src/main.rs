@@ -64,6 +64,10 @@ fn run() -> Result<(), String> {
         Arc::new(move |req| router::handle(&app, req))
     };
     let mut server = Server::new(server_config, handler);
+    server.answer_quickly({
+        let app = Arc::clone(&app);
+        Arc::new(move |req| router::is_quick(req).then(|| router::handle(&app, req)))
+    });
     let tcp = addr
         .bind()
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -82,8 +82,7 @@ pub struct Images {
 
 /// Parse and validate a create body.
 pub fn parse_create(body: &[u8], images: &Images) -> Result<CreateRequest, Error> {
-    // Derived structs also accept a JSON array of field values; only an object is valid.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if !mergen_model::meta::opens_an_object(body) {
         return Err(Error::BadRequest(
             "invalid request body: want a JSON object".into(),
         ));

@@ -30,6 +30,14 @@ pub fn handle(app: &App, req: &Request) -> Response {
     resp
 }
 
+/// The requests answered on the server's event-loop thread, skipping the hop to a
+/// worker: the health check, which touches nothing but a counter (load balancers
+/// and supervisors poll it often, and it must answer even when every worker is busy).
+pub fn is_quick(req: &Request) -> bool {
+    matches!(req.head.method.as_str(), "GET" | "HEAD")
+        && matches!(req.head.path.as_str(), "/healthz" | "/healthz/")
+}
+
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

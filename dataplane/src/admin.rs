@@ -35,7 +35,10 @@ pub fn spawn_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(Socke
         max_connections_per_ip: 64,
         workers: 2,
     };
+    // Every answer here is a few counters: all of them come from the loop thread.
+    let quick = Arc::clone(&metrics);
     let mut server = Server::new(config, Arc::new(move |req: &Request| answer(&metrics, req)));
+    server.answer_quickly(Arc::new(move |req: &Request| Some(answer(&quick, req))));
     server.listen_tcp(listener)?;
     Ok((bound, server.start()?))
 }

@@ -5,6 +5,7 @@
 //! turns the setting off. A value that does not parse is a startup error naming the
 //! variable and the value.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -13,12 +14,20 @@ use std::time::Duration;
 use mergen_envtable::{Env, Var};
 use mergen_model::domain;
 
+use crate::tls;
+
 /// A refused setting: names the variable, its value and what was expected.
 pub type ConfigError = mergen_envtable::Error;
 
 pub const DEFAULT_LISTENERS: &str = ":443=443,:2022=22,:5432=5432,:6379=6379,:9092=9092";
-/// The guest port served in raw mode (no TLS, no SNI), as in the original.
-pub const RAW_GUEST_PORT: u16 = 22;
+/// The one listener the original served in raw mode (no TLS, no SNI): listen port 2022
+/// to guest port 22. Any other raw listener says `/raw`.
+const RAW_LISTEN_PORT: u16 = 2022;
+const RAW_GUEST_PORT: u16 = 22;
+/// The guest port of the `FWD_HTTPS_ADDR` listener when a VM sets no `httpPort`.
+const HTTPS_GUEST_PORT: u16 = 443;
+/// Where the certificate and key are looked for unless `FWD_TLS_*_FILE` say otherwise.
+pub const CERT_DIR: &str = "/etc/mergen/certs";
 /// `FWD_ALPN_<guestPort>`: one variable per guest port, so read by name outside the table.
 const ALPN_PREFIX: &str = "FWD_ALPN_";
 
@@ -30,14 +39,14 @@ pub const VARS: &[Var] = &[
         "/run/netns",
         "where namespace files are looked up first",
     ),
-    Var::new(
+    Var::computed(
         "FWD_TLS_CERT_FILE",
-        "/etc/mergen/certs/wildcard.localhost.crt",
-        "PEM certificate chain",
+        "/etc/mergen/certs/wildcard.<prefix.>suffix.crt",
+        "PEM certificate chain (not read when every listener is raw)",
     ),
-    Var::new(
+    Var::computed(
         "FWD_TLS_KEY_FILE",
-        "/etc/mergen/certs/wildcard.localhost.key",
+        "/etc/mergen/certs/wildcard.<prefix.>suffix.key",
         "PEM key, RSA or ECDSA",
     ),
     Var::new(
@@ -49,7 +58,11 @@ pub const VARS: &[Var] = &[
     Var::new(
         "FWD_LISTENERS",
         DEFAULT_LISTENERS,
-        "addr=guestPort,... (guest port 22 is raw TCP to the oldest VM, no TLS)",
+        "ADDR=GUESTPORT[/KIND][+proxy-v2],... (see \"listeners\" below)",
+    ),
+    Var::unset(
+        "FWD_HTTPS_ADDR",
+        "one more https listener (guest port 443, or the VM's httpPort); replaces :443=443 of the default FWD_LISTENERS",
     ),
     Var::new(
         "FWD_ALLOWED_GUEST_PORTS",
@@ -58,7 +71,7 @@ pub const VARS: &[Var] = &[
     ),
     Var::computed(
         "FWD_ALPN_<guestPort>",
-        "http/1.1 on 443, postgresql on 5432",
+        "http/1.1 on https, postgresql on postgres",
         "ALPN protocols offered by the listeners to that guest port, comma-separated; empty offers none",
     ),
     Var::new("FWD_DIAL_TIMEOUT_SECONDS", "5", "backend connect timeout"),
@@ -69,8 +82,8 @@ pub const VARS: &[Var] = &[
     ),
     Var::new(
         "FWD_IDLE_TIMEOUT_SECONDS",
-        "300",
-        "close a connection idle this long",
+        "3600",
+        "close a connection idle this long; 0 = never (TCP keepalive still ends dead peers)",
     ),
     Var::new(
         "FWD_RESOLVER_CACHE_TTL_SECONDS",
@@ -97,6 +110,26 @@ pub const VARS: &[Var] = &[
     Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
 ];
 
+/// `--help`'s and the README's account of `FWD_LISTENERS`.
+pub const LISTENERS_HELP: &str = "\
+listeners (FWD_LISTENERS=ADDR=GUESTPORT[/KIND][+OPTION...],...):
+  ADDR       :443 (every IPv4 and IPv6 address), 127.0.0.1:443, [::1]:443, or
+             localhost:443 (a host name, resolved once at start, IPv4 first)
+  KIND       https     TLS routed by SNI, ALPN http/1.1, a 502 page when the VM does
+                       not answer; dials the VM's httpPort when its meta.json sets one
+             postgres  PostgreSQL: answers SSLRequest/GSSENCRequest, takes direct TLS
+                       (ALPN postgresql), tells a plaintext client that TLS is required
+             tls       TLS routed by SNI (Redis, Kafka, ...); closes when the VM does
+                       not answer
+             raw       plain TCP, no TLS and no SNI, to the oldest VM (by createdAt)
+  OPTION     proxy-v2  send the guest a PROXY protocol v2 header first: the client's
+                       address, and for TLS kinds the SNI (PP2_TYPE_AUTHORITY)
+  no KIND    as the original: guest port 443 https, 5432 postgres, listen port 2022
+             to guest 22 raw, anything else tls
+  default    :443=443/https,:2022=22/raw,:5432=5432/postgres,:6379=6379/tls,
+             :9092=9092/tls
+";
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub config_root: PathBuf,
@@ -109,7 +142,8 @@ pub struct Config {
     pub allowed_guest_ports: Vec<u16>,
     pub dial_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
+    /// `None`: connections may stay idle forever.
+    pub idle_timeout: Option<Duration>,
     pub resolver_ttl: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
@@ -119,6 +153,13 @@ pub struct Config {
     pub log_format: String,
 }
 
+impl Config {
+    /// Whether any listener terminates TLS, i.e. whether a certificate is needed.
+    pub fn needs_certificate(&self) -> bool {
+        self.listeners.iter().any(|l| l.kind.is_tls())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListenerSpec {
     pub addr: ListenAddr,
@@ -126,15 +167,17 @@ pub struct ListenerSpec {
     pub kind: ListenerKind,
     /// What a TLS listener offers in ALPN, in preference order (empty for raw).
     pub alpn: Vec<Vec<u8>>,
+    /// Send a PROXY protocol v2 header to the guest before any client byte.
+    pub proxy_v2: bool,
 }
 
 /// What a listener speaks to its clients, and so what the engine does before it
-/// streams. Inferred from the guest port as the original did: 22 raw, 443 HTTPS,
-/// 5432 PostgreSQL, anything else generic TLS.
+/// streams. Written after the guest port (`:8443=8080/https`), or inferred from the
+/// ports as the original did (see [`ListenerKind::infer`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
     /// TLS routed by SNI; ALPN `http/1.1`; a client whose VM cannot be reached gets a
-    /// 502 page after its handshake.
+    /// 502 page after its handshake; the VM's `httpPort` overrides the guest port.
     Https,
     /// TLS routed by SNI, after an optional SSLRequest/GSSENCRequest preamble
     /// (see [`crate::sni::postgres_preamble`]); ALPN `postgresql`.
@@ -146,11 +189,20 @@ pub enum ListenerKind {
 }
 
 impl ListenerKind {
-    fn infer(guest_port: u16) -> ListenerKind {
-        match guest_port {
-            RAW_GUEST_PORT => ListenerKind::Raw,
-            443 => ListenerKind::Https,
-            5432 => ListenerKind::Postgres,
+    pub const ALL: [ListenerKind; 4] = [
+        ListenerKind::Https,
+        ListenerKind::Postgres,
+        ListenerKind::Tls,
+        ListenerKind::Raw,
+    ];
+
+    /// The original's rule: guest port 443 is HTTPS, 5432 PostgreSQL, `:2022=22` raw,
+    /// anything else generic TLS (so `:2222=22` is TLS, as it was there).
+    pub fn infer(listen_port: u16, guest_port: u16) -> ListenerKind {
+        match (listen_port, guest_port) {
+            (RAW_LISTEN_PORT, RAW_GUEST_PORT) => ListenerKind::Raw,
+            (_, 443) => ListenerKind::Https,
+            (_, 5432) => ListenerKind::Postgres,
             _ => ListenerKind::Tls,
         }
     }
@@ -179,17 +231,69 @@ impl ListenerKind {
     }
 }
 
+impl FromStr for ListenerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ListenerKind, String> {
+        let s = s.trim();
+        ListenerKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("a kind https|postgres|tls|raw, not {s:?}"))
+    }
+}
+
+/// The one listener option: `+proxy-v2`.
+const PROXY_V2: &str = "proxy-v2";
+
 /// Where a listener listens: an empty host (`:443`) is every IPv4 and IPv6 address,
 /// as Go's `net.Listen("tcp", ":443")` in the original (the type mergend's
 /// `MGR_HTTP_ADDR` uses too).
 pub use mergen_http::ListenAddr;
 
 impl ListenerSpec {
+    /// A listener as the original's `addr=guestPort` wrote it: the kind inferred.
+    fn inferred(addr: ListenAddr, guest_port: u16) -> ListenerSpec {
+        ListenerSpec::new(
+            addr,
+            guest_port,
+            ListenerKind::infer(addr.port(), guest_port),
+        )
+    }
+
+    fn new(addr: ListenAddr, guest_port: u16, kind: ListenerKind) -> ListenerSpec {
+        ListenerSpec {
+            addr,
+            guest_port,
+            kind,
+            alpn: kind.default_alpn(),
+            proxy_v2: false,
+        }
+    }
+
     /// The listener's name in logs and in the `listener` label of the metrics: its
-    /// address as configured, e.g. `:443` or `127.0.0.1:8443`, unique because two
-    /// listeners cannot share an address.
+    /// address, e.g. `:443` or `127.0.0.1:8443` (a host name as it resolved), unique
+    /// because two listeners cannot share an address.
     pub fn name(&self) -> String {
         self.addr.to_string()
+    }
+}
+
+/// The listener in `FWD_LISTENERS` syntax with its kind spelled out, as the startup
+/// log shows it: `:443=443/https`, `127.0.0.1:8443=8080/https+proxy-v2`.
+impl fmt::Display for ListenerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={}/{}",
+            self.addr,
+            self.guest_port,
+            self.kind.as_str()
+        )?;
+        if self.proxy_v2 {
+            write!(f, "+{PROXY_V2}")?;
+        }
+        Ok(())
     }
 }
 
@@ -203,9 +307,7 @@ impl Config {
         let allowed_guest_ports = env
             .with("FWD_ALLOWED_GUEST_PORTS", parse_port_list)?
             .unwrap_or_default();
-        let mut listeners = env
-            .with("FWD_LISTENERS", parse_listeners)?
-            .unwrap_or_default();
+        let mut listeners = listeners(&env)?;
         for l in &mut listeners {
             if !allowed_guest_ports.contains(&l.guest_port) {
                 return Err(ConfigError {
@@ -250,18 +352,27 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
 
+        let domain_prefix = domain::normalize(&env.string("FWD_DOMAIN_PREFIX"));
+        let domain_suffix = domain::normalize(&env.string("FWD_DOMAIN_SUFFIX"));
+        // As the original's certificate script names its files.
+        let stem = tls::wildcard_file_stem(&domain_prefix, &domain_suffix);
+        let cert_file = |name: &str, ext: &str| match env.set(name) {
+            Some(path) => PathBuf::from(path),
+            None => PathBuf::from(CERT_DIR).join(format!("{stem}.{ext}")),
+        };
+
         Ok(Config {
             config_root: PathBuf::from(env.string("FWD_CONFIG_ROOT")),
             netns_root,
-            tls_cert_file: PathBuf::from(env.string("FWD_TLS_CERT_FILE")),
-            tls_key_file: PathBuf::from(env.string("FWD_TLS_KEY_FILE")),
-            domain_prefix: domain::normalize(&env.string("FWD_DOMAIN_PREFIX")),
-            domain_suffix: domain::normalize(&env.string("FWD_DOMAIN_SUFFIX")),
+            tls_cert_file: cert_file("FWD_TLS_CERT_FILE", "crt"),
+            tls_key_file: cert_file("FWD_TLS_KEY_FILE", "key"),
+            domain_prefix,
+            domain_suffix,
             listeners,
             allowed_guest_ports,
             dial_timeout: env.seconds("FWD_DIAL_TIMEOUT_SECONDS")?,
             handshake_timeout: env.seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS")?,
-            idle_timeout: env.seconds("FWD_IDLE_TIMEOUT_SECONDS")?,
+            idle_timeout: env.seconds_or_off("FWD_IDLE_TIMEOUT_SECONDS")?,
             resolver_ttl: env.seconds("FWD_RESOLVER_CACHE_TTL_SECONDS")?,
             shutdown_timeout: env.seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS")?,
             max_connections: env.positive("FWD_MAX_CONNECTIONS")? as usize,
@@ -271,6 +382,39 @@ impl Config {
             log_format,
         })
     }
+}
+
+/// `FWD_LISTENERS`, with the `FWD_HTTPS_ADDR` listener of the later original: it takes
+/// the place of the default `:443=443`, or joins listeners set explicitly (an address
+/// both use is an error).
+fn listeners(env: &Env<'_>) -> Result<Vec<ListenerSpec>, ConfigError> {
+    let mut listeners = env
+        .with("FWD_LISTENERS", parse_listeners)?
+        .unwrap_or_default();
+    let Some(https_addr) = env.with("FWD_HTTPS_ADDR", parse_listen_addr)? else {
+        return Ok(listeners);
+    };
+    let https = ListenerSpec::new(https_addr, HTTPS_GUEST_PORT, ListenerKind::Https);
+    let explicit = env.set("FWD_LISTENERS").is_some();
+    if !explicit {
+        listeners.retain(|l| !(l.addr == ListenAddr::AnyHost(443) && l.guest_port == 443));
+    }
+    if let Some(other) = listeners.iter().find(|l| l.addr.overlaps(https_addr)) {
+        return Err(ConfigError {
+            name: "FWD_HTTPS_ADDR".into(),
+            value: env.string("FWD_HTTPS_ADDR"),
+            expected: format!(
+                "an address no FWD_LISTENERS listener uses ({} does)",
+                other.addr
+            ),
+        });
+    }
+    let at = listeners
+        .iter()
+        .position(|l| l.kind != ListenerKind::Https)
+        .unwrap_or(listeners.len());
+    listeners.insert(at, https);
+    Ok(listeners)
 }
 
 /// `:443` means every IPv4 address; an address without `:` is a bare port.
@@ -289,14 +433,20 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("an address like :443 or 127.0.0.1:443, not {s:?}"))
 }
 
-/// Like [`parse_addr`], but an empty host means every IPv4 and IPv6 address.
+/// A listener's address: `:443` or a bare `443` (every address), an IP address with
+/// its port, or a host name with its port, resolved now (see [`ListenAddr`]'s
+/// `FromStr`). Port 0 is refused: nobody could find such a listener.
 fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
-    let addr = parse_addr(s)?;
     let s = s.trim();
-    if s.starts_with(':') || !s.contains(':') {
-        Ok(ListenAddr::AnyHost(addr.port()))
-    } else {
-        Ok(ListenAddr::Addr(addr))
+    let addr = match s.contains(':') {
+        true => s.parse::<ListenAddr>()?,
+        false => ListenAddr::AnyHost(s.parse().map_err(|_| {
+            format!("{s:?} is not an address like :443, 127.0.0.1:443 or localhost:443")
+        })?),
+    };
+    match addr.port() {
+        0 => Err(format!("a listen port above 0, not {s:?}")),
+        _ => Ok(addr),
     }
 }
 
@@ -318,27 +468,44 @@ fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
+/// One `ADDR=GUESTPORT[/KIND][+OPTION...]` item.
+fn parse_listener(item: &str) -> Result<ListenerSpec, String> {
+    let item = item.trim();
+    let (addr, target) = item
+        .split_once('=')
+        .ok_or_else(|| format!("ADDR=GUESTPORT[/KIND][+OPTION] items, not {item:?}"))?;
+    let addr = parse_listen_addr(addr)?;
+    let mut parts = target.split('+');
+    let head = parts.next().unwrap_or("");
+    let (port, kind) = match head.split_once('/') {
+        Some((port, kind)) => (port, Some(kind.parse::<ListenerKind>()?)),
+        None => (head, None),
+    };
+    let guest_port = parse_port(port)?;
+    let mut spec = match kind {
+        Some(kind) => ListenerSpec::new(addr, guest_port, kind),
+        None => ListenerSpec::inferred(addr, guest_port),
+    };
+    for option in parts {
+        match option.trim() {
+            o if o.eq_ignore_ascii_case(PROXY_V2) => spec.proxy_v2 = true,
+            o => return Err(format!("the option +{PROXY_V2}, not +{o:?}")),
+        }
+    }
+    Ok(spec)
+}
+
 fn parse_listeners(s: &str) -> Result<Vec<ListenerSpec>, String> {
     let mut out: Vec<ListenerSpec> = Vec::new();
     for item in s.split(',').filter(|i| !i.trim().is_empty()) {
-        let (addr, guest) = item
-            .split_once('=')
-            .ok_or_else(|| format!("addr=guestPort items, not {:?}", item.trim()))?;
-        let addr = parse_listen_addr(addr)?;
-        let guest_port = parse_port(guest)?;
-        if let Some(other) = out.iter().find(|l| l.addr.overlaps(addr)) {
+        let spec = parse_listener(item)?;
+        if let Some(other) = out.iter().find(|l| l.addr.overlaps(spec.addr)) {
             return Err(format!(
-                "listener addresses that do not overlap ({} and {addr} do)",
-                other.addr
+                "listener addresses that do not overlap ({} and {} do)",
+                other.addr, spec.addr
             ));
         }
-        let kind = ListenerKind::infer(guest_port);
-        out.push(ListenerSpec {
-            addr,
-            guest_port,
-            kind,
-            alpn: kind.default_alpn(),
-        });
+        out.push(spec);
     }
     if out.is_empty() {
         return Err("at least one listener".to_string());
@@ -384,6 +551,7 @@ mod tests {
             guest_port,
             kind,
             alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+            proxy_v2: false,
         }
     }
 
@@ -405,7 +573,18 @@ mod tests {
         assert_eq!(c.listeners, want);
         assert_eq!(c.dial_timeout, Duration::from_secs(5));
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        // An hour, as Envoy's TCP proxy: idle SSH, database and Kafka sessions stay.
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3600)));
+        // The original's certificate script's names, for the default domain.
+        assert_eq!(
+            c.tls_cert_file,
+            PathBuf::from("/etc/mergen/certs/wildcard.localhost.crt")
+        );
+        assert_eq!(
+            c.tls_key_file,
+            PathBuf::from("/etc/mergen/certs/wildcard.localhost.key")
+        );
+        assert!(c.needs_certificate());
         assert_eq!(c.resolver_ttl, Duration::from_secs(5));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(15));
         assert_eq!(c.max_connections, 65536);
@@ -480,12 +659,12 @@ mod tests {
             [
                 c.dial_timeout,
                 c.handshake_timeout,
-                c.idle_timeout,
                 c.resolver_ttl,
                 c.shutdown_timeout
             ],
-            [1, 2, 3, 4, 6].map(Duration::from_secs)
+            [1, 2, 4, 6].map(Duration::from_secs)
         );
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(3)));
         assert_eq!((c.max_connections, c.workers), (10, 3));
         // The admin listener keeps `:PORT` as IPv4 only.
         assert_eq!(c.admin_addr, Some((Ipv4Addr::UNSPECIFIED, 9999).into()));
@@ -505,6 +684,193 @@ mod tests {
         assert_eq!(c.netns_root, None);
         assert_eq!(c.listeners[0].kind, ListenerKind::Https);
         assert!(c.listeners[0].alpn.is_empty());
+
+        // Zero turns the idle timeout off.
+        let c = with(&[("FWD_IDLE_TIMEOUT_SECONDS", "0")]).unwrap();
+        assert_eq!(c.idle_timeout, None);
+    }
+
+    #[test]
+    fn certificate_paths_follow_the_domain() {
+        let c = with(&[
+            ("FWD_DOMAIN_PREFIX", "VM"),
+            ("FWD_DOMAIN_SUFFIX", "Example.com."),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tls_cert_file,
+            PathBuf::from("/etc/mergen/certs/wildcard.vm.example.com.crt")
+        );
+        assert_eq!(
+            c.tls_key_file,
+            PathBuf::from("/etc/mergen/certs/wildcard.vm.example.com.key")
+        );
+        // Set explicitly, they are taken as they are.
+        let c = with(&[("FWD_DOMAIN_PREFIX", "vm"), ("FWD_TLS_KEY_FILE", "/k.pem")]).unwrap();
+        assert_eq!(c.tls_key_file, PathBuf::from("/k.pem"));
+        assert_eq!(
+            c.tls_cert_file,
+            PathBuf::from("/etc/mergen/certs/wildcard.vm.localhost.crt")
+        );
+    }
+
+    fn listeners(value: &str) -> Vec<ListenerSpec> {
+        with(&[
+            ("FWD_LISTENERS", value),
+            (
+                "FWD_ALLOWED_GUEST_PORTS",
+                "22,443,2222,3000,5432,6379,8080,9092",
+            ),
+        ])
+        .unwrap_or_else(|e| panic!("{value}: {e}"))
+        .listeners
+    }
+
+    #[test]
+    fn kinds_are_inferred_as_the_original_did() {
+        let kinds = |value: &str| -> Vec<ListenerKind> {
+            listeners(value).iter().map(|l| l.kind).collect()
+        };
+        use ListenerKind::*;
+        assert_eq!(
+            kinds(":2022=22,:2222=22,:8443=443,:6432=5432,:9092=9092,:8080=8080"),
+            [Raw, Tls, Https, Postgres, Tls, Tls]
+        );
+        // Raw only where the original had it: listen port 2022 to guest 22.
+        assert_eq!(kinds("127.0.0.1:2022=22,127.0.0.2:2022=443"), [Raw, Https]);
+    }
+
+    /// The help text spells out the default listeners as they are parsed.
+    #[test]
+    fn the_help_shows_the_default_listeners_kinds() {
+        let shown: Vec<String> = with(&[])
+            .unwrap()
+            .listeners
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let help: String = LISTENERS_HELP
+            .split_once("  default    ")
+            .expect("a default line")
+            .1
+            .split_whitespace()
+            .collect();
+        assert_eq!(help, shown.join(","));
+    }
+
+    #[test]
+    fn kinds_and_options_can_be_written_out() {
+        let got = listeners(
+            ":8443=8080/https, :2222=22/raw+proxy-v2, :6432=5432/TLS, :9443=443/postgres+Proxy-V2, :7000=6379/tls+proxy-v2",
+        );
+        let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                ":8443=8080/https",
+                ":2222=22/raw+proxy-v2",
+                ":6432=5432/tls",
+                ":9443=443/postgres+proxy-v2",
+                ":7000=6379/tls+proxy-v2",
+            ]
+        );
+        // The kind brings its ALPN, whatever the guest port.
+        assert_eq!(got[0].alpn, [b"http/1.1".to_vec()]);
+        assert!(got[1].alpn.is_empty());
+        assert!(got[2].alpn.is_empty());
+        assert_eq!(got[3].alpn, [b"postgresql".to_vec()]);
+        // An option without a kind keeps the inferred one.
+        let got = listeners(":443=443+proxy-v2,:2022=22+proxy-v2");
+        assert_eq!(
+            (got[0].kind, got[0].proxy_v2, got[1].kind, got[1].proxy_v2),
+            (ListenerKind::Https, true, ListenerKind::Raw, true)
+        );
+        // What the log shows parses back to the same listeners.
+        let all = listeners(":8443=8080/https+proxy-v2,:2022=22,:5432=5432");
+        let again: Vec<String> = all.iter().map(ToString::to_string).collect();
+        assert_eq!(listeners(&again.join(",")), all);
+    }
+
+    #[test]
+    fn host_names_are_resolved_at_start() {
+        let got = listeners("localhost:8443=443,127.0.0.2:8443=443");
+        assert_eq!(
+            got[0].addr,
+            ListenAddr::Addr("127.0.0.1:8443".parse().unwrap())
+        );
+        assert_eq!(got[0].name(), "127.0.0.1:8443");
+        // Overlaps are seen on the resolved address.
+        let err = with(&[("FWD_LISTENERS", "localhost:8443=443,127.0.0.1:8443=443")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("127.0.0.1:8443 and 127.0.0.1:8443 do"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_raw_listeners_need_no_certificate() {
+        let c = with(&[("FWD_LISTENERS", ":2022=22,:2222=22/raw")]).unwrap();
+        assert!(!c.needs_certificate());
+        let c = with(&[("FWD_LISTENERS", ":2022=22,:2222=22")]).unwrap();
+        assert!(c.needs_certificate(), ":2222=22 is TLS");
+    }
+
+    /// The later original's single HTTPS listener.
+    #[test]
+    fn https_addr_adds_an_https_listener() {
+        // With the default listeners it takes the place of :443=443.
+        let c = with(&[("FWD_HTTPS_ADDR", ":8443")]).unwrap();
+        let shown: Vec<String> = c.listeners.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                ":8443=443/https",
+                ":2022=22/raw",
+                ":5432=5432/postgres",
+                ":6379=6379/tls",
+                ":9092=9092/tls"
+            ]
+        );
+        let c = with(&[("FWD_HTTPS_ADDR", ":443")]).unwrap();
+        assert_eq!(c, with(&[]).unwrap());
+        // Explicit listeners keep theirs; it joins them.
+        let c = with(&[
+            ("FWD_LISTENERS", "127.0.0.1:8443=443,:2022=22"),
+            ("FWD_HTTPS_ADDR", "127.0.0.1:9443"),
+        ])
+        .unwrap();
+        let shown: Vec<String> = c.listeners.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "127.0.0.1:8443=443/https",
+                "127.0.0.1:9443=443/https",
+                ":2022=22/raw"
+            ]
+        );
+        // But never on an address one of them uses.
+        for (listeners, https) in [
+            (":443=443", ":443"),
+            ("127.0.0.1:8443=443", ":8443"),
+            (":2022=22", "127.0.0.1:2022"),
+        ] {
+            let err = with(&[("FWD_LISTENERS", listeners), ("FWD_HTTPS_ADDR", https)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("FWD_HTTPS_ADDR"), "{err}");
+            assert!(err.contains("does"), "{err}");
+        }
+        // Its guest port is allowed like any other's.
+        let err = with(&[
+            ("FWD_LISTENERS", ":2022=22"),
+            ("FWD_ALLOWED_GUEST_PORTS", "22"),
+            ("FWD_HTTPS_ADDR", ":8443"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("guest port 443"), "{err}");
     }
 
     #[test]
@@ -529,7 +895,15 @@ mod tests {
             ("FWD_LISTENERS", ":443=http"),
             ("FWD_LISTENERS", ":443=0"),
             ("FWD_LISTENERS", ":443=70000"),
-            ("FWD_LISTENERS", "nowhere:443=443"),
+            ("FWD_LISTENERS", "nowhere.invalid:443=443"),
+            ("FWD_LISTENERS", "bad_name!:443=443"),
+            ("FWD_LISTENERS", "127.0.0.1:0=443"),
+            ("FWD_LISTENERS", ":443=443/http"),
+            ("FWD_LISTENERS", ":443=443/https+proxy-v1"),
+            ("FWD_LISTENERS", ":443=443+"),
+            ("FWD_LISTENERS", ":443=/https"),
+            ("FWD_HTTPS_ADDR", "nowhere.invalid:443"),
+            ("FWD_HTTPS_ADDR", "127.0.0.1"),
             ("FWD_LISTENERS", ":99999=443"),
             ("FWD_LISTENERS", ":443=443,0.0.0.0:443=443"),
             ("FWD_LISTENERS", "[::1]:443=443,443=443"),
@@ -538,7 +912,7 @@ mod tests {
             ("FWD_ALLOWED_GUEST_PORTS", "22,x"),
             ("FWD_DIAL_TIMEOUT_SECONDS", "soon"),
             ("FWD_HANDSHAKE_TIMEOUT_SECONDS", "-1"),
-            ("FWD_IDLE_TIMEOUT_SECONDS", "0"),
+            ("FWD_IDLE_TIMEOUT_SECONDS", "-1"),
             ("FWD_RESOLVER_CACHE_TTL_SECONDS", "1.5"),
             ("FWD_SHUTDOWN_TIMEOUT_SECONDS", "ten"),
             ("FWD_MAX_CONNECTIONS", "0"),
@@ -579,6 +953,10 @@ mod tests {
         assert!(
             readme.contains(&table),
             "README.md's FWD_* table differs from config::VARS; it should read:\n{table}"
+        );
+        assert!(
+            readme.contains(LISTENERS_HELP),
+            "README.md's listener block differs from config::LISTENERS_HELP; it should read:\n{LISTENERS_HELP}"
         );
     }
 }

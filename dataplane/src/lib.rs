@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod resolver;
 pub mod sni;
 pub mod tls;

@@ -27,8 +27,12 @@ mergen-forwarder: TLS SNI forwarder into VM network namespaces (io_uring)
 
 usage:
   mergen-forwarder                 serve, configured by the environment below
-  mergen-forwarder gen-cert --out-dir DIR [--prefix P] [--suffix S]
-                                   write a self-signed wildcard.<suffix>.crt/.key
+  mergen-forwarder gen-cert --out-dir DIR [--prefix P] [--suffix S] [--days N] [--rsa]
+                                   write a self-signed certificate for *.<prefix.>suffix
+                                   and <prefix.>suffix to DIR/wildcard.<prefix.>suffix.crt
+                                   and .key (ECDSA P-256, or RSA 2048 with --rsa; valid
+                                   N days, 3650 by default; prefix and suffix default to
+                                   FWD_DOMAIN_PREFIX and FWD_DOMAIN_SUFFIX)
   mergen-forwarder --help          this text
 ";
 
@@ -39,8 +43,9 @@ SIGINT/SIGTERM stop accepting and drain.
 
 fn usage() -> String {
     format!(
-        "{USAGE}\nenvironment (variable, default, meaning):\n{}\n{SIGNALS}",
-        mergen_envtable::help_text(config::VARS)
+        "{USAGE}\nenvironment (variable, default, meaning):\n{}\n{}\n{SIGNALS}",
+        mergen_envtable::help_text(config::VARS),
+        config::LISTENERS_HELP
     )
 }
 
@@ -108,26 +113,38 @@ fn main() -> ExitCode {
 }
 
 fn gen_cert(args: &[String]) -> Result<(), Error> {
-    let (mut out_dir, mut prefix, mut suffix) = (None, String::new(), "localhost".to_string());
+    let env = mergen_envtable::Env::from_process(config::VARS);
+    let mut prefix = env.string("FWD_DOMAIN_PREFIX");
+    let mut suffix = env.string("FWD_DOMAIN_SUFFIX");
+    let (mut out_dir, mut what) = (None, tls::SelfSigned::default());
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
             it.next()
                 .cloned()
-                .ok_or_else(|| Error::Usage(format!("{flag} needs a value")))
+                .ok_or_else(|| Error::Usage(format!("gen-cert: {flag} needs a value")))
         };
         match flag.as_str() {
             "--out-dir" => out_dir = Some(PathBuf::from(value()?)),
             "--prefix" => prefix = value()?,
             "--suffix" => suffix = value()?,
+            "--days" => {
+                let days = value()?;
+                what.days = days.parse().ok().filter(|&d| d > 0).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "gen-cert: --days takes a number of days above 0, not {days:?}"
+                    ))
+                })?;
+            }
+            "--rsa" => what.key = tls::KeyKind::Rsa2048,
             other => return Err(Error::Usage(format!("gen-cert: unknown option {other:?}"))),
         }
     }
     let dir = out_dir.ok_or_else(|| Error::Usage("gen-cert: --out-dir DIR is required".into()))?;
-    let base = format!("wildcard.{}", mergen_model::domain::normalize(&suffix));
-    let cert = dir.join(format!("{base}.crt"));
-    let key = dir.join(format!("{base}.key"));
-    tls::generate_self_signed(&prefix, &suffix, &cert, &key)?;
+    let stem = tls::wildcard_file_stem(&prefix, &suffix);
+    let cert = dir.join(format!("{stem}.crt"));
+    let key = dir.join(format!("{stem}.key"));
+    tls::generate_self_signed_with(&prefix, &suffix, &what, &cert, &key)?;
     println!("{}\n{}", cert.display(), key.display());
     Ok(())
 }
@@ -145,13 +162,20 @@ fn serve() -> Result<(), Error> {
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
 
-    let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
-    store.watch(true).map_err(Error::WatchCert)?;
+    // Raw listeners only: no certificate to read, none to watch.
+    let store = match config.needs_certificate() {
+        true => {
+            let store = tls::CertStore::load(&config.tls_cert_file, &config.tls_key_file)?;
+            store.watch(true).map_err(Error::WatchCert)?;
+            Some(store)
+        }
+        false => None,
+    };
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (index, spec) in config.listeners.iter().enumerate() {
-        let tls_config = match spec.kind.is_tls() {
-            true => Some(tls::server_config(&store, &spec.alpn)?),
-            false => None,
+        let tls_config = match (&store, spec.kind.is_tls()) {
+            (Some(store), true) => Some(tls::server_config(store, &spec.alpn)?),
+            _ => None,
         };
         listeners.push(Listener::new(index, spec, tls_config));
     }
@@ -203,8 +227,20 @@ fn serve() -> Result<(), Error> {
         })
         .map_err(Error::Signals)?;
 
-    for l in &listeners {
-        log::info!(listener = l.name.as_str(), kind = l.kind.as_str(), guest_port = l.guest_port; "listening");
+    for spec in &config.listeners {
+        let alpn: Vec<String> = spec
+            .alpn
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        log::info!(
+            listener = spec.name(),
+            kind = spec.kind.as_str(),
+            guest_port = spec.guest_port,
+            proxy_v2 = spec.proxy_v2,
+            alpn = alpn.join(",");
+            "listening on {spec}"
+        );
     }
     log::info!(
         "forwarding {} listener(s) on {} worker(s), {} VM(s) known",

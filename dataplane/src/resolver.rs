@@ -32,6 +32,9 @@ pub struct Route {
     /// Where the guest's sockets are made, resolved once when the route was loaded.
     pub netns: Namespace,
     pub created_at: OffsetDateTime,
+    /// `httpPort` (the later original): where `https` listeners dial this VM instead
+    /// of their own guest port.
+    pub http_port: Option<u16>,
 }
 
 /// A VM's network namespace as the data path dials into it.
@@ -242,6 +245,7 @@ fn load_dir(dir: &Path, known: Option<&Entry>, netns: &NetnsLookup) -> Load {
                 id: meta.id,
                 guest_ip: meta.guest_ip,
                 created_at: meta.created_at,
+                http_port: (meta.http_port != 0).then_some(meta.http_port),
             }),
             stamp,
         })),
@@ -764,6 +768,37 @@ mod tests {
         let r = resolver(root.path(), "", "localhost");
         assert_eq!(routed_id(&r, "go.localhost"), Some(id(1)));
         assert_eq!(routed_id(&r, "new.localhost"), Some(id(2)));
+    }
+
+    /// `httpPort` as the later original writes it; absent, 0, or a value no port can
+    /// have leaves it unset and the VM routable.
+    #[test]
+    fn http_port_is_read_with_the_route() {
+        let root = temp_dir();
+        for (n, port) in [
+            (1, json!(8080)),
+            (2, json!(0)),
+            (3, json!(null)),
+            (4, json!(70000)),
+            (5, json!("80")),
+        ] {
+            let mut meta = meta_json(n, n, json!({"app": format!("web{n}")}), json!({}));
+            meta["httpPort"] = port;
+            let dir = root.path().join(id(n));
+            fs::create_dir_all(&dir).unwrap();
+            mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
+        }
+        write_vm(root.path(), 6, 6, json!({"app": "web6"}), json!({}));
+        let r = resolver(root.path(), "", "localhost");
+        let port = |n: u32| {
+            r.snapshot()
+                .resolve_sni(&format!("web{n}.localhost"))
+                .map(|route| route.http_port)
+        };
+        assert_eq!(port(1), Some(Some(8080)));
+        for n in 2..=6 {
+            assert_eq!(port(n), Some(None), "web{n}");
+        }
     }
 
     #[test]

@@ -193,10 +193,10 @@ impl<'a> Reader<'a> {
 /// The server name of a ClientHello body, if it has one.
 fn parse_client_hello(body: &[u8]) -> Result<Option<&str>, &'static str> {
     let mut r = Reader { buf: body };
-    let version = r.u16("truncated version")?;
-    if version >> 8 != 3 {
-        return Err("bad legacy_version");
-    }
+    // legacy_version is not checked: a TLS 1.3 server must ignore it when
+    // supported_versions is sent (RFC 8446 4.2.1), and rustls, which negotiates the
+    // version, refuses a bad one with the right alert.
+    r.take(2, "truncated version")?;
     r.take(32, "truncated random")?;
     if r.vec8("truncated session id")?.len() > 32 {
         return Err("session id longer than 32 bytes");
@@ -284,8 +284,11 @@ pub enum PgPreamble {
     /// GSSENCRequest: consume 8 bytes, answer `N` (no GSS encryption); the client then
     /// sends an SSLRequest (or gives up).
     GssEncRequest,
+    /// A protocol 3 StartupMessage in plaintext (`sslmode=disable`): the client is
+    /// told that TLS is required ([`pg_error_response`]).
+    Startup,
     /// Anything else, e.g. a ClientHello from a client using direct TLS
-    /// (`sslnegotiation=direct`): nothing to consume.
+    /// (`sslnegotiation=direct`), or a CancelRequest: nothing to consume.
     Other,
 }
 
@@ -293,6 +296,8 @@ pub enum PgPreamble {
 pub const PG_PREAMBLE_LEN: usize = 8;
 const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]; // 80877103
 const PG_GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]; // 80877104
+/// The server's bound on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
+const PG_MAX_STARTUP: u32 = 10_000;
 
 pub fn postgres_preamble(buf: &[u8]) -> PgPreamble {
     let n = buf.len().min(PG_PREAMBLE_LEN);
@@ -304,13 +309,46 @@ pub fn postgres_preamble(buf: &[u8]) -> PgPreamble {
         if head == PG_GSSENC_REQUEST {
             return PgPreamble::GssEncRequest;
         }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        // Length, then the protocol version: major 3, any minor.
+        if head[4..6] == [0, 3] && (8..=PG_MAX_STARTUP).contains(&len) {
+            return PgPreamble::Startup;
+        }
         return PgPreamble::Other;
     }
-    if head == &PG_SSL_REQUEST[..n] || head == &PG_GSSENC_REQUEST[..n] {
+    let request = head == &PG_SSL_REQUEST[..n] || head == &PG_GSSENC_REQUEST[..n];
+    // A startup packet's length starts with a zero byte; a ClientHello with 0x16.
+    let startup = head.first() == Some(&0);
+    if request || startup {
         PgPreamble::NeedMore
     } else {
         PgPreamble::Other
     }
+}
+
+/// A PostgreSQL `ErrorResponse` (protocol 3): severity `FATAL`, `sqlstate`, `message`.
+/// libpq prints it as `FATAL:  <message>` and gives up.
+pub fn pg_error_response(sqlstate: &str, message: &str) -> Vec<u8> {
+    let fields: [(u8, &str); 4] = [
+        (b'S', "FATAL"),
+        // The same severity, never translated (protocol 3, PostgreSQL 9.6 and later).
+        (b'V', "FATAL"),
+        (b'C', sqlstate),
+        (b'M', message),
+    ];
+    let mut body = Vec::new();
+    for (code, value) in fields {
+        body.push(code);
+        // A NUL would end the field early: none of ours has one, and none may.
+        body.extend(value.bytes().filter(|&b| b != 0));
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(b'E');
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
 }
 
 #[cfg(test)]
@@ -568,7 +606,8 @@ mod tests {
             }
         };
         assert_eq!(base(&|_| {}), "hello");
-        assert_eq!(base(&|b| b[0] = 2), "malformed");
+        // The version is rustls' to judge (fuzz/regressions/client_hello).
+        assert_eq!(base(&|b| b[0] = 0x7e), "hello");
         assert_eq!(base(&|b| b.truncate(20)), "malformed");
         assert_eq!(base(&|b| b[34] = 33), "malformed");
         assert_eq!(base(&|b| b[36] = 3), "malformed");
@@ -720,10 +759,30 @@ mod tests {
         let direct = real_hello("db.localhost", &[b"postgresql"], false);
         assert_eq!(postgres_preamble(&direct), PgPreamble::Other);
         assert_eq!(postgres_preamble(&[0x16]), PgPreamble::Other);
+        let startup = [0, 0, 0, 40, 0, 3, 0, 0];
+        for i in 1..8 {
+            assert_eq!(
+                postgres_preamble(&startup[..i]),
+                PgPreamble::NeedMore,
+                "{i}"
+            );
+        }
+        assert_eq!(postgres_preamble(&startup), PgPreamble::Startup);
+        // Protocol 3.2 (PostgreSQL 18) is a startup too; 2.0, or a length no startup
+        // can have, is not.
         assert_eq!(
-            postgres_preamble(&[0, 0, 0, 40, 0, 3, 0, 0]),
+            postgres_preamble(&[0, 0, 0, 40, 0, 3, 0, 2]),
+            PgPreamble::Startup
+        );
+        assert_eq!(
+            postgres_preamble(&[0, 0, 0, 40, 0, 2, 0, 0]),
             PgPreamble::Other
         );
+        assert_eq!(
+            postgres_preamble(&[0, 1, 0, 0, 0, 3, 0, 0]),
+            PgPreamble::Other
+        );
+        assert_eq!(postgres_preamble(b"GET / HTTP/1.1"), PgPreamble::Other);
         assert_eq!(
             postgres_preamble(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]),
             PgPreamble::Other
@@ -732,6 +791,18 @@ mod tests {
             postgres_preamble(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2e]),
             PgPreamble::Other
         );
+    }
+
+    #[test]
+    fn pg_error_responses_are_framed() {
+        let msg = pg_error_response("28000", "TLS is required");
+        assert_eq!(msg[0], b'E');
+        let len = u32::from_be_bytes([msg[1], msg[2], msg[3], msg[4]]) as usize;
+        assert_eq!(len, msg.len() - 1, "the length counts itself, not the type");
+        assert_eq!(&msg[5..], b"SFATAL\0VFATAL\0C28000\0MTLS is required\0\0");
+        // A NUL in a value cannot end its field early.
+        let odd = pg_error_response("08P01", "a\0b");
+        assert!(odd.ends_with(b"Mab\0\0"));
     }
 
     /// What reading the server name costs next to the rest of a server's first flight

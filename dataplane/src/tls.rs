@@ -95,6 +95,8 @@ pub enum CertError {
         #[source]
         source: rcgen::Error,
     },
+    #[error("generating an RSA key: {0}")]
+    RsaKey(String),
     #[error("{}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -294,25 +296,74 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Write a self-signed certificate for `*.<prefix.>suffix` and `<prefix.>suffix`
-/// (ECDSA P-256, valid ten years), the key with mode 0600. Both files are written
-/// atomically, so a running forwarder's watcher never reads half a file.
+/// The name the original's certificate script gives its files, before `.crt`/`.key`:
+/// `wildcard.<prefix.>suffix` (normalised: lowercase, no outer dots).
+pub fn wildcard_file_stem(domain_prefix: &str, domain_suffix: &str) -> String {
+    format!("wildcard.{}", base_domain(domain_prefix, domain_suffix))
+}
+
+/// `<prefix>.<suffix>`, or the suffix alone, normalised.
+fn base_domain(domain_prefix: &str, domain_suffix: &str) -> String {
+    let normalize = mergen_model::domain::normalize;
+    let (prefix, suffix) = (normalize(domain_prefix), normalize(domain_suffix));
+    match (prefix.is_empty(), suffix.is_empty()) {
+        (true, _) => suffix,
+        (false, true) => prefix,
+        (false, false) => format!("{prefix}.{suffix}"),
+    }
+}
+
+/// The key of a generated certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA P-256: small and fast, what every current client takes.
+    EcdsaP256,
+    /// RSA 2048 (`gen-cert --rsa`), for clients that take nothing else.
+    Rsa2048,
+}
+
+/// What [`generate_self_signed_with`] makes.
+#[derive(Clone, Copy, Debug)]
+pub struct SelfSigned {
+    pub key: KeyKind,
+    /// Valid from a day ago (clocks differ) until this many days from now.
+    pub days: u32,
+}
+
+impl Default for SelfSigned {
+    fn default() -> SelfSigned {
+        SelfSigned {
+            key: KeyKind::EcdsaP256,
+            days: 3650,
+        }
+    }
+}
+
+/// [`generate_self_signed_with`] an ECDSA P-256 key, valid ten years.
 pub fn generate_self_signed(
     domain_prefix: &str,
     domain_suffix: &str,
     cert_out: &Path,
     key_out: &Path,
 ) -> Result<(), CertError> {
-    let normalize = mergen_model::domain::normalize;
-    let (prefix, suffix) = (normalize(domain_prefix), normalize(domain_suffix));
-    if suffix.is_empty() {
+    let what = SelfSigned::default();
+    generate_self_signed_with(domain_prefix, domain_suffix, &what, cert_out, key_out)
+}
+
+/// Write a self-signed certificate for `*.<prefix.>suffix` and `<prefix.>suffix`, the
+/// key with mode 0600. Both files are written atomically, so a running forwarder's
+/// watcher never reads half a file.
+pub fn generate_self_signed_with(
+    domain_prefix: &str,
+    domain_suffix: &str,
+    what: &SelfSigned,
+    cert_out: &Path,
+    key_out: &Path,
+) -> Result<(), CertError> {
+    if mergen_model::domain::normalize(domain_suffix).is_empty() {
         return Err(CertError::EmptySuffix);
     }
-    let domain = if prefix.is_empty() {
-        suffix
-    } else {
-        format!("{prefix}.{suffix}")
-    };
+    let domain = base_domain(domain_prefix, domain_suffix);
     let wildcard = format!("*.{domain}");
     let generate = |source| CertError::Generate {
         domain: domain.clone(),
@@ -325,8 +376,11 @@ pub fn generate_self_signed(
         .push(rcgen::DnType::CommonName, wildcard);
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(3650);
-    let key = rcgen::KeyPair::generate().map_err(generate)?;
+    params.not_after = now + time::Duration::days(i64::from(what.days));
+    let key = match what.key {
+        KeyKind::EcdsaP256 => rcgen::KeyPair::generate().map_err(generate)?,
+        KeyKind::Rsa2048 => rsa_2048()?,
+    };
     let cert = params.self_signed(&key).map_err(generate)?;
     for path in [cert_out, key_out] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -338,6 +392,19 @@ pub fn generate_self_signed(
     mergen_model::atomic::write_file(cert_out, cert.pem().as_bytes(), 0o644)
         .map_err(written(cert_out))?;
     Ok(())
+}
+
+/// ring signs with RSA keys but cannot make them: the `rsa` crate makes the key, ring
+/// (through rcgen) signs the certificate with it.
+fn rsa_2048() -> Result<rcgen::KeyPair, CertError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let rsa_error = |e: &dyn std::fmt::Display| CertError::RsaKey(e.to_string());
+    let key =
+        rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).map_err(|e| rsa_error(&e))?;
+    let der = key.to_pkcs8_der().map_err(|e| rsa_error(&e))?;
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_bytes());
+    rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| rsa_error(&e))
 }
 
 /// The error of writing `path`.
@@ -577,6 +644,94 @@ mod tests {
         }
         let dir = temp_dir();
         assert!(generate_self_signed("", " . ", &dir.join("c"), &dir.join("k")).is_err());
+    }
+
+    /// `gen-cert`'s two key kinds, checked by webpki as a client would with the
+    /// certificate as its root: one label under the base verifies, two do not.
+    #[test]
+    fn generated_certificates_verify_for_one_label_only() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::client::WebPkiServerVerifier;
+        use rustls::pki_types::UnixTime;
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for key in [KeyKind::EcdsaP256, KeyKind::Rsa2048] {
+            let dir = temp_dir();
+            let (cert, key_file) = (dir.join("c.crt"), dir.join("c.key"));
+            let what = SelfSigned { key, days: 30 };
+            generate_self_signed_with("vm", "example.com", &what, &cert, &key_file).unwrap();
+            let pem = fs::read_to_string(&key_file).unwrap();
+            let algorithm = match key {
+                KeyKind::EcdsaP256 => "id-ecPublicKey",
+                KeyKind::Rsa2048 => "rsaEncryption",
+            };
+            let out = Command::new("openssl")
+                .args(["x509", "-noout", "-text", "-in"])
+                .arg(&cert)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(algorithm), "{key:?}: {text}");
+            if key == KeyKind::Rsa2048 {
+                assert!(text.contains("(2048 bit)"), "{text}");
+            } else {
+                assert!(text.contains("prime256v1"), "{text}");
+            }
+            assert!(pem.contains("PRIVATE KEY"), "{key:?}");
+            // It loads, and serves a handshake.
+            let store = CertStore::load(&cert, &key_file).unwrap();
+            let server = server_config(&store, &[]).unwrap();
+            let client = client_config(&leaf(&store), &[], false);
+            connect(&client, &server, "app1.vm.example.com").unwrap();
+
+            let mut roots = RootCertStore::empty();
+            roots.add(leaf(&store)).unwrap();
+            let verifier =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                    .build()
+                    .unwrap();
+            let verify = |name: &str| {
+                verifier.verify_server_cert(
+                    &leaf(&store),
+                    &[],
+                    &ServerName::try_from(name.to_string()).unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+            };
+            for good in ["app1.vm.example.com", "0846abcd.vm.example.com"] {
+                verify(good).unwrap_or_else(|e| panic!("{key:?} {good}: {e}"));
+            }
+            for bad in [
+                "a.b.vm.example.com",
+                "app1.example.com",
+                "app1.vm.example.org",
+            ] {
+                assert!(verify(bad).is_err(), "{key:?}: {bad} must not verify");
+            }
+            // Valid for the days asked, not ten years.
+            let not_after = Command::new("openssl")
+                .args([
+                    "x509",
+                    "-noout",
+                    "-checkend",
+                    &(31 * 24 * 3600).to_string(),
+                    "-in",
+                ])
+                .arg(&cert)
+                .status()
+                .unwrap();
+            assert!(!not_after.success(), "{key:?}: valid past 31 days");
+        }
+    }
+
+    #[test]
+    fn file_names_are_the_original_scripts() {
+        assert_eq!(wildcard_file_stem("", "localhost"), "wildcard.localhost");
+        assert_eq!(
+            wildcard_file_stem(".VM.", "Example.com."),
+            "wildcard.vm.example.com"
+        );
     }
 
     #[test]

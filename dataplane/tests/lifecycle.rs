@@ -221,6 +221,7 @@ fn help_lists_every_setting() {
         "FWD_DOMAIN_PREFIX",
         "FWD_DOMAIN_SUFFIX",
         "FWD_LISTENERS",
+        "FWD_HTTPS_ADDR",
         "FWD_ALLOWED_GUEST_PORTS",
         "FWD_DIAL_TIMEOUT_SECONDS",
         "FWD_HANDSHAKE_TIMEOUT_SECONDS",
@@ -234,6 +235,18 @@ fn help_lists_every_setting() {
         "FWD_LOG_FORMAT",
     ] {
         assert!(text.contains(var), "--help does not mention {var}");
+    }
+    // Every listener kind and the option, with what each does.
+    for word in [
+        "https ",
+        "postgres ",
+        "tls ",
+        "raw ",
+        "proxy-v2 ",
+        "httpPort",
+        "--rsa",
+    ] {
+        assert!(text.contains(word), "--help does not explain {word:?}");
     }
     let (code, stderr) = expect_exit(&["--bogus"], &[]);
     assert_eq!(code, Some(1), "{stderr}");
@@ -252,6 +265,100 @@ fn gen_cert_writes_a_wildcard_pair() {
         .contains("PRIVATE KEY"));
     let (code, stderr) = expect_exit(&["gen-cert"], &[]);
     assert_eq!(code, Some(1), "gen-cert without --out-dir: {stderr}");
+    for bad in [&["--days", "0"][..], &["--days", "soon"], &["--ecdsa"]] {
+        let mut args = vec!["gen-cert", "--out-dir", "/tmp"];
+        args.extend_from_slice(bad);
+        let (code, stderr) = expect_exit(&args, &[]);
+        assert_eq!(code, Some(1), "{bad:?}: {stderr}");
+        assert!(stderr.contains(bad[0]), "{bad:?}: {stderr}");
+    }
+}
+
+/// The original script's names (`wildcard.<prefix.>suffix`), its two key kinds, the
+/// validity asked for, and the forwarder's own domain settings as the defaults.
+#[test]
+fn gen_cert_names_keys_and_days() {
+    let dir = TempDir::new("gencert");
+    let text = |args: &[&str]| {
+        let out = run_ok(Command::new("openssl").args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run_ok(
+        Command::new(FORWARDER)
+            .args(["gen-cert", "--out-dir"])
+            .arg(dir.path())
+            .args([
+                "--prefix",
+                "VM",
+                "--suffix",
+                "example.com",
+                "--rsa",
+                "--days",
+                "30",
+            ]),
+    );
+    let cert = dir.join("wildcard.vm.example.com.crt");
+    let key = dir.join("wildcard.vm.example.com.key");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n{}\n", cert.display(), key.display())
+    );
+    let c = cert.to_str().expect("utf-8");
+    let info = text(&["x509", "-noout", "-text", "-in", c]);
+    assert!(info.contains("Public-Key: (2048 bit)"), "{info}");
+    assert!(info.contains("rsaEncryption"), "{info}");
+    assert!(
+        info.contains("DNS:*.vm.example.com, DNS:vm.example.com"),
+        "{info}"
+    );
+    assert!(text(&[
+        "rsa",
+        "-check",
+        "-noout",
+        "-in",
+        key.to_str().expect("utf-8")
+    ])
+    .contains("RSA key ok"));
+    let days = |n: u32| {
+        Command::new("openssl")
+            .args([
+                "x509",
+                "-noout",
+                "-checkend",
+                &(n * 86400).to_string(),
+                "-in",
+                c,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("openssl")
+            .success()
+    };
+    assert!(days(29) && !days(31), "not valid for 30 days");
+
+    // Without --prefix/--suffix: FWD_DOMAIN_PREFIX/SUFFIX, so the files are the ones
+    // the forwarder loads by default.
+    let out = run_ok(
+        Command::new(FORWARDER)
+            .args(["gen-cert", "--out-dir"])
+            .arg(dir.path())
+            .env("FWD_DOMAIN_PREFIX", "apps")
+            .env("FWD_DOMAIN_SUFFIX", "Example.org."),
+    );
+    let cert = dir.join("wildcard.apps.example.org.crt");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&cert.display().to_string()));
+    let info = text(&[
+        "x509",
+        "-noout",
+        "-text",
+        "-in",
+        cert.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        info.contains("prime256v1"),
+        "ECDSA P-256 by default: {info}"
+    );
+    assert!(info.contains("DNS:*.apps.example.org"), "{info}");
 }
 
 #[test]

@@ -70,8 +70,8 @@ fn backend(
 fn setup(label: &str) -> (Ns, Forwarder, TcpListener) {
     let ns = Ns::new();
     let listener = ns.listen(443);
-    let fwd = Forwarder::start(&[443], &[]);
-    write_app_vm(&fwd.config_root(), &ns, label);
+    // Written before the start, so the first connection cannot race the watcher.
+    let fwd = Forwarder::start_with(&[443], &[], |root| write_app_vm(root, &ns, label));
     (ns, fwd, listener)
 }
 

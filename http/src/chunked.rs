@@ -99,6 +99,9 @@ impl ChunkedDecoder {
                 },
                 State::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; 32];
+                    // As for a head: nothing past the limit is looked at, so the answer
+                    // does not depend on how the bytes arrived.
+                    let rest = &rest[..rest.len().min(self.max_trailers.saturating_add(1))];
                     match httparse::parse_headers(rest, &mut fields) {
                         Ok(httparse::Status::Complete((n, _))) if n > self.max_trailers => {
                             return Err(RequestError::HeadTooLarge {
@@ -135,6 +138,8 @@ fn malformed(what: &str) -> RequestError {
 /// The length of the CRLF-terminated line at the start of `buf`, CRLF included;
 /// `None` if it has not all arrived.
 fn line(buf: &[u8], max: usize) -> Result<Option<usize>, RequestError> {
+    // A line ended past `max` is too long however it arrived, in one read or in many.
+    let buf = &buf[..buf.len().min(max.saturating_add(1))];
     match buf.iter().position(|&b| b == b'\n') {
         Some(i) if i > 0 && buf[i - 1] == b'\r' => Ok(Some(i + 1)),
         Some(_) => Err(malformed("chunk-size line not ended by CRLF")),

@@ -25,4 +25,4 @@ pub use client::{ClientError, ClientResponse, UnixClient};
 pub use listen::ListenAddr;
 pub use request::{Head, Limits, Progress, Request, RequestError, RequestReader};
 pub use response::Response;
-pub use server::{Handler, Running, Server, ServerConfig};
+pub use server::{Handler, QuickHandler, Running, Server, ServerConfig};

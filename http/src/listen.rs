@@ -95,7 +95,9 @@ pub fn tcp_socket(addr: SocketAddr, dual_stack: bool) -> io::Result<OwnedFd> {
 impl FromStr for ListenAddr {
     type Err = String;
 
-    /// `:PORT`, `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (resolved once, first address).
+    /// `:PORT`, `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (resolved once: its first IPv4
+    /// address, else its first, as Go's `net.Listen` picks; `localhost` is 127.0.0.1
+    /// even where the resolver lists ::1 first).
     fn from_str(s: &str) -> Result<ListenAddr, String> {
         let s = s.trim();
         let bad =
@@ -106,10 +108,12 @@ impl FromStr for ListenAddr {
         if let Ok(addr) = SocketAddr::from_str(s) {
             return Ok(ListenAddr::Addr(addr));
         }
-        s.to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(ListenAddr::Addr)
+        let addrs: Vec<SocketAddr> = s.to_socket_addrs().map_err(|_| bad())?.collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .map(|&a| ListenAddr::Addr(a))
             .ok_or_else(bad)
     }
 }

@@ -248,6 +248,9 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, 
     };
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
+    // Nothing past the limit is looked at, so the answer does not depend on how the
+    // bytes arrived: a head cut off by the limit is too large, whatever follows.
+    let buf = &buf[..buf.len().min(limits.max_head.saturating_add(1))];
     match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) if n > limits.max_head => Err(too_large),
         Ok(httparse::Status::Complete(n)) => {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use mergen_http::{Handler, Request, Response, Running, Server, ServerConfig};
+use mergen_http::{Handler, QuickHandler, Request, Response, Running, Server, ServerConfig};
 use mergen_testkit::{connect_from, eventually, wait_for};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -63,10 +63,17 @@ impl Drop for TestServer {
 }
 
 fn start(config: ServerConfig) -> TestServer {
+    start_with(config, None)
+}
+
+fn start_with(config: ServerConfig, quick: Option<Arc<QuickHandler>>) -> TestServer {
     let app = Arc::new(App::default());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut server = Server::new(config, handler(Arc::clone(&app)));
+    if let Some(quick) = quick {
+        server.answer_quickly(quick);
+    }
     server.listen_tcp(listener).unwrap();
     let running = server.start().unwrap();
     TestServer {
@@ -105,13 +112,7 @@ fn read_to_close(s: &mut TcpStream) -> String {
 
 /// Read one answer framed by Content-Length.
 fn read_answer(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-head: {buf:?}");
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap();
+    let head = read_answer_head(s);
     let len: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -242,6 +243,55 @@ fn framing_keep_alive_and_protocol_errors() {
     assert!(read_to_close(&mut s).starts_with("HTTP/1.1 431"));
     // None of the refused requests reached the handler.
     assert_eq!(srv.app.calls(), calls_before);
+}
+
+/// Quick answers come from the loop thread: with every worker held by a slow request,
+/// they are still answered, the workers' handler never sees them, and a panic in one
+/// is a 500 like any handler's.
+#[test]
+fn quick_answers_skip_the_busy_workers() {
+    let quick: Arc<QuickHandler> = Arc::new(|req: &Request| match req.head.path.as_str() {
+        "/quick" => Some(Response::text(200, "text/plain", "quick".into())),
+        "/quick-panic" => panic!("quick handler bug"),
+        _ => None,
+    });
+    let srv = start_with(
+        ServerConfig {
+            name: "quick".into(),
+            workers: 1,
+            ..config()
+        },
+        Some(quick),
+    );
+    let mut slow = connect(srv.addr);
+    slow.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+    assert!(eventually(WAIT, || srv.app.calls() == 1));
+    let mut c = connect(srv.addr);
+    for _ in 0..3 {
+        c.write_all(b"GET /quick HTTP/1.1\r\n\r\n").unwrap();
+        assert!(read_answer(&mut c).ends_with("quick"));
+    }
+    c.write_all(b"HEAD /quick HTTP/1.1\r\n\r\n").unwrap();
+    let head = read_answer_head(&mut c);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c.write_all(b"GET /quick-panic HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let answer = read_to_close(&mut c);
+    assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+    assert_eq!(srv.app.calls(), 1, "quick requests reached the workers");
+    srv.app.release();
+    assert!(read_answer(&mut slow).ends_with("slow"));
+}
+
+/// Read an answer's head only (a HEAD answer announces a length it does not send).
+fn read_answer_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-head: {buf:?}");
+        buf.push(byte[0]);
+    }
+    String::from_utf8(buf).unwrap()
 }
 
 #[test]

@@ -250,9 +250,22 @@ impl<'kvs> VisitSource<'kvs> for Collect<'_> {
     }
 }
 
+/// The netlink parser crates warn about every attribute whose size differs from the one
+/// they were written against (`IFLA_INET6_CONF ... expecting 236, got 240` on newer
+/// kernels), several times per link operation: noise for an operator, so only their
+/// errors are shown.
+fn quiet_dependency(target: &str) -> bool {
+    target.starts_with("netlink_packet")
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= self.level
+        let level = if quiet_dependency(metadata.target()) {
+            self.level.min(LevelFilter::Error)
+        } else {
+            self.level
+        };
+        metadata.level() <= level
     }
 
     fn log(&self, record: &Record) {
@@ -277,6 +290,19 @@ impl Log for Logger {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn netlink_parser_warnings_are_hidden_but_not_its_errors() {
+        let logger = Logger {
+            level: LevelFilter::Debug,
+            format: Format::Json,
+            component: "test",
+        };
+        let meta = |target, level| Metadata::builder().target(target).level(level).build();
+        assert!(!logger.enabled(&meta("netlink_packet_route::link", Level::Warn)));
+        assert!(logger.enabled(&meta("netlink_packet_route::link", Level::Error)));
+        assert!(logger.enabled(&meta("ffi_free_netns::links", Level::Debug)));
+    }
 
     fn at(offset_secs: i32) -> DateTime<FixedOffset> {
         FixedOffset::east_opt(offset_secs)

@@ -76,7 +76,7 @@ pub struct Meta {
 impl Meta {
     /// Parse a meta.json document.
     pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Meta> {
-        serde_json::from_slice(bytes)
+        object_from_slice(bytes)
     }
 }
 
@@ -105,8 +105,21 @@ pub struct RouteMeta {
 impl RouteMeta {
     /// Parse the routing fields of a meta.json document.
     pub fn from_slice(bytes: &[u8]) -> serde_json::Result<RouteMeta> {
-        serde_json::from_slice(bytes)
+        object_from_slice(bytes)
     }
+}
+
+/// Whether `bytes` open a JSON object. serde's derived structs also read an array of
+/// field values in order, which Go's encoding/json (the original's reader) refuses.
+pub fn opens_an_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+fn object_from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    if !opens_an_object(bytes) {
+        return Err(serde::de::Error::custom("meta.json is not a JSON object"));
+    }
+    serde_json::from_slice(bytes)
 }
 
 /// A VM's record of its hooks never hides the VM: whatever cannot be read is dropped

@@ -133,6 +133,8 @@ fn split(src: &str) -> Result<Vec<Piece>, ParseError> {
 /// The inside of an action up to its `}}` (not one inside a string), the text after
 /// it, and whether it ended with ` -}}`.
 fn action_end(s: &str) -> Result<(&str, &str, bool), ParseError> {
+    // Scanned as bytes: `i` may be inside a multi-byte character, where `s[i..]` would
+    // panic; `s` is cut only at ASCII bytes.
     let b = s.as_bytes();
     let mut i = 0;
     let mut quote: Option<u8> = None;
@@ -148,11 +150,11 @@ fn action_end(s: &str) -> Result<(&str, &str, bool), ParseError> {
             None => {
                 if b[i] == b'"' || b[i] == b'`' || b[i] == b'\'' {
                     quote = Some(b[i]);
-                } else if s[i..].starts_with("}}") {
+                } else if b[i..].starts_with(b"}}") {
                     let trim = i >= 2 && b[i - 1] == b'-' && b[i - 2].is_ascii_whitespace();
                     let inner = if trim { &s[..i - 1] } else { &s[..i] };
                     return Ok((inner, &s[i + 2..], trim));
-                } else if s[i..].starts_with("/*") && s[..i].trim().is_empty() {
+                } else if b[i..].starts_with(b"/*") && s[..i].trim().is_empty() {
                     // A comment may hold "}}": skip to its end.
                     match s[i + 2..].find("*/") {
                         Some(e) => i += e + 3,

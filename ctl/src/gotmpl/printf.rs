@@ -38,10 +38,18 @@ pub fn sprintf(format: &str, args: &[Value]) -> String {
             }
             chars.next();
         }
-        spec.width = number(&mut chars);
+        let Ok(width) = number(&mut chars) else {
+            out.push_str("%!(NOVERB)");
+            break;
+        };
+        spec.width = width;
         if chars.peek() == Some(&'.') {
             chars.next();
-            spec.prec = Some(number(&mut chars).unwrap_or(0));
+            let Ok(prec) = number(&mut chars) else {
+                out.push_str("%!(NOVERB)");
+                break;
+            };
+            spec.prec = Some(prec.unwrap_or(0));
         }
         let Some(verb) = chars.next() else {
             out.push_str("%!(NOVERB)");
@@ -76,13 +84,21 @@ pub fn sprintf(format: &str, args: &[Value]) -> String {
     out
 }
 
-fn number(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<usize> {
+/// A width or precision, as Go's `parsenum` reads it: once past 10^6, another digit
+/// makes it "crazy long" (`Err`), and Go gives up on the rest of the format with
+/// `%!(NOVERB)`, so no padding can take more than about ten million bytes.
+fn number(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Result<Option<usize>, ()> {
     let mut n: Option<usize> = None;
     while let Some(d) = chars.peek().and_then(|c| c.to_digit(10)) {
-        n = Some(n.unwrap_or(0).saturating_mul(10).saturating_add(d as usize));
+        let so_far = n.unwrap_or(0);
+        if so_far > 1_000_000 {
+            chars.for_each(drop);
+            return Err(());
+        }
+        n = Some(so_far * 10 + d as usize);
         chars.next();
     }
-    n
+    Ok(n)
 }
 
 /// Width padding: spaces on the left (right with `-`), zeros for numbers with `0`.
@@ -339,6 +355,17 @@ mod tests {
                 "[1 2]",
             ),
             ("%x", vec![s("hi")], "6869"),
+            // Go's limit on widths and precisions (fuzz/regressions/hook_template).
+            (
+                "%99999999d|",
+                vec![Value::Int(1)],
+                "%!(NOVERB)%!(EXTRA int=1)",
+            ),
+            (
+                "%.99999999f|",
+                vec![Value::Float(1.0)],
+                "%!(NOVERB)%!(EXTRA float64=1)",
+            ),
         ];
         for (f, args, want) in cases {
             assert_eq!(sprintf(f, &args), want, "{f}");

@@ -205,6 +205,7 @@ mod tests {
             guest_ip: std::net::Ipv4Addr::new(172, 30, 0, 2),
             netns: crate::resolver::Namespace::Host,
             created_at: time::OffsetDateTime::UNIX_EPOCH,
+            http_port: None,
         })
     }
 

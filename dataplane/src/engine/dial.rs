@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use ffi_free_netns::{Family, SocketPool, Wake};
-use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 use crate::resolver::Namespace;
 
@@ -72,7 +72,6 @@ pub fn guest_socket(
         },
         Namespace::Invalid(name) => return Err(DialError::InvalidNamespace(name.clone())),
     };
-    // TLS records and small requests must not wait for Nagle.
-    sockopt::set_tcp_nodelay(&fd, true).map_err(|e| DialError::Socket(e.into()))?;
+    super::tcp::set_options(&fd).map_err(|e| DialError::Socket(e.into()))?;
     Ok(Some(fd))
 }

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use mergen_http::listen::{any_host, tcp_socket};
+use rustix::io::Errno;
 use rustix::net::sockopt;
 
+use super::conn::Addrs;
 use crate::config::ListenAddr;
 
 const BACKLOG: i32 = 4096;
@@ -36,11 +38,22 @@ fn bind_all(addr: SocketAddr, dual_stack: bool, count: usize) -> io::Result<Vec<
 fn socket(addr: SocketAddr, dual_stack: bool, reuse_port: bool) -> io::Result<OwnedFd> {
     let fd = tcp_socket(addr, dual_stack)?;
     sockopt::set_socket_reuseport(&fd, reuse_port)?;
-    // Accepted sockets inherit it: TLS records and small requests must not wait.
-    sockopt::set_tcp_nodelay(&fd, true)?;
+    // Accepted sockets inherit them: the client leg's TCP options.
+    super::tcp::set_options(&fd)?;
     rustix::net::bind(&fd, &addr)?;
     if reuse_port {
         rustix::net::listen(&fd, BACKLOG)?;
     }
     Ok(fd)
+}
+
+/// The addresses of an accepted connection: the client's, and ours it arrived at.
+pub fn client_addrs(fd: &OwnedFd) -> io::Result<Addrs> {
+    let client = rustix::net::getpeername(fd)?.ok_or(Errno::NOTCONN)?;
+    let local = rustix::net::getsockname(fd)?;
+    let inet = |a| SocketAddr::try_from(a).map_err(|_| io::Error::from(Errno::AFNOSUPPORT));
+    Ok(Addrs {
+        client: inet(client)?,
+        local: inet(local)?,
+    })
 }

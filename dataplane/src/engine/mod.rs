@@ -19,6 +19,7 @@ mod prewarm;
 // The only unsafe code of the workspace: the kernel shares memory with us here.
 #[allow(unsafe_code)]
 mod ring;
+mod tcp;
 mod worker;
 
 use std::io;
@@ -47,6 +48,8 @@ pub struct Listener {
     pub index: usize,
     pub guest_port: u16,
     pub kind: ListenerKind,
+    /// Send the guest a PROXY protocol v2 header before the client's bytes.
+    pub proxy_v2: bool,
     /// `None` for raw listeners.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -62,7 +65,17 @@ impl Listener {
             index,
             guest_port: spec.guest_port,
             kind: spec.kind,
+            proxy_v2: spec.proxy_v2,
             tls: if spec.kind.is_tls() { tls } else { None },
+        }
+    }
+
+    /// The guest port its connections to `route`'s VM go to: an `https` listener
+    /// follows the VM's `httpPort` (the later original), every other its own.
+    pub fn guest_port_for(&self, route: &Route) -> u16 {
+        match (self.kind, route.http_port) {
+            (ListenerKind::Https, Some(port)) => port,
+            _ => self.guest_port,
         }
     }
 }

@@ -19,6 +19,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use super::conn::{Conn, Cx, Event, Io, Op, Side, BUF_LEN};
 use super::connlog::{ConnId, Record};
 use super::dial::{guest_socket, DialError};
+use super::listen::client_addrs;
 use super::ring::{Completion, Ring};
 use super::Shared;
 use crate::metrics::Outcome;
@@ -211,6 +212,15 @@ impl Worker {
         let Some(client) = c.accepted else { return };
         let metrics = &self.shared.metrics;
         metrics.conn_opened(listener);
+        // A PROXY header needs both addresses; a client gone before they could be read
+        // (ENOTCONN) is closed.
+        let addrs = match self.shared.listeners[listener].proxy_v2 {
+            true => match client_addrs(&client) {
+                Ok(addrs) => Some(addrs),
+                Err(_) => return metrics.conn_closed(listener, Outcome::ClientError),
+            },
+            false => None,
+        };
         if !admit(self.accepting, &self.shared) {
             metrics.conn_closed(listener, Outcome::Refused);
             return;
@@ -228,7 +238,7 @@ impl Worker {
             seq: self.next_seq,
         };
         let mut cx = context(&mut self.ring, &mut self.ios, &self.shared, listener, now);
-        let conn = Conn::accept(id, &mut cx);
+        let conn = Conn::accept(id, addrs, &mut cx);
         self.conns[slot as usize] = Some(Slot {
             conn,
             listener,
@@ -523,6 +533,17 @@ mod tests {
 
     impl Harness {
         fn start(backend_port: u16, vms: bool, env: &[(&str, &str)], pool: u16) -> Harness {
+            Harness::start_with(backend_port, vms, env, pool, false)
+        }
+
+        /// Like `start`, the listener sending PROXY v2 headers when `proxy_v2`.
+        fn start_with(
+            backend_port: u16,
+            vms: bool,
+            env: &[(&str, &str)],
+            pool: u16,
+            proxy_v2: bool,
+        ) -> Harness {
             let dir = TempDir::new("dp-worker");
             if vms {
                 let vm = dir.join("0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6");
@@ -545,6 +566,7 @@ mod tests {
                 index: 0,
                 guest_port: backend_port,
                 kind: ListenerKind::Raw,
+                proxy_v2,
                 tls: None,
             };
             let shared = Arc::new(Shared::new(
@@ -726,5 +748,31 @@ mod tests {
             .expect("worker ends");
         assert_eq!(h.closed(Outcome::Shutdown), 1);
         assert_eq!(h.closed(Outcome::Error), 0);
+    }
+
+    /// `+proxy-v2`: the worker reads both addresses at accept and the guest gets them
+    /// in a PROXY v2 header before the client's first byte.
+    #[test]
+    fn the_guest_learns_the_clients_address() {
+        let backend = TcpListener::bind("127.0.0.1:0").expect("backend");
+        let port = backend.local_addr().expect("addr").port();
+        let h = Harness::start_with(port, true, &[], 4, true);
+        let mut c = TcpStream::connect(h.front).expect("connect");
+        c.write_all(b"hello").expect("write");
+        let (mut guest, _) = backend.accept().expect("accept");
+        guest
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut want = Vec::new();
+        crate::proxy_protocol::write_header(
+            c.local_addr().expect("client addr"),
+            h.front,
+            None,
+            &mut want,
+        );
+        want.extend_from_slice(b"hello");
+        let mut got = vec![0u8; want.len()];
+        guest.read_exact(&mut got).expect("header and bytes");
+        assert_eq!(got, want);
     }
 }

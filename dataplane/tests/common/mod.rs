@@ -164,6 +164,23 @@ pub fn write_app_vm(config_root: &Path, ns: &Ns, app: &str) {
     );
 }
 
+/// A VM tagged `app=<app>` whose meta.json sets `httpPort`, written as the original's
+/// later version writes it.
+pub fn write_app_vm_with_http_port(config_root: &Path, ns: &Ns, app: &str, http_port: u16) {
+    let id = vm_id();
+    let doc = serde_json::json!({
+        "id": id,
+        "createdAt": "2025-01-01T00:00:00Z",
+        "guestIP": ns.ip.to_string(),
+        "netns": ns.name,
+        "tags": {"app": app},
+        "httpPort": http_port,
+    });
+    let dir = config_root.join(&id);
+    std::fs::create_dir_all(&dir).expect("creating the VM dir");
+    mergen_model::atomic::write_json(&dir.join("meta.json"), &doc).expect("writing meta.json");
+}
+
 /// A random-looking VM id, unique per call.
 pub fn vm_id() -> String {
     let n = next();
@@ -175,23 +192,73 @@ pub fn vm_id() -> String {
     )
 }
 
+/// Host names for clients that cannot be told an address (kcat, wrk): a copy of
+/// /etc/hosts with more entries, bind-mounted over /etc/hosts in a private mount
+/// namespace of each command, so the host's own file is never touched.
+pub struct HostsFile {
+    dir: TempDir,
+}
+
+impl HostsFile {
+    pub fn new(entries: &[(&str, &str)]) -> HostsFile {
+        let dir = TempDir::new("hosts");
+        let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        for (name, ip) in entries {
+            text.push_str(&format!("\n{ip} {name}\n"));
+        }
+        std::fs::write(dir.join("hosts"), text).expect("writing the hosts file");
+        HostsFile { dir }
+    }
+
+    /// `program` run with these names resolvable; add its arguments.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+        ])
+        .arg(self.dir.join("hosts"))
+        .arg(program);
+        cmd
+    }
+}
+
 /// nginx inside a namespace answering plain HTTP on guest_ip:`port` with `body`.
 /// It runs as one process (no master), so killing its pid leaves nothing behind.
 pub struct Nginx {
     _child: ChildGuard,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Nginx {
     pub fn start(ns: &Ns, port: u16, body: &str) -> Nginx {
+        Nginx::start_with(ns, port, false, body)
+    }
+
+    /// With `proxy_protocol`, nginx expects a PROXY header on every connection and
+    /// logs `<client addr>:<client port> <peer addr>` per request ([`Nginx::access_log`]).
+    pub fn start_with(ns: &Ns, port: u16, proxy_protocol: bool, body: &str) -> Nginx {
         let dir = TempDir::new("nginx");
         let d = dir.path().display();
+        let (listen, log) = match proxy_protocol {
+            true => (
+                " proxy_protocol",
+                format!(
+                    "log_format pp '$proxy_protocol_addr:$proxy_protocol_port $remote_addr';\n  access_log {d}/access.log pp;"
+                ),
+            ),
+            false => ("", "access_log off;".to_string()),
+        };
         let conf = format!(
             "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             http {{\n  {log}\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               server {{\n    listen {ip}:{port};\n    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n}}\n",
+               server {{\n    listen {ip}:{port}{listen};\n    location / {{ default_type text/plain; return 200 \"{body}\\n\"; }}\n  }}\n}}\n",
             ip = ns.ip
         );
         let conf_path = dir.path().join("nginx.conf");
@@ -208,17 +275,22 @@ impl Nginx {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        let nginx = Nginx {
-            _child: child,
-            _dir: dir,
-        };
+        let nginx = Nginx { _child: child, dir };
         let url = format!("http://{}:{port}/", ns.ip);
         let up = poll(Duration::from_secs(10), || {
-            let out = run(ns.command("curl").args(["-s", "--max-time", "1", &url]));
+            let mut curl = ns.command("curl");
+            if proxy_protocol {
+                curl.arg("--haproxy-protocol");
+            }
+            let out = run(curl.args(["-s", "--max-time", "1", &url]));
             out.status.success().then_some(())
         });
         assert!(up.is_some(), "nginx in {} did not come up", ns.name);
         nginx
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
 }
 
@@ -234,7 +306,9 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `listeners`: guest ports; each gets a free 127.0.0.1 port.
+    /// `listeners`: guest ports; each gets a free 127.0.0.1 port and the kind the
+    /// guest port implies, except that guest port 22 is `raw` (the listen port is not
+    /// 2022, which alone implies it).
     pub fn start(listeners: &[u16], extra_env: &[(&str, &str)]) -> Forwarder {
         Forwarder::start_with(listeners, extra_env, |_| {})
     }
@@ -246,16 +320,34 @@ impl Forwarder {
         extra_env: &[(&str, &str)],
         setup: impl FnOnce(&Path),
     ) -> Forwarder {
+        let targets: Vec<String> = listeners
+            .iter()
+            .map(|&guest| match guest {
+                22 => "22/raw".to_string(),
+                guest => guest.to_string(),
+            })
+            .collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        Forwarder::start_targets(&targets, extra_env, setup)
+    }
+
+    /// `targets`: what follows `=` in `FWD_LISTENERS` (`443`, `8080/https+proxy-v2`);
+    /// each gets a free 127.0.0.1 port.
+    pub fn start_targets(
+        targets: &[&str],
+        extra_env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+    ) -> Forwarder {
         let dir = TempDir::new("fwd");
         let vms = dir.path().join("vm.d");
         std::fs::create_dir_all(&vms).expect("creating the config root");
         setup(&vms);
         let (cert, key) = gen_cert(&dir.path().join("certs"), extra_env);
-        let ports: Vec<u16> = listeners.iter().map(|_| free_port()).collect();
-        let spec: Vec<String> = listeners
+        let ports: Vec<u16> = targets.iter().map(|_| free_port()).collect();
+        let spec: Vec<String> = targets
             .iter()
             .zip(&ports)
-            .map(|(guest, port)| format!("127.0.0.1:{port}={guest}"))
+            .map(|(target, port)| format!("127.0.0.1:{port}={target}"))
             .collect();
         let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log =
@@ -323,21 +415,24 @@ impl Forwarder {
     }
 }
 
-/// `mergen-forwarder gen-cert` into `dir`, honouring FWD_DOMAIN_PREFIX/SUFFIX in `env`.
+/// `mergen-forwarder gen-cert` into `dir`, honouring FWD_DOMAIN_PREFIX/SUFFIX in `env`;
+/// the certificate and key files, as it printed them.
 pub fn gen_cert(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, PathBuf) {
     let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
     let prefix = get("FWD_DOMAIN_PREFIX").unwrap_or("");
     let suffix = get("FWD_DOMAIN_SUFFIX").unwrap_or("localhost");
-    run_ok(
+    let out = run_ok(
         Command::new(FORWARDER)
             .args(["gen-cert", "--out-dir"])
             .arg(dir)
             .args(["--prefix", prefix, "--suffix", suffix]),
     );
-    (
-        dir.join(format!("wildcard.{suffix}.crt")),
-        dir.join(format!("wildcard.{suffix}.key")),
-    )
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut files = text.lines().map(PathBuf::from);
+    match (files.next(), files.next()) {
+        (Some(cert), Some(key)) => (cert, key),
+        _ => panic!("gen-cert printed {text:?}"),
+    }
 }
 
 /// A minimal HTTP/1.0 GET returning the status and body.

@@ -40,6 +40,12 @@ use pool::{Finished, Job, Notify, Pool};
 /// Answers one request; called on a worker thread.
 pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
 
+/// Answers at once the requests that cost next to nothing (a health check, counters),
+/// on the event-loop thread, so they skip the hop to a worker and back; `None` sends
+/// the request to the workers. It must never block: everything else waits while it
+/// runs.
+pub type QuickHandler = dyn Fn(&Request) -> Option<Response> + Send + Sync;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Names the threads (`<name>-http`, `<name>-w<n>`) and the log lines.
@@ -98,6 +104,7 @@ impl Listener {
 pub struct Server {
     config: ServerConfig,
     handler: Arc<Handler>,
+    quick: Option<Arc<QuickHandler>>,
     listeners: Vec<Listener>,
 }
 
@@ -106,8 +113,15 @@ impl Server {
         Server {
             config,
             handler,
+            quick: None,
             listeners: Vec::new(),
         }
+    }
+
+    /// Answer the requests `quick` takes on the event-loop thread (see
+    /// [`QuickHandler`]).
+    pub fn answer_quickly(&mut self, quick: Arc<QuickHandler>) {
+        self.quick = Some(quick);
     }
 
     pub fn listen_tcp(&mut self, listener: std::net::TcpListener) -> io::Result<()> {
@@ -165,6 +179,7 @@ impl Server {
             idle_seq: 0,
             per_address: HashMap::new(),
             pool: Some(pool),
+            quick: self.quick,
             finished: done_rx,
             wake_pending: pending,
             stop: Arc::clone(&stop),
@@ -253,6 +268,7 @@ struct EventLoop {
     idle_seq: u64,
     per_address: HashMap<IpAddr, usize>,
     pool: Option<Pool>,
+    quick: Option<Arc<QuickHandler>>,
     finished: Receiver<Finished>,
     wake_pending: Arc<AtomicBool>,
     stop: Arc<Mutex<Option<Instant>>>,
@@ -554,6 +570,13 @@ impl EventLoop {
         self.set_deadline(key, None);
         let conn = &mut self.conns[key];
         conn.phase = Phase::Handling;
+        let serial = conn.serial;
+        if let Some(quick) = &self.quick {
+            if let Some(response) = pool::run(|| quick(&request), &request) {
+                self.answer(Finished::answering(key, serial, &request, response));
+                return;
+            }
+        }
         let job = Job {
             key,
             serial: conn.serial,

@@ -43,6 +43,36 @@ pub(super) struct Finished {
     pub keep_alive: bool,
 }
 
+impl Finished {
+    pub fn answering(key: usize, serial: u64, request: &Request, response: Response) -> Finished {
+        let head = &request.head;
+        Finished {
+            key,
+            serial,
+            response,
+            version: head.version,
+            head_only: head.method == "HEAD",
+            keep_alive: head.keep_alive(),
+        }
+    }
+}
+
+/// Run a handler; a panic becomes a 500, logged with the request it failed on.
+pub(super) fn run<T>(handler: impl FnOnce() -> T, request: &Request) -> T
+where
+    T: From<Response>,
+{
+    catch_unwind(AssertUnwindSafe(handler)).unwrap_or_else(|_| {
+        let head = &request.head;
+        log::error!(method = head.method, path = head.path; "request handler panicked");
+        T::from(Response::error(
+            500,
+            "internal_error",
+            "the request handler panicked",
+        ))
+    })
+}
+
 struct State {
     jobs: VecDeque<Job>,
     closed: bool,
@@ -167,22 +197,8 @@ impl Pool {
 fn work(shared: &Shared) {
     let done = shared.done.clone();
     while let Some(job) = next_job(shared) {
-        let head = &job.request.head;
-        let (version, head_only, keep_alive) =
-            (head.version, head.method == "HEAD", head.keep_alive());
-        let response = catch_unwind(AssertUnwindSafe(|| (shared.handler)(&job.request)))
-            .unwrap_or_else(|_| {
-                log::error!(method = head.method, path = head.path; "request handler panicked");
-                Response::error(500, "internal_error", "the request handler panicked")
-            });
-        let finished = Finished {
-            key: job.key,
-            serial: job.serial,
-            response,
-            version,
-            head_only,
-            keep_alive,
-        };
+        let response = run(|| (shared.handler)(&job.request), &job.request);
+        let finished = Finished::answering(job.key, job.serial, &job.request, response);
         // Err: the loop is gone (shutdown gave up on us), nobody to answer.
         if done.send(finished).is_ok() {
             shared.notify.wake();

@@ -36,6 +36,7 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -229,7 +230,17 @@ pub struct Timeouts {
     pub dial: Duration,
     /// ClientHello plus handshake; also how long a last word may take.
     pub handshake: Duration,
-    pub idle: Duration,
+    /// `None`: streaming connections never time out (TCP keepalive still ends those
+    /// whose peer is gone).
+    pub idle: Option<Duration>,
+}
+
+/// Where a connection came from and where it arrived: what a PROXY header tells the
+/// guest. The worker reads them only for `+proxy-v2` listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addrs {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
 }
 
 /// What a connection works with for one event, borrowed from its worker.
@@ -293,6 +304,9 @@ pub struct Proxy {
     route: Arc<Route>,
     dial: Dial,
     mode: Mode,
+    /// What the guest gets before any client byte (a PROXY v2 header), until the dial
+    /// is up and it is queued.
+    preface: Option<Vec<u8>>,
     /// Client → guest.
     up: Flow,
     /// Guest → client.
@@ -300,11 +314,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    fn new(route: Arc<Route>, mode: Mode, now: Instant) -> Proxy {
+    fn new(route: Arc<Route>, mode: Mode, preface: Option<Vec<u8>>, now: Instant) -> Proxy {
         Proxy {
             route,
             dial: Dial::Pending { since: now },
             mode,
+            preface,
             up: Flow::Open,
             down: Flow::Open,
         }
@@ -375,6 +390,13 @@ impl Ends {
         }
     }
 
+    fn outbox(&mut self, side: Side) -> &mut Option<BufId> {
+        match side {
+            Side::Client => &mut self.to_client,
+            Side::Guest => &mut self.to_guest,
+        }
+    }
+
     /// Receive on `side` into a pool buffer, unless a receive is in flight or bytes
     /// read earlier are still pending there (flow control). The emptied buffer of the
     /// last receive is given back first, so a side waiting for input holds none.
@@ -435,13 +457,22 @@ impl Ends {
 
     /// Queue a few bytes of our own for the client (a PostgreSQL answer, an alert).
     fn say<B: Buffers>(&mut self, bytes: &[u8], cx: &mut Cx<'_, B>) {
-        let buf = *self.to_client.get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
+        self.queue(Side::Client, bytes, cx);
+    }
+
+    /// Queue bytes of our own for `side` (at most one buffer's worth) and send them
+    /// unless a send is in flight.
+    fn queue<B: Buffers>(&mut self, side: Side, bytes: &[u8], cx: &mut Cx<'_, B>) {
+        let buf = *self
+            .outbox(side)
+            .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
         let _ = cx.bufs.fill(buf, |tail| {
             let n = bytes.len().min(tail.len());
             tail[..n].copy_from_slice(&bytes[..n]);
             Ok::<_, ()>(n)
         });
-        self.send(Side::Client, self.to_client, cx);
+        let out = *self.outbox(side);
+        self.send(side, out, cx);
     }
 
     /// Give back outgoing buffers that hold nothing.
@@ -459,13 +490,23 @@ impl Ends {
     }
 }
 
-/// Ask the worker to connect to `route`'s guest on the listener's guest port.
+/// Ask the worker to connect to `route`'s guest on the listener's guest port (or the
+/// VM's `httpPort`, see [`Listener::guest_port_for`]).
 fn request_dial<B>(route: &Arc<Route>, cx: &mut Cx<'_, B>) {
     cx.io.push(Io::Dial {
         route: Arc::clone(route),
-        port: cx.listener.guest_port,
+        port: cx.listener.guest_port_for(route),
         timeout: cx.timeouts.dial,
     });
+}
+
+/// The PROXY v2 header for a connection from `addrs`, naming `sni`; `None` unless the
+/// listener sends one.
+fn proxy_header(addrs: Option<Addrs>, sni: Option<&str>, listener: &Listener) -> Option<Vec<u8>> {
+    let addrs = addrs.filter(|_| listener.proxy_v2)?;
+    let mut out = Vec::new();
+    crate::proxy_protocol::write_header(addrs.client, addrs.local, sni, &mut out);
+    Some(out)
 }
 
 /// True when `buf` holds bytes not yet passed on.
@@ -481,16 +522,19 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A connection just accepted on `cx.listener`: a TLS listener starts reading the
-    /// ClientHello, a raw one dials the oldest VM.
-    pub fn accept<B: Buffers>(id: ConnId, cx: &mut Cx<'_, B>) -> Conn {
+    /// A connection just accepted on `cx.listener` from `addrs` (known when the
+    /// listener sends PROXY headers): a TLS listener starts reading the ClientHello, a
+    /// raw one dials the oldest VM.
+    pub fn accept<B: Buffers>(id: ConnId, addrs: Option<Addrs>, cx: &mut Cx<'_, B>) -> Conn {
         let stage = if cx.listener.kind.is_tls() {
-            Stage::Peek(Peek::new(cx.now, cx.now + cx.timeouts.handshake))
+            let addrs = addrs.filter(|_| cx.listener.proxy_v2);
+            Stage::Peek(Peek::new(cx.now, cx.now + cx.timeouts.handshake, addrs))
         } else {
             match cx.routes.oldest() {
                 Some(route) => {
                     request_dial(&route, cx);
-                    Stage::Proxy(Proxy::new(route, Mode::Relay, cx.now))
+                    let preface = proxy_header(addrs, None, cx.listener);
+                    Stage::Proxy(Proxy::new(route, Mode::Relay, preface, cx.now))
                 }
                 None => {
                     cx.log.record(id, cx.listener.index, Record::NoRoute);
@@ -618,7 +662,11 @@ impl Conn {
                     }
                     Next::Close(Outcome::Timeout)
                 }
-                None if now.duration_since(self.last_active) >= cx.timeouts.idle => {
+                None if cx
+                    .timeouts
+                    .idle
+                    .is_some_and(|idle| now.duration_since(self.last_active) >= idle) =>
+                {
                     Next::Close(Outcome::Timeout)
                 }
                 _ => Next::Stay,
@@ -740,6 +788,13 @@ impl Proxy {
     }
 
     fn step<B: Buffers>(&mut self, ends: &mut Ends, id: ConnId, cx: &mut Cx<'_, B>) -> Next {
+        // The guest hears the preface first: the up direction sends the client's bytes
+        // only once `to_guest` is empty.
+        if matches!(self.dial, Dial::Up) {
+            if let Some(preface) = self.preface.take() {
+                ends.queue(Side::Guest, &preface, cx);
+            }
+        }
         let next = match &mut self.mode {
             Mode::Relay => relay::pump(self, ends, cx),
             Mode::Tls(_) => tls::pump(self, ends, id, cx),

@@ -7,7 +7,7 @@ use rustls::ServerConnection;
 
 use std::sync::Arc;
 
-use super::{Buffers, ConnId, Cx, Ends, Mode, Next, Op, Proxy, Routes, Side, Tls};
+use super::{Addrs, Buffers, ConnId, Cx, Ends, Mode, Next, Op, Proxy, Routes, Side, Tls};
 use crate::config::ListenerKind;
 use crate::engine::connlog::{ConnLog, Record};
 use crate::engine::Listener;
@@ -18,6 +18,11 @@ use crate::sni::{self, PgPreamble};
 /// A client may say GSSENCRequest, then SSLRequest: more preambles than that is not
 /// a PostgreSQL client.
 const MAX_PG_PREAMBLES: u8 = 2;
+/// What a PostgreSQL client that starts without TLS is told. 28000
+/// (invalid_authorization_specification) is what PostgreSQL itself answers when
+/// `pg_hba.conf` allows only `hostssl`.
+const PG_TLS_REQUIRED_STATE: &str = "28000";
+const PG_TLS_REQUIRED: &str = "TLS is required: this server accepts only encrypted connections (use sslmode=require or stronger, with the VM's name as host)";
 
 pub struct Peek {
     /// When the connection was accepted: the handshake's latency counts from here.
@@ -30,6 +35,8 @@ pub struct Peek {
     partial: Vec<u8>,
     /// PostgreSQL preambles answered so far.
     pg_answers: u8,
+    /// The client's and our address, kept for a PROXY header (`+proxy-v2` only).
+    addrs: Option<Addrs>,
 }
 
 /// What the bytes so far say.
@@ -38,20 +45,28 @@ enum Verdict {
     /// A PostgreSQL preamble, to be answered with this byte.
     Preamble(u8),
     NotTls,
+    /// A PostgreSQL StartupMessage without TLS: answered with an ErrorResponse.
+    PlaintextStartup,
     /// Refused before any crypto: a fatal alert, then linger.
     Refuse(HandshakeFailure, u8),
     /// Our side failed (rustls refused our configuration).
     Failed,
-    Routed(Arc<Route>, Box<Tls>),
+    Routed {
+        route: Arc<Route>,
+        tls: Box<Tls>,
+        /// For the guest before anything else (a PROXY header).
+        preface: Option<Vec<u8>>,
+    },
 }
 
 impl Peek {
-    pub fn new(accepted: Instant, deadline: Instant) -> Peek {
+    pub fn new(accepted: Instant, deadline: Instant, addrs: Option<Addrs>) -> Peek {
         Peek {
             accepted,
             deadline,
             partial: Vec::new(),
             pg_answers: 0,
+            addrs,
         }
     }
 
@@ -85,7 +100,8 @@ impl Peek {
                     None
                 } else {
                     let clock = (self.accepted, self.deadline);
-                    Some(judge(data, id, clock, cx.listener, cx.routes, cx.log))
+                    let (listener, routes, log) = (cx.listener, cx.routes, cx.log);
+                    Some(judge(data, id, clock, self.addrs, listener, routes, log))
                 }
             };
             let Some(verdict) = verdict else {
@@ -120,6 +136,12 @@ impl Peek {
                     cx.metrics.handshake_failed(HandshakeFailure::NotTls);
                     return Next::Close(Outcome::BadRequest);
                 }
+                Verdict::PlaintextStartup => {
+                    cx.metrics.handshake_failed(HandshakeFailure::NotTls);
+                    let answer = sni::pg_error_response(PG_TLS_REQUIRED_STATE, PG_TLS_REQUIRED);
+                    ends.say(&answer, cx);
+                    return Next::Linger(Outcome::BadRequest);
+                }
                 Verdict::Refuse(why, alert) => {
                     cx.metrics.handshake_failed(why);
                     ends.say(&sni::alert_record(alert), cx);
@@ -130,11 +152,16 @@ impl Peek {
                     });
                 }
                 Verdict::Failed => return Next::Close(Outcome::Error),
-                Verdict::Routed(route, mut tls) => {
+                Verdict::Routed {
+                    route,
+                    mut tls,
+                    preface,
+                } => {
                     // rustls reads the hello from where it is: still in the receive
                     // buffer, or joined here.
                     tls.hello = std::mem::take(&mut self.partial);
-                    return Next::Proxy(Proxy::new(route, Mode::Tls(tls), cx.now));
+                    let proxy = Proxy::new(route, Mode::Tls(tls), preface, cx.now);
+                    return Next::Proxy(proxy);
                 }
             }
         }
@@ -142,11 +169,13 @@ impl Peek {
 }
 
 /// Read `data`, everything received so far; `clock` is when the connection was
-/// accepted and when its handshake must be done.
+/// accepted and when its handshake must be done, `addrs` where it came from (kept for
+/// a PROXY header).
 fn judge(
     data: &[u8],
     id: ConnId,
     clock: (Instant, Instant),
+    addrs: Option<Addrs>,
     listener: &Listener,
     routes: &dyn Routes,
     log: &ConnLog,
@@ -158,6 +187,7 @@ fn judge(
             PgPreamble::SslRequest => Verdict::Preamble(b'S'),
             // No GSS encryption here: the client goes on with an SSLRequest.
             PgPreamble::GssEncRequest => Verdict::Preamble(b'N'),
+            PgPreamble::Startup => Verdict::PlaintextStartup,
             PgPreamble::Other => Verdict::NotTls,
         };
     }
@@ -200,11 +230,15 @@ fn judge(
         let record = Record::Routed {
             sni: Box::from(&*name),
             vm: Arc::clone(&route),
-            port: listener.guest_port,
+            port: listener.guest_port_for(&route),
         };
         log.record(id, listener.index, record);
     }
-    Verdict::Routed(route, Box::new(Tls::new(session, accepted, deadline)))
+    Verdict::Routed {
+        route,
+        tls: Box::new(Tls::new(session, accepted, deadline)),
+        preface: super::proxy_header(addrs, Some(&name), listener),
+    }
 }
 
 /// A completion while peeking.

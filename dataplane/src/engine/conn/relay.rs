@@ -15,6 +15,7 @@ pub(super) fn pump<B: Buffers>(p: &mut Proxy, ends: &mut Ends, cx: &mut Cx<'_, B
     // What a receive returned is sent on as is, from the same buffer.
     p.up = direction(p.up, Side::Client, Side::Guest, ends, cx);
     p.down = direction(p.down, Side::Guest, Side::Client, ends, cx);
+    ends.trim(cx);
     Next::Stay
 }
 
@@ -28,6 +29,11 @@ fn direction<B: Buffers>(
     cx: &mut Cx<'_, B>,
 ) -> Flow {
     if ends.busy(Op::send(to)) || ends.busy(Op::recv(from)) {
+        return flow;
+    }
+    // Our own bytes for `to` (a PROXY header) go before anything relayed.
+    let outbox = *ends.outbox(to);
+    if ends.send(to, outbox, cx) {
         return flow;
     }
     let inbox = *ends.inbox(from);

@@ -111,6 +111,7 @@ fn route() -> Arc<Route> {
         guest_ip: std::net::Ipv4Addr::new(172, 30, 0, 2),
         netns: Namespace::Host,
         created_at: time::OffsetDateTime::UNIX_EPOCH,
+        http_port: None,
     })
 }
 
@@ -144,6 +145,10 @@ struct T {
     dials: Vec<Io>,
     /// A connect is in flight.
     connecting: bool,
+    /// The addresses the worker read at accept.
+    addrs: Option<Addrs>,
+    /// The guest port dials must ask for.
+    want_port: u16,
     listener: Listener,
     timeouts: Timeouts,
     routes: FakeRoutes,
@@ -169,17 +174,20 @@ impl T {
             pending: Vec::new(),
             dials: Vec::new(),
             connecting: false,
+            addrs: None,
+            want_port: 8080,
             listener: Listener {
                 name: ":443".into(),
                 index: 0,
                 guest_port: 8080,
                 kind,
+                proxy_v2: false,
                 tls: kind.is_tls().then(server_config),
             },
             timeouts: Timeouts {
                 dial: Duration::from_secs(5),
                 handshake: Duration::from_secs(10),
-                idle: Duration::from_secs(300),
+                idle: Some(Duration::from_secs(300)),
             },
             routes: FakeRoutes(routes),
             metrics: Metrics::new(&[":443".into()]),
@@ -198,10 +206,35 @@ impl T {
         self
     }
 
+    /// The listener sends PROXY v2 headers; the client came from `client`.
+    fn with_proxy_v2(mut self, client: &str, local: &str) -> T {
+        self.listener.proxy_v2 = true;
+        self.addrs = Some(Addrs {
+            client: client.parse().expect("an address"),
+            local: local.parse().expect("an address"),
+        });
+        self
+    }
+
+    /// The VM sets `httpPort`.
+    fn with_http_port(mut self, port: u16) -> T {
+        for route in self.routes.0.values_mut() {
+            Arc::make_mut(route).http_port = Some(port);
+        }
+        self
+    }
+
+    /// Dials must go to this guest port.
+    fn dials_to(mut self, port: u16) -> T {
+        self.want_port = port;
+        self
+    }
+
     /// Accept the connection.
     fn accept(mut self) -> T {
         let id = ConnId { worker: 0, seq: 1 };
-        self.run(|conn, cx| *conn = Some(Conn::accept(id, cx)));
+        let addrs = self.addrs;
+        self.run(|conn, cx| *conn = Some(Conn::accept(id, addrs, cx)));
         self
     }
 
@@ -415,7 +448,11 @@ impl T {
     /// The dial asked for gets its socket; its connect is in flight.
     fn dialing(&mut self) {
         let dial = self.dials.pop().expect("a dial was asked for");
-        assert!(matches!(dial, Io::Dial { port: 8080, .. }), "{dial:?}");
+        let want = self.want_port;
+        assert!(
+            matches!(dial, Io::Dial { port, .. } if port == want),
+            "{dial:?}"
+        );
         self.connecting = true;
         self.event(Event::Dialing);
     }
@@ -551,7 +588,12 @@ impl T {
 
     /// Accept and run a handshake for `name` with the guest connected.
     fn tls_established(name: &str) -> (T, ClientConnection) {
-        let mut t = T::new(ListenerKind::Https).accept();
+        T::new(ListenerKind::Https).establish(name)
+    }
+
+    /// Accept, and run a handshake for `name` with the guest connected.
+    fn establish(self, name: &str) -> (T, ClientConnection) {
+        let mut t = self.accept();
         let mut client = tls_client(name);
         t.converse(&mut client);
         t.connect(0);
@@ -879,14 +921,6 @@ fn postgres_gssenc_then_ssl_then_hello() {
 }
 
 #[test]
-fn a_plaintext_postgres_startup_is_a_bad_request() {
-    let mut t = T::new(ListenerKind::Postgres).accept();
-    t.arrive(Side::Client, &[0, 0, 0, 40, 0, 3, 0, 0]);
-    assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
-    t.ends_as(Outcome::BadRequest);
-}
-
-#[test]
 fn a_silent_client_times_out_in_the_handshake() {
     let mut t = T::new(ListenerKind::Https).accept();
     t.tick_after(Duration::from_secs(9));
@@ -1079,4 +1113,162 @@ fn handshake_and_dial_latencies_are_observed() {
         text.contains("mergen_forwarder_dial_duration_seconds_count 1"),
         "{text}"
     );
+}
+
+// ---- listener kinds and their options ----------------------------------------------
+
+#[test]
+fn no_idle_timeout_when_it_is_off() {
+    let mut t = T::new(ListenerKind::Raw);
+    t.timeouts.idle = None;
+    let mut t = t.accept();
+    t.connect(0);
+    t.tick_after(Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(t.finished(), None, "timed out with the idle timeout off");
+    t.arrive(Side::Client, b"still here");
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"still here");
+}
+
+/// The later original's `httpPort`: an https listener dials it, other kinds do not.
+#[test]
+fn https_listeners_dial_the_vms_http_port() {
+    let mut t = T::new(ListenerKind::Https)
+        .with_http_port(3000)
+        .dials_to(3000)
+        .accept();
+    t.arrive(Side::Client, &hello("app.localhost"));
+    assert_eq!(
+        t.logged(),
+        ["0-1 app.localhost on :443 -> VM 0b0c0d0e-1b2c-4d5e-8f90-a1b2c3d4e5f6 at 172.30.0.2:3000"]
+    );
+    t.connect(0);
+    // Every other kind dials its own guest port, 8080.
+    for kind in [ListenerKind::Tls, ListenerKind::Postgres] {
+        let mut t = T::new(kind).with_http_port(3000).accept();
+        t.arrive(Side::Client, &hello("app.localhost"));
+        t.connect(0);
+    }
+    let mut t = T::new(ListenerKind::Raw).with_http_port(3000).accept();
+    t.connect(0);
+}
+
+fn pg_startup() -> Vec<u8> {
+    let body = b"\0\x03\0\0user\0postgres\0database\0postgres\0\0";
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// `sslmode=disable`: the client learns that TLS is required, in its own protocol,
+/// then the connection lingers until the client closes.
+#[test]
+fn a_plaintext_postgres_startup_is_told_tls_is_required() {
+    let mut t = T::new(ListenerKind::Postgres).accept();
+    let startup = pg_startup();
+    t.arrive(Side::Client, &startup[..5]); // in pieces
+    t.arrive(Side::Client, &startup[5..]);
+    assert!(t.dials.is_empty());
+    t.deliver(Side::Client, usize::MAX);
+    let got = std::mem::take(&mut t.client_got);
+    assert_eq!(got[0], b'E', "an ErrorResponse: {got:?}");
+    let len = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
+    assert_eq!(len + 1, got.len());
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("SFATAL\0"), "{text}");
+    assert!(text.contains("C28000\0"), "{text}");
+    assert!(text.contains("TLS is required"), "{text}");
+    assert_eq!(t.failures(HandshakeFailure::NotTls), 1);
+    t.client_leaves(Outcome::BadRequest);
+}
+
+/// Anything else in plaintext on a PostgreSQL listener is closed without a word.
+#[test]
+fn other_plaintext_on_a_postgres_listener_is_closed() {
+    let mut t = T::new(ListenerKind::Postgres).accept();
+    t.arrive(Side::Client, b"GET / HTTP/1.1\r\n\r\n");
+    assert!(!t.pending(Op::ClientSend));
+    t.ends_as(Outcome::BadRequest);
+}
+
+/// The header PROXY v2 sends from 192.0.2.7:51000 to 127.0.0.1:2022, with `sni`.
+fn proxy_header(sni: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    crate::proxy_protocol::write_header(
+        "192.0.2.7:51000".parse().unwrap(),
+        "127.0.0.1:2022".parse().unwrap(),
+        sni,
+        &mut out,
+    );
+    out
+}
+
+#[test]
+fn raw_proxy_v2_sends_the_header_before_any_client_byte() {
+    let mut t = T::new(ListenerKind::Raw)
+        .with_proxy_v2("192.0.2.7:51000", "127.0.0.1:2022")
+        .accept();
+    t.connect(0);
+    let header = proxy_header(None);
+    // The guest is slow to take the header: the client is not even read until it is.
+    while t.pending(Op::GuestSend) {
+        assert!(
+            !t.pending(Op::ClientRecv),
+            "client read before the header went"
+        );
+        t.deliver(Side::Guest, 10);
+    }
+    assert_eq!(t.guest_got, header);
+    t.arrive(Side::Client, b"SSH-2.0-client\r\n");
+    t.deliver(Side::Guest, usize::MAX);
+    let mut want = header.clone();
+    want.extend_from_slice(b"SSH-2.0-client\r\n");
+    assert_eq!(t.guest_got, want);
+    // Its buffer went back once it was sent: one for each direction's input at most.
+    assert!(t.bufs.held() <= 2, "{} buffers held", t.bufs.held());
+    t.arrive(Side::Guest, b"SSH-2.0-server\r\n");
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(
+        t.client_got, b"SSH-2.0-server\r\n",
+        "the client sees no header"
+    );
+}
+
+/// TLS kinds send the SNI along, and the header goes before the first plaintext byte
+/// even when the guest connects after the handshake.
+#[test]
+fn tls_proxy_v2_carries_the_sni() {
+    let mut t = T::new(ListenerKind::Tls)
+        .with_proxy_v2("192.0.2.7:51000", "127.0.0.1:2022")
+        .accept();
+    let mut client = tls_client("app.localhost");
+    t.converse(&mut client);
+    assert!(!client.is_handshaking());
+    client.writer().write_all(b"PING\r\n").expect("write");
+    t.converse(&mut client);
+    assert!(t.guest_got.is_empty());
+    t.connect(0);
+    t.converse(&mut client);
+    while t.pending(Op::GuestSend) {
+        t.deliver(Side::Guest, usize::MAX);
+    }
+    let mut want = proxy_header(Some("app.localhost"));
+    want.extend_from_slice(b"PING\r\n");
+    assert_eq!(t.guest_got, want);
+}
+
+/// Without `+proxy-v2` the guest gets the client's bytes only.
+#[test]
+fn no_header_without_the_option() {
+    let mut t = T::new(ListenerKind::Raw);
+    t.addrs = Some(Addrs {
+        client: "192.0.2.7:51000".parse().unwrap(),
+        local: "127.0.0.1:2022".parse().unwrap(),
+    });
+    let mut t = t.accept();
+    t.connect(0);
+    assert!(!t.pending(Op::GuestSend));
+    t.arrive(Side::Client, b"x");
+    t.deliver(Side::Guest, usize::MAX);
+    assert_eq!(t.guest_got, b"x");
 }
