@@ -11,6 +11,10 @@
 //! - routing changes with all VMs: from a VM's files committed (a new VM, a changed
 //!   alias, a removed VM) to the forwarder routing (or refusing) its name.
 //!
+//! Creates and lists also report mergend's CPU time per operation (user + system from
+//! /proc, summed over the timed requests only): the figure that holds still on a shared
+//! machine.
+//!
 //! The VMs beyond the first few are copies of one mergend created, written beside it
 //! (see `disk`): creating 10,000 through the API takes too long while create grows with
 //! the VM count, which is what this benchmark is here to show.
@@ -114,6 +118,8 @@ struct Report {
 struct Row {
     measure: String,
     samples: Vec<Duration>,
+    /// mergend's CPU time per operation over the timed operations, where measured.
+    cpu: Option<Duration>,
     /// A comparison with a baseline or the smaller store, already worded.
     note: String,
     /// The bound issue 10 sets, and the figure it applies to.
@@ -131,9 +137,17 @@ impl Report {
         self.rows.push(Row {
             measure: measure.into(),
             samples: samples.to_vec(),
+            cpu: None,
             note,
             target: None,
         });
+    }
+
+    /// The CPU time per operation of the row added last.
+    fn cpu(&mut self, per_op: Duration) {
+        if let Some(r) = self.rows.last_mut() {
+            r.cpu = Some(per_op);
+        }
     }
 
     fn target(&mut self, stat: Stat, bound: Duration) {
@@ -174,7 +188,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for _ in 0..o.small {
         newest = create(&mut client, &body)?;
     }
-    let (mut create_small, fsync_small) = timed_creates(&mut client, &body, o.creates, root)?;
+    let (mut create_small, fsync_small, cpu_create_small) =
+        timed_creates(&mut client, daemon.as_ref(), &body, o.creates, root)?;
     drop(client);
     let startup_small = restarts(&mut daemon, &o, root, addr)?;
     let sni_small = format!("{}.localhost", mergen_model::names::short_id(&newest));
@@ -207,8 +222,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let sni_all = format!("{}.localhost", last.short_id());
 
     let mut client = Client::connect(addr)?;
-    let (mut create_all, fsync_all) = timed_creates(&mut client, &body, o.creates, root)?;
-    let (list, raw) = lists(&mut client, &roots, o.vms)?;
+    let (mut create_all, fsync_all, cpu_create_all) =
+        timed_creates(&mut client, daemon.as_ref(), &body, o.creates, root)?;
+    let (list, raw, cpu_list) = lists(&mut client, daemon.as_ref(), &roots, o.vms)?;
     drop(client);
     let limit = Duration::from_secs(o.seconds);
     let echo = EchoServer::start()?;
@@ -223,6 +239,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let (c50s, c99s) = (pct(&mut create_small, 50), pct(&mut create_small, 99));
     let (c50a, c99a) = (pct(&mut create_all, 50), pct(&mut create_all, 99));
     report.add(format!("create, {s} VMs"), &create_small, String::new());
+    report.cpu(cpu_create_small);
     report.add(
         format!("create, {n} VMs"),
         &create_all,
@@ -232,6 +249,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ratio(c99a, c99s)
         ),
     );
+    report.cpu(cpu_create_all);
     report.target(Stat::P99, c99s * 2);
     let f50 = median(&fsync);
     report.add(
@@ -247,6 +265,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ratio(median(&list), median(&raw))
         ),
     );
+    report.cpu(cpu_list);
     report.target(Stat::P99, Duration::from_millis(100));
     report.add(format!("baseline: read {n} meta.json"), &raw, String::new());
     report.add(
@@ -306,8 +325,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         o.restarts
     );
     println!(
-        "{:<58} {:>10} {:>10} {:>10}  {:<16} note",
-        "measure", "p50", "p99", "max", "issue 10 target"
+        "{:<58} {:>10} {:>10} {:>10} {:>10}  {:<16} note",
+        "measure", "p50", "p99", "max", "CPU/op", "issue 10 target"
     );
     for r in &report.rows {
         let mut v = r.samples.clone();
@@ -321,11 +340,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
             format!("{name} ≤ {} {verdict}", ms(bound))
         });
         println!(
-            "{:<58} {:>10} {:>10} {:>10}  {target:<16} {}",
+            "{:<58} {:>10} {:>10} {:>10} {:>10}  {target:<16} {}",
             r.measure,
             ms(p50),
             ms(p99),
             ms(max),
+            r.cpu.map_or(String::new(), ms),
             r.note
         );
     }
@@ -348,6 +368,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     "p99_ms": pct(&mut v, 99).as_secs_f64() * 1e3,
                     "max_ms": pct(&mut v, 100).as_secs_f64() * 1e3,
                     "samples": v.len(),
+                    "cpu_per_op_ms": r.cpu.map(|c| c.as_secs_f64() * 1e3),
                     "note": r.note,
                     "target_ms": r.target.map(|(_, b)| b.as_secs_f64() * 1e3),
                     "target_stat": r.target.map(|(stat, _)| match stat {
@@ -390,21 +411,26 @@ fn create(client: &mut Client, body: &str) -> Result<String, String> {
 }
 
 /// `count` creates, each timed and then deleted again (untimed), interleaved with the
-/// durable-write baseline.
+/// durable-write baseline; and mergend's CPU time per create (over the creates only).
 fn timed_creates(
     client: &mut Client,
+    daemon: Option<&Daemon>,
     body: &str,
     count: usize,
     root: &std::path::Path,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Duration), String> {
+    let daemon = daemon.ok_or("mergend is not running")?;
     let mut create_t = Vec::with_capacity(count);
     let mut fsync_t = Vec::with_capacity(count);
+    let mut cpu = Duration::ZERO;
     let scratch = root.join("scratch.json");
     for _ in 0..count {
         interrupt::check()?;
+        let before = daemon.cpu();
         let t = Instant::now();
         let id = create(client, body)?;
         create_t.push(t.elapsed());
+        cpu += daemon.cpu().saturating_sub(before);
         let (code, resp) = client.request("DELETE", &format!("/v1/vms/{id}"), b"")?;
         if code != 200 {
             return Err(format!(
@@ -417,22 +443,28 @@ fn timed_creates(
             .map_err(|e| e.to_string())?;
         fsync_t.push(t.elapsed());
     }
-    Ok((create_t, fsync_t))
+    Ok((create_t, fsync_t, cpu / count as u32))
 }
 
-/// `GET /v1/vms` with every VM, interleaved with reading their meta.json files.
+/// `GET /v1/vms` with every VM, interleaved with reading their meta.json files; and
+/// mergend's CPU time per list.
 fn lists(
     client: &mut Client,
+    daemon: Option<&Daemon>,
     roots: &Roots,
     vms: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Duration), String> {
+    let daemon = daemon.ok_or("mergend is not running")?;
     let mut list = Vec::new();
     let mut raw = Vec::new();
+    let mut cpu = Duration::ZERO;
     for _ in 0..LIST_ROUNDS {
         interrupt::check()?;
+        let before = daemon.cpu();
         let t = Instant::now();
         let (code, resp) = client.request("GET", "/v1/vms", b"")?;
         list.push(t.elapsed());
+        cpu += daemon.cpu().saturating_sub(before);
         if code != 200 {
             return Err(format!("list answered {code}"));
         }
@@ -449,7 +481,7 @@ fn lists(
             return Err(format!("found {n} meta.json files, want {vms}"));
         }
     }
-    Ok((list, raw))
+    Ok((list, raw, cpu / LIST_ROUNDS as u32))
 }
 
 /// Stop mergend and start it again `--restarts` times; each start-up time.
