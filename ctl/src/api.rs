@@ -384,16 +384,22 @@ impl App {
         Ok(Outcome::Vm(summary::one(&rendered, &st, present)))
     }
 
-    /// Every VM, newest first, from the index; their states from one supervisor query.
+    /// Every VM, newest first, from the index; their states from one supervisor query
+    /// per core (a list of thousands is file probes and serialising, spread over them).
     pub fn list(&self) -> Result<Outcome, Error> {
         let view = self.index.view().map_err(Error::io("listing VMs"))?;
-        let metas: Vec<&Meta> = view.iter().map(|vm| &vm.meta).collect();
-        let statuses = self.statuses(&metas)?;
-        let items = view.iter().zip(statuses).map(|(vm, status)| {
-            let present = vm.rendered.socket_present();
-            (&vm.rendered, status, present)
+        let stretches = mergen_watch::map_slices(&view, |vms| {
+            let metas: Vec<&Meta> = vms.iter().map(|vm| &vm.meta).collect();
+            let statuses = self.statuses(&metas)?;
+            Ok(summary::items(vms.iter().zip(statuses).map(
+                |(vm, status)| {
+                    let rendered = vm.rendered();
+                    (rendered, status, rendered.socket_present())
+                },
+            )))
         });
-        Ok(Outcome::List(summary::list(items)))
+        let stretches = stretches.into_iter().collect::<Result<Vec<_>, Error>>()?;
+        Ok(Outcome::List(summary::list(stretches)))
     }
 
     pub fn metrics_text(&self) -> Result<Outcome, Error> {

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use inotify::Inotify;
 use mergen_model::names::is_valid_id;
@@ -36,7 +36,23 @@ use crate::summary::Rendered;
 #[derive(Debug)]
 pub struct Vm {
     pub meta: Meta,
-    pub rendered: Rendered,
+    /// Rendered by the first list that shows it, not by the load: start-up with
+    /// thousands of VMs reads them all and shows none.
+    rendered: OnceLock<Rendered>,
+}
+
+impl Vm {
+    fn new(meta: Meta) -> Vm {
+        Vm {
+            meta,
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// The parts of its summary that come from its record.
+    pub fn rendered(&self) -> &Rendered {
+        self.rendered.get_or_init(|| Rendered::new(&self.meta))
+    }
 }
 
 /// The listed VMs, newest first (ties by id), as `GET /v1/vms` shows them.
@@ -339,10 +355,7 @@ fn load(root: &Path, name: &str, known: Option<Stamp>) -> Load {
         }
     };
     let kind = match Meta::from_slice(&bytes) {
-        Ok(meta) if meta.id == name => Kind::Vm(Arc::new(Vm {
-            rendered: Rendered::new(&meta),
-            meta,
-        })),
+        Ok(meta) if meta.id == name => Kind::Vm(Arc::new(Vm::new(meta))),
         Ok(meta) => {
             let why = format!("meta.json names another id ({})", meta.id);
             log::warn!(file:? = path, guest_ip:% = meta.guest_ip; "{why}: not listed, its guest IP and ports stay reserved");

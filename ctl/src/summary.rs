@@ -188,20 +188,35 @@ pub fn one(rendered: &Rendered, status: &StatusView, socket_present: bool) -> Js
     Json(out)
 }
 
-/// The body of `GET /v1/vms`: `{"items":[…]}` in the order given.
-pub fn list<'a>(items: impl ExactSizeIterator<Item = (&'a Rendered, StatusView, bool)>) -> Json {
+/// Summaries joined by commas, in the order given: one stretch of a list's items.
+pub fn items<'a>(
+    items: impl ExactSizeIterator<Item = (&'a Rendered, StatusView, bool)>,
+) -> Vec<u8> {
     let count = items.len();
     let mut out = Vec::new();
-    out.extend_from_slice(br#"{"items":["#);
     for (i, (rendered, status, socket_present)) in items.enumerate() {
         if i == 0 {
-            // Sized from the first: summaries differ little, and growing a 15 MB
-            // buffer by doubling would copy it over and over.
+            // Sized from the first: summaries differ little, and growing a buffer of
+            // megabytes by doubling would copy it over and over.
             out.reserve((rendered.len() + 512) * count);
         } else {
             out.push(b',');
         }
         rendered.write(&status, socket_present, &mut out);
+    }
+    out
+}
+
+/// The body of `GET /v1/vms`: `{"items":[…]}`, the stretches of [`items`] in order.
+pub fn list(stretches: Vec<Vec<u8>>) -> Json {
+    let len = stretches.iter().map(|s| s.len() + 1).sum::<usize>();
+    let mut out = Vec::with_capacity(len + 16);
+    out.extend_from_slice(br#"{"items":["#);
+    for s in stretches.iter().filter(|s| !s.is_empty()) {
+        if out.len() > br#"{"items":["#.len() {
+            out.push(b',');
+        }
+        out.extend_from_slice(s);
     }
     out.extend_from_slice(b"]}\n");
     Json(out)
@@ -332,15 +347,32 @@ mod tests {
     fn a_list_is_its_summaries_in_order() {
         let (a, b) = (meta(0), meta(8080));
         let (ra, rb) = (Rendered::new(&a), Rendered::new(&b));
-        let body = list([(&ra, running(), false), (&rb, unavailable(), true)].into_iter()).0;
-        let got: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            got,
-            json!({"items": [
-                expected(&a, &running(), false),
-                expected(&b, &unavailable(), true),
-            ]})
-        );
-        assert_eq!(list(std::iter::empty()).0, b"{\"items\":[]}\n");
+        let want = json!({"items": [
+            expected(&a, &running(), false),
+            expected(&b, &unavailable(), true),
+            expected(&a, &unavailable(), true),
+        ]});
+        let all = || {
+            vec![
+                (&ra, running(), false),
+                (&rb, unavailable(), true),
+                (&ra, unavailable(), true),
+            ]
+        };
+        // However the items are cut into stretches, empty ones included.
+        for cut in 0..=all().len() {
+            let mut first = all();
+            let second = first.split_off(cut);
+            let body = list(vec![
+                items(first.into_iter()),
+                Vec::new(),
+                items(second.into_iter()),
+            ])
+            .0;
+            let got: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(got, want, "cut at {cut}");
+        }
+        assert_eq!(list(Vec::new()).0, b"{\"items\":[]}\n");
+        assert_eq!(list(vec![Vec::new()]).0, b"{\"items\":[]}\n");
     }
 }

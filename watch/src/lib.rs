@@ -7,7 +7,8 @@
 //! - [`VmDirs`]: which watch is which directory of a root of VM directories, and what a
 //!   batch of events means for a table of their `meta.json` files.
 //! - [`Stamp`] and [`read_changed`]: re-read a file only when it changed.
-//! - [`map_parallel`]: a cold load of thousands of VM directories, spread over the cores.
+//! - [`map_parallel`], [`map_slices`]: a cold load of thousands of VM directories, or a
+//!   list of thousands of VMs, spread over the cores.
 
 #![deny(unsafe_code)]
 
@@ -16,7 +17,7 @@ mod stamp;
 mod thread;
 mod vmdirs;
 
-pub use bulk::map_parallel;
+pub use bulk::{map_parallel, map_slices};
 pub use stamp::{read_changed, Read, Stamp};
 pub use thread::{drain, spawn, Wake, LIVENESS_CHECK};
 pub use vmdirs::{is_candidate, Changes, VmDirs, META_FILE};
