@@ -273,8 +273,8 @@ fn a_crash_mid_create_leaves_nothing_held_after_restart() {
     .unwrap();
 
     let m = Mergend::start(&roots, &env);
-    assert_eq!(listed(&m), [a.clone()]);
-    assert_eq!(roots.vm_dirs(), [a.clone()]);
+    assert_eq!(listed(&m), std::slice::from_ref(&a));
+    assert_eq!(roots.vm_dirs(), std::slice::from_ref(&a));
     let (_, ip, _) = created(&m, &roots.body());
     assert_eq!(ip, "10.97.0.3");
     let (_, ip, _) = created(&m, &roots.body());
