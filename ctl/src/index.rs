@@ -314,7 +314,8 @@ impl Index {
         }
     }
 
-    /// VM dirs with a meta.json that are not listed, by name.
+    /// Entries named like a VM that are not listed (a meta.json that cannot be read
+    /// or names another id, or none at all), by name.
     pub fn unlisted(&self) -> io::Result<Vec<Unlisted>> {
         let inner = self.current()?;
         let mut out: Vec<Unlisted> = inner
@@ -331,6 +332,18 @@ impl Index {
                 })
             })
             .collect();
+        // Without a meta.json they hold nothing and have no record: look for them.
+        for entry in std::fs::read_dir(&self.root)? {
+            let name = entry?.file_name();
+            if let Some(name) = name.to_str().filter(|n| is_valid_id(n)) {
+                if !inner.records.contains_key(name) {
+                    out.push(Unlisted {
+                        dir: self.root.join(name),
+                        why: format!("no {META_FILE}"),
+                    });
+                }
+            }
+        }
         out.sort_by(|a, b| a.dir.cmp(&b.dir));
         Ok(out)
     }
@@ -561,6 +574,16 @@ mod tests {
             let unlisted = index.unlisted().unwrap();
             assert_eq!(unlisted.len(), 1);
             assert_eq!(unlisted[0].dir, bad);
+            // A dir without a meta.json holds nothing, and is reported too.
+            let empty = root.join(id(9));
+            fs::create_dir(&empty).unwrap();
+            let unlisted = index.unlisted().unwrap();
+            assert_eq!(
+                unlisted.iter().map(|u| &u.dir).collect::<Vec<_>>(),
+                [&bad, &empty]
+            );
+            assert_eq!(unlisted[1].why, "no meta.json");
+            fs::remove_dir(&empty).unwrap();
 
             // Another VM's record in this dir: its addresses stay reserved too.
             mergen_model::atomic::write_json(&bad.join(META_FILE), &meta(8, [10, 0, 0, 8], 20008))
