@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mergen_model::names::{is_valid_id, netns_name, tap_name};
-use mergen_model::vmconfig::{MachineConfig, DEFAULT_BOOT_ARGS};
+use mergen_model::vmconfig::{with_ip_arg, MachineConfig, DEFAULT_BOOT_ARGS};
 use mergen_model::{Hooks, Meta, VmConfig};
 use mergen_runtime::{select_supervisor, RuntimeError, Supervisor, SystemdInfo, VmState};
 use time::OffsetDateTime;
@@ -285,9 +285,8 @@ impl App {
             process: req.process.clone(),
         };
         let vm_config = (!req.kernel.is_empty()).then(|| {
-            let gw = cidr.gateway().map(|g| g.to_string()).unwrap_or_default();
-            let ip = format!("ip={guest_ip}::{gw}:{}::eth0:off", cidr.netmask());
-            render_vm_config(&meta, req, boot_args(req.boot_args.as_deref(), &ip))
+            let requested = req.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS);
+            render_vm_config(&meta, req, with_ip_arg(requested, guest_ip, &cidr))
         });
         let vm = NewVm {
             env: render_env(&meta, &req.extra_env),
@@ -418,17 +417,6 @@ impl App {
         Ok(Outcome::Metrics(
             self.metrics.render(&by_state, &self.store.orphaned()),
         ))
-    }
-}
-
-/// The request's boot args (or the original's default), with the guest network's
-/// `ip=` argument added unless the request already sets one.
-fn boot_args(requested: Option<&str>, ip_arg: &str) -> String {
-    let args = requested.unwrap_or(DEFAULT_BOOT_ARGS);
-    if args.split_ascii_whitespace().any(|a| a.starts_with("ip=")) {
-        args.to_string()
-    } else {
-        format!("{args} {ip_arg}")
     }
 }
 
@@ -607,8 +595,7 @@ ZED='last'
     #[test]
     fn vm_json_is_the_originals_exact_shape() {
         let m = meta(&[]);
-        let ip = "ip=172.30.0.2::172.30.0.1:255.255.255.0::eth0:off";
-        let c = render_vm_config(&m, &request(""), boot_args(None, ip));
+        let c = render_vm_config(&m, &request(""), boot_args(None));
         let want = r#"{
   "boot-source": {
     "kernel_image_path": "/img/vmlinux",
@@ -647,20 +634,28 @@ ZED='last'
         );
     }
 
+    /// The boot args a create with `requested` writes for guest 172.30.0.2 in the
+    /// default network.
+    fn boot_args(requested: Option<&str>) -> String {
+        let cidr: mergen_model::Ipv4Cidr = "172.30.0.0/24".parse().unwrap();
+        let requested = requested.unwrap_or(DEFAULT_BOOT_ARGS);
+        with_ip_arg(requested, "172.30.0.2".parse().unwrap(), &cidr)
+    }
+
     #[test]
     fn request_boot_args_replace_the_default_and_get_the_network() {
         let ip = "ip=172.30.0.2::172.30.0.1:255.255.255.0::eth0:off";
         assert_eq!(
-            boot_args(Some("console=ttyS0 init=/init"), ip),
+            boot_args(Some("console=ttyS0 init=/init")),
             format!("console=ttyS0 init=/init {ip}")
         );
         // The request's own ip= is kept as it is, and nothing is added.
         assert_eq!(
-            boot_args(Some("console=ttyS0 ip=dhcp"), ip),
+            boot_args(Some("console=ttyS0 ip=dhcp")),
             "console=ttyS0 ip=dhcp"
         );
         assert_eq!(
-            boot_args(None, ip),
+            boot_args(None),
             format!("console=ttyS0 reboot=k panic=1 pci=off {ip}")
         );
     }

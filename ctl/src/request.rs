@@ -118,19 +118,18 @@ fn bad(m: String) -> Error {
 fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
     let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     let process = match raw.process {
-        Some(p) => Some(validate_process(p)?),
+        Some(p) => Some(validate_process(p, images)?),
         None => None,
     };
-    let image = |field: &str, v: Option<String>, required: bool, devices_ok: bool| match nonempty(v)
-    {
-        Some(p) => image_path(field, &p, images, devices_ok),
+    let image = |field: &str, v: Option<String>, required: bool, want: Want| match nonempty(v) {
+        Some(p) => image_path(field, &p, images, want),
         None if required => Err(bad(format!("{field} is required"))),
         None => Ok(String::new()),
     };
     let needs_images = process.is_none();
-    let rootfs = image("rootfs", raw.rootfs, needs_images, true)?;
-    let kernel = image("kernel", raw.kernel, needs_images, false)?;
-    let data_disk = image("dataDisk", raw.data_disk, false, true)?;
+    let rootfs = image("rootfs", raw.rootfs, needs_images, Want::Disk)?;
+    let kernel = image("kernel", raw.kernel, needs_images, Want::File)?;
+    let data_disk = image("dataDisk", raw.data_disk, false, Want::Disk)?;
     if rootfs.is_empty() != kernel.is_empty() {
         return Err(bad(
             "rootfs and kernel go together: give both or neither".into()
@@ -244,30 +243,52 @@ fn validate(raw: RawCreate, images: &Images) -> Result<CreateRequest, Error> {
     })
 }
 
-/// A path the VM will get: an existing regular file (or, for disks, a block device)
-/// inside an image root after resolving symlinks, or a block device listed in
-/// `MGR_IMAGE_DEVICES`, so the API cannot hand an arbitrary host file to a guest. The
-/// path is stored as given (as the original did): an LVM volume's `/dev/vg/lv` stays
-/// valid when its `/dev/dm-N` target is renumbered at the next boot.
-fn image_path(field: &str, path: &str, images: &Images, devices_ok: bool) -> Result<String, Error> {
+/// What an image path must be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A regular file (a kernel).
+    File,
+    /// A regular file or a block device (a rootfs or data disk).
+    Disk,
+    /// A directory (`process.root`, an image's `rootfs/`).
+    Directory,
+}
+
+impl Want {
+    fn what(self) -> &'static str {
+        match self {
+            Want::File => "a regular file",
+            Want::Disk => "a regular file or a block device",
+            Want::Directory => "a directory",
+        }
+    }
+}
+
+/// A path the VM will get: an existing regular file, block device (for disks) or
+/// directory (for an image root) inside an image root after resolving symlinks, or a
+/// block device listed in `MGR_IMAGE_DEVICES`, so the API cannot hand an arbitrary host
+/// file to a guest. The path is stored as given (as the original did): an LVM volume's
+/// `/dev/vg/lv` stays valid when its `/dev/dm-N` target is renumbered at the next boot.
+fn image_path(field: &str, path: &str, images: &Images, want: Want) -> Result<String, Error> {
     if !Path::new(path).is_absolute() {
         return Err(bad(format!("{field}: {path:?} is not an absolute path")));
     }
     let canon = fs::canonicalize(path).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
     let md = fs::metadata(&canon).map_err(|e| bad(format!("{field}: {path:?}: {e}")))?;
     let device = md.file_type().is_block_device();
-    if device && !devices_ok {
-        return Err(bad(format!(
-            "{field}: {path:?} is a block device, not a regular file"
-        )));
-    }
-    if !md.is_file() && !device {
-        let want = if devices_ok {
-            "a regular file or a block device"
-        } else {
-            "a regular file"
-        };
-        return Err(bad(format!("{field}: {path:?} is not {want}")));
+    let fits = match want {
+        Want::File => md.is_file(),
+        Want::Disk => md.is_file() || device,
+        Want::Directory => md.is_dir(),
+    };
+    if !fits {
+        if device {
+            return Err(bad(format!(
+                "{field}: {path:?} is a block device, not {}",
+                want.what()
+            )));
+        }
+        return Err(bad(format!("{field}: {path:?} is not {}", want.what())));
     }
     let inside_roots = images.roots.iter().any(|r| canon.starts_with(r));
     let listed_device = device && images.devices.contains(&canon);
@@ -284,7 +305,30 @@ fn image_path(field: &str, path: &str, images: &Images, devices_ok: bool) -> Res
     Ok(path.to_string())
 }
 
-fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
+/// What a `process.root` must hold, as the guest will see it: mergen-image's outputs
+/// always do.
+const IMAGE_ROOT_FILES: [&str; 2] = ["sbin/init", "etc/mergen/image-meta.json"];
+
+fn validate_process(p: ProcessSpec, images: &Images) -> Result<ProcessSpec, Error> {
+    if let Some(root) = &p.root {
+        // The image's own start command, env and working dir apply, as in a VM.
+        for (field, given) in [
+            ("cmd", !p.cmd.is_empty()),
+            ("env", !p.env.is_empty()),
+            ("workdir", p.workdir.is_some()),
+        ] {
+            if given {
+                return Err(bad(format!(
+                    "process.{field} cannot be given with process.root: the image's start command runs, with the image's env and working dir"
+                )));
+            }
+        }
+        image_path("process.root", root, images, Want::Directory)?;
+        for file in IMAGE_ROOT_FILES {
+            check_image_file(root, file)?;
+        }
+        return Ok(p);
+    }
     if p.cmd.first().is_none_or(|c| c.is_empty()) {
         return Err(bad("process.cmd must be a non-empty argv".into()));
     }
@@ -299,6 +343,38 @@ fn validate_process(p: ProcessSpec) -> Result<ProcessSpec, Error> {
         }
     }
     Ok(p)
+}
+
+/// `file` must be a regular file in the image at `root`, its symlinks resolved with
+/// `root` as `/` (`RESOLVE_IN_ROOT`), as the chrooted guest will resolve them: an
+/// image's absolute links (`/sbin -> /usr/sbin`) work, and none can point the check
+/// at a host file.
+fn check_image_file(root: &str, file: &str) -> Result<(), Error> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let missing = |e: &dyn std::fmt::Display| {
+        bad(format!(
+            "process.root: {root:?} has no /{file} ({e}): give the rootfs/ directory of a mergen-image output"
+        ))
+    };
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| missing(&e))?;
+    let fd = openat2(
+        &dir,
+        file,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| missing(&e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| missing(&e))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(missing(&"not a regular file"));
+    }
+    Ok(())
 }
 
 /// The bounds on what a create may store, each error naming its limit.
@@ -360,4 +436,148 @@ fn validate_hooks(hooks: &Hooks) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mergen_testkit::TempDir;
+    use std::os::unix::fs::symlink;
+
+    /// An image root `img/<name>` holding what mergen-image puts there; `/sbin` is an
+    /// absolute link, as in usrmerged images.
+    fn image(tmp: &TempDir, name: &str) -> PathBuf {
+        let root = tmp.join("img").join(name);
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        fs::create_dir_all(root.join("etc/mergen")).unwrap();
+        symlink("/usr/sbin", root.join("sbin")).unwrap();
+        fs::write(root.join("usr/sbin/init"), b"\x7fELF").unwrap();
+        fs::write(root.join("etc/mergen/image-meta.json"), b"{}").unwrap();
+        root
+    }
+
+    fn images(tmp: &TempDir) -> Images {
+        Images {
+            roots: vec![fs::canonicalize(tmp.join("img")).unwrap()],
+            devices: vec![],
+        }
+    }
+
+    fn create(body: serde_json::Value, images: &Images) -> Result<CreateRequest, String> {
+        parse_create(body.to_string().as_bytes(), images).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_image_root_is_a_process_guest_of_its_own() {
+        let tmp = TempDir::new("req-root");
+        let root = image(&tmp, "web");
+        let images = images(&tmp);
+        let req = create(
+            serde_json::json!({"process": {"root": root}, "httpPort": 8080}),
+            &images,
+        )
+        .unwrap();
+        let spec = req.process.unwrap();
+        assert_eq!(spec.root.as_deref(), Some(root.to_str().unwrap()));
+        assert!(spec.cmd.is_empty() && req.rootfs.is_empty() && req.kernel.is_empty());
+    }
+
+    #[test]
+    fn an_image_root_refuses_what_the_image_decides() {
+        let tmp = TempDir::new("req-root-refused");
+        let root = image(&tmp, "web");
+        let images = images(&tmp);
+        for (extra, field) in [
+            (serde_json::json!({"cmd": ["sh"]}), "process.cmd"),
+            (serde_json::json!({"env": {"A": "b"}}), "process.env"),
+            (serde_json::json!({"workdir": "/tmp"}), "process.workdir"),
+        ] {
+            let mut process = extra;
+            process["root"] = root.to_str().unwrap().into();
+            let err = create(serde_json::json!({"process": process}), &images).unwrap_err();
+            assert!(
+                err.contains(field) && err.contains("the image's start command runs"),
+                "{err}"
+            );
+        }
+        // An explicit empty command is no command.
+        let ok = serde_json::json!({"process": {"root": root, "cmd": []}});
+        assert!(create(ok, &images).is_ok());
+    }
+
+    #[test]
+    fn an_image_root_must_be_an_image_inside_the_roots() {
+        let tmp = TempDir::new("req-root-where");
+        let inside = image(&tmp, "web");
+        let images = images(&tmp);
+        let err_of = |root: &Path| {
+            create(serde_json::json!({"process": {"root": root}}), &images).unwrap_err()
+        };
+        // Outside the image roots, directly or through a link inside them.
+        let outside = tmp.join("elsewhere");
+        fs::create_dir_all(&outside).unwrap();
+        fs::rename(image(&tmp, "moved"), outside.join("rootfs")).unwrap();
+        let err = err_of(&outside.join("rootfs"));
+        assert!(err.contains("outside the allowed image roots"), "{err}");
+        symlink(outside.join("rootfs"), tmp.join("img/link")).unwrap();
+        let err = err_of(&tmp.join("img/link"));
+        assert!(err.contains("outside the allowed image roots"), "{err}");
+        // Relative, missing, not a directory.
+        let err = create(serde_json::json!({"process": {"root": "img/web"}}), &images).unwrap_err();
+        assert!(err.contains("not an absolute path"), "{err}");
+        let err = err_of(&tmp.join("img/none"));
+        assert!(
+            err.contains("process.root") && err.contains("No such file"),
+            "{err}"
+        );
+        let err = err_of(&inside.join("etc/mergen/image-meta.json"));
+        assert!(err.contains("is not a directory"), "{err}");
+        // Without mergen-init or the metadata.
+        fs::remove_file(inside.join("usr/sbin/init")).unwrap();
+        let err = err_of(&inside);
+        assert!(err.contains("has no /sbin/init"), "{err}");
+        fs::create_dir(inside.join("usr/sbin/init")).unwrap();
+        let err = err_of(&inside);
+        assert!(
+            err.contains("has no /sbin/init") && err.contains("not a regular file"),
+            "{err}"
+        );
+        let other = image(&tmp, "nometa");
+        fs::remove_file(other.join("etc/mergen/image-meta.json")).unwrap();
+        let err = err_of(&other);
+        assert!(err.contains("has no /etc/mergen/image-meta.json"), "{err}");
+        // A link that leads out of the image is resolved inside it, as the chrooted
+        // guest would: the host's file is not found there.
+        let escape = image(&tmp, "escape");
+        fs::remove_file(escape.join("sbin")).unwrap();
+        let host_sbin = tmp.join("host-sbin");
+        fs::create_dir_all(&host_sbin).unwrap();
+        fs::write(host_sbin.join("init"), b"host").unwrap();
+        symlink(&host_sbin, escape.join("sbin")).unwrap();
+        let err = err_of(&escape);
+        assert!(err.contains("has no /sbin/init"), "{err}");
+    }
+
+    #[test]
+    fn a_command_guest_is_unchanged() {
+        let tmp = TempDir::new("req-cmd");
+        fs::create_dir_all(tmp.join("img")).unwrap();
+        let images = images(&tmp);
+        let err = create(serde_json::json!({"process": {"cmd": []}}), &images).unwrap_err();
+        assert!(
+            err.contains("process.cmd must be a non-empty argv"),
+            "{err}"
+        );
+        let err = create(serde_json::json!({"process": {}}), &images).unwrap_err();
+        assert!(
+            err.contains("process.cmd must be a non-empty argv"),
+            "{err}"
+        );
+        let req = create(
+            serde_json::json!({"process": {"cmd": ["sleep", "1"], "env": {"A": "b"}}}),
+            &images,
+        )
+        .unwrap();
+        assert_eq!(req.process.unwrap().cmd, ["sleep", "1"]);
+    }
 }

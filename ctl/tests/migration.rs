@@ -19,12 +19,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use common::forwarder::{forwarder, through};
 use common::vms::VmsGuard;
 use common::{Mergend, Roots};
-use mergen_testkit::{free_port, poll, ChildGuard, TempDir};
+use mergen_testkit::{free_port, poll, TempDir};
 use serde_json::Value;
 
 fn main() -> ExitCode {
@@ -251,81 +252,6 @@ fn write_go_vm(vm: &GoVm, roots: &Roots, gateway: Ipv4Addr, record: &Path) {
     }
 }
 
-/// The forwarder binary of this build (cargo builds every workspace binary before
-/// it runs the tests of `cargo test --workspace`).
-fn forwarder_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("mergen-forwarder");
-    assert!(
-        bin.is_file(),
-        "{} missing: build it (cargo build -p mergen-dataplane)",
-        bin.display()
-    );
-    bin
-}
-
-/// The forwarder on `config_root`, with an HTTPS listener per (guest port) on a free
-/// 127.0.0.1 port; returns its guard and the ports.
-fn forwarder(config_root: &Path, dir: &Path, guest_ports: &[u16]) -> (ChildGuard, Vec<u16>) {
-    let bin = forwarder_bin();
-    let certs = dir.join("certs");
-    let out = Command::new(&bin)
-        .args(["gen-cert", "--out-dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "gen-cert: {out:?}");
-    let find = |ext: &str| {
-        std::fs::read_dir(&certs)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == ext))
-            .unwrap_or_else(|| panic!("no .{ext} from gen-cert"))
-    };
-    let ports: Vec<u16> = guest_ports.iter().map(|_| free_port()).collect();
-    let listeners: Vec<String> = guest_ports
-        .iter()
-        .zip(&ports)
-        .map(|(g, p)| format!("127.0.0.1:{p}={g}"))
-        .collect();
-    let allowed: Vec<String> = guest_ports.iter().map(u16::to_string).collect();
-    let admin = free_port();
-    let log = std::fs::File::create(dir.join("forwarder.log")).unwrap();
-    let guard = ChildGuard::spawn(
-        Command::new(&bin)
-            .env("FWD_CONFIG_ROOT", config_root)
-            .env("FWD_TLS_CERT_FILE", find("crt"))
-            .env("FWD_TLS_KEY_FILE", find("key"))
-            .env("FWD_LISTENERS", listeners.join(","))
-            .env("FWD_ALLOWED_GUEST_PORTS", allowed.join(","))
-            .env("FWD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("FWD_WORKERS", "1")
-            .env("FWD_LOG_LEVEL", "info")
-            .env("FWD_RESOLVER_CACHE_TTL_SECONDS", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    );
-    (guard, ports)
-}
-
-/// `curl -k` through the forwarder with SNI `name`.
-fn through(name: &str, port: u16) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sk", "--max-time", "5", "--resolve"])
-        .arg(format!("{name}:{port}:127.0.0.1"))
-        .arg(format!("https://{name}:{port}/"))
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn go_vm_directories_are_started_listed_routed_and_deleted() {
     let roots = Roots::new("migration");
     let pid = std::process::id();
@@ -426,12 +352,12 @@ fn go_vm_directories_are_started_listed_routed_and_deleted() {
             format!("{}.localhost", vm.id8()),
         ] {
             let got = poll(Duration::from_secs(20), || {
-                through(&name, port).filter(|b| *b == want)
+                through(&name, port, "/").filter(|b| *b == want)
             });
             assert!(
                 got.is_some(),
                 "{name} via :{port}: {:?}\n{}",
-                through(&name, port),
+                through(&name, port, "/"),
                 std::fs::read_to_string(fwd_dir.path().join("forwarder.log")).unwrap_or_default()
             );
         }
@@ -464,7 +390,7 @@ fn go_vm_directories_are_started_listed_routed_and_deleted() {
         Some(format!("deleted {} team-legacy\n", original.id).as_str())
     );
     let gone = poll(Duration::from_secs(10), || {
-        through("legacy.localhost", ports[0])
+        through("legacy.localhost", ports[0], "/")
             .is_none()
             .then_some(())
     });

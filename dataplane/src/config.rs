@@ -93,12 +93,17 @@ pub const VARS: &[Var] = &[
     Var::new(
         "FWD_SHUTDOWN_TIMEOUT_SECONDS",
         "15",
-        "drain time on SIGINT/SIGTERM",
+        "drain time on SIGINT/SIGTERM (0 = close at once, as the original)",
     ),
     Var::new(
         "FWD_MAX_CONNECTIONS",
         "65536",
-        "open connections before refusing",
+        "open connections before refusing (lowered to what the open-files limit allows)",
+    ),
+    Var::computed(
+        "FWD_MAX_CONNECTIONS_PER_IP",
+        "a quarter of FWD_MAX_CONNECTIONS",
+        "open connections per client address (IPv6: per /64) before refusing; 0 turns the cap off",
     ),
     Var::computed("FWD_WORKERS", "number of CPUs", "io_uring worker threads"),
     Var::new(
@@ -147,6 +152,9 @@ pub struct Config {
     pub resolver_ttl: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
+    /// `None` when unset (a share of `max_connections`, see [`crate::limits::Caps`]);
+    /// `Some(0)` turns the cap off.
+    pub max_connections_per_ip: Option<usize>,
     pub workers: usize,
     pub admin_addr: Option<SocketAddr>,
     pub log_level: String,
@@ -374,8 +382,13 @@ impl Config {
             handshake_timeout: env.seconds("FWD_HANDSHAKE_TIMEOUT_SECONDS")?,
             idle_timeout: env.seconds_or_off("FWD_IDLE_TIMEOUT_SECONDS")?,
             resolver_ttl: env.seconds("FWD_RESOLVER_CACHE_TTL_SECONDS")?,
-            shutdown_timeout: env.seconds("FWD_SHUTDOWN_TIMEOUT_SECONDS")?,
+            // The original took 0 as "close at once"; an env file that says so still works.
+            shutdown_timeout: env
+                .seconds_or_off("FWD_SHUTDOWN_TIMEOUT_SECONDS")?
+                .unwrap_or(Duration::ZERO),
             max_connections: env.positive("FWD_MAX_CONNECTIONS")? as usize,
+            max_connections_per_ip: env
+                .parse::<usize>("FWD_MAX_CONNECTIONS_PER_IP", "a whole number (0 = no cap)")?,
             workers,
             admin_addr,
             log_level,
@@ -588,6 +601,7 @@ mod tests {
         assert_eq!(c.resolver_ttl, Duration::from_secs(5));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(15));
         assert_eq!(c.max_connections, 65536);
+        assert_eq!(c.max_connections_per_ip, None);
         assert!(c.workers >= 1);
         assert_eq!(c.admin_addr, Some("127.0.0.1:9901".parse().unwrap()));
         assert_eq!(c.log_level, "debug");
@@ -620,6 +634,7 @@ mod tests {
             ("FWD_RESOLVER_CACHE_TTL_SECONDS", "4"),
             ("FWD_SHUTDOWN_TIMEOUT_SECONDS", "6"),
             ("FWD_MAX_CONNECTIONS", "10"),
+            ("FWD_MAX_CONNECTIONS_PER_IP", "4"),
             ("FWD_WORKERS", "3"),
             ("FWD_ADMIN_ADDR", ":9999"),
             ("FWD_LOG_LEVEL", "WARN"),
@@ -665,7 +680,10 @@ mod tests {
             [1, 2, 4, 6].map(Duration::from_secs)
         );
         assert_eq!(c.idle_timeout, Some(Duration::from_secs(3)));
+        let now = with(&[("FWD_SHUTDOWN_TIMEOUT_SECONDS", "0")]).unwrap();
+        assert_eq!(now.shutdown_timeout, Duration::ZERO, "0 closes at once");
         assert_eq!((c.max_connections, c.workers), (10, 3));
+        assert_eq!(c.max_connections_per_ip, Some(4));
         // The admin listener keeps `:PORT` as IPv4 only.
         assert_eq!(c.admin_addr, Some((Ipv4Addr::UNSPECIFIED, 9999).into()));
         assert_eq!(
@@ -916,6 +934,7 @@ mod tests {
             ("FWD_RESOLVER_CACHE_TTL_SECONDS", "1.5"),
             ("FWD_SHUTDOWN_TIMEOUT_SECONDS", "ten"),
             ("FWD_MAX_CONNECTIONS", "0"),
+            ("FWD_MAX_CONNECTIONS_PER_IP", "-1"),
             ("FWD_WORKERS", "many"),
             ("FWD_ADMIN_ADDR", "localhost:9901"),
             ("FWD_LOG_LEVEL", "loud"),

@@ -7,8 +7,10 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod config;
 pub mod engine;
+pub mod limits;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod resolver;

@@ -11,10 +11,19 @@ use std::sync::{mpsc, Arc};
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
 use mergen_dataplane::config::{self, Config, ListenAddr};
 use mergen_dataplane::engine::{self, ConnLog, Listener, Shared, WorkerExit};
+use mergen_dataplane::limits::{self, Caps};
 use mergen_dataplane::metrics::Metrics;
 use mergen_dataplane::resolver::{self, Resolver};
 use mergen_dataplane::{admin, tls};
 use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// jemalloc, with background threads that return freed memory to the system (its
+/// default 10 s decay): after a flood of connections ends, the forwarder's memory goes
+/// back near where it was. glibc's malloc kept what its worker-thread arenas had held
+/// (+38 MiB after 5,000 TLS connections closed, never returned) and so did mimalloc;
+/// docs/architecture.md has the figures.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Ready sockets kept per namespace and address family; deeper than the pool's default
 /// because a dial that finds its namespace's queue empty parks until the pool's thread
@@ -149,6 +158,54 @@ fn gen_cert(args: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Fit the connection caps to the open-files limit as `raised`, saying so: a forwarder
+/// started from a plain shell (`ulimit -n` 1,024) must refuse the connections it cannot
+/// carry, not fail to accept them in a loop.
+fn connection_caps(config: &Config, raised: std::io::Result<limits::NoFile>) -> Caps {
+    let nofile = match raised {
+        Ok(n) => {
+            if n.now > n.before {
+                log::info!(
+                    "open-files limit raised from {} to {} (the hard limit)",
+                    n.before,
+                    n.now
+                );
+            }
+            n.now
+        }
+        Err(e) => {
+            let now = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX);
+            log::warn!("cannot raise the open-files limit ({e}); it stays at {now}");
+            now
+        }
+    };
+    let (caps, lowered) = Caps::fit(
+        config.max_connections,
+        config.max_connections_per_ip,
+        nofile,
+    );
+    if let Some(asked) = lowered {
+        log::warn!(
+            "FWD_MAX_CONNECTIONS={asked} lowered to {}: the open-files limit is {nofile} and each connection takes {} (raise the hard limit, e.g. LimitNOFILE=, to allow more)",
+            caps.total,
+            limits::FDS_PER_CONNECTION
+        );
+    }
+    match caps.per_ip {
+        Some(per_ip) => log::info!(
+            "connection caps: {} in total, {per_ip} per client address",
+            caps.total
+        ),
+        None => log::info!(
+            "connection caps: {} in total, none per client address",
+            caps.total
+        ),
+    }
+    caps
+}
+
 /// What ends the main thread's wait.
 enum Stop {
     Signal(i32),
@@ -159,8 +216,16 @@ fn serve() -> Result<(), Error> {
     let config = Config::from_env()?;
     mergen_log::init("mergen-forwarder", &config.log_level, &config.log_format)
         .map_err(Error::Logging)?;
+    // Without it, freed memory is returned only by threads that allocate again, and
+    // workers idle after a flood do not.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        log::warn!("cannot start the allocator's background thread (memory freed after a flood stays with the process): {e}");
+    }
     // Before anything else is set up: an old kernel is one clear line, not a dead worker.
     engine::probe()?;
+    // Raised first, for everything below; said once start-up can no longer fail, so
+    // that a start-up error stays one line.
+    let nofile = limits::raise_nofile();
 
     // Raw listeners only: no certificate to read, none to watch.
     let store = match config.needs_certificate() {
@@ -227,6 +292,7 @@ fn serve() -> Result<(), Error> {
         })
         .map_err(Error::Signals)?;
 
+    let caps = connection_caps(&config, nofile);
     for spec in &config.listeners {
         let alpn: Vec<String> = spec
             .alpn
@@ -252,6 +318,7 @@ fn serve() -> Result<(), Error> {
     let conn_log = ConnLog::spawn(names).map_err(Error::Workers)?;
     let shared = Arc::new(Shared::new(
         config,
+        caps,
         listeners,
         resolver,
         SocketPool::new(PoolConfig {

@@ -28,8 +28,13 @@ pub enum Outcome {
     Timeout,
     /// The forwarder's own failure (rustls would not start a session).
     Error,
-    /// Refused because `FWD_MAX_CONNECTIONS` were open.
+    /// Refused at once: `FWD_MAX_CONNECTIONS` were open, or the forwarder was stopping.
     Refused,
+    /// Refused at once: its client's address had `FWD_MAX_CONNECTIONS_PER_IP` open.
+    RefusedPerIp,
+    /// Ended because its VM went away: its meta.json was removed, its guest address or
+    /// namespace changed, or its namespace was deleted or replaced.
+    VmGone,
     /// A raw listener with no VM to send the connection to.
     NoRoute,
     /// Cut when the shutdown drain time ran out.
@@ -45,7 +50,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 14] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Ok,
         Outcome::UnknownSni,
         Outcome::NoSni,
@@ -54,6 +59,8 @@ impl Outcome {
         Outcome::Timeout,
         Outcome::Error,
         Outcome::Refused,
+        Outcome::RefusedPerIp,
+        Outcome::VmGone,
         Outcome::NoRoute,
         Outcome::Shutdown,
         Outcome::ClientError,
@@ -72,6 +79,8 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Error => "error",
             Outcome::Refused => "refused",
+            Outcome::RefusedPerIp => "refused_per_ip",
+            Outcome::VmGone => "vm_gone",
             Outcome::NoRoute => "no_route",
             Outcome::Shutdown => "shutdown",
             Outcome::ClientError => "client_error",
@@ -188,6 +197,10 @@ struct ListenerCounters {
 pub struct Metrics {
     listeners: Vec<ListenerCounters>,
     handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// Times a worker stopped accepting for a while (out of descriptors or memory).
+    accept_pauses: AtomicU64,
+    /// The caps in force: (total, per client address; 0 when off).
+    limits: [AtomicU64; 2],
     dial: Histogram,
     handshake: Histogram,
 }
@@ -206,6 +219,8 @@ impl Metrics {
                 })
                 .collect(),
             handshake_failures: Default::default(),
+            accept_pauses: AtomicU64::new(0),
+            limits: Default::default(),
             dial: Histogram::default(),
             handshake: Histogram::default(),
         }
@@ -242,6 +257,16 @@ impl Metrics {
 
     pub fn handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake_failures[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn accept_paused(&self) {
+        self.accept_pauses.fetch_add(1, Relaxed);
+    }
+
+    /// The connection caps in force (`per_ip`: `None` when off), shown as gauges.
+    pub fn set_limits(&self, total: usize, per_ip: Option<usize>) {
+        self.limits[0].store(total as u64, Relaxed);
+        self.limits[1].store(per_ip.unwrap_or(0) as u64, Relaxed);
     }
 
     pub fn dial_latency(&self, d: Duration) {
@@ -304,6 +329,24 @@ impl Metrics {
                 let count = self.handshake_failures[r as usize].load(Relaxed);
                 (format!("reason=\"{}\"", r.as_str()), count)
             }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_connection_limit", "gauge"),
+            "Connections allowed open: in total (FWD_MAX_CONNECTIONS, lowered to what the open-files limit allows) and per client address (0: no cap).",
+            [("total", &self.limits[0]), ("per_ip", &self.limits[1])]
+                .map(|(scope, v)| (format!("scope=\"{scope}\""), v.load(Relaxed))),
+        );
+        family(
+            &mut out,
+            "mergen_forwarder_accept_pauses_total",
+            "counter",
+            "Times a worker stopped accepting for a while because the process was out of file descriptors or memory.",
+        );
+        let _ = writeln!(
+            out,
+            "mergen_forwarder_accept_pauses_total {}",
+            self.accept_pauses.load(Relaxed)
         );
         self.dial.render(
             &mut out,

@@ -10,11 +10,12 @@ use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use inotify::{Inotify, Watches};
+use inotify::{EventMask, EventOwned, Inotify, WatchDescriptor, WatchMask, Watches};
 use mergen_model::RouteMeta;
 use mergen_watch::{is_candidate, read_changed, Read, Stamp, VmDirs};
 use time::OffsetDateTime;
@@ -93,10 +94,28 @@ impl Namespace {
     }
 }
 
+/// Which namespace a namespace file names: the device and inode of the nsfs file bound
+/// there. It changes when the namespace is deleted (no file) or replaced by another.
+pub type NsIdentity = (u64, u64);
+
+impl Namespace {
+    /// What the namespace file names now; `None` for no file (or no namespace file).
+    pub fn identity(&self) -> Option<NsIdentity> {
+        match self {
+            Namespace::File(path) => {
+                let st = rustix::fs::stat(&**path).ok()?;
+                Some((st.st_dev, st.st_ino))
+            }
+            Namespace::Host | Namespace::Invalid(_) => None,
+        }
+    }
+}
+
 /// One consistent view of the routing table.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     aliases: HashMap<Arc<str>, Arc<Route>>,
+    by_id: HashMap<String, Arc<Route>>,
     /// Oldest first (ties broken by id), as the raw listener wants.
     ordered: Vec<Arc<Route>>,
     prefix: String,
@@ -118,6 +137,11 @@ impl Snapshot {
 
     pub fn len(&self) -> usize {
         self.ordered.len()
+    }
+
+    /// The VM with this id, as it routes now.
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Route>> {
+        self.by_id.get(id)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,8 +167,13 @@ impl Snapshot {
                     .or_insert_with(|| Arc::clone(&entry.route));
             }
         }
+        let by_id = ordered
+            .iter()
+            .map(|e| (e.route.id.clone(), Arc::clone(&e.route)))
+            .collect();
         Snapshot {
             aliases,
+            by_id,
             ordered: ordered.into_iter().map(|e| Arc::clone(&e.route)).collect(),
             prefix: prefix.to_string(),
             suffix: suffix.to_string(),
@@ -327,14 +356,35 @@ struct Shared {
     entries: Mutex<BTreeMap<String, Entry>>,
     /// Told about every new snapshot (see [`Resolver::subscribe`]).
     subscribers: Mutex<Vec<mpsc::Sender<Arc<Snapshot>>>>,
+    /// Bumped whenever a VM may have gone away: a new snapshot, an event in a directory
+    /// of namespace files, a full rescan (see [`Resolver::generation`]).
+    generation: AtomicU64,
 }
 
 impl Shared {
     fn publish(&self, entries: &BTreeMap<String, Entry>) {
         let snap = Arc::new(Snapshot::build(entries, &self.prefix, &self.suffix));
         self.current.store(Arc::clone(&snap));
+        self.changed();
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subscribers.retain(|s| s.send(Arc::clone(&snap)).is_ok());
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The directories holding the namespace files of the VMs known now.
+    fn namespace_dirs(&self) -> HashSet<PathBuf> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .values()
+            .filter_map(|e| match &e.route.netns {
+                Namespace::File(path) => Path::new(&**path).parent().map(Path::to_path_buf),
+                Namespace::Host | Namespace::Invalid(_) => None,
+            })
+            .filter(|dir| dir != &self.root)
+            .collect()
     }
 
     /// Re-read the whole root; files whose stamp did not change are not read again.
@@ -398,6 +448,10 @@ impl Shared {
         *entries = next;
         if changed {
             self.publish(&entries);
+        } else {
+            // Nothing the files say changed; what the namespace files name may have,
+            // unseen by inotify (a namespace mounted over another): look again.
+            self.changed();
         }
     }
 
@@ -460,6 +514,7 @@ impl Resolver {
             prefix,
             suffix,
             entries: Mutex::new(BTreeMap::new()),
+            generation: AtomicU64::new(0),
         });
         Resolver { shared }
     }
@@ -481,6 +536,15 @@ impl Resolver {
         rx
     }
 
+    /// A number that changes whenever a VM may have gone away: a new routing table,
+    /// a namespace file created, removed or renamed, the periodic rescan. Whoever holds
+    /// connections to VMs compares it to the last one it saw (one atomic load), and on
+    /// a change checks that each connection's VM still routes the same way and that
+    /// its namespace file still names the namespace it was dialed in.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
     /// A synchronous full rescan.
     pub fn reload(&self) {
         self.shared.full_rescan(None);
@@ -493,32 +557,94 @@ impl Resolver {
         let inotify = Inotify::init()?;
         let weak = Arc::downgrade(&self.shared);
         let mut dirs = VmDirs::new(&self.shared.root);
+        let mut ns_dirs = NsDirs::default();
         // Whatever changed since the last load is read again, every directory watched
         // first.
         self.shared
             .full_rescan(Some((&mut dirs, &mut inotify.watches())));
+        ns_dirs.watch(&mut inotify.watches(), &self.shared);
         let mut next_rescan = Instant::now() + ttl;
         watch::spawn("fwd-resolver", inotify, None, move |watches, wake| {
             let shared = weak.upgrade()?;
             let mut rescan = false;
-            if let Wake::Files { events, lost } = wake {
+            let mut namespaces = false;
+            if let Wake::Files { mut events, lost } = wake {
+                namespaces = ns_dirs.take(&mut events);
                 let changes = dirs.apply(watches, events, lost);
                 if changes.rescan {
                     rescan = true;
                 } else if !changes.dirs.is_empty() {
                     shared.rescan_dirs(changes.dirs.iter().map(String::as_str));
+                    // A new VM may keep its namespace somewhere not watched yet.
+                    ns_dirs.watch(watches, &shared);
                 }
             }
             let now = Instant::now();
             if rescan || now >= next_rescan {
                 shared.full_rescan(Some((&mut dirs, watches)));
+                ns_dirs.watch(watches, &shared);
                 next_rescan = Instant::now() + ttl;
+            }
+            if namespaces {
+                shared.changed();
             }
             Some(next_rescan.saturating_duration_since(now))
         })
     }
 }
 
+/// The directories of the known VMs' namespace files (`/run/netns`), watched: a
+/// namespace deleted or made there may end connections to its VM (see
+/// [`Resolver::generation`]). The VM directories themselves are [`VmDirs`]'.
+#[derive(Default)]
+struct NsDirs {
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+}
+
+impl NsDirs {
+    fn mask() -> WatchMask {
+        WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::ONLYDIR
+    }
+
+    /// Watch the directories of the known VMs' namespace files not watched yet. One
+    /// that does not exist yet (no namespace was ever made) is tried again later; the
+    /// periodic rescan covers the meantime.
+    fn watch(&mut self, watches: &mut Watches, shared: &Shared) {
+        for dir in shared.namespace_dirs() {
+            if self.dirs.values().any(|d| d == &dir) {
+                continue;
+            }
+            match watches.add(&dir, Self::mask()) {
+                Ok(wd) => {
+                    self.dirs.insert(wd, dir);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    log::debug!(dir = dir.display().to_string(), error = e.to_string(); "cannot watch a namespace directory")
+                }
+            }
+        }
+    }
+
+    /// Take the events of namespace directories out of `events`; whether there were any.
+    fn take(&mut self, events: &mut Vec<EventOwned>) -> bool {
+        let before = events.len();
+        events.retain(|ev| {
+            if !self.dirs.contains_key(&ev.wd) {
+                return true;
+            }
+            if ev.mask.contains(EventMask::IGNORED) {
+                self.dirs.remove(&ev.wd);
+            }
+            false
+        });
+        events.len() != before
+    }
+}
 #[cfg(test)]
 mod tests {
 
@@ -1116,5 +1242,48 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(1)).is_err(),
             "closed with the resolver"
         );
+    }
+
+    /// A namespace file created or removed where the VMs keep theirs changes the
+    /// generation at once (the workers then check their connections); so does a new
+    /// routing table. `by_id` finds each VM as it routes now.
+    #[test]
+    fn namespace_events_and_new_tables_change_the_generation() {
+        let root = temp_dir();
+        let ns_dir = temp_dir();
+        let ns_file = ns_dir.path().join("vm-one");
+        fs::write(&ns_file, b"").unwrap();
+        let dir = root.path().join(id(1));
+        fs::create_dir_all(&dir).unwrap();
+        let mut meta = meta_json(1, 0, json!({"app": "one"}), json!({}));
+        meta["netns"] = json!(ns_file.to_str().unwrap());
+        mergen_model::atomic::write_json(&dir.join(META_FILE), &meta).unwrap();
+        let r = resolver(root.path(), "", "localhost");
+        r.start_watching(Duration::from_secs(3600)).unwrap();
+        let route = Arc::clone(r.snapshot().by_id(&id(1)).expect("by id"));
+        assert!(route.netns.identity().is_some());
+        assert!(r.snapshot().by_id(&id(2)).is_none());
+
+        let g = r.generation();
+        fs::remove_file(&ns_file).unwrap();
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a namespace removed"
+        );
+        assert_eq!(route.netns.identity(), None);
+        let g = r.generation();
+        fs::write(&ns_file, b"").unwrap();
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a namespace made"
+        );
+        assert!(route.netns.identity().is_some());
+        let g = r.generation();
+        write_vm(root.path(), 2, 1, json!({"app": "two"}), json!({}));
+        assert!(
+            eventually(Duration::from_secs(1), || r.generation() != g),
+            "a new table"
+        );
+        assert!(r.snapshot().by_id(&id(2)).is_some());
     }
 }

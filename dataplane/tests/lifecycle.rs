@@ -229,6 +229,7 @@ fn help_lists_every_setting() {
         "FWD_RESOLVER_CACHE_TTL_SECONDS",
         "FWD_SHUTDOWN_TIMEOUT_SECONDS",
         "FWD_MAX_CONNECTIONS",
+        "FWD_MAX_CONNECTIONS_PER_IP",
         "FWD_WORKERS",
         "FWD_ADMIN_ADDR",
         "FWD_LOG_LEVEL",

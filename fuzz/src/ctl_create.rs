@@ -22,8 +22,9 @@ use mergen_ctl::request::{
 use mergen_model::{HookType, Meta, HOOK_EVENTS};
 
 /// The image root the checks allow, made once per process: `rootfs.ext4`, `vmlinux`
-/// and `data.ext4` in it, a directory, and a symlink that escapes it. Seeds name
-/// these files under `/tmp/mergen-fuzz-images`.
+/// and `data.ext4` in it, a directory, an `image` directory holding what a
+/// mergen-image `rootfs/` must (a `process.root`), and a symlink that escapes it.
+/// Seeds name these files under `/tmp/mergen-fuzz-images`.
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
@@ -32,6 +33,11 @@ fn images() -> &'static Images {
         for name in ["rootfs.ext4", "vmlinux", "data.ext4"] {
             fs::write(dir.join(name), name).expect("writing an image");
         }
+        fs::create_dir_all(dir.join("image/sbin")).expect("making an image rootfs");
+        fs::create_dir_all(dir.join("image/etc/mergen")).expect("making an image rootfs");
+        fs::write(dir.join("image/sbin/init"), "init").expect("writing an image's init");
+        fs::write(dir.join("image/etc/mergen/image-meta.json"), "{}")
+            .expect("writing an image's metadata");
         match std::os::unix::fs::symlink("/etc/passwd", dir.join("escape")) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                 panic!("making the escaping symlink: {e}")
@@ -97,7 +103,30 @@ fn check_images(req: &CreateRequest, roots: &[PathBuf]) {
         req.process.is_some() || !req.rootfs.is_empty(),
         "neither images nor a process"
     );
-    if let Some(p) = &req.process {
+    if let Some(root) = req.process.as_ref().and_then(|p| p.root.as_ref()) {
+        // An image's rootfs: its own start command, env and working dir apply.
+        let p = req.process.as_ref().expect("a process");
+        assert!(
+            p.cmd.is_empty() && p.env.is_empty() && p.workdir.is_none(),
+            "process.root with a command, env or workdir of its own"
+        );
+        assert!(
+            Path::new(root).is_absolute(),
+            "process.root {root:?} is relative"
+        );
+        let canon = fs::canonicalize(root).expect("an accepted process.root exists");
+        assert!(
+            roots.iter().any(|r| canon.starts_with(r)),
+            "process.root {root:?} is outside the image roots"
+        );
+        assert!(canon.is_dir(), "process.root {root:?} is not a directory");
+        for file in ["sbin/init", "etc/mergen/image-meta.json"] {
+            assert!(
+                canon.join(file).is_file(),
+                "process.root {root:?} has no /{file}"
+            );
+        }
+    } else if let Some(p) = &req.process {
         assert!(
             p.cmd.first().is_some_and(|c| !c.is_empty()),
             "process without a command"

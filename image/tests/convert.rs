@@ -7,12 +7,13 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::registry::{Auth, Registry};
 use common::*;
-use mergen_testkit::{require_root, TempDir};
+use mergen_testkit::{init_in_namespaces, require_root, wait_for, ChildGuard, TempDir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -683,25 +684,21 @@ fn converted_rootfs_runs_its_command_under_mergen_init() {
         s(&out),
     ]));
     let root = out.join("rootfs");
-    // New PID, mount, UTS and network namespaces; the rootfs bind-mounted onto itself so
-    // it is a mount point init can make private, then chroot + /sbin/init as PID 1.
-    let run = Command::new("unshare")
-        .args([
-            "--pid", "--fork", "--mount", "--uts", "--net", "--", "sh", "-c",
-        ])
-        .arg(r#"mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
-        .args(["sh", s(&root)])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(
-        run.status.code(),
-        Some(7),
-        "stdout: {stdout}\nstderr: {stderr}"
+    // Init as PID 1 of its own namespaces; guarded with a deadline: a hung or failed
+    // boot fails and takes the namespace with it.
+    let (out_file, err_file) = (tmp.join("boot.out"), tmp.join("boot.err"));
+    let mut boot = ChildGuard::spawn(
+        init_in_namespaces(&root, "")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_file).unwrap())
+            .stderr(fs::File::create(&err_file).unwrap()),
     );
+    let status = wait_for("the booted rootfs to exit", Duration::from_secs(30), || {
+        boot.0.try_wait().unwrap()
+    });
+    let stdout = fs::read_to_string(&out_file).unwrap_or_default();
+    let stderr = fs::read_to_string(&err_file).unwrap_or_default();
+    assert_eq!(status.code(), Some(7), "stdout: {stdout}\nstderr: {stderr}");
     assert!(
         stdout.contains("hello from /data as 1000:1000 groups"),
         "{stdout}\n{stderr}"
@@ -711,4 +708,141 @@ fn converted_rootfs_runs_its_command_under_mergen_init() {
         groups.contains("1000") && groups.contains("33"),
         "supplementary groups: {stdout}"
     );
+}
+
+/// A layout holding one multi-platform image named `tag`: an image index listing an
+/// arm64 and an amd64 image (in that order), each with a file `/arch` naming it.
+fn write_multi_platform_layout(dir: &Path, tag: &str) {
+    let index_mt = "application/vnd.oci.image.index.v1+json";
+    let mut entries = Vec::new();
+    for arch in ["arm64", "amd64"] {
+        let text = format!("{arch}\n");
+        let layers = [Layer::gzip(layer_tar(&[E::File(
+            "arch",
+            0o644,
+            text.as_bytes(),
+        )]))];
+        let config = serde_json::json!({
+            "created": CREATED, "architecture": arch, "os": "linux",
+            "config": {"Cmd": ["/bin/sh"], "ExposedPorts": {"8080/tcp": {}}}
+        });
+        mergen_testkit::oci::write_layout(dir, arch, &layers, CONFIG_MT, config);
+        // write_layout's index names the image just written: keep its descriptor.
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let mut desc = index["manifests"][0].clone();
+        desc.as_object_mut().unwrap().remove("annotations");
+        desc["platform"] = serde_json::json!({"architecture": arch, "os": "linux"});
+        entries.push(desc);
+    }
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": index_mt, "manifests": entries
+    }))
+    .unwrap();
+    let digest = sha(&nested);
+    fs::write(
+        dir.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+        &nested,
+    )
+    .unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": index_mt, "digest": digest, "size": nested.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag}
+        }]
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+}
+
+/// A manifest list through the real registry: the platform asked for (linux/amd64 by
+/// default) is the one converted, another platform is refused by name, and a
+/// platform the list lacks is a clear error. Also what the flags and the progress
+/// line promise: `--name` names the default output dir, `--size-mib` sizes the ext4,
+/// and a pull without `--quiet` reports layers and bytes.
+#[test]
+fn a_manifest_list_is_resolved_to_the_platform_asked_for() {
+    require_root!();
+    if !require(
+        "a_manifest_list_is_resolved_to_the_platform_asked_for",
+        &["docker-registry", "skopeo", "mkfs.ext4"],
+    ) {
+        return;
+    }
+    let tmp = TempDir::new("image-multi");
+    let layout = tmp.join("layout");
+    write_multi_platform_layout(&layout, "v1");
+    let reg = Registry::start(Auth::Token);
+    reg.push(&format!("oci:{}:v1", s(&layout)), "multi/img:v1", None);
+    let reference = format!("{}/multi/img:v1", reg.host);
+
+    // The default platform, by --name into ./artifacts/converter/<name>, with progress.
+    let run = Command::new(env!("CARGO_BIN_EXE_mergen-image"))
+        .args(["build", "--image", &reference, "--name", "web"])
+        .args(["--size-mib", "80", "--ca-file", s(&reg.ca)])
+        .current_dir(tmp.path())
+        .env("MERGEN_INIT_BIN", static_init())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pulling") && stderr.contains("layers 1/1"),
+        "no progress line: {stderr}"
+    );
+    let out = tmp.join("artifacts/converter/web");
+    assert_eq!(fs::read(out.join("rootfs/arch")).unwrap(), b"amd64\n");
+    assert_eq!(
+        fs::metadata(out.join("rootfs.ext4")).unwrap().len(),
+        80 << 20,
+        "--size-mib 80"
+    );
+    // The same from the layout, no network.
+    let from_layout = tmp.join("from-layout");
+    ok(&convert(&[
+        "--from-oci-dir",
+        s(&layout),
+        "--image",
+        "v1",
+        "--output-dir",
+        s(&from_layout),
+    ]));
+    assert_eq!(
+        fs::read(from_layout.join("rootfs/arch")).unwrap(),
+        b"amd64\n"
+    );
+
+    // arm64 is in the list and is the image chosen: our x86-64 init cannot boot it.
+    let arm = tmp.join("arm");
+    let err = fails(&convert(&[
+        "--image",
+        &reference,
+        "--platform",
+        "linux/arm64",
+        "--output-dir",
+        s(&arm),
+        "--ca-file",
+        s(&reg.ca),
+    ]));
+    assert!(err.contains("the image is arm64"), "{err}");
+    assert_nothing_written(&arm);
+    let s390 = tmp.join("s390x");
+    let err = fails(&convert(&[
+        "--image",
+        &reference,
+        "--platform",
+        "linux/s390x",
+        "--output-dir",
+        s(&s390),
+        "--ca-file",
+        s(&reg.ca),
+    ]));
+    assert!(
+        err.contains("no image for platform linux/s390x")
+            && err.contains("linux/arm64")
+            && err.contains("linux/amd64"),
+        "{err}"
+    );
+    assert_nothing_written(&s390);
 }

@@ -6,38 +6,23 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mergen_testkit::{require_root, ChildGuard, TempDir};
+use mergen_testkit::{
+    busybox_rootfs, first_child, have_busybox, init_in_namespaces, require_root, ChildGuard,
+    TempDir,
+};
 use rustix::process::Signal;
-
-/// The static mergen-init, built by init/build-static.sh (once per test binary).
-fn static_init() -> PathBuf {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-static.sh");
-        let out = Command::new(&script)
-            .output()
-            .expect("running build-static.sh");
-        assert!(
-            out.status.success(),
-            "build-static.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
-}
 
 const SCRIPT: &str = r#"
 trap 'echo got-TERM; exit 42' TERM
 echo "env=$GREETING pwd=$(pwd) id=$(id -u):$(id -g) groups=$(id -G) home=$HOME host=$(hostname)"
 ip -4 addr show eth0 | grep -q '10.9.0.2/24' && echo net-ok
 ip route | grep -q 'default via 10.9.0.1' && echo route-ok
+ip link show lo | grep -q 'LOOPBACK,UP' && echo lo-ok
 orphan=$(sh -c 'sleep 0.3 >/dev/null & echo $!')
 i=0
 while [ $i -lt 100 ] && [ -e /proc/$orphan ]; do sleep 0.05; i=$((i+1)); done
@@ -49,59 +34,41 @@ while :; do sleep 0.05; done
 /// A rootfs with busybox, users and groups, mergen-init and its metadata.
 fn rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
-    for d in ["bin", "sbin", "etc/mergen", "work"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "echo", "id", "pwd", "sleep", "grep", "hostname", "ip", "true",
-    ] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::copy(static_init(), root.join("sbin/init")).unwrap();
-    fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-    )
-    .unwrap();
-    fs::write(
-        root.join("etc/group"),
-        "root:x:0:\napp:x:1000:\nwww:x:33:app\n",
-    )
-    .unwrap();
     let meta = serde_json::json!({
         "image": "test", "entrypoint": ["/bin/sh", "-c"], "cmd": [SCRIPT],
         "env": ["GREETING=hello", "PATH=/bin"], "workingDir": "/work", "user": "app"
     });
-    fs::write(root.join("etc/mergen/image-meta.json"), meta.to_string()).unwrap();
+    busybox_rootfs(
+        &root,
+        &[
+            "sh", "echo", "id", "pwd", "sleep", "grep", "hostname", "ip", "true",
+        ],
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        "root:x:0:\napp:x:1000:\nwww:x:33:app\n",
+        &meta.to_string(),
+    );
     root
-}
-
-/// The host pid of unshare's child (the namespace's PID 1).
-fn child_of(pid: i32) -> Option<i32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
 }
 
 #[test]
 fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     require_root!();
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("SKIP: needs busybox-static (scripts/test.sh installs it)");
+    if !have_busybox() {
         return;
     }
     let tmp = TempDir::new("init-pid1");
     let root = rootfs(tmp.path());
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount", "--uts", "--net", "--", "sh", "-c"])
-        .arg(r#"ip link add eth0 type veth peer name peer0 && ip link set peer0 up && mount --bind "$1" "$1" && exec chroot "$1" /sbin/init"#)
-        .arg("sh")
-        .arg(&root)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("MERGEN_INIT_CMDLINE", "console=ttyS0 ip=10.9.0.2::10.9.0.1:255.255.255.0:guest1:eth0:off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // Guarded: a failing test's SIGKILL to unshare takes the namespace with it.
+    let mut cmd = init_in_namespaces(
+        &root,
+        "ip link add eth0 type veth peer name peer0 && ip link set peer0 up",
+    );
+    cmd.env(
+        "MERGEN_INIT_CMDLINE",
+        "console=ttyS0 ip=10.9.0.2::10.9.0.1:255.255.255.0:guest1:eth0:off",
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut guard = ChildGuard::spawn(&mut cmd);
     let stdout = guard.0.stdout.take().unwrap();
     let stderr = guard.0.stderr.take().unwrap();
@@ -122,7 +89,7 @@ fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     }
     let unshare_pid = guard.pid();
     let init_pid = mergen_testkit::wait_for("init's pid", Duration::from_secs(5), || {
-        child_of(unshare_pid)
+        first_child(unshare_pid as u32).map(|p| p as i32)
     });
     // SIGTERM to PID 1, from outside its namespace: init must pass it on.
     rustix::process::kill_process(
@@ -148,7 +115,7 @@ fn pid1_in_a_namespace_runs_forwards_reaps_and_exits_with_the_code() {
     assert_eq!(groups, ["1000", "33"], "{all}");
     assert!(all.contains("home=/home/app host=guest1"), "{all}");
     assert!(
-        all.contains("net-ok") && all.contains("route-ok"),
+        all.contains("net-ok") && all.contains("route-ok") && all.contains("lo-ok"),
         "network from ip=: {all}\n{err}"
     );
     assert!(all.contains("reaped"), "orphan not reaped: {all}");

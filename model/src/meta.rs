@@ -338,15 +338,24 @@ pub struct HookSpec {
     pub strict: bool,
 }
 
-/// The guest of a process-runtime VM: a command run inside the VM's namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The guest of a process-runtime VM: a command run inside the VM's namespace, or,
+/// with `root`, an image converted by `mergen-image` booted as a VM boots it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessSpec {
+    /// The command (without `root`). Omitted when empty, so files written before
+    /// `root` existed (which always have one) read and write back the same bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cmd: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// The `rootfs/` directory of a `mergen-image` output: its own `/sbin/init`
+    /// (mergen-init) runs chrooted there as PID 1 of new PID, mount and UTS namespaces,
+    /// and starts the image's command as it would in a Firecracker VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 #[cfg(test)]
@@ -584,6 +593,23 @@ mod tests {
             assert!(w.contains(needle), "{needle} in {w}");
         }
         assert_eq!(read_hooks(serde_json::json!([1])).warnings.len(), 1);
+    }
+
+    /// `process` as mergend wrote it before `root` existed reads and writes back byte
+    /// for byte; a `root` guest has no `cmd` in the file.
+    #[test]
+    fn process_spec_round_trips_with_and_without_root() {
+        let old = r#"{"cmd":["sleep","1"],"env":{"A":"b"},"workdir":"/srv"}"#;
+        let spec: ProcessSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.root, None);
+        assert_eq!(serde_json::to_string(&spec).unwrap(), old);
+        let image = ProcessSpec {
+            root: Some("/var/lib/mergen/images/nginx/rootfs".into()),
+            ..ProcessSpec::default()
+        };
+        let text = serde_json::to_string(&image).unwrap();
+        assert_eq!(text, r#"{"root":"/var/lib/mergen/images/nginx/rootfs"}"#);
+        assert_eq!(serde_json::from_str::<ProcessSpec>(&text).unwrap(), image);
     }
 
     /// The later original's `httpPort`: read by both views, and a value no port can

@@ -8,13 +8,18 @@ use std::process::ExitCode;
 use crate::config::RuntimeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{self, GuestKind};
-use crate::{smoke, state, steps, supervise};
+use crate::{contain, smoke, state, steps, supervise};
 
-const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>\n       mergend vm smoke-test --rootfs FILE --kernel FILE [--keep-run-dir] (--help for more)";
+const USAGE: &str = "usage: mergend vm <net-setup|run|jailer-start|contain|configure-start|graceful-stop|net-cleanup> <id>\n       mergend supervise <id>\n       mergend vm smoke-test --rootfs FILE --kernel FILE [--keep-run-dir] (--help for more)";
 
 /// Entry point for the runtime subcommands; `args` excludes the program name.
 pub fn main(args: &[String]) -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The image's init-to-be: PID 1 of a fresh PID namespace, with an environment meant
+    // for init alone (no settings, no logging of ours).
+    if let ["vm", contain::INIT_STEP, launcher, root] = args.as_slice() {
+        return contain::become_init(launcher, root);
+    }
     // Same logging settings as mergend: a supervisor's lines land in its supervisor.log,
     // a unit's in the journal.
     let (level, format) = crate::config::step_log_settings(|k| std::env::var(k).ok());
@@ -40,6 +45,13 @@ pub fn main(args: &[String]) -> ExitCode {
             }
         }
         ["supervise", id] => supervise::run(&config, id),
+        // The guest of an image VM: it exits with its init's code.
+        ["vm", contain::STEP, id] => {
+            return match contain::launch(&config, id) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => fail(&format!("{}: {e}", args.join(" "))),
+            }
+        }
         ["vm", step, id] => vm_step(&config, step, id),
         _ => {
             eprintln!("{USAGE}");

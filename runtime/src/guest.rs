@@ -6,10 +6,10 @@ use std::process::Command;
 use mergen_model::{names, Meta};
 
 use crate::config::{RuntimeChoice, RuntimeConfig};
-use crate::envfile;
 use crate::error::{Error, Result};
 use crate::firecracker;
 use crate::netplan::GuestLink;
+use crate::{contain, envfile};
 
 /// The search path a guest gets unless its env file or `process.env` sets one: systemd's
 /// default for services, so a guest sees the same under either supervisor.
@@ -18,7 +18,8 @@ pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestKind {
     Firecracker,
-    /// `meta.process.cmd` run inside the VM's namespace, on the guest IP.
+    /// `meta.process.cmd` run inside the VM's namespace, on the guest IP; or the image
+    /// at `meta.process.root` booted there by its own init ([`crate::contain`]).
     Process,
 }
 
@@ -48,15 +49,30 @@ impl GuestKind {
 /// VM's namespace through `ip netns exec` (which execs it: the pid stays the guest's).
 /// Either way its environment is [`environment`] and nothing else: whatever the caller
 /// (mergend, a supervisor, a unit) holds, such as `MGR_API_TOKEN`, stays out.
+///
+/// A process spec with `root` is an image booted by [`crate::contain`]: the launcher
+/// gets the runtime's own settings (it reads the VM's files) and gives the image's init
+/// none of them; the command gets the image's env, as in a Firecracker VM.
 pub fn command(kind: GuestKind, config: &RuntimeConfig, meta: &Meta) -> Result<Command> {
-    let env = environment(meta)?;
-    let mut cmd = match kind {
-        GuestKind::Firecracker => firecracker::launch_command(config, meta)?,
-        GuestKind::Process => {
-            let spec = meta
-                .process
+    let spec = match kind {
+        GuestKind::Firecracker => None,
+        GuestKind::Process => Some(
+            meta.process
                 .as_ref()
-                .ok_or_else(|| Error::Invalid(format!("VM {} has no process spec", meta.id)))?;
+                .ok_or_else(|| Error::Invalid(format!("VM {} has no process spec", meta.id)))?,
+        ),
+    };
+    if spec.is_some_and(|s| s.root.is_some()) {
+        let mut cmd = contain::command(config, &meta.id);
+        cmd.env_clear()
+            .envs(config.to_env())
+            .env("PATH", GUEST_PATH);
+        return Ok(cmd);
+    }
+    let env = environment(meta)?;
+    let mut cmd = match spec {
+        None => firecracker::launch_command(config, meta)?,
+        Some(spec) => {
             let Some((program, args)) = spec.cmd.split_first() else {
                 return Err(Error::Invalid(format!(
                     "VM {}: process.cmd is empty",

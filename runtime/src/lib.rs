@@ -11,6 +11,7 @@
 pub mod cli;
 mod command;
 pub mod config;
+pub mod contain;
 pub mod embedded;
 pub mod envfile;
 pub mod error;

@@ -7,6 +7,7 @@
 //! points at it), dispatching those arguments to `mergen_runtime::cli::main` exactly as
 //! mergend does.
 
+mod contain;
 mod security;
 mod support;
 
@@ -16,6 +17,11 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::Duration;
 
+use contain::{
+    a_killed_launcher_takes_the_whole_image_guest_with_it,
+    an_image_guest_gets_sigterm_however_early_it_comes,
+    an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code,
+};
 use mergen_model::{atomic, names, Meta, PortBinding, ProcessSpec, Protocol};
 use mergen_runtime::embedded::EmbeddedSupervisor;
 use mergen_runtime::fc_api::FcClient;
@@ -64,6 +70,9 @@ const TESTS: &[(&str, TestFn)] = tests![
     supervisors_and_guests_get_no_secret_from_mergends_environment,
     smoke_test_configures_firecracker_as_a_launch_does_reaches_the_guest_and_cleans_up,
     smoke_test_cleans_up_when_the_guest_never_answers_or_it_is_interrupted,
+    an_image_guest_runs_its_command_as_in_a_vm_and_exits_with_its_code,
+    an_image_guest_gets_sigterm_however_early_it_comes,
+    a_killed_launcher_takes_the_whole_image_guest_with_it,
 ];
 
 fn main() -> ExitCode {
@@ -264,6 +273,7 @@ fn process(cmd: &[&str]) -> ProcessSpec {
         cmd: cmd.iter().map(|a| a.to_string()).collect(),
         env: BTreeMap::new(),
         workdir: None,
+        root: None,
     }
 }
 
@@ -281,6 +291,7 @@ fn http_server(ip: &str, port: u16, dir: &Path, www: &Path) -> ProcessSpec {
         cmd: nginx::guest_argv(dir, &format!("{ip}:{port}"), www),
         env: BTreeMap::new(),
         workdir: Some(dir.to_string_lossy().into_owned()),
+        root: None,
     }
 }
 
@@ -1364,6 +1375,9 @@ fn step_subcommands_reject_bad_input_with_clear_errors() {
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown step \"reboot\""), "{err}");
     let (code, err) = run(&["vm", "net-setup", "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("meta.json"), "{err}");
+    let (code, err) = run(&["vm", "contain", "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("meta.json"), "{err}");
     let (code, err) = run(&["vm"]);

@@ -10,9 +10,12 @@
 
 mod child;
 mod cmd;
+mod guest_init;
 mod names;
 mod net;
 pub mod nginx;
+#[cfg(feature = "oci")]
+pub mod oci;
 mod process;
 mod rng;
 mod root;
@@ -23,9 +26,10 @@ mod wait;
 
 pub use child::ChildGuard;
 pub use cmd::{curl_get, run_out};
+pub use guest_init::{busybox_rootfs, have_busybox, init_in_namespaces, static_init};
 pub use names::{next, unique_name};
 pub use net::{connect_from, free_port};
-pub use process::running;
+pub use process::{first_child, mounts_naming, running};
 pub use rng::XorShift;
 pub use root::{is_root, skip_unless_root};
 pub use tempdir::TempDir;

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use mergen_testkit::{
-    eventually, poll, running, unique_name, wait_for, ChildGuard, TempDir, XorShift,
+    eventually, first_child, mounts_naming, poll, running, unique_name, wait_for, ChildGuard,
+    TempDir, XorShift,
 };
 
 #[test]
@@ -105,4 +106,28 @@ fn temp_dir_can_live_under_another_base() {
     let base = TempDir::new("testkit-base");
     let dir = TempDir::new_in(base.path(), "inner");
     assert_eq!(dir.path().parent(), Some(base.path()));
+}
+
+#[test]
+fn first_child_follows_a_chain_of_processes() {
+    // unshare → sleep, the sleep killed by the kernel when unshare dies (--kill-child
+    // is PR_SET_PDEATHSIG), so the guard's SIGKILL takes both.
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--fork", "--kill-child", "sleep", "60"]);
+    let guard = ChildGuard::spawn(&mut cmd);
+    let sleep = wait_for("the sleep", Duration::from_secs(10), || {
+        first_child(guard.0.id()).filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == "sleep\n")
+        })
+    });
+    assert_eq!(first_child(sleep), None, "sleep has no child");
+    drop(guard);
+    assert!(eventually(Duration::from_secs(10), || !running(sleep)));
+}
+
+#[test]
+fn mounts_naming_finds_a_mount_point_and_not_a_plain_directory() {
+    assert!(!mounts_naming(std::path::Path::new("/proc")).is_empty());
+    let dir = TempDir::new("tk-mounts");
+    assert_eq!(mounts_naming(dir.path()), Vec::<String>::new());
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use mergen_testkit::{poll, TempDir};
 
+pub mod forwarder;
 pub mod hookserver;
 pub mod vms;
 

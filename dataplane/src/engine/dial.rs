@@ -29,6 +29,8 @@ pub enum DialError {
     ConnectTimeout,
     #[error("connect failed: {0}")]
     Connect(#[source] io::Error),
+    #[error("the VM went away (its route was removed or its namespace changed)")]
+    VmGone,
 }
 
 impl DialError {

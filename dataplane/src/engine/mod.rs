@@ -10,6 +10,7 @@
 //! events for a connection and the operations a connection asks for into ring
 //! submissions.
 
+mod admit;
 mod buffers;
 mod conn;
 mod connlog;
@@ -24,7 +25,7 @@ mod worker;
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,9 +33,11 @@ use std::time::{Duration, Instant};
 use ffi_free_netns::SocketPool;
 
 use crate::config::{Config, ListenerKind, ListenerSpec};
+use crate::limits::Caps;
 use crate::metrics::Metrics;
 use crate::resolver::{Resolver, Route};
 
+pub use admit::Admission;
 pub use conn::Timeouts;
 pub use connlog::ConnLog;
 pub use dial::DialError;
@@ -99,21 +102,25 @@ pub struct Shared {
     pub pool: SocketPool,
     pub metrics: Arc<Metrics>,
     pub log: ConnLog,
-    /// Connections open across all workers, for `max_connections`.
-    pub open: AtomicUsize,
+    /// The connection caps, and the connections open across all workers.
+    pub admission: Admission,
     stop: AtomicBool,
     drain_deadline: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Shared {
+    /// `caps`: the connection caps in force (`config`'s, fitted to the open-files
+    /// limit by [`Caps::fit`]).
     pub fn new(
         config: Config,
+        caps: Caps,
         listeners: Vec<Listener>,
         resolver: Arc<Resolver>,
         pool: SocketPool,
         metrics: Arc<Metrics>,
         log: ConnLog,
     ) -> Shared {
+        metrics.set_limits(caps.total, caps.per_ip);
         Shared {
             timeouts: Timeouts {
                 dial: config.dial_timeout,
@@ -126,7 +133,7 @@ impl Shared {
             pool,
             metrics,
             log,
-            open: AtomicUsize::new(0),
+            admission: Admission::new(caps),
             stop: AtomicBool::new(false),
             drain_deadline: std::sync::Mutex::new(None),
         }

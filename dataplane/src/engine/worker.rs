@@ -5,25 +5,32 @@
 //! [`Io`] the connection asks for in return. Dials that find their namespace's socket
 //! pool empty are parked here (never in the connection) and resumed when the pool
 //! signals the worker's eventfd.
+//!
+//! It also guards the process's limits: a connection over a cap is closed at once
+//! ([`Admission`]); when accepting fails for want of descriptors or memory, accepting
+//! pauses (10 ms doubling to 1 s, or until a connection closes) instead of failing in
+//! a tight loop; and when the resolver says a VM may have gone away, connections to
+//! it are ended ([`Event::VmGone`]).
 
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ffi_free_netns::Wake;
 use rustix::event::{eventfd, EventfdFlags};
 
-use super::conn::{Conn, Cx, Event, Io, Op, Side, BUF_LEN};
+use super::admit::{Admission, Place};
+use super::conn::{Addrs, Conn, Cx, Event, Io, Op, Side, BUF_LEN};
 use super::connlog::{ConnId, Record};
 use super::dial::{guest_socket, DialError};
 use super::listen::client_addrs;
 use super::ring::{Completion, Ring};
 use super::Shared;
+use crate::backoff::{self, Backoff, Throttle};
 use crate::metrics::Outcome;
-use crate::resolver::Route;
+use crate::resolver::{Namespace, NsIdentity, Route, Snapshot};
 
 /// How often timers and the stop flag are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -54,6 +61,11 @@ struct Slot {
     listener: usize,
     client: OwnedFd,
     guest: Option<OwnedFd>,
+    /// Its place under the connection caps.
+    place: Place,
+    /// What its VM's namespace file named when the guest socket was taken: the
+    /// connection ends when the file names another namespace, or none.
+    netns: Option<NsIdentity>,
 }
 
 impl Slot {
@@ -85,6 +97,16 @@ pub struct Worker {
     free_slots: Vec<u32>,
     live: usize,
     accepting: bool,
+    /// Per listener: its multishot accept is armed.
+    armed: Vec<bool>,
+    /// Accepting paused until then (out of descriptors or memory), or until a
+    /// connection closes, whichever comes first.
+    paused_until: Option<Instant>,
+    backoff: Backoff,
+    /// The warning about failing accepts: one line per interval.
+    accept_warning: Throttle,
+    /// The resolver's generation last looked at (see `Resolver::generation`).
+    routes_seen: u64,
     last_tick: Instant,
     /// Connection ids are `<worker>-<seq>`.
     next_seq: u64,
@@ -101,9 +123,10 @@ pub struct Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A worker that unwinds gives its connections' slots back to the global count.
-        self.shared.open.fetch_sub(self.live, Ordering::AcqRel);
-        self.conns.clear();
+        // A worker that unwinds gives its connections' places back.
+        for slot in self.conns.drain(..).flatten() {
+            self.shared.admission.release(slot.place);
+        }
     }
 }
 
@@ -119,6 +142,8 @@ impl Worker {
         for (i, fd) in listeners.iter().enumerate() {
             ring.accept_multi(fd.as_fd(), LISTENER_TOKEN | i as u32);
         }
+        let routes_seen = shared.resolver.generation();
+        let armed = vec![true; listeners.len()];
         let wake_fd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
         ring.poll_readable_multi(wake_fd.as_fd(), WAKE_TOKEN);
         let signal = Arc::clone(&wake_fd);
@@ -135,6 +160,11 @@ impl Worker {
             free_slots: Vec::new(),
             live: 0,
             accepting: true,
+            armed,
+            paused_until: None,
+            backoff: Backoff::accept(),
+            accept_warning: Throttle::new(backoff::WARN_INTERVAL),
+            routes_seen,
             last_tick: Instant::now(),
             next_seq: 0,
             reaped: Vec::new(),
@@ -150,12 +180,19 @@ impl Worker {
     pub fn run(&mut self) {
         loop {
             let mut reaped = std::mem::take(&mut self.reaped);
-            self.ring.run_once(TICK, &mut reaped);
+            // A pause shorter than a tick ends on time.
+            let wait = self.paused_until.map_or(TICK, |t| {
+                t.saturating_duration_since(Instant::now()).min(TICK)
+            });
+            self.ring.run_once(wait, &mut reaped);
             let now = Instant::now();
             for c in reaped.drain(..) {
                 self.dispatch(c, now);
             }
             self.reaped = reaped;
+            if self.paused_until.is_some_and(|t| now >= t) {
+                self.resume_accepting();
+            }
             if now.duration_since(self.last_tick) >= TICK {
                 self.last_tick = now;
                 if self.tick(now) {
@@ -193,23 +230,23 @@ impl Worker {
     fn on_accept(&mut self, c: Completion, now: Instant) {
         let listener = (c.token & !LISTENER_TOKEN) as usize;
         if !c.more {
-            if self.accepting {
-                if let Some(fd) = self.listeners.get(listener).and_then(Option::as_ref) {
-                    if c.result < 0 && c.result != -libc::ECANCELED {
-                        log::warn!(
-                            "accept on {} failed: {}",
-                            self.shared.listeners[listener].name,
-                            io::Error::from_raw_os_error(-c.result)
-                        );
-                    }
-                    self.ring.accept_multi(fd.as_fd(), c.token);
+            // The multishot accept ended (an error ends it).
+            if let Some(armed) = self.armed.get_mut(listener) {
+                *armed = false;
+            }
+            if !self.accepting {
+                if let Some(l) = self.listeners.get_mut(listener) {
+                    // Stopping: the accept is over, so the socket can close.
+                    *l = None;
                 }
-            } else if let Some(l) = self.listeners.get_mut(listener) {
-                // Stopping: the accept is over, so the socket can close.
-                *l = None;
+            } else if c.result < 0 && c.result != -libc::ECANCELED {
+                self.accept_failed(listener, -c.result, now);
+            } else {
+                self.arm(listener);
             }
         }
         let Some(client) = c.accepted else { return };
+        self.backoff.succeeded();
         let metrics = &self.shared.metrics;
         metrics.conn_opened(listener);
         // A PROXY header needs both addresses; a client gone before they could be read
@@ -221,10 +258,18 @@ impl Worker {
             },
             false => None,
         };
-        if !admit(self.accepting, &self.shared) {
-            metrics.conn_closed(listener, Outcome::Refused);
-            return;
-        }
+        let place = match self.accepting {
+            true => admit(&self.shared.admission, &client, addrs),
+            false => Err(Outcome::Refused),
+        };
+        let place = match place {
+            Ok(place) => place,
+            Err(outcome) => {
+                // Closed at once: `client` drops here.
+                metrics.conn_closed(listener, outcome);
+                return;
+            }
+        };
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
@@ -244,10 +289,73 @@ impl Worker {
             listener,
             client,
             guest: None,
+            place,
+            netns: None,
         });
         self.live += 1;
         self.carry_out(slot, now);
         self.reap(slot);
+    }
+
+    /// Start the multishot accept of `listener` again, unless it is armed or closed.
+    fn arm(&mut self, listener: usize) {
+        let Some(fd) = self.listeners.get(listener).and_then(Option::as_ref) else {
+            return;
+        };
+        if let Some(armed) = self.armed.get_mut(listener).filter(|a| !**a) {
+            *armed = true;
+            self.ring
+                .accept_multi(fd.as_fd(), LISTENER_TOKEN | listener as u32);
+        }
+    }
+
+    /// An accept failed with `errno`. Out of descriptors or memory, retrying at once
+    /// would fail again at once (the connection stays in the listen queue): accepting
+    /// pauses instead, on every listener of this worker, until the back-off delay
+    /// passes or a connection closes. Anything else (a connection aborted while
+    /// queued) is retried at once.
+    fn accept_failed(&mut self, listener: usize, errno: i32, now: Instant) {
+        let exhausted = matches!(
+            errno,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+        let paused = match (exhausted, self.paused_until) {
+            (false, _) => None,
+            // Already paused: this listener waits with the others.
+            (true, Some(_)) => return,
+            (true, None) => {
+                let wait = self.backoff.failed();
+                self.paused_until = Some(now + wait);
+                self.shared.metrics.accept_paused();
+                Some(wait)
+            }
+        };
+        if let Some(more) = self.accept_warning.hit(now) {
+            let error = io::Error::from_raw_os_error(errno);
+            let name = &self.shared.listeners[listener].name;
+            match paused {
+                Some(wait) => log::warn!(
+                    "accept on {name} failed: {error}; accepting paused for {wait:?} or until a connection closes ({} open, limit {}){}",
+                    self.shared.admission.open(),
+                    self.shared.admission.caps().total,
+                    backoff::more(more)
+                ),
+                None => log::warn!("accept on {name} failed: {error}{}", backoff::more(more)),
+            }
+        }
+        if paused.is_none() {
+            self.arm(listener);
+        }
+    }
+
+    /// End a pause in accepting: re-arm every listener whose accept ended.
+    fn resume_accepting(&mut self) {
+        self.paused_until = None;
+        if self.accepting {
+            for listener in 0..self.listeners.len() {
+                self.arm(listener);
+            }
+        }
     }
 
     /// The pool signalled: retry every parked dial (those still without a socket park
@@ -398,6 +506,14 @@ impl Worker {
             .and_then(Option::as_mut)?;
         match guest_socket(&self.shared.pool, &parked.route.netns, &self.wake) {
             Ok(Some(fd)) => {
+                // What the namespace file names now is what this socket was made in
+                // (the pool checks its file before each refill, and at least every
+                // second). No file any more: the socket is from a namespace that was
+                // deleted since, whose guest is gone or going.
+                s.netns = parked.route.netns.identity();
+                if s.netns.is_none() && matches!(parked.route.netns, Namespace::File(_)) {
+                    return Some(Event::DialFailed(DialError::VmGone));
+                }
                 let addr = SocketAddrV4::new(parked.route.guest_ip, parked.port);
                 // Parked time counts against the dial timeout.
                 let t = token(parked.slot, Op::Connect);
@@ -432,7 +548,39 @@ impl Worker {
             self.parked.retain(|p| p.slot != slot);
             self.free_slots.push(slot);
             self.live -= 1;
-            self.shared.open.fetch_sub(1, Ordering::AcqRel);
+            let Slot {
+                place,
+                client,
+                guest,
+                ..
+            } = s;
+            self.shared.admission.release(place);
+            // Its descriptors are free now: accepting may go on.
+            drop((client, guest));
+            if self.paused_until.is_some() {
+                self.resume_accepting();
+            }
+        }
+    }
+
+    /// The resolver saw something that may have taken a VM away: end the connections
+    /// whose VM no longer routes as they were routed, or whose namespace file no longer
+    /// names the namespace they were dialed in.
+    fn end_connections_to_gone_vms(&mut self, now: Instant) {
+        let snapshot = self.shared.resolver.snapshot();
+        // What each namespace file names now, looked up once per file.
+        let mut names: Vec<(Arc<str>, Option<NsIdentity>)> = Vec::new();
+        for slot in 0..self.conns.len() as u32 {
+            let gone = match self.conns[slot as usize].as_ref() {
+                Some(s) => s
+                    .conn
+                    .route()
+                    .is_some_and(|route| vm_gone(route, s.netns, &snapshot, &mut names)),
+                None => false,
+            };
+            if gone {
+                self.step(slot, now, Event::VmGone);
+            }
         }
     }
 
@@ -441,9 +589,18 @@ impl Worker {
         let stopping = self.shared.stopping();
         if stopping.is_some() && self.accepting {
             self.accepting = false;
-            for fd in self.listeners.iter().flatten() {
-                self.ring.cancel_fd(fd.as_raw_fd(), IGNORED_TOKEN);
+            for (fd, armed) in self.listeners.iter_mut().zip(&self.armed) {
+                match (fd.as_ref(), armed) {
+                    (Some(open), true) => self.ring.cancel_fd(open.as_raw_fd(), IGNORED_TOKEN),
+                    // No accept in flight (paused): nothing to wait for.
+                    _ => *fd = None,
+                }
             }
+        }
+        let generation = self.shared.resolver.generation();
+        if generation != self.routes_seen {
+            self.routes_seen = generation;
+            self.end_connections_to_gone_vms(now);
         }
         // Parked dials past their deadline fail.
         let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
@@ -486,18 +643,52 @@ fn context<'a>(
     }
 }
 
-/// Whether a new connection may stay: not while stopping, not past
-/// `FWD_MAX_CONNECTIONS` (counted across workers). Takes its place in the count.
-fn admit(accepting: bool, shared: &Shared) -> bool {
-    if !accepting {
-        return false;
+/// A place under the caps for `client`, counted by its peer address.
+fn admit(admission: &Admission, client: &OwnedFd, addrs: Option<Addrs>) -> Result<Place, Outcome> {
+    let peer = match (addrs, admission.caps().per_ip) {
+        (Some(addrs), _) => Some(addrs.client),
+        // Only the per-address cap needs it.
+        (None, Some(_)) => rustix::net::getpeername(client)
+            .ok()
+            .flatten()
+            .and_then(|a| std::net::SocketAddr::try_from(a).ok()),
+        (None, None) => None,
+    };
+    admission.admit(peer)
+}
+
+/// Whether the VM a connection was routed to (`route`, its namespace then naming
+/// `dialed`) went away according to `snapshot` and the namespace files now; `names`
+/// caches the files looked at.
+fn vm_gone(
+    route: &Route,
+    dialed: Option<NsIdentity>,
+    snapshot: &Snapshot,
+    names: &mut Vec<(Arc<str>, Option<NsIdentity>)>,
+) -> bool {
+    let Some(now) = snapshot.by_id(&route.id) else {
+        return true;
+    };
+    if now.guest_ip != route.guest_ip || now.netns != route.netns {
+        return true;
     }
-    let open = shared.open.fetch_add(1, Ordering::AcqRel);
-    if open >= shared.config.max_connections {
-        shared.open.fetch_sub(1, Ordering::AcqRel);
+    let Namespace::File(path) = &route.netns else {
         return false;
+    };
+    let current = match names.iter().find(|(p, _)| p == path) {
+        Some((_, identity)) => *identity,
+        None => {
+            let identity = route.netns.identity();
+            names.push((Arc::clone(path), identity));
+            identity
+        }
+    };
+    // `dialed` is `None` only before the guest socket was taken (a dial still parked):
+    // its namespace is gone when its file is.
+    match dialed {
+        Some(dialed) => current != Some(dialed),
+        None => current.is_none(),
     }
-    true
 }
 
 #[cfg(test)]
@@ -569,8 +760,14 @@ mod tests {
                 proxy_v2,
                 tls: None,
             };
+            let (caps, _) = crate::limits::Caps::fit(
+                config.max_connections,
+                config.max_connections_per_ip,
+                u64::MAX,
+            );
             let shared = Arc::new(Shared::new(
                 config,
+                caps,
                 vec![listener],
                 Arc::new(Resolver::new(Settings {
                     config_root: dir.path().to_path_buf(),

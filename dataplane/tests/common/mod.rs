@@ -81,8 +81,10 @@ impl Ns {
 
 impl Drop for Ns {
     fn drop(&mut self) {
+        // Quiet: a test may have deleted it already, as a VM's stop does.
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
+            .stderr(Stdio::null())
             .status();
     }
 }
@@ -294,6 +296,18 @@ impl Nginx {
     }
 }
 
+/// `FWD_LISTENERS` targets for guest ports: the kind each implies, except that guest
+/// port 22 is `raw` (the listen port is not 2022, which alone implies it).
+fn targets_of(listeners: &[u16]) -> Vec<String> {
+    listeners
+        .iter()
+        .map(|&guest| match guest {
+            22 => "22/raw".to_string(),
+            guest => guest.to_string(),
+        })
+        .collect()
+}
+
 /// A running forwarder with its own config root, certificate, ports and admin listener.
 pub struct Forwarder {
     pub child: ChildGuard,
@@ -313,6 +327,12 @@ impl Forwarder {
         Forwarder::start_with(listeners, extra_env, |_| {})
     }
 
+    /// Like `start`, with the open-files limit of the forwarder set to `nofile` (soft
+    /// and hard) before it starts, as `ulimit -n` in the shell that runs it would.
+    pub fn start_limited(listeners: &[u16], extra_env: &[(&str, &str)], nofile: u64) -> Forwarder {
+        Forwarder::launch(&targets_of(listeners), extra_env, |_| {}, Some(nofile))
+    }
+
     /// Like `start`, with `setup` given the config root before the forwarder starts
     /// (VMs written there are known at start-up, so their socket pools start cold).
     pub fn start_with(
@@ -320,15 +340,7 @@ impl Forwarder {
         extra_env: &[(&str, &str)],
         setup: impl FnOnce(&Path),
     ) -> Forwarder {
-        let targets: Vec<String> = listeners
-            .iter()
-            .map(|&guest| match guest {
-                22 => "22/raw".to_string(),
-                guest => guest.to_string(),
-            })
-            .collect();
-        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
-        Forwarder::start_targets(&targets, extra_env, setup)
+        Forwarder::launch(&targets_of(listeners), extra_env, setup, None)
     }
 
     /// `targets`: what follows `=` in `FWD_LISTENERS` (`443`, `8080/https+proxy-v2`);
@@ -337,6 +349,16 @@ impl Forwarder {
         targets: &[&str],
         extra_env: &[(&str, &str)],
         setup: impl FnOnce(&Path),
+    ) -> Forwarder {
+        let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        Forwarder::launch(&targets, extra_env, setup, None)
+    }
+
+    fn launch(
+        targets: &[String],
+        extra_env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+        nofile: Option<u64>,
     ) -> Forwarder {
         let dir = TempDir::new("fwd");
         let vms = dir.path().join("vm.d");
@@ -352,7 +374,17 @@ impl Forwarder {
         let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log =
             std::fs::File::create(dir.path().join("forwarder.log")).expect("creating the log");
-        let mut cmd = Command::new(FORWARDER);
+        // prlimit sets the limit on itself, then execs the forwarder (same pid).
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(FORWARDER);
+                cmd
+            }
+            None => Command::new(FORWARDER),
+        };
         cmd.env("FWD_CONFIG_ROOT", &vms)
             .env("FWD_TLS_CERT_FILE", &cert)
             .env("FWD_TLS_KEY_FILE", &key)
@@ -402,16 +434,26 @@ impl Forwarder {
 
     /// The value of one metric line (`name{labels}` exactly as rendered), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        self.try_metric(series).unwrap_or(0.0)
+    }
+
+    /// The value of one metric line; `None` when it is absent, or when the admin
+    /// listener did not answer in time (a loaded machine).
+    pub fn try_metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// The value of one metric line, asked again (for up to 10 s) until the admin
+    /// listener answers with it: never a 0 that only means "no answer".
+    pub fn metric_answered(&self, series: &str) -> f64 {
+        poll(Duration::from_secs(10), || self.try_metric(series))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{}", self.metrics()))
     }
 }
 
@@ -519,6 +561,15 @@ fn tls_client_with(config: Arc<ClientConfig>, host: &str, port: u16) -> io::Resu
     Ok(StreamOwned::new(conn, sock))
 }
 
+/// The first flight of a TLS client for `host`: its ClientHello.
+pub fn client_hello(host: &str) -> Vec<u8> {
+    let name = ServerName::try_from(host.to_string()).expect("a name");
+    let mut client = ClientConnection::new(client_config(), name).expect("a client");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("a hello");
+    hello
+}
+
 /// The DER of the certificate the server presented.
 pub fn peer_cert(stream: &TlsStream) -> Vec<u8> {
     stream
@@ -570,4 +621,107 @@ impl Pattern {
             out += n;
         }
     }
+}
+
+// ---- what a process uses, from /proc -------------------------------------------------
+
+/// CPU time (user + system, all threads) `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat(5), so 11 and 12 after the name.
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = run_ok(Command::new("getconf").arg("CLK_TCK"));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK")
+    })
+}
+
+/// Resident memory of `pid` in bytes (VmRSS).
+pub fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// The names of `pid`'s threads.
+pub fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// Descriptors `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Let this test process open `n` descriptors: its soft limit is raised up to its hard
+/// limit (raising the hard limit needs CAP_SYS_RESOURCE, which a container may lack).
+pub fn allow_open_files(n: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(u64::MAX);
+    assert!(
+        hard >= n,
+        "this test needs {n} open files; the hard limit is {hard}"
+    );
+    if now.current.is_some_and(|c| c < n) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(n),
+                maximum: now.maximum,
+            },
+        )
+        .expect("raising this test's open-files limit");
+    }
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the address `from` (any 127/8 address).
+pub fn connect_from(from: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddr::from((from, 0)))?;
+    rustix::net::connect(&fd, &SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A TLS client from the address `from` to the forwarder's `port`, handshake done.
+pub fn tls_connect_from(from: Ipv4Addr, host: &str, port: u16) -> io::Result<TlsStream> {
+    let name = ServerName::try_from(host.to_string()).map_err(io::Error::other)?;
+    let conn = ClientConnection::new(client_config(), name).map_err(io::Error::other)?;
+    let sock = connect_from(from, port)?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut stream = StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+/// Lines of the forwarder's log containing `needle`.
+pub fn log_lines(fwd: &Forwarder, needle: &str) -> usize {
+    fwd.log().lines().filter(|l| l.contains(needle)).count()
 }

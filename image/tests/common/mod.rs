@@ -1,6 +1,6 @@
 //! Fixtures for the converter's tests: a small image built here (busybox-static, a
 //! whiteout, an opaque directory, a symlink, a hard link, a device node, an xattr, a
-//! gzip and a zstd layer) written as an OCI layout, the static mergen-init, and a real
+//! gzip and a zstd layer) written as an OCI layout (with `mergen_testkit::oci`), and a real
 //! registry (Debian's docker-registry) with TLS and either a bearer-token server in
 //! this process or htpasswd basic auth.
 #![allow(dead_code)]
@@ -8,33 +8,15 @@
 pub mod registry;
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use serde_json::json;
 
-pub const MTIME: u64 = 1_700_000_000;
-pub const CREATED: &str = "2024-01-02T03:04:05Z";
+pub use mergen_testkit::oci::{layer_tar, Layer, CONFIG_MEDIA_TYPE as CONFIG_MT, E, MTIME};
+pub use mergen_testkit::static_init;
 
-/// The static mergen-init, built once per test binary by init/build-static.sh.
-pub fn static_init() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../init/build-static.sh");
-        let out = Command::new(&script)
-            .output()
-            .expect("running init/build-static.sh");
-        assert!(
-            out.status.success(),
-            "build-static.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
-}
+pub const CREATED: &str = "2024-01-02T03:04:05Z";
 
 pub fn have(program: &str) -> bool {
     ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
@@ -84,133 +66,12 @@ pub fn fails(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A tar entry of a test layer.
-pub enum E<'a> {
-    Dir(&'a str, u32),
-    File(&'a str, u32, &'a [u8]),
-    Owned(&'a str, u32, u64, u64, &'a [u8]),
-    Link(&'a str, &'a str),
-    Hard(&'a str, &'a str),
-    Char(&'a str, u32, u32),
-    Xattr(&'a str, &'a str, &'a [u8]),
-    /// A raw name the tar crate would refuse to write (`../x`, `/abs`).
-    RawName(&'a str),
-}
-
-/// An uncompressed layer tar (fixed mtimes and owners: the same bytes every run).
-pub fn layer_tar(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(MTIME);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(0);
-        match e {
-            E::Dir(p, mode) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(*mode);
-                b.append_data(&mut h, p, std::io::empty()).unwrap();
-            }
-            E::File(p, mode, data) | E::Owned(p, mode, _, _, data) => {
-                if let E::Owned(_, _, uid, gid, _) = e {
-                    h.set_uid(*uid);
-                    h.set_gid(*gid);
-                }
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(*mode);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, p, *data).unwrap();
-            }
-            E::Link(p, target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_mode(0o777);
-                b.append_link(&mut h, p, target).unwrap();
-            }
-            E::Hard(p, target) => {
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_mode(0o644);
-                b.append_link(&mut h, p, target).unwrap();
-            }
-            E::Char(p, ma, mi) => {
-                h.set_entry_type(tar::EntryType::Char);
-                h.set_mode(0o666);
-                h.set_device_major(*ma).unwrap();
-                h.set_device_minor(*mi).unwrap();
-                b.append_data(&mut h, p, std::io::empty()).unwrap();
-            }
-            E::Xattr(p, name, value) => {
-                let key = format!("SCHILY.xattr.{name}");
-                b.append_pax_extensions([(key.as_str(), *value)]).unwrap();
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o644);
-                h.set_size(3);
-                b.append_data(&mut h, p, &b"xa\n"[..]).unwrap();
-            }
-            E::RawName(name) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o644);
-                h.set_size(4);
-                let gnu = h.as_gnu_mut().unwrap();
-                gnu.name[..name.len()].copy_from_slice(name.as_bytes());
-                h.set_cksum();
-                b.append(&h, &b"evil"[..]).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
-pub fn zstd(data: &[u8]) -> Vec<u8> {
-    zstd::encode_all(data, 3).unwrap()
-}
-
 pub fn sha(data: &[u8]) -> String {
     mergen_image::digest::sha256(data)
 }
 
-/// A layer for [`write_layout`]: (uncompressed tar, blob bytes, media type).
-pub struct Layer {
-    pub tar: Vec<u8>,
-    pub blob: Vec<u8>,
-    pub media_type: String,
-}
-
-impl Layer {
-    pub fn gzip(tar: Vec<u8>) -> Layer {
-        Layer {
-            blob: gzip(&tar),
-            tar,
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-        }
-    }
-    pub fn zstd(tar: Vec<u8>) -> Layer {
-        Layer {
-            blob: zstd(&tar),
-            tar,
-            media_type: "application/vnd.oci.image.layer.v1.tar+zstd".into(),
-        }
-    }
-}
-
-fn put_blob(dir: &Path, data: &[u8]) -> String {
-    let d = sha(data);
-    let p = dir
-        .join("blobs/sha256")
-        .join(d.trim_start_matches("sha256:"));
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, data).unwrap();
-    d
-}
-
-/// The image config the fixture uses.
-pub fn config_json(diff_ids: &[String]) -> serde_json::Value {
+/// The image config the fixture uses (its diff_ids are added for the layers at hand).
+pub fn fixture_config() -> serde_json::Value {
     json!({
         "created": CREATED,
         "architecture": "amd64",
@@ -222,48 +83,20 @@ pub fn config_json(diff_ids: &[String]) -> serde_json::Value {
             "WorkingDir": "/data",
             "User": "app",
             "ExposedPorts": {"53/udp": {}, "9000/tcp": {}, "8080/tcp": {}}
-        },
-        "rootfs": {"type": "layers", "diff_ids": diff_ids}
+        }
     })
 }
 
-/// Writes an OCI layout at `dir` holding one image named `tag`; returns the manifest.
+/// Writes an OCI layout at `dir` holding one image named `tag` with the fixture's
+/// config; returns the manifest.
 pub fn write_layout(
     dir: &Path,
     tag: &str,
     layers: &[Layer],
     config_media_type: &str,
 ) -> serde_json::Value {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let diff_ids: Vec<String> = layers.iter().map(|l| sha(&l.tar)).collect();
-    let config = serde_json::to_vec(&config_json(&diff_ids)).unwrap();
-    let config_digest = put_blob(dir, &config);
-    let layer_descs: Vec<serde_json::Value> = layers
-        .iter()
-        .map(|l| json!({"mediaType": l.media_type, "digest": put_blob(dir, &l.blob), "size": l.blob.len()}))
-        .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": config_media_type, "digest": config_digest, "size": config.len()},
-        "layers": layer_descs,
-    });
-    let mbytes = serde_json::to_vec(&manifest).unwrap();
-    let mdigest = put_blob(dir, &mbytes);
-    let index = json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": mdigest, "size": mbytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag}
-        }]
-    });
-    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    manifest
+    mergen_testkit::oci::write_layout(dir, tag, layers, config_media_type, fixture_config())
 }
-
-pub const CONFIG_MT: &str = "application/vnd.oci.image.config.v1+json";
 
 /// The fixture's two layers.
 pub fn fixture_layers() -> Vec<Layer> {
@@ -297,15 +130,10 @@ pub fn fixture_layers() -> Vec<Layer> {
         E::Xattr("etc/labelled", "user.mergen", b"yes"),
         E::Dir("tmp", 0o1777),
     ];
-    for applet in [
+    l1.extend(mergen_testkit::oci::busybox_applets(&[
         "sh", "echo", "id", "pwd", "sleep", "cat", "grep", "ls", "hostname", "ip", "env", "kill",
         "true",
-    ] {
-        l1.push(E::Link(
-            Box::leak(format!("bin/{applet}").into_boxed_str()),
-            "busybox",
-        ));
-    }
+    ]));
     let l2 = vec![
         E::File(".wh.gone.txt", 0o644, b""),
         E::File("opaque/.wh..wh..opq", 0o644, b""),
@@ -321,8 +149,8 @@ pub fn fixture_layers() -> Vec<Layer> {
 /// A `docker save` (legacy manifest.json) archive of `layers`, uncompressed as Docker
 /// writes them.
 pub fn write_docker_save(path: &Path, repo_tag: &str, layers: &[Layer]) {
-    let diff_ids: Vec<String> = layers.iter().map(|l| sha(&l.tar)).collect();
-    let config = serde_json::to_vec(&config_json(&diff_ids)).unwrap();
+    let config = mergen_testkit::oci::with_diff_ids(fixture_config(), layers);
+    let config = serde_json::to_vec(&config).unwrap();
     let chex = sha(&config).trim_start_matches("sha256:").to_string();
     let mut b = tar::Builder::new(fs::File::create(path).unwrap());
     let mut add = |name: &str, data: &[u8]| {

@@ -305,10 +305,12 @@ impl Registry {
         }
     }
 
-    /// skopeo copy into this registry.
+    /// skopeo copy into this registry; every platform of a multi-platform image
+    /// (`--all`), as a registry holds them.
     pub fn push(&self, source: &str, dest_repo_tag: &str, creds: Option<&str>) {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-cert-dir"])
+        cmd.args(["--insecure-policy", "copy", "--all", "--quiet"])
+            .arg("--dest-cert-dir")
             .arg(&self.cert_dir);
         if let Some(c) = creds {
             cmd.args(["--dest-creds", c]);

@@ -340,6 +340,7 @@ fn tcp_hello_guest(ip: Ipv4Addr, port: u16) -> ProcessSpec {
         ],
         env: BTreeMap::new(),
         workdir: None,
+        root: None,
     }
 }
 

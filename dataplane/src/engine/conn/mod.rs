@@ -36,6 +36,7 @@ mod tls;
 #[cfg(test)]
 mod tests;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -213,6 +214,11 @@ pub enum Event {
     DialFailed(DialError),
     /// Time passed: deadlines are checked.
     Tick,
+    /// Its VM went away (its route was removed or re-addressed, or its namespace was
+    /// deleted or replaced): a streaming connection ends the way a guest's FIN ends it
+    /// (close_notify on TLS, then FIN), one still dialing or handshaking as a failed
+    /// dial does.
+    VmGone,
     /// The shutdown drain time ran out.
     Abort,
 }
@@ -573,6 +579,14 @@ impl Conn {
             .flatten()
     }
 
+    /// The VM it was routed to, while routed (not once it is ending).
+    pub fn route(&self) -> Option<&Arc<Route>> {
+        match &self.stage {
+            Stage::Proxy(p) => Some(&p.route),
+            _ => None,
+        }
+    }
+
     /// Whether a dial parked by the worker should still be resumed.
     pub fn awaits_dial(&self) -> bool {
         matches!(
@@ -597,6 +611,12 @@ impl Conn {
             }
             Event::DialFailed(error) => self.dial_failed(error, cx),
             Event::Tick => self.tick(cx),
+            Event::VmGone => {
+                if let Stage::Proxy(p) = &mut self.stage {
+                    let next = p.vm_gone(&mut self.ends, self.id, cx);
+                    self.enter(next, cx);
+                }
+            }
             Event::Abort => self.close(Outcome::Shutdown, cx),
         }
         self.advance(cx);
@@ -735,10 +755,11 @@ impl Proxy {
     fn done<B: Buffers>(&mut self, op: Op, result: i32, id: ConnId, cx: &mut Cx<'_, B>) -> Next {
         match (op, result) {
             (Op::Connect, 0) => {
+                // Only a dial still wanted comes up (its VM may have gone meanwhile).
                 if let Dial::Pending { since } = self.dial {
                     cx.metrics.dial_latency(cx.now.duration_since(since));
+                    self.dial = Dial::Up;
                 }
-                self.dial = Dial::Up;
                 Next::Stay
             }
             (Op::Connect, err) => {
@@ -773,9 +794,12 @@ impl Proxy {
     }
 
     fn fail_dial<B>(&mut self, error: DialError, id: ConnId, cx: &mut Cx<'_, B>) {
-        if !matches!(self.dial, Dial::Pending { .. }) {
-            return;
+        if matches!(self.dial, Dial::Pending { .. }) {
+            self.dial_failed(error, id, cx);
         }
+    }
+
+    fn dial_failed<B>(&mut self, error: DialError, id: ConnId, cx: &mut Cx<'_, B>) {
         self.dial = Dial::Failed;
         cx.log.record(
             id,
@@ -785,6 +809,44 @@ impl Proxy {
                 error,
             },
         );
+    }
+
+    /// The VM went away. Not streaming yet (dialing, or TLS still handshaking): the
+    /// dial failed, and the client learns it as it would have (an HTTPS 502 after its
+    /// handshake, else a close). Streaming: what the guest sent is passed on, then
+    /// close_notify (TLS) and FIN, and the client is read until it closes (Linger).
+    fn vm_gone<B: Buffers>(&mut self, ends: &mut Ends, id: ConnId, cx: &mut Cx<'_, B>) -> Next {
+        match (&self.dial, self.handshaking()) {
+            (Dial::Failed, _) => Next::Stay,
+            (Dial::Pending { .. }, _) | (Dial::Up, true) => {
+                if matches!(self.dial, Dial::Pending { .. }) {
+                    // A connect in flight is not wanted any more.
+                    ends.cancel(Side::Guest, cx);
+                }
+                self.dial_failed(DialError::VmGone, id, cx);
+                Next::Stay
+            }
+            (Dial::Up, false) => {
+                let pending = ends
+                    .from_guest
+                    .filter(|&b| !ends.busy(Op::GuestRecv) && !cx.bufs.is_empty(b));
+                match &mut self.mode {
+                    Mode::Tls(tls) => {
+                        if let Some(b) = pending {
+                            let _ = cx.bufs.drain(b, |data| tls.session.writer().write(data));
+                        }
+                        tls.session.send_close_notify();
+                    }
+                    // Raw bytes read from the guest are the last word as they are.
+                    Mode::Relay => {
+                        if pending.is_some() && ends.to_client.is_none() {
+                            ends.to_client = ends.from_guest.take();
+                        }
+                    }
+                }
+                Next::Linger(Outcome::VmGone)
+            }
+        }
     }
 
     fn step<B: Buffers>(&mut self, ends: &mut Ends, id: ConnId, cx: &mut Cx<'_, B>) -> Next {

@@ -603,6 +603,14 @@ impl T {
     }
 }
 
+/// The client got close_notify, and nothing it could not decrypt.
+fn closed_cleanly(client: &mut ClientConnection) -> bool {
+    client
+        .process_new_packets()
+        .expect("a clean close")
+        .peer_has_closed()
+}
+
 /// The guest side of a TLS connection: everything the guest received so far.
 fn plaintext_of(client: &mut ClientConnection) -> Vec<u8> {
     let mut out = Vec::new();
@@ -1023,10 +1031,7 @@ fn dial_failure_on_a_generic_tls_listener_has_no_502() {
     t.connect(-libc::ECONNREFUSED);
     t.converse(&mut client);
     assert!(plaintext_of(&mut client).is_empty());
-    assert!(client
-        .process_new_packets()
-        .expect("clean")
-        .peer_has_closed());
+    assert!(closed_cleanly(&mut client));
     t.client_leaves(Outcome::DialFailed);
 }
 
@@ -1113,6 +1118,111 @@ fn handshake_and_dial_latencies_are_observed() {
         text.contains("mergen_forwarder_dial_duration_seconds_count 1"),
         "{text}"
     );
+}
+
+// ---- a VM that goes away -----------------------------------------------------------
+
+/// Streaming TLS: what the guest sent still reaches the client, then close_notify and
+/// a FIN; the client is read until it leaves.
+#[test]
+fn a_vm_gone_while_streaming_tls_ends_with_close_notify() {
+    let (mut t, mut client) = T::tls_established("app.localhost");
+    t.arrive(Side::Guest, b"tail");
+    t.event(Event::VmGone);
+    assert!(matches!(t.conn().stage, Stage::Linger(_)));
+    t.converse(&mut client);
+    assert_eq!(plaintext_of(&mut client), b"tail");
+    assert!(closed_cleanly(&mut client));
+    t.client_leaves(Outcome::VmGone);
+}
+
+/// Streaming raw: the guest's last bytes, then a FIN.
+#[test]
+fn a_vm_gone_while_streaming_raw_ends_with_a_fin() {
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.connect(0);
+    t.arrive(Side::Client, b"up");
+    t.deliver(Side::Guest, usize::MAX);
+    t.arrive(Side::Guest, b"last");
+    t.event(Event::VmGone);
+    t.deliver(Side::Client, usize::MAX);
+    assert_eq!(t.client_got, b"last");
+    assert!(
+        !t.pending(Op::GuestShutdown),
+        "the guest is gone: nothing is said to it"
+    );
+    t.client_leaves(Outcome::VmGone);
+}
+
+/// Not streaming yet: as if the dial had failed.
+#[test]
+fn a_vm_gone_while_dialing_is_a_failed_dial() {
+    // Parked in the worker: no connect yet.
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.event(Event::VmGone);
+    assert!(!t.conn().awaits_dial(), "a parked dial must not be resumed");
+    t.ends_as(Outcome::DialFailed);
+    // The connect in flight is cancelled, and does not come up if it lands first.
+    let mut t = T::new(ListenerKind::Raw).accept();
+    t.dialing();
+    t.event(Event::VmGone);
+    assert!(t.pending(Op::GuestCancel));
+    t.connecting = false;
+    t.event(Event::Done {
+        op: Op::Connect,
+        result: 0,
+        buf: None,
+    });
+    t.ends_as(Outcome::DialFailed);
+    // HTTPS, the guest connected but the client still handshaking: it gets its 502
+    // once its handshake is done.
+    let mut t = T::new(ListenerKind::Https).accept();
+    let mut client = tls_client("app.localhost");
+    t.arrive(Side::Client, &{
+        let mut out = Vec::new();
+        client.write_tls(&mut out).expect("hello");
+        out
+    });
+    t.connect(0);
+    t.event(Event::VmGone);
+    t.converse(&mut client);
+    let page = String::from_utf8(plaintext_of(&mut client)).expect("text");
+    assert!(page.starts_with("HTTP/1.1 502"), "{page}");
+    t.client_leaves(Outcome::DialFailed);
+}
+
+/// A PROXY header still on its way to a guest that goes away: the guest is told
+/// nothing more, the client gets its FIN, and every buffer comes back.
+#[test]
+fn a_vm_gone_while_its_proxy_header_is_sent_ends_the_connection() {
+    let mut t = T::new(ListenerKind::Raw)
+        .with_proxy_v2("192.0.2.7:51000", "127.0.0.1:2022")
+        .accept();
+    t.connect(0);
+    assert!(t.pending(Op::GuestSend), "the header is being sent");
+    t.deliver(Side::Guest, 4);
+    let sent = t.guest_got.len();
+    t.event(Event::VmGone);
+    assert!(matches!(t.conn().stage, Stage::Linger(_)));
+    t.arrive(Side::Client, b"SSH-2.0-client\r\n");
+    assert_eq!(t.guest_got.len(), sent, "the guest was told more");
+    assert!(!t.pending(Op::GuestShutdown));
+    t.client_leaves(Outcome::VmGone);
+}
+
+/// Before routing and once ending, there is no VM to lose.
+#[test]
+fn a_vm_gone_before_routing_changes_nothing() {
+    let mut t = T::new(ListenerKind::Https).accept();
+    assert!(t.conn().route().is_none());
+    t.event(Event::VmGone);
+    assert!(matches!(t.conn().stage, Stage::Peek(_)));
+    let (mut t, _client) = T::tls_established("app.localhost");
+    assert!(t.conn().route().is_some());
+    t.event(Event::Abort);
+    assert!(t.conn().route().is_none());
+    t.event(Event::VmGone);
+    t.ends_as(Outcome::Shutdown);
 }
 
 // ---- listener kinds and their options ----------------------------------------------
