@@ -37,7 +37,7 @@ use disk::{Replica, Template};
 const MAX_VMS: usize = 30_000;
 const LIST_ROUNDS: usize = 15;
 const USAGE: &str = "usage: mergen-bench ctl [--vms N] [--small N] [--creates N] [--restarts N] \
-[--changes N] [--seconds S] [--mergend PATH] [--forwarder PATH] [--json PATH]";
+[--changes N] [--ports N] [--seconds S] [--mergend PATH] [--forwarder PATH] [--json PATH]";
 
 struct Options {
     vms: usize,
@@ -45,6 +45,10 @@ struct Options {
     creates: usize,
     restarts: usize,
     changes: usize,
+    /// Host ports each created VM asks for. With none, a create skips reading the
+    /// host's socket tables, whose cost follows every socket on the machine (TIME_WAIT
+    /// ones included), not the VM count.
+    ports: usize,
     seconds: u64,
     mergend: PathBuf,
     /// Without a forwarder binary the forwarder rows are skipped.
@@ -60,6 +64,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         creates: 100,
         restarts: 5,
         changes: 20,
+        ports: 1,
         seconds: 2,
         mergend: exe.with_file_name("mergend"),
         forwarder: Some(exe.with_file_name("mergen-forwarder")),
@@ -80,6 +85,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--creates" => o.creates = num()?,
             "--restarts" => o.restarts = num()?,
             "--changes" => o.changes = num()?,
+            "--ports" => o.ports = num()?,
             "--seconds" => o.seconds = num()? as u64,
             "--mergend" => o.mergend = val.into(),
             "--forwarder" => o.forwarder = Some(val.into()),
@@ -89,6 +95,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.small == 0 || o.small >= o.vms || o.vms > MAX_VMS {
         return Err(format!("want 0 < --small < --vms <= {MAX_VMS}"));
+    }
+    if o.ports > 16 {
+        return Err("--ports must be 0..16".into());
     }
     if o.creates == 0 || o.restarts == 0 || o.changes == 0 {
         return Err("--creates, --restarts and --changes must be at least 1".into());
@@ -174,10 +183,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let certs = crate::certs::Certs::make(root)?;
     let addr: SocketAddr = ([127, 0, 0, 1], mergen_testkit::free_port()).into();
-    let body = format!(
-        r#"{{"rootfs":"{0}/img/rootfs.ext4","kernel":"{0}/img/vmlinux","ports":[{{"guest":80,"host":0}}]}}"#,
-        root.display()
-    );
+    let ports: Vec<_> = (0..o.ports)
+        .map(|i| json!({"guest": 80 + i, "host": 0}))
+        .collect();
+    let body = json!({
+        "rootfs": format!("{}/img/rootfs.ext4", root.display()),
+        "kernel": format!("{}/img/vmlinux", root.display()),
+        "ports": ports,
+    })
+    .to_string();
     let mut report = Report::default();
     let started_at = time::OffsetDateTime::now_utc();
 
@@ -318,10 +332,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     println!(
         "\nmergend control plane: {n} VMs ({} written beside mergend in {:.1} s), \
-         {} timed creates per size, {} restarts",
+         {} timed creates per size ({} host ports each), {} restarts",
         n - s,
         populate.as_secs_f64(),
         o.creates,
+        o.ports,
         o.restarts
     );
     println!(
@@ -381,7 +396,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let doc = json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "started": started_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "vms": n, "small": s, "creates": o.creates, "restarts": o.restarts,
+            "vms": n, "small": s, "creates": o.creates, "restarts": o.restarts, "ports": o.ports,
             "populate_seconds": populate.as_secs_f64(),
             "healthz_rps": healthz_rps, "echo_rps": echo_rps,
             "route_changes": changes_json,
