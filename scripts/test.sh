@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # Debian packages the tests drive for real: namespaces/links/nftables, and the servers
-# and clients that the forwarder and runtime tests put in namespaces.
+# and clients that the forwarder and runtime tests put in namespaces; etcd for the
+# cluster tests; protoc and its well-known types build the etcd client (etcd-client).
 PKGS=(iproute2 nftables curl openssl procps nginx-light redis-server redis-tools
       openssh-server openssh-client postgresql postgresql-client haproxy wrk
+      etcd-server etcd-client protobuf-compiler libprotobuf-dev
       docker-registry skopeo busybox-static apache2-utils e2fsprogs util-linux
       kcat nghttp2-client)
 missing=()

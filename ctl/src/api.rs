@@ -23,23 +23,28 @@ use crate::metrics::Metrics;
 use crate::request::{parse_create, CreateRequest, Images};
 use crate::store::{NewVm, Store};
 use crate::summary::{self, Json, Rendered, StatusView, SupervisorView};
+use mergen_cluster::{HostRecord, LocalVm, Publisher, VmRecord};
 
 pub struct App {
     pub config: Config,
     pub store: Store,
     /// Every VM's meta.json, kept in step with the files: what creates allocate from
     /// and lists are answered from.
-    index: Index,
+    index: Arc<Index>,
     /// Where images may come from, canonical (symlinks resolved at start-up).
     images: Images,
     supervisor: Result<Arc<dyn Supervisor>, RuntimeError>,
     pub hooks: HookRunner,
     pub metrics: Arc<Metrics>,
+    /// This host's routes in etcd (`MGR_ETCD_ENDPOINTS`); `None` on a lone host.
+    cluster: Option<Publisher>,
 }
 
 /// What a successful call produced; `crate::respond` turns it into a response.
 pub enum Outcome {
     Healthy,
+    /// Healthy, in a cluster whose etcd is in this state.
+    HealthyIn(&'static str),
     Created(String),
     Started(String),
     Stopped(String),
@@ -48,6 +53,8 @@ pub enum Outcome {
     Vm(Json),
     /// `{"items": [summaries]}`.
     List(Json),
+    /// `GET /v1/vms?scope=cluster`: every host's routes, as etcd has them.
+    ClusterList(Vec<VmRecord>),
     Metrics(String),
 }
 
@@ -67,7 +74,7 @@ impl App {
             let rec = store.recover().map_err(scan_error)?;
             // After recovery, so that nothing half-written is read; under the lock, so
             // that no other mergend's create is half done either.
-            let index = Index::load(&config.runtime.roots.config).map_err(scan_error)?;
+            let index = Arc::new(Index::load(&config.runtime.roots.config).map_err(scan_error)?);
             for p in &rec.removed {
                 log::warn!(dir:? = p; "removed a half-written VM dir left by a crash");
             }
@@ -107,6 +114,10 @@ impl App {
             config.hook_workers,
             Arc::clone(&metrics),
         );
+        let cluster = match &config.cluster {
+            Some(c) => Some(start_publisher(c, Arc::clone(&index))?),
+            None => None,
+        };
         Ok(App {
             config,
             store,
@@ -115,6 +126,7 @@ impl App {
             supervisor,
             hooks,
             metrics,
+            cluster,
         })
     }
 
@@ -176,12 +188,27 @@ impl App {
         }
     }
 
+    /// The VM `id` of this host; for one of another host of the cluster, where it is.
     fn load(&self, id: &str) -> Result<Meta, Error> {
         Self::check_id(id)?;
-        self.store
-            .load(id)
-            .map_err(Error::io("reading the VM"))?
-            .ok_or_else(|| Error::VmNotFound(id.to_string()))
+        if let Some(meta) = self.store.load(id).map_err(Error::io("reading the VM"))? {
+            return Ok(meta);
+        }
+        if let Some(cluster) = &self.cluster {
+            match cluster.find(id) {
+                Ok(Some(rec)) if rec.host != cluster.host().name => {
+                    return Err(Error::Misdirected {
+                        id: rec.id,
+                        host: rec.host,
+                        addr: rec.addr,
+                    })
+                }
+                Ok(_) => {}
+                // Not knowing where else it is, it is not here.
+                Err(e) => log::debug!(id = id, error:% = e; "cannot ask etcd for the VM"),
+            }
+        }
+        Err(Error::VmNotFound(id.to_string()))
     }
 
     /// Take the VM's lifecycle lock (409 when another call holds it) and re-read the
@@ -209,7 +236,11 @@ impl App {
 
     pub fn create(&self, body: &[u8]) -> Result<Outcome, Error> {
         let req = parse_create(body, &self.images)?;
-        let id = uuid::Uuid::new_v4().to_string();
+        let mut ops = self.cluster.as_ref().map(Publisher::lock);
+        let id = match &mut ops {
+            Some(ops) => claim_new_id(ops, &req)?,
+            None => uuid::Uuid::new_v4().to_string(),
+        };
         let paths = self.store.roots().paths(&id);
         let lock_path = PathBuf::from(&paths.lock_path);
         let lock = match FileLock::try_acquire(&lock_path) {
@@ -222,9 +253,19 @@ impl App {
             Ok(m) => m,
             Err(e) => {
                 let _ = fs::remove_file(&lock_path);
+                if let Some(ops) = &mut ops {
+                    let _ = ops.withdraw(&id);
+                }
                 return Err(e);
             }
         };
+        if let Some(mut ops) = ops {
+            // The VM exists: a route that cannot be written now is written at the
+            // next renewal of the lease.
+            if let Err(e) = ops.publish(&local_vm(&meta)) {
+                log::warn!(id = id, error:% = e; "route not published yet");
+            }
+        }
         log::info!(id = id, guest_ip:% = meta.guest_ip; "vm created");
         let hooks = (!req.hooks.is_empty()).then_some(&req.hooks);
         if let Err(e) = self.hooks.run("onCreate", &meta, hooks) {
@@ -237,6 +278,7 @@ impl App {
             if let Err(re) = removed {
                 log::error!(id = id, error:% = re; "cannot remove the VM after its onCreate hook failed");
             }
+            self.withdraw(&id);
             let _ = fs::remove_file(&lock_path);
             log::warn!(id = id, error = e; "strict onCreate hook failed, VM removed");
             return Err(Error::HookFailed(format!("{e}; the VM was not created")));
@@ -363,6 +405,7 @@ impl App {
             .and_then(|_alloc| self.store.remove(&meta, retain_data))
             .map_err(Error::io("removing the VM"))?;
         let _ = fs::remove_file(&meta.paths.lock_path);
+        self.withdraw(id);
         drop(lock);
         log::info!(id = id, retain_data = retain_data; "vm deleted");
         Ok(Outcome::Deleted(meta.id))
@@ -401,6 +444,41 @@ impl App {
         Ok(Outcome::List(summary::list(stretches)))
     }
 
+    /// `GET /v1/vms?scope=cluster`: every VM of every host, from etcd.
+    pub fn list_cluster(&self) -> Result<Outcome, Error> {
+        let cluster = self.cluster.as_ref().ok_or_else(|| {
+            Error::BadRequest(
+                "scope=cluster: this host is in no cluster (MGR_ETCD_ENDPOINTS)".into(),
+            )
+        })?;
+        let mut items = cluster.list()?;
+        items.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(Outcome::ClusterList(items))
+    }
+
+    /// Take a deleted VM's route out of etcd (if this host is in a cluster); what
+    /// cannot be removed now goes at the next renewal.
+    fn withdraw(&self, id: &str) {
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.lock().withdraw(id) {
+                log::warn!(id = id, error:% = e; "route not withdrawn yet");
+            }
+        }
+    }
+
+    /// The cluster part of `/healthz`, when this host is in one.
+    pub fn cluster_health(&self) -> Option<&'static str> {
+        let c = self.cluster.as_ref()?;
+        Some(match c.status().connected() {
+            true => "connected",
+            false => "disconnected",
+        })
+    }
+
     pub fn metrics_text(&self) -> Result<Outcome, Error> {
         let view = self.index.view().map_err(Error::io("listing VMs"))?;
         let metas: Vec<&Meta> = view.iter().map(|vm| &vm.meta).collect();
@@ -414,9 +492,56 @@ impl App {
             };
             *by_state.entry(name).or_default() += 1;
         }
-        Ok(Outcome::Metrics(
-            self.metrics.render(&by_state, &self.store.orphaned()),
-        ))
+        let mut text = self.metrics.render(&by_state, &self.store.orphaned());
+        if let Some(c) = &self.cluster {
+            crate::metrics::render_cluster(&mut text, &c.status());
+        }
+        Ok(Outcome::Metrics(text))
+    }
+}
+
+/// The publisher of this host's routes, whose full publishes read the index (in step
+/// with the files, as a list is).
+fn start_publisher(
+    c: &crate::config::ClusterConfig,
+    index: Arc<Index>,
+) -> Result<Publisher, String> {
+    let source: mergen_cluster::Source = Box::new(move || {
+        let view = index.view().map_err(|e| e.to_string())?;
+        Ok(view.iter().map(|vm| local_vm(&vm.meta)).collect())
+    });
+    let host = HostRecord {
+        name: c.host_name.clone(),
+        addr: c.host_addr.to_string(),
+    };
+    log::info!(host = c.host_name, addr:% = c.host_addr, endpoints:? = c.etcd.endpoints; "publishing this host's routes to etcd");
+    Publisher::start(&c.etcd, host, c.lease_ttl, source).map_err(|e| e.to_string())
+}
+
+fn local_vm(meta: &Meta) -> LocalVm {
+    LocalVm {
+        id: meta.id.clone(),
+        aliases: mergen_model::aliases(&meta.id, &meta.tags, &meta.metadata),
+        created_at: meta.created_at,
+    }
+}
+
+/// A new VM id whose aliases are claimed cluster-wide. The id's first 8 characters are
+/// an alias too: on the rare clash with another host's VM, another id is drawn.
+fn claim_new_id(ops: &mut mergen_cluster::Ops<'_>, req: &CreateRequest) -> Result<String, Error> {
+    let mut tries = 0;
+    loop {
+        let id = uuid::Uuid::new_v4().to_string();
+        let aliases = mergen_model::aliases(&id, &req.tags, &req.metadata);
+        match ops.claim(&id, &aliases) {
+            Ok(()) => return Ok(id),
+            Err(mergen_cluster::ClusterError::AliasTaken { alias, .. })
+                if tries < 3 && (alias == id || alias == mergen_model::names::short_id(&id)) =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -101,7 +101,44 @@ pub const VARIABLES: &[Var] = &[
         "0",
         "1 = a create may ask for host ports outside MGR_PORT_START..=MGR_PORT_END (never one a host process listens on)",
     ),
+    Var::unset(
+        "MGR_ETCD_ENDPOINTS",
+        "etcd members (host:port or http://host:port, comma-separated): this host publishes its VMs' routes there (docs/cluster.md)",
+    ),
+    Var::new(
+        "MGR_ETCD_PREFIX",
+        "/mergen",
+        "key prefix in etcd; hosts of one cluster share it",
+    ),
+    Var::new(
+        "MGR_ETCD_LEASE_TTL_SECONDS",
+        "10",
+        "a host whose mergend is gone loses its routes after this",
+    ),
+    Var::new(
+        "MGR_ETCD_TIMEOUT_SECONDS",
+        "3",
+        "bound on each etcd request",
+    ),
+    Var::computed(
+        "MGR_HOST_NAME",
+        "the hostname",
+        "this host's name in the cluster",
+    ),
+    Var::unset(
+        "MGR_HOST_ADDR",
+        "IPv4 address other hosts' forwarders dial for this host's VMs (required with MGR_ETCD_ENDPOINTS)",
+    ),
 ];
+
+/// This host's membership in a cluster (`MGR_ETCD_ENDPOINTS` set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub etcd: mergen_cluster::Settings,
+    pub host_name: String,
+    pub host_addr: std::net::IpAddr,
+    pub lease_ttl: Duration,
+}
 
 /// mergend's variables followed by the runtime's: the order of `--help` and the README.
 pub fn all_variables() -> impl Iterator<Item = &'static Var> + Clone {
@@ -132,6 +169,8 @@ pub struct Config {
     pub log_level: String,
     pub log_format: String,
     pub runtime: RuntimeConfig,
+    /// `None` unless `MGR_ETCD_ENDPOINTS` is set.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -183,7 +222,9 @@ impl Config {
         let count = |k: &str| -> Result<usize, mergen_envtable::Error> {
             Ok(usize::try_from(env.positive(k)?).unwrap_or(usize::MAX))
         };
+        let cluster = cluster_config(env)?;
         Ok(Config {
+            cluster,
             http_addr,
             http_socket: env.opt("MGR_HTTP_SOCKET").map(PathBuf::from),
             api_token: env.opt("MGR_API_TOKEN"),
@@ -229,6 +270,49 @@ impl Config {
     }
 }
 
+fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::Error> {
+    let Some(endpoints) = env.with("MGR_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)? else {
+        return Ok(None);
+    };
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let host_addr = env
+        .with("MGR_HOST_ADDR", |t| {
+            // Forwarders dial their peers over IPv4, as they dial guests.
+            t.parse::<std::net::Ipv4Addr>()
+                .map(std::net::IpAddr::V4)
+                .map_err(|_| "an IPv4 address".to_string())
+        })?
+        .ok_or_else(|| mergen_envtable::Error {
+            name: "MGR_HOST_ADDR".into(),
+            value: String::new(),
+            expected: "the IPv4 address other hosts' forwarders dial (MGR_ETCD_ENDPOINTS is set)"
+                .into(),
+        })?;
+    let host_name = match env.opt("MGR_HOST_NAME") {
+        Some(n) => n,
+        None => mergen_cluster::hostname(),
+    };
+    if host_name.is_empty() || host_name.contains('/') {
+        return Err(mergen_envtable::Error {
+            name: "MGR_HOST_NAME".into(),
+            value: host_name,
+            expected: "a name without '/'".into(),
+        });
+    }
+    Ok(Some(ClusterConfig {
+        etcd: mergen_cluster::Settings {
+            endpoints,
+            prefix: env.string("MGR_ETCD_PREFIX"),
+            timeout: env.seconds("MGR_ETCD_TIMEOUT_SECONDS")?,
+        },
+        host_name,
+        host_addr,
+        lease_ttl: env.seconds("MGR_ETCD_LEASE_TTL_SECONDS")?,
+    }))
+}
+
 /// `mergend --help`.
 pub fn help() -> String {
     format!(
@@ -252,6 +336,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn a_cluster_host_has_an_ipv4_address() {
+        let etcd = ("MGR_ETCD_ENDPOINTS", "127.0.0.1:2379");
+        let c = from(&[etcd, ("MGR_HOST_ADDR", "10.0.0.1"), ("MGR_HOST_NAME", "a")]).unwrap();
+        let cluster = c.cluster.expect("in a cluster");
+        assert_eq!(cluster.host_addr.to_string(), "10.0.0.1");
+        assert_eq!(cluster.host_name, "a");
+        for bad in ["::1", "host-a", ""] {
+            let err = from(&[etcd, ("MGR_HOST_ADDR", bad)]).unwrap_err();
+            assert!(err.contains("MGR_HOST_ADDR"), "{bad}: {err}");
+        }
+        assert!(from(&[]).unwrap().cluster.is_none());
     }
 
     #[test]

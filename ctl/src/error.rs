@@ -50,6 +50,18 @@ pub enum Error {
     /// installed), as chosen when mergend started.
     #[error("{0}")]
     Unavailable(String),
+    /// An alias of the new VM belongs to a VM of another host of the cluster.
+    #[error(
+        "alias {alias:?} belongs to a VM on host {host:?} (aliases are unique across the cluster)"
+    )]
+    AliasTaken { alias: String, host: String },
+    /// The VM lives on another host of the cluster: its lifecycle calls go there.
+    #[error("VM {id} is on host {host} ({addr}): send its calls to that host's mergend")]
+    Misdirected {
+        id: String,
+        host: String,
+        addr: String,
+    },
     /// Reading or writing the VM store.
     #[error("{what}: {source}")]
     Io {
@@ -72,6 +84,17 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+}
+
+impl From<mergen_cluster::ClusterError> for Error {
+    fn from(e: mergen_cluster::ClusterError) -> Error {
+        match e {
+            mergen_cluster::ClusterError::AliasTaken { alias, host } => {
+                Error::AliasTaken { alias, host }
+            }
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl Error {

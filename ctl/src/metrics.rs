@@ -88,3 +88,15 @@ impl Metrics {
         s
     }
 }
+
+/// The cluster series of `/metrics` (`MGR_ETCD_ENDPOINTS` set).
+pub fn render_cluster(s: &mut String, st: &mergen_cluster::PublisherStatus) {
+    s.push_str("# HELP mergend_cluster_connected 1 while this host holds a live lease in etcd (its routes are published).\n# TYPE mergend_cluster_connected gauge\n");
+    let _ = writeln!(s, "mergend_cluster_connected {}", u8::from(st.connected()));
+    s.push_str("# HELP mergend_cluster_routes Routes of this host published in etcd.\n# TYPE mergend_cluster_routes gauge\n");
+    let _ = writeln!(s, "mergend_cluster_routes {}", st.routes());
+    s.push_str("# HELP mergend_cluster_republishes_total Times every route was published again (start-up, a new lease).\n# TYPE mergend_cluster_republishes_total counter\n");
+    let _ = writeln!(s, "mergend_cluster_republishes_total {}", st.republishes());
+    s.push_str("# HELP mergend_cluster_alias_conflicts Aliases of local VMs that another host holds (they answer on this host only).\n# TYPE mergend_cluster_alias_conflicts gauge\n");
+    let _ = writeln!(s, "mergend_cluster_alias_conflicts {}", st.conflicts());
+}

@@ -16,6 +16,10 @@ pub fn outcome(o: Outcome) -> Response {
     };
     match o {
         Outcome::Healthy => Response::json(200, &json!({"status": "ok"})),
+        // VMs are served and managed with etcd away; the cluster state is information.
+        Outcome::HealthyIn(cluster) => {
+            Response::json(200, &json!({"status": "ok", "cluster": cluster}))
+        }
         Outcome::Created(id) => done(201, id, "created"),
         Outcome::Started(id) => done(200, id, "started"),
         Outcome::Stopped(id) => done(200, id, "stopped"),
@@ -26,6 +30,7 @@ pub fn outcome(o: Outcome) -> Response {
             headers: Vec::new(),
             body: json.0,
         },
+        Outcome::ClusterList(items) => Response::json(200, &json!({ "items": items })),
         Outcome::Metrics(text) => Response::text(200, "text/plain; version=0.0.4", text),
     }
 }
@@ -39,7 +44,10 @@ fn status(e: &Error) -> (u16, &'static str) {
         Error::Unauthorized => (401, "unauthorized"),
         Error::VmNotFound(_) | Error::NoRoute(_) => (404, "not_found"),
         Error::MethodNotAllowed(_) => (405, "method_not_allowed"),
-        Error::Busy(_) | Error::Alloc(_) => (409, "conflict"),
+        Error::Busy(_) | Error::Alloc(_) | Error::AliasTaken { .. } => (409, "conflict"),
+        // RFC 9110: this server is not the one for the VM; the owner's address is in
+        // the message and in the X-Mergen-Host* headers.
+        Error::Misdirected { .. } => (421, "misdirected_request"),
         // The hook's endpoint or command is the failing upstream.
         Error::HookFailed(_) => (502, "hook_failed"),
         Error::Runtime(e) if e.is_unavailable() => (503, "dependency_unavailable"),
@@ -58,6 +66,10 @@ pub fn error(e: &Error) -> ApiError {
     match e {
         Error::MethodNotAllowed(allow) => out.headers.push(("Allow", (*allow).to_string())),
         Error::Unauthorized => out.headers.push(("WWW-Authenticate", "Bearer".into())),
+        Error::Misdirected { host, addr, .. } => {
+            out.headers.push(("X-Mergen-Host", host.clone()));
+            out.headers.push(("X-Mergen-Host-Addr", addr.clone()));
+        }
         _ => {}
     }
     out
@@ -100,6 +112,23 @@ mod tests {
                 "bad_request",
             ),
             (Error::HookFailed("x".into()), 502, "hook_failed"),
+            (
+                Error::AliasTaken {
+                    alias: "app1".into(),
+                    host: "b".into(),
+                },
+                409,
+                "conflict",
+            ),
+            (
+                Error::Misdirected {
+                    id: "x".into(),
+                    host: "c".into(),
+                    addr: "10.0.0.3".into(),
+                },
+                421,
+                "misdirected_request",
+            ),
             (
                 Error::Runtime(RuntimeError::Unavailable(Unavailable::NoSetsid)),
                 503,
@@ -162,6 +191,18 @@ mod tests {
         assert_eq!(
             error(&Error::Unauthorized).headers,
             vec![("WWW-Authenticate", "Bearer".to_string())]
+        );
+        let misdirected = Error::Misdirected {
+            id: "x".into(),
+            host: "c".into(),
+            addr: "10.0.0.3".into(),
+        };
+        assert_eq!(
+            error(&misdirected).headers,
+            vec![
+                ("X-Mergen-Host", "c".to_string()),
+                ("X-Mergen-Host-Addr", "10.0.0.3".to_string())
+            ]
         );
     }
 }

@@ -76,6 +76,27 @@ fn retain_data(query: &str) -> Result<bool, Error> {
     })
 }
 
+/// Which VMs `GET /v1/vms` lists.
+enum Scope {
+    Host,
+    Cluster,
+}
+
+/// `?scope=`: `host` (the default) or `cluster`.
+fn scope(query: &str) -> Result<Scope, Error> {
+    let value = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    match value.as_str() {
+        "" | "host" => Ok(Scope::Host),
+        "cluster" => Ok(Scope::Cluster),
+        other => Err(Error::BadRequest(format!(
+            "scope={other:?}: want host or cluster"
+        ))),
+    }
+}
+
 fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) {
     let method = req.head.method.as_str();
     let path = req.head.path.as_str();
@@ -103,10 +124,17 @@ fn dispatch(app: &App, req: &Request) -> (&'static str, Result<Outcome, Error>) 
         }
     }
     let result = match (route, method) {
-        ("/healthz", "GET") => Ok(Outcome::Healthy),
+        ("/healthz", "GET") => Ok(match app.cluster_health() {
+            None => Outcome::Healthy,
+            Some(state) => Outcome::HealthyIn(state),
+        }),
         ("/metrics", "GET") => app.metrics_text(),
         ("/healthz" | "/metrics", _) => Err(Error::MethodNotAllowed("GET")),
-        ("/v1/vms", "GET") => app.list(),
+        ("/v1/vms", "GET") => match scope(&req.head.query) {
+            Ok(Scope::Host) => app.list(),
+            Ok(Scope::Cluster) => app.list_cluster(),
+            Err(e) => Err(e),
+        },
         ("/v1/vms", "POST") => app.create(&req.body),
         ("/v1/vms", _) => Err(Error::MethodNotAllowed("GET, POST")),
         ("/v1/vms/:id", "GET") => app.get(segs[2]),

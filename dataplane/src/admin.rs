@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mergen_http::{Limits, Request, Response, Running, Server, ServerConfig};
 
+use crate::cluster_routes::ClusterHealth;
 use crate::metrics::Metrics;
 
 const MAX_HEAD: usize = 8 * 1024;
@@ -18,6 +19,16 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Bind `addr` and serve. Returns the bound address (useful with port 0) and the
 /// server, which runs for the life of the process unless shut down.
 pub fn spawn_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, Running)> {
+    spawn_admin_with(addr, metrics, None)
+}
+
+/// [`spawn_admin`] for a forwarder in a cluster: both answers also tell how its view
+/// of the other hosts' routes is doing.
+pub fn spawn_admin_with(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<ClusterHealth>>,
+) -> io::Result<(SocketAddr, Running)> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let config = ServerConfig {
@@ -36,21 +47,34 @@ pub fn spawn_admin(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(Socke
         workers: 2,
     };
     // Every answer here is a few counters: all of them come from the loop thread.
-    let quick = Arc::clone(&metrics);
-    let mut server = Server::new(config, Arc::new(move |req: &Request| answer(&metrics, req)));
-    server.answer_quickly(Arc::new(move |req: &Request| Some(answer(&quick, req))));
+    let quick = (Arc::clone(&metrics), cluster.clone());
+    let mut server = Server::new(
+        config,
+        Arc::new(move |req: &Request| answer(&metrics, cluster.as_deref(), req)),
+    );
+    server.answer_quickly(Arc::new(move |req: &Request| {
+        Some(answer(&quick.0, quick.1.as_deref(), req))
+    }));
     server.listen_tcp(listener)?;
     Ok((bound, server.start()?))
 }
 
-fn answer(metrics: &Metrics, req: &Request) -> Response {
+fn answer(metrics: &Metrics, cluster: Option<&ClusterHealth>, req: &Request) -> Response {
     match (req.head.method.as_str(), req.head.path.as_str()) {
-        ("GET" | "HEAD", "/healthz") => Response::json(200, &serde_json::json!({"status": "ok"})),
-        ("GET" | "HEAD", "/metrics") => Response::text(
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
+        ("GET" | "HEAD", "/healthz") => {
+            let mut body = serde_json::json!({"status": "ok"});
+            if let Some(c) = cluster {
+                body["cluster"] = c.json();
+            }
+            Response::json(200, &body)
+        }
+        ("GET" | "HEAD", "/metrics") => {
+            let mut text = metrics.render();
+            if let Some(c) = cluster {
+                c.render(&mut text);
+            }
+            Response::text(200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
         (_, "/healthz" | "/metrics") => {
             let mut r = Response::error(405, "method_not_allowed", "use GET or HEAD");
             r.headers.push(("Allow", "GET, HEAD".into()));

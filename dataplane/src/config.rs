@@ -113,6 +113,25 @@ pub const VARS: &[Var] = &[
     ),
     Var::new("FWD_LOG_LEVEL", "debug", "debug|info|warn|error"),
     Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
+    Var::unset(
+        "FWD_ETCD_ENDPOINTS",
+        "etcd members (host:port or http://host:port, comma-separated): other hosts' VMs are learned there and their connections passed through to those hosts (docs/cluster.md)",
+    ),
+    Var::new(
+        "FWD_ETCD_PREFIX",
+        "/mergen",
+        "key prefix in etcd (as MGR_ETCD_PREFIX)",
+    ),
+    Var::new(
+        "FWD_ETCD_TIMEOUT_SECONDS",
+        "3",
+        "bound on each etcd request; a watch silent this long is checked",
+    ),
+    Var::computed(
+        "FWD_HOST_NAME",
+        "the hostname",
+        "this host's name in the cluster (as MGR_HOST_NAME): its own VMs come from meta.json only",
+    ),
 ];
 
 /// `--help`'s and the README's account of `FWD_LISTENERS`.
@@ -159,6 +178,15 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: String,
+    /// `None` unless `FWD_ETCD_ENDPOINTS` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where the cluster's routes are, and which host this is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    pub etcd: mergen_cluster::Settings,
+    pub host_name: String,
 }
 
 impl Config {
@@ -393,8 +421,36 @@ impl Config {
             admin_addr,
             log_level,
             log_format,
+            cluster: cluster_config(&env)?,
         })
     }
+}
+
+fn cluster_config(env: &Env<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
+    let endpoints = env
+        .with("FWD_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)?
+        .unwrap_or_default();
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let host_name = env
+        .opt("FWD_HOST_NAME")
+        .unwrap_or_else(mergen_cluster::hostname);
+    if host_name.is_empty() || host_name.contains('/') {
+        return Err(ConfigError {
+            name: "FWD_HOST_NAME".into(),
+            value: host_name,
+            expected: "a name without '/' (the hostname is used when unset)".into(),
+        });
+    }
+    Ok(Some(ClusterConfig {
+        etcd: mergen_cluster::Settings {
+            endpoints,
+            prefix: env.string("FWD_ETCD_PREFIX"),
+            timeout: env.seconds("FWD_ETCD_TIMEOUT_SECONDS")?,
+        },
+        host_name,
+    }))
 }
 
 /// `FWD_LISTENERS`, with the `FWD_HTTPS_ADDR` listener of the later original: it takes
@@ -552,6 +608,43 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn in_a_cluster_only_with_endpoints() {
+        assert_eq!(with(&[]).unwrap().cluster, None);
+        assert_eq!(with(&[("FWD_ETCD_ENDPOINTS", " ")]).unwrap().cluster, None);
+        let c = with(&[
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379,http://etcd-2:2379"),
+            ("FWD_HOST_NAME", "host-a"),
+        ])
+        .unwrap()
+        .cluster
+        .expect("in a cluster");
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://10.0.0.1:2379", "http://etcd-2:2379"]
+        );
+        assert_eq!(
+            (c.etcd.prefix.as_str(), c.etcd.timeout, c.host_name.as_str()),
+            ("/mergen", Duration::from_secs(3), "host-a")
+        );
+        let defaulted = with(&[("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379")]).unwrap();
+        assert_eq!(
+            defaulted.cluster.unwrap().host_name,
+            mergen_cluster::hostname()
+        );
+        for (name, value) in [
+            ("FWD_ETCD_ENDPOINTS", "10.0.0.1"),
+            ("FWD_ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+            ("FWD_HOST_NAME", "a/b"),
+            ("FWD_ETCD_TIMEOUT_SECONDS", "0"),
+        ] {
+            // The later of two settings of one variable wins.
+            let vars = [("FWD_ETCD_ENDPOINTS", "10.0.0.1:2379"), (name, value)];
+            let err = with(&vars).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
     }
 
     fn any(port: u16) -> ListenAddr {

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod cluster_routes;
 pub mod config;
 pub mod engine;
 pub mod limits;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 
 use ffi_free_netns::{Family, PoolConfig, SocketPool};
+use mergen_dataplane::cluster_routes::{ClusterHealth, ClusterRoutes, RemoteRoutes};
 use mergen_dataplane::config::{self, Config, ListenAddr};
 use mergen_dataplane::engine::{self, ConnLog, Listener, Shared, WorkerExit};
 use mergen_dataplane::limits::{self, Caps};
@@ -91,6 +92,8 @@ enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start following the cluster's routes: {0}")]
+    Cluster(#[from] mergen_cluster::ClusterError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] io::Error),
     #[error("starting workers: {0}")]
@@ -262,6 +265,23 @@ fn serve() -> Result<(), Error> {
         source,
     })?;
 
+    // Other hosts' VMs, when in a cluster. Kept alive until the forwarder stops.
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let table =
+                RemoteRoutes::new(&c.host_name, &config.domain_prefix, &config.domain_suffix);
+            let routes = ClusterRoutes::start(&c.etcd, table)?;
+            log::info!(
+                host = c.host_name.as_str(),
+                endpoints = c.etcd.endpoints.join(","),
+                prefix = c.etcd.prefix.as_str();
+                "in a cluster: following other hosts' routes in etcd"
+            );
+            Some(routes)
+        }
+        None => None,
+    };
+
     // Every worker gets its own socket per listener; binding them all up front turns a
     // port in use into a startup error instead of a dead worker.
     let workers = config.workers.max(1);
@@ -276,7 +296,13 @@ fn serve() -> Result<(), Error> {
         }
     }
     if let Some(addr) = config.admin_addr {
-        admin::spawn_admin(addr, metrics.clone())
+        let health = cluster.as_ref().map(|c| {
+            Arc::new(ClusterHealth {
+                routes: c.routes(),
+                status: c.status(),
+            })
+        });
+        admin::spawn_admin_with(addr, metrics.clone(), health)
             .map_err(|source| Error::Admin { addr, source })?;
     }
     let (stop_tx, stop) = mpsc::channel();
@@ -316,7 +342,7 @@ fn serve() -> Result<(), Error> {
     );
     let grace = config.shutdown_timeout;
     let conn_log = ConnLog::spawn(names).map_err(Error::Workers)?;
-    let shared = Arc::new(Shared::new(
+    let shared = Shared::new(
         config,
         caps,
         listeners,
@@ -329,7 +355,11 @@ fn serve() -> Result<(), Error> {
         }),
         metrics,
         conn_log,
-    ));
+    );
+    let shared = Arc::new(match &cluster {
+        Some(c) => shared.with_remote(c.routes()),
+        None => shared,
+    });
     let (exit_tx, exits) = mpsc::channel();
     let workers =
         engine::spawn_workers(shared.clone(), sockets, exit_tx).map_err(Error::Workers)?;
@@ -369,6 +399,7 @@ fn serve() -> Result<(), Error> {
             result = Err(Error::WorkerPanicked(i));
         }
     }
+    drop(cluster);
     log::info!("stopped");
     result
 }

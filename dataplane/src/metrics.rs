@@ -192,6 +192,17 @@ struct ListenerCounters {
     closed: [AtomicU64; Outcome::ALL.len()],
     to_backend: AtomicU64,
     to_client: AtomicU64,
+    /// In a cluster: connections passed through to another host's forwarder, and
+    /// connections another host's forwarder passed through to this one.
+    to_peer: AtomicU64,
+    from_peer: AtomicU64,
+}
+
+/// Which way a connection crossed between the hosts of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerDirection {
+    ToPeer,
+    FromPeer,
 }
 
 pub struct Metrics {
@@ -216,6 +227,8 @@ impl Metrics {
                     closed: Default::default(),
                     to_backend: AtomicU64::new(0),
                     to_client: AtomicU64::new(0),
+                    to_peer: AtomicU64::new(0),
+                    from_peer: AtomicU64::new(0),
                 })
                 .collect(),
             handshake_failures: Default::default(),
@@ -252,6 +265,15 @@ impl Metrics {
             if to_client > 0 {
                 l.to_client.fetch_add(to_client, Relaxed);
             }
+        }
+    }
+
+    pub fn peer_connection(&self, listener: usize, direction: PeerDirection) {
+        if let Some(l) = self.listener(listener) {
+            match direction {
+                PeerDirection::ToPeer => l.to_peer.fetch_add(1, Relaxed),
+                PeerDirection::FromPeer => l.from_peer.fetch_add(1, Relaxed),
+            };
         }
     }
 
@@ -314,6 +336,19 @@ impl Metrics {
             "Bytes forwarded, by direction.",
             self.listeners.iter().flat_map(|l| {
                 [("to_backend", &l.to_backend), ("to_client", &l.to_client)].map(|(d, c)| {
+                    (
+                        format!("{},direction=\"{d}\"", listener(l)),
+                        c.load(Relaxed),
+                    )
+                })
+            }),
+        );
+        series(
+            &mut out,
+            ("mergen_forwarder_cluster_connections_total", "counter"),
+            "Connections passed through between the hosts of a cluster: to_peer for a VM of another host, from_peer from another host's forwarder.",
+            self.listeners.iter().flat_map(|l| {
+                [("to_peer", &l.to_peer), ("from_peer", &l.from_peer)].map(|(d, c)| {
                     (
                         format!("{},direction=\"{d}\"", listener(l)),
                         c.load(Relaxed),

@@ -1,5 +1,6 @@
 //! PROXY protocol version 2 (HAProxy's `proxy-protocol.txt`, section 2.2): the header a
-//! `+proxy-v2` listener sends its guest before any byte of the client's, so that the
+//! `+proxy-v2` listener sends its guest before any byte of the client's (and a peer
+//! forwarder of the cluster sends the VM's own host, which reads it), so that the
 //! guest (nginx `listen ... proxy_protocol`, HAProxy `accept-proxy`, PostgreSQL poolers)
 //! sees the client's address instead of the forwarder's.
 //!
@@ -78,6 +79,72 @@ fn as_v6(ip: IpAddr) -> Ipv6Addr {
     }
 }
 
+/// What the first bytes of a connection say about a PROXY v2 header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// Too few bytes to tell.
+    NeedMore,
+    /// No PROXY v2 signature: the connection's own bytes start here.
+    Absent,
+    /// A signature, then something no sender of ours writes.
+    Invalid(&'static str),
+    /// A whole header of `len` bytes; `client` is the relayed client (`None` for a
+    /// LOCAL command or an address family without one).
+    Proxy {
+        len: usize,
+        client: Option<SocketAddr>,
+    },
+}
+
+/// The most a header may carry after its fixed part: both IPv6 addresses and ports,
+/// and TLVs up to an SNI's length with room to spare.
+const MAX_BODY: usize = 36 + 1024;
+
+/// Read a PROXY v2 header at the start of `data` (what a peer forwarder of the
+/// cluster sends before the client's ClientHello).
+pub fn read_header(data: &[u8]) -> Header {
+    let n = data.len().min(SIGNATURE.len());
+    if data[..n] != SIGNATURE[..n] {
+        return Header::Absent;
+    }
+    if data.len() < FIXED_LEN {
+        return Header::NeedMore;
+    }
+    let (version, command) = (data[12] >> 4, data[12] & 0x0f);
+    if version != 2 {
+        return Header::Invalid("not version 2");
+    }
+    let body_len = u16::from_be_bytes([data[14], data[15]]) as usize;
+    if body_len > MAX_BODY {
+        return Header::Invalid("too long");
+    }
+    if data.len() < FIXED_LEN + body_len {
+        return Header::NeedMore;
+    }
+    let body = &data[FIXED_LEN..FIXED_LEN + body_len];
+    let client = match (command, data[13]) {
+        // LOCAL: the sender's own connection (a health check); no client.
+        (0, _) => None,
+        (1, TCP_OVER_IPV4) if body.len() >= 12 => {
+            let ip: [u8; 4] = body[0..4].try_into().unwrap_or_default();
+            let port = u16::from_be_bytes([body[8], body[9]]);
+            Some(SocketAddr::new(IpAddr::from(ip), port))
+        }
+        (1, TCP_OVER_IPV6) if body.len() >= 36 => {
+            let ip: [u8; 16] = body[0..16].try_into().unwrap_or_default();
+            let port = u16::from_be_bytes([body[32], body[33]]);
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port))
+        }
+        (1, 0x00) => None,
+        (1, _) => return Header::Invalid("not TCP, or addresses cut short"),
+        _ => return Header::Invalid("unknown command"),
+    };
+    Header::Proxy {
+        len: FIXED_LEN + body_len,
+        client,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +202,54 @@ mod tests {
         assert_eq!(
             &mixed[16..32],
             &"::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets()
+        );
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        for (client, local) in [
+            ("192.0.2.7:51000", "10.0.0.1:443"),
+            ("[2001:db8::7]:5000", "[::1]:443"),
+        ] {
+            let got = header(client, local, Some("app1.localhost"));
+            let mut more = got.clone();
+            more.extend_from_slice(b"\x16\x03\x01rest");
+            assert_eq!(
+                read_header(&more),
+                Header::Proxy {
+                    len: got.len(),
+                    client: Some(client.parse().unwrap())
+                }
+            );
+            for cut in [0, 1, 11, 12, 15, 16, got.len() - 1] {
+                assert_eq!(read_header(&got[..cut]), Header::NeedMore, "{cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn anything_else_is_absent_or_invalid() {
+        assert_eq!(read_header(b"\x16\x03\x01\x02\x00"), Header::Absent);
+        assert_eq!(read_header(&[0, 0, 0, 8, 4, 210, 22, 47]), Header::Absent);
+        assert_eq!(read_header(b"\r\n\r\nX"), Header::Absent);
+        let mut h = header("192.0.2.7:1", "10.0.0.1:2", None);
+        h[12] = 0x11; // version 1
+        assert_eq!(read_header(&h), Header::Invalid("not version 2"));
+        let mut h = header("192.0.2.7:1", "10.0.0.1:2", None);
+        h[13] = 0x12; // UDP
+        assert!(matches!(read_header(&h), Header::Invalid(_)));
+        let mut h = header("192.0.2.7:1", "10.0.0.1:2", None);
+        h[14] = 0xff; // 65 KiB of body
+        assert_eq!(read_header(&h), Header::Invalid("too long"));
+        // LOCAL: a header without a client.
+        let mut h = header("192.0.2.7:1", "10.0.0.1:2", None);
+        h[12] = 0x20;
+        assert_eq!(
+            read_header(&h),
+            Header::Proxy {
+                len: h.len(),
+                client: None
+            }
         );
     }
 

@@ -23,8 +23,6 @@ use time::OffsetDateTime;
 use crate::watch::{self, Wake};
 
 pub use mergen_watch::META_FILE;
-/// The tag and metadata keys whose string values are aliases, as in the original.
-pub const ALIAS_KEYS: [&str; 4] = ["host", "hostname", "app", "name"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -221,23 +219,10 @@ struct Entry {
 }
 
 fn aliases_of(meta: &RouteMeta) -> Vec<Arc<str>> {
-    let mut out = vec![meta.id.to_ascii_lowercase()];
-    out.push(mergen_model::names::short_id(&meta.id).to_ascii_lowercase());
-    for key in ALIAS_KEYS {
-        if let Some(v) = meta.tags.get(key) {
-            out.push(v.to_ascii_lowercase());
-        }
-    }
-    for key in ALIAS_KEYS {
-        if let Some(serde_json::Value::String(v)) = meta.metadata.get(key) {
-            out.push(v.to_ascii_lowercase());
-        }
-    }
-    // A name with a dot can never be a label; an empty one never matches.
-    out.retain(|a| !a.is_empty() && !a.contains('.'));
-    out.sort_unstable();
-    out.dedup();
-    out.into_iter().map(Arc::from).collect()
+    mergen_model::aliases(&meta.id, &meta.tags, &meta.metadata)
+        .into_iter()
+        .map(Arc::from)
+        .collect()
 }
 
 #[derive(Debug)]

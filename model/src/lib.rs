@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod alias;
 pub mod atomic;
 pub mod cidr;
 pub mod domain;
@@ -15,6 +16,7 @@ pub mod meta;
 pub mod names;
 pub mod vmconfig;
 
+pub use alias::{aliases, ALIAS_KEYS};
 pub use cidr::Ipv4Cidr;
 pub use layout::Roots;
 pub use meta::{

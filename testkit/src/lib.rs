@@ -10,6 +10,7 @@
 
 mod child;
 mod cmd;
+pub mod etcd;
 mod guest_init;
 mod names;
 mod net;

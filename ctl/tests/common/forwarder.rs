@@ -1,5 +1,6 @@
 //! The real `mergen-forwarder` in front of a test mergend's VMs, and curl through it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -22,6 +23,23 @@ pub fn sibling_bin(name: &str, package: &str) -> PathBuf {
 /// The forwarder on `config_root`, with an HTTPS listener per (guest port) on a free
 /// 127.0.0.1 port; returns its guard and the ports. Its log is `dir/forwarder.log`.
 pub fn forwarder(config_root: &Path, dir: &Path, guest_ports: &[u16]) -> (ChildGuard, Vec<u16>) {
+    let ports: Vec<u16> = guest_ports.iter().map(|_| free_port()).collect();
+    let listeners: Vec<(SocketAddr, u16)> = guest_ports
+        .iter()
+        .zip(&ports)
+        .map(|(&g, &p)| (SocketAddr::from(([127, 0, 0, 1], p)), g))
+        .collect();
+    (forwarder_on(config_root, dir, &listeners, &[]), ports)
+}
+
+/// The forwarder on `config_root` with an HTTPS listener per (address, guest port) and
+/// the `extra` settings (a cluster's, say). Its log is `dir/forwarder.log`.
+pub fn forwarder_on(
+    config_root: &Path,
+    dir: &Path,
+    listeners: &[(SocketAddr, u16)],
+    extra: &[(&str, &str)],
+) -> ChildGuard {
     let bin = sibling_bin("mergen-forwarder", "mergen-dataplane");
     let certs = dir.join("certs");
     let out = Command::new(&bin)
@@ -37,39 +55,43 @@ pub fn forwarder(config_root: &Path, dir: &Path, guest_ports: &[u16]) -> (ChildG
             .find(|p| p.extension().is_some_and(|x| x == ext))
             .unwrap_or_else(|| panic!("no .{ext} from gen-cert"))
     };
-    let ports: Vec<u16> = guest_ports.iter().map(|_| free_port()).collect();
-    let listeners: Vec<String> = guest_ports
+    let spec: Vec<String> = listeners
         .iter()
-        .zip(&ports)
-        .map(|(g, p)| format!("127.0.0.1:{p}={g}"))
+        .map(|(addr, guest)| format!("{addr}={guest}"))
         .collect();
-    let allowed: Vec<String> = guest_ports.iter().map(u16::to_string).collect();
+    let allowed: Vec<String> = listeners.iter().map(|(_, g)| g.to_string()).collect();
     let admin = free_port();
     let log = std::fs::File::create(dir.join("forwarder.log")).unwrap();
-    let guard = ChildGuard::spawn(
-        Command::new(&bin)
-            .env("FWD_CONFIG_ROOT", config_root)
-            .env("FWD_TLS_CERT_FILE", find("crt"))
-            .env("FWD_TLS_KEY_FILE", find("key"))
-            .env("FWD_LISTENERS", listeners.join(","))
-            .env("FWD_ALLOWED_GUEST_PORTS", allowed.join(","))
-            .env("FWD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("FWD_WORKERS", "1")
-            .env("FWD_LOG_LEVEL", "info")
-            .env("FWD_RESOLVER_CACHE_TTL_SECONDS", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log),
-    );
-    (guard, ports)
+    let mut cmd = Command::new(&bin);
+    cmd.env("FWD_CONFIG_ROOT", config_root)
+        .env("FWD_TLS_CERT_FILE", find("crt"))
+        .env("FWD_TLS_KEY_FILE", find("key"))
+        .env("FWD_LISTENERS", spec.join(","))
+        .env("FWD_ALLOWED_GUEST_PORTS", allowed.join(","))
+        .env("FWD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .env("FWD_WORKERS", "1")
+        .env("FWD_LOG_LEVEL", "info")
+        .env("FWD_RESOLVER_CACHE_TTL_SECONDS", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    ChildGuard::spawn(&mut cmd)
 }
 
 /// `curl -k https://<name>:<port><path>` through the forwarder on 127.0.0.1 (SNI
 /// `name`): the body of a successful answer.
 pub fn through(name: &str, port: u16, path: &str) -> Option<String> {
+    through_at(name, "127.0.0.1", port, path)
+}
+
+/// [`through`] the forwarder listening on `ip`.
+pub fn through_at(name: &str, ip: &str, port: u16, path: &str) -> Option<String> {
     let out = Command::new("curl")
         .args(["-sk", "--fail", "--max-time", "5", "--resolve"])
-        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg(format!("{name}:{port}:{ip}"))
         .arg(format!("https://{name}:{port}{path}"))
         .output()
         .ok()?;

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use ffi_free_netns::SocketPool;
 
+use crate::cluster_routes::{RemoteRoutes, Routing};
 use crate::config::{Config, ListenerKind, ListenerSpec};
 use crate::limits::Caps;
 use crate::metrics::Metrics;
@@ -49,6 +50,9 @@ pub struct Listener {
     pub name: String,
     /// Its place in the configured list (and in the metrics).
     pub index: usize,
+    /// The port it listens on: other hosts' forwarders listen on it too, and a
+    /// connection passed through to one of them goes there.
+    pub port: u16,
     pub guest_port: u16,
     pub kind: ListenerKind,
     /// Send the guest a PROXY protocol v2 header before the client's bytes.
@@ -66,6 +70,7 @@ impl Listener {
         Listener {
             name: spec.name(),
             index,
+            port: spec.addr.port(),
             guest_port: spec.guest_port,
             kind: spec.kind,
             proxy_v2: spec.proxy_v2,
@@ -83,13 +88,21 @@ impl Listener {
     }
 }
 
-impl conn::Routes for Resolver {
+impl conn::Routes for Routing {
     fn by_sni(&self, name: &str) -> Option<Arc<Route>> {
-        self.snapshot().resolve_sni(name)
+        self.local.snapshot().resolve_sni(name)
+    }
+
+    fn remote(&self, name: &str) -> Option<Arc<Route>> {
+        self.remote.as_ref()?.by_sni(name)
+    }
+
+    fn peer(&self, ip: std::net::IpAddr) -> bool {
+        self.is_peer(ip)
     }
 
     fn oldest(&self) -> Option<Arc<Route>> {
-        self.snapshot().first()
+        self.local.snapshot().first()
     }
 }
 
@@ -99,6 +112,8 @@ pub struct Shared {
     pub timeouts: Timeouts,
     pub listeners: Vec<Listener>,
     pub resolver: Arc<Resolver>,
+    /// The resolver's routes, and other hosts' when in a cluster.
+    pub routing: Routing,
     pub pool: SocketPool,
     pub metrics: Arc<Metrics>,
     pub log: ConnLog,
@@ -129,6 +144,7 @@ impl Shared {
             },
             config,
             listeners,
+            routing: Routing::new(Arc::clone(&resolver), None),
             resolver,
             pool,
             metrics,
@@ -137,6 +153,12 @@ impl Shared {
             stop: AtomicBool::new(false),
             drain_deadline: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Route names no local VM answers to through `remote` (a cluster's other hosts).
+    pub fn with_remote(mut self, remote: Arc<RemoteRoutes>) -> Shared {
+        self.routing = Routing::new(Arc::clone(&self.resolver), Some(remote));
+        self
     }
 
     /// Stop accepting; open connections get `grace` to finish before they are closed.

@@ -7,10 +7,10 @@
 //! signals the worker's eventfd.
 //!
 //! It also guards the process's limits: a connection over a cap is closed at once
-//! ([`Admission`]); when accepting fails for want of descriptors or memory, accepting
-//! pauses (10 ms doubling to 1 s, or until a connection closes) instead of failing in
-//! a tight loop; and when the resolver says a VM may have gone away, connections to
-//! it are ended ([`Event::VmGone`]).
+//! ([`Admission`](super::admit::Admission)); when accepting fails for want of
+//! descriptors or memory, accepting pauses (10 ms doubling to 1 s, or until a
+//! connection closes) instead of failing in a tight loop; and when the resolver says a
+//! VM may have gone away, connections to it are ended ([`Event::VmGone`]).
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ffi_free_netns::Wake;
 use rustix::event::{eventfd, EventfdFlags};
 
-use super::admit::{Admission, Place};
+use super::admit::Place;
 use super::conn::{Addrs, Conn, Cx, Event, Io, Op, Side, BUF_LEN};
 use super::connlog::{ConnId, Record};
 use super::dial::{guest_socket, DialError};
@@ -249,9 +249,11 @@ impl Worker {
         self.backoff.succeeded();
         let metrics = &self.shared.metrics;
         metrics.conn_opened(listener);
-        // A PROXY header needs both addresses; a client gone before they could be read
-        // (ENOTCONN) is closed.
-        let addrs = match self.shared.listeners[listener].proxy_v2 {
+        // A PROXY header needs both addresses (so does telling a peer forwarder's
+        // connection in a cluster); a client gone before they could be read (ENOTCONN)
+        // is closed.
+        let in_cluster = self.shared.routing.in_cluster();
+        let addrs = match self.shared.listeners[listener].proxy_v2 || in_cluster {
             true => match client_addrs(&client) {
                 Ok(addrs) => Some(addrs),
                 Err(_) => return metrics.conn_closed(listener, Outcome::ClientError),
@@ -259,7 +261,7 @@ impl Worker {
             false => None,
         };
         let place = match self.accepting {
-            true => admit(&self.shared.admission, &client, addrs),
+            true => admit(&self.shared, &client, addrs),
             false => Err(Outcome::Refused),
         };
         let place = match place {
@@ -637,14 +639,17 @@ fn context<'a>(
         now,
         listener: &shared.listeners[listener],
         timeouts: &shared.timeouts,
-        routes: &*shared.resolver,
+        routes: &shared.routing,
         metrics: &shared.metrics,
         log: &shared.log,
     }
 }
 
-/// A place under the caps for `client`, counted by its peer address.
-fn admit(admission: &Admission, client: &OwnedFd, addrs: Option<Addrs>) -> Result<Place, Outcome> {
+/// A place under the caps for `client`, counted by its peer address. Another host's
+/// forwarder speaks for many clients, each counted there: it is held to the total
+/// cap only.
+fn admit(shared: &Shared, client: &OwnedFd, addrs: Option<Addrs>) -> Result<Place, Outcome> {
+    let admission = &shared.admission;
     let peer = match (addrs, admission.caps().per_ip) {
         (Some(addrs), _) => Some(addrs.client),
         // Only the per-address cap needs it.
@@ -654,7 +659,7 @@ fn admit(admission: &Admission, client: &OwnedFd, addrs: Option<Addrs>) -> Resul
             .and_then(|a| std::net::SocketAddr::try_from(a).ok()),
         (None, None) => None,
     };
-    admission.admit(peer)
+    admission.admit(peer.filter(|p| !shared.routing.is_peer(p.ip())))
 }
 
 /// Whether the VM a connection was routed to (`route`, its namespace then naming
@@ -755,6 +760,7 @@ mod tests {
             let listener = Listener {
                 name: "raw-test".into(),
                 index: 0,
+                port: 0,
                 guest_port: backend_port,
                 kind: ListenerKind::Raw,
                 proxy_v2,

@@ -227,6 +227,17 @@ pub enum Event {
 pub trait Routes {
     /// The VM a server name routes to.
     fn by_sni(&self, name: &str) -> Option<Arc<Route>>;
+    /// A VM of another host of the cluster, for a name no local VM answers to: its
+    /// connections are passed through, ClientHello included, to that host's forwarder
+    /// (the route's address, on the listener's own port).
+    fn remote(&self, _name: &str) -> Option<Arc<Route>> {
+        None
+    }
+    /// Whether `ip` is another host of the cluster, whose forwarder may start a
+    /// connection with a PROXY header naming the client it passes through.
+    fn peer(&self, _ip: std::net::IpAddr) -> bool {
+        false
+    }
     /// Where a raw listener sends its connections: the oldest VM.
     fn oldest(&self) -> Option<Arc<Route>>;
 }
@@ -313,6 +324,8 @@ pub struct Proxy {
     /// What the guest gets before any client byte (a PROXY v2 header), until the dial
     /// is up and it is queued.
     preface: Option<Vec<u8>>,
+    /// Passed through to another host's forwarder rather than to a guest.
+    to_peer: bool,
     /// Client → guest.
     up: Flow,
     /// Guest → client.
@@ -326,6 +339,7 @@ impl Proxy {
             dial: Dial::Pending { since: now },
             mode,
             preface,
+            to_peer: false,
             up: Flow::Open,
             down: Flow::Open,
         }
@@ -339,6 +353,19 @@ impl Proxy {
             (Mode::Relay, Dial::Pending { since }) => Some(*since + timeouts.handshake),
             (Mode::Relay, _) => None,
         }
+    }
+
+    /// Passed through to another host's forwarder, unread: its bytes so far (the
+    /// ClientHello, when it came in pieces) go first.
+    fn to_peer(route: Arc<Route>, hello: Vec<u8>, now: Instant) -> Proxy {
+        let mut p = Proxy::new(
+            route,
+            Mode::Relay,
+            Some(hello).filter(|h| !h.is_empty()),
+            now,
+        );
+        p.to_peer = true;
+        p
     }
 
     fn handshaking(&self) -> bool {
@@ -497,11 +524,16 @@ impl Ends {
 }
 
 /// Ask the worker to connect to `route`'s guest on the listener's guest port (or the
-/// VM's `httpPort`, see [`Listener::guest_port_for`]).
-fn request_dial<B>(route: &Arc<Route>, cx: &mut Cx<'_, B>) {
+/// VM's `httpPort`, see [`Listener::guest_port_for`]); a route passed through to
+/// another host goes to that host's listener on this listener's own port.
+fn request_dial<B>(route: &Arc<Route>, to_peer: bool, cx: &mut Cx<'_, B>) {
+    let port = match to_peer {
+        true => cx.listener.port,
+        false => cx.listener.guest_port_for(route),
+    };
     cx.io.push(Io::Dial {
         route: Arc::clone(route),
-        port: cx.listener.guest_port_for(route),
+        port,
         timeout: cx.timeouts.dial,
     });
 }
@@ -533,12 +565,12 @@ impl Conn {
     /// raw one dials the oldest VM.
     pub fn accept<B: Buffers>(id: ConnId, addrs: Option<Addrs>, cx: &mut Cx<'_, B>) -> Conn {
         let stage = if cx.listener.kind.is_tls() {
-            let addrs = addrs.filter(|_| cx.listener.proxy_v2);
+            // Kept for a PROXY header to the guest (`+proxy-v2`) or to a peer.
             Stage::Peek(Peek::new(cx.now, cx.now + cx.timeouts.handshake, addrs))
         } else {
             match cx.routes.oldest() {
                 Some(route) => {
-                    request_dial(&route, cx);
+                    request_dial(&route, false, cx);
                     let preface = proxy_header(addrs, None, cx.listener);
                     Stage::Proxy(Proxy::new(route, Mode::Relay, preface, cx.now))
                 }
@@ -579,10 +611,12 @@ impl Conn {
             .flatten()
     }
 
-    /// The VM it was routed to, while routed (not once it is ending).
+    /// The local VM it was routed to, while routed (not once it is ending). A
+    /// connection passed through to another host has none here: the owner's forwarder
+    /// ends it when its VM goes.
     pub fn route(&self) -> Option<&Arc<Route>> {
         match &self.stage {
-            Stage::Proxy(p) => Some(&p.route),
+            Stage::Proxy(p) if !p.to_peer => Some(&p.route),
             _ => None,
         }
     }
@@ -725,7 +759,7 @@ impl Conn {
         match next {
             Next::Stay => {}
             Next::Proxy(proxy) => {
-                request_dial(&proxy.route, cx);
+                request_dial(&proxy.route, proxy.to_peer, cx);
                 self.stage = Stage::Proxy(proxy);
             }
             Next::Linger(outcome) => {

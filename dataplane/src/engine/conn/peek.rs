@@ -1,6 +1,7 @@
 //! Before any crypto: reading the ClientHello (after a PostgreSQL SSLRequest), and
 //! routing it by SNI or refusing it with a plaintext alert.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use rustls::ServerConnection;
@@ -11,7 +12,8 @@ use super::{Addrs, Buffers, ConnId, Cx, Ends, Mode, Next, Op, Proxy, Routes, Sid
 use crate::config::ListenerKind;
 use crate::engine::connlog::{ConnLog, Record};
 use crate::engine::Listener;
-use crate::metrics::{HandshakeFailure, Outcome};
+use crate::metrics::{HandshakeFailure, Outcome, PeerDirection};
+use crate::proxy_protocol::{self, Header};
 use crate::resolver::Route;
 use crate::sni::{self, PgPreamble};
 
@@ -35,8 +37,15 @@ pub struct Peek {
     partial: Vec<u8>,
     /// PostgreSQL preambles answered so far.
     pg_answers: u8,
-    /// The client's and our address, kept for a PROXY header (`+proxy-v2` only).
+    /// The client's and our address, kept for a PROXY header (`+proxy-v2`, or in a
+    /// cluster). After a peer's header, the client is the one it names.
     addrs: Option<Addrs>,
+    /// Whether a PROXY header from a peer forwarder was looked for yet.
+    peer_checked: bool,
+    /// Passed through by another host's forwarder: never passed on again, so that two
+    /// hosts whose views of the cluster disagree cannot bounce a connection between
+    /// them.
+    from_peer: bool,
 }
 
 /// What the bytes so far say.
@@ -57,6 +66,16 @@ enum Verdict {
         /// For the guest before anything else (a PROXY header).
         preface: Option<Vec<u8>>,
     },
+    /// A VM of another host: passed through unread to that host's forwarder, after
+    /// this PROXY header naming the client.
+    PassThrough(Arc<Route>, Vec<u8>),
+    /// A peer forwarder's PROXY header of `len` bytes, relaying `client`.
+    PeerHeader {
+        len: usize,
+        client: Option<SocketAddr>,
+    },
+    /// A peer's connection without a header (a health check, a direct client).
+    NoPeerHeader,
 }
 
 impl Peek {
@@ -67,7 +86,18 @@ impl Peek {
             partial: Vec::new(),
             pg_answers: 0,
             addrs,
+            peer_checked: false,
+            from_peer: false,
         }
+    }
+
+    /// Whether the bytes so far may start with a peer forwarder's PROXY header: only
+    /// from the address of another host of the cluster (asked once), until read.
+    fn peer_header_due(&mut self, routes: &dyn Routes) -> bool {
+        if !self.peer_checked && !self.addrs.is_some_and(|a| routes.peer(a.client.ip())) {
+            self.peer_checked = true;
+        }
+        !self.peer_checked
     }
 
     pub fn deadline(&self) -> Instant {
@@ -91,6 +121,7 @@ impl Peek {
                 cx.bufs.consume(b, n);
             }
             let in_buffer = self.partial.is_empty();
+            let header_due = self.peer_header_due(cx.routes);
             let verdict = {
                 let data = match ends.from_client {
                     Some(b) if in_buffer => cx.bufs.data(b),
@@ -98,10 +129,13 @@ impl Peek {
                 };
                 if data.is_empty() {
                     None
+                } else if header_due {
+                    Some(peer_header(data))
                 } else {
                     let clock = (self.accepted, self.deadline);
                     let (listener, routes, log) = (cx.listener, cx.routes, cx.log);
-                    Some(judge(data, id, clock, self.addrs, listener, routes, log))
+                    let from = (self.addrs, self.from_peer);
+                    Some(judge(data, id, clock, from, listener, routes, log))
                 }
             };
             let Some(verdict) = verdict else {
@@ -163,24 +197,63 @@ impl Peek {
                     let proxy = Proxy::new(route, Mode::Tls(tls), preface, cx.now);
                     return Next::Proxy(proxy);
                 }
+                Verdict::PassThrough(route, mut preface) => {
+                    // The peer hears the header, then every byte read so far: a hello
+                    // joined here goes ahead of the receive buffer, which is relayed as
+                    // it is. Both must fit the one buffer they are queued in.
+                    if preface.len() + self.partial.len() > super::BUF_LEN {
+                        cx.metrics.handshake_failed(HandshakeFailure::TooLarge);
+                        return Next::Close(Outcome::HandshakeFailed);
+                    }
+                    preface.append(&mut self.partial);
+                    cx.metrics
+                        .peer_connection(cx.listener.index, PeerDirection::ToPeer);
+                    return Next::Proxy(Proxy::to_peer(route, preface, cx.now));
+                }
+                Verdict::PeerHeader { len, client } => {
+                    self.peer_checked = true;
+                    self.from_peer = true;
+                    cx.metrics
+                        .peer_connection(cx.listener.index, PeerDirection::FromPeer);
+                    match ends.from_client {
+                        Some(b) if in_buffer => cx.bufs.consume(b, len),
+                        _ => drop(self.partial.drain(..len)),
+                    }
+                    if let (Some(addrs), Some(client)) = (self.addrs.as_mut(), client) {
+                        addrs.client = client;
+                    }
+                }
+                Verdict::NoPeerHeader => self.peer_checked = true,
             }
         }
     }
 }
 
+/// The start of a connection from another host of the cluster: its forwarder's PROXY
+/// header, or none.
+fn peer_header(data: &[u8]) -> Verdict {
+    match proxy_protocol::read_header(data) {
+        Header::NeedMore => Verdict::NeedMore,
+        Header::Absent => Verdict::NoPeerHeader,
+        Header::Invalid(_) => Verdict::NotTls,
+        Header::Proxy { len, client } => Verdict::PeerHeader { len, client },
+    }
+}
+
 /// Read `data`, everything received so far; `clock` is when the connection was
-/// accepted and when its handshake must be done, `addrs` where it came from (kept for
-/// a PROXY header).
+/// accepted and when its handshake must be done, `from` where it came from (kept for
+/// a PROXY header) and whether a peer forwarder passed it on.
 fn judge(
     data: &[u8],
     id: ConnId,
     clock: (Instant, Instant),
-    addrs: Option<Addrs>,
+    from: (Option<Addrs>, bool),
     listener: &Listener,
     routes: &dyn Routes,
     log: &ConnLog,
 ) -> Verdict {
     let (accepted, deadline) = clock;
+    let (addrs, from_peer) = from;
     if listener.kind == ListenerKind::Postgres && data[0] != 0x16 {
         return match sni::postgres_preamble(data) {
             PgPreamble::NeedMore => Verdict::NeedMore,
@@ -214,7 +287,25 @@ fn judge(
         sni::Peek::Hello { sni: Some(name) } => name,
     };
     let Some(route) = routes.by_sni(&name) else {
-        return refuse(HandshakeFailure::UnknownSni, Some(&name));
+        // Local routes win; a name no host has is refused here, as on a lone host, and
+        // so is one a peer sent here for a VM this host no longer has.
+        let Some(route) = routes.remote(&name).filter(|_| !from_peer) else {
+            return refuse(HandshakeFailure::UnknownSni, Some(&name));
+        };
+        if log.debug_enabled() {
+            let record = Record::Routed {
+                sni: Box::from(&*name),
+                vm: Arc::clone(&route),
+                port: listener.port,
+            };
+            log.record(id, listener.index, record);
+        }
+        // The owner learns the client from this header (the SNI it reads itself).
+        let mut header = Vec::new();
+        if let Some(a) = addrs {
+            proxy_protocol::write_header(a.client, a.local, None, &mut header);
+        }
+        return Verdict::PassThrough(route, header);
     };
     let Some(config) = listener.tls.clone() else {
         return Verdict::Failed; // a TLS kind always has a configuration

@@ -19,6 +19,9 @@ use crate::metrics::{HandshakeFailure, Metrics, Outcome};
 use crate::resolver::{Namespace, Route};
 use crate::sni;
 
+// Connections passed through to another host of a cluster.
+mod passthrough;
+
 // ---- the stand-in kernel ----------------------------------------------------------
 
 struct FakeBuf {
@@ -103,6 +106,17 @@ impl Routes for FakeRoutes {
     fn oldest(&self) -> Option<Arc<Route>> {
         self.0.get("app.localhost").cloned()
     }
+
+    /// Other hosts' VMs are kept under `remote:<name>`, which no SNI can be.
+    fn remote(&self, name: &str) -> Option<Arc<Route>> {
+        let key = format!("remote:{}", name.to_ascii_lowercase());
+        self.0.get(&key).cloned()
+    }
+
+    /// Other hosts' addresses, under `peer:<ip>`.
+    fn peer(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains_key(&format!("peer:{ip}"))
+    }
 }
 
 fn route() -> Arc<Route> {
@@ -179,6 +193,7 @@ impl T {
             listener: Listener {
                 name: ":443".into(),
                 index: 0,
+                port: 443,
                 guest_port: 8080,
                 kind,
                 proxy_v2: false,

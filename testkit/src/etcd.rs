@@ -1,0 +1,237 @@
+//! A real etcd cluster for tests (Debian's `etcd-server`): members on loopback or on an
+//! address inside a test's network namespace, each one stopped and started again at
+//! will, all of them killed by PID and their data removed on drop.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{poll, ChildGuard, TempDir};
+
+/// Where etcd keeps its data: tmpfs, so that its fsyncs are cheap and its
+/// preallocated write-ahead logs never fill the disk.
+const DATA_BASE: &str = "/dev/shm";
+
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    process: Option<ChildGuard>,
+}
+
+/// A running etcd cluster.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial: String,
+    netns: Option<String>,
+    dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// `n` members on 127.0.0.1, on ports the kernel picked.
+    pub fn loopback(n: usize) -> EtcdCluster {
+        EtcdCluster::start(n, None, "127.0.0.1")
+    }
+
+    /// `n` members listening on `ip`, inside the namespace `netns` when given (entered
+    /// with `nsenter --net`, so the members see the host's files).
+    pub fn start(n: usize, netns: Option<&str>, ip: &str) -> EtcdCluster {
+        assert!(
+            Command::new("etcd").arg("--version").output().is_ok(),
+            "etcd is missing: install Debian's etcd-server (scripts/test.sh does)"
+        );
+        let base = if std::path::Path::new(DATA_BASE).is_dir() {
+            TempDir::new_in(std::path::Path::new(DATA_BASE), "etcd")
+        } else {
+            TempDir::new("etcd")
+        };
+        let ports: Vec<(u16, u16)> = match netns {
+            // A namespace of the test's own: nothing else listens there.
+            Some(_) => (0..n as u16).map(|i| (23790 + i, 23890 + i)).collect(),
+            None => (0..n)
+                .map(|_| (crate::free_port(), crate::free_port()))
+                .collect(),
+        };
+        let members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| Member {
+                name: format!("m{i}"),
+                client: format!("http://{ip}:{c}"),
+                peer: format!("http://{ip}:{p}"),
+                process: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial,
+            netns: netns.map(str::to_string),
+            dir: base,
+        };
+        for i in 0..n {
+            cluster.start_member(i);
+        }
+        cluster.wait_healthy(&(0..n).collect::<Vec<_>>());
+        cluster
+    }
+
+    /// The members' client URLs, comma-separated (what `*_ETCD_ENDPOINTS` take).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i`'s client URL.
+    pub fn endpoint(&self, i: usize) -> String {
+        self.members[i].client.clone()
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.members[i].name)
+    }
+
+    /// Start member `i` (again, on its old data if it ran before).
+    pub fn start_member(&mut self, i: usize) {
+        let data = self.data_dir(i);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.members[i].name)))
+            .expect("etcd log file");
+        let m = &self.members[i];
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("etcd");
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &m.client])
+            .args(["--advertise-client-urls", &m.client])
+            .args(["--listen-peer-urls", &m.peer])
+            .args(["--initial-advertise-peer-urls", &m.peer])
+            .args(["--initial-cluster", &self.initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "mergen-test"])
+            // Elections in well under a second, as tests need.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args([
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log);
+        self.members[i].process = Some(ChildGuard::spawn(&mut cmd));
+    }
+
+    /// Kill member `i` (SIGKILL, as a crash).
+    pub fn stop_member(&mut self, i: usize) {
+        drop(self.members[i].process.take());
+    }
+
+    pub fn stop_all(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop_member(i);
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].process.is_none() {
+                self.start_member(i);
+            }
+        }
+    }
+
+    /// Wait until members `which` answer as healthy (which needs a quorum).
+    pub fn wait_healthy(&self, which: &[usize]) {
+        let endpoints: Vec<String> = which.iter().map(|&i| self.endpoint(i)).collect();
+        let ok = poll(Duration::from_secs(30), || {
+            let out = self
+                .etcdctl()
+                .arg(format!("--endpoints={}", endpoints.join(",")))
+                .args(["endpoint", "health"])
+                .output()
+                .ok()?;
+            out.status.success().then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "etcd members {which:?} never became healthy: {}",
+            self.logs()
+        );
+    }
+
+    /// `etcdctl` (API v3) in the cluster's namespace, with a short timeout.
+    pub fn etcdctl(&self) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("etcdctl");
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--dial-timeout=2s", "--command-timeout=3s"]);
+        cmd
+    }
+
+    /// `etcdctl` against every member, with `args`; its standard output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self
+            .etcdctl()
+            .arg(format!("--endpoints={}", self.endpoints()))
+            .args(args)
+            .output()
+            .expect("running etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every member's log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let text = std::fs::read_to_string(self.dir.join(format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                format!(
+                    "--- {}\n{}",
+                    m.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        // The processes go before their data.
+        self.stop_all();
+    }
+}
