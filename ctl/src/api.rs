@@ -3,19 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use mergen_model::names::{is_valid_id, netns_name, tap_name};
 use mergen_model::vmconfig::{with_ip_arg, MachineConfig, DEFAULT_BOOT_ARGS};
-use mergen_model::{Hooks, Meta, Paths, PortBinding, VmConfig};
-use mergen_runtime::{
-    select_supervisor, RuntimeError, Supervisor, SupervisorInfo, SystemdInfo, VmState, VmStatus,
-};
-use serde::Serialize;
-use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
+use mergen_model::{Hooks, Meta, VmConfig};
+use mergen_runtime::{select_supervisor, RuntimeError, Supervisor, SystemdInfo, VmState};
 use time::OffsetDateTime;
 
 use crate::alloc::{allocate, Pool};
@@ -23,15 +17,20 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hooks::HookRunner;
 use crate::hostports::HostPorts;
+use crate::index::Index;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
 use crate::request::{parse_create, CreateRequest, Images};
 use crate::store::{NewVm, Store};
+use crate::summary::{self, Json, Rendered, StatusView, SupervisorView};
 use mergen_cluster::{HostRecord, LocalVm, Publisher, VmRecord};
 
 pub struct App {
     pub config: Config,
     pub store: Store,
+    /// Every VM's meta.json, kept in step with the files: what creates allocate from
+    /// and lists are answered from.
+    index: Arc<Index>,
     /// Where images may come from, canonical (symlinks resolved at start-up).
     images: Images,
     supervisor: Result<Arc<dyn Supervisor>, RuntimeError>,
@@ -50,138 +49,13 @@ pub enum Outcome {
     Started(String),
     Stopped(String),
     Deleted(String),
-    Vm(Box<VmView>),
-    List(Vec<VmView>),
+    /// A VM's summary.
+    Vm(Json),
+    /// `{"items": [summaries]}`.
+    List(Json),
     /// `GET /v1/vms?scope=cluster`: every host's routes, as etcd has them.
     ClusterList(Vec<VmRecord>),
     Metrics(String),
-}
-
-/// A VM as `GET /v1/vms[/:id]` shows it: its record and what its supervisor says.
-/// Serialized as the summary.
-pub struct VmView {
-    meta: Meta,
-    status: StatusView,
-    socket_present: bool,
-}
-
-impl VmView {
-    fn new(meta: Meta, status: StatusView) -> VmView {
-        // Under the jailer the socket path is a symlink into the chroot: follow it.
-        let socket_present =
-            fs::metadata(&meta.paths.socket_path).is_ok_and(|m| m.file_type().is_socket());
-        VmView {
-            meta,
-            status,
-            socket_present,
-        }
-    }
-
-    fn summary(&self) -> Summary<'_> {
-        let (meta, st) = (&self.meta, &self.status);
-        Summary {
-            id: &meta.id,
-            created_at: meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            state: st.state,
-            supervisor: &st.supervisor,
-            systemd: &st.systemd,
-            firecracker: Firecracker {
-                socket_path: &meta.paths.socket_path,
-                socket_present: self.socket_present,
-            },
-            network: Network {
-                guest_ip: meta.guest_ip,
-                ports: &meta.ports,
-                tap_name: &meta.tap_name,
-                netns: &meta.netns,
-            },
-            http_port: meta.http_port,
-            paths: &meta.paths,
-            metadata: &meta.metadata,
-            tags: &meta.tags,
-        }
-    }
-}
-
-impl Serialize for VmView {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.summary().serialize(s)
-    }
-}
-
-/// A VM's state and supervisor blocks as shown in its summary.
-struct StatusView {
-    state: VmState,
-    supervisor: SupervisorView,
-    systemd: SystemdInfo,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum SupervisorView {
-    Known(SupervisorInfo),
-    /// No supervisor could be asked.
-    Unavailable {
-        kind: &'static str,
-        active: bool,
-    },
-}
-
-impl From<VmStatus> for StatusView {
-    fn from(s: VmStatus) -> StatusView {
-        StatusView {
-            state: s.state,
-            supervisor: SupervisorView::Known(s.supervisor),
-            systemd: s.systemd,
-        }
-    }
-}
-
-/// The VM summary of `GET /v1/vms[/:id]`, serialized straight from borrowed fields
-/// (listing 1,000 VMs builds no intermediate JSON tree).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Summary<'a> {
-    id: &'a str,
-    created_at: String,
-    state: VmState,
-    supervisor: &'a SupervisorView,
-    systemd: &'a SystemdInfo,
-    firecracker: Firecracker<'a>,
-    network: Network<'a>,
-    /// The later original's per-VM HTTP port; omitted when 0, as in meta.json.
-    #[serde(skip_serializing_if = "is_zero")]
-    http_port: u16,
-    paths: &'a Paths,
-    metadata: &'a serde_json::Map<String, Value>,
-    tags: &'a BTreeMap<String, String>,
-}
-
-fn is_zero(n: &u16) -> bool {
-    *n == 0
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Firecracker<'a> {
-    socket_path: &'a str,
-    socket_present: bool,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Network<'a> {
-    #[serde(rename = "guestIP")]
-    guest_ip: std::net::Ipv4Addr,
-    ports: &'a [PortBinding],
-    tap_name: &'a str,
-    netns: &'a str,
-}
-
-/// The body of `GET /v1/vms`.
-#[derive(Serialize)]
-pub struct Items<'a> {
-    pub items: &'a [VmView],
 }
 
 impl App {
@@ -190,18 +64,22 @@ impl App {
         store
             .ensure_roots()
             .map_err(|e| format!("cannot create the state roots: {e}"))?;
-        {
+        let index = {
             let _alloc = store
                 .alloc_lock()
                 .map_err(|e| format!("cannot take the allocation lock: {e}"))?;
-            let rec = store.recover().map_err(|e| {
+            let scan_error = |e: std::io::Error| {
                 format!("cannot scan {}: {e}", config.runtime.roots.config.display())
-            })?;
+            };
+            let rec = store.recover().map_err(scan_error)?;
+            // After recovery, so that nothing half-written is read; under the lock, so
+            // that no other mergend's create is half done either.
+            let index = Arc::new(Index::load(&config.runtime.roots.config).map_err(scan_error)?);
             for p in &rec.removed {
                 log::warn!(dir:? = p; "removed a half-written VM dir left by a crash");
             }
-            for p in &rec.invalid {
-                log::warn!(dir:? = p; "VM dir without a valid meta.json: not listed");
+            for u in index.unlisted().map_err(scan_error)? {
+                log::warn!(dir:? = u.dir, reason = u.why; "VM dir without a valid meta.json: not listed");
             }
             for p in &rec.stale {
                 log::info!(path:? = p; "removed the lock or run dir of a VM that does not exist");
@@ -209,7 +87,8 @@ impl App {
             for (from, to) in &rec.orphaned {
                 log::warn!(from:? = from, to:? = to; "data dir without a VM moved aside (never deleted): look at it, then remove it or move it back");
             }
-        }
+            index
+        };
         let canonical = |list: &[PathBuf], what: &str| -> Vec<PathBuf> {
             let mut out = Vec::new();
             for p in list {
@@ -236,12 +115,13 @@ impl App {
             Arc::clone(&metrics),
         );
         let cluster = match &config.cluster {
-            Some(c) => Some(start_publisher(c, store.clone())?),
+            Some(c) => Some(start_publisher(c, Arc::clone(&index))?),
             None => None,
         };
         Ok(App {
             config,
             store,
+            index,
             images,
             supervisor,
             hooks,
@@ -279,7 +159,7 @@ impl App {
     }
 
     /// Status of many VMs with one supervisor query.
-    fn statuses(&self, metas: &[Meta]) -> Result<Vec<StatusView>, Error> {
+    fn statuses(&self, metas: &[&Meta]) -> Result<Vec<StatusView>, Error> {
         let sup = match &self.supervisor {
             Ok(s) => s,
             Err(_) => return Ok(metas.iter().map(|m| self.unavailable_status(m)).collect()),
@@ -417,7 +297,7 @@ impl App {
             .store
             .alloc_lock()
             .map_err(Error::io("allocation lock"))?;
-        let mut taken = self.store.taken().map_err(Error::Unreadable)?;
+        let mut taken = self.index.taken().map_err(Error::Unreadable)?;
         if !req.ports.is_empty() {
             taken.host = HostPorts::read().map_err(Error::io("reading the host's sockets"))?;
         }
@@ -541,28 +421,27 @@ impl App {
             },
             Err(_) => self.unavailable_status(&meta),
         };
-        Ok(Outcome::Vm(Box::new(VmView::new(meta, st))))
+        let rendered = Rendered::new(&meta);
+        let present = rendered.socket_present();
+        Ok(Outcome::Vm(summary::one(&rendered, &st, present)))
     }
 
-    fn sorted_vms(&self) -> Result<Vec<Meta>, Error> {
-        let mut metas = self.store.list().map_err(Error::io("listing VMs"))?;
-        metas.sort_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        Ok(metas)
-    }
-
+    /// Every VM, newest first, from the index; their states from one supervisor query
+    /// per core (a list of thousands is file probes and serialising, spread over them).
     pub fn list(&self) -> Result<Outcome, Error> {
-        let metas = self.sorted_vms()?;
-        let statuses = self.statuses(&metas)?;
-        let items = metas
-            .into_iter()
-            .zip(statuses)
-            .map(|(m, s)| VmView::new(m, s))
-            .collect();
-        Ok(Outcome::List(items))
+        let view = self.index.view().map_err(Error::io("listing VMs"))?;
+        let stretches = mergen_watch::map_slices(&view, |vms| {
+            let metas: Vec<&Meta> = vms.iter().map(|vm| &vm.meta).collect();
+            let statuses = self.statuses(&metas)?;
+            Ok(summary::items(vms.iter().zip(statuses).map(
+                |(vm, status)| {
+                    let rendered = vm.rendered();
+                    (rendered, status, rendered.socket_present())
+                },
+            )))
+        });
+        let stretches = stretches.into_iter().collect::<Result<Vec<_>, Error>>()?;
+        Ok(Outcome::List(summary::list(stretches)))
     }
 
     /// `GET /v1/vms?scope=cluster`: every VM of every host, from etcd.
@@ -601,7 +480,8 @@ impl App {
     }
 
     pub fn metrics_text(&self) -> Result<Outcome, Error> {
-        let metas = self.sorted_vms()?;
+        let view = self.index.view().map_err(Error::io("listing VMs"))?;
+        let metas: Vec<&Meta> = view.iter().map(|vm| &vm.meta).collect();
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for s in self.statuses(&metas)? {
             let name = match s.state {
@@ -620,11 +500,15 @@ impl App {
     }
 }
 
-/// The publisher of this host's routes, whose full publishes read `store`.
-fn start_publisher(c: &crate::config::ClusterConfig, store: Store) -> Result<Publisher, String> {
+/// The publisher of this host's routes, whose full publishes read the index (in step
+/// with the files, as a list is).
+fn start_publisher(
+    c: &crate::config::ClusterConfig,
+    index: Arc<Index>,
+) -> Result<Publisher, String> {
     let source: mergen_cluster::Source = Box::new(move || {
-        let metas = store.list().map_err(|e| e.to_string())?;
-        Ok(metas.iter().map(local_vm).collect())
+        let view = index.view().map_err(|e| e.to_string())?;
+        Ok(view.iter().map(|vm| local_vm(&vm.meta)).collect())
     });
     let host = HostRecord {
         name: c.host_name.clone(),
@@ -726,7 +610,7 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mergen_model::{Protocol, Roots};
+    use mergen_model::{PortBinding, Protocol, Roots};
     use serde_json::json;
 
     const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";

@@ -5,7 +5,7 @@
 use serde_json::json;
 
 use crate::alloc::AllocError;
-use crate::api::{Items, Outcome};
+use crate::api::Outcome;
 use crate::error::{ApiError, Error};
 use mergen_http::Response;
 
@@ -24,8 +24,12 @@ pub fn outcome(o: Outcome) -> Response {
         Outcome::Started(id) => done(200, id, "started"),
         Outcome::Stopped(id) => done(200, id, "stopped"),
         Outcome::Deleted(id) => done(200, id, "deleted"),
-        Outcome::Vm(vm) => Response::json(200, &vm),
-        Outcome::List(items) => Response::json(200, &Items { items: &items }),
+        Outcome::Vm(json) | Outcome::List(json) => Response {
+            status: 200,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: json.0,
+        },
         Outcome::ClusterList(items) => Response::json(200, &json!({ "items": items })),
         Outcome::Metrics(text) => Response::text(200, "text/plain; version=0.0.4", text),
     }

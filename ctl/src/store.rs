@@ -14,7 +14,6 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use mergen_model::atomic::{
@@ -23,7 +22,6 @@ use mergen_model::atomic::{
 use mergen_model::names::is_valid_id;
 use mergen_model::{Hooks, Meta, Roots, VmConfig};
 
-use crate::alloc::Taken;
 use crate::lock::{FileLock, TryLock};
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -49,8 +47,6 @@ pub struct NewVm {
 pub struct Recovery {
     /// Half-written or half-deleted config dirs that were rolled back or finished.
     pub removed: Vec<PathBuf>,
-    /// Dirs named like a VM without a valid meta.json: left alone, never listed.
-    pub invalid: Vec<PathBuf>,
     /// Lock files and run dirs of VMs that do not exist, removed.
     pub stale: Vec<PathBuf>,
     /// Data dirs without a VM, moved: (from, to).
@@ -118,10 +114,9 @@ impl Store {
                 fs::remove_dir_all(&path)?;
                 rec.removed.push(path);
             } else if is_valid_id(&name) {
-                live.insert(name.clone());
-                if self.read_meta(&name).is_err() {
-                    rec.invalid.push(path);
-                }
+                // Whole or not (the index reports those it cannot list), its run and
+                // data dirs are its own.
+                live.insert(name);
             }
         }
         if !rec.removed.is_empty() {
@@ -224,68 +219,6 @@ impl Store {
         Ok(meta)
     }
 
-    /// Every whole VM. Dirs without a valid meta.json are skipped.
-    pub fn list(&self) -> io::Result<Vec<Meta>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.roots.config)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str().filter(|n| is_valid_id(n)) else {
-                continue;
-            };
-            match self.read_meta(name) {
-                Ok(m) => out.push(m),
-                // Deleted between the listing and the read, or not a whole VM.
-                Err(e) => log::debug!(id = name, error:% = e; "skipping VM dir"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// The guest IPs and host ports every VM dir holds, including those whose
-    /// meta.json the model cannot read: their `guestIP` and `ports[].host` are picked
-    /// out leniently, so a damaged file never lets its addresses be handed out twice.
-    /// A meta.json that is not even JSON with a guest IP is an error naming the file
-    /// (creates are refused until it is fixed, as the original did).
-    pub fn taken(&self) -> Result<Taken, String> {
-        let mut metas = Vec::new();
-        let mut taken = Taken::default();
-        for entry in fs::read_dir(&self.roots.config)
-            .map_err(|e| format!("listing {}: {e}", self.roots.config.display()))?
-        {
-            let entry = entry.map_err(|e| e.to_string())?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().filter(|n| is_valid_id(n)) else {
-                continue;
-            };
-            let path = self.roots.config.join(id).join("meta.json");
-            let bytes = match fs::read(&path) {
-                Ok(b) => b,
-                // No meta.json (not a VM mergend made): nothing to reserve.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(format!("{}: {e}", path.display())),
-            };
-            match Meta::from_slice(&bytes) {
-                Ok(m) => metas.push(m),
-                Err(e) => {
-                    let (ip, ports) = scan_reservations(&bytes).map_err(|why| {
-                        format!(
-                            "{} cannot be read ({why}; {e}), so the guest IP and host ports it holds are unknown: fix or remove it before creating VMs",
-                            path.display()
-                        )
-                    })?;
-                    log::warn!(file:? = path, error:% = e, guest_ip:% = ip; "meta.json unreadable: its guest IP and ports stay reserved");
-                    taken.ips.insert(ip);
-                    taken.ports.extend(ports);
-                }
-            }
-        }
-        let listed = Taken::of(&metas);
-        taken.ips.extend(listed.ips);
-        taken.ports.extend(listed.ports);
-        Ok(taken)
-    }
-
     /// The VM `id`, or None when it does not exist.
     pub fn load(&self, id: &str) -> io::Result<Option<Meta>> {
         match self.read_meta(id) {
@@ -373,28 +306,6 @@ impl Store {
         }
         Ok(())
     }
-}
-
-/// `guestIP` and every `ports[].host` of a meta.json the model cannot read.
-fn scan_reservations(bytes: &[u8]) -> Result<(Ipv4Addr, Vec<u16>), String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let ip = v
-        .get("guestIP")
-        .and_then(|ip| ip.as_str())
-        .and_then(|ip| ip.trim().parse::<Ipv4Addr>().ok())
-        .ok_or("no readable guestIP")?;
-    let ports = v
-        .get("ports")
-        .and_then(|p| p.as_array())
-        .map(|list| {
-            list.iter()
-                .filter_map(|p| p.get("host")?.as_u64())
-                .filter_map(|h| u16::try_from(h).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((ip, ports))
 }
 
 fn remove_if_present(dir: &str) -> io::Result<()> {

@@ -456,6 +456,13 @@ fn lock_held_is_409_and_no_supervisor_is_503() {
         assert!(body.contains("\"conflict\""));
     }
     drop(lock);
+    // A process another test forked while the lock was open holds it until it execs
+    // (close-on-exec): wait until the lock is free before counting on it.
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::File::open(roots.run().join(format!("{id}.lock"))).is_ok_and(|f| {
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        })
+    }));
 
     let (code, body) = m.curl("POST", &format!("/v1/vms/{id}/start"), &[]);
     assert_eq!(code, 503, "{body}");

@@ -17,4 +17,5 @@ pub mod proxy_protocol;
 pub mod resolver;
 pub mod sni;
 pub mod tls;
-pub mod watch;
+/// The watcher loop the routing table and the certificate store run on.
+pub use mergen_watch as watch;

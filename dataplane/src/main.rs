@@ -250,18 +250,20 @@ fn serve() -> Result<(), Error> {
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
     let metrics = Arc::new(Metrics::new(&names));
 
-    let resolver = Arc::new(Resolver::new(resolver::Settings {
-        config_root: config.config_root.clone(),
-        netns_root: config.netns_root.clone(),
-        domain_prefix: config.domain_prefix.clone(),
-        domain_suffix: config.domain_suffix.clone(),
-    }));
-    resolver
-        .start_watching(config.resolver_ttl)
-        .map_err(|source| Error::WatchRoutes {
-            path: config.config_root.clone(),
-            source,
-        })?;
+    let resolver = Resolver::watching(
+        resolver::Settings {
+            config_root: config.config_root.clone(),
+            netns_root: config.netns_root.clone(),
+            domain_prefix: config.domain_prefix.clone(),
+            domain_suffix: config.domain_suffix.clone(),
+        },
+        config.resolver_ttl,
+    )
+    .map(Arc::new)
+    .map_err(|source| Error::WatchRoutes {
+        path: config.config_root.clone(),
+        source,
+    })?;
 
     // Other hosts' VMs, when in a cluster. Kept alive until the forwarder stops.
     let cluster = match &config.cluster {

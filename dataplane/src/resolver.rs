@@ -5,10 +5,10 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use inotify::{EventMask, EventOwned, Inotify, WatchDescriptor, WatchMask, Watches};
 use mergen_model::RouteMeta;
+use mergen_watch::{is_candidate, read_changed, Read, Stamp, VmDirs};
 use time::OffsetDateTime;
 
 use crate::watch::{self, Wake};
 
-pub const META_FILE: &str = "meta.json";
-/// Below this many directories a rescan stays on the calling thread.
-const PARALLEL_LOAD_MIN: usize = 512;
+pub use mergen_watch::META_FILE;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
@@ -56,6 +55,15 @@ impl Namespace {
     /// `/var/run/netns/<name>`. A name found nowhere yet (the VM's namespace is made
     /// when it starts) is where `ip netns add` will put it: the first candidate.
     pub fn resolve(netns_root: Option<&Path>, netns: &str) -> Namespace {
+        Self::resolve_with(netns_root, netns, |p| p.exists())
+    }
+
+    /// [`Namespace::resolve`], asking `exists` whether a candidate file exists.
+    fn resolve_with(
+        netns_root: Option<&Path>,
+        netns: &str,
+        exists: impl Fn(&Path) -> bool,
+    ) -> Namespace {
         if netns.is_empty() {
             return Namespace::Host;
         }
@@ -75,7 +83,7 @@ impl Namespace {
             .iter()
             .cloned()
             .chain(candidates)
-            .find(|c| c.exists())
+            .find(|c| exists(c))
             .or(first);
         match found {
             Some(path) => Namespace::File(Arc::from(path.to_string_lossy().as_ref())),
@@ -210,38 +218,11 @@ struct Entry {
     stamp: Stamp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(md: &fs::Metadata) -> Stamp {
-        Stamp {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime: (md.mtime(), md.mtime_nsec()),
-            ctime: (md.ctime(), md.ctime_nsec()),
-        }
-    }
-}
-
 fn aliases_of(meta: &RouteMeta) -> Vec<Arc<str>> {
     mergen_model::aliases(&meta.id, &meta.tags, &meta.metadata)
         .into_iter()
         .map(Arc::from)
         .collect()
-}
-
-/// Whether a directory entry of the root can be a VM: dot-names are temporary files
-/// and directories of atomic writes.
-fn is_candidate(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('.')
 }
 
 #[derive(Debug)]
@@ -255,33 +236,17 @@ enum Load {
 /// be read or parsed is skipped with a warning; if it routed before, its last good
 /// version keeps routing (an in-place rewrite caught half-way, a transient I/O error)
 /// until it is fixed or removed.
-fn load_dir(dir: &Path, known: Option<&Entry>, netns_root: Option<&Path>) -> Load {
+fn load_dir(dir: &Path, known: Option<&Entry>, netns: &NetnsLookup) -> Load {
     let path = dir.join(META_FILE);
     let failed = || match known {
         Some(_) => Load::Unchanged,
         None => Load::Gone,
     };
-    let md = match fs::metadata(&path) {
-        Ok(md) if md.is_file() => md,
-        Ok(_) => return Load::Gone,
-        Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::NotADirectory {
-                log::warn!(path = path.display().to_string(), error = e.to_string(); "cannot stat meta.json");
-                return failed();
-            }
-            return Load::Gone;
-        }
-    };
-    let stamp = Stamp::of(&md);
-    if known.is_some_and(|k| k.stamp == stamp) {
-        return Load::Unchanged;
-    }
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) => {
-            if e.kind() == io::ErrorKind::NotFound {
-                return Load::Gone;
-            }
+    let (stamp, bytes) = match read_changed(&path, known.map(|k| k.stamp)) {
+        Read::Unchanged => return Load::Unchanged,
+        Read::Missing => return Load::Gone,
+        Read::Changed { stamp, bytes } => (stamp, bytes),
+        Read::Failed(e) => {
             log::warn!(path = path.display().to_string(), error = e.to_string(); "cannot read meta.json");
             return failed();
         }
@@ -290,9 +255,9 @@ fn load_dir(dir: &Path, known: Option<&Entry>, netns_root: Option<&Path>) -> Loa
         Ok(meta) => Load::Loaded(Box::new(Entry {
             aliases: aliases_of(&meta),
             route: Arc::new(Route {
+                netns: netns.resolve(&meta.netns),
                 id: meta.id,
                 guest_ip: meta.guest_ip,
-                netns: Namespace::resolve(netns_root, &meta.netns),
                 created_at: meta.created_at,
                 http_port: (meta.http_port != 0).then_some(meta.http_port),
             }),
@@ -302,6 +267,56 @@ fn load_dir(dir: &Path, known: Option<&Entry>, netns_root: Option<&Path>) -> Loa
             log::warn!(path = path.display().to_string(), error = e.to_string(); "bad meta.json skipped");
             failed()
         }
+    }
+}
+
+/// How a load finds the namespace files routes name. A few routes ask the file system
+/// per candidate; a full rescan lists the namespace directories once, since 10,000
+/// routes of VMs not running would otherwise cost two failed `stat`s each.
+struct NetnsLookup<'a> {
+    root: Option<&'a Path>,
+    /// The names in each candidate directory that could be listed.
+    listed: Option<HashMap<PathBuf, HashSet<OsString>>>,
+}
+
+impl<'a> NetnsLookup<'a> {
+    fn probing(root: Option<&'a Path>) -> NetnsLookup<'a> {
+        NetnsLookup { root, listed: None }
+    }
+
+    fn listing(root: Option<&'a Path>) -> NetnsLookup<'a> {
+        let mut listed = HashMap::new();
+        for dir in root
+            .into_iter()
+            .chain([Path::new("/run/netns"), Path::new("/var/run/netns")])
+        {
+            let names = match fs::read_dir(dir) {
+                Ok(rd) => rd.filter_map(|e| Some(e.ok()?.file_name())).collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+                // Not listable: its candidates are probed one by one.
+                Err(_) => continue,
+            };
+            listed.insert(dir.to_path_buf(), names);
+        }
+        NetnsLookup {
+            root,
+            listed: Some(listed),
+        }
+    }
+
+    fn resolve(&self, netns: &str) -> Namespace {
+        Namespace::resolve_with(self.root, netns, |candidate| {
+            let listing = self
+                .listed
+                .as_ref()
+                .zip(candidate.parent())
+                .and_then(|(listed, dir)| listed.get(dir));
+            match (listing, candidate.file_name()) {
+                // Listed: confirmed with a stat (a dangling link is listed too).
+                (Some(names), Some(name)) => names.contains(name) && candidate.exists(),
+                _ => candidate.exists(),
+            }
+        })
     }
 }
 
@@ -357,8 +372,14 @@ impl Shared {
             .collect()
     }
 
-    fn full_rescan(&self) {
+    /// Re-read the whole root; files whose stamp did not change are not read again.
+    /// With `watch`, the root is watched before it is listed and every directory in it
+    /// before its file is read, so no change falls between a read and its watch.
+    fn full_rescan(&self, mut watch: Option<(&mut VmDirs, &mut Watches)>) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((dirs, watches)) = watch.as_mut() {
+            dirs.watch_root(watches);
+        }
         let listing = fs::read_dir(&self.root).and_then(|rd| {
             rd.map(|e| e.map(|e| e.file_name()))
                 .collect::<io::Result<Vec<_>>>()
@@ -377,6 +398,9 @@ impl Shared {
                 return;
             }
         };
+        if let Some((dirs, watches)) = watch {
+            dirs.watch_listing(watches, &names);
+        }
         let work: Vec<(String, Option<Entry>)> = names
             .into_iter()
             .map(|n| {
@@ -387,7 +411,14 @@ impl Shared {
         // Whatever is left in `entries` disappeared.
         let mut changed = !entries.is_empty();
         let mut next = BTreeMap::new();
-        for (name, known, load) in self.load_all(work) {
+        let netns = NetnsLookup::listing(self.netns_root.as_deref());
+        // Spread over the cores: a cold start with thousands of VMs is a few system
+        // calls and a JSON parse per directory.
+        let loaded = mergen_watch::map_parallel(work, |(name, known)| {
+            let load = load_dir(&self.root.join(&name), known.as_ref(), &netns);
+            (name, known, load)
+        });
+        for (name, known, load) in loaded {
             match load {
                 Load::Unchanged => {
                     next.insert(name, known.expect("unchanged implies known"));
@@ -409,47 +440,14 @@ impl Shared {
         }
     }
 
-    /// Load many directories, spread over the cores when there are many: a cold start
-    /// with thousands of VMs is bound by JSON parsing.
-    fn load_all(&self, work: Vec<(String, Option<Entry>)>) -> Vec<(String, Option<Entry>, Load)> {
-        let load = |(name, known): (String, Option<Entry>)| {
-            let l = load_dir(
-                &self.root.join(&name),
-                known.as_ref(),
-                self.netns_root.as_deref(),
-            );
-            (name, known, l)
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(8);
-        if threads < 2 || work.len() < PARALLEL_LOAD_MIN {
-            return work.into_iter().map(load).collect();
-        }
-        let chunk = work.len().div_ceil(threads);
-        let mut work = work.into_iter();
-        let chunks: Vec<Vec<_>> = (0..threads)
-            .map(|_| work.by_ref().take(chunk).collect())
-            .collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|c| scope.spawn(move || c.into_iter().map(load).collect::<Vec<_>>()))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
-    }
-
     /// Re-read the VM directories named; returns whether routing changed.
     fn rescan_dirs<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = false;
-        for name in names {
+        let netns = NetnsLookup::probing(self.netns_root.as_deref());
+        for name in names.into_iter().filter(|n| is_candidate(n)) {
             let known = entries.get(name);
-            match load_dir(&self.root.join(name), known, self.netns_root.as_deref()) {
+            match load_dir(&self.root.join(name), known, &netns) {
                 Load::Unchanged => {}
                 Load::Loaded(e) => {
                     entries.insert(name.to_string(), *e);
@@ -472,6 +470,21 @@ pub struct Resolver {
 impl Resolver {
     /// A resolver over `settings.config_root`, loaded once before returning.
     pub fn new(settings: Settings) -> Resolver {
+        let resolver = Resolver::unloaded(settings);
+        resolver.shared.full_rescan(None);
+        resolver
+    }
+
+    /// A resolver over `settings.config_root` that follows it (see
+    /// [`Resolver::start_watching`]), loaded once before returning: the forwarder's
+    /// start, where every directory is watched as it is first read.
+    pub fn watching(settings: Settings, ttl: Duration) -> io::Result<Resolver> {
+        let resolver = Resolver::unloaded(settings);
+        resolver.start_watching(ttl)?;
+        Ok(resolver)
+    }
+
+    fn unloaded(settings: Settings) -> Resolver {
         let prefix = mergen_model::domain::normalize(&settings.domain_prefix);
         let suffix = mergen_model::domain::normalize(&settings.domain_suffix);
         let shared = Arc::new(Shared {
@@ -488,7 +501,6 @@ impl Resolver {
             entries: Mutex::new(BTreeMap::new()),
             generation: AtomicU64::new(0),
         });
-        shared.full_rescan();
         Resolver { shared }
     }
 
@@ -520,7 +532,7 @@ impl Resolver {
 
     /// A synchronous full rescan.
     pub fn reload(&self) {
-        self.shared.full_rescan();
+        self.shared.full_rescan(None);
     }
 
     /// Follow changes from a background thread: inotify on the root and on every VM
@@ -529,64 +541,53 @@ impl Resolver {
     pub fn start_watching(&self, ttl: Duration) -> io::Result<()> {
         let inotify = Inotify::init()?;
         let weak = Arc::downgrade(&self.shared);
-        let mut watcher = Watcher {
-            root_wd: None,
-            dirs: HashMap::new(),
-            ns_dirs: HashMap::new(),
-            warned_limit: false,
-        };
-        watcher.sync_watches(&mut inotify.watches(), &self.shared);
-        // Files may have appeared between the first load and the watches.
-        self.shared.full_rescan();
+        let mut dirs = VmDirs::new(&self.shared.root);
+        let mut ns_dirs = NsDirs::default();
+        // Whatever changed since the last load is read again, every directory watched
+        // first.
+        self.shared
+            .full_rescan(Some((&mut dirs, &mut inotify.watches())));
+        ns_dirs.watch(&mut inotify.watches(), &self.shared);
         let mut next_rescan = Instant::now() + ttl;
         watch::spawn("fwd-resolver", inotify, None, move |watches, wake| {
             let shared = weak.upgrade()?;
-            if let Wake::Files { events, lost } = wake {
-                watcher.apply(watches, &shared, events, lost);
+            let mut rescan = false;
+            let mut namespaces = false;
+            if let Wake::Files { mut events, lost } = wake {
+                namespaces = ns_dirs.take(&mut events);
+                let changes = dirs.apply(watches, events, lost);
+                if changes.rescan {
+                    rescan = true;
+                } else if !changes.dirs.is_empty() {
+                    shared.rescan_dirs(changes.dirs.iter().map(String::as_str));
+                    // A new VM may keep its namespace somewhere not watched yet.
+                    ns_dirs.watch(watches, &shared);
+                }
             }
             let now = Instant::now();
-            if now >= next_rescan {
-                watcher.sync_watches(watches, &shared);
-                shared.full_rescan();
+            if rescan || now >= next_rescan {
+                shared.full_rescan(Some((&mut dirs, watches)));
+                ns_dirs.watch(watches, &shared);
                 next_rescan = Instant::now() + ttl;
+            }
+            if namespaces {
+                shared.changed();
             }
             Some(next_rescan.saturating_duration_since(now))
         })
     }
 }
 
-/// The resolver's side of the inotify watch: which descriptor is which directory.
-struct Watcher {
-    root_wd: Option<WatchDescriptor>,
-    dirs: HashMap<WatchDescriptor, String>,
-    /// Directories of namespace files (`/run/netns`): a namespace deleted or made
-    /// there may end connections to its VM.
-    ns_dirs: HashMap<WatchDescriptor, PathBuf>,
-    /// The kernel's watch limit was hit: said once, then the rescan covers the rest.
-    warned_limit: bool,
+/// The directories of the known VMs' namespace files (`/run/netns`), watched: a
+/// namespace deleted or made there may end connections to its VM (see
+/// [`Resolver::generation`]). The VM directories themselves are [`VmDirs`]'.
+#[derive(Default)]
+struct NsDirs {
+    dirs: HashMap<WatchDescriptor, PathBuf>,
 }
 
-impl Watcher {
-    fn root_mask() -> WatchMask {
-        WatchMask::CREATE
-            | WatchMask::MOVED_TO
-            | WatchMask::MOVED_FROM
-            | WatchMask::DELETE
-            | WatchMask::DELETE_SELF
-            | WatchMask::MOVE_SELF
-            | WatchMask::ONLYDIR
-    }
-
-    fn dir_mask() -> WatchMask {
-        WatchMask::CLOSE_WRITE
-            | WatchMask::MOVED_TO
-            | WatchMask::MOVED_FROM
-            | WatchMask::DELETE
-            | WatchMask::CREATE
-            | WatchMask::ONLYDIR
-    }
-
-    fn ns_dir_mask() -> WatchMask {
+impl NsDirs {
+    fn mask() -> WatchMask {
         WatchMask::CREATE
             | WatchMask::DELETE
             | WatchMask::MOVED_FROM
@@ -597,14 +598,14 @@ impl Watcher {
     /// Watch the directories of the known VMs' namespace files not watched yet. One
     /// that does not exist yet (no namespace was ever made) is tried again later; the
     /// periodic rescan covers the meantime.
-    fn watch_ns_dirs(&mut self, watches: &mut Watches, shared: &Shared) {
+    fn watch(&mut self, watches: &mut Watches, shared: &Shared) {
         for dir in shared.namespace_dirs() {
-            if self.ns_dirs.values().any(|d| d == &dir) {
+            if self.dirs.values().any(|d| d == &dir) {
                 continue;
             }
-            match watches.add(&dir, Self::ns_dir_mask()) {
+            match watches.add(&dir, Self::mask()) {
                 Ok(wd) => {
-                    self.ns_dirs.insert(wd, dir);
+                    self.dirs.insert(wd, dir);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -614,140 +615,21 @@ impl Watcher {
         }
     }
 
-    fn watch_dir(&mut self, watches: &mut Watches, root: &Path, name: &str) {
-        match watches.add(root.join(name), Self::dir_mask()) {
-            Ok(wd) => {
-                self.dirs.insert(wd, name.to_string());
+    /// Take the events of namespace directories out of `events`; whether there were any.
+    fn take(&mut self, events: &mut Vec<EventOwned>) -> bool {
+        let before = events.len();
+        events.retain(|ev| {
+            if !self.dirs.contains_key(&ev.wd) {
+                return true;
             }
-            // Not a directory, or gone already: nothing to follow.
-            Err(e)
-                if e.raw_os_error() == Some(libc::ENOTDIR)
-                    || e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                if !self.warned_limit {
-                    self.warned_limit = true;
-                    log::warn!(watches = self.dirs.len(); "inotify watch limit reached (fs.inotify.max_user_watches): changes in further VM directories are seen by the periodic rescan only");
-                }
+            if ev.mask.contains(EventMask::IGNORED) {
+                self.dirs.remove(&ev.wd);
             }
-            Err(e) => log::warn!(dir = name, error = e.to_string(); "cannot watch VM directory"),
-        }
-    }
-
-    fn unwatch(&mut self, watches: &mut Watches, name: &str) {
-        let wds: Vec<WatchDescriptor> = self
-            .dirs
-            .iter()
-            .filter(|(_, n)| n.as_str() == name)
-            .map(|(wd, _)| wd.clone())
-            .collect();
-        for wd in wds {
-            self.dirs.remove(&wd);
-            let _ = watches.remove(wd);
-        }
-    }
-
-    /// Watch the root (if it exists now) and every VM directory in it.
-    fn sync_watches(&mut self, watches: &mut Watches, shared: &Shared) {
-        if self.root_wd.is_none() {
-            match watches.add(&shared.root, Self::root_mask()) {
-                Ok(wd) => self.root_wd = Some(wd),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(e) => {
-                    log::warn!(root = shared.root.display().to_string(), error = e.to_string(); "cannot watch the config root");
-                    return;
-                }
-            }
-        }
-        let Ok(rd) = fs::read_dir(&shared.root) else {
-            return;
-        };
-        let watched: std::collections::HashSet<String> = self.dirs.values().cloned().collect();
-        for name in rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| is_candidate(n) && !watched.contains(n))
-        {
-            self.watch_dir(watches, &shared.root, &name);
-        }
-        self.watch_ns_dirs(watches, shared);
-    }
-
-    /// Apply a batch of events, then publish once.
-    fn apply(
-        &mut self,
-        watches: &mut Watches,
-        shared: &Shared,
-        events: Vec<EventOwned>,
-        lost: bool,
-    ) {
-        let mut dirty: Vec<String> = Vec::new();
-        let mut full = lost;
-        let mut new_dirs = Vec::new();
-        let mut namespaces = false;
-        for ev in events {
-            if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                continue;
-            }
-            if self.ns_dirs.contains_key(&ev.wd) {
-                namespaces = true;
-                if ev.mask.contains(EventMask::IGNORED) {
-                    self.ns_dirs.remove(&ev.wd);
-                }
-                continue;
-            }
-            let name = ev.name.and_then(|n| n.into_string().ok());
-            if Some(&ev.wd) == self.root_wd.as_ref() {
-                if ev
-                    .mask
-                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-                {
-                    // The root itself went away: start over when it comes back.
-                    self.root_wd = None;
-                    full = true;
-                    continue;
-                }
-                let Some(name) = name.filter(|n| is_candidate(n)) else {
-                    continue;
-                };
-                if ev.mask.contains(EventMask::ISDIR) {
-                    if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-                        new_dirs.push(name.clone());
-                    } else if ev.mask.contains(EventMask::MOVED_FROM) {
-                        // Moved elsewhere, it is still watched under its old name.
-                        self.unwatch(watches, &name);
-                    }
-                }
-                dirty.push(name);
-            } else if let Some(dir) = self.dirs.get(&ev.wd) {
-                if ev.mask.contains(EventMask::IGNORED) {
-                    let dir = dir.clone();
-                    self.dirs.remove(&ev.wd);
-                    dirty.push(dir);
-                } else if name.as_deref() == Some(META_FILE) {
-                    dirty.push(dir.clone());
-                }
-            }
-        }
-        for name in new_dirs {
-            self.watch_dir(watches, &shared.root, &name);
-        }
-        if full {
-            self.sync_watches(watches, shared);
-            shared.full_rescan();
-        } else if !dirty.is_empty() {
-            dirty.sort();
-            dirty.dedup();
-            shared.rescan_dirs(dirty.iter().map(String::as_str));
-            // A new VM may keep its namespace somewhere not watched yet.
-            self.watch_ns_dirs(watches, shared);
-        }
-        if namespaces {
-            shared.changed();
-        }
+            false
+        });
+        events.len() != before
     }
 }
-
 #[cfg(test)]
 mod tests {
 
@@ -1270,6 +1152,27 @@ mod tests {
                 Namespace::resolve(Some(root.path()), bad),
                 Namespace::Invalid(bad.to_string()),
                 "{bad}"
+            );
+        }
+        // A full rescan lists the directories instead of probing: same answers, a
+        // dangling link included.
+        std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling")).unwrap();
+        let listing = NetnsLookup::listing(Some(root.path()));
+        let probing = NetnsLookup::probing(Some(root.path()));
+        for name in [
+            name.as_str(),
+            "/proc/self/ns/net",
+            "absent-ns-xyz",
+            "dangling",
+            "",
+            "..",
+            "a/b",
+        ] {
+            assert_eq!(listing.resolve(name), probing.resolve(name), "{name}");
+            assert_eq!(
+                probing.resolve(name),
+                Namespace::resolve(Some(root.path()), name),
+                "{name}"
             );
         }
     }

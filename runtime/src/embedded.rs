@@ -171,7 +171,7 @@ impl Supervisor for EmbeddedSupervisor {
         Ok(status_of(&self.config, meta))
     }
 
-    fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
+    fn status_all(&self, metas: &[&Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
         Ok(metas.iter().map(|m| status_of(&self.config, m)).collect())
     }
 }

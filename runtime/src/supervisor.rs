@@ -28,8 +28,9 @@ pub trait Supervisor: Send + Sync {
     /// The state of one VM, read from the supervisor.
     fn status(&self, meta: &Meta) -> Result<VmStatus, RuntimeError>;
     /// The state of many VMs with one query (one `systemctl show` for all units, one
-    /// scan of pid files): listing 1,000 VMs must not cost 1,000 process spawns.
-    fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError>;
+    /// scan of pid files): listing 1,000 VMs must not cost 1,000 process spawns. By
+    /// reference, so that a caller holding its VMs elsewhere copies none.
+    fn status_all(&self, metas: &[&Meta]) -> Result<Vec<VmStatus>, RuntimeError>;
 }
 
 /// The supervisor `MGR_SUPERVISOR` asks for (auto = systemd when PID 1 is systemd).

@@ -60,12 +60,12 @@ impl Supervisor for SystemdSupervisor {
     }
 
     fn status(&self, meta: &Meta) -> Result<VmStatus, RuntimeError> {
-        let mut all = self.status_all(std::slice::from_ref(meta))?;
+        let mut all = self.status_all(&[meta])?;
         all.pop()
             .ok_or_else(|| Error::Invalid("systemctl show returned nothing".into()))
     }
 
-    fn status_all(&self, metas: &[Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
+    fn status_all(&self, metas: &[&Meta]) -> Result<Vec<VmStatus>, RuntimeError> {
         if metas.is_empty() {
             return Ok(Vec::new());
         }

@@ -522,7 +522,7 @@ fn twenty_vms_start_and_stop_concurrently_without_leftovers() {
             s.spawn(move || sup.start(m).unwrap());
         }
     });
-    let statuses = sup.status_all(&metas).unwrap();
+    let statuses = sup.status_all(&metas.iter().collect::<Vec<_>>()).unwrap();
     assert!(
         statuses.iter().all(|s| s.state == VmState::Running),
         "{statuses:?}"
@@ -560,7 +560,7 @@ fn twenty_vms_start_and_stop_concurrently_without_leftovers() {
         assert_nothing_left(&m.id);
     }
     assert!(sup
-        .status_all(&metas)
+        .status_all(&metas.iter().collect::<Vec<_>>())
         .unwrap()
         .iter()
         .all(|s| s.state == VmState::Stopped));
@@ -835,7 +835,7 @@ fn systemd_backend_issues_the_expected_systemctl_commands() {
     let b = mk("bbbbbbbb-0000-4000-8000-000000000002");
     sup.start(&a).unwrap();
     sup.stop(&b).unwrap();
-    let all = sup.status_all(&[a.clone(), b.clone()]).unwrap();
+    let all = sup.status_all(&[&a, &b]).unwrap();
     assert_eq!(all[0].state, VmState::Running);
     assert_eq!(all[0].supervisor.pid, Some(77));
     assert_eq!(all[0].systemd.unit, format!("mgtest@{}.service", a.id));

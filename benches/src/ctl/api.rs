@@ -61,6 +61,11 @@ impl Daemon {
             startup: t.elapsed(),
         })
     }
+
+    /// CPU time mergend has used so far (user and system, every thread).
+    pub fn cpu(&self) -> Duration {
+        self._server.proc().tree_cpu()
+    }
 }
 
 fn healthz(addr: SocketAddr) -> bool {

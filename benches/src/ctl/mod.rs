@@ -4,12 +4,17 @@
 //!   their ratio; next to it one durable atomic file write (temp, fsync, rename, dir
 //!   fsync), since a create is several of those plus the allocation lock. Each timed
 //!   create is deleted again, so the count stays put;
-//! - `GET /v1/vms` with all VMs vs reading their meta.json files raw;
+//! - `GET /v1/vms` with all VMs vs reading their meta.json files raw; the first call
+//!   after the copies are written (mergend catching up with them) on its own row;
 //! - healthz requests/s from 50 keep-alive clients vs a raw TCP echo server;
 //! - mergend start-up (process spawned → /healthz answers) with a few and with all VMs;
 //! - the forwarder's cold load (spawned → a VM's name routed) with a few and with all;
 //! - routing changes with all VMs: from a VM's files committed (a new VM, a changed
 //!   alias, a removed VM) to the forwarder routing (or refusing) its name.
+//!
+//! Creates and lists also report mergend's CPU time per operation (user + system from
+//! /proc, summed over the timed requests only): the figure that holds still on a shared
+//! machine.
 //!
 //! The VMs beyond the first few are copies of one mergend created, written beside it
 //! (see `disk`): creating 10,000 through the API takes too long while create grows with
@@ -33,7 +38,7 @@ use disk::{Replica, Template};
 const MAX_VMS: usize = 30_000;
 const LIST_ROUNDS: usize = 15;
 const USAGE: &str = "usage: mergen-bench ctl [--vms N] [--small N] [--creates N] [--restarts N] \
-[--changes N] [--seconds S] [--mergend PATH] [--forwarder PATH] [--json PATH]";
+[--changes N] [--ports N] [--seconds S] [--mergend PATH] [--forwarder PATH] [--json PATH]";
 
 struct Options {
     vms: usize,
@@ -41,6 +46,10 @@ struct Options {
     creates: usize,
     restarts: usize,
     changes: usize,
+    /// Host ports each created VM asks for. With none, a create skips reading the
+    /// host's socket tables, whose cost follows every socket on the machine (TIME_WAIT
+    /// ones included), not the VM count.
+    ports: usize,
     seconds: u64,
     mergend: PathBuf,
     /// Without a forwarder binary the forwarder rows are skipped.
@@ -56,6 +65,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         creates: 100,
         restarts: 5,
         changes: 20,
+        ports: 1,
         seconds: 2,
         mergend: exe.with_file_name("mergend"),
         forwarder: Some(exe.with_file_name("mergen-forwarder")),
@@ -76,6 +86,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--creates" => o.creates = num()?,
             "--restarts" => o.restarts = num()?,
             "--changes" => o.changes = num()?,
+            "--ports" => o.ports = num()?,
             "--seconds" => o.seconds = num()? as u64,
             "--mergend" => o.mergend = val.into(),
             "--forwarder" => o.forwarder = Some(val.into()),
@@ -85,6 +96,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.small == 0 || o.small >= o.vms || o.vms > MAX_VMS {
         return Err(format!("want 0 < --small < --vms <= {MAX_VMS}"));
+    }
+    if o.ports > 16 {
+        return Err("--ports must be 0..16".into());
     }
     if o.creates == 0 || o.restarts == 0 || o.changes == 0 {
         return Err("--creates, --restarts and --changes must be at least 1".into());
@@ -114,6 +128,8 @@ struct Report {
 struct Row {
     measure: String,
     samples: Vec<Duration>,
+    /// mergend's CPU time per operation over the timed operations, where measured.
+    cpu: Option<Duration>,
     /// A comparison with a baseline or the smaller store, already worded.
     note: String,
     /// The bound issue 10 sets, and the figure it applies to.
@@ -131,9 +147,17 @@ impl Report {
         self.rows.push(Row {
             measure: measure.into(),
             samples: samples.to_vec(),
+            cpu: None,
             note,
             target: None,
         });
+    }
+
+    /// The CPU time per operation of the row added last.
+    fn cpu(&mut self, per_op: Duration) {
+        if let Some(r) = self.rows.last_mut() {
+            r.cpu = Some(per_op);
+        }
     }
 
     fn target(&mut self, stat: Stat, bound: Duration) {
@@ -160,10 +184,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let certs = crate::certs::Certs::make(root)?;
     let addr: SocketAddr = ([127, 0, 0, 1], mergen_testkit::free_port()).into();
-    let body = format!(
-        r#"{{"rootfs":"{0}/img/rootfs.ext4","kernel":"{0}/img/vmlinux","ports":[{{"guest":80,"host":0}}]}}"#,
-        root.display()
-    );
+    let ports: Vec<_> = (0..o.ports)
+        .map(|i| json!({"guest": 80 + i, "host": 0}))
+        .collect();
+    let body = json!({
+        "rootfs": format!("{}/img/rootfs.ext4", root.display()),
+        "kernel": format!("{}/img/vmlinux", root.display()),
+        "ports": ports,
+    })
+    .to_string();
     let mut report = Report::default();
     let started_at = time::OffsetDateTime::now_utc();
 
@@ -174,7 +203,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for _ in 0..o.small {
         newest = create(&mut client, &body)?;
     }
-    let (mut create_small, fsync_small) = timed_creates(&mut client, &body, o.creates, root)?;
+    let (mut create_small, fsync_small, cpu_create_small) =
+        timed_creates(&mut client, daemon.as_ref(), &body, o.creates, root)?;
     drop(client);
     let startup_small = restarts(&mut daemon, &o, root, addr)?;
     let sni_small = format!("{}.localhost", mergen_model::names::short_id(&newest));
@@ -207,8 +237,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let sni_all = format!("{}.localhost", last.short_id());
 
     let mut client = Client::connect(addr)?;
-    let (mut create_all, fsync_all) = timed_creates(&mut client, &body, o.creates, root)?;
-    let (list, raw) = lists(&mut client, &roots, o.vms)?;
+    // The first call after the copies were written catches up with them (mergend's
+    // index reads them; a mergend without one reads everything every time anyway):
+    // timed on its own, so that the creates below show the steady state.
+    let t = Instant::now();
+    let (code, _) = client.request("GET", "/v1/vms", b"")?;
+    if code != 200 {
+        return Err(format!("list answered {code}"));
+    }
+    let catch_up = t.elapsed();
+    let (mut create_all, fsync_all, cpu_create_all) =
+        timed_creates(&mut client, daemon.as_ref(), &body, o.creates, root)?;
+    let (list, raw, cpu_list) = lists(&mut client, daemon.as_ref(), &roots, o.vms)?;
     drop(client);
     let limit = Duration::from_secs(o.seconds);
     let echo = EchoServer::start()?;
@@ -223,6 +263,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let (c50s, c99s) = (pct(&mut create_small, 50), pct(&mut create_small, 99));
     let (c50a, c99a) = (pct(&mut create_all, 50), pct(&mut create_all, 99));
     report.add(format!("create, {s} VMs"), &create_small, String::new());
+    report.cpu(cpu_create_small);
     report.add(
         format!("create, {n} VMs"),
         &create_all,
@@ -232,6 +273,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ratio(c99a, c99s)
         ),
     );
+    report.cpu(cpu_create_all);
     report.target(Stat::P99, c99s * 2);
     let f50 = median(&fsync);
     report.add(
@@ -247,8 +289,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ratio(median(&list), median(&raw))
         ),
     );
+    report.cpu(cpu_list);
     report.target(Stat::P99, Duration::from_millis(100));
     report.add(format!("baseline: read {n} meta.json"), &raw, String::new());
+    report.add(
+        format!("first list after {} VMs written beside mergend", n - s),
+        &[catch_up],
+        "mergend catching up; the creates and lists above come after it".into(),
+    );
     report.add(
         format!("mergend start-up, {s} VMs (spawn → /healthz)"),
         &startup_small,
@@ -299,15 +347,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     println!(
         "\nmergend control plane: {n} VMs ({} written beside mergend in {:.1} s), \
-         {} timed creates per size, {} restarts",
+         {} timed creates per size ({} host ports each), {} restarts",
         n - s,
         populate.as_secs_f64(),
         o.creates,
+        o.ports,
         o.restarts
     );
     println!(
-        "{:<58} {:>10} {:>10} {:>10}  {:<16} note",
-        "measure", "p50", "p99", "max", "issue 10 target"
+        "{:<58} {:>10} {:>10} {:>10} {:>10}  {:<16} note",
+        "measure", "p50", "p99", "max", "CPU/op", "issue 10 target"
     );
     for r in &report.rows {
         let mut v = r.samples.clone();
@@ -321,11 +370,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
             format!("{name} ≤ {} {verdict}", ms(bound))
         });
         println!(
-            "{:<58} {:>10} {:>10} {:>10}  {target:<16} {}",
+            "{:<58} {:>10} {:>10} {:>10} {:>10}  {target:<16} {}",
             r.measure,
             ms(p50),
             ms(p99),
             ms(max),
+            r.cpu.map_or(String::new(), ms),
             r.note
         );
     }
@@ -348,6 +398,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     "p99_ms": pct(&mut v, 99).as_secs_f64() * 1e3,
                     "max_ms": pct(&mut v, 100).as_secs_f64() * 1e3,
                     "samples": v.len(),
+                    "cpu_per_op_ms": r.cpu.map(|c| c.as_secs_f64() * 1e3),
                     "note": r.note,
                     "target_ms": r.target.map(|(_, b)| b.as_secs_f64() * 1e3),
                     "target_stat": r.target.map(|(stat, _)| match stat {
@@ -360,7 +411,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let doc = json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "started": started_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "vms": n, "small": s, "creates": o.creates, "restarts": o.restarts,
+            "vms": n, "small": s, "creates": o.creates, "restarts": o.restarts, "ports": o.ports,
             "populate_seconds": populate.as_secs_f64(),
             "healthz_rps": healthz_rps, "echo_rps": echo_rps,
             "route_changes": changes_json,
@@ -390,21 +441,26 @@ fn create(client: &mut Client, body: &str) -> Result<String, String> {
 }
 
 /// `count` creates, each timed and then deleted again (untimed), interleaved with the
-/// durable-write baseline.
+/// durable-write baseline; and mergend's CPU time per create (over the creates only).
 fn timed_creates(
     client: &mut Client,
+    daemon: Option<&Daemon>,
     body: &str,
     count: usize,
     root: &std::path::Path,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Duration), String> {
+    let daemon = daemon.ok_or("mergend is not running")?;
     let mut create_t = Vec::with_capacity(count);
     let mut fsync_t = Vec::with_capacity(count);
+    let mut cpu = Duration::ZERO;
     let scratch = root.join("scratch.json");
     for _ in 0..count {
         interrupt::check()?;
+        let before = daemon.cpu();
         let t = Instant::now();
         let id = create(client, body)?;
         create_t.push(t.elapsed());
+        cpu += daemon.cpu().saturating_sub(before);
         let (code, resp) = client.request("DELETE", &format!("/v1/vms/{id}"), b"")?;
         if code != 200 {
             return Err(format!(
@@ -417,22 +473,28 @@ fn timed_creates(
             .map_err(|e| e.to_string())?;
         fsync_t.push(t.elapsed());
     }
-    Ok((create_t, fsync_t))
+    Ok((create_t, fsync_t, cpu / count as u32))
 }
 
-/// `GET /v1/vms` with every VM, interleaved with reading their meta.json files.
+/// `GET /v1/vms` with every VM, interleaved with reading their meta.json files; and
+/// mergend's CPU time per list.
 fn lists(
     client: &mut Client,
+    daemon: Option<&Daemon>,
     roots: &Roots,
     vms: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Duration), String> {
+    let daemon = daemon.ok_or("mergend is not running")?;
     let mut list = Vec::new();
     let mut raw = Vec::new();
+    let mut cpu = Duration::ZERO;
     for _ in 0..LIST_ROUNDS {
         interrupt::check()?;
+        let before = daemon.cpu();
         let t = Instant::now();
         let (code, resp) = client.request("GET", "/v1/vms", b"")?;
         list.push(t.elapsed());
+        cpu += daemon.cpu().saturating_sub(before);
         if code != 200 {
             return Err(format!("list answered {code}"));
         }
@@ -449,7 +511,7 @@ fn lists(
             return Err(format!("found {n} meta.json files, want {vms}"));
         }
     }
-    Ok((list, raw))
+    Ok((list, raw, cpu / LIST_ROUNDS as u32))
 }
 
 /// Stop mergend and start it again `--restarts` times; each start-up time.

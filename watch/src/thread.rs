@@ -1,5 +1,5 @@
-//! The one inotify loop of the forwarder, shared by the routing table (VM directories)
-//! and the certificate store (the certificate's directory, plus SIGHUP).
+//! The one inotify loop: the forwarder runs its routing table (VM directories) and its
+//! certificate store (the certificate's directory, plus SIGHUP) on it.
 //!
 //! A watcher thread sleeps in `poll(2)` on an inotify instance (and, optionally, a
 //! signal pipe), reads whatever arrived, and hands it to its owner's handler as one
@@ -56,7 +56,8 @@ pub fn spawn(
                     wakes.push(Wake::Signal);
                 }
                 if files {
-                    wakes.push(read_all(&mut inotify, &mut buf));
+                    let (events, lost) = drain(&mut inotify, &mut buf);
+                    wakes.push(Wake::Files { events, lost });
                 }
                 if wakes.is_empty() {
                     wakes.push(Wake::Timeout);
@@ -90,8 +91,10 @@ fn wait_ready(inotify: &Inotify, signal: Option<&UnixStream>, timeout: Duration)
     (ready(0), ready(1))
 }
 
-/// Every event queued now.
-fn read_all(inotify: &mut Inotify, buf: &mut [u8]) -> Wake {
+/// Every event queued now, and whether some were lost (the kernel's queue overflowed or
+/// could not be read). Never blocks: the kernel queues an event before the call that
+/// caused it returns, so after a drain every change completed before it has been seen.
+pub fn drain(inotify: &mut Inotify, buf: &mut [u8]) -> (Vec<EventOwned>, bool) {
     let mut events = Vec::new();
     let mut lost = false;
     loop {
@@ -114,7 +117,7 @@ fn read_all(inotify: &mut Inotify, buf: &mut [u8]) -> Wake {
             }
         }
     }
-    Wake::Files { events, lost }
+    (events, lost)
 }
 
 fn drain_signal(signal: Option<&UnixStream>) {
