@@ -42,7 +42,7 @@ fn as_writer_inputs(data: &[u8]) {
     let body_len = usize::from(u16::from_be_bytes([header[14], header[15]]));
     assert_eq!(header.len(), 16 + body_len, "length field");
     let both_v4 = matches!(
-        (unmapped(client.ip()), unmapped(local.ip())),
+        (client.ip().to_canonical(), local.ip().to_canonical()),
         (IpAddr::V4(_), IpAddr::V4(_))
     );
     let addresses = if both_v4 { 12 } else { 36 };
@@ -52,7 +52,7 @@ fn as_writer_inputs(data: &[u8]) {
     let want_ips: Vec<u8> = if both_v4 {
         [client.ip(), local.ip()]
             .iter()
-            .flat_map(|ip| octets(unmapped(*ip)))
+            .flat_map(|ip| octets(ip.to_canonical()))
             .collect()
     } else {
         [client.ip(), local.ip()]
@@ -64,7 +64,7 @@ fn as_writer_inputs(data: &[u8]) {
     assert_eq!(ports[..2], client.port().to_be_bytes());
     assert_eq!(ports[2..], local.port().to_be_bytes());
     let want_client = if both_v4 {
-        SocketAddr::new(unmapped(client.ip()), client.port())
+        SocketAddr::new(client.ip().to_canonical(), client.port())
     } else {
         SocketAddr::new(IpAddr::V6(as_v6(client.ip())), client.port())
     };
@@ -150,15 +150,9 @@ fn octets(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
-}
-
+/// The address as the header carries it when the other side is IPv6.
 fn as_v6(ip: IpAddr) -> Ipv6Addr {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     }
