@@ -29,6 +29,7 @@ mod error;
 mod factory;
 pub mod links;
 mod netns;
+pub mod ports;
 mod rtnl;
 
 pub use error::{Error, Result};

@@ -1,11 +1,14 @@
-//! A minimal synchronous rtnetlink client: one request, wait for its acknowledgement.
-//! The socket belongs to the namespace of the thread that opened it, and can then be
-//! used from any thread.
+//! A minimal synchronous netlink client: one request, wait for its acknowledgement (or
+//! the end of its dump). Used for rtnetlink here and for sock_diag (`ports`). The socket
+//! belongs to the namespace of the thread that opened it, and can then be used from any
+//! thread.
 
+use std::fmt::Debug;
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+    NLM_F_ACK, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -22,7 +25,12 @@ pub(crate) struct Rtnl {
 impl Rtnl {
     /// Open a route netlink socket in the calling thread's network namespace.
     pub(crate) fn open() -> io::Result<Rtnl> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        Rtnl::open_protocol(NETLINK_ROUTE)
+    }
+
+    /// Open a netlink socket of `protocol` in the calling thread's network namespace.
+    pub(crate) fn open_protocol(protocol: isize) -> io::Result<Rtnl> {
+        let mut socket = Socket::new(protocol)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Rtnl {
@@ -34,16 +42,15 @@ impl Rtnl {
 
     /// Send `message` with `flags` (plus REQUEST and ACK) and collect the replies until the
     /// kernel acknowledges it. A kernel error comes back as the matching OS error.
-    pub(crate) fn request(
-        &mut self,
-        message: RouteNetlinkMessage,
-        flags: u16,
-    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+    pub(crate) fn request<T>(&mut self, message: T, flags: u16) -> io::Result<Vec<T>>
+    where
+        T: NetlinkSerializable + NetlinkDeserializable + Debug,
+    {
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags | NLM_F_REQUEST | NLM_F_ACK;
         header.sequence_number = self.sequence;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
         packet.finalize();
         let mut bytes = vec![0; packet.header.length as usize];
         packet.serialize(&mut bytes);
@@ -55,9 +62,8 @@ impl Rtnl {
             let len = self.socket.recv(&mut self.buffer, 0)?;
             let mut offset = 0;
             while offset < len {
-                let reply =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buffer[offset..len])
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let reply = NetlinkMessage::<T>::deserialize(&self.buffer[offset..len])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let size = reply.header.length as usize;
                 if size == 0 {
                     return Err(io::Error::new(
