@@ -78,6 +78,8 @@ pub struct WatchStatus {
     disconnects: AtomicU64,
     /// Since when the view may be behind etcd (`None`: watching).
     stale_since: Mutex<Option<Instant>>,
+    /// The current outage has been logged.
+    outage_said: AtomicBool,
 }
 
 impl WatchStatus {
@@ -88,6 +90,7 @@ impl WatchStatus {
             resyncs: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             stale_since: Mutex::new(Some(Instant::now())),
+            outage_said: AtomicBool::new(false),
         }
     }
 
@@ -117,18 +120,31 @@ impl WatchStatus {
 
     fn up(&self) {
         self.connected.store(true, Ordering::Relaxed);
+        self.outage_said.store(false, Ordering::Relaxed);
         *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Said once per outage: when a live watch is lost, and when etcd has not answered
+    /// since start-up (a forwarder started during an outage would otherwise be silent).
     fn down(&self, why: &str) {
-        if self.connected.swap(false, Ordering::Relaxed) {
+        let was_up = self.connected.swap(false, Ordering::Relaxed);
+        if was_up {
             self.disconnects.fetch_add(1, Ordering::Relaxed);
-            log::warn!(reason = why; "etcd watch lost: serving the last known remote routes");
         }
         self.stale_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(Instant::now);
+        if self.outage_said.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if was_up {
+            log::warn!(reason = why; "etcd watch lost: serving the last known remote routes");
+        } else if self.resyncs.load(Ordering::Relaxed) == 0 {
+            log::warn!(reason = why; "etcd unreachable: no remote routes until it answers");
+        } else {
+            log::warn!(reason = why; "etcd unreachable: serving the last known remote routes");
+        }
     }
 }
 

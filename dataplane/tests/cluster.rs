@@ -301,4 +301,8 @@ fn without_etcd_local_vms_are_served_as_ever() {
         "{}",
         fwd.metrics()
     );
+    // Said once, not once per retry.
+    let said = |log: &str| log.matches("etcd unreachable: no remote routes").count();
+    assert!(eventually(LONG, || said(&fwd.log()) > 0), "{}", fwd.log());
+    assert_eq!(said(&fwd.log()), 1, "{}", fwd.log());
 }
