@@ -380,48 +380,12 @@ pub fn pg_error_response(sqlstate: &str, message: &str) -> Vec<u8> {
 mod tests {
     use std::sync::Arc;
 
+    use mergen_testkit::tls::{client_hello as real_hello, refragment};
     use mergen_testkit::XorShift;
     use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
     use super::*;
-
-    /// The first flight of a real rustls client.
-    fn real_hello(server: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
-            &[&rustls::version::TLS12]
-        } else {
-            &[&rustls::version::TLS13, &rustls::version::TLS12]
-        };
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions)
-            .unwrap()
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let name = ServerName::try_from(server.to_string()).unwrap();
-        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut out = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut out).unwrap();
-        }
-        out
-    }
-
-    /// Re-cut the handshake bytes of a one-record hello into records of `size` bytes.
-    fn refragment(hello: &[u8], size: usize) -> Vec<u8> {
-        assert_eq!(hello[0], 0x16);
-        let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
-        let payload = &hello[5..5 + len];
-        let mut out = Vec::new();
-        for chunk in payload.chunks(size) {
-            out.extend_from_slice(&[0x16, 3, 1]);
-            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-            out.extend_from_slice(chunk);
-        }
-        out
-    }
 
     /// The server name of a whole hello (`None`: a hello without one).
     fn expect_hello(p: Peek) -> Option<String> {
@@ -745,14 +709,9 @@ mod tests {
     fn alert_is_understood_by_a_client() {
         let record = alert_record(ALERT_UNRECOGNIZED_NAME);
         assert_eq!(record, [0x15, 3, 3, 0, 2, 2, 112]);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
+        let config = Arc::new(mergen_testkit::tls::accept_any_client_config());
         let name = ServerName::try_from("a.localhost").unwrap();
-        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut conn = ClientConnection::new(config, name).unwrap();
         let mut sink = Vec::new();
         conn.write_tls(&mut sink).unwrap();
         conn.read_tls(&mut &record[..]).unwrap();

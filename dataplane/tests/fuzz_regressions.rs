@@ -18,13 +18,11 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mergen_dataplane::sni::{peek_client_hello, Peek, PG_PREAMBLE_LEN};
+use mergen_testkit::tls::{client_hello, refragment};
 use mergen_testkit::ChildGuard;
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 #[test]
 fn client_hello_kept_inputs() {
@@ -53,17 +51,17 @@ fn write_seeds() {
     for dir in [&hellos, &pg] {
         std::fs::create_dir_all(dir).unwrap();
     }
-    let rustls13 = rustls_hello("app1.localhost", &[b"h2", b"http/1.1"], false);
+    let rustls13 = client_hello("app1.localhost", &[b"h2", b"http/1.1"], false);
     write(&hellos, "rustls-tls13-alpn", &rustls13);
     write(
         &hellos,
         "rustls-tls12",
-        &rustls_hello("Legacy.Localhost", &[], true),
+        &client_hello("Legacy.Localhost", &[], true),
     );
     write(
         &hellos,
         "rustls-ip-no-sni",
-        &rustls_hello("127.0.0.1", &[], false),
+        &client_hello("127.0.0.1", &[], false),
     );
     write(&hellos, "rustls-3-byte-records", &refragment(&rustls13, 3));
     write(
@@ -99,7 +97,7 @@ fn write_seeds() {
     write(
         &pg,
         "direct-tls",
-        &rustls_hello("db.localhost", &[b"postgresql"], false),
+        &client_hello("db.localhost", &[b"postgresql"], false),
     );
     // CancelRequest: length 16, code 80877102, process id, secret key.
     let cancel = [
@@ -110,41 +108,6 @@ fn write_seeds() {
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::write(dir.join(name), bytes).unwrap();
-}
-
-/// The first flight of a rustls client.
-fn rustls_hello(server: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
-        &[&rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let name = ServerName::try_from(server.to_string()).unwrap();
-    let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).unwrap();
-    }
-    out
-}
-
-/// The handshake bytes of a one-record hello, re-cut into records of `size` bytes.
-fn refragment(hello: &[u8], size: usize) -> Vec<u8> {
-    let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
-    let mut out = Vec::new();
-    for chunk in hello[5..5 + len].chunks(size) {
-        out.extend_from_slice(&[0x16, 3, 1]);
-        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
 }
 
 /// What `openssl s_client` sends first, up to its whole ClientHello. With

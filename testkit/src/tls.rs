@@ -5,7 +5,9 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 /// A client configuration (ring, rustls' safe default versions) that trusts any
 /// certificate; handshake signatures are still checked. It keeps session tickets, so a
@@ -32,6 +34,43 @@ fn config(check_signatures: bool) -> ClientConfig {
             check_signatures,
         }))
         .with_no_client_auth()
+}
+
+/// The first flight of a real rustls client (its ClientHello, one record), asking for
+/// `server` with `alpn`; TLS 1.2 only when `tls12_only`.
+pub fn client_hello(server: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("rustls' protocol versions")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = ServerName::try_from(server.to_string()).expect("a server name");
+    let mut conn = ClientConnection::new(Arc::new(config), name).expect("a client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("writing to memory");
+    }
+    out
+}
+
+/// The handshake bytes of a one-record hello, re-cut into records of `size` bytes.
+pub fn refragment(hello: &[u8], size: usize) -> Vec<u8> {
+    assert_eq!(hello[0], 0x16, "a handshake record");
+    let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+    let mut out = Vec::new();
+    for chunk in hello[5..5 + len].chunks(size) {
+        out.extend_from_slice(&[0x16, 3, 1]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
 }
 
 #[derive(Debug)]
