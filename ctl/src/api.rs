@@ -610,40 +610,23 @@ pub fn render_env(meta: &Meta, extra: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mergen_model::{PortBinding, Protocol, Roots};
+    use mergen_model::{PortBinding, Protocol};
     use serde_json::json;
 
     const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
 
     fn meta(ports: &[(u16, u16, Protocol)]) -> Meta {
-        let roots = Roots {
-            config: "/etc/mergen/vm.d".into(),
-            data: "/var/lib/mergen".into(),
-            run: "/run/mergen".into(),
-        };
+        let ports = ports
+            .iter()
+            .map(|&(guest, host, protocol)| PortBinding {
+                guest,
+                host,
+                protocol,
+            })
+            .collect();
         Meta {
-            id: ID.into(),
-            created_at: time::macros::datetime!(2025-01-02 03:04:05.5 UTC),
-            rootfs: "/img/rootfs.ext4".into(),
-            kernel: "/img/vmlinux".into(),
-            data_disk: String::new(),
-            ports: ports
-                .iter()
-                .map(|&(guest, host, protocol)| PortBinding {
-                    guest,
-                    host,
-                    protocol,
-                })
-                .collect(),
-            http_port: 0,
-            guest_ip: "172.30.0.2".parse().unwrap(),
-            tap_name: tap_name(ID),
-            netns: netns_name(ID),
-            metadata: Default::default(),
-            tags: Default::default(),
-            paths: roots.paths(ID),
-            hooks: Default::default(),
-            process: None,
+            ports,
+            ..crate::sample::meta(ID)
         }
     }
 

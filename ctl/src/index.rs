@@ -429,7 +429,7 @@ mod tests {
     use std::collections::HashSet;
     use std::fs;
 
-    use mergen_model::{PortBinding, Protocol, Roots};
+    use mergen_model::{PortBinding, Protocol};
     use mergen_testkit::TempDir;
 
     use super::*;
@@ -439,33 +439,17 @@ mod tests {
     }
 
     fn meta(n: u32, ip: [u8; 4], port: u16) -> Meta {
-        let roots = Roots {
-            config: "/etc/mergen/vm.d".into(),
-            data: "/var/lib/mergen".into(),
-            run: "/run/mergen".into(),
-        };
-        let id = id(n);
         Meta {
             created_at: time::OffsetDateTime::from_unix_timestamp(1_780_000_000 + i64::from(n))
                 .unwrap(),
-            rootfs: "/img/rootfs.ext4".into(),
             kernel: String::new(),
-            data_disk: String::new(),
             ports: vec![PortBinding {
                 guest: 80,
                 host: port,
                 protocol: Protocol::Tcp,
             }],
-            http_port: 0,
             guest_ip: Ipv4Addr::from(ip),
-            tap_name: mergen_model::names::tap_name(&id),
-            netns: mergen_model::names::netns_name(&id),
-            metadata: Default::default(),
-            tags: Default::default(),
-            paths: roots.paths(&id),
-            hooks: Default::default(),
-            process: None,
-            id,
+            ..crate::sample::meta(&id(n))
         }
     }
 

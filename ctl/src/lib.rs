@@ -16,5 +16,7 @@ pub mod metrics;
 pub mod request;
 pub mod respond;
 pub mod router;
+#[cfg(test)]
+mod sample;
 pub mod store;
 pub mod summary;

@@ -224,7 +224,7 @@ pub fn list(stretches: Vec<Vec<u8>>) -> Json {
 
 #[cfg(test)]
 mod tests {
-    use mergen_model::{Protocol, Roots};
+    use mergen_model::Protocol;
     use mergen_runtime::SupervisorKind;
     use serde_json::json;
 
@@ -233,31 +233,16 @@ mod tests {
     const ID: &str = "084604f6-1b2c-4d5e-8f90-a1b2c3d4e5f6";
 
     fn meta(http_port: u16) -> Meta {
-        let roots = Roots {
-            config: "/etc/mergen/vm.d".into(),
-            data: "/var/lib/mergen".into(),
-            run: "/run/mergen".into(),
-        };
         Meta {
-            id: ID.into(),
-            created_at: time::macros::datetime!(2025-01-02 03:04:05.5 UTC),
-            rootfs: "/img/rootfs.ext4".into(),
-            kernel: "/img/vmlinux".into(),
-            data_disk: String::new(),
             ports: vec![PortBinding {
                 guest: 80,
                 host: 20000,
                 protocol: Protocol::Tcp,
             }],
             http_port,
-            guest_ip: "172.30.0.2".parse().unwrap(),
-            tap_name: "tap-084604f6".into(),
-            netns: "mergen-084604f6".into(),
             metadata: serde_json::from_str(r#"{"team":"core \"q\"","n":1}"#).unwrap(),
             tags: [("app".to_string(), "web\n1".to_string())].into(),
-            paths: roots.paths(ID),
-            hooks: Default::default(),
-            process: None,
+            ..crate::sample::meta(ID)
         }
     }
 
