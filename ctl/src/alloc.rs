@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use mergen_model::{Ipv4Cidr, Meta, PortBinding, Protocol};
 
-use crate::hostports::HostPorts;
+use crate::hostports::{self, HostPorts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRequest {
@@ -98,7 +98,7 @@ pub fn allocate(
         if !used_ports.insert(r.host) {
             return Err(AllocError::PortTaken(r.host));
         }
-        if taken.host.holds(r.host, r.protocol) {
+        if hostports::holds(&taken.host, r.host, r.protocol) {
             return Err(AllocError::HostPortInUse {
                 port: r.host,
                 protocol: r.protocol,
@@ -112,7 +112,7 @@ pub fn allocate(
     }
     for r in requested.iter().filter(|r| r.host == 0) {
         let host = (start..=end)
-            .find(|p| !used_ports.contains(p) && !taken.host.holds(*p, r.protocol))
+            .find(|p| !used_ports.contains(p) && !hostports::holds(&taken.host, *p, r.protocol))
             .ok_or(AllocError::PortRangeExhausted(start, end))?;
         used_ports.insert(host);
         bindings.push(PortBinding {

@@ -16,7 +16,7 @@ use crate::alloc::{allocate, Pool};
 use crate::config::Config;
 use crate::error::Error;
 use crate::hooks::HookRunner;
-use crate::hostports::HostPorts;
+use crate::hostports;
 use crate::index::Index;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
@@ -299,7 +299,7 @@ impl App {
             .map_err(Error::io("allocation lock"))?;
         let mut taken = self.index.taken().map_err(Error::Unreadable)?;
         if !req.ports.is_empty() {
-            taken.host = HostPorts::read().map_err(Error::io("reading the host's sockets"))?;
+            taken.host = hostports::read().map_err(Error::io("reading the host's sockets"))?;
         }
         let cidr = self.config.runtime.guest_cidr;
         let pool = Pool {

@@ -9,32 +9,22 @@
 //! kernel filters by state, so the host's TIME_WAIT and established connections cost
 //! a create nothing (reading /proc/net/tcp with 44,000 of them took ~200 ms of CPU).
 
-use std::collections::HashSet;
 use std::io;
 
-use ffi_free_netns::ports::{bound_ports, BoundPorts};
+pub use ffi_free_netns::ports::BoundPorts as HostPorts;
 use mergen_model::Protocol;
 
-/// The ports host processes listen on, per protocol.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostPorts {
-    pub tcp: HashSet<u16>,
-    pub udp: HashSet<u16>,
+/// The host's current listeners. A failure is an error, not "nothing held", since
+/// guessing "free" could hijack a service.
+pub fn read() -> io::Result<HostPorts> {
+    ffi_free_netns::ports::bound_ports()
 }
 
-impl HostPorts {
-    /// The host's current listeners. A failure is an error, not "nothing held", since
-    /// guessing "free" could hijack a service.
-    pub fn read() -> io::Result<HostPorts> {
-        let BoundPorts { tcp, udp } = bound_ports()?;
-        Ok(HostPorts { tcp, udp })
-    }
-
-    pub fn holds(&self, port: u16, proto: Protocol) -> bool {
-        match proto {
-            Protocol::Tcp => self.tcp.contains(&port),
-            Protocol::Udp => self.udp.contains(&port),
-        }
+/// Whether a host process holds `port` for `proto`.
+pub fn holds(host: &HostPorts, port: u16, proto: Protocol) -> bool {
+    match proto {
+        Protocol::Tcp => host.tcp.contains(&port),
+        Protocol::Udp => host.udp.contains(&port),
     }
 }
 
@@ -49,8 +39,8 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let u = std::net::UdpSocket::bind("[::1]:0").unwrap();
         let uport = u.local_addr().unwrap().port();
-        let h = HostPorts::read().unwrap();
-        assert!(h.holds(port, Protocol::Tcp) && !h.holds(port, Protocol::Udp));
-        assert!(h.holds(uport, Protocol::Udp));
+        let h = read().unwrap();
+        assert!(holds(&h, port, Protocol::Tcp) && !holds(&h, port, Protocol::Udp));
+        assert!(holds(&h, uport, Protocol::Udp));
     }
 }
