@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 
-use crate::{ClusterError, Etcd, HostRecord, Key, Keys, Settings, VmRecord};
+use crate::{with_causes, ClusterError, Etcd, HostRecord, Key, Keys, Settings, VmRecord};
 
 /// Largest answer the first read may get (gRPC's default, 4 MiB, is about 10,000 VMs).
 const MAX_READ: usize = 256 << 20;
@@ -260,7 +260,7 @@ async fn read_all(client: &Client, keys: &Keys, timeout: Duration) -> Result<Clu
     let get = kv.get(keys.all(), Some(GetOptions::new().with_prefix()));
     let resp = match tokio::time::timeout(timeout, get).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Err(e)) => return Err(with_causes(&e)),
         Err(_) => return Err(format!("no answer within {timeout:?}")),
     };
     let revision = resp.header().map_or(0, |h| h.revision());
@@ -284,7 +284,7 @@ async fn follow(
     let made = tokio::time::timeout(timeout, watch_client.watch(keys.all(), Some(options))).await;
     let mut stream = match made {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return End::Lost(e.to_string()),
+        Ok(Err(e)) => return End::Lost(with_causes(&e)),
         Err(_) => return End::Lost(format!("no watch within {timeout:?}")),
     };
     let mut asked_progress = false;
@@ -293,12 +293,12 @@ async fn follow(
         let resp = match next {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return End::Lost("the watch stream ended".into()),
-            Ok(Err(e)) => return End::Lost(e.to_string()),
+            Ok(Err(e)) => return End::Lost(with_causes(&e)),
             // Quiet for a whole timeout: ask for progress; quiet again, give up.
             Err(_) if !asked_progress => {
                 asked_progress = true;
                 if let Err(e) = stream.request_progress().await {
-                    return End::Lost(e.to_string());
+                    return End::Lost(with_causes(&e));
                 }
                 continue;
             }

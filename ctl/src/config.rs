@@ -103,8 +103,18 @@ pub const VARIABLES: &[Var] = &[
     ),
     Var::unset(
         "MGR_ETCD_ENDPOINTS",
-        "etcd members (host:port or http://host:port, comma-separated): this host publishes its VMs' routes there (docs/cluster.md)",
+        "etcd members (host:port, http://host:port or https://host:port, comma-separated): this host publishes its VMs' routes there (docs/cluster.md)",
     ),
+    Var::computed(
+        "MGR_ETCD_CA_FILE",
+        "the system's CAs",
+        "PEM CA certificates etcd's certificate must chain to (https:// endpoints only)",
+    ),
+    Var::unset(
+        "MGR_ETCD_CERT_FILE",
+        "PEM client certificate for etcd's --client-cert-auth (with MGR_ETCD_KEY_FILE)",
+    ),
+    Var::unset("MGR_ETCD_KEY_FILE", "PEM key of MGR_ETCD_CERT_FILE"),
     Var::new(
         "MGR_ETCD_PREFIX",
         "/mergen",
@@ -271,12 +281,9 @@ impl Config {
 }
 
 fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::Error> {
-    let Some(endpoints) = env.with("MGR_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)? else {
+    let Some(etcd) = mergen_cluster::Settings::from_env(env, "MGR_ETCD")? else {
         return Ok(None);
     };
-    if endpoints.is_empty() {
-        return Ok(None);
-    }
     let host_addr = env
         .with("MGR_HOST_ADDR", |t| {
             // Forwarders dial their peers over IPv4, as they dial guests.
@@ -302,11 +309,7 @@ fn cluster_config(env: &Env) -> Result<Option<ClusterConfig>, mergen_envtable::E
         });
     }
     Ok(Some(ClusterConfig {
-        etcd: mergen_cluster::Settings {
-            endpoints,
-            prefix: env.string("MGR_ETCD_PREFIX"),
-            timeout: env.seconds("MGR_ETCD_TIMEOUT_SECONDS")?,
-        },
+        etcd,
         host_name,
         host_addr,
         lease_ttl: env.seconds("MGR_ETCD_LEASE_TTL_SECONDS")?,
@@ -350,6 +353,35 @@ mod tests {
             assert!(err.contains("MGR_HOST_ADDR"), "{bad}: {err}");
         }
         assert!(from(&[]).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn tls_to_etcd_is_read_from_the_etcd_variables() {
+        let addr = ("MGR_HOST_ADDR", "10.0.0.1");
+        let https = ("MGR_ETCD_ENDPOINTS", "https://10.0.0.1:2379");
+        let c = from(&[https, addr]).unwrap().cluster.unwrap();
+        assert_eq!(c.etcd.endpoints, ["https://10.0.0.1:2379"]);
+        assert!(c.etcd.tls.is_some());
+        for (vars, name) in [
+            (
+                vec![https, ("MGR_ETCD_CA_FILE", "/nonexistent.pem")],
+                "MGR_ETCD_CA_FILE",
+            ),
+            (
+                vec![https, ("MGR_ETCD_KEY_FILE", "/nonexistent.pem")],
+                "MGR_ETCD_KEY_FILE",
+            ),
+            (
+                vec![
+                    ("MGR_ETCD_ENDPOINTS", "10.0.0.1:2379"),
+                    ("MGR_ETCD_CERT_FILE", "/x.pem"),
+                ],
+                "MGR_ETCD_CERT_FILE",
+            ),
+        ] {
+            let err = from(&[&vars[..], &[addr]].concat()).unwrap_err();
+            assert!(err.starts_with(name), "{vars:?}: {err}");
+        }
     }
 
     #[test]

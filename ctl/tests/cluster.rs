@@ -3,7 +3,8 @@
 //! calls for another host's VM are sent there, and a mergend that dies takes its routes
 //! out of etcd after the lease TTL and brings them back when it returns. With each
 //! host's forwarder too (host A on 127.0.0.1, host B on 127.0.0.2), curl through host
-//! A reaches a process VM that runs on host B.
+//! A reaches a process VM that runs on host B. Over TLS with client certificates too:
+//! a mergend whose certificates etcd refuses runs, and says it is disconnected.
 
 mod common;
 
@@ -12,7 +13,8 @@ use std::time::Duration;
 use common::forwarder::{forwarder_on, through_at};
 use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
-use mergen_testkit::etcd::EtcdCluster;
+use mergen_testkit::etcd::{EtcdCluster, ServerTls};
+use mergen_testkit::pki::TestCa;
 use mergen_testkit::{eventually, free_port, nginx, require_root, wait_for};
 
 const LONG: Duration = Duration::from_secs(20);
@@ -31,6 +33,17 @@ fn host_env<'a>(
         ("MGR_HOST_NAME", name),
         ("MGR_HOST_ADDR", addr),
     ]
+}
+
+/// Host a's settings for an etcd over TLS, trusting `ca`, with a client certificate.
+fn tls_env<'a>(ep: &'a str, ca: &'a str, cert: &'a str, key: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut env = host_env(ep, "a", "10.9.0.1", "/tls");
+    env.extend([
+        ("MGR_ETCD_CA_FILE", ca),
+        ("MGR_ETCD_CERT_FILE", cert),
+        ("MGR_ETCD_KEY_FILE", key),
+    ]);
+    env
 }
 
 fn create_app(m: &Mergend, roots: &Roots, app: &str) -> (u16, serde_json::Value) {
@@ -219,6 +232,101 @@ fn a_killed_mergend_loses_its_routes_after_the_ttl_and_gets_them_back() {
     });
     let (code, v) = create_app(&m, &roots, "three");
     assert_eq!(code, 201, "{v}");
+}
+
+#[test]
+fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
+    let pki = mergen_testkit::TempDir::new("cl-pki");
+    let ca = TestCa::new(pki.path(), "etcd");
+    let server = ca.server("etcd", &["127.0.0.1".parse().unwrap()]);
+    let client = ca.client("host-a", "host-a");
+    let etcd = EtcdCluster::loopback_tls(
+        1,
+        ServerTls {
+            cert: server.cert,
+            key: server.key,
+            ca: ca.ca_file.clone(),
+            client_cert_auth: true,
+            etcdctl_identity: Some((client.cert.clone(), client.key.clone())),
+        },
+    );
+    let ep = etcd.endpoints();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ca_file, cert, key) = (path(&ca.ca_file), path(&client.cert), path(&client.key));
+    let roots = Roots::new("cl-tls");
+    let m = Mergend::start(&roots, &tls_env(&ep, &ca_file, &cert, &key));
+    let (code, v) = create_app(&m, &roots, "secure");
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(routes(&etcd, "/tls"), [id]);
+    let (_, v) = m.get_json("/healthz");
+    assert_eq!(v["cluster"], "connected", "{v}");
+
+    // Another host's forwarder learns the route over TLS too; one with the wrong CA
+    // says why it learns nothing.
+    let fwd = |dir: &mergen_testkit::TempDir, ca_file: &str| {
+        let env = [
+            ("FWD_ETCD_ENDPOINTS", ep.as_str()),
+            ("FWD_ETCD_PREFIX", "/tls"),
+            ("FWD_ETCD_TIMEOUT_SECONDS", "1"),
+            ("FWD_ETCD_CA_FILE", ca_file),
+            ("FWD_ETCD_CERT_FILE", cert.as_str()),
+            ("FWD_ETCD_KEY_FILE", key.as_str()),
+            ("FWD_HOST_NAME", "b"),
+        ];
+        let listener = [((std::net::Ipv4Addr::LOCALHOST, free_port()).into(), 8080)];
+        // Host b's own VMs: none.
+        let vms = dir.path().join("vm.d");
+        std::fs::create_dir_all(&vms).unwrap();
+        forwarder_on(&vms, dir.path(), &listener, &env)
+    };
+    let fwd_log = |dir: &mergen_testkit::TempDir| {
+        std::fs::read_to_string(dir.path().join("forwarder.log")).unwrap_or_default()
+    };
+    let other = TestCa::new(pki.path(), "other");
+    let (good, bad) = (
+        mergen_testkit::TempDir::new("cl-tls-fwd"),
+        mergen_testkit::TempDir::new("cl-tls-fwd-bad"),
+    );
+    let _good = fwd(&good, &ca_file);
+    let _bad = fwd(&bad, &path(&other.ca_file));
+    wait_for("the remote route in the forwarder", LONG, || {
+        fwd_log(&good)
+            .lines()
+            .any(|l| l.contains("remote routes updated") && l.contains("remote_vms=1"))
+            .then_some(())
+    });
+    wait_for("the wrong CA in the forwarder's log", LONG, || {
+        fwd_log(&bad).contains("UnknownIssuer").then_some(())
+    });
+    drop(m);
+
+    // A CA that did not sign etcd's certificate: mergend runs, is disconnected, says
+    // why, and refuses creates as in any etcd outage.
+    let roots = Roots::new("cl-tls-bad");
+    let m = Mergend::start(&roots, &tls_env(&ep, &path(&other.ca_file), &cert, &key));
+    wait_for("the certificate refused in the log", LONG, || {
+        m.log_text().contains("UnknownIssuer").then_some(())
+    });
+    let (code, v) = m.get_json("/healthz");
+    assert_eq!(
+        (code, v["cluster"].as_str()),
+        (200, Some("disconnected")),
+        "{v}"
+    );
+    let (code, v) = create_app(&m, &roots, "insecure");
+    assert_eq!(code, 503, "{v}");
+
+    // A file that is not there stops it at start-up, naming the variable.
+    let out = std::process::Command::new(common::BIN)
+        .env_clear()
+        .envs(common::env_for(&roots))
+        .envs(tls_env(&ep, "/nonexistent/ca.pem", &cert, &key))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MGR_ETCD_CA_FILE"), "{err}");
 }
 
 #[test]

@@ -115,8 +115,18 @@ pub const VARS: &[Var] = &[
     Var::new("FWD_LOG_FORMAT", "console", "console|json|text"),
     Var::unset(
         "FWD_ETCD_ENDPOINTS",
-        "etcd members (host:port or http://host:port, comma-separated): other hosts' VMs are learned there and their connections passed through to those hosts (docs/cluster.md)",
+        "etcd members (host:port, http://host:port or https://host:port, comma-separated): other hosts' VMs are learned there and their connections passed through to those hosts (docs/cluster.md)",
     ),
+    Var::computed(
+        "FWD_ETCD_CA_FILE",
+        "the system's CAs",
+        "PEM CA certificates etcd's certificate must chain to (https:// endpoints only)",
+    ),
+    Var::unset(
+        "FWD_ETCD_CERT_FILE",
+        "PEM client certificate for etcd's --client-cert-auth (with FWD_ETCD_KEY_FILE)",
+    ),
+    Var::unset("FWD_ETCD_KEY_FILE", "PEM key of FWD_ETCD_CERT_FILE"),
     Var::new(
         "FWD_ETCD_PREFIX",
         "/mergen",
@@ -427,12 +437,9 @@ impl Config {
 }
 
 fn cluster_config(env: &Env<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
-    let endpoints = env
-        .with("FWD_ETCD_ENDPOINTS", mergen_cluster::parse_endpoints)?
-        .unwrap_or_default();
-    if endpoints.is_empty() {
+    let Some(etcd) = mergen_cluster::Settings::from_env(env, "FWD_ETCD")? else {
         return Ok(None);
-    }
+    };
     let host_name = env
         .opt("FWD_HOST_NAME")
         .unwrap_or_else(mergen_cluster::hostname);
@@ -443,14 +450,7 @@ fn cluster_config(env: &Env<'_>) -> Result<Option<ClusterConfig>, ConfigError> {
             expected: "a name without '/' (the hostname is used when unset)".into(),
         });
     }
-    Ok(Some(ClusterConfig {
-        etcd: mergen_cluster::Settings {
-            endpoints,
-            prefix: env.string("FWD_ETCD_PREFIX"),
-            timeout: env.seconds("FWD_ETCD_TIMEOUT_SECONDS")?,
-        },
-        host_name,
-    }))
+    Ok(Some(ClusterConfig { etcd, host_name }))
 }
 
 /// `FWD_LISTENERS`, with the `FWD_HTTPS_ADDR` listener of the later original: it takes
@@ -636,7 +636,8 @@ mod tests {
         );
         for (name, value) in [
             ("FWD_ETCD_ENDPOINTS", "10.0.0.1"),
-            ("FWD_ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+            ("FWD_ETCD_ENDPOINTS", "https://10.0.0.1:2379,10.0.0.2:2379"),
+            ("FWD_ETCD_CA_FILE", "/etc/ssl/certs/ca-certificates.crt"),
             ("FWD_HOST_NAME", "a/b"),
             ("FWD_ETCD_TIMEOUT_SECONDS", "0"),
         ] {

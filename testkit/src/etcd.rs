@@ -1,6 +1,7 @@
 //! A real etcd cluster for tests (Debian's `etcd-server`): members on loopback or on an
 //! address inside a test's network namespace, each one stopped and started again at
-//! will, all of them killed by PID and their data removed on drop.
+//! will, all of them killed by PID and their data removed on drop. Members may serve
+//! their clients over TLS, with client certificates required ([`ServerTls`]).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -11,6 +12,22 @@ use crate::{poll, ChildGuard, TempDir};
 /// Where etcd keeps its data: tmpfs, so that its fsyncs are cheap and its
 /// preallocated write-ahead logs never fill the disk.
 const DATA_BASE: &str = "/dev/shm";
+
+/// TLS on the members' client URLs (`https://`); peers talk plain HTTP among themselves.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The members' certificate and key (one for all; its names must cover their
+    /// addresses).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA whose clients are trusted (`--trusted-ca-file`), and which etcdctl
+    /// trusts to check the members' certificate.
+    pub ca: PathBuf,
+    /// Require a client certificate signed by `ca` (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// The certificate and key etcdctl presents (needed with `client_cert_auth`).
+    pub etcdctl_identity: Option<(PathBuf, PathBuf)>,
+}
 
 struct Member {
     name: String,
@@ -24,6 +41,7 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial: String,
     netns: Option<String>,
+    tls: Option<ServerTls>,
     dir: TempDir,
 }
 
@@ -36,6 +54,21 @@ impl EtcdCluster {
     /// `n` members listening on `ip`, inside the namespace `netns` when given (entered
     /// with `nsenter --net`, so the members see the host's files).
     pub fn start(n: usize, netns: Option<&str>, ip: &str) -> EtcdCluster {
+        EtcdCluster::start_with(n, netns, ip, None)
+    }
+
+    /// `n` members on 127.0.0.1 serving clients over TLS.
+    pub fn loopback_tls(n: usize, tls: ServerTls) -> EtcdCluster {
+        EtcdCluster::start_with(n, None, "127.0.0.1", Some(tls))
+    }
+
+    /// [`EtcdCluster::start`], with TLS on the client URLs when `tls` is given.
+    pub fn start_with(
+        n: usize,
+        netns: Option<&str>,
+        ip: &str,
+        tls: Option<ServerTls>,
+    ) -> EtcdCluster {
         assert!(
             Command::new("etcd").arg("--version").output().is_ok(),
             "etcd is missing: install Debian's etcd-server (scripts/test.sh does)"
@@ -52,12 +85,13 @@ impl EtcdCluster {
                 .map(|_| (crate::free_port(), crate::free_port()))
                 .collect(),
         };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<Member> = ports
             .iter()
             .enumerate()
             .map(|(i, (c, p))| Member {
                 name: format!("m{i}"),
-                client: format!("http://{ip}:{c}"),
+                client: format!("{scheme}://{ip}:{c}"),
                 peer: format!("http://{ip}:{p}"),
                 process: None,
             })
@@ -71,6 +105,7 @@ impl EtcdCluster {
             members,
             initial,
             netns: netns.map(str::to_string),
+            tls,
             dir: base,
         };
         for i in 0..n {
@@ -135,9 +170,19 @@ impl EtcdCluster {
                 "--log-level",
                 "warn",
             ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("etcd log"))
-            .stderr(log);
+            .stdin(Stdio::null());
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca);
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
+        cmd.stdout(log.try_clone().expect("etcd log")).stderr(log);
         self.members[i].process = Some(ChildGuard::spawn(&mut cmd));
     }
 
@@ -191,6 +236,12 @@ impl EtcdCluster {
         };
         cmd.env("ETCDCTL_API", "3")
             .args(["--dial-timeout=2s", "--command-timeout=3s"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+            if let Some((cert, key)) = &tls.etcdctl_identity {
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
         cmd
     }
 

@@ -17,6 +17,8 @@ mod net;
 pub mod nginx;
 #[cfg(feature = "oci")]
 pub mod oci;
+#[cfg(feature = "pki")]
+pub mod pki;
 mod process;
 mod rng;
 mod root;
