@@ -10,9 +10,9 @@ use mergen_cluster::{
     ClusterError, ClusterView, HostRecord, LocalVm, PemFile, Publisher, RouteWatch, Settings,
     Source, Tls,
 };
-use mergen_testkit::etcd::{EtcdCluster, ServerTls};
-use mergen_testkit::pki::TestCa;
-use mergen_testkit::{eventually, wait_for, TempDir};
+use mergen_testkit::etcd::{EtcdCluster, MutualTlsEtcd};
+use mergen_testkit::pki::{Issued, TestCa};
+use mergen_testkit::{eventually, wait_for};
 use time::OffsetDateTime;
 
 const TTL: Duration = Duration::from_secs(2);
@@ -295,38 +295,6 @@ fn a_watch_behind_a_compaction_reads_everything_again() {
     });
 }
 
-/// One etcd member serving clients over TLS and requiring client certificates from
-/// `ca`, and the files of a client `ca` signed.
-struct TlsEtcd {
-    etcd: EtcdCluster,
-    ca: TestCa,
-    client: mergen_testkit::pki::Issued,
-    _dir: TempDir,
-}
-
-fn tls_etcd() -> TlsEtcd {
-    let dir = TempDir::new("etcd-pki");
-    let ca = TestCa::new(dir.path(), "cluster");
-    let server = ca.server("etcd", &["127.0.0.1".parse().unwrap()]);
-    let client = ca.client("host-a", "host-a");
-    let etcd = EtcdCluster::loopback_tls(
-        1,
-        ServerTls {
-            cert: server.cert,
-            key: server.key,
-            ca: ca.ca_file.clone(),
-            client_cert_auth: true,
-            etcdctl_identity: Some((client.cert.clone(), client.key.clone())),
-        },
-    );
-    TlsEtcd {
-        etcd,
-        ca,
-        client,
-        _dir: dir,
-    }
-}
-
 fn tls_settings(etcd: &EtcdCluster, prefix: &str, tls: Tls) -> Settings {
     Settings {
         tls: Some(tls),
@@ -338,21 +306,24 @@ fn pem(read: fn(&str) -> Result<PemFile, String>, path: &std::path::Path) -> Pem
     read(path.to_str().unwrap()).unwrap()
 }
 
+/// TLS trusting the CA in `ca`, with `client`'s certificate when given.
+fn tls(ca: &std::path::Path, client: Option<&Issued>) -> Tls {
+    Tls {
+        ca: Some(pem(PemFile::ca, ca)),
+        identity: client.map(|c| {
+            (
+                pem(PemFile::certificate, &c.cert),
+                pem(PemFile::key, &c.key),
+            )
+        }),
+    }
+}
+
 #[test]
 fn routes_are_published_and_watched_over_mutual_tls() {
-    let t = tls_etcd();
+    let t = MutualTlsEtcd::loopback(1);
     assert!(t.etcd.endpoints().starts_with("https://"));
-    let s = tls_settings(
-        &t.etcd,
-        "/tls",
-        Tls {
-            ca: Some(pem(PemFile::ca, &t.ca.ca_file)),
-            identity: Some((
-                pem(PemFile::certificate, &t.client.cert),
-                pem(PemFile::key, &t.client.key),
-            )),
-        },
-    );
+    let s = tls_settings(&t.etcd, "/tls", tls(&t.ca.ca_file, Some(&t.client)));
     let local = Arc::new(Mutex::new(vec![vm("one", &["one", "web"])]));
     let (_watch, seen) = watcher(&s);
     let p = publisher(&s, "a", &local);
@@ -369,43 +340,20 @@ fn routes_are_published_and_watched_over_mutual_tls() {
 
 #[test]
 fn a_wrong_ca_or_a_missing_client_certificate_is_refused_with_the_reason() {
-    let t = tls_etcd();
-    let dir = TempDir::new("etcd-pki-other");
-    let other = TestCa::new(dir.path(), "other");
+    let t = MutualTlsEtcd::loopback(1);
+    let other = TestCa::new(t.dir(), "other");
     let stranger = other.client("stranger", "host-a");
-    let identity = || {
-        Some((
-            pem(PemFile::certificate, &t.client.cert),
-            pem(PemFile::key, &t.client.key),
-        ))
-    };
     let none: Arc<Mutex<Vec<LocalVm>>> = Arc::default();
     let cases = [
         (
             "a CA that did not sign etcd's certificate",
-            Tls {
-                ca: Some(pem(PemFile::ca, &other.ca_file)),
-                identity: identity(),
-            },
+            tls(&other.ca_file, Some(&t.client)),
             "invalid peer certificate: UnknownIssuer",
         ),
-        (
-            "no client certificate",
-            Tls {
-                ca: Some(pem(PemFile::ca, &t.ca.ca_file)),
-                identity: None,
-            },
-            "",
-        ),
+        ("no client certificate", tls(&t.ca.ca_file, None), ""),
         (
             "a client certificate of another CA",
-            Tls {
-                ca: Some(pem(PemFile::ca, &t.ca.ca_file)),
-                identity: Some((
-                    pem(PemFile::certificate, &stranger.cert),
-                    pem(PemFile::key, &stranger.key),
-                )),
-            },
+            tls(&t.ca.ca_file, Some(&stranger)),
             "",
         ),
     ];
@@ -443,61 +391,48 @@ fn a_wrong_ca_or_a_missing_client_certificate_is_refused_with_the_reason() {
 }
 
 /// With etcd's authentication on, the client certificate's common name is the user:
-/// a host whose user may write the prefix publishes; a certificate of the same CA for
-/// a user etcd does not know gets nothing in or out.
+/// a host whose user may write the prefix publishes, a forwarder whose user may only
+/// read it watches; a certificate of the same CA for a user etcd does not know gets
+/// nothing in or out.
 #[test]
 fn with_etcd_auth_the_certificates_name_is_the_user() {
-    let t = tls_etcd();
+    let t = MutualTlsEtcd::loopback(1);
     // Users and roles first, as the CN "host-a" etcdctl presents (auth is still off).
-    for args in [
-        &["user", "add", "root", "--no-password"][..],
-        &["user", "grant-role", "root", "root"],
-        &["role", "add", "mergen"],
-        &[
+    // mergend's user writes the prefix; a forwarder's only reads it.
+    t.etcd.ctl(&["user", "add", "root", "--no-password"]);
+    t.etcd.ctl(&["user", "grant-role", "root", "root"]);
+    for (user, role, access) in [
+        ("host-a", "mergen", "readwrite"),
+        ("fwd-a", "reader", "read"),
+    ] {
+        t.etcd.ctl(&["role", "add", role]);
+        t.etcd.ctl(&[
             "role",
             "grant-permission",
-            "mergen",
+            role,
             "--prefix=true",
-            "readwrite",
+            access,
             "/auth/",
-        ],
-        &["user", "add", "host-a", "--no-password"],
-        &["user", "grant-role", "host-a", "mergen"],
-        &["auth", "enable"],
-    ] {
-        t.etcd.ctl(args);
+        ]);
+        t.etcd.ctl(&["user", "add", user, "--no-password"]);
+        t.etcd.ctl(&["user", "grant-role", user, role]);
     }
-    let ca = || Some(pem(PemFile::ca, &t.ca.ca_file));
-    let s = tls_settings(
+    t.etcd.ctl(&["auth", "enable"]);
+    let s = tls_settings(&t.etcd, "/auth", tls(&t.ca.ca_file, Some(&t.client)));
+    let local = Arc::new(Mutex::new(vec![vm("one", &["one"])]));
+    let reader = t.ca.client("fwd-a", "fwd-a");
+    let (_watch, seen) = watcher(&tls_settings(
         &t.etcd,
         "/auth",
-        Tls {
-            ca: ca(),
-            identity: Some((
-                pem(PemFile::certificate, &t.client.cert),
-                pem(PemFile::key, &t.client.key),
-            )),
-        },
-    );
-    let local = Arc::new(Mutex::new(vec![vm("one", &["one"])]));
-    let (_watch, seen) = watcher(&s);
+        tls(&t.ca.ca_file, Some(&reader)),
+    ));
     let _p = publisher(&s, "a", &local);
     wait_for("the route, as user host-a", LONG, || {
         (vm_ids(&seen) == ["one"]).then_some(())
     });
 
     let intruder = t.ca.client("intruder", "intruder");
-    let s = tls_settings(
-        &t.etcd,
-        "/auth",
-        Tls {
-            ca: ca(),
-            identity: Some((
-                pem(PemFile::certificate, &intruder.cert),
-                pem(PemFile::key, &intruder.key),
-            )),
-        },
-    );
+    let s = tls_settings(&t.etcd, "/auth", tls(&t.ca.ca_file, Some(&intruder)));
     let vms = Arc::new(Mutex::new(vec![vm("evil", &["one"])]));
     let source: Source = Box::new(move || Ok(vms.lock().unwrap().clone()));
     let p = Publisher::start(&s, host("x"), TTL, source).unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::forwarder::{forwarder_on, through_at};
 use common::vms::{process_env, VmsGuard};
 use common::{Mergend, Roots};
-use mergen_testkit::etcd::{EtcdCluster, ServerTls};
+use mergen_testkit::etcd::{EtcdCluster, MutualTlsEtcd};
 use mergen_testkit::pki::TestCa;
 use mergen_testkit::{eventually, free_port, nginx, require_root, wait_for};
 
@@ -236,20 +236,8 @@ fn a_killed_mergend_loses_its_routes_after_the_ttl_and_gets_them_back() {
 
 #[test]
 fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
-    let pki = mergen_testkit::TempDir::new("cl-pki");
-    let ca = TestCa::new(pki.path(), "etcd");
-    let server = ca.server("etcd", &["127.0.0.1".parse().unwrap()]);
-    let client = ca.client("host-a", "host-a");
-    let etcd = EtcdCluster::loopback_tls(
-        1,
-        ServerTls {
-            cert: server.cert,
-            key: server.key,
-            ca: ca.ca_file.clone(),
-            client_cert_auth: true,
-            etcdctl_identity: Some((client.cert.clone(), client.key.clone())),
-        },
-    );
+    let t = MutualTlsEtcd::loopback(1);
+    let (etcd, ca, client) = (&t.etcd, &t.ca, &t.client);
     let ep = etcd.endpoints();
     let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let (ca_file, cert, key) = (path(&ca.ca_file), path(&client.cert), path(&client.key));
@@ -258,7 +246,7 @@ fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
     let (code, v) = create_app(&m, &roots, "secure");
     assert_eq!(code, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    assert_eq!(routes(&etcd, "/tls"), [id]);
+    assert_eq!(routes(etcd, "/tls"), [id]);
     let (_, v) = m.get_json("/healthz");
     assert_eq!(v["cluster"], "connected", "{v}");
 
@@ -283,7 +271,7 @@ fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
     let fwd_log = |dir: &mergen_testkit::TempDir| {
         std::fs::read_to_string(dir.path().join("forwarder.log")).unwrap_or_default()
     };
-    let other = TestCa::new(pki.path(), "other");
+    let other = TestCa::new(t.dir(), "other");
     let (good, bad) = (
         mergen_testkit::TempDir::new("cl-tls-fwd"),
         mergen_testkit::TempDir::new("cl-tls-fwd-bad"),

@@ -286,3 +286,46 @@ impl Drop for EtcdCluster {
         self.stop_all();
     }
 }
+
+/// A loopback etcd over mutual TLS, the CA it trusts, and a client certificate of
+/// that CA whose common name is `host-a` (which etcdctl presents too).
+#[cfg(feature = "pki")]
+pub struct MutualTlsEtcd {
+    pub etcd: EtcdCluster,
+    pub ca: crate::pki::TestCa,
+    pub client: crate::pki::Issued,
+    // Dropped last: the members go before their certificates.
+    _dir: TempDir,
+}
+
+#[cfg(feature = "pki")]
+impl MutualTlsEtcd {
+    /// `n` members on 127.0.0.1 requiring client certificates.
+    pub fn loopback(n: usize) -> MutualTlsEtcd {
+        let dir = TempDir::new("etcd-pki");
+        let ca = crate::pki::TestCa::new(dir.path(), "etcd");
+        let server = ca.server("etcd", &["127.0.0.1".parse().expect("an address")]);
+        let client = ca.client("host-a", "host-a");
+        let etcd = EtcdCluster::loopback_tls(
+            n,
+            ServerTls {
+                cert: server.cert,
+                key: server.key,
+                ca: ca.ca_file.clone(),
+                client_cert_auth: true,
+                etcdctl_identity: Some((client.cert.clone(), client.key.clone())),
+            },
+        );
+        MutualTlsEtcd {
+            etcd,
+            ca,
+            client,
+            _dir: dir,
+        }
+    }
+
+    /// A directory for more of a test's certificates.
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+}
