@@ -45,7 +45,10 @@ fn run() -> Result<(), String> {
     // Registered before anything is served, so an early signal is not lost.
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot handle signals: {e}"))?;
-    let server_config = ServerConfig {
+    let shutdown_timeout = config.shutdown_timeout;
+    let addr = config.http_addr;
+    let socket = config.http_socket.clone();
+    let mut server_config = ServerConfig {
         name: "mergend".into(),
         limits: Limits::default(),
         header_timeout: config.header_timeout,
@@ -54,11 +57,11 @@ fn run() -> Result<(), String> {
         max_connections: config.max_connections,
         max_connections_per_ip: config.max_connections_per_ip,
         workers: config.http_workers,
+        stats: Arc::default(),
     };
-    let shutdown_timeout = config.shutdown_timeout;
-    let addr = config.http_addr;
-    let socket = config.http_socket.clone();
     let app = Arc::new(App::new(config)?);
+    // The server counts into the app's metrics, so /metrics shows refusals and evictions.
+    server_config.stats = Arc::clone(&app.metrics.http);
     let handler: Arc<Handler> = {
         let app = Arc::clone(&app);
         Arc::new(move |req| router::handle(&app, req))

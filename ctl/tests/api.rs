@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::{try_curl, Mergend, Roots, ORIGINAL_SUMMARY_FIELDS};
-use mergen_testkit::eventually;
+use mergen_testkit::{eventually, metric_value};
 use serde_json::Value;
 
 /// Send `request` raw and read the answer until the server closes the connection.
@@ -524,6 +524,18 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     assert!(eventually(Duration::from_secs(10), || {
         try_curl(&[&m.url("/healthz")]).is_ok_and(|(c, _)| c == 200)
     }));
+    // ... and /metrics counted it (later curls may have closed more idle ones).
+    let (_, text) = m.curl("GET", "/metrics", &[]);
+    let value = |series: &str| {
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value(r#"mergend_http_connections_evicted_total{cap="total"}"#) >= 1.0);
+    assert_eq!(
+        value(r#"mergend_http_connections_refused_total{cap="total"}"#),
+        0.0
+    );
+    assert!(value("mergend_http_connections_accepted_total") >= 5.0);
+    assert!(value("mergend_http_connections_open") >= 1.0);
 
     // SIGTERM: a clean exit, the socket file removed.
     let idle = TcpStream::connect(m.addr).unwrap();
