@@ -114,13 +114,19 @@ pub fn env_for(roots: &Roots) -> Vec<(String, String)> {
     .collect()
 }
 
+/// [`env_for`] with the `extra` settings added or replacing its own.
+fn env_with(roots: &Roots, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = env_for(roots);
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
 impl Mergend {
     pub fn start(roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
-        let mut env = env_for(roots);
-        for (k, v) in extra {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
-        }
+        let env = env_with(roots, extra);
         Self::start_env(&env)
     }
 
@@ -132,21 +138,13 @@ impl Mergend {
     /// this one, so the VM namespaces it makes are seen by everyone). Its API listens
     /// there, so [`Mergend::curl`] runs curl there too.
     pub fn start_in(netns: &str, roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
-        let mut env = env_for(roots);
-        for (k, v) in extra {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
-        }
+        let env = env_with(roots, extra);
         Self::spawn(in_netns(Some(netns), BIN), &env, Some(netns))
     }
 
     /// Started under `umask` (an octal text such as "077") through `sh`.
     pub fn start_umask(roots: &Roots, extra: &[(&str, &str)], umask: &str) -> Mergend {
-        let mut env = env_for(roots);
-        for (k, v) in extra {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
-        }
+        let env = env_with(roots, extra);
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &format!("umask {umask} && exec \"$0\""), BIN]);
         Self::spawn(cmd, &env, None)
