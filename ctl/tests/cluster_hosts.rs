@@ -153,6 +153,18 @@ impl Host {
             .to_string()
     }
 
+    /// The forwarder's connections passed between hosts (`to_peer` or `from_peer`).
+    fn peer_connections(&self, direction: &str) -> u64 {
+        let url = format!("http://{ADMIN}/metrics");
+        let (_, text) = try_curl_in(Some(&self.ns), &[&url]).expect("the forwarder's metrics");
+        let label = format!("direction=\"{direction}\"}}");
+        text.lines()
+            .filter(|l| l.starts_with("mergen_forwarder_cluster_connections_total{"))
+            .filter(|l| l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     fn log(&self) -> String {
         let fwd =
             std::fs::read_to_string(self.fwd_dir.path().join("forwarder.log")).unwrap_or_default();
@@ -234,6 +246,11 @@ fn three_hosts_in_their_own_namespaces_share_routes_through_etcd() {
             logs(&hosts)
         );
     }
+
+    // Passed through at L4 by the asking host, terminated by the owner.
+    assert!(hosts[0].peer_connections("to_peer") >= 3);
+    assert_eq!(hosts[0].peer_connections("from_peer"), 0);
+    assert!(hosts[2].peer_connections("from_peer") >= 2);
 
     // An alias raced by the three hosts: exactly one winner, every round.
     for round in 0..3 {
