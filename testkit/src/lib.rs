@@ -12,6 +12,7 @@ mod child;
 mod cmd;
 pub mod etcd;
 mod guest_init;
+mod lan;
 mod metrics;
 mod names;
 mod net;
@@ -27,8 +28,9 @@ pub mod tls;
 mod wait;
 
 pub use child::ChildGuard;
-pub use cmd::{curl_get, run_out};
+pub use cmd::{curl_get, in_netns, run_out};
 pub use guest_init::{busybox_rootfs, have_busybox, init_in_namespaces, static_init};
+pub use lan::Lan;
 pub use metrics::metric_value;
 pub use names::{next, unique_name};
 pub use net::{connect_from, free_port};
