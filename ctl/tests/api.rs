@@ -24,6 +24,23 @@ fn id_of(v: &Value) -> String {
     v["id"].as_str().expect("id in response").to_string()
 }
 
+/// Started by `ip netns exec` (a mount namespace of its own), mergend says that the VM
+/// namespaces it makes may be unusable elsewhere; started normally, it does not.
+#[test]
+fn a_private_mount_namespace_is_warned_about() {
+    const WARNING: &str = "does not pass its mounts back";
+    let roots = Roots::new("mounts");
+    let m = Mergend::start_private_mounts(&roots, &[]);
+    assert!(m.log_text().contains(WARNING), "{}", m.log_text());
+    drop(m);
+    // Only meaningful where this test's own mounts are no slave of another namespace's.
+    let own = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if !own.contains(" master:") {
+        let m = Mergend::start(&roots, &[]);
+        assert!(!m.log_text().contains(WARNING), "{}", m.log_text());
+    }
+}
+
 #[test]
 fn healthz_help_and_unknown_paths() {
     let roots = Roots::new("health");

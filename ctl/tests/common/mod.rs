@@ -142,6 +142,14 @@ impl Mergend {
         Self::spawn(in_netns(Some(netns), BIN), &env, Some(netns))
     }
 
+    /// Started in a mount namespace of its own, as `ip netns exec` would.
+    pub fn start_private_mounts(roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
+        let env = env_with(roots, extra);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "slave", BIN]);
+        Self::spawn(cmd, &env, None)
+    }
+
     /// Started under `umask` (an octal text such as "077") through `sh`.
     pub fn start_umask(roots: &Roots, extra: &[(&str, &str)], umask: &str) -> Mergend {
         let env = env_with(roots, extra);
