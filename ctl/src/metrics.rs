@@ -1,13 +1,17 @@
-//! `GET /metrics` in the Prometheus text format: requests by route and status, VMs by
-//! state, hook runs and failures.
+//! `GET /metrics` in the Prometheus text format: requests by route and status, what
+//! the HTTP server did to its connections, VMs by state, hook runs and failures.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use mergen_http::{Cap, RefusedRequest, ServerStats};
 
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Counted by the HTTP server's event loop (`ServerConfig::stats`).
+    pub http: Arc<ServerStats>,
     /// (event, hook type) -> (runs, failures)
     hooks: Mutex<BTreeMap<(String, String), (u64, u64)>>,
 }
@@ -50,6 +54,7 @@ impl Metrics {
                 "mergend_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
+        self.render_http(&mut s);
         s.push_str("# HELP mergend_vms VMs by state.\n# TYPE mergend_vms gauge\n");
         for state in ["running", "starting", "stopped", "failed"] {
             let _ = writeln!(
@@ -86,6 +91,47 @@ impl Metrics {
             );
         }
         s
+    }
+
+    fn render_http(&self, s: &mut String) {
+        let st = self.http.snapshot();
+        s.push_str("# HELP mergend_http_connections_accepted_total Connections taken in by the API server.\n# TYPE mergend_http_connections_accepted_total counter\n");
+        let _ = writeln!(s, "mergend_http_connections_accepted_total {}", st.accepted);
+        s.push_str("# HELP mergend_http_connections_open Connections open now.\n# TYPE mergend_http_connections_open gauge\n");
+        let _ = writeln!(s, "mergend_http_connections_open {}", st.open);
+        s.push_str("# HELP mergend_http_connections_refused_total Connections refused with 503, by the cap that was full (MGR_HTTP_MAX_CONNECTIONS_PER_IP, MGR_HTTP_MAX_CONNECTIONS) and no idle connection to close.\n# TYPE mergend_http_connections_refused_total counter\n");
+        for cap in [Cap::PerAddress, Cap::Total] {
+            let _ = writeln!(
+                s,
+                "mergend_http_connections_refused_total{{cap=\"{}\"}} {}",
+                cap.label(),
+                st.refused(cap)
+            );
+        }
+        s.push_str("# HELP mergend_http_connections_evicted_total Idle connections closed to make room for a new one, by the cap that was full.\n# TYPE mergend_http_connections_evicted_total counter\n");
+        for cap in [Cap::PerAddress, Cap::Total] {
+            let _ = writeln!(
+                s,
+                "mergend_http_connections_evicted_total{{cap=\"{}\"}} {}",
+                cap.label(),
+                st.evicted(cap)
+            );
+        }
+        s.push_str("# HELP mergend_http_connections_timed_out_total Connections closed because no request began within the head or idle deadline.\n# TYPE mergend_http_connections_timed_out_total counter\n");
+        let _ = writeln!(
+            s,
+            "mergend_http_connections_timed_out_total {}",
+            st.idle_timeouts
+        );
+        s.push_str("# HELP mergend_http_requests_refused_total Requests the server answered itself with an error before any route (408, 413/431, 400/501).\n# TYPE mergend_http_requests_refused_total counter\n");
+        for why in RefusedRequest::ALL {
+            let _ = writeln!(
+                s,
+                "mergend_http_requests_refused_total{{reason=\"{}\"}} {}",
+                why.label(),
+                st.refused_requests(why)
+            );
+        }
     }
 }
 

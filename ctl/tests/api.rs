@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::{try_curl, Mergend, Roots, ORIGINAL_SUMMARY_FIELDS};
-use mergen_testkit::eventually;
+use mergen_testkit::{eventually, metric_value};
 use serde_json::Value;
 
 /// Send `request` raw and read the answer until the server closes the connection.
@@ -22,6 +22,23 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> String {
 
 fn id_of(v: &Value) -> String {
     v["id"].as_str().expect("id in response").to_string()
+}
+
+/// Started by `ip netns exec` (a mount namespace of its own), mergend says that the VM
+/// namespaces it makes may be unusable elsewhere; started normally, it does not.
+#[test]
+fn a_private_mount_namespace_is_warned_about() {
+    const WARNING: &str = "does not pass its mounts back";
+    let roots = Roots::new("mounts");
+    let m = Mergend::start_private_mounts(&roots, &[]);
+    assert!(m.log_text().contains(WARNING), "{}", m.log_text());
+    drop(m);
+    // Only meaningful where this test's own mounts are no slave of another namespace's.
+    let own = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if !own.contains(" master:") {
+        let m = Mergend::start(&roots, &[]);
+        assert!(!m.log_text().contains(WARNING), "{}", m.log_text());
+    }
 }
 
 #[test]
@@ -524,6 +541,18 @@ fn metrics_unix_socket_connection_cap_and_graceful_shutdown() {
     assert!(eventually(Duration::from_secs(10), || {
         try_curl(&[&m.url("/healthz")]).is_ok_and(|(c, _)| c == 200)
     }));
+    // ... and /metrics counted it (later curls may have closed more idle ones).
+    let (_, text) = m.curl("GET", "/metrics", &[]);
+    let value = |series: &str| {
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value(r#"mergend_http_connections_evicted_total{cap="total"}"#) >= 1.0);
+    assert_eq!(
+        value(r#"mergend_http_connections_refused_total{cap="total"}"#),
+        0.0
+    );
+    assert!(value("mergend_http_connections_accepted_total") >= 5.0);
+    assert!(value("mergend_http_connections_open") >= 1.0);
 
     // SIGTERM: a clean exit, the socket file removed.
     let idle = TcpStream::connect(m.addr).unwrap();

@@ -45,6 +45,7 @@ pub fn spawn_admin_with(
         max_connections: 64,
         max_connections_per_ip: 64,
         workers: 2,
+        stats: Arc::default(),
     };
     // Every answer here is a few counters: all of them come from the loop thread.
     let quick = (Arc::clone(&metrics), cluster.clone());

@@ -25,4 +25,7 @@ pub use client::{ClientError, ClientResponse, UnixClient};
 pub use listen::ListenAddr;
 pub use request::{Head, Limits, Progress, Request, RequestError, RequestReader};
 pub use response::Response;
-pub use server::{Handler, QuickHandler, Running, Server, ServerConfig};
+pub use server::{
+    Cap, Handler, QuickHandler, RefusedRequest, Running, Server, ServerConfig, ServerStats,
+    StatsSnapshot,
+};

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use mergen_http::{Handler, QuickHandler, Request, Response, Running, Server, ServerConfig};
+use mergen_http::{
+    Cap, Handler, QuickHandler, RefusedRequest, Request, Response, Running, Server, ServerConfig,
+    ServerStats,
+};
 use mergen_testkit::{connect_from, eventually, wait_for};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,6 +54,7 @@ fn handler(app: Arc<App>) -> Arc<Handler> {
 struct TestServer {
     addr: SocketAddr,
     app: Arc<App>,
+    stats: Arc<ServerStats>,
     running: Option<Running>,
 }
 
@@ -70,6 +74,7 @@ fn start_with(config: ServerConfig, quick: Option<Arc<QuickHandler>>) -> TestSer
     let app = Arc::new(App::default());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let stats = Arc::clone(&config.stats);
     let mut server = Server::new(config, handler(Arc::clone(&app)));
     if let Some(quick) = quick {
         server.answer_quickly(quick);
@@ -79,6 +84,7 @@ fn start_with(config: ServerConfig, quick: Option<Arc<QuickHandler>>) -> TestSer
     TestServer {
         addr,
         app,
+        stats,
         running: Some(running),
     }
 }
@@ -355,6 +361,13 @@ fn silent_slow_and_idle_clients_are_dropped() {
         "{resp}"
     );
     assert!(closed_silently(&mut idle));
+    // Counted for /metrics: two quiet closes (silent, idle) and one 408. The loop
+    // counts before it closes, so what the clients saw is already counted.
+    let st = srv.stats.snapshot();
+    assert_eq!(st.idle_timeouts, 2, "{st:?}");
+    assert_eq!(st.refused_requests(RefusedRequest::Timeout), 1, "{st:?}");
+    assert_eq!(st.refused_requests(RefusedRequest::Malformed), 0, "{st:?}");
+    assert_eq!(st.accepted, 3, "{st:?}");
 }
 
 #[test]
@@ -405,6 +418,16 @@ fn caps_close_the_oldest_idle_connection_before_refusing() {
     // With all four busy, a newcomer is refused.
     busy(&mut d, 7);
     assert!(refused("127.0.0.5"));
+    // Counted for /metrics: each cap closed one idle connection and refused one.
+    let st = srv.stats.snapshot();
+    for cap in [Cap::PerAddress, Cap::Total] {
+        assert_eq!(
+            (st.evicted(cap), st.refused(cap)),
+            (1, 1),
+            "{cap:?}: {st:?}"
+        );
+    }
+    assert_eq!((st.accepted, st.open), (6, 4), "{st:?}");
     // The busy ones are answered.
     srv.app.release();
     for s in [&mut a2, &mut a3, &mut c, &mut d] {

@@ -13,15 +13,7 @@ pub fn run_out(argv: &[&str]) -> String {
 /// GET `url` with curl, inside the namespace `netns` when given: the body of a 2xx
 /// answer, or curl's error.
 pub fn curl_get(netns: Option<&str>, url: &str) -> Result<String, String> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "curl"]);
-            c
-        }
-        None => Command::new("curl"),
-    };
-    let out = cmd
+    let out = in_netns(netns, "curl")
         .args(["-sS", "--fail", "--max-time", "2", url])
         .output()
         .map_err(|e| format!("running curl: {e}"))?;
@@ -29,5 +21,20 @@ pub fn curl_get(netns: Option<&str>, url: &str) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `program` run inside the named namespace `netns` when given (`nsenter --net`, which
+/// execs it: the pid is the program's), else here. Unlike `ip netns exec` it keeps the
+/// caller's mount namespace, so what the program mounts under /run/netns (a mergend's
+/// VM namespaces) is seen by everyone.
+pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{poll, ChildGuard, TempDir};
+use crate::{in_netns, poll, ChildGuard, TempDir};
 
 /// Where etcd keeps its data: tmpfs, so that its fsyncs are cheap and its
 /// preallocated write-ahead logs never fill the disk.
@@ -142,14 +142,7 @@ impl EtcdCluster {
             .open(self.dir.join(format!("{}.log", self.members[i].name)))
             .expect("etcd log file");
         let m = &self.members[i];
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("etcd");
-                c
-            }
-            None => Command::new("etcd"),
-        };
+        let mut cmd = in_netns(self.netns.as_deref(), "etcd");
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
@@ -224,16 +217,26 @@ impl EtcdCluster {
         );
     }
 
+    /// The member that is the leader now, when one answers as such (`etcdctl endpoint
+    /// status`: one line per member, `endpoint, id, version, size, is leader, ...`).
+    pub fn leader(&self) -> Option<usize> {
+        let out = self
+            .etcdctl()
+            .arg(format!("--endpoints={}", self.endpoints()))
+            .args(["endpoint", "status"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.split(", ").nth(4) == Some("true"))?;
+        let endpoint = line.split(", ").next()?;
+        self.members.iter().position(|m| m.client == endpoint)
+    }
+
     /// `etcdctl` (API v3) in the cluster's namespace, with a short timeout.
     pub fn etcdctl(&self) -> Command {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("etcdctl");
-                c
-            }
-            None => Command::new("etcdctl"),
-        };
+        let mut cmd = in_netns(self.netns.as_deref(), "etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .args(["--dial-timeout=2s", "--command-timeout=3s"]);
         if let Some(tls) = &self.tls {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mergen_testkit::{free_port, ChildGuard};
+use mergen_testkit::{free_port, in_netns, ChildGuard};
 
 /// A binary of this build next to the test binaries' directory (`target/<profile>/`):
 /// cargo builds every workspace binary before it runs the tests of
@@ -40,6 +40,18 @@ pub fn forwarder_on(
     listeners: &[(SocketAddr, u16)],
     extra: &[(&str, &str)],
 ) -> ChildGuard {
+    forwarder_in(None, config_root, dir, listeners, extra)
+}
+
+/// [`forwarder_on`] inside the network namespace `netns` when given (its admin
+/// listener on 127.0.0.1 there).
+pub fn forwarder_in(
+    netns: Option<&str>,
+    config_root: &Path,
+    dir: &Path,
+    listeners: &[(SocketAddr, u16)],
+    extra: &[(&str, &str)],
+) -> ChildGuard {
     let bin = sibling_bin("mergen-forwarder", "mergen-dataplane");
     let certs = dir.join("certs");
     let out = Command::new(&bin)
@@ -62,7 +74,7 @@ pub fn forwarder_on(
     let allowed: Vec<String> = listeners.iter().map(|(_, g)| g.to_string()).collect();
     let admin = free_port();
     let log = std::fs::File::create(dir.join("forwarder.log")).unwrap();
-    let mut cmd = Command::new(&bin);
+    let mut cmd = in_netns(netns, &bin.to_string_lossy());
     cmd.env("FWD_CONFIG_ROOT", config_root)
         .env("FWD_TLS_CERT_FILE", find("crt"))
         .env("FWD_TLS_KEY_FILE", find("key"))
@@ -89,7 +101,18 @@ pub fn through(name: &str, port: u16, path: &str) -> Option<String> {
 
 /// [`through`] the forwarder listening on `ip`.
 pub fn through_at(name: &str, ip: &str, port: u16, path: &str) -> Option<String> {
-    let out = Command::new("curl")
+    through_in(None, name, ip, port, path)
+}
+
+/// [`through_at`] with curl run inside the network namespace `netns` when given.
+pub fn through_in(
+    netns: Option<&str>,
+    name: &str,
+    ip: &str,
+    port: u16,
+    path: &str,
+) -> Option<String> {
+    let out = in_netns(netns, "curl")
         .args(["-sk", "--fail", "--max-time", "5", "--resolve"])
         .arg(format!("{name}:{port}:{ip}"))
         .arg(format!("https://{name}:{port}{path}"))

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use mergen_testkit::{poll, TempDir};
+use mergen_testkit::{in_netns, poll, TempDir};
 
 pub mod forwarder;
 pub mod hookserver;
@@ -93,6 +93,8 @@ pub struct Mergend {
     child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The network namespace it runs in (and its API is reached from), when not this one.
+    pub netns: Option<String>,
 }
 
 /// Base environment for a mergend on `roots`.
@@ -112,33 +114,51 @@ pub fn env_for(roots: &Roots) -> Vec<(String, String)> {
     .collect()
 }
 
+/// [`env_for`] with the `extra` settings added or replacing its own.
+fn env_with(roots: &Roots, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = env_for(roots);
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
 impl Mergend {
     pub fn start(roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
-        let mut env = env_for(roots);
-        for (k, v) in extra {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
-        }
+        let env = env_with(roots, extra);
         Self::start_env(&env)
     }
 
     pub fn start_env(env: &[(String, String)]) -> Mergend {
-        Self::spawn(Command::new(BIN), env)
+        Self::spawn(Command::new(BIN), env, None)
+    }
+
+    /// Started inside the network namespace `netns` (only that: the mount namespace is
+    /// this one, so the VM namespaces it makes are seen by everyone). Its API listens
+    /// there, so [`Mergend::curl`] runs curl there too.
+    pub fn start_in(netns: &str, roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
+        let env = env_with(roots, extra);
+        Self::spawn(in_netns(Some(netns), BIN), &env, Some(netns))
+    }
+
+    /// Started in a mount namespace of its own, as `ip netns exec` would.
+    pub fn start_private_mounts(roots: &Roots, extra: &[(&str, &str)]) -> Mergend {
+        let env = env_with(roots, extra);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "slave", BIN]);
+        Self::spawn(cmd, &env, None)
     }
 
     /// Started under `umask` (an octal text such as "077") through `sh`.
     pub fn start_umask(roots: &Roots, extra: &[(&str, &str)], umask: &str) -> Mergend {
-        let mut env = env_for(roots);
-        for (k, v) in extra {
-            env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
-        }
+        let env = env_with(roots, extra);
         let mut cmd = Command::new("sh");
         cmd.args(["-c", &format!("umask {umask} && exec \"$0\""), BIN]);
-        Self::spawn(cmd, &env)
+        Self::spawn(cmd, &env, None)
     }
 
-    fn spawn(mut cmd: Command, env: &[(String, String)]) -> Mergend {
+    fn spawn(mut cmd: Command, env: &[(String, String)], netns: Option<&str>) -> Mergend {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
@@ -185,14 +205,23 @@ impl Mergend {
                 panic!("mergend did not start: {:?}", log.lock().unwrap());
             }
         };
-        let m = Mergend { child, addr, log };
+        let m = Mergend {
+            child,
+            addr,
+            log,
+            netns: netns.map(str::to_string),
+        };
         m.wait_healthy();
         m
     }
 
     fn wait_healthy(&self) {
         let healthy = poll(Duration::from_secs(20), || {
-            matches!(try_curl(&[&self.url("/healthz")]), Ok((200, _))).then_some(())
+            matches!(
+                try_curl_in(self.netns.as_deref(), &[&self.url("/healthz")]),
+                Ok((200, _))
+            )
+            .then_some(())
         });
         assert!(healthy.is_some(), "mergend never became healthy");
     }
@@ -210,7 +239,7 @@ impl Mergend {
         let url = self.url(path);
         let mut all = vec!["-X", method, url.as_str()];
         all.extend_from_slice(args);
-        try_curl(&all).expect("curl ran")
+        try_curl_in(self.netns.as_deref(), &all).expect("curl ran")
     }
 
     pub fn create(&self, body: &str) -> (u16, serde_json::Value) {
@@ -272,7 +301,12 @@ impl Drop for Mergend {
 
 /// Run curl with `-s`, the body and the status code on a last line.
 pub fn try_curl(args: &[&str]) -> Result<(u16, String), String> {
-    let out = Command::new("curl")
+    try_curl_in(None, args)
+}
+
+/// [`try_curl`] inside the network namespace `netns` when given.
+pub fn try_curl_in(netns: Option<&str>, args: &[&str]) -> Result<(u16, String), String> {
+    let out = in_netns(netns, "curl")
         .args(["-s", "-S", "--max-time", "30", "-w", "\n%{http_code}"])
         .args(args)
         .output()

@@ -26,6 +26,8 @@ pub fn process_env(cidr: &str) -> [(&'static str, &str); 5] {
 pub struct VmsGuard {
     config: RuntimeConfig,
     pub ids: Vec<String>,
+    /// The network namespace the mergend runs in (its VMs' links and rules are there).
+    pub netns: Option<String>,
 }
 
 impl VmsGuard {
@@ -39,12 +41,13 @@ impl VmsGuard {
         VmsGuard {
             config: RuntimeConfig::from_lookup(|k| lookup.get(k).cloned()).unwrap(),
             ids: Vec::new(),
+            netns: None,
         }
     }
 }
 
-impl Drop for VmsGuard {
-    fn drop(&mut self) {
+impl VmsGuard {
+    fn stop_all(&self) {
         let Ok(sup) = EmbeddedSupervisor::new(self.config.clone()) else {
             return;
         };
@@ -53,6 +56,20 @@ impl Drop for VmsGuard {
                 let _ = sup.stop(&meta);
             }
             let _ = steps::net_cleanup(&self.config, id);
+        }
+    }
+}
+
+impl Drop for VmsGuard {
+    fn drop(&mut self) {
+        match &self.netns {
+            // Where the mergend made them; the VM namespaces are found from anywhere,
+            // so they go even when that namespace cannot be entered any more.
+            Some(ns) => match ffi_free_netns::open(ns) {
+                Ok(host) if host.run(|| self.stop_all()).is_ok() => {}
+                _ => self.stop_all(),
+            },
+            None => self.stop_all(),
         }
     }
 }

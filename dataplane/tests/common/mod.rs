@@ -440,13 +440,7 @@ impl Forwarder {
     /// The value of one metric line; `None` when it is absent, or when the admin
     /// listener did not answer in time (a loaded machine).
     pub fn try_metric(&self, series: &str) -> Option<f64> {
-        self.metrics().lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        mergen_testkit::metric_value(&self.metrics(), series)
     }
 
     /// The value of one metric line, asked again (for up to 10 s) until the admin

@@ -19,6 +19,7 @@
 
 mod conn;
 mod pool;
+mod stats;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -36,6 +37,7 @@ use crate::request::{Limits, Progress, Request, RequestError, RequestReader};
 use crate::response::Response;
 use conn::{address_key, Conn, Outgoing, Phase, Stream};
 use pool::{Finished, Job, Notify, Pool};
+pub use stats::{Cap, RefusedRequest, ServerStats, StatsSnapshot};
 
 /// Answers one request; called on a worker thread.
 pub type Handler = dyn Fn(&Request) -> Response + Send + Sync;
@@ -64,6 +66,9 @@ pub struct ServerConfig {
     /// Most handler threads: at most this many requests are handled at once (threads
     /// are started as requests need them, and end when no longer needed).
     pub workers: usize,
+    /// Where the loop counts what it did (accepts, refusals, evictions, timeouts):
+    /// keep a clone to read them.
+    pub stats: Arc<ServerStats>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +82,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_connections_per_ip: 64,
             workers: 64,
+            stats: Arc::default(),
         }
     }
 }
@@ -374,15 +380,15 @@ impl EventLoop {
                 >= self.config.max_connections_per_ip
             {
                 match self.oldest_idle(Some(addr)) {
-                    Some(victim) => self.close(victim),
-                    None => return self.refuse(stream, "too many connections from this address"),
+                    Some(victim) => self.evict(victim, Cap::PerAddress),
+                    None => return self.refuse(stream, Cap::PerAddress),
                 }
             }
         }
         if self.conns.len() >= self.config.max_connections {
             match self.oldest_idle(None) {
-                Some(victim) => self.close(victim),
-                None => return self.refuse(stream, "connection limit reached"),
+                Some(victim) => self.evict(victim, Cap::Total),
+                None => return self.refuse(stream, Cap::Total),
             }
         }
         let entry = self.conns.vacant_entry();
@@ -409,12 +415,18 @@ impl EventLoop {
         if let Some(addr) = address {
             *self.per_address.entry(addr).or_default() += 1;
         }
+        self.config.stats.accepted(self.conns.len());
         self.enter_idle(key);
     }
 
     /// A best-effort 503 on a connection we will not keep: the socket is new, so the
     /// few bytes fit its buffer.
-    fn refuse(&mut self, mut stream: Stream, why: &str) {
+    fn refuse(&mut self, mut stream: Stream, cap: Cap) {
+        self.config.stats.refused(cap);
+        let why = match cap {
+            Cap::PerAddress => "too many connections from this address",
+            Cap::Total => "connection limit reached",
+        };
         self.refusals
             .warn(&self.config.name, "connection refused", why);
         let mut out = Outgoing::default();
@@ -471,10 +483,17 @@ impl EventLoop {
         }
     }
 
+    /// Close an idle connection to make room under `cap`.
+    fn evict(&mut self, key: usize, cap: Cap) {
+        self.config.stats.evicted(cap);
+        self.close(key);
+    }
+
     fn close(&mut self, key: usize) {
         self.set_deadline(key, None);
         self.leave_idle(key);
         let mut conn = self.conns.remove(key);
+        self.config.stats.set_open(self.conns.len());
         conn.stream.deregister(self.poll.registry());
         if let Some(addr) = conn.address {
             if let Some(n) = self.per_address.get_mut(&addr) {
@@ -590,6 +609,7 @@ impl EventLoop {
     /// Answer a request we cannot serve, and close.
     fn refuse_request(&mut self, key: usize, e: RequestError) {
         log::debug!(server = self.config.name, error:% = e; "request refused");
+        self.config.stats.refused_request(&e);
         self.leave_idle(key);
         let conn = &mut self.conns[key];
         conn.out.push(e.into_response().to_bytes(1, false, false));
@@ -721,7 +741,10 @@ impl EventLoop {
         let conn = &self.conns[key];
         match conn.phase {
             // Nothing of a request arrived: a quiet close.
-            Phase::Reading if conn.idle.is_some() => self.close(key),
+            Phase::Reading if conn.idle.is_some() => {
+                self.config.stats.idle_timeout();
+                self.close(key)
+            }
             Phase::Reading => self.refuse_request(key, RequestError::Timeout),
             // The client does not take its answer, or does not close after it.
             Phase::Writing { .. } | Phase::Lingering { .. } => self.close(key),
