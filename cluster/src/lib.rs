@@ -199,6 +199,18 @@ pub(crate) fn with_causes(e: &etcd_client::Error) -> String {
     text
 }
 
+/// How precisely an outage has been logged so far: its first reason is said, and once
+/// more a precise one (a refused certificate, say) when the first was only a timeout,
+/// so that an operator sees why without a line per retry.
+pub(crate) fn outage_level(reason: &str) -> u8 {
+    // Every timeout of ours says "... within <duration>".
+    if reason.contains(" within ") {
+        1
+    } else {
+        2
+    }
+}
+
 /// The client and the runtime it runs on.
 struct Etcd {
     runtime: Option<tokio::runtime::Runtime>,

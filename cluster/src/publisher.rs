@@ -597,7 +597,8 @@ fn keep(inner: &Inner, stopped: &mpsc::Receiver<()>) {
     let ttl_secs = inner.ttl.as_secs().max(1) as i64;
     let renew = inner.ttl / 3;
     let mut backoff = Duration::from_millis(200);
-    let mut warned = false;
+    // What this outage's log said (`outage_level`); 0: nothing.
+    let mut warned = 0;
     let wait =
         |d: Duration| -> bool { matches!(stopped.recv_timeout(d), Err(RecvTimeoutError::Timeout)) };
     loop {
@@ -608,9 +609,10 @@ fn keep(inner: &Inner, stopped: &mpsc::Receiver<()>) {
         let lease = match lease {
             Ok(l) => l,
             Err(e) => {
-                if !warned {
+                let level = crate::outage_level(&e.to_string());
+                if level > warned {
                     log::warn!(error:% = e; "etcd unreachable: this host's routes are not published; retrying");
-                    warned = true;
+                    warned = level;
                 }
                 if !wait(backoff) {
                     return;
@@ -627,7 +629,7 @@ fn keep(inner: &Inner, stopped: &mpsc::Receiver<()>) {
             match inner.republish(&mut state, lease) {
                 Ok(n) => {
                     state.dirty = false;
-                    warned = false;
+                    warned = 0;
                     inner.status.routes.store(n as u64, Ordering::Relaxed);
                     inner.status.republishes.fetch_add(1, Ordering::Relaxed);
                     inner.status.connected.store(true, Ordering::Relaxed);

@@ -9,7 +9,7 @@
 //! stale but still served, and [`WatchStatus`] says so.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,8 +78,8 @@ pub struct WatchStatus {
     disconnects: AtomicU64,
     /// Since when the view may be behind etcd (`None`: watching).
     stale_since: Mutex<Option<Instant>>,
-    /// The current outage has been logged.
-    outage_said: AtomicBool,
+    /// How precisely the current outage has been logged (`outage_level`; 0: not yet).
+    outage_said: AtomicU8,
 }
 
 impl WatchStatus {
@@ -90,7 +90,7 @@ impl WatchStatus {
             resyncs: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             stale_since: Mutex::new(Some(Instant::now())),
-            outage_said: AtomicBool::new(false),
+            outage_said: AtomicU8::new(0),
         }
     }
 
@@ -120,12 +120,13 @@ impl WatchStatus {
 
     fn up(&self) {
         self.connected.store(true, Ordering::Relaxed);
-        self.outage_said.store(false, Ordering::Relaxed);
+        self.outage_said.store(0, Ordering::Relaxed);
         *self.stale_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Said once per outage: when a live watch is lost, and when etcd has not answered
-    /// since start-up (a forwarder started during an outage would otherwise be silent).
+    /// Said once per outage (once more when the first reason was only a timeout): when
+    /// a live watch is lost, and when etcd has not answered since start-up (a forwarder
+    /// started during an outage would otherwise be silent).
     fn down(&self, why: &str) {
         let was_up = self.connected.swap(false, Ordering::Relaxed);
         if was_up {
@@ -135,7 +136,8 @@ impl WatchStatus {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(Instant::now);
-        if self.outage_said.swap(true, Ordering::Relaxed) {
+        let level = crate::outage_level(why);
+        if self.outage_said.fetch_max(level, Ordering::Relaxed) >= level {
             return;
         }
         if was_up {

@@ -293,9 +293,11 @@ fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
     // why, and refuses creates as in any etcd outage.
     let roots = Roots::new("cl-tls-bad");
     let m = Mergend::start(&roots, &tls_env(&ep, &path(&other.ca_file), &cert, &key));
-    wait_for("the certificate refused in the log", LONG, || {
-        m.log_text().contains("UnknownIssuer").then_some(())
-    });
+    assert!(
+        eventually(LONG, || m.log_text().contains("UnknownIssuer")),
+        "the refused certificate is not in the log:\n{}",
+        m.log_text()
+    );
     let (code, v) = m.get_json("/healthz");
     assert_eq!(
         (code, v["cluster"].as_str()),
@@ -306,28 +308,45 @@ fn mergend_publishes_over_mutual_tls_and_says_when_etcd_refuses_it() {
     assert_eq!(code, 503, "{v}");
 
     // A file that is not there stops it at start-up, naming the variable.
+    let err = refused_start(
+        "cl-tls-nofile",
+        &tls_env(&ep, "/nonexistent/ca.pem", &cert, &key),
+    );
+    assert!(err.contains("MGR_ETCD_CA_FILE"), "{err}");
+
+    // No CA file: the system's store, which SSL_CERT_FILE stands for here. With etcd's
+    // CA in it, mergend publishes; with an empty store it refuses to start.
+    drop(m);
+    let no_ca = tls_env(&ep, "", &cert, &key);
+    let roots = Roots::new("cl-tls-system");
+    let m = Mergend::start(
+        &roots,
+        &[&no_ca[..], &[("SSL_CERT_FILE", &ca_file)]].concat(),
+    );
+    let (code, v) = create_app(&m, &roots, "system");
+    assert_eq!(code, 201, "{v}");
+    let err = refused_start(
+        "cl-tls-empty",
+        &[&no_ca[..], &[("SSL_CERT_FILE", "/nonexistent/roots.pem")]].concat(),
+    );
+    assert!(err.contains("native certs"), "{err}");
+}
+
+/// mergend started with `extra`, which it must refuse: its standard error.
+fn refused_start(roots: &str, extra: &[(&str, &str)]) -> String {
     let out = std::process::Command::new(common::BIN)
         .env_clear()
-        .envs(common::env_for(&roots))
-        .envs(tls_env(&ep, "/nonexistent/ca.pem", &cert, &key))
+        .envs(common::env_for(&Roots::new(roots)))
+        .envs(extra.iter().copied())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MGR_ETCD_CA_FILE"), "{err}");
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn a_cluster_needs_the_hosts_address() {
-    let roots = Roots::new("cl-cfg");
-    let out = std::process::Command::new(common::BIN)
-        .env_clear()
-        .envs(common::env_for(&roots))
-        .env("MGR_ETCD_ENDPOINTS", "127.0.0.1:2379")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start("cl-cfg", &[("MGR_ETCD_ENDPOINTS", "127.0.0.1:2379")]);
     assert!(err.contains("MGR_HOST_ADDR"), "{err}");
 }
 
