@@ -10,9 +10,9 @@ use mergen_cluster::{
     ClusterError, ClusterView, HostRecord, LocalVm, PemFile, Publisher, RouteWatch, Settings,
     Source, Tls,
 };
-use mergen_testkit::etcd::{EtcdCluster, MutualTlsEtcd};
+use mergen_testkit::etcd::{EtcdCluster, MutualTlsEtcd, ServerTls};
 use mergen_testkit::pki::{Issued, TestCa};
-use mergen_testkit::{eventually, wait_for};
+use mergen_testkit::{eventually, wait_for, TempDir};
 use time::OffsetDateTime;
 
 const TTL: Duration = Duration::from_secs(2);
@@ -445,4 +445,62 @@ fn with_etcd_auth_the_certificates_name_is_the_user() {
         .etcd
         .ctl(&["get", "--prefix", "--keys-only", "/auth/v1/aliases/"]);
     assert!(!keys.contains("evil"), "{keys}");
+}
+
+/// etcd presenting a certificate this host does not trust, then fixed (a new
+/// certificate, the member restarted): the publisher and the watcher, never restarted,
+/// connect by themselves.
+#[test]
+fn a_refused_etcd_certificate_fixed_on_etcd_needs_no_restart_here() {
+    let dir = TempDir::new("etcd-pki-fix");
+    let (right, wrong) = (
+        TestCa::new(dir.path(), "right"),
+        TestCa::new(dir.path(), "wrong"),
+    );
+    let ip = ["127.0.0.1".parse().unwrap()];
+    let client = right.client("host-a", "host-a");
+    let served = wrong.server("etcd", &ip);
+    // etcdctl trusts both, so that the test can tell the member is up either way.
+    let both = dir.path().join("both-ca.pem");
+    let pems = [&right.ca_file, &wrong.ca_file].map(|f| std::fs::read_to_string(f).unwrap());
+    std::fs::write(&both, pems.concat()).unwrap();
+    let mut etcd = EtcdCluster::loopback_tls(
+        1,
+        ServerTls {
+            cert: served.cert.clone(),
+            key: served.key.clone(),
+            ca: both,
+            client_cert_auth: true,
+            etcdctl_identity: Some((client.cert.clone(), client.key.clone())),
+        },
+    );
+    let s = tls_settings(&etcd, "/fix", tls(&right.ca_file, Some(&client)));
+    let vms = Arc::new(Mutex::new(vec![vm("one", &["one"])]));
+    let source: Source = {
+        let vms = Arc::clone(&vms);
+        Box::new(move || Ok(vms.lock().unwrap().clone()))
+    };
+    let p = Publisher::start(&s, host("a"), TTL, source).unwrap();
+    let (_watch, seen) = watcher(&s);
+    let err = p
+        .list()
+        .expect_err("a certificate of the wrong CA")
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    let fixed = right.server("etcd-fixed", &ip);
+    std::fs::copy(&fixed.cert, &served.cert).unwrap();
+    std::fs::copy(&fixed.key, &served.key).unwrap();
+    etcd.stop_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy(&[0]);
+    let status = p.status();
+    assert!(
+        eventually(LONG, || status.connected()),
+        "the publisher never connected after the fix: {}",
+        etcd.logs()
+    );
+    wait_for("the route, after the fix", LONG, || {
+        (vm_ids(&seen) == ["one"]).then_some(())
+    });
 }
