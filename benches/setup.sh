@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 
 # libnginx-mod-stream loads into Debian's nginx (the package nginx-light depends on);
 # no nginx-core or nginx-full is needed. Debian's hitch 1.7 comes without its shared
-# session cache (see docs/benchmarks.md).
-PKGS=(iproute2 openssl procps nginx-light libnginx-mod-stream haproxy hitch)
+# session cache (see docs/benchmarks.md). etcd holds the passthrough column's routes.
+PKGS=(iproute2 openssl procps nginx-light libnginx-mod-stream haproxy hitch etcd-server etcd-client)
 echo "==> apt-get install ${PKGS[*]}"
 # Debian starts services on install; the benchmark starts its own instances.
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d

@@ -172,6 +172,8 @@ const LOG_LEVEL_SCENARIOS: &[Scenario] = &[
 
 /// The column of `--compare`: the other build, set up as the main forwarder is.
 const COMPARE_ID: &str = "mergen-forwarder-compare";
+/// The passthrough column: a second forwarder that hands connections to the owner.
+const PEER_ID: &str = "mergen-forwarder-peer";
 
 struct Spec {
     id: &'static str,
@@ -235,6 +237,17 @@ const SPECS: &[Spec] = &[
         role: Role::Extra,
         family: "mergen",
         // Not started: the main forwarder's second VM.
+        kind: Kind::Forwarder,
+        log_level: "info",
+        scenarios: REQUEST_SCENARIOS,
+    },
+    Spec {
+        id: PEER_ID,
+        label: "fwd via a peer",
+        role: Role::Extra,
+        family: "mergen",
+        // Two forwarders of a cluster; the entry's CPU is the column's (see
+        // `servers::start_peers`).
         kind: Kind::Forwarder,
         log_level: "info",
         scenarios: REQUEST_SCENARIOS,
@@ -322,6 +335,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     let mut terms: Vec<Term> = Vec::new();
     let mut main_forwarder: Option<(Endpoint, Proc)> = None;
+    // The passthrough column's etcd, kept until the end.
+    let mut clusters: Vec<servers::Peers> = Vec::new();
     let mut logs = Vec::new();
     let base = servers::Plan {
         dir: dir.path(),
@@ -345,7 +360,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             forwarder: &forwarder,
             ..base.with_backend(backend_port)
         };
-        let (ecdsa, rsa, proc, version) = if spec.id == "mergen-forwarder-netns" {
+        let (ecdsa, rsa, proc, version) = if spec.id == PEER_ID {
+            let mut peers = servers::start_peers(plan)?;
+            running.append(&mut peers.servers);
+            logs.append(&mut peers.logs);
+            let found = (peers.entry, None, peers.entry_proc, String::new());
+            clusters.push(peers);
+            found
+        } else if spec.id == "mergen-forwarder-netns" {
             // The main forwarder's second VM, whose backend is reached from inside the
             // namespace; started here if the main column was left out.
             backend_port = backend_ports[0];

@@ -347,24 +347,135 @@ fn start_forwarder(
     cert: &CertFiles,
     log_level: &str,
 ) -> Result<Server, String> {
-    let guest = plan.backend_port;
-    Server::start(
-        Command::new(plan.forwarder)
-            .env("FWD_CONFIG_ROOT", plan.dir.join("vm.d"))
-            .env("FWD_TLS_CERT_FILE", &cert.cert)
-            .env("FWD_TLS_KEY_FILE", &cert.key)
-            .env("FWD_LISTENERS", format!("127.0.0.1:{port}={guest}"))
-            .env("FWD_ALLOWED_GUEST_PORTS", guest.to_string())
-            .env("FWD_ADMIN_ADDR", "")
-            .env("FWD_WORKERS", WORKERS.to_string())
-            .env("FWD_HANDSHAKE_TIMEOUT_SECONDS", "60")
-            .env("FWD_MAX_CONNECTIONS", (plan.max_conns + 1024).to_string())
-            // Every client here is 127.0.0.1, and no baseline caps connections per
-            // address: the forwarder's default cap (a quarter of the total) is off.
-            .env("FWD_MAX_CONNECTIONS_PER_IP", "0")
-            .env("FWD_LOG_LEVEL", log_level),
-        &plan.dir.join(format!("{name}.log")),
+    let listen = format!("127.0.0.1:{port}");
+    start_forwarder_at(
+        plan,
+        name,
+        &listen,
+        &plan.dir.join("vm.d"),
+        cert,
+        log_level,
+        &[],
     )
+}
+
+/// A forwarder listening on `listen` (`addr:port`) for the VMs under `config_root`.
+fn start_forwarder_at(
+    plan: &Plan<'_>,
+    name: &str,
+    listen: &str,
+    config_root: &Path,
+    cert: &CertFiles,
+    log_level: &str,
+    extra_env: &[(&str, &str)],
+) -> Result<Server, String> {
+    let guest = plan.backend_port;
+    let mut cmd = Command::new(plan.forwarder);
+    cmd.env("FWD_CONFIG_ROOT", config_root)
+        .env("FWD_TLS_CERT_FILE", &cert.cert)
+        .env("FWD_TLS_KEY_FILE", &cert.key)
+        .env("FWD_LISTENERS", format!("{listen}={guest}"))
+        .env("FWD_ALLOWED_GUEST_PORTS", guest.to_string())
+        .env("FWD_ADMIN_ADDR", "")
+        .env("FWD_WORKERS", WORKERS.to_string())
+        .env("FWD_HANDSHAKE_TIMEOUT_SECONDS", "60")
+        .env("FWD_MAX_CONNECTIONS", (plan.max_conns + 1024).to_string())
+        // Every client here is 127.0.0.1, and no baseline caps connections per
+        // address: the forwarder's default cap (a quarter of the total) is off.
+        .env("FWD_MAX_CONNECTIONS_PER_IP", "0")
+        .env("FWD_LOG_LEVEL", log_level);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    Server::start(&mut cmd, &plan.dir.join(format!("{name}.log")))
+}
+
+/// The name the owner of the passed-through VM serves.
+pub const PEER_HOST: &str = "peer.localhost";
+
+/// Two forwarders of a cluster (a real etcd on loopback holding the routes, as the
+/// hosts' mergends would publish them): the entry on 127.0.0.1 has no VM and passes
+/// connections for [`PEER_HOST`] through at L4, behind a PROXY v2 header, to the owner
+/// on 127.0.0.2 (same port), which terminates TLS and reaches the backend over the
+/// veth like every other terminator. The column measures the entry's process: the
+/// cost of the extra hop.
+pub struct Peers {
+    pub entry: Endpoint,
+    pub entry_proc: Proc,
+    pub servers: Vec<Server>,
+    pub logs: Vec<PathBuf>,
+    _etcd: mergen_testkit::etcd::EtcdCluster,
+}
+
+pub fn start_peers(plan: &Plan<'_>) -> Result<Peers, String> {
+    use mergen_cluster::{HostRecord, Keys, VmRecord};
+    if Command::new("etcd").arg("--version").output().is_err() {
+        return Err("the passthrough column needs etcd (Debian's etcd-server)".into());
+    }
+    let etcd = mergen_testkit::etcd::EtcdCluster::loopback(1);
+    let prefix = format!("/mergen-bench-{}", std::process::id());
+    let keys = Keys::new(&prefix);
+    for (name, addr) in [("entry", "127.0.0.1"), ("owner", "127.0.0.2")] {
+        let host = HostRecord {
+            name: name.into(),
+            addr: addr.into(),
+        };
+        etcd.ctl(&["put", &keys.host(name), &host.to_json()]);
+    }
+    let id = "0b0c0d10-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+    let vm = VmRecord {
+        id: id.into(),
+        host: "owner".into(),
+        addr: "127.0.0.2".into(),
+        aliases: vec!["peer".into()],
+        created_at: time::OffsetDateTime::now_utc(),
+    };
+    etcd.ctl(&["put", &keys.vm(id), &vm.to_json()]);
+
+    // The owner's one VM; the entry's store is empty.
+    let owner_root = plan.dir.join("vm.owner");
+    let doc = format!(
+        r#"{{"id":"{id}","createdAt":"2025-01-01T00:00:00Z","guestIP":"{ip}","netns":"","tags":{{"app":"peer"}}}}"#,
+        ip = plan.net.guest_ip
+    );
+    let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(owner_root.join(id)).map_err(|e| e.to_string())?;
+    mergen_model::atomic::write_json(&owner_root.join(id).join("meta.json"), &meta)
+        .map_err(|e| e.to_string())?;
+    let entry_root = plan.dir.join("vm.entry");
+    std::fs::create_dir_all(&entry_root).map_err(|e| e.to_string())?;
+
+    let port = mergen_testkit::free_port();
+    let endpoints = etcd.endpoints();
+    let mut servers = Vec::new();
+    let mut logs = Vec::new();
+    for (name, addr, root) in [
+        ("owner", "127.0.0.2", &owner_root),
+        ("entry", "127.0.0.1", &entry_root),
+    ] {
+        let log_name = format!("forwarder-{name}-{port}");
+        let env = [
+            ("FWD_ETCD_ENDPOINTS", endpoints.as_str()),
+            ("FWD_ETCD_PREFIX", prefix.as_str()),
+            ("FWD_HOST_NAME", name),
+        ];
+        let listen = format!("{addr}:{port}");
+        let cert = &plan.certs.ecdsa;
+        servers.push(start_forwarder_at(
+            plan, &log_name, &listen, root, cert, "info", &env,
+        )?);
+        logs.push(plan.dir.join(format!("{log_name}.log")));
+    }
+    Ok(Peers {
+        entry: Endpoint {
+            port,
+            sni: PEER_HOST,
+        },
+        entry_proc: servers[1].proc(),
+        servers,
+        logs,
+        _etcd: etcd,
+    })
 }
 
 /// The forwarder with the RSA certificate: a process of its own.
