@@ -391,7 +391,7 @@ fn https_hooks_follow_redirects_like_go() {
     );
 
     // A certificate from a CA nobody trusts: the hook fails.
-    let stranger = HookServer::start(Some(TestCa::new().server), |_| (200, vec![]));
+    let stranger = HookServer::start(Some(TestCa::stranger(&roots.dir).server), |_| (200, vec![]));
     let (code, v) = m.create(&hooks_body(
         &roots,
         &strict(&format!("https://127.0.0.1:{}/", stranger.addr.port()), ""),

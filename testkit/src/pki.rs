@@ -50,8 +50,13 @@ impl TestCa {
     /// A server certificate for `ips` and `localhost`. It may serve as a client
     /// certificate too: etcd's own gateway dials etcd with the server's certificate.
     pub fn server(&self, file: &str, ips: &[IpAddr]) -> Issued {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
+        self.server_named(file, &["localhost"], ips)
+    }
+
+    /// A server certificate for the DNS `names` and `ips`.
+    pub fn server_named(&self, file: &str, names: &[&str], ips: &[IpAddr]) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("server params");
         params
             .subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));

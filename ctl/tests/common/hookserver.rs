@@ -5,11 +5,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
@@ -35,50 +36,45 @@ pub type Answer = (u16, Vec<(String, String)>);
 
 type Route = dyn Fn(&Seen) -> Answer + Send + Sync;
 
-/// A CA and a server certificate for 127.0.0.1, localhost and hooks.example.
+/// A server certificate for 127.0.0.1, localhost and hooks.example from a test CA,
+/// as a TLS configuration for [`HookServer`].
 pub struct TestCa {
-    pub ca_pem: String,
     pub server: Arc<rustls::ServerConfig>,
 }
 
 impl TestCa {
-    pub fn new() -> TestCa {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "mergen hook test CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let mut leaf =
-            CertificateParams::new(vec!["localhost".to_string(), "hooks.example".to_string()])
-                .unwrap();
-        leaf.subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let key = KeyPair::generate().unwrap();
-        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    /// A new CA whose PEM is written to `dir`: the file for SSL_CERT_FILE.
+    pub fn in_dir(dir: &Path) -> (TestCa, PathBuf) {
+        TestCa::named(dir, "hooks")
+    }
+
+    /// A certificate from a CA of its own (in `dir`) that nobody is told to trust.
+    pub fn stranger(dir: &Path) -> TestCa {
+        TestCa::named(dir, "stranger").0
+    }
+
+    fn named(dir: &Path, name: &str) -> (TestCa, PathBuf) {
+        let ca = mergen_testkit::pki::TestCa::new(dir, name);
+        let loopback = "127.0.0.1".parse().unwrap();
+        let issued = ca.server_named("server", &["localhost", "hooks.example"], &[loopback]);
+        let chain = CertificateDer::pem_file_iter(&issued.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&issued.key).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(cert.der().to_vec())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
+            .with_single_cert(chain, key)
             .unwrap();
-        TestCa {
-            ca_pem: ca_cert.pem(),
-            server: Arc::new(server),
-        }
-    }
-
-    /// A new CA whose PEM is written to `dir/ca.pem`, the file for SSL_CERT_FILE.
-    pub fn in_dir(dir: &Path) -> (TestCa, std::path::PathBuf) {
-        let ca = TestCa::new();
-        let file = dir.join("ca.pem");
-        std::fs::write(&file, &ca.ca_pem).unwrap();
-        (ca, file)
+        (
+            TestCa {
+                server: Arc::new(server),
+            },
+            ca.ca_file.clone(),
+        )
     }
 }
 
