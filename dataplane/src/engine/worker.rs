@@ -462,14 +462,19 @@ impl Worker {
                 };
                 return self.dial(parked, now);
             }
-            Io::Recv { side, into, max } => s.fd(side).is_some_and(|fd| {
+            Io::Recv {
+                side,
+                into,
+                max,
+                wait,
+            } => s.fd(side).is_some_and(|fd| {
                 let t = token(slot, Op::recv(side));
                 match into {
                     None => {
-                        self.ring.recv_pooled(fd, max, t);
+                        self.ring.recv_pooled(fd, max, wait, t);
                         true
                     }
-                    Some(buf) => self.ring.recv(fd, buf, max, t),
+                    Some(buf) => self.ring.recv(fd, buf, max, wait, t),
                 }
             }),
             Io::Send {

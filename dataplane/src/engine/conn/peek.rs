@@ -56,7 +56,8 @@ enum Verdict {
     NotTls,
     /// A PostgreSQL StartupMessage without TLS: answered with an ErrorResponse.
     PlaintextStartup,
-    /// Refused before any crypto: a fatal alert, then linger.
+    /// Refused before any crypto: a fatal alert, then close (unknown or no name, see
+    /// `Next::Refuse`) or linger.
     Refuse(HandshakeFailure, u8),
     /// Our side failed (rustls refused our configuration).
     Failed,
@@ -179,11 +180,14 @@ impl Peek {
                 Verdict::Refuse(why, alert) => {
                     cx.metrics.handshake_failed(why);
                     ends.say_last(&sni::alert_record(alert), cx);
-                    return Next::Linger(match why {
-                        HandshakeFailure::NoSni => Outcome::NoSni,
-                        HandshakeFailure::UnknownSni => Outcome::UnknownSni,
-                        _ => Outcome::HandshakeFailed,
-                    });
+                    return match why {
+                        // A whole hello for a name we do not serve: its client waits
+                        // for our answer.
+                        HandshakeFailure::NoSni => Next::Refuse(Outcome::NoSni),
+                        HandshakeFailure::UnknownSni => Next::Refuse(Outcome::UnknownSni),
+                        // One too large or malformed may still be arriving.
+                        _ => Next::Linger(Outcome::HandshakeFailed),
+                    };
                 }
                 Verdict::Failed => return Next::Close(Outcome::Error),
                 Verdict::Routed {
