@@ -38,8 +38,10 @@ pub struct Peek {
     /// PostgreSQL preambles answered so far.
     pg_answers: u8,
     /// The client's and our address, kept for a PROXY header (`+proxy-v2`, or in a
-    /// cluster). After a peer's header, the client is the one it names.
-    addrs: Option<Addrs>,
+    /// cluster). After a peer's header, the client is the one it names. Boxed: most
+    /// listeners have none, and the two addresses inline (64 bytes) would make every
+    /// connection's slot in its worker 56 bytes larger, whatever its stage.
+    addrs: Option<Box<Addrs>>,
     /// Whether a PROXY header from a peer forwarder was looked for yet.
     peer_checked: bool,
     /// Passed through by another host's forwarder: never passed on again, so that two
@@ -86,7 +88,7 @@ impl Peek {
             deadline,
             partial: Vec::new(),
             pg_answers: 0,
-            addrs,
+            addrs: addrs.map(Box::new),
             peer_checked: false,
             from_peer: false,
         }
@@ -95,7 +97,12 @@ impl Peek {
     /// Whether the bytes so far may start with a peer forwarder's PROXY header: only
     /// from the address of another host of the cluster (asked once), until read.
     fn peer_header_due(&mut self, routes: &dyn Routes) -> bool {
-        if !self.peer_checked && !self.addrs.is_some_and(|a| routes.peer(a.client.ip())) {
+        if !self.peer_checked
+            && !self
+                .addrs
+                .as_ref()
+                .is_some_and(|a| routes.peer(a.client.ip()))
+        {
             self.peer_checked = true;
         }
         !self.peer_checked
@@ -135,7 +142,7 @@ impl Peek {
                 } else {
                     let clock = (self.accepted, self.deadline);
                     let (listener, routes, log) = (cx.listener, cx.routes, cx.log);
-                    let from = (self.addrs, self.from_peer);
+                    let from = (self.addrs.as_deref().copied(), self.from_peer);
                     Some(judge(data, id, clock, from, listener, routes, log))
                 }
             };
