@@ -246,28 +246,35 @@ pub enum Answer {
 pub fn probe(addr: SocketAddr, hello: &[u8]) -> io::Result<Answer> {
     let mut sock = tcp_connect(addr)?;
     sock.write_all(hello)?;
-    let mut head = [0u8; 7];
+    let mut head = [0u8; ANSWER_HEAD];
     let mut have = 0;
-    while have < head.len() {
+    loop {
         match sock.read(&mut head[have..]) {
-            Ok(0) => break,
+            Ok(0) => return answer(&head[..have], true).unwrap_or(Ok(Answer::Closed)),
             Ok(n) => have += n,
             Err(e) if have == 0 && e.kind() == io::ErrorKind::ConnectionReset => {
                 return Ok(Answer::Closed)
             }
             Err(e) => return Err(e),
         }
-        if have >= 1 && head[0] == 22 {
-            return Ok(Answer::Handshake);
+        if let Some(answer) = answer(&head[..have], false) {
+            return answer;
         }
     }
-    match (have, head[0]) {
-        (0, _) => Ok(Answer::Closed),
-        (7, 21) => Ok(Answer::Alert(head[6])),
-        _ => Err(io::Error::other(format!(
-            "unexpected answer {:?}",
-            &head[..have]
-        ))),
+}
+
+/// What of an answer tells it: a record header and an alert's two bytes.
+pub const ANSWER_HEAD: usize = 7;
+
+/// The answer the first `head` bytes (at most [`ANSWER_HEAD`]) a server sent tell, or
+/// `None` while more may come; `eof`: the server closed after them.
+pub fn answer(head: &[u8], eof: bool) -> Option<io::Result<Answer>> {
+    match (head.len(), head.first()) {
+        (_, Some(22)) => Some(Ok(Answer::Handshake)),
+        (0, _) if eof => Some(Ok(Answer::Closed)),
+        (ANSWER_HEAD, Some(21)) => Some(Ok(Answer::Alert(head[6]))),
+        (n, _) if n < ANSWER_HEAD && !eof => None,
+        _ => Some(Err(io::Error::other(format!("unexpected answer {head:?}")))),
     }
 }
 

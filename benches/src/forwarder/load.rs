@@ -3,7 +3,8 @@
 //! and only then are the connections closed, so set-up and tear-down stay outside the
 //! measured window.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -338,8 +339,18 @@ pub fn bulk(
     )
 }
 
+/// Event loops the unknown-name flood runs its connections on.
+const FLOOD_LOOPS: usize = 2;
+
 /// New connections that each send the same ClientHello for a name the terminator does
 /// not serve and read its answer; `ops` counts refusals (an alert or a close).
+///
+/// Unlike the other loads, `parallel` connections are kept in flight by
+/// [`FLOOD_LOOPS`] event loops (non-blocking sockets, epoll) rather than a thread each:
+/// a refusal costs the terminator little, and a blocking thread per connection cost
+/// the client twice the forwarder's CPU per refusal (two sleeps and wake-ups each),
+/// so the rate measured was the client's. The same client runs against every
+/// terminator.
 pub fn unknown_name_flood(
     ep: Endpoint,
     parallel: usize,
@@ -347,21 +358,170 @@ pub fn unknown_name_flood(
     hello: &[u8],
     meter: &Meter,
 ) -> Result<Outcome, String> {
+    let loops = FLOOD_LOOPS.clamp(1, parallel.max(1));
     window(
-        parallel,
+        loops,
         duration,
         meter,
-        |_| Ok(()),
-        |(), deadline, t| {
-            while running(deadline) {
-                match tlsclient::probe(ep.addr(), hello) {
-                    Ok(Answer::Alert(_) | Answer::Closed) => t.ops += 1,
-                    Ok(Answer::Handshake) => t.not_refused += 1,
-                    Err(_) => t.errors += 1,
-                }
+        |i| Ok(parallel / loops + usize::from(i < parallel % loops)),
+        |conns: usize, deadline, t| {
+            if flood(ep.addr(), hello, conns, deadline, t).is_err() {
+                t.errors += 1;
             }
         },
     )
+}
+
+/// One connection of the flood: its hello sent or not, and the answer's first bytes.
+struct Probe {
+    sock: TcpStream,
+    sent: bool,
+    head: [u8; tlsclient::ANSWER_HEAD],
+    have: usize,
+}
+
+/// One event loop of the flood: `conns` connections, each replaced by a new one as
+/// soon as it has its answer, until the deadline.
+fn flood(
+    addr: SocketAddr,
+    hello: &[u8],
+    conns: usize,
+    deadline: Instant,
+    t: &mut Tally,
+) -> std::io::Result<()> {
+    use rustix::event::epoll;
+    let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    let mut probes: Vec<Option<Probe>> = (0..conns).map(|_| None).collect();
+    let mut events = Vec::with_capacity(conns.max(1));
+    // Short enough to see the deadline on time when nothing answers.
+    let tick = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    };
+    while running(deadline) {
+        for (i, slot) in probes.iter_mut().enumerate().filter(|(_, p)| p.is_none()) {
+            match open_probe(&poll, addr, hello, i as u64) {
+                Ok(p) => *slot = Some(p),
+                Err(_) => t.errors += 1,
+            }
+        }
+        events.clear();
+        match epoll::wait(
+            &poll,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&tick),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for event in &events {
+            let i = event.data.u64() as usize;
+            let Some(p) = probes.get_mut(i).and_then(Option::as_mut) else {
+                continue;
+            };
+            match advance(p, hello) {
+                Step::Wait => {}
+                Step::Sent => {
+                    let data = epoll::EventData::new_u64(i as u64);
+                    epoll::modify(&poll, &p.sock, data, epoll::EventFlags::IN)?;
+                }
+                Step::Done(answer) => {
+                    match answer {
+                        Ok(Answer::Handshake) => t.not_refused += 1,
+                        Ok(Answer::Alert(_) | Answer::Closed) => t.ops += 1,
+                        Err(_) => t.errors += 1,
+                    }
+                    probes[i] = None; // closing it takes it out of the epoll set
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a probe's event led to.
+enum Step {
+    /// Nothing new: wait for the next event.
+    Wait,
+    /// The hello went: wait for the answer.
+    Sent,
+    Done(std::io::Result<Answer>),
+}
+
+/// A new connection with its hello sent if the connect is already done (on loopback it
+/// usually is), registered for the event it waits for.
+fn open_probe(
+    poll: &impl std::os::fd::AsFd,
+    addr: SocketAddr,
+    hello: &[u8],
+    token: u64,
+) -> std::io::Result<Probe> {
+    use rustix::event::epoll;
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let fd = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, flags, None)?;
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut p = Probe {
+        sock: TcpStream::from(fd),
+        sent: false,
+        head: [0; tlsclient::ANSWER_HEAD],
+        have: 0,
+    };
+    let wait_for = match send_hello(&mut p, hello)? {
+        true => epoll::EventFlags::IN,
+        false => epoll::EventFlags::OUT,
+    };
+    epoll::add(poll, &p.sock, epoll::EventData::new_u64(token), wait_for)?;
+    Ok(p)
+}
+
+/// Send the hello unless the connect is still under way (false).
+fn send_hello(p: &mut Probe, hello: &[u8]) -> std::io::Result<bool> {
+    match (&p.sock).write(hello) {
+        Ok(n) if n == hello.len() => {
+            p.sent = true;
+            Ok(true)
+        }
+        Ok(_) => Err(std::io::Error::other(
+            "the ClientHello did not fit in one write",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A probe's socket is ready: send its hello, or read its answer.
+fn advance(p: &mut Probe, hello: &[u8]) -> Step {
+    if !p.sent {
+        return match send_hello(p, hello) {
+            Ok(true) => Step::Sent,
+            Ok(false) => Step::Wait,
+            Err(e) => Step::Done(Err(e)),
+        };
+    }
+    loop {
+        match (&p.sock).read(&mut p.head[p.have..]) {
+            Ok(0) => {
+                let head = &p.head[..p.have];
+                return Step::Done(tlsclient::answer(head, true).unwrap_or(Ok(Answer::Closed)));
+            }
+            Ok(n) => {
+                p.have += n;
+                if let Some(answer) = tlsclient::answer(&p.head[..p.have], false) {
+                    return Step::Done(answer);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if p.have == 0 && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Step::Done(Ok(Answer::Closed))
+            }
+            Err(e) => return Step::Done(Err(e)),
+        }
+    }
 }
 
 /// Open `n` connections with 16 threads, each made by `make`; returns them (closed

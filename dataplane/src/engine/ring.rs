@@ -227,6 +227,15 @@ fn idle_mut(bufs: &mut [Option<Buf>], id: BufId) -> Option<&mut Buf> {
         .filter(|b| !b.busy)
 }
 
+/// A receive that does not wait fails with `EAGAIN` at once (io_uring does not arm a
+/// poll for it) when the socket has nothing to read.
+fn recv_flags(wait: bool) -> i32 {
+    match wait {
+        true => 0,
+        false => libc::MSG_DONTWAIT,
+    }
+}
+
 fn user_data(token: u32, kind: u64, slot: Option<u32>) -> u64 {
     let slot = slot.map_or(0, |s| u64::from(s) + 1);
     u64::from(token) | (kind << 32) | (slot << 40)
@@ -489,9 +498,17 @@ impl Ring {
         self.push(&entry);
     }
 
-    /// Receive at most `max` bytes into the free tail of an idle buffer. Returns false
+    /// Receive at most `max` bytes into the free tail of an idle buffer; without
+    /// `wait`, a socket with nothing to read answers `-EAGAIN` at once. Returns false
     /// if the buffer is busy or full.
-    pub fn recv(&mut self, fd: BorrowedFd<'_>, id: BufId, max: usize, token: u32) -> bool {
+    pub fn recv(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        id: BufId,
+        max: usize,
+        wait: bool,
+        token: u32,
+    ) -> bool {
         let Some(b) = idle_mut(&mut self.bufs, id) else {
             return false;
         };
@@ -507,6 +524,7 @@ impl Ring {
             // A shorter length than the slice is always safe to hand over.
             u32::try_from(tail.len().min(max)).unwrap_or(u32::MAX),
         )
+        .flags(recv_flags(wait))
         .build()
         .user_data(user_data(token, KIND_RECV, Some(id.0)));
         self.push(&entry);
@@ -514,13 +532,15 @@ impl Ring {
     }
 
     /// Receive at most `max` bytes into a buffer the kernel takes from the pool when
-    /// data arrives; the completion carries it in `received`.
-    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, max: usize, token: u32) {
+    /// data arrives; the completion carries it in `received`. Without `wait`, as
+    /// `recv`.
+    pub fn recv_pooled(&mut self, fd: BorrowedFd<'_>, max: usize, wait: bool, token: u32) {
         // The kernel reads at most this many bytes into the pool buffer it picks, so
         // a `max` below the pool's buffer size leaves the rest of that buffer unused.
         let len = self.pool.size.min(max.max(1)) as u32; // fits: checked in `Pool::new`
         let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), len)
             .buf_group(POOL_GROUP)
+            .flags(recv_flags(wait))
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
             .user_data(user_data(token, KIND_RECV_POOLED, None));
@@ -910,7 +930,7 @@ mod tests {
         assert_eq!(&got, b"hello");
 
         b.write_all(b"world!").expect("write");
-        assert!(ring.recv(a.as_fd(), buf, usize::MAX, 8));
+        assert!(ring.recv(a.as_fd(), buf, usize::MAX, true, 8));
         let done = wait(&mut ring);
         assert_eq!((done[0].token, done[0].result), (8, 6));
         assert_eq!(ring.data(buf), b"world!");
@@ -923,7 +943,7 @@ mod tests {
         let mut ring = Ring::new(8, 4, 64).expect("io_uring");
         let (a, mut b) = UnixStream::pair().expect("socketpair");
         let busy = ring.alloc(16);
-        assert!(ring.recv(a.as_fd(), busy, usize::MAX, 1));
+        assert!(ring.recv(a.as_fd(), busy, usize::MAX, true, 1));
         ring.release(busy);
         let other = ring.alloc(16);
         assert_ne!(other, busy, "the kernel still owns the released buffer");
@@ -997,7 +1017,7 @@ mod tests {
         for (i, (a, b)) in pairs.iter().take(2).enumerate() {
             let mut writer = b;
             writer.write_all(b"data").expect("write");
-            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, true, i as u32);
             let done = wait(&mut ring);
             assert_eq!(done[0].result, 4);
             let buf = done[0].received.expect("a pool buffer");
@@ -1006,7 +1026,7 @@ mod tests {
         }
         // Both pool buffers are held: the next receive finds the pool empty.
         (&pairs[2].1).write_all(b"more").expect("write");
-        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 7);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, true, 7);
         let done = wait(&mut ring);
         assert_eq!(
             (done[0].result, done[0].received.is_none()),
@@ -1014,10 +1034,33 @@ mod tests {
         );
         // Giving one back makes it available again.
         ring.release(held.pop().expect("held"));
-        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, 8);
+        ring.recv_pooled(pairs[2].0.as_fd(), usize::MAX, true, 8);
         let done = wait(&mut ring);
         let buf = done[0].received.expect("a recycled pool buffer");
         assert_eq!(ring.data(buf), b"more");
+    }
+
+    #[test]
+    fn a_receive_that_does_not_wait_answers_eagain_on_an_empty_socket() {
+        let mut ring = Ring::new(8, 2, 64).expect("io_uring");
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        ring.recv_pooled(a.as_fd(), usize::MAX, false, 1);
+        let own = ring.alloc(64);
+        assert!(ring.recv(a.as_fd(), own, usize::MAX, false, 2));
+        let mut done = wait(&mut ring);
+        if done.len() < 2 {
+            done.extend(wait(&mut ring));
+        }
+        let mut results: Vec<_> = done.iter().map(|c| (c.token, c.result)).collect();
+        results.sort();
+        assert_eq!(results, [(1, -libc::EAGAIN), (2, -libc::EAGAIN)]);
+        assert!(done.iter().all(|c| c.received.is_none()));
+        // With bytes there, it reads them like any receive.
+        (&b).write_all(b"late").expect("write");
+        ring.recv_pooled(a.as_fd(), usize::MAX, false, 3);
+        let done = wait(&mut ring);
+        let buf = done[0].received.expect("a pool buffer");
+        assert_eq!(ring.data(buf), b"late");
     }
 
     #[test]
@@ -1025,13 +1068,13 @@ mod tests {
         let mut ring = Ring::new(8, 2, 64).expect("io_uring");
         let (a, b) = UnixStream::pair().expect("socketpair");
         (&b).write_all(&[5u8; 40]).expect("write");
-        ring.recv_pooled(a.as_fd(), 16, 1);
+        ring.recv_pooled(a.as_fd(), 16, true, 1);
         let done = wait(&mut ring);
         assert_eq!(done[0].result, 16);
         let pooled = done[0].received.expect("a pool buffer");
         assert_eq!(ring.data(pooled), &[5u8; 16]);
         let own = ring.alloc(64);
-        assert!(ring.recv(a.as_fd(), own, 10, 2));
+        assert!(ring.recv(a.as_fd(), own, 10, true, 2));
         let done = wait(&mut ring);
         assert_eq!(done[0].result, 10);
         assert_eq!(ring.data(own), &[5u8; 10]);
@@ -1060,8 +1103,8 @@ mod tests {
             .map(|_| UnixStream::pair().expect("socketpair"))
             .collect();
         let owned = ring.alloc(16);
-        assert!(ring.recv(pairs[0].0.as_fd(), owned, usize::MAX, 1));
-        ring.recv_pooled(pairs[1].0.as_fd(), usize::MAX, 2);
+        assert!(ring.recv(pairs[0].0.as_fd(), owned, usize::MAX, true, 1));
+        ring.recv_pooled(pairs[1].0.as_fd(), usize::MAX, true, 2);
         ring.poll_readable_multi(pairs[2].0.as_fd(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         ring.accept_multi(listener.as_fd(), 4);
@@ -1094,7 +1137,7 @@ mod tests {
         let died = std::thread::spawn(move || {
             let mut ring = Ring::new(8, 4, 64).expect("io_uring");
             for (i, fd) in fds.iter().enumerate() {
-                ring.recv_pooled(fd.as_fd(), usize::MAX, i as u32);
+                ring.recv_pooled(fd.as_fd(), usize::MAX, true, i as u32);
             }
             let mut out = Vec::new();
             ring.run_once(Duration::from_millis(10), &mut out);
@@ -1123,7 +1166,7 @@ mod tests {
             .collect();
         for (i, (a, b)) in pairs.iter().enumerate() {
             (&*b).write_all(&[i as u8; 3]).expect("write");
-            ring.recv_pooled(a.as_fd(), usize::MAX, i as u32);
+            ring.recv_pooled(a.as_fd(), usize::MAX, true, i as u32);
         }
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

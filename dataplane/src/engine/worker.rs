@@ -41,6 +41,8 @@ const RING_ENTRIES: u32 = 4096;
 /// buffers, less memory that stays resident; sides in bulk read into buffers of their
 /// own, so the pool serves small receives and the ClientHello.
 pub const POOL_BUFFERS: u16 = 512;
+/// The most connection slots a worker reserves up front (see `Worker::new`).
+const MAX_RESERVED_SLOTS: usize = 1 << 16;
 /// Tokens with this bit set belong to listeners, the rest to connections.
 const LISTENER_TOKEN: u32 = 1 << 31;
 /// Token of operations whose completion needs no handling (cancelling accepts).
@@ -154,8 +156,14 @@ impl Worker {
             // A full counter (EAGAIN) is already a pending wake.
             let _ = rustix::io::write(&*signal, &1u64.to_ne_bytes());
         });
+        // Address space for as many slots as the process may hold connections (the
+        // kernel backs it with memory only as slots are used): a table grown by
+        // doubling would copy itself at every step and leave the old copies with the
+        // allocator until it returns them, which after a flood of connections was
+        // about one more slot's worth of memory per connection.
+        let reserved = shared.admission.caps().total.min(MAX_RESERVED_SLOTS);
         Ok(Worker {
-            conns: Vec::new(),
+            conns: Vec::with_capacity(reserved),
             ring,
             index,
             shared,
@@ -462,14 +470,19 @@ impl Worker {
                 };
                 return self.dial(parked, now);
             }
-            Io::Recv { side, into, max } => s.fd(side).is_some_and(|fd| {
+            Io::Recv {
+                side,
+                into,
+                max,
+                wait,
+            } => s.fd(side).is_some_and(|fd| {
                 let t = token(slot, Op::recv(side));
                 match into {
                     None => {
-                        self.ring.recv_pooled(fd, max, t);
+                        self.ring.recv_pooled(fd, max, wait, t);
                         true
                     }
-                    Some(buf) => self.ring.recv(fd, buf, max, t),
+                    Some(buf) => self.ring.recv(fd, buf, max, wait, t),
                 }
             }),
             Io::Send {

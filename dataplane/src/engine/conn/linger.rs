@@ -2,6 +2,14 @@
 //! answer): flush it, shut our side, and read the client until it closes. Closing a
 //! socket with unread input makes the kernel send a reset, which can destroy the very
 //! words in flight.
+//!
+//! A whole ClientHello refused for its name (an alert for an unknown name, or none)
+//! first asks, without waiting, whether the client sent anything after its hello. A client that has not
+//! (every ordinary client, which waits for our answer) is not waited for: once the
+//! alert is out the connection closes, and the close's FIN follows the alert as a
+//! shutdown's would, with nothing unread to turn it into a reset. That spares a
+//! shutdown, a receive and a wake-up per refusal, and a flood of refused clients that
+//! never close holds no connection until the deadline.
 
 use std::time::Instant;
 
@@ -19,16 +27,39 @@ pub struct Linger {
     up: Flow,
     /// Us → client: our last word until it is flushed and shut.
     down: Flow,
+    /// Whether the client has unread input, for a refusal.
+    unread: Unread,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unread {
+    /// A refusal: not known yet (the receive that does not wait is due or in flight).
+    Asking,
+    /// Nothing: close once the last word is out.
+    Nothing,
+    /// It sent more, or this is no refusal: shut our side and read until it closes.
+    Drain,
 }
 
 impl Linger {
-    pub(super) fn new(outcome: Outcome, deadline: Instant, tls: Option<Box<Tls>>) -> Linger {
+    /// `refusal`: a hello refused for its name, whose client is not waited for if it
+    /// has nothing more to say.
+    pub(super) fn new(
+        outcome: Outcome,
+        deadline: Instant,
+        tls: Option<Box<Tls>>,
+        refusal: bool,
+    ) -> Linger {
         Linger {
             outcome,
             deadline,
             tls,
             up: Flow::WriteClosed,
             down: Flow::ReadClosed,
+            unread: match refusal {
+                true => Unread::Asking,
+                false => Unread::Drain,
+            },
         }
     }
 
@@ -52,17 +83,29 @@ impl Linger {
                 }
             }
             if !ends.send_last(ends.to_client, cx) {
-                ends.shutdown(Side::Client, cx);
-                self.down = Flow::Closed;
-                self.tls = None;
+                match self.unread {
+                    // The FIN waits for the answer: no FIN at all if we close.
+                    Unread::Asking => {}
+                    Unread::Nothing => return Next::Close(self.outcome),
+                    Unread::Drain => {
+                        ends.shutdown(Side::Client, cx);
+                        self.down = Flow::Closed;
+                        self.tls = None;
+                    }
+                }
             }
         }
-        if self.up == Flow::WriteClosed && !ends.busy(Op::ClientRecv) {
+        let reading = self.up == Flow::WriteClosed && self.unread != Unread::Nothing;
+        if reading && !ends.busy(Op::ClientRecv) {
             if let Some(b) = ends.from_client {
                 let n = cx.bufs.data(b).len();
                 cx.bufs.consume(b, n);
             }
-            ends.recv(Side::Client, super::RecvKind::Pooled, cx);
+            let read = match self.unread {
+                Unread::Asking => super::RecvKind::Unread,
+                _ => super::RecvKind::Pooled,
+            };
+            ends.recv(Side::Client, read, cx);
         }
         if self.up == Flow::Closed && self.down == Flow::Closed {
             return Next::Close(self.outcome);
@@ -73,8 +116,17 @@ impl Linger {
     /// A completion while lingering: only the client's matter.
     pub(super) fn done(&mut self, op: Op, result: i32) -> Next {
         match (op, result) {
+            (Op::ClientRecv, err) if err == -libc::EAGAIN && self.unread == Unread::Asking => {
+                self.unread = Unread::Nothing;
+                Next::Stay
+            }
             (Op::ClientRecv, 0) => {
                 self.up = Flow::Closed;
+                self.unread = Unread::Drain;
+                Next::Stay
+            }
+            (Op::ClientRecv, n) if n > 0 => {
+                self.unread = Unread::Drain;
                 Next::Stay
             }
             // The client is gone: nothing more to say or hear.

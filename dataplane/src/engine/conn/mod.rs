@@ -77,6 +77,9 @@ pub enum RecvKind {
     Stream,
     /// Plaintext for TLS records, in whole records: 16 KiB, or `BULK_READ` in bulk.
     Records,
+    /// Only what is already there, without waiting: a receive that finds nothing ends
+    /// at once with `EAGAIN` (a refused client that said all it had to say).
+    Unread,
 }
 
 impl RecvKind {
@@ -87,6 +90,11 @@ impl RecvKind {
             (RecvKind::Records, true) => BULK_READ,
             _ => usize::MAX,
         }
+    }
+
+    /// Whether a side read this way goes into bulk when its receives come back full.
+    fn may_bulk(self) -> bool {
+        matches!(self, RecvKind::Stream | RecvKind::Records)
     }
 }
 
@@ -202,6 +210,8 @@ pub enum Io {
         side: Side,
         into: Option<BufId>,
         max: usize,
+        /// False: do not wait for bytes (`RecvKind::Unread`).
+        wait: bool,
     },
     Send {
         side: Side,
@@ -429,6 +439,9 @@ enum Next {
     /// Flush the last word already queued (and rustls' own, if any), then close with
     /// this outcome.
     Linger(Outcome),
+    /// A whole ClientHello refused for its name (unknown or none): as `Linger`, but a
+    /// client with nothing more to say is not waited for.
+    Refuse(Outcome),
     Close(Outcome),
 }
 
@@ -492,7 +505,7 @@ impl Ends {
             return;
         }
         let held = inbox.take();
-        let bulk = read != RecvKind::Pooled && self.bulk[side as usize];
+        let bulk = read.may_bulk() && self.bulk[side as usize];
         let own = match held {
             Some(b) if bulk && cx.bufs.capacity(b) == BULK_BUF_LEN => Some(b),
             Some(b) => {
@@ -510,6 +523,7 @@ impl Ends {
                 side,
                 into,
                 max: read.max(bulk),
+                wait: read != RecvKind::Unread,
             },
         );
     }
@@ -518,7 +532,7 @@ impl Ends {
     /// puts) the side in bulk, less takes it out.
     fn received(&mut self, side: Side, n: usize) {
         self.bulk[side as usize] =
-            self.reads[side as usize] != RecvKind::Pooled && n >= MAX_RECORD_PLAINTEXT;
+            self.reads[side as usize].may_bulk() && n >= MAX_RECORD_PLAINTEXT;
     }
 
     /// Whether `side` is read in bulk: what comes from it goes on in bulk buffers too.
@@ -541,13 +555,14 @@ impl Ends {
         let into = *self
             .inbox(side)
             .get_or_insert_with(|| cx.bufs.alloc(BUF_LEN));
-        let max = self.reads[side as usize].max(false);
+        let read = self.reads[side as usize];
         self.submit(
             cx,
             Io::Recv {
                 side,
                 into: Some(into),
-                max,
+                max: read.max(false),
+                wait: read != RecvKind::Unread,
             },
         );
     }
@@ -887,7 +902,8 @@ impl Conn {
                 request_dial(&proxy.route, proxy.to_peer, cx);
                 self.stage = Stage::Proxy(proxy);
             }
-            Next::Linger(outcome) => {
+            Next::Linger(outcome) | Next::Refuse(outcome) => {
+                let refusal = matches!(next, Next::Refuse(_));
                 let tls = match std::mem::replace(&mut self.stage, Stage::Closing(outcome)) {
                     Stage::Proxy(Proxy {
                         mode: Mode::Tls(tls),
@@ -896,7 +912,7 @@ impl Conn {
                     _ => None,
                 };
                 let deadline = cx.now + cx.timeouts.handshake;
-                self.stage = Stage::Linger(Linger::new(outcome, deadline, tls));
+                self.stage = Stage::Linger(Linger::new(outcome, deadline, tls, refusal));
                 // The guest has no part in a last word.
                 self.ends.cancel(Side::Guest, cx);
             }

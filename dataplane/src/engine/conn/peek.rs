@@ -38,8 +38,10 @@ pub struct Peek {
     /// PostgreSQL preambles answered so far.
     pg_answers: u8,
     /// The client's and our address, kept for a PROXY header (`+proxy-v2`, or in a
-    /// cluster). After a peer's header, the client is the one it names.
-    addrs: Option<Addrs>,
+    /// cluster). After a peer's header, the client is the one it names. Boxed: most
+    /// listeners have none, and the two addresses inline (64 bytes) would make every
+    /// connection's slot in its worker 56 bytes larger, whatever its stage.
+    addrs: Option<Box<Addrs>>,
     /// Whether a PROXY header from a peer forwarder was looked for yet.
     peer_checked: bool,
     /// Passed through by another host's forwarder: never passed on again, so that two
@@ -56,7 +58,8 @@ enum Verdict {
     NotTls,
     /// A PostgreSQL StartupMessage without TLS: answered with an ErrorResponse.
     PlaintextStartup,
-    /// Refused before any crypto: a fatal alert, then linger.
+    /// Refused before any crypto: a fatal alert, then close (unknown or no name, see
+    /// `Next::Refuse`) or linger.
     Refuse(HandshakeFailure, u8),
     /// Our side failed (rustls refused our configuration).
     Failed,
@@ -85,7 +88,7 @@ impl Peek {
             deadline,
             partial: Vec::new(),
             pg_answers: 0,
-            addrs,
+            addrs: addrs.map(Box::new),
             peer_checked: false,
             from_peer: false,
         }
@@ -94,7 +97,12 @@ impl Peek {
     /// Whether the bytes so far may start with a peer forwarder's PROXY header: only
     /// from the address of another host of the cluster (asked once), until read.
     fn peer_header_due(&mut self, routes: &dyn Routes) -> bool {
-        if !self.peer_checked && !self.addrs.is_some_and(|a| routes.peer(a.client.ip())) {
+        if !self.peer_checked
+            && !self
+                .addrs
+                .as_ref()
+                .is_some_and(|a| routes.peer(a.client.ip()))
+        {
             self.peer_checked = true;
         }
         !self.peer_checked
@@ -134,7 +142,7 @@ impl Peek {
                 } else {
                     let clock = (self.accepted, self.deadline);
                     let (listener, routes, log) = (cx.listener, cx.routes, cx.log);
-                    let from = (self.addrs, self.from_peer);
+                    let from = (self.addrs.as_deref().copied(), self.from_peer);
                     Some(judge(data, id, clock, from, listener, routes, log))
                 }
             };
@@ -179,11 +187,14 @@ impl Peek {
                 Verdict::Refuse(why, alert) => {
                     cx.metrics.handshake_failed(why);
                     ends.say_last(&sni::alert_record(alert), cx);
-                    return Next::Linger(match why {
-                        HandshakeFailure::NoSni => Outcome::NoSni,
-                        HandshakeFailure::UnknownSni => Outcome::UnknownSni,
-                        _ => Outcome::HandshakeFailed,
-                    });
+                    return match why {
+                        // A whole hello for a name we do not serve: its client waits
+                        // for our answer.
+                        HandshakeFailure::NoSni => Next::Refuse(Outcome::NoSni),
+                        HandshakeFailure::UnknownSni => Next::Refuse(Outcome::UnknownSni),
+                        // One too large or malformed may still be arriving.
+                        _ => Next::Linger(Outcome::HandshakeFailed),
+                    };
                 }
                 Verdict::Failed => return Next::Close(Outcome::Error),
                 Verdict::Routed {

@@ -550,6 +550,37 @@ impl T {
         self.ends_as(outcome);
     }
 
+    /// A refusal's alert reaches the client, which said nothing after its hello (the
+    /// receive that does not wait finds nothing): the connection closes at once, with
+    /// no shutdown of its own (the close's FIN follows the alert) and nothing left in
+    /// flight.
+    fn refusal_closes(mut self, outcome: Outcome) {
+        while self.pending(Op::ClientSend) {
+            self.deliver(Side::Client, usize::MAX);
+        }
+        let asks = self.pending.iter().any(|p| {
+            matches!(
+                p,
+                Io::Recv {
+                    side: Side::Client,
+                    wait: false,
+                    ..
+                }
+            )
+        });
+        assert!(asks, "no receive that does not wait: {:?}", self.pending);
+        assert!(!self.pending(Op::ClientShutdown), "a FIN before the answer");
+        self.end_recv(Side::Client, -libc::EAGAIN);
+        assert!(
+            self.pending.is_empty(),
+            "left in flight: {:?}",
+            self.pending
+        );
+        assert!(!self.client_fin);
+        assert_eq!(self.finished(), Some(outcome));
+        self.free();
+    }
+
     /// A TLS listener of `kind` with a client for `name` that said its first flight.
     fn tls(kind: ListenerKind, name: &str) -> (T, ClientConnection) {
         let mut t = T::new(kind).accept();
@@ -882,16 +913,31 @@ fn a_hello_in_pieces_is_joined_without_holding_pool_buffers() {
     assert_eq!(t.guest_got, b"after");
 }
 
+/// What a refused client does after its hello: nothing (every ordinary client, which
+/// waits for the answer), nothing and we learn it before the alert is out, or more.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AfterHello {
+    Quiet,
+    QuietFirst,
+    SaysMore,
+}
+
 #[test]
-fn unknown_and_missing_names_get_an_alert_and_a_linger() {
-    for (name, why, outcome) in [
+fn unknown_and_missing_names_get_an_alert_then_a_close_or_a_linger() {
+    let cases = [
         (
             "nope.localhost",
             HandshakeFailure::UnknownSni,
             Outcome::UnknownSni,
         ),
         ("127.0.0.1", HandshakeFailure::NoSni, Outcome::NoSni),
-    ] {
+    ];
+    let after = [
+        AfterHello::Quiet,
+        AfterHello::QuietFirst,
+        AfterHello::SaysMore,
+    ];
+    for ((name, why, outcome), after) in cases.into_iter().flat_map(|c| after.map(|a| (c, a))) {
         let mut t = T::new(ListenerKind::Https).accept();
         t.arrive(Side::Client, &hello(name));
         assert!(t.dials.is_empty(), "{name}: dialed");
@@ -905,19 +951,37 @@ fn unknown_and_missing_names_get_an_alert_and_a_linger() {
                 ..
             }
         )));
+        if after == AfterHello::QuietFirst {
+            // Known quiet while the alert is still in flight: the close waits for it.
+            t.end_recv(Side::Client, -libc::EAGAIN);
+            assert_eq!(
+                t.finished(),
+                None,
+                "{name}: closed before the alert was out"
+            );
+            assert!(!t.pending(Op::ClientRecv) && !t.pending(Op::ClientShutdown));
+            t.deliver(Side::Client, usize::MAX);
+            assert!(t.pending.is_empty(), "{name}: {:?}", t.pending);
+            assert_eq!(t.finished(), Some(outcome));
+            t.free();
+            continue;
+        }
         t.deliver(Side::Client, usize::MAX);
-        assert!(
-            t.pending(Op::ClientShutdown),
-            "the FIN right after the alert"
-        );
         assert_eq!(
             t.client_got,
             sni::alert_record(sni::ALERT_UNRECOGNIZED_NAME)
         );
         assert_eq!(t.failures(why), 1);
-        // Lingering: reads and drops what the client still says, until it closes.
-        t.arrive(Side::Client, b"more");
-        t.client_leaves(outcome);
+        match after {
+            AfterHello::SaysMore => {
+                // It sent more after its hello: the FIN right away, then a linger
+                // that reads and drops what the client still says, until it closes.
+                t.arrive(Side::Client, b"more");
+                assert!(t.pending(Op::ClientShutdown), "{name}: no FIN");
+                t.client_leaves(outcome);
+            }
+            _ => t.refusal_closes(outcome),
+        }
     }
 }
 
@@ -943,6 +1007,7 @@ fn malformed_and_oversized_hellos_get_decode_error() {
         t.deliver(Side::Client, usize::MAX);
         assert_eq!(t.client_got, sni::alert_record(sni::ALERT_DECODE_ERROR));
         assert_eq!(t.failures(why), 1);
+        // The rest of a hello may still be on its way: read until the client closes.
         t.client_leaves(Outcome::HandshakeFailed);
     }
 }

@@ -258,7 +258,7 @@ fn a_connection_from_a_peer_is_never_passed_on_again() {
     t.arrive(Side::Client, &bytes);
     assert!(t.dials.is_empty(), "passed on again");
     assert_eq!(t.failures(HandshakeFailure::UnknownSni), 1);
-    t.client_leaves(Outcome::UnknownSni);
+    t.refusal_closes(Outcome::UnknownSni);
 }
 
 #[test]
