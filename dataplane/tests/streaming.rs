@@ -208,8 +208,11 @@ fn raw_listener_half_close_and_bulk() {
     require_root!();
     let ns = Ns::new();
     let listener = ns.listen(22);
-    let fwd = Forwarder::start(&[22], &[]);
-    write_untagged_vm(&fwd.config_root(), &ns, "2025-01-01T00:00:00Z");
+    // Written before the start, whose first scan is synchronous: the raw listener has no
+    // SNI to wait on, and a VM the watcher has not seen yet would refuse the connection.
+    let fwd = Forwarder::start_with(&[22], &[], |root| {
+        write_untagged_vm(root, &ns, "2025-01-01T00:00:00Z")
+    });
     let server = backend(listener, 7, 8, 64 << 20);
     let mut client = poll(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", fwd.ports[0])).ok()
