@@ -245,6 +245,8 @@ mod tests {
             ("MGR_API_TOKEN", "s3cret"),
             ("MGR_HTTP_ADDR", "0.0.0.0:8080"),
             ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("MGR_ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+            ("MGR_ETCD_KEY_FILE", "/etc/mergen/etcd-key.pem"),
             ("PATH", "/opt/fc/bin:/usr/bin"),
             ("HOME", "/root"),
         ]
@@ -266,6 +268,8 @@ mod tests {
             "MGR_HTTP_ADDR",
             "AWS_SECRET_ACCESS_KEY",
             "HOME",
+            "MGR_ETCD_ENDPOINTS",
+            "MGR_ETCD_KEY_FILE",
         ] {
             assert!(!env.contains_key(secret), "{secret} leaked");
         }
