@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use mergen_http::{Cap, RefusedRequest, ServerStats};
+use mergen_http::{Cap, RefusedRequest, ServerStats, StatsSnapshot};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -99,23 +99,25 @@ impl Metrics {
         let _ = writeln!(s, "mergend_http_connections_accepted_total {}", st.accepted);
         s.push_str("# HELP mergend_http_connections_open Connections open now.\n# TYPE mergend_http_connections_open gauge\n");
         let _ = writeln!(s, "mergend_http_connections_open {}", st.open);
-        s.push_str("# HELP mergend_http_connections_refused_total Connections refused with 503, by the cap that was full (MGR_HTTP_MAX_CONNECTIONS_PER_IP, MGR_HTTP_MAX_CONNECTIONS) and no idle connection to close.\n# TYPE mergend_http_connections_refused_total counter\n");
-        for cap in [Cap::PerAddress, Cap::Total] {
-            let _ = writeln!(
-                s,
-                "mergend_http_connections_refused_total{{cap=\"{}\"}} {}",
-                cap.label(),
-                st.refused(cap)
-            );
-        }
-        s.push_str("# HELP mergend_http_connections_evicted_total Idle connections closed to make room for a new one, by the cap that was full.\n# TYPE mergend_http_connections_evicted_total counter\n");
-        for cap in [Cap::PerAddress, Cap::Total] {
-            let _ = writeln!(
-                s,
-                "mergend_http_connections_evicted_total{{cap=\"{}\"}} {}",
-                cap.label(),
-                st.evicted(cap)
-            );
+        type Count = fn(&StatsSnapshot, Cap) -> u64;
+        let by_cap: [(&str, &str, Count); 2] = [
+            (
+                "refused",
+                "Connections refused with 503, by the cap that was full (MGR_HTTP_MAX_CONNECTIONS_PER_IP, MGR_HTTP_MAX_CONNECTIONS) and no idle connection to close.",
+                StatsSnapshot::refused,
+            ),
+            (
+                "evicted",
+                "Idle connections closed to make room for a new one, by the cap that was full.",
+                StatsSnapshot::evicted,
+            ),
+        ];
+        for (what, help, count) in by_cap {
+            let name = format!("mergend_http_connections_{what}_total");
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for cap in [Cap::PerAddress, Cap::Total] {
+                let _ = writeln!(s, "{name}{{cap=\"{}\"}} {}", cap.label(), count(&st, cap));
+            }
         }
         s.push_str("# HELP mergend_http_connections_timed_out_total Connections closed because no request began within the head or idle deadline.\n# TYPE mergend_http_connections_timed_out_total counter\n");
         let _ = writeln!(
