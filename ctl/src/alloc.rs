@@ -10,7 +10,8 @@
 //! allocation lock around reading what the existing VMs hold ([`Taken`]), allocating
 //! and writing the new VM.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use mergen_model::{Ipv4Cidr, Meta, PortBinding, Protocol};
@@ -52,39 +53,85 @@ pub struct Pool {
     pub allow_outside_range: bool,
 }
 
-/// The guest IPs and host ports the existing VMs hold, and the ports host processes
-/// listen on.
+/// The guest IPs and host ports the existing VMs hold, each with how many hold it (a
+/// damaged store may give one address to two VMs: it stays taken until both are gone).
+/// Kept up to date by the index as VMs come and go, so a create does not gather them
+/// from every VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Taken {
-    pub ips: HashSet<Ipv4Addr>,
-    pub ports: HashSet<u16>,
-    pub host: HostPorts,
+    ips: HashMap<Ipv4Addr, u32>,
+    ports: HashMap<u16, u32>,
 }
 
 impl Taken {
     pub fn of(metas: &[Meta]) -> Taken {
         let mut t = Taken::default();
         for m in metas {
-            t.ips.insert(m.guest_ip);
-            t.ports.extend(m.ports.iter().map(|p| p.host));
+            t.hold(m.guest_ip, m.ports.iter().map(|p| p.host));
         }
         t
     }
+
+    pub fn hold(&mut self, ip: Ipv4Addr, ports: impl IntoIterator<Item = u16>) {
+        *self.ips.entry(ip).or_default() += 1;
+        for p in ports {
+            *self.ports.entry(p).or_default() += 1;
+        }
+    }
+
+    /// Undo one [`Taken::hold`] of the same addresses.
+    pub fn release(&mut self, ip: Ipv4Addr, ports: impl IntoIterator<Item = u16>) {
+        fn drop_one<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
+            if let Entry::Occupied(mut e) = map.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        drop_one(&mut self.ips, ip);
+        for p in ports {
+            drop_one(&mut self.ports, p);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn ip_set(&self) -> HashSet<Ipv4Addr> {
+        self.ips.keys().copied().collect()
+    }
+
+    #[cfg(test)]
+    pub fn port_set(&self) -> HashSet<u16> {
+        self.ports.keys().copied().collect()
+    }
+
+    fn has_ip(&self, ip: &Ipv4Addr) -> bool {
+        self.ips.contains_key(ip)
+    }
+
+    fn has_port(&self, port: u16) -> bool {
+        self.ports.contains_key(&port)
+    }
 }
 
+/// A guest IP and the requested host ports, given what VMs hold (`taken`) and what host
+/// processes listen on (`host`).
 pub fn allocate(
     pool: &Pool,
     taken: &Taken,
+    host: &HostPorts,
     requested: &[PortRequest],
 ) -> Result<(Ipv4Addr, Vec<PortBinding>), AllocError> {
     let cidr = pool.cidr;
     let ip = (2u32..)
         .map_while(|n| cidr.host(n))
-        .find(|ip| !taken.ips.contains(ip))
+        .find(|ip| !taken.has_ip(ip))
         .ok_or(AllocError::CidrExhausted(cidr))?;
 
     let (start, end) = pool.ports;
-    let mut used_ports = taken.ports.clone();
+    // This request's own ports; the VMs' are in `taken`.
+    let mut claimed: HashSet<u16> = HashSet::new();
+    let mut claim = |port: u16| !taken.has_port(port) && claimed.insert(port);
     let mut bindings = Vec::with_capacity(requested.len());
     // Fixed ports first, so an automatic one never takes a port asked for explicitly.
     for r in requested.iter().filter(|r| r.host != 0) {
@@ -95,10 +142,10 @@ pub fn allocate(
                 end,
             });
         }
-        if !used_ports.insert(r.host) {
+        if !claim(r.host) {
             return Err(AllocError::PortTaken(r.host));
         }
-        if hostports::holds(&taken.host, r.host, r.protocol) {
+        if hostports::holds(host, r.host, r.protocol) {
             return Err(AllocError::HostPortInUse {
                 port: r.host,
                 protocol: r.protocol,
@@ -111,13 +158,12 @@ pub fn allocate(
         });
     }
     for r in requested.iter().filter(|r| r.host == 0) {
-        let host = (start..=end)
-            .find(|p| !used_ports.contains(p) && !hostports::holds(&taken.host, *p, r.protocol))
+        let port = (start..=end)
+            .find(|&p| !hostports::holds(host, p, r.protocol) && claim(p))
             .ok_or(AllocError::PortRangeExhausted(start, end))?;
-        used_ports.insert(host);
         bindings.push(PortBinding {
             guest: r.guest,
-            host,
+            host: port,
             protocol: r.protocol,
         });
     }
@@ -168,6 +214,7 @@ mod tests {
         let (ip, b) = allocate(
             &pool("172.30.0.0/24", (20000, 20010)),
             &Taken::of(&existing),
+            &HostPorts::default(),
             &[req(80, 0), req(22, 20001), req(443, 0)],
         )
         .unwrap();
@@ -179,39 +226,46 @@ mod tests {
 
     #[test]
     fn conflicts_and_exhaustion() {
+        let none = HostPorts::default();
         let small = pool("10.0.0.0/30", (20000, 20001));
         let existing = Taken::of(&[vm([10, 0, 0, 2], &[20000])]);
         assert_eq!(
-            allocate(&small, &existing, &[]),
+            allocate(&small, &existing, &none, &[]),
             Err(AllocError::CidrExhausted(small.cidr))
         );
         let wide = pool("10.0.0.0/24", (20000, 20001));
         assert_eq!(
-            allocate(&wide, &existing, &[req(1, 20000)]),
+            allocate(&wide, &existing, &none, &[req(1, 20000)]),
             Err(AllocError::PortTaken(20000))
         );
         assert_eq!(
-            allocate(&wide, &Taken::default(), &[req(1, 20001), req(2, 20001)]),
+            allocate(
+                &wide,
+                &Taken::default(),
+                &none,
+                &[req(1, 20001), req(2, 20001)]
+            ),
             Err(AllocError::PortTaken(20001))
         );
         assert_eq!(
-            allocate(&wide, &existing, &[req(1, 0), req(2, 0)]),
+            allocate(&wide, &existing, &none, &[req(1, 0), req(2, 0)]),
             Err(AllocError::PortRangeExhausted(20000, 20001))
         );
         let top = pool("10.0.0.0/24", (65535, 65535));
-        assert!(allocate(&top, &Taken::default(), &[req(1, 0)]).is_ok());
+        assert!(allocate(&top, &Taken::default(), &none, &[req(1, 0)]).is_ok());
     }
 
     #[test]
     fn host_services_are_never_captured() {
-        let mut taken = Taken::default();
-        taken.host.tcp.insert(20000);
-        taken.host.udp.insert(20001);
-        taken.host.tcp.insert(22);
+        let taken = Taken::default();
+        let mut host = HostPorts::default();
+        host.tcp.insert(20000);
+        host.udp.insert(20001);
+        host.tcp.insert(22);
         let p = pool("10.0.0.0/24", (20000, 20003));
         // Outside the range: refused unless allowed, and then still not a listener's.
         assert_eq!(
-            allocate(&p, &taken, &[req(80, 22)]),
+            allocate(&p, &taken, &host, &[req(80, 22)]),
             Err(AllocError::OutsideRange {
                 port: 22,
                 start: 20000,
@@ -223,31 +277,54 @@ mod tests {
             ..p
         };
         assert_eq!(
-            allocate(&open, &taken, &[req(80, 22)]),
+            allocate(&open, &taken, &host, &[req(80, 22)]),
             Err(AllocError::HostPortInUse {
                 port: 22,
                 protocol: Protocol::Tcp
             })
         );
-        assert!(allocate(&open, &taken, &[req(80, 2222)]).is_ok());
+        assert!(allocate(&open, &taken, &host, &[req(80, 2222)]).is_ok());
         // Per protocol: 20001 is held for udp only.
         assert_eq!(
-            allocate(&p, &taken, &[req(80, 20000)]),
+            allocate(&p, &taken, &host, &[req(80, 20000)]),
             Err(AllocError::HostPortInUse {
                 port: 20000,
                 protocol: Protocol::Tcp
             })
         );
-        assert!(allocate(&p, &taken, &[req(80, 20001)]).is_ok());
+        assert!(allocate(&p, &taken, &host, &[req(80, 20001)]).is_ok());
         let udp = PortRequest {
             protocol: Protocol::Udp,
             ..req(53, 0)
         };
         // Automatic ports skip the host's.
-        let (_, b) = allocate(&p, &taken, &[req(80, 0), udp]).unwrap();
+        let (_, b) = allocate(&p, &taken, &host, &[req(80, 0), udp]).unwrap();
         assert_eq!(
             b.iter().map(|b| (b.host, b.protocol)).collect::<Vec<_>>(),
             vec![(20000, Protocol::Udp), (20001, Protocol::Tcp)]
         );
+    }
+
+    #[test]
+    fn an_address_held_twice_stays_taken_until_both_let_go() {
+        let p = pool("10.0.0.0/24", (20000, 20010));
+        let none = HostPorts::default();
+        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        let mut taken = Taken::default();
+        taken.hold(ip, [20000]);
+        taken.hold(ip, [20000]);
+        taken.release(ip, [20000]);
+        assert_eq!(
+            allocate(&p, &taken, &none, &[req(80, 20000)]),
+            Err(AllocError::PortTaken(20000))
+        );
+        assert_eq!(
+            allocate(&p, &taken, &none, &[]).unwrap().0,
+            Ipv4Addr::new(10, 0, 0, 3)
+        );
+        taken.release(ip, [20000]);
+        assert_eq!(taken, Taken::default());
+        let (ip2, b) = allocate(&p, &taken, &none, &[req(80, 0)]).unwrap();
+        assert_eq!((ip2, b[0].host), (ip, 20000));
     }
 }

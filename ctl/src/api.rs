@@ -16,7 +16,7 @@ use crate::alloc::{allocate, Pool};
 use crate::config::Config;
 use crate::error::Error;
 use crate::hooks::HookRunner;
-use crate::hostports;
+use crate::hostports::{self, HostPorts};
 use crate::index::Index;
 use crate::lock::{FileLock, TryLock};
 use crate::metrics::Metrics;
@@ -297,17 +297,20 @@ impl App {
             .store
             .alloc_lock()
             .map_err(Error::io("allocation lock"))?;
-        let mut taken = self.index.taken().map_err(Error::Unreadable)?;
-        if !req.ports.is_empty() {
-            taken.host = hostports::read().map_err(Error::io("reading the host's sockets"))?;
-        }
+        let host = match req.ports.is_empty() {
+            true => HostPorts::default(),
+            false => hostports::read().map_err(Error::io("reading the host's sockets"))?,
+        };
         let cidr = self.config.runtime.guest_cidr;
         let pool = Pool {
             cidr,
             ports: (self.config.port_start, self.config.port_end),
             allow_outside_range: self.config.allow_ports_outside_range,
         };
-        let (guest_ip, ports) = allocate(&pool, &taken, &req.ports)?;
+        let (guest_ip, ports) = self
+            .index
+            .allocate(|taken| allocate(&pool, taken, &host, &req.ports))
+            .map_err(Error::Unreadable)??;
         let paths = self.store.roots().paths(id);
         let meta = Meta {
             id: id.to_string(),

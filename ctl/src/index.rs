@@ -18,7 +18,7 @@
 //! `ports[].host` are picked out leniently and stay reserved, and one that is not even
 //! that refuses creates, naming the file, until it is fixed (as the original did).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -72,10 +72,45 @@ pub struct Index {
 
 struct Inner {
     follow: Follow,
-    /// By dir name; dirs without a meta.json have none.
+    /// By dir name; dirs without a meta.json have none. Changed only through
+    /// [`Inner::put`] and [`Inner::take`], which keep `taken` and `unreadable` in step.
     records: HashMap<String, Record>,
+    /// What the records hold, so a create does not gather it from every VM.
+    taken: Taken,
+    /// The records of kind `Unreadable`, by name, with why.
+    unreadable: BTreeMap<String, String>,
     /// Built when asked for after a change.
     view: Option<View>,
+}
+
+impl Inner {
+    fn put(&mut self, name: String, record: Record) {
+        self.take(&name);
+        match &record.kind {
+            Kind::Vm(vm) => self
+                .taken
+                .hold(vm.meta.guest_ip, vm.meta.ports.iter().map(|p| p.host)),
+            Kind::Reserved { ip, ports, .. } => self.taken.hold(*ip, ports.iter().copied()),
+            Kind::Unreadable(why) => {
+                self.unreadable.insert(name.clone(), why.clone());
+            }
+        }
+        self.records.insert(name, record);
+    }
+
+    fn take(&mut self, name: &str) -> Option<Record> {
+        let record = self.records.remove(name)?;
+        match &record.kind {
+            Kind::Vm(vm) => self
+                .taken
+                .release(vm.meta.guest_ip, vm.meta.ports.iter().map(|p| p.host)),
+            Kind::Reserved { ip, ports, .. } => self.taken.release(*ip, ports.iter().copied()),
+            Kind::Unreadable(_) => {
+                self.unreadable.remove(name);
+            }
+        }
+        Some(record)
+    }
 }
 
 enum Follow {
@@ -140,6 +175,8 @@ impl Index {
             inner: Mutex::new(Inner {
                 follow,
                 records: HashMap::new(),
+                taken: Taken::default(),
+                unreadable: BTreeMap::new(),
                 view: None,
             }),
         };
@@ -211,6 +248,8 @@ impl Index {
             dirs.watch_listing(&mut inotify.watches(), &names);
         }
         let mut old = std::mem::take(&mut inner.records);
+        inner.taken = Taken::default();
+        inner.unreadable.clear();
         let work: Vec<(String, Option<Record>)> = names
             .into_iter()
             .map(|n| {
@@ -230,7 +269,7 @@ impl Index {
                 Load::Gone => None,
             };
             if let Some(r) = record {
-                inner.records.insert(name, r);
+                inner.put(name, r);
             }
         }
         inner.view = None;
@@ -248,9 +287,11 @@ impl Index {
         };
         match load(&self.root, &name, known) {
             Load::Unchanged => return,
-            Load::Loaded(r) => inner.records.insert(name, r),
-            Load::Gone => inner.records.remove(&name),
-        };
+            Load::Loaded(r) => inner.put(name, r),
+            Load::Gone => {
+                inner.take(&name);
+            }
+        }
         inner.view = None;
     }
 
@@ -279,39 +320,21 @@ impl Index {
         Ok(view)
     }
 
-    /// The guest IPs and host ports every VM dir holds, including those whose meta.json
-    /// the model cannot read. An error names a meta.json that is not even JSON with a
-    /// guest IP: the addresses it holds are unknown, so nothing may be handed out. The
-    /// caller holds the allocation lock, so no other mergend changes the store until
-    /// it has written its VM.
-    pub fn taken(&self) -> Result<Taken, String> {
+    /// Run `f` (an allocation) on the guest IPs and host ports every VM dir holds,
+    /// including those whose meta.json the model cannot read, kept up to date as
+    /// records change. An error names a meta.json that is not even JSON with a guest
+    /// IP: the addresses it holds are unknown, so nothing may be handed out. The caller
+    /// holds the allocation lock, so no other mergend changes the store until it has
+    /// written its VM.
+    pub fn allocate<T>(&self, f: impl FnOnce(&Taken) -> T) -> Result<T, String> {
         let inner = self
             .current()
             .map_err(|e| format!("listing {}: {e}", self.root.display()))?;
-        let mut unreadable: Option<(&String, &String)> = None;
-        let mut taken = Taken::default();
-        for (name, r) in &inner.records {
-            match &r.kind {
-                Kind::Vm(vm) => {
-                    taken.ips.insert(vm.meta.guest_ip);
-                    taken.ports.extend(vm.meta.ports.iter().map(|p| p.host));
-                }
-                Kind::Reserved { ip, ports, .. } => {
-                    taken.ips.insert(*ip);
-                    taken.ports.extend(ports);
-                }
-                // The first by name, so that the answer does not change between calls.
-                Kind::Unreadable(why) => {
-                    if unreadable.is_none_or(|(first, _)| name < first) {
-                        unreadable = Some((name, why));
-                    }
-                }
-            }
+        // The first by name, so that the answer does not change between calls.
+        if let Some(why) = inner.unreadable.values().next() {
+            return Err(why.clone());
         }
-        match unreadable {
-            Some((_, why)) => Err(why.clone()),
-            None => Ok(taken),
-        }
+        Ok(f(&inner.taken))
     }
 
     /// Entries named like a VM that are not listed (a meta.json that cannot be read
@@ -470,8 +493,12 @@ mod tests {
             .collect()
     }
 
+    fn taken(index: &Index) -> Result<Taken, String> {
+        index.allocate(|t| t.clone())
+    }
+
     fn ips(index: &Index) -> HashSet<Ipv4Addr> {
-        index.taken().unwrap().ips
+        taken(index).unwrap().ip_set()
     }
 
     /// An index following inotify, and one checking stamps (a host without inotify
@@ -497,8 +524,8 @@ mod tests {
             // Added.
             commit(root, &meta(2, [10, 0, 0, 3], 20001));
             assert_eq!(listed(&index), [id(2), id(1)], "newest first");
-            let taken = index.taken().unwrap();
-            assert!(taken.ports.contains(&20001));
+            let held = taken(&index).unwrap();
+            assert!(held.port_set().contains(&20001));
 
             // Edited in place (the same size: 10.0.0.3 → 10.0.0.4, where an event is
             // needed), then replaced atomically.
@@ -551,9 +578,9 @@ mod tests {
                 br#"{"id":"x","guestIP":" 10.0.0.7 ","createdAt":5,"ports":[{"guest":1,"host":20007,"protocol":"sctp"}]}"#,
             )
             .unwrap();
-            let taken = index.taken().unwrap();
-            assert!(taken.ips.contains(&Ipv4Addr::new(10, 0, 0, 7)));
-            assert!(taken.ports.contains(&20007));
+            let held = taken(&index).unwrap();
+            assert!(held.ip_set().contains(&Ipv4Addr::new(10, 0, 0, 7)));
+            assert!(held.port_set().contains(&20007));
             assert_eq!(listed(&index), [id(1)]);
             let unlisted = index.unlisted().unwrap();
             assert_eq!(unlisted.len(), 1);
@@ -576,7 +603,7 @@ mod tests {
             assert_eq!(listed(&index), [id(1)]);
 
             fs::write(bad.join(META_FILE), b"{\"id\": \"half-writ").unwrap();
-            let err = index.taken().unwrap_err();
+            let err = taken(&index).unwrap_err();
             assert!(
                 err.contains(&bad.join(META_FILE).display().to_string()),
                 "{err}"
@@ -603,9 +630,12 @@ mod tests {
             let ip = [10, 0, (n / 200) as u8, (n % 200) as u8 + 2];
             let (writer, reader) = if n % 2 == 0 { (&a, &b) } else { (&b, &a) };
             // What each would allocate from sees the other's last write.
-            assert_eq!(writer.taken().unwrap().ips.len(), n as usize);
+            assert_eq!(taken(writer).unwrap().ip_set().len(), n as usize);
             commit(root, &meta(n, ip, 20000 + n as u16));
-            assert!(reader.taken().unwrap().ips.contains(&Ipv4Addr::from(ip)));
+            assert!(taken(reader)
+                .unwrap()
+                .ip_set()
+                .contains(&Ipv4Addr::from(ip)));
         }
         assert_eq!(listed(&a), listed(&b));
         assert_eq!(listed(&a).len(), 50);
