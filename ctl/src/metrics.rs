@@ -115,7 +115,7 @@ impl Metrics {
         for (what, help, count) in by_cap {
             let name = format!("mergend_http_connections_{what}_total");
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for cap in [Cap::PerAddress, Cap::Total] {
+            for cap in Cap::ALL {
                 let _ = writeln!(s, "{name}{{cap=\"{}\"}} {}", cap.label(), count(&st, cap));
             }
         }

@@ -420,7 +420,7 @@ fn caps_close_the_oldest_idle_connection_before_refusing() {
     assert!(refused("127.0.0.5"));
     // Counted for /metrics: each cap closed one idle connection and refused one.
     let st = srv.stats.snapshot();
-    for cap in [Cap::PerAddress, Cap::Total] {
+    for cap in Cap::ALL {
         assert_eq!(
             (st.evicted(cap), st.refused(cap)),
             (1, 1),

@@ -12,10 +12,9 @@ use crate::request::RequestError;
 pub struct ServerStats {
     accepted: AtomicU64,
     open: AtomicU64,
-    refused_per_address: AtomicU64,
-    refused_full: AtomicU64,
-    evicted_per_address: AtomicU64,
-    evicted_full: AtomicU64,
+    /// By [`Cap`].
+    refused: [AtomicU64; Cap::ALL.len()],
+    evicted: [AtomicU64; Cap::ALL.len()],
     idle_timeouts: AtomicU64,
     refused_requests: [AtomicU64; RefusedRequest::ALL.len()],
 }
@@ -30,6 +29,8 @@ pub enum Cap {
 }
 
 impl Cap {
+    pub const ALL: [Cap; 2] = [Cap::PerAddress, Cap::Total];
+
     pub fn label(self) -> &'static str {
         match self {
             Cap::PerAddress => "per_ip",
@@ -84,11 +85,10 @@ pub struct StatsSnapshot {
     pub accepted: u64,
     /// Connections open now.
     pub open: u64,
-    pub refused_per_address: u64,
-    pub refused_total: u64,
-    /// Idle connections closed to make room for a newcomer.
-    pub evicted_per_address: u64,
-    pub evicted_total: u64,
+    /// Connections refused, by [`Cap::ALL`]'s order.
+    pub refused: [u64; Cap::ALL.len()],
+    /// Idle connections closed to make room for a newcomer, by [`Cap::ALL`]'s order.
+    pub evicted: [u64; Cap::ALL.len()],
     /// Connections closed because nothing came within the head or idle deadline.
     pub idle_timeouts: u64,
     /// Requests the server refused itself, by [`RefusedRequest::ALL`]'s order.
@@ -97,17 +97,11 @@ pub struct StatsSnapshot {
 
 impl StatsSnapshot {
     pub fn refused(&self, cap: Cap) -> u64 {
-        match cap {
-            Cap::PerAddress => self.refused_per_address,
-            Cap::Total => self.refused_total,
-        }
+        self.refused[cap as usize]
     }
 
     pub fn evicted(&self, cap: Cap) -> u64 {
-        match cap {
-            Cap::PerAddress => self.evicted_per_address,
-            Cap::Total => self.evicted_total,
-        }
+        self.evicted[cap as usize]
     }
 
     pub fn refused_requests(&self, why: RefusedRequest) -> u64 {
@@ -117,16 +111,16 @@ impl StatsSnapshot {
 
 impl ServerStats {
     pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        fn get(c: &AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
         StatsSnapshot {
             accepted: get(&self.accepted),
             open: get(&self.open),
-            refused_per_address: get(&self.refused_per_address),
-            refused_total: get(&self.refused_full),
-            evicted_per_address: get(&self.evicted_per_address),
-            evicted_total: get(&self.evicted_full),
+            refused: self.refused.each_ref().map(get),
+            evicted: self.evicted.each_ref().map(get),
             idle_timeouts: get(&self.idle_timeouts),
-            refused_requests: std::array::from_fn(|i| get(&self.refused_requests[i])),
+            refused_requests: self.refused_requests.each_ref().map(get),
         }
     }
 
@@ -140,19 +134,11 @@ impl ServerStats {
     }
 
     pub(super) fn refused(&self, cap: Cap) {
-        match cap {
-            Cap::PerAddress => &self.refused_per_address,
-            Cap::Total => &self.refused_full,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.refused[cap as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn evicted(&self, cap: Cap) {
-        match cap {
-            Cap::PerAddress => &self.evicted_per_address,
-            Cap::Total => &self.evicted_full,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.evicted[cap as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn idle_timeout(&self) {
