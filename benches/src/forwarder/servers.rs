@@ -327,17 +327,27 @@ pub fn write_vms(dir: &Path, net: &Net) -> Result<PathBuf, String> {
             net.ns.as_str(),
         ),
     ] {
-        let doc = format!(
-            r#"{{"id":"{id}","createdAt":"2025-01-01T00:00:00Z","guestIP":"{ip}","netns":"{netns}","tags":{{"app":"{app}"}}}}"#,
-            ip = net.guest_ip
-        );
-        let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
-        let vm_dir = root.join(id);
-        std::fs::create_dir_all(&vm_dir).map_err(|e| e.to_string())?;
-        mergen_model::atomic::write_json(&vm_dir.join("meta.json"), &meta)
-            .map_err(|e| e.to_string())?;
+        write_vm(&root, id, app, netns, net.guest_ip)?;
     }
     Ok(root)
+}
+
+/// The meta.json of VM `id` answering to `app` under `root`, its guest at `guest_ip`
+/// (inside `netns` when not empty).
+fn write_vm(
+    root: &Path,
+    id: &str,
+    app: &str,
+    netns: &str,
+    guest_ip: Ipv4Addr,
+) -> Result<(), String> {
+    let doc = format!(
+        r#"{{"id":"{id}","createdAt":"2025-01-01T00:00:00Z","guestIP":"{guest_ip}","netns":"{netns}","tags":{{"app":"{app}"}}}}"#
+    );
+    let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
+    let vm_dir = root.join(id);
+    std::fs::create_dir_all(&vm_dir).map_err(|e| e.to_string())?;
+    mergen_model::atomic::write_json(&vm_dir.join("meta.json"), &meta).map_err(|e| e.to_string())
 }
 
 fn start_forwarder(
@@ -434,14 +444,7 @@ pub fn start_peers(plan: &Plan<'_>) -> Result<Peers, String> {
 
     // The owner's one VM; the entry's store is empty.
     let owner_root = plan.dir.join("vm.owner");
-    let doc = format!(
-        r#"{{"id":"{id}","createdAt":"2025-01-01T00:00:00Z","guestIP":"{ip}","netns":"","tags":{{"app":"peer"}}}}"#,
-        ip = plan.net.guest_ip
-    );
-    let meta = mergen_model::Meta::from_slice(doc.as_bytes()).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(owner_root.join(id)).map_err(|e| e.to_string())?;
-    mergen_model::atomic::write_json(&owner_root.join(id).join("meta.json"), &meta)
-        .map_err(|e| e.to_string())?;
+    write_vm(&owner_root, id, "peer", "", plan.net.guest_ip)?;
     let entry_root = plan.dir.join("vm.entry");
     std::fs::create_dir_all(&entry_root).map_err(|e| e.to_string())?;
 
